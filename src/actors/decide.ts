@@ -1,0 +1,163 @@
+/**
+ * `decide`: the one function that applies an event to a persisted snapshot. Every state
+ * change in the system goes through it. It is pure (XState's `transition()`, which returns
+ * the next snapshot and the actions without running them) and, unlike a live XState actor,
+ * never ignores an event silently: an event the state does not accept, or whose guard
+ * refuses it, is an `IllegalTransition`; a worker event with a token that is not the live
+ * claim's is a `StaleToken`.
+ */
+import {
+  type AnyMachineSnapshot,
+  initialTransition,
+  __unsafe_getAllOwnEventDescriptors as ownEventDescriptors,
+  transition,
+} from 'xstate';
+import { IllegalTransition, StaleToken, UnsupportedSnapshot } from '../errors.js';
+import type { DomainEvent } from '../machines/domain-events.js';
+import { type EntityType, MACHINES } from '../machines/index.js';
+import type { TaskInput } from '../machines/task.js';
+import type { TicketInput } from '../machines/ticket.js';
+
+/** The JSON an actor persists: XState's persisted snapshot, minus nothing. */
+export interface PersistedSnapshot {
+  status: 'active' | 'done' | 'error' | 'stopped';
+  value: string;
+  context: Record<string, unknown>;
+  [key: string]: unknown;
+}
+
+/** A delayed event (an `after` transition) to be kept as a durable timer row. */
+export interface TimerSpec {
+  /** XState's send id, e.g. `xstate.after.lease.task.running`; unique per entity. */
+  key: string;
+  event: { type: string };
+  delayMs: number;
+}
+
+export interface Decision {
+  state: string;
+  snapshot: PersistedSnapshot;
+  emitted: DomainEvent[];
+  /** Timers to (re)schedule: an existing row with the same key is replaced. */
+  schedule: TimerSpec[];
+  /** Keys of timers this transition cancelled (it left the state that set them). */
+  cancel: string[];
+}
+
+export type EntityInput<T extends EntityType> = T extends 'ticket' ? TicketInput : TaskInput;
+
+export interface DecideEvent {
+  type: string;
+  [key: string]: unknown;
+}
+
+/** The initial snapshot of a new entity and what its creation emits and schedules. */
+export function decideInitial<T extends EntityType>(
+  entityType: T,
+  input: EntityInput<T>,
+): Decision {
+  const { machine } = MACHINES[entityType];
+  const [snapshot, actions] = initialTransition(machine as never, input as never);
+  return toDecision(entityType, snapshot as AnyMachineSnapshot, actions);
+}
+
+/**
+ * Applies `event` to a persisted snapshot. Throws `IllegalTransition` or `StaleToken` and
+ * then nothing may be written; otherwise returns everything the transition produced.
+ */
+export function decide(
+  entityType: EntityType,
+  entityId: string,
+  persisted: PersistedSnapshot,
+  event: DecideEvent,
+  machineVersion: number = MACHINES[entityType].version,
+): Decision {
+  const entry = MACHINES[entityType];
+  if (machineVersion !== entry.version) {
+    throw new UnsupportedSnapshot(entityId, machineVersion, entry.version);
+  }
+  const current = restore(entityType, persisted);
+  if (entry.tokenEvents.includes(event.type)) {
+    const token = (current.context as { token: string | null }).token;
+    if (event.token !== token || token === null) {
+      throw new StaleToken(entityId, (current.context as { attempt: number }).attempt);
+    }
+  }
+  const [next, actions] = transition(entry.machine as never, current as never, event as never);
+  if (next === current) {
+    throw new IllegalTransition(
+      entityId,
+      stateOf(current),
+      event.type,
+      allowedEvents(entityType, current),
+      ownEventDescriptors(current).includes(event.type),
+    );
+  }
+  return toDecision(entityType, next as AnyMachineSnapshot, actions);
+}
+
+/** Rebuilds a live snapshot from its persisted JSON. */
+export function restore(entityType: EntityType, persisted: PersistedSnapshot): AnyMachineSnapshot {
+  const { machine } = MACHINES[entityType];
+  return machine.resolveState({
+    value: persisted.value,
+    context: persisted.context,
+  } as never) as AnyMachineSnapshot;
+}
+
+/** The public events the snapshot's state accepts (system and delayed events left out). */
+export function allowedEvents(entityType: EntityType, snapshot: AnyMachineSnapshot): string[] {
+  const system = MACHINES[entityType].systemEvents;
+  return ownEventDescriptors(snapshot)
+    .filter((e) => !e.startsWith('xstate.') && !system.includes(e))
+    .sort();
+}
+
+function stateOf(snapshot: AnyMachineSnapshot): string {
+  return String(snapshot.value);
+}
+
+interface ExecutableAction {
+  type: string;
+  params?: unknown;
+}
+
+function toDecision(
+  entityType: EntityType,
+  snapshot: AnyMachineSnapshot,
+  actions: readonly ExecutableAction[],
+): Decision {
+  const emitted: DomainEvent[] = [];
+  const schedule = new Map<string, TimerSpec>();
+  const cancel = new Set<string>();
+  for (const action of actions) {
+    if (action.type === 'xstate.emit') {
+      emitted.push((action.params as { event: DomainEvent }).event);
+    } else if (action.type === 'xstate.raise') {
+      const p = action.params as { event: { type: string }; id?: string; delay?: number };
+      if (p.delay === undefined || p.id === undefined) {
+        throw new Error(`${entityType}: an immediate raise reached the runtime (${p.event.type})`);
+      }
+      schedule.set(p.id, { key: p.id, event: p.event, delayMs: p.delay });
+      cancel.delete(p.id);
+    } else if (action.type === 'xstate.cancel') {
+      const id = (action.params as { sendId: string }).sendId;
+      schedule.delete(id);
+      cancel.add(id);
+    } else {
+      // Machines are pure: every action is an assign (already applied), an emit or a timer.
+      throw new Error(`${entityType}: unexpected action ${action.type} from transition()`);
+    }
+  }
+  const { machine } = MACHINES[entityType];
+  const persisted = JSON.parse(
+    JSON.stringify(machine.getPersistedSnapshot(snapshot as never)),
+  ) as PersistedSnapshot;
+  return {
+    state: stateOf(snapshot),
+    snapshot: persisted,
+    emitted,
+    schedule: [...schedule.values()],
+    cancel: [...cancel],
+  };
+}

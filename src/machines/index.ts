@@ -1,0 +1,38 @@
+/**
+ * The machine registry: every entity type, its machine, the machine's version (stored beside
+ * each snapshot so a later change can migrate or refuse old rows) and its event vocabulary.
+ */
+import { TASK_SYSTEM_EVENTS, TASK_TOKEN_EVENTS, type TaskEvent, taskMachine } from './task.js';
+import { TICKET_SYSTEM_EVENTS, type TicketEvent, ticketMachine } from './ticket.js';
+
+export type EntityType = 'ticket' | 'task';
+export const ENTITY_TYPES: readonly EntityType[] = ['ticket', 'task'];
+
+export interface MachineEntry {
+  machine: typeof ticketMachine | typeof taskMachine;
+  version: number;
+  /** Events only the runtime may send. */
+  systemEvents: readonly string[];
+  /** Events that carry a fencing token checked against `context.token`. */
+  tokenEvents: readonly string[];
+}
+
+export const MACHINES: Record<EntityType, MachineEntry> = {
+  ticket: {
+    machine: ticketMachine,
+    version: 1,
+    systemEvents: TICKET_SYSTEM_EVENTS,
+    tokenEvents: [],
+  },
+  task: {
+    machine: taskMachine,
+    version: 1,
+    systemEvents: TASK_SYSTEM_EVENTS,
+    tokenEvents: TASK_TOKEN_EVENTS,
+  },
+};
+
+export type EventOf<T extends EntityType> = T extends 'ticket' ? TicketEvent : TaskEvent;
+export type AnyEntityEvent = TicketEvent | TaskEvent;
+
+export { taskMachine, ticketMachine };

@@ -1,0 +1,14 @@
+/** The ticket phases, in order; a ticket's tasks each belong to one of them. */
+
+export const PHASES = ['requirements', 'design', 'implementation', 'testing'] as const;
+export type Phase = (typeof PHASES)[number];
+
+export function isPhase(value: unknown): value is Phase {
+  return typeof value === 'string' && (PHASES as readonly string[]).includes(value);
+}
+
+/** The state a ticket enters when it leaves `phase` forward: the next phase, or `done`. */
+export function nextPhaseState(phase: Phase): Phase | 'done' {
+  const i = PHASES.indexOf(phase);
+  return PHASES[i + 1] ?? 'done';
+}
