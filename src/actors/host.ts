@@ -1,0 +1,434 @@
+/**
+ * The actor host: the only writer of actor state. `send` loads an actor's snapshot (from a
+ * bounded cache or Postgres), decides the event, and commits in ONE transaction the new
+ * snapshot (compare-and-set on `version`), its event-log rows with the next `seq`, their
+ * outbox rows and the timers the transition set or cleared. A lost compare-and-set drops
+ * the cached actor and retries the whole unit of work with jittered backoff.
+ *
+ * Within a process, sends to one entity queue in one mailbox (no self-inflicted conflicts);
+ * across processes, correctness rests on the compare-and-set alone.
+ */
+import { createHash, randomUUID } from 'node:crypto';
+import { Conflict, IllegalTransition, NotFound, StaleToken, VersionConflict } from '../errors.js';
+import { DIAGNOSTIC_TASK_TYPE } from '../machines/ticket.js';
+import type { EntityType } from '../machines/index.js';
+import { MACHINES } from '../machines/index.js';
+import type { Phase } from '../machines/phases.js';
+import type { TaskInput } from '../machines/task.js';
+import type { TicketInput } from '../machines/ticket.js';
+import {
+  type ActorRow,
+  insertActorRow,
+  loadActorRow,
+  UniqueViolation,
+  updateActorRow,
+} from '../persistence/actor-rows.js';
+import type { Sql, Tx } from '../persistence/db.js';
+import { appendEvents, type EventEntry } from '../persistence/event-log.js';
+import { consumeTimer, deleteTimers, upsertTimers, type TimerRow } from '../persistence/timer-rows.js';
+import { ActorCache } from './actor-cache.js';
+import {
+  type DecideEvent,
+  type Decision,
+  decide,
+  decideInitial,
+  type EntityInput,
+  type PersistedSnapshot,
+} from './decide.js';
+
+export interface TaskDefaults {
+  maxAttempts: number;
+  leaseMs: number;
+  retryBaseMs: number;
+}
+
+export interface HostOptions {
+  /** Actors kept in memory between events (least recently used dropped first). */
+  cacheSize?: number;
+  /** Attempts of one unit of work before a VersionConflict is surfaced. */
+  maxAttempts?: number;
+  clock?: () => number;
+  /** Settings for tasks the runtime creates itself (diagnostics). */
+  taskDefaults: TaskDefaults;
+  /** Executor of diagnostic tasks ("external": left to agents). */
+  diagnosticExecutor?: string;
+}
+
+/** What one applied event or creation produced, after commit. */
+export interface Applied {
+  entityType: EntityType;
+  id: string;
+  /** State before the event; null for a creation. */
+  from: string | null;
+  state: string;
+  snapshot: PersistedSnapshot;
+  version: number;
+  events: EventEntry[];
+}
+
+export interface CommandResult<T> {
+  value: T;
+  applied: Applied[];
+}
+
+type CommitListener = (applied: Applied[]) => void;
+
+export interface IdempotencyOptions {
+  key: string;
+  /** Anything that identifies the request (method, path, body); hashed and compared. */
+  request: string;
+}
+
+export interface StoredResponse {
+  status: number;
+  body: unknown;
+}
+
+const IDEMPOTENCY_LOCK_NS = 7_402_615;
+
+export class ActorHost {
+  readonly sql: Sql;
+  readonly clock: () => number;
+  readonly taskDefaults: TaskDefaults;
+  private readonly cache: ActorCache;
+  private readonly maxAttempts: number;
+  private readonly diagnosticExecutor: string;
+  private readonly mailboxes = new Map<string, Promise<unknown>>();
+  private readonly listeners = new Set<CommitListener>();
+  /** Counters for /metrics: transitions and refusals by entity type and event. */
+  readonly stats = {
+    transitions: new Map<string, number>(),
+    illegal: new Map<string, number>(),
+    conflicts: 0,
+  };
+
+  constructor(sql: Sql, options: HostOptions) {
+    this.sql = sql;
+    this.clock = options.clock ?? Date.now;
+    this.cache = new ActorCache(options.cacheSize ?? 10_000);
+    this.maxAttempts = options.maxAttempts ?? 40;
+    this.taskDefaults = options.taskDefaults;
+    this.diagnosticExecutor = options.diagnosticExecutor ?? 'external';
+  }
+
+  /** Called after every commit with what it applied (in-process fan-out, metrics). */
+  onCommit(listener: CommitListener): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+
+  get cachedActors(): number {
+    return this.cache.size;
+  }
+
+  /** Applies one event to one actor, in its mailbox. */
+  async send(entityType: EntityType, id: string, event: DecideEvent): Promise<Applied> {
+    return this.inMailbox(`${entityType}:${id}`, async () => {
+      const { value } = await this.transact((uow) => uow.send(entityType, id, event));
+      return value;
+    });
+  }
+
+  /** Creates an actor from its machine's input. */
+  async create<T extends EntityType>(entityType: T, input: EntityInput<T>): Promise<Applied> {
+    const { value } = await this.transact((uow) => uow.create(entityType, input));
+    return value;
+  }
+
+  /**
+   * Runs `work` in one transaction and commits everything it sent or created together.
+   * `work` may run more than once (a lost compare-and-set retries it), so it must do all its
+   * writes through the unit of work or `uow.tx`.
+   */
+  async transact<T>(work: (uow: UnitOfWork) => Promise<T>): Promise<CommandResult<T>> {
+    for (let attempt = 1; ; attempt++) {
+      const uow = new UnitOfWork(this, this.clock());
+      try {
+        const value = await this.sql.begin((tx) => uow.run(tx as unknown as Tx, work));
+        for (const row of uow.touched()) this.cache.set(row);
+        const applied = uow.applied();
+        for (const a of applied) {
+          const key = `${a.entityType}:${String(a.from)}->${a.state}`;
+          this.stats.transitions.set(key, (this.stats.transitions.get(key) ?? 0) + 1);
+        }
+        for (const listener of this.listeners) listener(applied);
+        return { value: value as T, applied };
+      } catch (error) {
+        for (const key of uow.loadedKeys()) this.cache.delete(key);
+        if (error instanceof IllegalTransition) {
+          const key = `${error.state}:${error.event}`;
+          this.stats.illegal.set(key, (this.stats.illegal.get(key) ?? 0) + 1);
+        }
+        // A refusal decided on a cached row may come from a stale cache: decide again from
+        // Postgres before answering.
+        const staleCache =
+          uow.usedCache && (error instanceof IllegalTransition || error instanceof StaleToken);
+        if (staleCache && attempt < this.maxAttempts) continue;
+        if (!(error instanceof VersionConflict) || attempt >= this.maxAttempts) throw error;
+        this.stats.conflicts++;
+        await sleep(Math.random() * Math.min(50, 2 * attempt));
+      }
+    }
+  }
+
+  /**
+   * Runs a command at most once per idempotency key: the stored response commits in the same
+   * transaction as the effect; a repeat with the same request returns it; a repeat with a
+   * different request is a Conflict. Concurrent repeats wait for the first to commit.
+   */
+  async idempotent(
+    idem: IdempotencyOptions | undefined,
+    work: (uow: UnitOfWork) => Promise<StoredResponse>,
+  ): Promise<StoredResponse> {
+    if (!idem) return (await this.transact(work)).value;
+    const hash = createHash('sha256').update(idem.request).digest('hex');
+    const { value } = await this.transact(async (uow) => {
+      const tx = uow.tx;
+      await tx`select pg_advisory_xact_lock(${IDEMPOTENCY_LOCK_NS}, hashtext(${idem.key}))`;
+      const found = await tx<{ request_hash: string; status: number; body: unknown }[]>`
+        select request_hash, status, body from idempotency_keys where key = ${idem.key}`;
+      const prior = found[0];
+      if (prior) {
+        if (prior.request_hash !== hash) {
+          throw new Conflict(`Idempotency-Key ${idem.key} was used with a different request`);
+        }
+        return { status: prior.status, body: prior.body, replayed: true };
+      }
+      const response = await work(uow);
+      await tx`insert into idempotency_keys (key, request_hash, status, body)
+        values (${idem.key}, ${hash}, ${response.status}, ${tx.json(response.body as never)})`;
+      return { ...response, replayed: false };
+    });
+    return { status: value.status, body: value.body };
+  }
+
+  /**
+   * Fires a durable timer: consumes its row (only if still the claimed one) and sends its
+   * event, in one transaction. A timer whose state was left meanwhile does nothing.
+   */
+  async fireTimer(timer: TimerRow): Promise<Applied | null> {
+    return this.inMailbox(`${timer.entityType}:${timer.entityId}`, async () => {
+      const { value } = await this.transact(async (uow) => {
+        if (!(await consumeTimer(uow.tx, timer.entityId, timer.key, timer.token))) return null;
+        try {
+          return await uow.send(timer.entityType, timer.entityId, timer.event);
+        } catch (error) {
+          // The row is consumed either way: a delayed event its state no longer takes is moot.
+          if (error instanceof IllegalTransition || error instanceof NotFound) return null;
+          throw error;
+        }
+      });
+      return value;
+    });
+  }
+
+  /** Drops cached actors (tests, and callers that know the cache is stale). */
+  forget(entityType?: EntityType, id?: string): void {
+    if (entityType && id) this.cache.delete(`${entityType}:${id}`);
+    else this.cache.clear();
+  }
+
+  /** @internal */
+  cached(key: string): ActorRow | undefined {
+    return this.cache.get(key);
+  }
+
+  /** @internal */
+  diagnosticTaskInput(ticketId: string, taskId: string, phase: Phase): TaskInput {
+    return {
+      id: taskId,
+      ticketId,
+      type: DIAGNOSTIC_TASK_TYPE,
+      phase,
+      executor: this.diagnosticExecutor,
+      payload: { reason: 'no task of the phase changed state within STUCK_AFTER_MS' },
+      priority: 10,
+      ...this.taskDefaults,
+    };
+  }
+
+  private async inMailbox<T>(key: string, run: () => Promise<T>): Promise<T> {
+    const previous = this.mailboxes.get(key) ?? Promise.resolve();
+    const next = previous.then(run, run);
+    const settled = next.then(
+      () => {},
+      () => {},
+    );
+    this.mailboxes.set(key, settled);
+    void settled.then(() => {
+      if (this.mailboxes.get(key) === settled) this.mailboxes.delete(key);
+    });
+    return next;
+  }
+}
+
+/** The writes of one transaction: every actor it touches, in the order it touched them. */
+export class UnitOfWork {
+  tx!: Tx;
+  private readonly rows = new Map<string, ActorRow>();
+  private readonly dirty = new Set<string>();
+  private readonly results: Applied[] = [];
+  /** @internal true once a row came from the process cache rather than this transaction */
+  usedCache = false;
+
+  constructor(
+    private readonly host: ActorHost,
+    /** The time stamped on every event of this unit of work. */
+    readonly at: number,
+  ) {}
+
+  /** @internal */
+  async run<T>(tx: Tx, work: (uow: UnitOfWork) => Promise<T>): Promise<T> {
+    this.tx = tx;
+    return work(this);
+  }
+
+  /** The actor's current row within this transaction (NotFound if there is none). */
+  async load(entityType: EntityType, id: string): Promise<ActorRow> {
+    const key = `${entityType}:${id}`;
+    let row = this.rows.get(key);
+    if (!row) {
+      row = this.host.cached(key);
+      if (row) this.usedCache = true;
+    }
+    // Locking on a cache miss costs nothing extra (the update would take the lock anyway) and
+    // turns concurrent writers into a queue instead of a retry storm.
+    row ??= (await loadActorRow(this.tx, entityType, id, { forUpdate: true })) ?? undefined;
+    if (!row) throw new NotFound(entityType, id);
+    this.rows.set(key, row);
+    return row;
+  }
+
+  async send(entityType: EntityType, id: string, event: DecideEvent): Promise<Applied> {
+    const row = await this.load(entityType, id);
+    const stamped = stamp(event, this.at);
+    const decision = decide(entityType, id, row.snapshot, stamped, row.machineVersion);
+    const next: ActorRow = {
+      ...row,
+      snapshot: decision.snapshot,
+      version: row.version + 1,
+      seq: row.seq + decision.emitted.length,
+    };
+    try {
+      if (!(await updateActorRow(this.tx, next, row.version))) {
+        throw new VersionConflict(id, row.version);
+      }
+    } catch (error) {
+      throw translateUnique(error, id);
+    }
+    return this.record(row, next, decision, String(row.snapshot.value));
+  }
+
+  async create<T extends EntityType>(entityType: T, input: EntityInput<T>): Promise<Applied> {
+    const stampedInput = { ...input, at: this.at } as EntityInput<T>;
+    const decision = decideInitial(entityType, stampedInput);
+    const row: ActorRow = {
+      entityType,
+      id: input.id,
+      machineVersion: MACHINES[entityType].version,
+      snapshot: decision.snapshot,
+      version: 1,
+      seq: decision.emitted.length,
+    };
+    try {
+      await insertActorRow(this.tx, row, this.at);
+    } catch (error) {
+      if (error instanceof UniqueViolation && error.constraint.endsWith('_pkey')) {
+        throw new Conflict(`${entityType} ${input.id} already exists`);
+      }
+      throw translateUnique(error, input.id);
+    }
+    const base: ActorRow = { ...row, version: 0, seq: 0 };
+    return this.record(base, row, decision, null);
+  }
+
+  /** @internal rows written by this unit of work, for the cache after commit */
+  touched(): ActorRow[] {
+    return [...this.dirty].map((k) => this.rows.get(k)).filter((r): r is ActorRow => !!r);
+  }
+
+  /** @internal */
+  loadedKeys(): string[] {
+    return [...this.rows.keys()];
+  }
+
+  /** @internal */
+  applied(): Applied[] {
+    return this.results;
+  }
+
+  private async record(
+    before: ActorRow,
+    after: ActorRow,
+    decision: Decision,
+    from: string | null,
+  ): Promise<Applied> {
+    const key = `${after.entityType}:${after.id}`;
+    this.rows.set(key, after);
+    this.dirty.add(key);
+    const events = await appendEvents(
+      this.tx,
+      decision.emitted.map((e, i) => ({
+        eventId: randomUUID(),
+        seq: before.seq + i + 1,
+        entityId: after.id,
+        entityType: after.entityType,
+        type: e.type,
+        data: e.data,
+        at: this.at,
+      })),
+    );
+    await deleteTimers(this.tx, after.id, decision.cancel);
+    await upsertTimers(
+      this.tx,
+      decision.schedule.map((t) => ({
+        entityType: after.entityType,
+        entityId: after.id,
+        key: t.key,
+        event: t.event,
+        dueAt: this.at + t.delayMs,
+        token: randomUUID(),
+      })),
+    );
+    const applied: Applied = {
+      entityType: after.entityType,
+      id: after.id,
+      from,
+      state: decision.state,
+      snapshot: after.snapshot,
+      version: after.version,
+      events,
+    };
+    this.results.push(applied);
+    await this.followUp(applied);
+    return applied;
+  }
+
+  /** Effects a transition implies on other actors, in the same transaction. */
+  private async followUp(applied: Applied): Promise<void> {
+    for (const e of applied.events) {
+      if (e.type === 'ticket.diagnostic_spawned') {
+        const { taskId, phase } = e.data as { taskId: string; phase: Phase };
+        await this.create('task', this.host.diagnosticTaskInput(applied.id, taskId, phase));
+      }
+    }
+  }
+}
+
+/** The host, not the caller, decides when an event happened; a CLAIM gets a fresh token. */
+function stamp(event: DecideEvent, at: number): DecideEvent {
+  const stamped: DecideEvent = { ...event, at };
+  if (event.type === 'CLAIM' && typeof event.token !== 'string') stamped.token = randomUUID();
+  return stamped;
+}
+
+function translateUnique(error: unknown, id: string): unknown {
+  if (error instanceof UniqueViolation && error.constraint === 'tasks_worktree_active') {
+    return new Conflict(`task ${id}: its worktree is held by another claimed or running task`);
+  }
+  return error;
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}

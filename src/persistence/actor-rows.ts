@@ -1,0 +1,154 @@
+/**
+ * SQL for actor rows. A row holds the persisted XState snapshot plus columns projected from
+ * its context in the same statement (state, phase, worktree...), so every API lookup is an
+ * index scan and never parses jsonb.
+ */
+import type { PersistedSnapshot } from '../actors/decide.js';
+import type { EntityType } from '../machines/index.js';
+import { type Db, sqlState, UNIQUE_VIOLATION } from './db.js';
+
+export interface ActorRow {
+  entityType: EntityType;
+  id: string;
+  machineVersion: number;
+  snapshot: PersistedSnapshot;
+  version: number;
+  seq: number;
+}
+
+interface RawRow {
+  id: string;
+  machine_version: number;
+  snapshot: PersistedSnapshot;
+  version: number;
+  seq: number;
+}
+
+function toRow(entityType: EntityType, r: RawRow): ActorRow {
+  return {
+    entityType,
+    id: r.id,
+    machineVersion: r.machine_version,
+    snapshot: r.snapshot,
+    version: r.version,
+    seq: r.seq,
+  };
+}
+
+export async function loadActorRow(
+  db: Db,
+  entityType: EntityType,
+  id: string,
+  options: { forUpdate?: boolean } = {},
+): Promise<ActorRow | null> {
+  const lock = options.forUpdate ? db`for update` : db``;
+  const rows =
+    entityType === 'ticket'
+      ? await db<RawRow[]>`select id, machine_version, snapshot, version, seq from tickets where id = ${id} ${lock}`
+      : await db<RawRow[]>`select id, machine_version, snapshot, version, seq from tasks where id = ${id} ${lock}`;
+  const r = rows[0];
+  return r ? toRow(entityType, r) : null;
+}
+
+const ms = (v: unknown): Date | null => (typeof v === 'number' ? new Date(v) : null);
+
+/** The projected columns of a ticket or task row, read from the snapshot's context. */
+function ticketColumns(s: PersistedSnapshot) {
+  const c = s.context as { title: string; phase: string | null; createdAt: number; updatedAt: number };
+  return { state: s.value, phase: c.phase, title: c.title, updated_at: new Date(c.updatedAt) };
+}
+
+function taskColumns(s: PersistedSnapshot) {
+  const c = s.context as {
+    ticketId: string;
+    type: string;
+    phase: string;
+    executor: string;
+    worktree: string | null;
+    priority: number;
+    attempt: number;
+    workerId: string | null;
+    leaseExpiresAt: number | null;
+    updatedAt: number;
+  };
+  return {
+    state: s.value,
+    phase: c.phase,
+    executor: c.executor,
+    worktree: c.worktree,
+    priority: c.priority,
+    attempt: c.attempt,
+    worker_id: c.workerId,
+    lease_expires_at: ms(c.leaseExpiresAt),
+    updated_at: new Date(c.updatedAt),
+  };
+}
+
+/** Thrown when an insert or update would break a unique constraint (e.g. a held worktree). */
+export class UniqueViolation extends Error {
+  constructor(
+    readonly constraint: string,
+    options?: ErrorOptions,
+  ) {
+    super(`unique constraint ${constraint} violated`, options);
+    this.name = 'UniqueViolation';
+  }
+}
+
+async function guardUnique<T>(run: () => Promise<T>): Promise<T> {
+  try {
+    return await run();
+  } catch (error) {
+    if (sqlState(error) === UNIQUE_VIOLATION) {
+      const constraint = (error as { constraint_name?: string }).constraint_name ?? 'unknown';
+      throw new UniqueViolation(constraint, { cause: error });
+    }
+    throw error;
+  }
+}
+
+export async function insertActorRow(db: Db, row: ActorRow, createdAt: number): Promise<void> {
+  const s = row.snapshot;
+  await guardUnique(async () => {
+    if (row.entityType === 'ticket') {
+      const p = ticketColumns(s);
+      await db`insert into tickets (id, state, phase, title, machine_version, snapshot, version, seq,
+        created_at, updated_at)
+        values (${row.id}, ${p.state}, ${p.phase}, ${p.title}, ${row.machineVersion},
+          ${db.json(s as never)}, ${row.version}, ${row.seq}, ${new Date(createdAt)}, ${p.updated_at})`;
+    } else {
+      const p = taskColumns(s);
+      const c = s.context as { ticketId: string; type: string };
+      await db`insert into tasks (id, ticket_id, type, phase, state, executor, worktree, priority,
+        attempt, worker_id, lease_expires_at, machine_version, snapshot, version, seq,
+        created_at, updated_at)
+        values (${row.id}, ${c.ticketId}, ${c.type}, ${p.phase}, ${p.state}, ${p.executor},
+          ${p.worktree}, ${p.priority}, ${p.attempt}, ${p.worker_id}, ${p.lease_expires_at},
+          ${row.machineVersion}, ${db.json(s as never)}, ${row.version}, ${row.seq},
+          ${new Date(createdAt)}, ${p.updated_at})`;
+    }
+  });
+}
+
+/** Compare-and-set: writes only if the row is still at `expectedVersion`. */
+export async function updateActorRow(db: Db, row: ActorRow, expectedVersion: number): Promise<boolean> {
+  const s = row.snapshot;
+  return guardUnique(async () => {
+    if (row.entityType === 'ticket') {
+      const p = ticketColumns(s);
+      const r = await db`update tickets set state = ${p.state}, phase = ${p.phase},
+        snapshot = ${db.json(s as never)}, version = ${row.version}, seq = ${row.seq},
+        updated_at = ${p.updated_at}
+        where id = ${row.id} and version = ${expectedVersion}`;
+      return r.count === 1;
+    }
+    const p = taskColumns(s);
+    const r = await db`update tasks set state = ${p.state}, phase = ${p.phase},
+      executor = ${p.executor}, worktree = ${p.worktree}, priority = ${p.priority},
+      attempt = ${p.attempt}, worker_id = ${p.worker_id}, lease_expires_at = ${p.lease_expires_at},
+      snapshot = ${db.json(s as never)}, version = ${row.version}, seq = ${row.seq},
+      updated_at = ${p.updated_at}
+      where id = ${row.id} and version = ${expectedVersion}`;
+    return r.count === 1;
+  });
+}

@@ -1,0 +1,81 @@
+/**
+ * Durable timers: the machines' `after` delays as rows. Scheduling upserts a row with a new
+ * token; cancelling deletes it; firing deletes it only if the token is still the one the
+ * poller claimed, so a timer that was replaced or cancelled meanwhile does nothing.
+ */
+import type { EntityType } from '../machines/index.js';
+import type { Db } from './db.js';
+
+export const TIMER_CHANNEL = 'orchestrator_timers';
+
+export interface TimerRow {
+  entityType: EntityType;
+  entityId: string;
+  key: string;
+  event: { type: string };
+  dueAt: number;
+  token: string;
+}
+
+export async function upsertTimers(db: Db, timers: TimerRow[]): Promise<void> {
+  if (timers.length === 0) return;
+  const rows = timers.map((t) => ({
+    entity_type: t.entityType,
+    entity_id: t.entityId,
+    key: t.key,
+    event: t.event,
+    due_at: new Date(t.dueAt),
+    token: t.token,
+  }));
+  await db`insert into timers ${db(rows as never, 'entity_type', 'entity_id', 'key', 'event', 'due_at', 'token')}
+    on conflict (entity_id, key) do update set event = excluded.event, due_at = excluded.due_at,
+      token = excluded.token, locked_until = null`;
+  const soonest = Math.min(...timers.map((t) => t.dueAt));
+  await db`select pg_notify(${TIMER_CHANNEL}, ${String(soonest)})`;
+}
+
+export async function deleteTimers(db: Db, entityId: string, keys: string[]): Promise<void> {
+  if (keys.length === 0) return;
+  await db`delete from timers where entity_id = ${entityId} and key in ${db(keys)}`;
+}
+
+/**
+ * Claims up to `limit` due timers for `leaseMs`: rows locked by another poller are skipped,
+ * and a claim whose poller died is taken over once its lease passes.
+ */
+export async function claimDueTimers(db: Db, limit: number, leaseMs: number): Promise<TimerRow[]> {
+  const rows = await db<
+    { entity_type: EntityType; entity_id: string; key: string; event: { type: string }; due_at: Date; token: string }[]
+  >`
+    update timers t set locked_until = now() + ${leaseMs} * interval '1 millisecond'
+    from (
+      select entity_id, key from timers
+      where due_at <= now() and (locked_until is null or locked_until < now())
+      order by due_at limit ${limit} for update skip locked
+    ) due
+    where t.entity_id = due.entity_id and t.key = due.key
+    returning t.entity_type, t.entity_id, t.key, t.event, t.due_at, t.token`;
+  return rows.map((r) => ({
+    entityType: r.entity_type,
+    entityId: r.entity_id,
+    key: r.key,
+    event: r.event,
+    dueAt: r.due_at.getTime(),
+    token: r.token,
+  }));
+}
+
+/** Removes a fired timer if it is still the claimed one; false means it changed meanwhile. */
+export async function consumeTimer(db: Db, entityId: string, key: string, token: string): Promise<boolean> {
+  const r = await db`delete from timers where entity_id = ${entityId} and key = ${key} and token = ${token}`;
+  return r.count === 1;
+}
+
+/** Milliseconds until the next timer is due (null when none), to size the poller's sleep. */
+export async function nextTimerDelay(db: Db): Promise<number | null> {
+  const rows = await db<{ ms: number | null }[]>`
+    select (extract(epoch from (min(due_at) - now())) * 1000)::float8 as ms from timers
+    where locked_until is null or locked_until < now()`;
+  const v = rows[0]?.ms;
+  return v === null || v === undefined ? null : Math.max(0, v);
+}
