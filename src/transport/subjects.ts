@@ -1,0 +1,37 @@
+/**
+ * NATS subject and stream names. Domain events travel on
+ * `<prefix>.events.<entityType>.<entityId>.<event>` (e.g. `orch.events.task.tsk_1.completed`),
+ * so a consumer filters by entity type, entity or event with ordinary wildcards (NATS 2.9
+ * has single-filter consumers only). The prefix and stream names are configurable so that
+ * tests and tenants sharing one server never see each other's messages.
+ */
+export interface TransportNames {
+  prefix: string;
+  /** The domain event stream (limits retention, duplicate window). */
+  stream: string;
+  /** The dead-letter stream: messages a reaction gave up on, with their last error. */
+  dlqStream: string;
+}
+
+export function transportNames(prefix: string, stream: string): TransportNames {
+  return { prefix, stream, dlqStream: `${stream}_DLQ` };
+}
+
+/** Entity ids become subject tokens: they must not hold `.`, `*`, `>` or whitespace. */
+export function isSubjectSafe(token: string): boolean {
+  return token.length > 0 && !/[.*>\s]/.test(token);
+}
+
+export function eventSubject(n: TransportNames, entityType: string, entityId: string, type: string): string {
+  const name = type.includes('.') ? type.slice(type.indexOf('.') + 1) : type;
+  return `${n.prefix}.events.${entityType}.${entityId}.${name}`;
+}
+
+export const allEventsSubject = (n: TransportNames) => `${n.prefix}.events.>`;
+export const entityEventsSubject = (n: TransportNames, entityId: string) =>
+  `${n.prefix}.events.*.${entityId}.*`;
+export const typeEventsSubject = (n: TransportNames, entityType: string, event = '*') =>
+  `${n.prefix}.events.${entityType}.*.${event}`;
+export const dlqSubject = (n: TransportNames, consumer: string) => `${n.prefix}.dlq.${consumer}`;
+/** Core NATS (not JetStream): a wake-up for idle workers and long-polling claims. */
+export const dispatchSubject = (n: TransportNames) => `${n.prefix}.dispatch`;
