@@ -17,7 +17,10 @@ const limits = z
   .default('')
   .transform((raw, ctx) => {
     const out: Record<string, number> = {};
-    for (const part of raw.split(',').map((p) => p.trim()).filter(Boolean)) {
+    for (const part of raw
+      .split(',')
+      .map((p) => p.trim())
+      .filter(Boolean)) {
       const m = /^([A-Za-z0-9_.:-]+)=(\d+)$/.exec(part);
       if (!m?.[1] || !m[2]) {
         ctx.addIssue({ code: 'custom', message: `"${part}" is not type=N` });

@@ -8,8 +8,8 @@ import { InvalidInput } from '../errors.js';
 import type { Json } from '../machines/domain-events.js';
 import { type EntityType, MACHINES } from '../machines/index.js';
 import { isPhase, type Phase } from '../machines/phases.js';
-import type { Applied, ActorHost, UnitOfWork } from './host.js';
 import type { DecideEvent } from './decide.js';
+import type { ActorHost, Applied, UnitOfWork } from './host.js';
 
 export interface TicketSettings {
   stuckAfterMs: number;
@@ -85,7 +85,12 @@ export class Commands {
    * Sends an event from outside (HTTP, an operator, an agent). System events are the
    * runtime's alone and are refused here, before any state is read.
    */
-  sendPublic(uow: UnitOfWork, entityType: EntityType, id: string, event: DecideEvent): Promise<Applied> {
+  sendPublic(
+    uow: UnitOfWork,
+    entityType: EntityType,
+    id: string,
+    event: DecideEvent,
+  ): Promise<Applied> {
     assertPublicEvent(entityType, event.type);
     return uow.send(entityType, id, event);
   }

@@ -10,12 +10,12 @@
  */
 import { createHash, randomUUID } from 'node:crypto';
 import { Conflict, IllegalTransition, NotFound, StaleToken, VersionConflict } from '../errors.js';
-import { DIAGNOSTIC_TASK_TYPE } from '../machines/ticket.js';
 import type { EntityType } from '../machines/index.js';
 import { MACHINES } from '../machines/index.js';
 import type { Phase } from '../machines/phases.js';
 import type { TaskInput } from '../machines/task.js';
 import type { TicketInput } from '../machines/ticket.js';
+import { DIAGNOSTIC_TASK_TYPE } from '../machines/ticket.js';
 import {
   type ActorRow,
   insertActorRow,
@@ -25,7 +25,12 @@ import {
 } from '../persistence/actor-rows.js';
 import type { Sql, Tx } from '../persistence/db.js';
 import { appendEvents, type EventEntry } from '../persistence/event-log.js';
-import { consumeTimer, deleteTimers, upsertTimers, type TimerRow } from '../persistence/timer-rows.js';
+import {
+  consumeTimer,
+  deleteTimers,
+  type TimerRow,
+  upsertTimers,
+} from '../persistence/timer-rows.js';
 import { ActorCache } from './actor-cache.js';
 import {
   type DecideEvent,

@@ -20,6 +20,7 @@ export type DomainEventType =
   | 'task.retry_scheduled'
   | 'task.retried'
   | 'task.requeued'
+  | 'task.released'
   | 'task.lease_expired'
   | 'task.cancelled';
 

@@ -81,12 +81,14 @@ export type TaskEvent =
   | { type: 'LEASE_EXPIRED'; at?: number }
   | { type: 'RETRY'; at?: number }
   | { type: 'CANCEL'; reason?: string; at?: number }
+  /** A worker gives the task back unfinished (clean shutdown): pending at once, attempt refunded. */
+  | { type: 'RELEASE'; token: string; reason?: string; at?: number }
   | { type: 'REQUEUE'; maxAttempts?: number; at?: number };
 
 /** Events only the system sends (timers, runtime); the public events route refuses them. */
 export const TASK_SYSTEM_EVENTS = ['LEASE_EXPIRED', 'RETRY'] as const;
 /** Events that carry a fencing token; a token that is not the live one is `stale_token`. */
-export const TASK_TOKEN_EVENTS = ['START', 'HEARTBEAT', 'COMPLETE', 'FAIL'] as const;
+export const TASK_TOKEN_EVENTS = ['START', 'HEARTBEAT', 'COMPLETE', 'FAIL', 'RELEASE'] as const;
 
 const MAX_RETRY_DELAY_MS = 5 * 60_000;
 
@@ -171,6 +173,12 @@ export const taskMachine = setup({
       return { ...leaveClaim, retryDelayMs: delay, retryAt: timeOf(event) + delay };
     }),
     clearClaim: assign(leaveClaim),
+    recordRelease: assign(({ context, event }) => ({
+      ...leaveClaim,
+      attempt: Math.max(0, context.attempt - 1),
+      error: event.type === 'RELEASE' ? (event.reason ?? 'released by its worker') : null,
+      updatedAt: timeOf(event),
+    })),
     recordRetry: assign(({ event }) => ({ retryAt: null, updatedAt: timeOf(event) })),
     recordRequeue: assign(({ context, event }) => ({
       attempt: 0,
@@ -206,6 +214,10 @@ export const taskMachine = setup({
         attempt: context.attempt,
         leaseExpiresAt: context.leaseExpiresAt,
       },
+    })),
+    emitReleased: emit(({ context }) => ({
+      type: 'task.released' as const,
+      data: { ticketId: context.ticketId, reason: context.error, attempt: context.attempt },
     })),
     emitStarted: emit(({ context }) => ({
       type: 'task.started' as const,
@@ -344,6 +356,12 @@ export const taskMachine = setup({
             actions: ['recordLeaseExpiry', 'emitLeaseExpired', 'clearClaim', 'emitFailed'],
           },
         ],
+        RELEASE: {
+          guard: 'tokenMatches',
+          target: 'pending',
+          description: 'The worker gives the task back unfinished (shutdown): claimable at once.',
+          actions: ['recordRelease', 'emitReleased'],
+        },
         CANCEL: { target: 'cancelled', actions: ['recordCancel', 'emitCancelled'] },
       },
     },
@@ -410,6 +428,12 @@ export const taskMachine = setup({
             actions: ['recordLeaseExpiry', 'emitLeaseExpired', 'clearClaim', 'emitFailed'],
           },
         ],
+        RELEASE: {
+          guard: 'tokenMatches',
+          target: 'pending',
+          description: 'The worker gives the task back unfinished (shutdown): claimable at once.',
+          actions: ['recordRelease', 'emitReleased'],
+        },
         CANCEL: { target: 'cancelled', actions: ['recordCancel', 'emitCancelled'] },
       },
     },

@@ -44,8 +44,12 @@ export async function loadActorRow(
   const lock = options.forUpdate ? db`for update` : db``;
   const rows =
     entityType === 'ticket'
-      ? await db<RawRow[]>`select id, machine_version, snapshot, version, seq from tickets where id = ${id} ${lock}`
-      : await db<RawRow[]>`select id, machine_version, snapshot, version, seq from tasks where id = ${id} ${lock}`;
+      ? await db<
+          RawRow[]
+        >`select id, machine_version, snapshot, version, seq from tickets where id = ${id} ${lock}`
+      : await db<
+          RawRow[]
+        >`select id, machine_version, snapshot, version, seq from tasks where id = ${id} ${lock}`;
   const r = rows[0];
   return r ? toRow(entityType, r) : null;
 }
@@ -54,7 +58,12 @@ const ms = (v: unknown): Date | null => (typeof v === 'number' ? new Date(v) : n
 
 /** The projected columns of a ticket or task row, read from the snapshot's context. */
 function ticketColumns(s: PersistedSnapshot) {
-  const c = s.context as { title: string; phase: string | null; createdAt: number; updatedAt: number };
+  const c = s.context as {
+    title: string;
+    phase: string | null;
+    createdAt: number;
+    updatedAt: number;
+  };
   return { state: s.value, phase: c.phase, title: c.title, updated_at: new Date(c.updatedAt) };
 }
 
@@ -131,7 +140,11 @@ export async function insertActorRow(db: Db, row: ActorRow, createdAt: number): 
 }
 
 /** Compare-and-set: writes only if the row is still at `expectedVersion`. */
-export async function updateActorRow(db: Db, row: ActorRow, expectedVersion: number): Promise<boolean> {
+export async function updateActorRow(
+  db: Db,
+  row: ActorRow,
+  expectedVersion: number,
+): Promise<boolean> {
   const s = row.snapshot;
   return guardUnique(async () => {
     if (row.entityType === 'ticket') {

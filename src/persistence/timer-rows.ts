@@ -45,7 +45,14 @@ export async function deleteTimers(db: Db, entityId: string, keys: string[]): Pr
  */
 export async function claimDueTimers(db: Db, limit: number, leaseMs: number): Promise<TimerRow[]> {
   const rows = await db<
-    { entity_type: EntityType; entity_id: string; key: string; event: { type: string }; due_at: Date; token: string }[]
+    {
+      entity_type: EntityType;
+      entity_id: string;
+      key: string;
+      event: { type: string };
+      due_at: Date;
+      token: string;
+    }[]
   >`
     update timers t set locked_until = now() + ${leaseMs} * interval '1 millisecond'
     from (
@@ -66,8 +73,14 @@ export async function claimDueTimers(db: Db, limit: number, leaseMs: number): Pr
 }
 
 /** Removes a fired timer if it is still the claimed one; false means it changed meanwhile. */
-export async function consumeTimer(db: Db, entityId: string, key: string, token: string): Promise<boolean> {
-  const r = await db`delete from timers where entity_id = ${entityId} and key = ${key} and token = ${token}`;
+export async function consumeTimer(
+  db: Db,
+  entityId: string,
+  key: string,
+  token: string,
+): Promise<boolean> {
+  const r =
+    await db`delete from timers where entity_id = ${entityId} and key = ${key} and token = ${token}`;
   return r.count === 1;
 }
 

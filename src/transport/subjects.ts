@@ -22,7 +22,12 @@ export function isSubjectSafe(token: string): boolean {
   return token.length > 0 && !/[.*>\s]/.test(token);
 }
 
-export function eventSubject(n: TransportNames, entityType: string, entityId: string, type: string): string {
+export function eventSubject(
+  n: TransportNames,
+  entityType: string,
+  entityId: string,
+  type: string,
+): string {
   const name = type.includes('.') ? type.slice(type.indexOf('.') + 1) : type;
   return `${n.prefix}.events.${entityType}.${entityId}.${name}`;
 }

@@ -1,0 +1,84 @@
+/**
+ * The JSON shapes of CONTRACT section 2, built from an actor's persisted snapshot: what
+ * the API returns, what a claim hands a worker, what the dashboard draws.
+ */
+import type { Json } from '../machines/domain-events.js';
+import type { TaskContext } from '../machines/task.js';
+import type { TicketContext } from '../machines/ticket.js';
+import type { PersistedSnapshot } from './decide.js';
+
+export interface TaskView {
+  id: string;
+  ticketId: string;
+  type: string;
+  phase: string;
+  state: string;
+  attempt: number;
+  maxAttempts: number;
+  executor: string;
+  worktree: string | null;
+  workerId: string | null;
+  leaseExpiresAt: string | null;
+  priority: number;
+  payload: Json;
+  result: Json;
+  error: string | null;
+  version: number;
+  createdAt: string;
+  updatedAt: string;
+}
+
+export interface TicketView {
+  id: string;
+  title: string;
+  description: string | null;
+  state: string;
+  phase: string | null;
+  blockedReason: string | null;
+  diagnostics: number;
+  version: number;
+  createdAt: string;
+  updatedAt: string;
+}
+
+const iso = (ms: number | null): string | null => (ms === null ? null : new Date(ms).toISOString());
+
+export function taskView(snapshot: PersistedSnapshot, version: number): TaskView {
+  const c = snapshot.context as unknown as TaskContext;
+  return {
+    id: c.id,
+    ticketId: c.ticketId,
+    type: c.type,
+    phase: c.phase,
+    state: String(snapshot.value),
+    attempt: c.attempt,
+    maxAttempts: c.maxAttempts,
+    executor: c.executor,
+    worktree: c.worktree,
+    workerId: c.workerId,
+    leaseExpiresAt: iso(c.leaseExpiresAt),
+    priority: c.priority,
+    payload: c.payload,
+    result: c.result,
+    error: c.error,
+    version,
+    createdAt: new Date(c.createdAt).toISOString(),
+    updatedAt: new Date(c.updatedAt).toISOString(),
+  };
+}
+
+export function ticketView(snapshot: PersistedSnapshot, version: number): TicketView {
+  const c = snapshot.context as unknown as TicketContext;
+  return {
+    id: c.id,
+    title: c.title,
+    description: c.description,
+    state: String(snapshot.value),
+    phase: c.phase,
+    blockedReason: c.blockedReason,
+    diagnostics: c.diagnostics,
+    version,
+    createdAt: new Date(c.createdAt).toISOString(),
+    updatedAt: new Date(c.updatedAt).toISOString(),
+  };
+}

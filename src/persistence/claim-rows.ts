@@ -1,0 +1,68 @@
+/**
+ * SQL of the claim protocol. Candidates are pending tasks in priority-then-age order, read
+ * with `FOR UPDATE SKIP LOCKED` so concurrent claimers never pick the same row. A
+ * worktree or a capped task type is serialised with a transaction-scoped advisory lock
+ * before it is checked, so the check holds until the claim commits, in every process.
+ */
+import type { Tx } from './db.js';
+
+export interface ClaimFilter {
+  executors: string[];
+  /** Task types to take; undefined = any. */
+  types?: string[] | undefined;
+  /** Types at their cap right now: skipped without locking their rows. */
+  excludeTypes?: string[];
+}
+
+export interface Candidate {
+  id: string;
+  type: string;
+  worktree: string | null;
+}
+
+const LOCK_NS_WORKTREE = 7_402_616;
+const LOCK_NS_TYPE_CAP = 7_402_617;
+
+export async function lockCandidates(
+  tx: Tx,
+  filter: ClaimFilter,
+  limit: number,
+): Promise<Candidate[]> {
+  const types = filter.types && filter.types.length > 0 ? filter.types : null;
+  return tx<Candidate[]>`
+    select id, type, worktree from tasks
+    where state = 'pending' and executor in ${tx(filter.executors)}
+      ${types ? tx`and type in ${tx(types)}` : tx``}
+      ${filter.excludeTypes?.length ? tx`and type not in ${tx(filter.excludeTypes)}` : tx``}
+      and (worktree is null or not exists (
+        select 1 from tasks held where held.worktree = tasks.worktree
+          and held.state in ('claimed', 'running')))
+    order by priority desc, created_at, id
+    limit ${limit}
+    for update skip locked`;
+}
+
+/** Locks the worktree until commit; true when no other task holds it. */
+export async function worktreeFree(tx: Tx, worktree: string): Promise<boolean> {
+  await tx`select pg_advisory_xact_lock(${LOCK_NS_WORKTREE}, hashtext(${worktree}))`;
+  const rows = await tx`select 1 from tasks where worktree = ${worktree}
+    and state in ('claimed', 'running') limit 1`;
+  return rows.length === 0;
+}
+
+/** Locks the type's cap until commit; true when fewer than `cap` tasks of it are active. */
+export async function belowCap(tx: Tx, type: string, cap: number): Promise<boolean> {
+  await tx`select pg_advisory_xact_lock(${LOCK_NS_TYPE_CAP}, hashtext(${type}))`;
+  const rows = await tx<{ n: number }[]>`select count(*)::int as n from tasks
+    where type = ${type} and state in ('claimed', 'running')`;
+  return (rows[0]?.n ?? 0) < cap;
+}
+
+/** Capped types whose active count has reached the cap (read without locks: a pre-filter). */
+export async function typesAtCap(tx: Tx, caps: Record<string, number>): Promise<string[]> {
+  const types = Object.keys(caps);
+  if (types.length === 0) return [];
+  const rows = await tx<{ type: string; n: number }[]>`select type, count(*)::int as n from tasks
+    where type in ${tx(types)} and state in ('claimed', 'running') group by type`;
+  return rows.filter((r) => r.n >= (caps[r.type] ?? Number.POSITIVE_INFINITY)).map((r) => r.type);
+}
