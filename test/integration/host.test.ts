@@ -1,0 +1,218 @@
+/**
+ * The actor host against a real Postgres: compare-and-set under concurrent writers from two
+ * pools (two "processes"), gap-free seq, one phase change out of 50 ADVANCEs, atomicity
+ * under an injected fault, idempotency keys, stale caches and machine versions.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Commands } from '../../src/actors/commands.js';
+import { ActorHost } from '../../src/actors/host.js';
+import { Conflict, IllegalTransition, UnsupportedSnapshot } from '../../src/errors.js';
+import { createTestDatabase, type TestDatabase } from '../support/database.js';
+import { TASK_DEFAULTS, ticketInput } from '../support/fixtures.js';
+
+let db: TestDatabase;
+let hostA: ActorHost;
+let hostB: ActorHost;
+
+beforeAll(async () => {
+  db = await createTestDatabase('host');
+  hostA = new ActorHost(db.pool(10), { taskDefaults: TASK_DEFAULTS });
+  hostB = new ActorHost(db.pool(10), { taskDefaults: TASK_DEFAULTS });
+});
+afterAll(() => db.drop());
+
+async function seqsOf(entityId: string): Promise<number[]> {
+  const rows = await db.sql<
+    { seq: number }[]
+  >`select seq from events where entity_id = ${entityId} order by seq`;
+  return rows.map((r) => r.seq);
+}
+
+const range = (n: number) => Array.from({ length: n }, (_, i) => i + 1);
+
+describe('concurrent writers', () => {
+  it('200 concurrent BLOCK/UNBLOCK from two pools: only legal ones applied, seq gap-free', async () => {
+    const t = await hostA.create('ticket', ticketInput());
+    await hostA.send('ticket', t.id, { type: 'START' });
+    const events = Array.from({ length: 200 }, (_, i) =>
+      i % 2 === 0 ? { type: 'BLOCK', reason: `r${i}` } : { type: 'UNBLOCK' },
+    );
+    const results = await Promise.allSettled(
+      events.map((e, i) => (i % 4 < 2 ? hostA : hostB).send('ticket', t.id, e)),
+    );
+    const ok = results.filter((r) => r.status === 'fulfilled').length;
+    const refused = results.filter(
+      (r) => r.status === 'rejected' && r.reason instanceof IllegalTransition,
+    ).length;
+    expect(ok + refused).toBe(200);
+    expect(ok).toBeGreaterThan(0);
+
+    const log = await db.sql<{ seq: number; type: string }[]>`
+      select seq, type from events where entity_id = ${t.id} order by seq`;
+    expect(log.map((r) => r.seq)).toEqual(range(2 + ok));
+    // Legal only: after the phase change, blocked and unblocked strictly alternate.
+    const tail = log.slice(2).map((r) => r.type);
+    tail.forEach((type, i) => {
+      expect(type).toBe(i % 2 === 0 ? 'ticket.blocked' : 'ticket.unblocked');
+    });
+    const [row] = await db.sql<{ version: number; seq: number }[]>`
+      select version, seq from tickets where id = ${t.id}`;
+    expect(row).toEqual({ version: 2 + ok, seq: 2 + ok });
+  });
+
+  it('200 concurrent task events from two pools: one claim wins, the log stays gap-free', async () => {
+    const commands = new Commands(hostA, { stuckAfterMs: 3_600_000, diagnosticCooldownMs: 0 });
+    const { value: ticket } = await hostA.transact((u) => commands.createTicket(u, { title: 't' }));
+    const { value: task } = await hostA.transact((u) =>
+      commands.addTask(u, ticket.id, { type: 'x', maxAttempts: 1000 }),
+    );
+    const results = await Promise.allSettled(
+      range(200).map((i) =>
+        (i % 2 ? hostA : hostB).send('task', task.id, { type: 'CLAIM', workerId: `w${i}` }),
+      ),
+    );
+    expect(results.filter((r) => r.status === 'fulfilled')).toHaveLength(1);
+    expect(await seqsOf(task.id)).toEqual([1, 2]);
+  });
+
+  it('50 concurrent ADVANCE on one ticket: exactly one phase change', async () => {
+    const commands = new Commands(hostA, { stuckAfterMs: 3_600_000, diagnosticCooldownMs: 0 });
+    const { value: t } = await hostA.transact((u) => commands.createTicket(u, { title: 'adv' }));
+    await hostA.send('ticket', t.id, { type: 'START' });
+    // Two tasks: one completed, one cancelled. The phase may advance, but nothing advanced it.
+    for (const taskId of ['a', 'b']) {
+      await hostA.send('ticket', t.id, {
+        type: 'TASK_ADDED',
+        taskId: `${t.id}-${taskId}`,
+        phase: 'requirements',
+        taskType: 'x',
+      });
+    }
+    for (const [taskId, state] of [
+      ['a', 'completed'],
+      ['b', 'cancelled'],
+    ] as const) {
+      await hostA.send('ticket', t.id, {
+        type: 'TASK_STATE',
+        taskId: `${t.id}-${taskId}`,
+        state,
+        seq: 9,
+      });
+    }
+    // Completing "a" while "b" was pending did not finish the phase; cancelling "b" does not
+    // advance by itself (only a completion does), so the ticket waits for ADVANCE.
+    const before = await db.sql`select state from tickets where id = ${t.id}`;
+    expect(before[0]?.state).toBe('requirements');
+    const results = await Promise.allSettled(
+      range(50).map((i) => (i % 2 ? hostA : hostB).send('ticket', t.id, { type: 'ADVANCE' })),
+    );
+    expect(results.filter((r) => r.status === 'fulfilled')).toHaveLength(1);
+    const changes = await db.sql`select type, data from events
+      where entity_id = ${t.id} and type = 'ticket.phase_changed' and data->>'to' = 'design'`;
+    expect(changes).toHaveLength(1);
+    const after = await db.sql`select state from tickets where id = ${t.id}`;
+    expect(after[0]?.state).toBe('design');
+  });
+});
+
+describe('atomicity', () => {
+  beforeAll(async () => {
+    // Fault injection: an outbox insert for a listed entity fails inside the transaction,
+    // after the snapshot and the event log rows were written.
+    await db.sql.unsafe(`
+      create table fault_injection (entity_id text primary key);
+      create function fail_outbox() returns trigger language plpgsql as $$
+      begin
+        if exists (select 1 from fault_injection where entity_id = new.entity_id) then
+          raise exception 'injected fault for %', new.entity_id;
+        end if;
+        return new;
+      end $$;
+      create trigger outbox_fault before insert on outbox for each row execute function fail_outbox();`);
+  });
+
+  it('a transaction failing between snapshot and outbox leaves nothing', async () => {
+    const t = await hostA.create('ticket', ticketInput());
+    await db.sql`insert into fault_injection values (${t.id})`;
+    await expect(hostA.send('ticket', t.id, { type: 'START' })).rejects.toThrow(/injected fault/);
+    const [row] = await db.sql`select state, version, seq from tickets where id = ${t.id}`;
+    expect(row).toEqual({ state: 'backlog', version: 1, seq: 1 });
+    expect(await seqsOf(t.id)).toEqual([1]);
+    const outbox = await db.sql`select count(*)::int as n from outbox o join events e using (pos)
+      where e.entity_id = ${t.id}`;
+    expect(outbox[0]?.n).toBe(1);
+    // The cache did not keep the failed state: once the fault is gone, START applies.
+    await db.sql`delete from fault_injection where entity_id = ${t.id}`;
+    const applied = await hostA.send('ticket', t.id, { type: 'START' });
+    expect(applied.state).toBe('requirements');
+    expect(await seqsOf(t.id)).toEqual([1, 2]);
+  });
+
+  it('a creation that fails at the outbox leaves no row, no event, no timer', async () => {
+    const input = ticketInput();
+    await db.sql`insert into fault_injection values (${input.id})`;
+    await expect(hostA.create('ticket', input)).rejects.toThrow(/injected fault/);
+    expect(await db.sql`select 1 from tickets where id = ${input.id}`).toHaveLength(0);
+    expect(await seqsOf(input.id)).toEqual([]);
+  });
+
+  it('an illegal event writes nothing', async () => {
+    const t = await hostA.create('ticket', ticketInput());
+    await expect(hostA.send('ticket', t.id, { type: 'ADVANCE' })).rejects.toBeInstanceOf(
+      IllegalTransition,
+    );
+    const [row] = await db.sql`select state, version from tickets where id = ${t.id}`;
+    expect(row).toEqual({ state: 'backlog', version: 1 });
+  });
+});
+
+describe('caches across processes', () => {
+  it('a stale cache never answers for Postgres', async () => {
+    const t = await hostA.create('ticket', ticketInput());
+    await hostA.send('ticket', t.id, { type: 'START' }); // A caches "requirements"
+    await hostB.send('ticket', t.id, { type: 'BLOCK', reason: 'elsewhere' }); // B moves it on
+    // UNBLOCK is illegal in A's cached state but legal in the stored one: it applies.
+    const unblocked = await hostA.send('ticket', t.id, { type: 'UNBLOCK' });
+    expect(unblocked.state).toBe('requirements');
+    await hostB.send('ticket', t.id, { type: 'CANCEL' });
+    // BLOCK is legal in A's cached state but not in the stored one: refused, nothing written.
+    await expect(hostA.send('ticket', t.id, { type: 'BLOCK', reason: 'x' })).rejects.toBeInstanceOf(
+      IllegalTransition,
+    );
+    expect(await seqsOf(t.id)).toEqual(range(5));
+  });
+
+  it('a snapshot of an unknown machine version is refused with a clear error', async () => {
+    const t = await hostA.create('ticket', ticketInput());
+    await db.sql`update tickets set machine_version = 99 where id = ${t.id}`;
+    hostA.forget();
+    await expect(hostA.send('ticket', t.id, { type: 'START' })).rejects.toBeInstanceOf(
+      UnsupportedSnapshot,
+    );
+  });
+});
+
+describe('idempotency keys', () => {
+  it('20 concurrent requests with one key have one effect and one answer', async () => {
+    const commands = new Commands(hostA, { stuckAfterMs: 3_600_000, diagnosticCooldownMs: 0 });
+    const request = JSON.stringify({ title: 'once' });
+    const responses = await Promise.all(
+      range(20).map((i) =>
+        (i % 2 ? hostA : hostB).idempotent({ key: 'k-once', request }, async (uow) => {
+          const t = await commands.createTicket(uow, { title: 'once' });
+          return { status: 201, body: { id: t.id } };
+        }),
+      ),
+    );
+    const ids = new Set(responses.map((r) => (r.body as { id: string }).id));
+    expect(ids.size).toBe(1);
+    const rows = await db.sql`select count(*)::int as n from tickets where title = 'once'`;
+    expect(rows[0]?.n).toBe(1);
+    await expect(
+      hostA.idempotent({ key: 'k-once', request: '{"title":"other"}' }, async () => ({
+        status: 201,
+        body: {},
+      })),
+    ).rejects.toBeInstanceOf(Conflict);
+  });
+});

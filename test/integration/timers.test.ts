@@ -1,0 +1,123 @@
+/**
+ * Durable timers: a timer set by one "process" fires once in another started after the
+ * first stopped, fires once with several pollers racing, and does nothing once its state
+ * was left. This is what XState's in-memory `after` cannot do (xstate#5331).
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Commands } from '../../src/actors/commands.js';
+import { ActorHost } from '../../src/actors/host.js';
+import { TimerPoller } from '../../src/actors/timer-poller.js';
+import { silentLogger } from '../../src/log.js';
+import type { Sql } from '../../src/persistence/db.js';
+import { createTestDatabase, type TestDatabase } from '../support/database.js';
+import { TASK_DEFAULTS } from '../support/fixtures.js';
+
+let db: TestDatabase;
+beforeAll(async () => {
+  db = await createTestDatabase('timers');
+});
+afterAll(() => db.drop());
+
+function processOn(sql: Sql, pollMs = 50) {
+  const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
+  const poller = new TimerPoller(host, sql, silentLogger(), { pollMs });
+  const commands = new Commands(host, { stuckAfterMs: 3_600_000, diagnosticCooldownMs: 0 });
+  return { host, poller, commands };
+}
+
+async function newTask(p: ReturnType<typeof processOn>, maxAttempts = 3) {
+  const { value: ticket } = await p.host.transact((u) =>
+    p.commands.createTicket(u, { title: 't' }),
+  );
+  const { value: task } = await p.host.transact((u) =>
+    p.commands.addTask(u, ticket.id, { type: 'x', maxAttempts }),
+  );
+  return task.id;
+}
+
+const eventsOf = (id: string, type: string) =>
+  db.sql`select seq from events where entity_id = ${id} and type = ${type}`;
+
+async function until(check: () => Promise<boolean>, ms = 5_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!(await check())) {
+    if (Date.now() > end) throw new Error('condition not met in time');
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+describe('durable timers', () => {
+  it('a lease timer set before a stop fires once in the process started after it', async () => {
+    const first = processOn(db.pool(4));
+    await first.poller.start();
+    const id = await newTask(first);
+    await first.host.send('task', id, { type: 'CLAIM', workerId: 'w1', leaseMs: 400 });
+    await first.poller.stop(); // the process stops before the lease is due
+
+    const second = processOn(db.pool(4));
+    const third = processOn(db.pool(4));
+    await Promise.all([second.poller.start(), third.poller.start()]);
+    await until(async () => (await eventsOf(id, 'task.lease_expired')).length > 0);
+    await new Promise((r) => setTimeout(r, 300));
+    await Promise.all([second.poller.stop(), third.poller.stop()]);
+    expect(await eventsOf(id, 'task.lease_expired')).toHaveLength(1);
+    const [row] = await db.sql`select state from tasks where id = ${id}`;
+    // Lease expired with attempts left: retry_wait, then RETRY after the backoff.
+    expect(['retry_wait', 'pending']).toContain(row?.state);
+  });
+
+  it('many due timers, four pollers: each fires exactly once', async () => {
+    const procs = [1, 2, 3, 4].map(() => processOn(db.pool(4), 20));
+    const ids: string[] = [];
+    for (let i = 0; i < 40; i++) ids.push(await newTask(procs[0]!));
+    await Promise.all(
+      ids.map((id) =>
+        procs[0]!.host.send('task', id, { type: 'CLAIM', workerId: 'w', leaseMs: 150 }),
+      ),
+    );
+    await Promise.all(procs.map((p) => p.poller.start()));
+    await until(async () => {
+      const rows = await db.sql`select count(*)::int as n from events
+        where type = 'task.lease_expired' and entity_id in ${db.sql(ids)}`;
+      return rows[0]?.n === 40;
+    });
+    await new Promise((r) => setTimeout(r, 300));
+    await Promise.all(procs.map((p) => p.poller.stop()));
+    const dup = await db.sql`select entity_id, count(*)::int as n from events
+      where type = 'task.lease_expired' and entity_id in ${db.sql(ids)}
+      group by entity_id having count(*) > 1`;
+    expect(dup).toEqual([]);
+  });
+
+  it('a timer whose state was left does nothing (completed stays completed)', async () => {
+    const p = processOn(db.pool(4), 20);
+    const id = await newTask(p);
+    const claimed = await p.host.send('task', id, { type: 'CLAIM', workerId: 'w', leaseMs: 150 });
+    const token = (claimed.snapshot.context as { token: string }).token;
+    await p.host.send('task', id, { type: 'START', token });
+    await p.host.send('task', id, { type: 'COMPLETE', token, result: { ok: true } });
+    expect(await db.sql`select 1 from timers where entity_id = ${id}`).toHaveLength(0);
+    await p.poller.start();
+    await new Promise((r) => setTimeout(r, 400));
+    await p.poller.stop();
+    const [row] = await db.sql`select state from tasks where id = ${id}`;
+    expect(row?.state).toBe('completed');
+    expect(await eventsOf(id, 'task.lease_expired')).toHaveLength(0);
+  });
+
+  it('a heartbeat replaces the lease timer; the replaced one never fires', async () => {
+    const p = processOn(db.pool(4), 20);
+    const id = await newTask(p);
+    const claimed = await p.host.send('task', id, { type: 'CLAIM', workerId: 'w', leaseMs: 300 });
+    const token = (claimed.snapshot.context as { token: string }).token;
+    await p.poller.start();
+    for (let i = 0; i < 6; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      await p.host.send('task', id, { type: 'HEARTBEAT', token });
+    }
+    await p.poller.stop();
+    const [row] = await db.sql`select state from tasks where id = ${id}`;
+    expect(row?.state).toBe('claimed');
+    expect(await eventsOf(id, 'task.lease_expired')).toHaveLength(0);
+  });
+});
