@@ -96,7 +96,7 @@ export async function benchRaw(
       at: Date.now(),
     }).snapshot;
     await sql`insert into tickets (id, state, phase, title, machine_version, snapshot, version, seq, created_at, updated_at)
-      values (${id}, 'requirements', 'requirements', 'bench', 1, ${sql.json(snapshot)}, 1, 0, now(), now())`;
+      values (${id}, 'requirements', 'requirements', 'bench', 1, ${sql.json(snapshot as never)}, 1, 0, now(), now())`;
     rows.push({ id, version: 1, seq: 0, snapshot });
   }
   return loop(concurrency, durationMs, async (w) => {
