@@ -42,9 +42,16 @@ export async function lockCandidates(
     for update skip locked`;
 }
 
-/** Locks the worktree until commit; true when no other task holds it. */
+/**
+ * Takes the worktree's lock until commit without waiting for it; true when the lock was free
+ * and no other task holds the worktree. A lock held elsewhere means another claim of this
+ * worktree is being decided right now: skipping it (rather than waiting) keeps claim
+ * transactions to at most one blocking lock each, so they cannot deadlock.
+ */
 export async function worktreeFree(tx: Tx, worktree: string): Promise<boolean> {
-  await tx`select pg_advisory_xact_lock(${LOCK_NS_WORKTREE}, hashtext(${worktree}))`;
+  const [lock] = await tx<{ ok: boolean }[]>`
+    select pg_try_advisory_xact_lock(${LOCK_NS_WORKTREE}, hashtext(${worktree})) as ok`;
+  if (!lock?.ok) return false;
   const rows = await tx`select 1 from tasks where worktree = ${worktree}
     and state in ('claimed', 'running') limit 1`;
   return rows.length === 0;

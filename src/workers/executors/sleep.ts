@@ -1,0 +1,35 @@
+/**
+ * The `sleep` executor: waits `payload.ms` (default 0), abortably. With `payload.fail` (a
+ * string) it fails with that message after the wait, which demos and tests use for retries.
+ */
+import type { TaskView } from '../../actors/views.js';
+import { type ExecutionContext, ExecutionFailed, type Executor } from './executor.js';
+
+export class SleepExecutor implements Executor {
+  readonly name = 'sleep';
+
+  async run(task: TaskView, ctx: ExecutionContext) {
+    const payload = (task.payload ?? {}) as { ms?: unknown; fail?: unknown };
+    const ms = typeof payload.ms === 'number' && payload.ms > 0 ? payload.ms : 0;
+    await abortableSleep(ms, ctx.signal);
+    if (typeof payload.fail === 'string') throw new ExecutionFailed(payload.fail);
+    return { result: { sleptMs: ms } };
+  }
+}
+
+function abortableSleep(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const aborted = () =>
+      new ExecutionFailed(`aborted: ${String(signal.reason ?? 'aborted')}`, { aborted: true });
+    if (signal.aborted) return reject(aborted());
+    const onAbort = () => {
+      clearTimeout(timer);
+      reject(aborted());
+    };
+    const timer = setTimeout(() => {
+      signal.removeEventListener('abort', onAbort);
+      resolve();
+    }, ms);
+    signal.addEventListener('abort', onAbort, { once: true });
+  });
+}

@@ -1,0 +1,355 @@
+/**
+ * The built-in workers of one process: `concurrency` slots, each a loop of claim (long poll),
+ * START, run the executor while heartbeating, then COMPLETE or FAIL, every event carrying
+ * the claim's fencing token. A heartbeat refused as stale means the lease is gone: the
+ * executor is aborted and its outcome dropped. `stop(graceMs)` stops claiming at once, lets
+ * running tasks finish within the grace period, then aborts them and RELEASEs each so that
+ * another worker can claim it at once instead of after a full lease.
+ */
+import { setMaxListeners } from 'node:events';
+import type { DecideEvent } from '../actors/decide.js';
+import type { ActorHost } from '../actors/host.js';
+import type { Config } from '../config.js';
+import { IllegalTransition, NotFound, StaleToken } from '../errors.js';
+import type { Logger } from '../log.js';
+import type { Json } from '../machines/domain-events.js';
+import type { ClaimedTask, ClaimService } from './claims.js';
+import { type Executor, type ExecutorRegistry, failureText } from './executors/executor.js';
+import { createExecutors } from './executors/index.js';
+
+export interface WorkerPoolOptions {
+  /** `WORKER_ID`; slot n claims as `${workerId}#${n}`. */
+  workerId: string;
+  /** `WORKER_CONCURRENCY`: tasks run at once by this pool. */
+  concurrency: number;
+  /** `HEARTBEAT_MS`: how often a running task's lease is extended. */
+  heartbeatMs: number;
+  /** Length of one claim long poll (capped by the claim service). */
+  claimWaitMs?: number;
+  /** Task types to take; all when unset. */
+  types?: string[];
+  /**
+   * After the grace period, how long an aborted executor may take to stop. One that takes
+   * longer is left running un-heartbeated: its task is reclaimed after its lease, never
+   * released while its work may still be going on.
+   */
+  abortWaitMs?: number;
+}
+
+export interface WorkerStats {
+  slots: number;
+  /** Tasks being executed now. */
+  running: number;
+  claims: number;
+  completions: number;
+  failures: number;
+  /** Tasks given back unfinished at shutdown. */
+  releases: number;
+  /** Claims lost to lease expiry (stale heartbeat, or a COMPLETE/FAIL refused as stale). */
+  leaseLosses: number;
+}
+
+/** The pool a `worker` process runs, from its configuration; stop it with SHUTDOWN_GRACE_MS. */
+export function createWorkerPool(
+  host: ActorHost,
+  claims: ClaimService,
+  config: Config,
+  log: Logger,
+): WorkerPool {
+  return new WorkerPool(host, claims, createExecutors(config), log.child({ component: 'worker' }), {
+    workerId: config.WORKER_ID,
+    concurrency: config.WORKER_CONCURRENCY,
+    heartbeatMs: config.HEARTBEAT_MS,
+    claimWaitMs: config.CLAIM_MAX_WAIT_MS,
+  });
+}
+
+type AbortCause = 'lease' | 'shutdown';
+
+interface Execution {
+  taskId: string;
+  token: string;
+  abort: AbortController;
+  cause: AbortCause | null;
+  /** Set when stop() gives up waiting: no more heartbeats, the lease runs out. */
+  abandoned: boolean;
+}
+
+type Report = 'ok' | 'stale' | 'error';
+
+const REPORT_TRIES = 5;
+
+export class WorkerPool {
+  private readonly counters = {
+    claims: 0,
+    completions: 0,
+    failures: 0,
+    releases: 0,
+    leaseLosses: 0,
+  };
+  private readonly executions = new Set<Execution>();
+  private loops: Promise<void>[] = [];
+  private stopping = false;
+  private claimAbort = new AbortController();
+
+  constructor(
+    private readonly host: ActorHost,
+    private readonly claims: ClaimService,
+    private readonly executors: ExecutorRegistry,
+    private readonly log: Logger,
+    private readonly options: WorkerPoolOptions,
+  ) {}
+
+  stats(): WorkerStats {
+    return { slots: this.options.concurrency, running: this.executions.size, ...this.counters };
+  }
+
+  /** Starts the slots; a no-op while running or when no executor is registered. */
+  start(): void {
+    if (this.loops.length > 0) return;
+    if (this.executors.names().length === 0) {
+      this.log.warn('no executors registered: the worker pool claims nothing');
+      return;
+    }
+    this.stopping = false;
+    this.claimAbort = new AbortController();
+    // Every idle slot listens for the same abort.
+    setMaxListeners(0, this.claimAbort.signal);
+    for (let slot = 1; slot <= this.options.concurrency; slot++) {
+      this.loops.push(this.slotLoop(`${this.options.workerId}#${slot}`));
+    }
+  }
+
+  /**
+   * Clean shutdown: no new claims from now on; tasks still running after `graceMs` are
+   * aborted and released. Resolves when every slot is idle (or abandoned, see abortWaitMs).
+   */
+  async stop(graceMs: number): Promise<void> {
+    this.stopping = true;
+    this.claimAbort.abort('worker pool stopping');
+    const idle = Promise.all(this.loops).then(() => true);
+    if (!(await Promise.race([idle, delay(graceMs).then(() => false)]))) {
+      for (const e of this.executions) {
+        e.cause ??= 'shutdown';
+        e.abort.abort('worker shutting down');
+      }
+      const waitMs = this.options.abortWaitMs ?? 10_000;
+      if (!(await Promise.race([idle, delay(waitMs).then(() => false)]))) {
+        for (const e of this.executions) {
+          e.abandoned = true;
+          this.log.error(
+            { taskId: e.taskId },
+            'executor ignored its abort; its task is left to lease expiry',
+          );
+        }
+      }
+    }
+    this.loops = [];
+  }
+
+  private async slotLoop(workerId: string): Promise<void> {
+    const log = this.log.child({ workerId });
+    let failures = 0;
+    while (!this.stopping) {
+      let claimed: ClaimedTask | null;
+      try {
+        claimed = await this.claims.claim({
+          workerId,
+          executors: this.executors.names(),
+          types: this.options.types,
+          waitMs: this.options.claimWaitMs ?? 30_000,
+          signal: this.claimAbort.signal,
+        });
+        failures = 0;
+      } catch (error) {
+        failures++;
+        log.warn({ err: error }, 'claim failed; trying again');
+        await delay(Math.min(5_000, 100 * 2 ** Math.min(failures, 6)), this.claimAbort.signal);
+        continue;
+      }
+      if (!claimed) continue;
+      this.counters.claims++;
+      await this.execute(claimed, log);
+    }
+  }
+
+  private async execute({ task, token }: ClaimedTask, slotLog: Logger): Promise<void> {
+    const log = slotLog.child({ taskId: task.id, attempt: task.attempt });
+    const exec: Execution = {
+      taskId: task.id,
+      token,
+      abort: new AbortController(),
+      cause: null,
+      abandoned: false,
+    };
+    const executor = this.executors.get(task.executor);
+    this.executions.add(exec);
+    try {
+      if (this.stopping || !executor) {
+        // Claimed as the pool began to stop (or, impossibly, for an unknown executor).
+        const reason = executor ? 'worker shutting down' : `no executor ${task.executor}`;
+        await this.release(exec, reason, log);
+        return;
+      }
+      const started = await this.report(exec, { type: 'START', token }, log);
+      if (started !== 'ok') {
+        if (started === 'stale') this.counters.leaseLosses++;
+        return;
+      }
+      const outcome = await this.runWithHeartbeat(exec, executor, task, log);
+      if (exec.abandoned) return;
+      await this.settle(exec, outcome, log);
+    } finally {
+      this.executions.delete(exec);
+    }
+  }
+
+  private async runWithHeartbeat(
+    exec: Execution,
+    executor: Executor,
+    task: ClaimedTask['task'],
+    log: Logger,
+  ): Promise<{ ok: true; result: Json } | { ok: false; error: unknown }> {
+    const heartbeat = this.heartbeat(exec, task.leaseExpiresAt, log);
+    try {
+      const { result } = await executor.run(task, {
+        signal: exec.abort.signal,
+        attempt: task.attempt,
+        token: exec.token,
+        log,
+      });
+      return { ok: true, result };
+    } catch (error) {
+      return { ok: false, error };
+    } finally {
+      await heartbeat.stop();
+    }
+  }
+
+  private async settle(
+    exec: Execution,
+    outcome: { ok: true; result: Json } | { ok: false; error: unknown },
+    log: Logger,
+  ): Promise<void> {
+    const { token } = exec;
+    if (outcome.ok) {
+      // Even after a lost lease: the token decides, and a stale one changes nothing.
+      const r = await this.report(exec, { type: 'COMPLETE', token, result: outcome.result }, log);
+      if (r === 'ok') this.counters.completions++;
+      else if (r === 'stale' || exec.cause === 'lease') this.counters.leaseLosses++;
+      return;
+    }
+    if (exec.cause === 'lease') {
+      this.counters.leaseLosses++;
+      log.warn('lease lost: the task was aborted and belongs to no one here any more');
+      return;
+    }
+    if (exec.cause === 'shutdown') {
+      await this.release(exec, 'worker shutting down', log);
+      return;
+    }
+    const error = failureText(outcome.error);
+    log.info({ error }, 'task failed');
+    const r = await this.report(exec, { type: 'FAIL', token, error }, log);
+    if (r === 'ok') this.counters.failures++;
+    if (r === 'stale') this.counters.leaseLosses++;
+  }
+
+  private async release(exec: Execution, reason: string, log: Logger): Promise<void> {
+    const r = await this.report(exec, { type: 'RELEASE', token: exec.token, reason }, log);
+    if (r === 'ok') this.counters.releases++;
+    if (r === 'stale') this.counters.leaseLosses++;
+  }
+
+  /**
+   * Extends the lease every `heartbeatMs`. A refusal (stale token, a state that no longer
+   * takes heartbeats) means another claim owns the task now: abort the executor. If
+   * heartbeats fail for other reasons until the lease's own end, the lease is presumed lost.
+   */
+  private heartbeat(exec: Execution, leaseExpiresAt: string | null, log: Logger) {
+    let expiresAt = leaseExpiresAt ? Date.parse(leaseExpiresAt) : Number.POSITIVE_INFINITY;
+    let stopped = false;
+    let timer: NodeJS.Timeout | undefined;
+    let inFlight: Promise<void> = Promise.resolve();
+    const lost = (why: string, err?: unknown) => {
+      stopped = true;
+      exec.cause ??= 'lease';
+      log.warn({ err }, `lease lost (${why}): aborting the executor`);
+      exec.abort.abort('lease lost');
+    };
+    const beat = async () => {
+      if (stopped || exec.abandoned) return;
+      try {
+        const applied = await this.host.send('task', exec.taskId, {
+          type: 'HEARTBEAT',
+          token: exec.token,
+        });
+        expiresAt =
+          (applied.snapshot.context as { leaseExpiresAt: number | null }).leaseExpiresAt ??
+          expiresAt;
+      } catch (error) {
+        if (isRefusal(error)) return lost('heartbeat refused', error);
+        log.warn({ err: error }, 'heartbeat failed');
+        if (Date.now() >= expiresAt) return lost('no heartbeat succeeded within the lease');
+      }
+      schedule();
+    };
+    const schedule = () => {
+      if (stopped) return;
+      timer = setTimeout(() => {
+        inFlight = beat();
+      }, this.options.heartbeatMs);
+    };
+    schedule();
+    return {
+      stop: async () => {
+        stopped = true;
+        clearTimeout(timer);
+        await inFlight;
+      },
+    };
+  }
+
+  /**
+   * Sends a worker event; retries errors that are not a refusal (a dropped connection), which
+   * is safe because the token fences every retry. Never retries a refusal.
+   */
+  private async report(exec: Execution, event: DecideEvent, log: Logger): Promise<Report> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await this.host.send('task', exec.taskId, event);
+        return 'ok';
+      } catch (error) {
+        if (isRefusal(error)) {
+          log.warn({ err: error, event: event.type }, `${event.type} refused: dropped`);
+          return 'stale';
+        }
+        if (attempt >= REPORT_TRIES) {
+          log.error({ err: error, event: event.type }, `${event.type} failed; giving up`);
+          return 'error';
+        }
+        await delay(100 * 2 ** attempt);
+      }
+    }
+  }
+}
+
+/** The task is no longer ours to report on: another claim holds it, or it moved on. */
+function isRefusal(error: unknown): boolean {
+  return (
+    error instanceof StaleToken || error instanceof IllegalTransition || error instanceof NotFound
+  );
+}
+
+function delay(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    if (signal?.aborted) return resolve();
+    const done = () => {
+      clearTimeout(timer);
+      signal?.removeEventListener('abort', done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    signal?.addEventListener('abort', done, { once: true });
+  });
+}
