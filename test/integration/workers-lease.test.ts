@@ -1,0 +1,178 @@
+/**
+ * Leases and fencing: a worker that stops heartbeating loses its task to the durable lease
+ * timer and to another worker, and its late COMPLETE is `stale_token` and changes nothing;
+ * a completed task stays completed whatever its old lease timer does (seed 003); a pool
+ * whose heartbeat is refused aborts its executor; heartbeats keep a long task alive.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { IllegalTransition, StaleToken } from '../../src/errors.js';
+import type { TimerRow } from '../../src/persistence/timer-rows.js';
+import { createTestDatabase, type TestDatabase } from '../support/database.js';
+import {
+  eventTypes,
+  type TestProcess,
+  taskRow,
+  testProcess,
+  until,
+} from '../support/worker-process.js';
+
+let db: TestDatabase;
+let p: TestProcess;
+beforeAll(async () => {
+  db = await createTestDatabase('workers_lease');
+  p = testProcess(db.pool(10), { taskDefaults: { leaseMs: 300, retryBaseMs: 20 } });
+});
+afterAll(async () => {
+  await p.close();
+  await db.drop();
+});
+
+const tokenOf = (a: { snapshot: { context: Record<string, unknown> } }) =>
+  a.snapshot.context.token as string;
+
+describe('leases', () => {
+  it('no heartbeat: lease expires, another worker claims with a new token, the old COMPLETE is stale', async () => {
+    const ticket = await p.ticket();
+    const id = await p.task(ticket, { type: 'x', executor: 'sleep' });
+    const first = await p.claims.claim({ workerId: 'dead#1', executors: ['sleep'] });
+    expect(first?.task.id).toBe(id);
+    await p.host.send('task', id, { type: 'START', token: first!.token });
+    await p.poller.start();
+    // The lease (300 ms) runs out, the retry backoff passes: pending again, claimable.
+    const second = await p.claims.claim({
+      workerId: 'live#1',
+      executors: ['sleep'],
+      waitMs: 5_000,
+    });
+    await p.poller.stop();
+    expect(second?.task.id).toBe(id);
+    expect(second?.token).not.toBe(first?.token);
+    expect(second?.task.attempt).toBe(2);
+
+    const before = await db.sql`select version, seq from tasks where id = ${id}`;
+    await expect(
+      p.host.send('task', id, { type: 'COMPLETE', token: first!.token, result: 'late' }),
+    ).rejects.toBeInstanceOf(StaleToken);
+    expect(await db.sql`select version, seq from tasks where id = ${id}`).toEqual(before);
+
+    await p.host.send('task', id, { type: 'START', token: second!.token });
+    await p.host.send('task', id, { type: 'COMPLETE', token: second!.token, result: 'ok' });
+    const row = await taskRow(db.sql, id);
+    expect(row.state).toBe('completed');
+    expect(row.workerId).toBe('live#1');
+    expect(row.ctx.result).toBe('ok');
+    expect(await eventTypes(db.sql, id)).toEqual([
+      'task.created',
+      'task.claimed',
+      'task.started',
+      'task.lease_expired',
+      'task.retry_scheduled',
+      'task.retried',
+      'task.claimed',
+      'task.started',
+      'task.completed',
+    ]);
+  });
+
+  it('a completed task is never failed later by its old lease timer', async () => {
+    const ticket = await p.ticket();
+    const id = await p.task(ticket, { type: 'x', executor: 'sleep', maxAttempts: 1 });
+    const claimed = await p.host.send('task', id, { type: 'CLAIM', workerId: 'w#1' });
+    const token = tokenOf(claimed);
+    await p.host.send('task', id, { type: 'START', token });
+    const [timer] = await db.sql<{ key: string; token: string; event: { type: string } }[]>`
+      select key, token, event from timers where entity_id = ${id}`;
+    expect(timer).toBeDefined();
+    await p.host.send('task', id, { type: 'COMPLETE', token });
+
+    // The timer a monitor claimed before the completion fires late: nothing happens.
+    const stale: TimerRow = {
+      entityType: 'task',
+      entityId: id,
+      key: timer!.key,
+      event: timer!.event,
+      dueAt: Date.now(),
+      token: timer!.token,
+    };
+    expect(await p.host.fireTimer(stale)).toBeNull();
+    // Even resurrected as a due row and fired by the poller: the completed state refuses it.
+    await db.sql`insert into timers (entity_type, entity_id, key, event, due_at, token)
+      values ('task', ${id}, ${timer!.key}, ${db.sql.json(timer!.event)}, now(), ${timer!.token})`;
+    await p.poller.tick();
+    await expect(p.host.send('task', id, { type: 'LEASE_EXPIRED' })).rejects.toBeInstanceOf(
+      IllegalTransition,
+    );
+    expect((await taskRow(db.sql, id)).state).toBe('completed');
+    expect(await eventTypes(db.sql, id)).toEqual([
+      'task.created',
+      'task.claimed',
+      'task.started',
+      'task.completed',
+    ]);
+  });
+
+  it('COMPLETE racing the lease timer: completed is always the last word', async () => {
+    const ticket = await p.ticket();
+    const ids: string[] = [];
+    for (let i = 0; i < 20; i++) ids.push(await p.task(ticket, { type: 'x', maxAttempts: 1 }));
+    const tokens = new Map<string, string>();
+    for (const id of ids) {
+      const c = await p.host.send('task', id, { type: 'CLAIM', workerId: 'w', leaseMs: 100 });
+      tokens.set(id, tokenOf(c));
+      await p.host.send('task', id, { type: 'START', token: tokenOf(c) });
+    }
+    await new Promise((r) => setTimeout(r, 95));
+    const completes = Promise.allSettled(
+      ids.map((id) => p.host.send('task', id, { type: 'COMPLETE', token: tokens.get(id) })),
+    );
+    await Promise.all([p.poller.tick(), p.poller.tick(), completes]);
+    await new Promise((r) => setTimeout(r, 50));
+    await p.poller.tick();
+    for (const id of ids) {
+      const types = await eventTypes(db.sql, id);
+      const state = (await taskRow(db.sql, id)).state;
+      if (types.includes('task.completed')) {
+        expect(types.at(-1)).toBe('task.completed');
+        expect(state).toBe('completed');
+      } else {
+        expect(types.slice(-2)).toEqual(['task.lease_expired', 'task.failed']);
+        expect(state).toBe('failed');
+      }
+    }
+  });
+
+  it('a pool whose heartbeat is refused aborts its executor and reports nothing', async () => {
+    const ticket = await p.ticket();
+    const id = await p.task(ticket, {
+      type: 'x',
+      executor: 'sleep',
+      maxAttempts: 1,
+      payload: { ms: 5_000 },
+    });
+    await p.poller.start();
+    // Heartbeats come too late for the 300 ms lease: the timer fails the task first.
+    const pool = p.pool({ workerId: 'slow', concurrency: 1, heartbeatMs: 600 });
+    await until(() => pool.stats().leaseLosses === 1, 5_000, 'lease loss');
+    await until(() => pool.stats().running === 0, 1_000, 'executor aborted');
+    await pool.stop(0);
+    await p.poller.stop();
+    expect(pool.stats()).toMatchObject({ claims: 1, completions: 0, failures: 0 });
+    expect((await taskRow(db.sql, id)).state).toBe('failed');
+    expect((await eventTypes(db.sql, id)).slice(-2)).toEqual(['task.lease_expired', 'task.failed']);
+  });
+
+  it('heartbeats keep a task longer than its lease alive', async () => {
+    const ticket = await p.ticket();
+    const id = await p.task(ticket, { type: 'x', executor: 'sleep', payload: { ms: 1_000 } });
+    await p.poller.start();
+    const pool = p.pool({ workerId: 'steady', concurrency: 1, heartbeatMs: 80 });
+    await until(async () => (await taskRow(db.sql, id)).state === 'completed', 5_000);
+    await pool.stop(0);
+    await p.poller.stop();
+    const row = await taskRow(db.sql, id);
+    expect(row.attempt).toBe(1);
+    expect(row.workerId).toBe('steady#1');
+    expect(await eventTypes(db.sql, id)).not.toContain('task.lease_expired');
+    expect(pool.stats()).toMatchObject({ completions: 1, leaseLosses: 0 });
+  });
+});
