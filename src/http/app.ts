@@ -1,0 +1,88 @@
+/**
+ * `createApp(services)`: the Hono application of CONTRACT section 2. Cross-cutting concerns
+ * live here, in order: request id (X-Request-Id on every response and log line), latency
+ * histogram, bearer auth when API_TOKEN is set, body limit; then the routes; then the one
+ * error mapping (`errors.ts`) and the 404 fallback.
+ */
+import { createHash, randomUUID, timingSafeEqual } from 'node:crypto';
+import { Hono } from 'hono';
+import { bodyLimit } from 'hono/body-limit';
+import { dashboardRoutes } from './dashboard/routes.js';
+import { errorHandler, HttpProblem } from './errors.js';
+import { Histogram } from './metrics.js';
+import { opsRoutes } from './routes/ops.js';
+import { streamRoutes } from './routes/stream.js';
+import { taskRoutes } from './routes/tasks.js';
+import { ticketRoutes } from './routes/tickets.js';
+import type { AppEnv, AppServices } from './services.js';
+
+export type { AppServices, EventSource, MachineCatalog, Readiness } from './services.js';
+
+const REQUEST_ID = /^[A-Za-z0-9._:-]{1,128}$/;
+/** Reachable without a token: probes, and the dashboard's static shell (it asks for one). */
+const PUBLIC = new Set(['/healthz', '/readyz', '/', '/favicon.ico']);
+const isPublic = (path: string) => PUBLIC.has(path) || path.startsWith('/assets/');
+
+const digest = (s: string) => createHash('sha256').update(s).digest();
+
+export function createApp(s: AppServices): Hono<AppEnv> {
+  const app = new Hono<AppEnv>();
+  const latency = new Histogram(
+    'http_request_duration_seconds',
+    'HTTP request latency by method, route and status (to the first byte).',
+  );
+  const expected = s.config.API_TOKEN ? digest(s.config.API_TOKEN) : null;
+
+  app.use('*', async (c, next) => {
+    const given = c.req.header('x-request-id');
+    const requestId = given && REQUEST_ID.test(given) ? given : randomUUID();
+    c.set('requestId', requestId);
+    c.header('X-Request-Id', requestId);
+    const started = performance.now();
+    await next();
+    if (!c.res.headers.has('X-Request-Id')) c.res.headers.set('X-Request-Id', requestId);
+    const route = c.res.status === 404 && c.req.routePath === '*' ? 'unmatched' : c.req.routePath;
+    latency.observe(
+      { method: c.req.method, route, status: String(c.res.status) },
+      (performance.now() - started) / 1000,
+    );
+  });
+
+  app.use('*', async (c, next) => {
+    if (!expected || isPublic(c.req.path)) return next();
+    const header = c.req.header('authorization') ?? '';
+    const m = /^Bearer\s+(.+)$/i.exec(header);
+    if (!m?.[1] || !timingSafeEqual(digest(m[1].trim()), expected)) {
+      throw new HttpProblem('unauthorized', 'a valid bearer token is required');
+    }
+    return next();
+  });
+
+  app.use(
+    '*',
+    bodyLimit({
+      maxSize: s.config.BODY_LIMIT_BYTES,
+      onError: () => {
+        throw new HttpProblem(
+          'payload_too_large',
+          `the body is over the ${s.config.BODY_LIMIT_BYTES}-byte limit`,
+        );
+      },
+    }),
+  );
+
+  app.route('/', ticketRoutes(s));
+  app.route('/', taskRoutes(s));
+  app.route('/', streamRoutes(s));
+  app.route('/', opsRoutes(s, latency));
+  app.route('/', dashboardRoutes());
+
+  app.notFound((c) =>
+    c.json(
+      { error: 'not_found', message: `no route ${c.req.method} ${c.req.path.slice(0, 200)}` },
+      404,
+    ),
+  );
+  app.onError(errorHandler(s.log));
+  return app;
+}

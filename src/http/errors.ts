@@ -1,0 +1,71 @@
+/**
+ * The one mapping from errors to HTTP responses (CONTRACT section 2): every error body is
+ * `{error, message, ...details}`; an `OrchestratorError` keeps its code, anything else is a
+ * logged `internal` 500 that names the request id and nothing more.
+ */
+import type { Context } from 'hono';
+import type { ContentfulStatusCode } from 'hono/utils/http-status';
+import { type ErrorCode, OrchestratorError } from '../errors.js';
+import type { Logger } from '../log.js';
+
+export const STATUS: Record<ErrorCode, ContentfulStatusCode> = {
+  validation_failed: 400,
+  unauthorized: 401,
+  not_found: 404,
+  illegal_transition: 409,
+  stale_token: 409,
+  conflict: 409,
+  version_conflict: 409,
+  unsupported_snapshot: 409,
+  payload_too_large: 413,
+  unsupported_media_type: 415,
+  unavailable: 503,
+  internal: 500,
+};
+
+/** Errors only the HTTP edge raises (auth, media type, size, unknown route). */
+export class HttpProblem extends OrchestratorError {
+  readonly retryable = false;
+  constructor(
+    readonly code: 'unauthorized' | 'payload_too_large' | 'unsupported_media_type' | 'not_found',
+    message: string,
+  ) {
+    super(message);
+    this.name = 'HttpProblem';
+  }
+}
+
+export interface ErrorBody {
+  error: ErrorCode;
+  message: string;
+  [detail: string]: unknown;
+}
+
+export function errorBody(error: unknown, requestId: string): ErrorBody {
+  if (error instanceof OrchestratorError) {
+    return { ...error.details(), error: error.code, message: error.message };
+  }
+  return { error: 'internal', message: `internal error (request ${requestId})`, requestId };
+}
+
+export function statusOf(error: unknown): ContentfulStatusCode {
+  return error instanceof OrchestratorError ? STATUS[error.code] : 500;
+}
+
+/** `app.onError`: the response for anything a handler or middleware threw. */
+export function errorHandler(log: Logger) {
+  return (error: unknown, c: Context) => {
+    const requestId = (c.get('requestId') as string | undefined) ?? 'unknown';
+    const status = statusOf(error);
+    if (status >= 500) {
+      log.error(
+        { err: error, requestId, method: c.req.method, path: c.req.path },
+        'request failed',
+      );
+    }
+    if (error instanceof OrchestratorError && error.code === 'unauthorized') {
+      c.header('WWW-Authenticate', 'Bearer');
+    }
+    return c.json(errorBody(error, requestId), status);
+  };
+}

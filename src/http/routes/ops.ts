@@ -1,0 +1,121 @@
+/**
+ * Operations and inspection: liveness, readiness (503 until Postgres, NATS and migrations
+ * are all there), Prometheus metrics, the machine definitions and the OpenAPI document.
+ */
+import { Hono } from 'hono';
+import { NotFound } from '../../errors.js';
+import { family, type Histogram } from '../metrics.js';
+import { openApiDocument } from '../openapi.js';
+import { validate } from '../request.js';
+import { MermaidQuery } from '../schemas.js';
+import type { AppEnv, AppServices } from '../services.js';
+
+export function opsRoutes(s: AppServices, httpLatency: Histogram): Hono<AppEnv> {
+  const app = new Hono<AppEnv>();
+
+  app.get('/healthz', (c) => c.json({ status: 'ok' as const }));
+
+  app.get('/readyz', async (c) => {
+    const r = await s.ready().catch(() => ({ postgres: false, nats: false, migrations: false }));
+    const ready = r.postgres && r.nats && r.migrations;
+    return c.json({ ready, ...r }, ready ? 200 : 503);
+  });
+
+  app.get('/metrics', async (c) => {
+    const parts = [httpLatency.render(), hostMetrics(s), await dbMetrics(s)];
+    if (s.metrics) parts.push(await s.metrics());
+    c.header('Content-Type', 'text/plain; version=0.0.4; charset=utf-8');
+    return c.body(parts.join(''));
+  });
+
+  app.get('/openapi.json', (c) => c.json(openApiDocument()));
+
+  app.get('/machines', (c) => c.json({ machines: s.machines.list() }));
+
+  /** The definition as the Stately visualizer loads it. */
+  app.get('/machines/:name', (c) => {
+    const name = c.req.param('name');
+    const def = s.machines.definition(name);
+    if (def === undefined) throw new NotFound('machine', name.slice(0, 100));
+    return c.json(def as object);
+  });
+
+  /** Mermaid `stateDiagram-v2` text, `?state=` highlighted (the dashboard draws it). */
+  app.get('/machines/:name/mermaid', (c) => {
+    const name = c.req.param('name');
+    const q = validate(MermaidQuery, c.req.query(), 'query');
+    const text = s.machines.mermaid(name, q.state);
+    if (text === undefined) throw new NotFound('machine', name.slice(0, 100));
+    return c.text(text);
+  });
+
+  return app;
+}
+
+function hostMetrics(s: AppServices): string {
+  const split = (key: string) => key.split(':');
+  const transitions = [...s.host.stats.transitions].map(([key, value]) => {
+    const [entity = '', change = ''] = split(key);
+    const [from = '', to = ''] = change.split('->');
+    return { labels: { entity, from, to }, value };
+  });
+  const illegal = [...s.host.stats.illegal].map(([key, value]) => {
+    const [state = '', event = ''] = split(key);
+    return { labels: { state, event }, value };
+  });
+  return [
+    family(
+      'orch_transitions_total',
+      'counter',
+      'Applied transitions by entity and change.',
+      transitions,
+    ),
+    family(
+      'orch_illegal_transitions_total',
+      'counter',
+      'Refused events by state and event.',
+      illegal,
+    ),
+    family('orch_version_conflicts_total', 'counter', 'Lost compare-and-sets (retried).', [
+      { value: s.host.stats.conflicts },
+    ]),
+    family('orch_claims_total', 'counter', 'Tasks claimed through this process.', [
+      { value: s.claims.claims },
+    ]),
+    family('orch_cached_actors', 'gauge', 'Actors held in the host cache.', [
+      { value: s.host.cachedActors },
+    ]),
+  ].join('');
+}
+
+async function dbMetrics(s: AppServices): Promise<string> {
+  try {
+    const [lag, dead, counts] = await Promise.all([
+      s.queries.outboxLag(),
+      s.queries.deadLetterCount(),
+      s.queries.stateCounts(),
+    ]);
+    return [
+      family(
+        'orch_outbox_pending',
+        'gauge',
+        'Events committed, not yet acknowledged by JetStream.',
+        [{ value: lag.pending }],
+      ),
+      family('orch_outbox_lag_seconds', 'gauge', 'Age of the oldest unpublished event.', [
+        { value: lag.oldestSeconds },
+      ]),
+      family('orch_dead_letters', 'gauge', 'Messages reactions gave up on.', [{ value: dead }]),
+      family(
+        'orch_entities',
+        'gauge',
+        'Tickets and tasks by state.',
+        counts.map((r) => ({ labels: { entity: r.entityType, state: r.state }, value: r.n })),
+      ),
+    ].join('');
+  } catch {
+    return family('orch_metrics_db_up', 'gauge', 'Whether the database figures could be read.', [
+      { value: 0 },
+    ]);
+  }
+}

@@ -1,0 +1,90 @@
+/**
+ * `GET /events/stream`: Server-Sent Events of every domain event from the ordered stream.
+ * `id:` is the stream sequence, `event:` the type, `data:` the log entry. `Last-Event-ID`
+ * (or `?after=`) resumes after a position; `?entityId=` filters. Each client has a bounded
+ * buffer: one that cannot keep up is disconnected (it resumes from its last id) instead of
+ * slowing the server or anyone else. A comment every keep-alive interval keeps proxies open.
+ */
+import { Hono } from 'hono';
+import { streamSSE } from 'hono/streaming';
+import { InvalidInput, Unavailable } from '../../errors.js';
+import { validate } from '../request.js';
+import { StreamQuery } from '../schemas.js';
+import type { AppEnv, AppServices, StreamMessage, Unsubscribe } from '../services.js';
+
+export function streamRoutes(s: AppServices): Hono<AppEnv> {
+  const app = new Hono<AppEnv>();
+  const keepAliveMs = s.sse?.keepAliveMs ?? 15_000;
+  const bufferLimit = s.sse?.bufferLimit ?? 1_000;
+
+  app.get('/events/stream', async (c) => {
+    const q = validate(StreamQuery, c.req.query(), 'query');
+    const header = c.req.header('last-event-id');
+    let after = q.after ?? 0;
+    if (header !== undefined && header.trim() !== '') {
+      if (!/^\d{1,15}$/.test(header.trim())) {
+        throw new InvalidInput('Last-Event-ID must be a stream position', [
+          { path: 'Last-Event-ID', message: 'not a non-negative integer' },
+        ]);
+      }
+      after = Number(header.trim());
+    }
+    const source = s.events;
+    if (!source) throw new Unavailable('the live event stream is not configured');
+    const log = s.log.child({ requestId: c.get('requestId'), route: 'sse' });
+
+    return streamSSE(c, async (stream) => {
+      const queue: StreamMessage[] = [];
+      let lastSent = after;
+      let wake: (() => void) | null = null;
+      let done = false;
+      const finish = () => {
+        done = true;
+        wake?.();
+      };
+      stream.onAbort(finish);
+      let unsubscribe: Unsubscribe | null = null;
+      const keepAlive = setInterval(() => void stream.write(': keep-alive\n\n'), keepAliveMs);
+      try {
+        unsubscribe = await source.subscribeEvents(after, q.entityId, (m) => {
+          if (done) return;
+          if (queue.length >= bufferLimit) {
+            log.warn({ bufferLimit, lastSent }, 'slow SSE client disconnected');
+            finish();
+            stream.abort();
+            return;
+          }
+          queue.push(m);
+          wake?.();
+        });
+        await stream.write(': connected\n\n');
+        while (!done) {
+          const m = queue.shift();
+          if (!m) {
+            await new Promise<void>((resolve) => {
+              wake = resolve;
+            });
+            wake = null;
+            continue;
+          }
+          // A redelivery the subscription let through: the client already has it.
+          if (m.streamSeq <= lastSent) continue;
+          const { seq, entityId, entityType, type, data, at } = m.entry;
+          await stream.writeSSE({
+            id: String(m.streamSeq),
+            event: type,
+            data: JSON.stringify({ seq, entityId, entityType, type, data, at }),
+          });
+          lastSent = m.streamSeq;
+        }
+      } catch (error) {
+        log.error({ err: error }, 'SSE stream failed');
+      } finally {
+        clearInterval(keepAlive);
+        await unsubscribe?.();
+      }
+    });
+  });
+
+  return app;
+}

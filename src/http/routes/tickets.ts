@@ -1,0 +1,94 @@
+/**
+ * Tickets: create, read (with its tasks), list by state, send an event, read its log, and
+ * add a task to it. Every POST honours `Idempotency-Key` (one effect, the first response
+ * replayed; the same key with another body is `conflict`).
+ */
+import { Hono } from 'hono';
+import { assertPublicEvent } from '../../actors/commands.js';
+import { NotFound } from '../../errors.js';
+import { idempotencyOf, readJson, validate } from '../request.js';
+import {
+  EventLogQuery,
+  ID_PATTERN,
+  NewTaskBody,
+  NewTicketBody,
+  TicketEventBody,
+  TicketListQuery,
+} from '../schemas.js';
+import type { AppEnv, AppServices } from '../services.js';
+import { summaryOf } from '../views.js';
+
+/** A path id that cannot be one the API issued is simply not found. */
+export function pathId(raw: string, entityType: string): string {
+  if (!ID_PATTERN.test(raw)) throw new NotFound(entityType, raw.slice(0, 200));
+  return raw;
+}
+
+/** Refuses runtime-only events with their own message before the schema would. */
+export function refuseSystemEvent(entityType: 'ticket' | 'task', raw: unknown): void {
+  const type = (raw as { type?: unknown } | null)?.type;
+  if (typeof type === 'string') assertPublicEvent(entityType, type);
+}
+
+export function ticketRoutes(s: AppServices): Hono<AppEnv> {
+  const app = new Hono<AppEnv>();
+
+  /** 201 with the new ticket (in `backlog`). */
+  app.post('/tickets', async (c) => {
+    const raw = await readJson(c);
+    const body = validate(NewTicketBody, raw, 'body');
+    const res = await s.host.idempotent(idempotencyOf(c, raw), async (uow) => ({
+      status: 201,
+      body: summaryOf(await s.commands.createTicket(uow, body)),
+    }));
+    return c.json(res.body as object, res.status as 201);
+  });
+
+  app.get('/tickets', async (c) => {
+    const q = validate(TicketListQuery, c.req.query(), 'query');
+    return c.json(await s.queries.listTickets(q));
+  });
+
+  /** The ticket with its tasks and the events its state accepts; 404 if unknown. */
+  app.get('/tickets/:id', async (c) => {
+    const id = pathId(c.req.param('id'), 'ticket');
+    const ticket = await s.queries.getTicket(id);
+    if (!ticket) throw new NotFound('ticket', id);
+    return c.json(ticket);
+  });
+
+  /** 200 with the ticket after the event; 409 illegal_transition; 400 for a system event. */
+  app.post('/tickets/:id/events', async (c) => {
+    const id = pathId(c.req.param('id'), 'ticket');
+    const raw = await readJson(c);
+    refuseSystemEvent('ticket', raw);
+    const event = validate(TicketEventBody, raw, 'body');
+    const res = await s.host.idempotent(idempotencyOf(c, raw), async (uow) => ({
+      status: 200,
+      body: summaryOf(await s.commands.sendPublic(uow, 'ticket', id, event)),
+    }));
+    return c.json(res.body as object, res.status as 200);
+  });
+
+  app.get('/tickets/:id/events', async (c) => {
+    const id = pathId(c.req.param('id'), 'ticket');
+    const q = validate(EventLogQuery, c.req.query(), 'query');
+    const events = await s.queries.entityEvents('ticket', id, q.after, q.limit);
+    if (!events) throw new NotFound('ticket', id);
+    return c.json({ events });
+  });
+
+  /** 201 with the task; phase defaults to the ticket's; 409 on a final ticket. */
+  app.post('/tickets/:id/tasks', async (c) => {
+    const id = pathId(c.req.param('id'), 'ticket');
+    const raw = await readJson(c);
+    const body = validate(NewTaskBody, raw, 'body');
+    const res = await s.host.idempotent(idempotencyOf(c, raw), async (uow) => ({
+      status: 201,
+      body: summaryOf(await s.commands.addTask(uow, id, body as never)),
+    }));
+    return c.json(res.body as object, res.status as 201);
+  });
+
+  return app;
+}

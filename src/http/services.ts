@@ -1,0 +1,84 @@
+/**
+ * What the HTTP layer needs from the rest of the system, as interfaces: the composition root
+ * passes concrete services in, tests pass real ones or small fakes. http never reaches for
+ * Postgres or NATS itself.
+ */
+
+import type { Commands } from '../actors/commands.js';
+import type { ActorHost } from '../actors/host.js';
+import type { Config } from '../config.js';
+import type { Logger } from '../log.js';
+import type { Queries } from '../persistence/queries.js';
+import type { ClaimService } from '../workers/claims.js';
+
+/** One domain event as the ordered stream delivers it. */
+export interface StreamMessage {
+  /** The event's position in the stream: the SSE `id:`, what `Last-Event-ID` resumes from. */
+  streamSeq: number;
+  entry: {
+    seq: number;
+    entityId: string;
+    entityType: string;
+    type: string;
+    data: Record<string, unknown>;
+    at: string;
+  };
+}
+
+export type Unsubscribe = () => void | Promise<void>;
+
+/** The ordered event stream (the Transport): every event after a position, once, in order. */
+export interface EventSource {
+  subscribeEvents(
+    afterStreamSeq: number,
+    entityId: string | undefined,
+    onMessage: (message: StreamMessage) => void,
+  ): Unsubscribe | Promise<Unsubscribe>;
+}
+
+/** Machine definitions for `/machines` and the dashboard's statecharts. */
+export interface MachineCatalog {
+  list(): {
+    name: string;
+    version: number;
+    states: string[];
+    events: string[];
+    systemEvents: string[];
+  }[];
+  /** The JSON the Stately visualizer loads; undefined for an unknown name. */
+  definition(name: string): unknown;
+  /** Mermaid `stateDiagram-v2` text with `currentState` highlighted; undefined if unknown. */
+  mermaid(name: string, currentState?: string): string | undefined;
+}
+
+export interface Readiness {
+  postgres: boolean;
+  nats: boolean;
+  migrations: boolean;
+}
+
+export interface AppServices {
+  host: ActorHost;
+  commands: Commands;
+  claims: ClaimService;
+  queries: Queries;
+  machines: MachineCatalog;
+  log: Logger;
+  config: Pick<Config, 'API_TOKEN' | 'BODY_LIMIT_BYTES' | 'CLAIM_MAX_WAIT_MS'>;
+  /** The live stream behind `GET /events/stream`; without it the route answers 503. */
+  events?: EventSource;
+  /** `/readyz`: each dependency reachable, migrations applied. */
+  ready(): Promise<Readiness>;
+  /** Extra Prometheus text from other components (transport, relay, workers). */
+  metrics?: () => string | Promise<string>;
+  sse?: {
+    /** Keep-alive comment interval (default 15 s). */
+    keepAliveMs?: number;
+    /** Events buffered for one client before it is disconnected (default 1000). */
+    bufferLimit?: number;
+  };
+}
+
+export interface AppEnv {
+  Variables: { requestId: string };
+}

@@ -1,0 +1,10 @@
+/** Response bodies built from what a command applied: the entity plus its allowed events. */
+import { allowedEvents, restore } from '../actors/decide.js';
+import type { Applied } from '../actors/host.js';
+import { taskView, ticketView } from '../actors/views.js';
+
+export function summaryOf(a: Applied) {
+  const view =
+    a.entityType === 'ticket' ? ticketView(a.snapshot, a.version) : taskView(a.snapshot, a.version);
+  return { ...view, allowedEvents: allowedEvents(a.entityType, restore(a.entityType, a.snapshot)) };
+}

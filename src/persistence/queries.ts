@@ -1,0 +1,197 @@
+/**
+ * Read models for the API and the dashboard: tickets and tasks from their projected columns
+ * (index scans, newest first, keyset cursor on `(created_at, id)`), an entity's event log,
+ * and the figures `/metrics` reports. Reads only; every write goes through the actor host.
+ */
+import { allowedEvents, type PersistedSnapshot, restore } from '../actors/decide.js';
+import { type TaskView, type TicketView, taskView, ticketView } from '../actors/views.js';
+import { InvalidInput } from '../errors.js';
+import type { EntityType } from '../machines/index.js';
+import type { Db } from './db.js';
+
+export interface WithAllowed {
+  /** The public events the current state accepts (buttons on the dashboard). */
+  allowedEvents: string[];
+}
+
+export type TaskDetail = TaskView & WithAllowed;
+export type TicketDetail = TicketView & WithAllowed & { tasks: TaskDetail[] };
+
+export interface Page<T> {
+  items: T[];
+  /** Pass as `cursor` for the next page; null on the last one. */
+  nextCursor: string | null;
+}
+
+export interface ListOptions {
+  state?: string | undefined;
+  limit: number;
+  cursor?: string | undefined;
+}
+
+export interface TaskListOptions extends ListOptions {
+  ticketId?: string | undefined;
+}
+
+/** The event log entry of CONTRACT section 2. */
+export interface LogEntry {
+  seq: number;
+  entityId: string;
+  entityType: EntityType;
+  type: string;
+  data: Record<string, unknown>;
+  at: string;
+}
+
+export interface OutboxLag {
+  /** Events committed but not yet acknowledged by JetStream. */
+  pending: number;
+  /** Age of the oldest of them, 0 when none. */
+  oldestSeconds: number;
+}
+
+interface SnapshotRaw {
+  snapshot: PersistedSnapshot;
+  version: number;
+  created_at: Date;
+  id: string;
+}
+
+interface Cursor {
+  createdAt: Date;
+  id: string;
+}
+
+export function encodeCursor(c: Cursor): string {
+  return Buffer.from(JSON.stringify([c.createdAt.toISOString(), c.id])).toString('base64url');
+}
+
+/** Throws `validation_failed` naming `cursor` for anything this module did not write. */
+export function decodeCursor(raw: string): Cursor {
+  try {
+    const parsed: unknown = JSON.parse(Buffer.from(raw, 'base64url').toString('utf8'));
+    if (Array.isArray(parsed) && parsed.length === 2) {
+      const [at, id] = parsed as unknown[];
+      const createdAt = new Date(typeof at === 'string' ? at : Number.NaN);
+      if (typeof id === 'string' && !Number.isNaN(createdAt.getTime())) return { createdAt, id };
+    }
+  } catch {}
+  throw new InvalidInput('cursor is not one this API returned', [
+    { path: 'cursor', message: 'invalid cursor' },
+  ]);
+}
+
+const withAllowed = <T extends object>(entityType: EntityType, s: PersistedSnapshot, view: T) => ({
+  ...view,
+  allowedEvents: allowedEvents(entityType, restore(entityType, s)),
+});
+
+function page<T>(rows: SnapshotRaw[], limit: number, view: (r: SnapshotRaw) => T): Page<T> {
+  const more = rows.length > limit;
+  const kept = more ? rows.slice(0, limit) : rows;
+  const last = kept[kept.length - 1];
+  return {
+    items: kept.map(view),
+    nextCursor: more && last ? encodeCursor({ createdAt: last.created_at, id: last.id }) : null,
+  };
+}
+
+export class Queries {
+  constructor(private readonly db: Db) {}
+
+  async getTicket(id: string): Promise<TicketDetail | null> {
+    const db = this.db;
+    const rows = await db<SnapshotRaw[]>`
+      select id, snapshot, version, created_at from tickets where id = ${id}`;
+    const r = rows[0];
+    if (!r) return null;
+    const tasks = await db<SnapshotRaw[]>`
+      select id, snapshot, version, created_at from tasks where ticket_id = ${id}
+      order by created_at, id`;
+    return {
+      ...withAllowed('ticket', r.snapshot, ticketView(r.snapshot, r.version)),
+      tasks: tasks.map((t) => withAllowed('task', t.snapshot, taskView(t.snapshot, t.version))),
+    };
+  }
+
+  async getTask(id: string): Promise<TaskDetail | null> {
+    const rows = await this.db<SnapshotRaw[]>`
+      select id, snapshot, version, created_at from tasks where id = ${id}`;
+    const r = rows[0];
+    return r ? withAllowed('task', r.snapshot, taskView(r.snapshot, r.version)) : null;
+  }
+
+  async listTickets(o: ListOptions): Promise<Page<TicketView>> {
+    const db = this.db;
+    const after = o.cursor ? decodeCursor(o.cursor) : null;
+    const rows = await db<SnapshotRaw[]>`
+      select id, snapshot, version, created_at from tickets
+      where true
+        ${o.state ? db`and state = ${o.state}` : db``}
+        ${after ? db`and (created_at, id) < (${after.createdAt}, ${after.id})` : db``}
+      order by created_at desc, id desc limit ${o.limit + 1}`;
+    return page(rows, o.limit, (r) => ticketView(r.snapshot, r.version));
+  }
+
+  async listTasks(o: TaskListOptions): Promise<Page<TaskView>> {
+    const db = this.db;
+    const after = o.cursor ? decodeCursor(o.cursor) : null;
+    const rows = await db<SnapshotRaw[]>`
+      select id, snapshot, version, created_at from tasks
+      where true
+        ${o.state ? db`and state = ${o.state}` : db``}
+        ${o.ticketId ? db`and ticket_id = ${o.ticketId}` : db``}
+        ${after ? db`and (created_at, id) < (${after.createdAt}, ${after.id})` : db``}
+      order by created_at desc, id desc limit ${o.limit + 1}`;
+    return page(rows, o.limit, (r) => taskView(r.snapshot, r.version));
+  }
+
+  /** The entity's log in `seq` order after `afterSeq`; null when the entity does not exist. */
+  async entityEvents(
+    entityType: EntityType,
+    id: string,
+    afterSeq = 0,
+    limit = 1000,
+  ): Promise<LogEntry[] | null> {
+    const db = this.db;
+    const exists =
+      entityType === 'ticket'
+        ? await db`select 1 from tickets where id = ${id}`
+        : await db`select 1 from tasks where id = ${id}`;
+    if (exists.length === 0) return null;
+    const rows = await db<
+      { seq: number; entity_id: string; type: string; data: Record<string, unknown>; at: Date }[]
+    >`
+      select seq, entity_id, type, data, at from events
+      where entity_id = ${id} and entity_type = ${entityType} and seq > ${afterSeq}
+      order by seq limit ${limit}`;
+    return rows.map((r) => ({
+      seq: r.seq,
+      entityId: r.entity_id,
+      entityType,
+      type: r.type,
+      data: r.data,
+      at: r.at.toISOString(),
+    }));
+  }
+
+  async outboxLag(): Promise<OutboxLag> {
+    const rows = await this.db<{ pending: number; oldest: number | null }[]>`
+      select count(*)::int as pending,
+        extract(epoch from now() - min(created_at))::float8 as oldest from outbox`;
+    return { pending: rows[0]?.pending ?? 0, oldestSeconds: rows[0]?.oldest ?? 0 };
+  }
+
+  async deadLetterCount(): Promise<number> {
+    const rows = await this.db<{ n: number }[]>`select count(*)::int as n from dead_letters`;
+    return rows[0]?.n ?? 0;
+  }
+
+  /** Tickets and tasks per state, for gauges. */
+  async stateCounts(): Promise<{ entityType: EntityType; state: string; n: number }[]> {
+    return this.db<{ entityType: EntityType; state: string; n: number }[]>`
+      select 'ticket' as "entityType", state, count(*)::int as n from tickets group by state
+      union all
+      select 'task' as "entityType", state, count(*)::int as n from tasks group by state`;
+  }
+}

@@ -1,0 +1,523 @@
+/**
+ * The HTTP API of CONTRACT section 2 in-process (`app.request`) over a real ActorHost and a
+ * migrated database: routes, every error code, pagination, idempotency, the claim long
+ * poll, and every response checked against the served OpenAPI document.
+ */
+import { Writable } from 'node:stream';
+import { pino } from 'pino';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createTestApp, type Reply, type TestApp } from '../support/http-app.js';
+import { openApiChecker } from '../support/openapi.js';
+
+let t: TestApp;
+let check: ReturnType<typeof openApiChecker>;
+
+/** Calls and checks the response against the OpenAPI document (`template` names the path). */
+async function call(
+  method: string,
+  path: string,
+  template: string,
+  body?: unknown,
+  headers?: Record<string, string>,
+): Promise<Reply> {
+  const r = await t.call(method, path, body, headers);
+  expect(r.headers.get('x-request-id')).toBeTruthy();
+  check(method, template, r.status, r.body);
+  return r;
+}
+
+const newTicket = async (title = 'Ticket') =>
+  (await call('POST', '/tickets', '/tickets', { title })).body;
+
+beforeAll(async () => {
+  t = await createTestApp('http_api', { config: { BODY_LIMIT_BYTES: '4096' } });
+  const doc = await t.call('GET', '/openapi.json');
+  expect(doc.status).toBe(200);
+  check = openApiChecker(doc.body);
+});
+afterAll(() => t.close());
+
+describe('tickets', () => {
+  it('creates, reads with tasks and allowed events, and logs events', async () => {
+    const created = await call('POST', '/tickets', '/tickets', {
+      title: 'Ship it',
+      description: 'd',
+    });
+    expect(created.status).toBe(201);
+    expect(created.body).toMatchObject({ title: 'Ship it', state: 'backlog', version: 1 });
+    expect(created.body.allowedEvents).toEqual(['CANCEL', 'START']);
+    const id = created.body.id as string;
+
+    const started = await call('POST', `/tickets/${id}/events`, '/tickets/{id}/events', {
+      type: 'START',
+    });
+    expect(started.status).toBe(200);
+    expect(started.body.state).toBe('requirements');
+
+    const task = await call('POST', `/tickets/${id}/tasks`, '/tickets/{id}/tasks', {
+      type: 'implement_feature',
+      payload: { n: 1, deep: [{ x: null }] },
+      worktree: 'wt-1',
+      priority: 5,
+    });
+    expect(task.status).toBe(201);
+    expect(task.body).toMatchObject({ ticketId: id, phase: 'requirements', state: 'pending' });
+    expect(task.body.allowedEvents).toContain('CANCEL');
+
+    const got = await call('GET', `/tickets/${id}`, '/tickets/{id}');
+    expect(got.status).toBe(200);
+    expect(got.body.tasks.map((x: { id: string }) => x.id)).toEqual([task.body.id]);
+    expect(got.body.allowedEvents).toEqual(['ADVANCE', 'BLOCK', 'CANCEL']);
+
+    const log = await call('GET', `/tickets/${id}/events`, '/tickets/{id}/events');
+    expect(log.body.events.map((e: { seq: number }) => e.seq)).toEqual([1, 2]);
+    expect(log.body.events[0]).toEqual({
+      seq: 1,
+      entityId: id,
+      entityType: 'ticket',
+      type: 'ticket.created',
+      data: expect.any(Object),
+      at: expect.any(String),
+    });
+    const after = await call('GET', `/tickets/${id}/events?after=1`, '/tickets/{id}/events');
+    expect(after.body.events.map((e: { type: string }) => e.type)).toEqual([
+      'ticket.phase_changed',
+    ]);
+    const taskLog = await call('GET', `/tasks/${task.body.id}/events`, '/tasks/{id}/events');
+    expect(taskLog.body.events[0].type).toBe('task.created');
+  });
+
+  it('lists by state with a keyset cursor, newest first, each ticket once', async () => {
+    const ids: string[] = [];
+    for (let i = 0; i < 7; i++) ids.push((await newTicket(`page ${i}`)).id);
+    await call('POST', `/tickets/${ids[0]}/events`, '/tickets/{id}/events', { type: 'CANCEL' });
+    const seen: string[] = [];
+    let cursor: string | null = null;
+    do {
+      const q: string = `/tickets?state=backlog&limit=3${cursor ? `&cursor=${cursor}` : ''}`;
+      const page = await call('GET', q, '/tickets');
+      expect(page.body.items.length).toBeLessThanOrEqual(3);
+      for (const item of page.body.items) expect(item.state).toBe('backlog');
+      seen.push(...page.body.items.map((x: { id: string }) => x.id));
+      cursor = page.body.nextCursor;
+    } while (cursor);
+    expect(new Set(seen).size).toBe(seen.length);
+    const mine = seen.filter((id) => ids.includes(id));
+    expect(mine).toEqual(ids.slice(1).reverse());
+    const cancelled = await call('GET', '/tickets?state=cancelled', '/tickets');
+    expect(cancelled.body.items.map((x: { id: string }) => x.id)).toContain(ids[0]);
+  });
+
+  it('lists tasks by state and ticket', async () => {
+    const ticket = await newTicket();
+    const a = await call('POST', `/tickets/${ticket.id}/tasks`, '/tickets/{id}/tasks', {
+      type: 'a',
+    });
+    await call('POST', `/tasks/${a.body.id}/events`, '/tasks/{id}/events', { type: 'CANCEL' });
+    await call('POST', `/tickets/${ticket.id}/tasks`, '/tickets/{id}/tasks', { type: 'b' });
+    const pending = await call('GET', `/tasks?state=pending&ticketId=${ticket.id}`, '/tasks');
+    expect(pending.body.items.map((x: { type: string }) => x.type)).toEqual(['b']);
+    const all = await call('GET', `/tasks?ticketId=${ticket.id}&limit=1`, '/tasks');
+    expect(all.body.items).toHaveLength(1);
+    expect(all.body.nextCursor).toEqual(expect.any(String));
+    const one = await call('GET', `/tasks/${a.body.id}`, '/tasks/{id}');
+    expect(one.body).toMatchObject({ state: 'cancelled', allowedEvents: [] });
+  });
+});
+
+describe('error codes', () => {
+  it('validation_failed names every bad field', async () => {
+    const r = await call('POST', '/tickets', '/tickets', { title: 5, extra: 1, other: 2 });
+    expect(r.status).toBe(400);
+    expect(r.body.error).toBe('validation_failed');
+    expect(r.body.issues.map((i: { path: string }) => i.path).sort()).toEqual([
+      'extra',
+      'other',
+      'title',
+    ]);
+
+    const ticket = await newTicket();
+    const task = await call('POST', `/tickets/${ticket.id}/tasks`, '/tickets/{id}/tasks', {
+      type: 'x',
+      maxAttempts: 0,
+      priority: 1.5,
+    });
+    expect(task.status).toBe(400);
+    expect(task.body.issues.map((i: { path: string }) => i.path).sort()).toEqual([
+      'maxAttempts',
+      'priority',
+    ]);
+
+    const cases: [string, string, string, unknown][] = [
+      ['POST', '/tickets', '/tickets', '{"title": '],
+      ['POST', '/tickets', '/tickets', ''],
+      ['POST', '/tickets', '/tickets', '[1]'],
+      ['POST', '/tickets', '/tickets', { title: 'nul \u0000 inside' }],
+      ['POST', '/tickets', '/tickets', { title: 'lone \ud800' }],
+      ['GET', '/tickets?limit=0', '/tickets', undefined],
+      ['GET', '/tickets?state=nope', '/tickets', undefined],
+      ['GET', '/tickets?cursor=garbage', '/tickets', undefined],
+      ['GET', '/tickets?unknown=1', '/tickets', undefined],
+      ['POST', `/tickets/${ticket.id}/events`, '/tickets/{id}/events', { type: 'TASK_ADDED' }],
+      ['POST', `/tickets/${ticket.id}/events`, '/tickets/{id}/events', { type: 'NOPE' }],
+      ['POST', `/tickets/${ticket.id}/events`, '/tickets/{id}/events', { type: 'BLOCK' }],
+      ['POST', '/tasks/claim', '/tasks/claim', { workerId: '' }],
+      ['POST', '/tasks/claim', '/tasks/claim', { workerId: 'w', waitMs: -1 }],
+    ];
+    for (const [method, path, template, body] of cases) {
+      const res = await call(method, path, template, body);
+      expect(res.status, `${method} ${path} ${JSON.stringify(body)}`).toBe(400);
+      expect(res.body.error).toBe('validation_failed');
+      expect(res.body.issues.length).toBeGreaterThan(0);
+    }
+    const idem = await call(
+      'POST',
+      '/tickets',
+      '/tickets',
+      { title: 'x' },
+      { 'Idempotency-Key': '' },
+    );
+    expect(idem.body.issues[0].path).toBe('Idempotency-Key');
+  });
+
+  it('not_found for unknown tickets, tasks, machines and routes', async () => {
+    for (const [method, path, template, body] of [
+      ['GET', '/tickets/tkt_nope', '/tickets/{id}', undefined],
+      ['GET', '/tasks/tsk_nope', '/tasks/{id}', undefined],
+      ['GET', '/tasks/%00', '/tasks/{id}', undefined],
+      ['GET', '/tickets/tkt_nope/events', '/tickets/{id}/events', undefined],
+      ['POST', '/tickets/tkt_nope/events', '/tickets/{id}/events', { type: 'START' }],
+      ['POST', '/tickets/tkt_nope/tasks', '/tickets/{id}/tasks', { type: 'x' }],
+      ['POST', '/tasks/tsk_nope/events', '/tasks/{id}/events', { type: 'CANCEL' }],
+      ['GET', '/machines/nope', '/machines/{name}', undefined],
+    ] as const) {
+      const r = await call(method, path, template, body);
+      expect(r.status, path).toBe(404);
+      expect(r.body.error).toBe('not_found');
+    }
+    const route = await t.call('GET', '/no/such/route');
+    expect(route.status).toBe(404);
+    expect(route.body).toEqual({ error: 'not_found', message: 'no route GET /no/such/route' });
+    expect(route.headers.get('x-request-id')).toBeTruthy();
+  });
+
+  it('illegal_transition with state, event and allowed; 409 on a final ticket', async () => {
+    const ticket = await newTicket();
+    const r = await call('POST', `/tickets/${ticket.id}/events`, '/tickets/{id}/events', {
+      type: 'ADVANCE',
+    });
+    expect(r.status).toBe(409);
+    expect(r.body).toMatchObject({
+      error: 'illegal_transition',
+      state: 'backlog',
+      event: 'ADVANCE',
+      allowed: ['CANCEL', 'START'],
+    });
+    await call('POST', `/tickets/${ticket.id}/events`, '/tickets/{id}/events', { type: 'CANCEL' });
+    const task = await call('POST', `/tickets/${ticket.id}/tasks`, '/tickets/{id}/tasks', {
+      type: 'late',
+    });
+    expect(task.status).toBe(409);
+    expect(task.body.error).toBe('illegal_transition');
+    const after = await call('GET', `/tickets/${ticket.id}`, '/tickets/{id}');
+    expect(after.body.tasks).toEqual([]);
+  });
+
+  it('stale_token with attempt; claim, start, heartbeat and complete with the right token', async () => {
+    const ticket = await newTicket();
+    const task = await call('POST', `/tickets/${ticket.id}/tasks`, '/tickets/{id}/tasks', {
+      type: 'stale_check',
+    });
+    const claimed = await call('POST', '/tasks/claim', '/tasks/claim', {
+      workerId: 'agent-1',
+      types: ['stale_check'],
+    });
+    expect(claimed.status).toBe(200);
+    expect(claimed.body.task).toMatchObject({ id: task.body.id, state: 'claimed', attempt: 1 });
+    expect(claimed.body.task.workerId).toBe('agent-1');
+    const path = `/tasks/${task.body.id}/events`;
+    const stale = await call('POST', path, '/tasks/{id}/events', { type: 'START', token: 'wrong' });
+    expect(stale.status).toBe(409);
+    expect(stale.body).toMatchObject({ error: 'stale_token', attempt: 1 });
+    const token = claimed.body.token as string;
+    for (const type of ['START', 'HEARTBEAT']) {
+      const r = await call('POST', path, '/tasks/{id}/events', { type, token });
+      expect(r.status, type).toBe(200);
+    }
+    const done = await call('POST', path, '/tasks/{id}/events', {
+      type: 'COMPLETE',
+      token,
+      result: { ok: true },
+    });
+    expect(done.body).toMatchObject({ state: 'completed', result: { ok: true } });
+    const claimEvent = await call('POST', path, '/tasks/{id}/events', {
+      type: 'CLAIM',
+      workerId: 'x',
+    });
+    expect(claimEvent.status).toBe(400);
+  });
+
+  it('conflict when an Idempotency-Key is reused with another body', async () => {
+    const key = { 'Idempotency-Key': 'reuse-1' };
+    const first = await call('POST', '/tickets', '/tickets', { title: 'one' }, key);
+    const again = await call('POST', '/tickets', '/tickets', { title: 'one' }, key);
+    expect(again.status).toBe(201);
+    expect(again.body).toEqual(first.body);
+    const other = await call('POST', '/tickets', '/tickets', { title: 'two' }, key);
+    expect(other.status).toBe(409);
+    expect(other.body.error).toBe('conflict');
+  });
+
+  it('payload_too_large and unsupported_media_type', async () => {
+    const big = await call('POST', '/tickets', '/tickets', { title: 'x'.repeat(5000) });
+    expect(big.status).toBe(413);
+    expect(big.body.error).toBe('payload_too_large');
+    const text = await call('POST', '/tickets', '/tickets', 'title=x', {
+      'content-type': 'text/plain',
+    });
+    expect(text.status).toBe(415);
+    expect(text.body.error).toBe('unsupported_media_type');
+    const none = await t.app.request('/tickets', { method: 'POST', body: '{"title":"x"}' });
+    expect(none.status).toBe(415);
+  });
+
+  it('internal: a 500 that names the request id and is logged with it', async () => {
+    const lines: string[] = [];
+    const sink = new Writable({
+      write(chunk, _enc, done) {
+        lines.push(String(chunk));
+        done();
+      },
+    });
+    const broken = await createTestApp('http_api_internal', {
+      db: t.db,
+      log: pino({ level: 'error' }, sink),
+      services: {
+        queries: Object.assign(Object.create(t.services.queries), {
+          getTicket: () => Promise.reject(new Error('disk on fire')),
+        }),
+      },
+    });
+    const r = await broken.call('GET', '/tickets/tkt_1', undefined, { 'X-Request-Id': 'req-42' });
+    expect(r.status).toBe(500);
+    expect(r.body).toEqual({
+      error: 'internal',
+      message: 'internal error (request req-42)',
+      requestId: 'req-42',
+    });
+    expect(r.text).not.toContain('disk on fire');
+    expect(r.headers.get('x-request-id')).toBe('req-42');
+    check('GET', '/tickets/{id}', 400, r.body); // the Error schema
+    expect(lines.join('')).toContain('"requestId":"req-42"');
+    expect(lines.join('')).toContain('disk on fire');
+    await broken.close();
+  });
+
+  it('unauthorized without the bearer token when API_TOKEN is set', async () => {
+    const secured = await createTestApp('http_api_auth', {
+      db: t.db,
+      config: { API_TOKEN: 's3cret' },
+    });
+    const missing = await secured.call('GET', '/tickets');
+    expect(missing.status).toBe(401);
+    expect(missing.body.error).toBe('unauthorized');
+    expect(missing.headers.get('www-authenticate')).toBe('Bearer');
+    const wrong = await secured.call('GET', '/tickets', undefined, {
+      authorization: 'Bearer nope',
+    });
+    expect(wrong.status).toBe(401);
+    const post = await secured.call('POST', '/tickets', { title: 'x' });
+    expect(post.status).toBe(401);
+    const right = await secured.call('GET', '/tickets', undefined, {
+      authorization: 'Bearer s3cret',
+    });
+    expect(right.status).toBe(200);
+    expect((await secured.call('GET', '/healthz')).status).toBe(200);
+    await secured.close();
+  });
+});
+
+describe('idempotency', () => {
+  it('20 concurrent POSTs with one key have one effect and one answer', async () => {
+    const before = await t.db.sql<{ n: number }[]>`select count(*)::int as n from tickets`;
+    const replies = await Promise.all(
+      Array.from({ length: 20 }, () =>
+        t.call('POST', '/tickets', { title: 'once' }, { 'Idempotency-Key': 'twenty' }),
+      ),
+    );
+    const after = await t.db.sql<{ n: number }[]>`select count(*)::int as n from tickets`;
+    expect(after[0]?.n).toBe((before[0]?.n ?? 0) + 1);
+    for (const r of replies) {
+      expect(r.status).toBe(201);
+      expect(r.body).toEqual(replies[0]?.body);
+    }
+  });
+
+  it('20 concurrent events with one key apply once', async () => {
+    const ticket = await newTicket();
+    const replies = await Promise.all(
+      Array.from({ length: 20 }, () =>
+        t.call(
+          'POST',
+          `/tickets/${ticket.id}/events`,
+          { type: 'START' },
+          { 'Idempotency-Key': `start-${ticket.id}` },
+        ),
+      ),
+    );
+    expect(new Set(replies.map((r) => r.status))).toEqual(new Set([200]));
+    const log = await t.call('GET', `/tickets/${ticket.id}/events`);
+    expect(log.body.events.map((e: { type: string }) => e.type)).toEqual([
+      'ticket.created',
+      'ticket.phase_changed',
+    ]);
+  });
+
+  it('a keyed claim returns the same task and token when repeated', async () => {
+    const ticket = await newTicket();
+    await t.call('POST', `/tickets/${ticket.id}/tasks`, { type: 'idem_claim' });
+    const body = { workerId: 'agent-i', types: ['idem_claim'] };
+    const key = { 'Idempotency-Key': `claim-${ticket.id}` };
+    const first = await call('POST', '/tasks/claim', '/tasks/claim', body, key);
+    const again = await call('POST', '/tasks/claim', '/tasks/claim', body, key);
+    expect(first.status).toBe(200);
+    expect(again.body).toEqual(first.body);
+  });
+});
+
+describe('claim long poll', () => {
+  it('answers 204 after waitMs when nothing is claimable', async () => {
+    const started = Date.now();
+    const r = await t.call('POST', '/tasks/claim', {
+      workerId: 'agent-2',
+      types: ['nothing_here'],
+      waitMs: 400,
+    });
+    expect(r.status).toBe(204);
+    expect(r.text).toBe('');
+    expect(Date.now() - started).toBeGreaterThanOrEqual(380);
+  });
+
+  it('answers 200 when a task appears mid-wait', async () => {
+    const ticket = await newTicket();
+    const started = Date.now();
+    const pending = t.call('POST', '/tasks/claim', {
+      workerId: 'agent-3',
+      types: ['appears'],
+      waitMs: 4000,
+    });
+    await new Promise((r) => setTimeout(r, 300));
+    const task = await t.call('POST', `/tickets/${ticket.id}/tasks`, { type: 'appears' });
+    const r = await pending;
+    expect(r.status).toBe(200);
+    expect(r.body.task.id).toBe(task.body.id);
+    expect(Date.now() - started).toBeLessThan(2500);
+  });
+
+  it('caps waitMs and ends the wait when the client goes away', async () => {
+    const abort = new AbortController();
+    const started = Date.now();
+    const pending = t.app.request('/tasks/claim', {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ workerId: 'agent-4', types: ['never'], waitMs: 3_600_000 }),
+      signal: abort.signal,
+    });
+    setTimeout(() => abort.abort(), 200);
+    const r = await pending;
+    expect(r.status).toBe(204);
+    expect(Date.now() - started).toBeLessThan(1500);
+  });
+});
+
+describe('operations and inspection', () => {
+  it('healthz, readyz and a request id on every response', async () => {
+    const h = await call('GET', '/healthz', '/healthz');
+    expect(h.body).toEqual({ status: 'ok' });
+    const r = await call('GET', '/readyz', '/readyz');
+    expect(r.body).toEqual({ ready: true, postgres: true, nats: true, migrations: true });
+    const given = await t.call('GET', '/healthz', undefined, { 'X-Request-Id': 'abc-123' });
+    expect(given.headers.get('x-request-id')).toBe('abc-123');
+    const down = await createTestApp('http_api_ready', {
+      db: t.db,
+      services: { ready: async () => ({ postgres: true, nats: false, migrations: true }) },
+    });
+    const d = await down.call('GET', '/readyz');
+    expect(d.status).toBe(503);
+    check('GET', '/readyz', 503, d.body);
+    expect(d.body.nats).toBe(false);
+    await down.close();
+  });
+
+  it('metrics in Prometheus text', async () => {
+    await t.call('GET', '/healthz');
+    const m = await t.call('GET', '/metrics');
+    expect(m.status).toBe(200);
+    expect(m.headers.get('content-type')).toContain('text/plain');
+    expect(m.text).toContain(
+      'http_request_duration_seconds_bucket{method="GET",route="/healthz",status="200",le="0.005"}',
+    );
+    expect(m.text).toMatch(
+      /http_request_duration_seconds_count\{method="GET",route="\/tickets\/:id"/,
+    );
+    expect(m.text).toMatch(
+      /orch_transitions_total\{entity="ticket",from="null",to="backlog"\} \d+/,
+    );
+    expect(m.text).toMatch(/orch_illegal_transitions_total\{state="backlog",event="ADVANCE"\} \d+/);
+    expect(m.text).toMatch(/orch_claims_total \d+/);
+    expect(m.text).toMatch(/orch_outbox_pending \d+/);
+    expect(m.text).toMatch(/orch_dead_letters 0/);
+    expect(m.text).toMatch(/orch_entities\{entity="ticket",state="backlog"\} \d+/);
+  });
+
+  it('machine definitions and their Mermaid charts', async () => {
+    const list = await call('GET', '/machines', '/machines');
+    expect(list.body.machines.map((m: { name: string }) => m.name)).toEqual(['ticket', 'task']);
+    const task = list.body.machines[1];
+    expect(task.events).toContain('COMPLETE');
+    expect(task.events).not.toContain('LEASE_EXPIRED');
+    const def = await t.call('GET', '/machines/task');
+    expect(def.body).toMatchObject({ id: 'task', initial: expect.anything() });
+    expect(Object.keys(def.body.states)).toContain('retry_wait');
+    const chart = await t.call('GET', '/machines/ticket/mermaid?state=design');
+    expect(chart.text).toContain('stateDiagram-v2');
+    expect(chart.text).toContain('class design current');
+  });
+
+  it('serves the dashboard and mermaid locally', async () => {
+    const page = await t.call('GET', '/');
+    expect(page.headers.get('content-type')).toContain('text/html');
+    expect(page.text).toContain('/assets/mermaid.min.js');
+    expect(page.text).not.toMatch(/https?:\/\//);
+    const js = await t.app.request('/assets/mermaid.min.js');
+    expect(js.status).toBe(200);
+    expect((await js.text()).length).toBeGreaterThan(1_000_000);
+  });
+
+  it('documents every route in OpenAPI 3.1', async () => {
+    const doc = (await t.call('GET', '/openapi.json')).body;
+    expect(doc.openapi).toBe('3.1.0');
+    expect(Object.keys(doc.paths)).toEqual(
+      expect.arrayContaining([
+        '/tickets',
+        '/tickets/{id}',
+        '/tickets/{id}/events',
+        '/tickets/{id}/tasks',
+        '/tasks',
+        '/tasks/claim',
+        '/tasks/{id}',
+        '/tasks/{id}/events',
+        '/events/stream',
+        '/machines',
+        '/machines/{name}',
+        '/healthz',
+        '/readyz',
+        '/metrics',
+      ]),
+    );
+    expect(doc.components.schemas.NewTicket.additionalProperties).toBe(false);
+    // The checker itself bites: a body that is not a TicketDetail is refused.
+    expect(() => check('GET', '/tickets/{id}', 200, { id: 'x' })).toThrow(/TicketDetail/);
+    expect(() => check('GET', '/tickets/{id}', 404, { error: 'nope', message: 'm' })).toThrow();
+  });
+});
