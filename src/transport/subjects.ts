@@ -5,6 +5,8 @@
  * has single-filter consumers only). The prefix and stream names are configurable so that
  * tests and tenants sharing one server never see each other's messages.
  */
+import { createHash } from 'node:crypto';
+
 export interface TransportNames {
   prefix: string;
   /** The domain event stream (limits retention, duplicate window). */
@@ -22,6 +24,15 @@ export function isSubjectSafe(token: string): boolean {
   return token.length > 0 && !/[.*>\s]/.test(token);
 }
 
+/**
+ * The subject token of an entity id: the id itself when it is subject-safe, else a stable
+ * hash of it (the message body still carries the real id).
+ */
+export function subjectToken(entityId: string): string {
+  if (isSubjectSafe(entityId)) return entityId;
+  return `h_${createHash('sha256').update(entityId).digest('hex').slice(0, 32)}`;
+}
+
 export function eventSubject(
   n: TransportNames,
   entityType: string,
@@ -29,12 +40,12 @@ export function eventSubject(
   type: string,
 ): string {
   const name = type.includes('.') ? type.slice(type.indexOf('.') + 1) : type;
-  return `${n.prefix}.events.${entityType}.${entityId}.${name}`;
+  return `${n.prefix}.events.${entityType}.${subjectToken(entityId)}.${name}`;
 }
 
 export const allEventsSubject = (n: TransportNames) => `${n.prefix}.events.>`;
 export const entityEventsSubject = (n: TransportNames, entityId: string) =>
-  `${n.prefix}.events.*.${entityId}.*`;
+  `${n.prefix}.events.*.${subjectToken(entityId)}.*`;
 export const typeEventsSubject = (n: TransportNames, entityType: string, event = '*') =>
   `${n.prefix}.events.${entityType}.*.${event}`;
 export const dlqSubject = (n: TransportNames, consumer: string) => `${n.prefix}.dlq.${consumer}`;

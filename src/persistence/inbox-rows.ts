@@ -1,0 +1,17 @@
+/**
+ * The consumer inbox: a reaction records (consumer, event id) in the same transaction as its
+ * effect, so a redelivered message finds its row and changes nothing.
+ */
+import type { Db } from './db.js';
+
+/** True when this is the first time `consumer` handles `eventId`. */
+export async function recordInbox(db: Db, consumer: string, eventId: string): Promise<boolean> {
+  const rows = await db`insert into inbox (consumer, event_id) values (${consumer}, ${eventId})
+    on conflict do nothing returning 1`;
+  return rows.length === 1;
+}
+
+export async function inboxHas(db: Db, consumer: string, eventId: string): Promise<boolean> {
+  const rows = await db`select 1 from inbox where consumer = ${consumer} and event_id = ${eventId}`;
+  return rows.length === 1;
+}

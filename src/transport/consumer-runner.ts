@@ -1,0 +1,351 @@
+/**
+ * Runs one reaction as a durable pull consumer shared by every process: explicit ack,
+ * `ack_wait`, `max_deliver` and backoff. A transactional reaction records (consumer, event
+ * id) in the inbox in the same transaction as its effect and acks after commit, so a
+ * redelivery changes nothing. A failure is nak'ed with an exponential delay; the last allowed
+ * delivery that fails goes to `dead_letters` and the DLQ stream with its error, then `term()`.
+ * A message whose every delivery timed out (a crashed handler) is dead-lettered from the
+ * server's MAX_DELIVERIES advisory instead.
+ */
+import {
+  AckPolicy,
+  type ConsumerConfig,
+  type ConsumerMessages,
+  DeliverPolicy,
+  type JetStreamClient,
+  type JetStreamManager,
+  type JsMsg,
+} from '@nats-io/jetstream';
+import { headers, type NatsConnection, nanos, type Subscription } from '@nats-io/transport-node';
+import type { ActorHost } from '../actors/host.js';
+import type { Logger } from '../log.js';
+import type { Sql } from '../persistence/db.js';
+import { insertDeadLetter } from '../persistence/dead-letter-rows.js';
+import type { EventEntry } from '../persistence/event-log.js';
+import { recordInbox } from '../persistence/inbox-rows.js';
+import type { Reaction } from './reactions.js';
+import { isStreamNotFound } from './streams.js';
+import { dlqSubject, type TransportNames } from './subjects.js';
+
+export interface ConsumerSettings {
+  /** How long a delivery may stay unacknowledged before the server redelivers it. */
+  ackWaitMs: number;
+  /** Deliveries before a message is dead-lettered. */
+  maxDeliver: number;
+  /** First nak delay; doubles with each delivery, capped at `maxRetryDelayMs`. */
+  retryBaseMs: number;
+  maxRetryDelayMs: number;
+  /** Messages handled at once by this process. */
+  concurrency: number;
+}
+
+export const DEFAULT_CONSUMER_SETTINGS: ConsumerSettings = {
+  ackWaitMs: 30_000,
+  maxDeliver: 5,
+  retryBaseMs: 1_000,
+  maxRetryDelayMs: 60_000,
+  concurrency: 8,
+};
+
+export interface RunnerOptions {
+  nc: NatsConnection;
+  js: JetStreamClient;
+  jsm: JetStreamManager;
+  sql: Sql;
+  host: ActorHost;
+  names: TransportNames;
+  log: Logger;
+  reaction: Reaction;
+  settings: ConsumerSettings;
+  /** Creates the streams again when the consumer finds its stream gone. */
+  ensureStreams: () => Promise<void>;
+}
+
+export type Outcome = 'applied' | 'duplicate' | 'ignored';
+
+export interface ReactionStats {
+  applied: number;
+  duplicates: number;
+  ignored: number;
+  failures: number;
+  redeliveries: number;
+  deadLettered: number;
+}
+
+export class ConsumerRunner {
+  readonly stats: ReactionStats = {
+    applied: 0,
+    duplicates: 0,
+    ignored: 0,
+    failures: 0,
+    redeliveries: 0,
+    deadLettered: 0,
+  };
+  readonly name: string;
+  private running = false;
+  private loop: Promise<void> | null = null;
+  private messages: ConsumerMessages | null = null;
+  private advisories: Subscription | null = null;
+  private readonly inFlight = new Set<Promise<void>>();
+  private restartTimer: { timer: NodeJS.Timeout; resolve: () => void } | null = null;
+
+  constructor(private readonly o: RunnerOptions) {
+    this.name = o.reaction.name;
+  }
+
+  consumerConfig(): Partial<ConsumerConfig> {
+    const s = this.o.settings;
+    const backoff: number[] = [];
+    for (let i = 0; i < Math.min(s.maxDeliver - 1, 8); i++) {
+      backoff.push(nanos(Math.min(s.ackWaitMs * 2 ** i, Math.max(s.maxRetryDelayMs, s.ackWaitMs))));
+    }
+    return {
+      durable_name: this.name,
+      ack_policy: AckPolicy.Explicit,
+      ack_wait: nanos(s.ackWaitMs),
+      max_deliver: s.maxDeliver,
+      ...(backoff.length > 0 ? { backoff } : {}),
+      filter_subject: this.o.reaction.filterSubject(this.o.names),
+      deliver_policy: DeliverPolicy.All,
+      max_ack_pending: 1_000,
+    };
+  }
+
+  /** Creates the durable consumer, or brings its configuration up to date. */
+  async ensureConsumer(): Promise<void> {
+    const { jsm, names } = this.o;
+    const config = this.consumerConfig();
+    try {
+      await jsm.consumers.add(names.stream, config);
+    } catch (error) {
+      if (isStreamNotFound(error)) {
+        await this.o.ensureStreams();
+        await jsm.consumers.add(names.stream, config);
+        return;
+      }
+      const { durable_name: _d, deliver_policy: _p, ...changeable } = config;
+      try {
+        await jsm.consumers.update(names.stream, this.name, changeable);
+      } catch {
+        throw error;
+      }
+    }
+  }
+
+  async start(): Promise<void> {
+    if (this.running) return;
+    await this.ensureConsumer();
+    this.running = true;
+    this.advisories = this.o.nc.subscribe(
+      `$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.${this.o.names.stream}.${this.name}`,
+      {
+        queue: `${this.o.names.stream}_${this.name}_dlq`,
+        callback: (err, msg) => {
+          if (err) return;
+          const p = this.onMaxDeliveries(msg.json<{ stream_seq: number; deliveries: number }>());
+          this.inFlight.add(p);
+          void p.finally(() => this.inFlight.delete(p));
+        },
+      },
+    );
+    this.loop = this.run();
+  }
+
+  async stop(): Promise<void> {
+    this.running = false;
+    this.advisories?.unsubscribe();
+    this.advisories = null;
+    if (this.restartTimer) {
+      clearTimeout(this.restartTimer.timer);
+      this.restartTimer.resolve();
+    }
+    await this.messages?.close().catch(() => {});
+    await this.loop;
+    this.loop = null;
+    await Promise.allSettled([...this.inFlight]);
+  }
+
+  private async run(): Promise<void> {
+    let failures = 0;
+    while (this.running) {
+      try {
+        if (failures > 0) await this.ensureConsumer();
+        const consumer = await this.o.js.consumers.get(this.o.names.stream, this.name);
+        const s = this.o.settings;
+        const messages = await consumer.consume({
+          max_messages: s.concurrency,
+          expires: 10_000,
+          abort_on_missing_resource: true,
+        });
+        this.messages = messages;
+        void this.watch(messages);
+        if (!this.running) await messages.close();
+        for await (const m of messages) {
+          failures = 0;
+          while (this.inFlight.size >= s.concurrency) await Promise.race(this.inFlight);
+          const p = this.handleMessage(m).finally(() => this.inFlight.delete(p));
+          this.inFlight.add(p);
+        }
+      } catch (error) {
+        if (this.running) this.o.log.warn({ err: error, consumer: this.name }, 'consumer stopped');
+      }
+      this.messages = null;
+      if (!this.running) break;
+      failures++;
+      // The consumer (or its stream) went away, or the server refused: recreate and resume.
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, Math.min(5_000, 200 * 2 ** Math.min(failures, 5)));
+        this.restartTimer = { timer, resolve };
+      });
+      this.restartTimer = null;
+    }
+  }
+
+  /** Ends the iterator when the consumer is deleted under it, so `run` recreates it. */
+  private async watch(messages: ConsumerMessages): Promise<void> {
+    try {
+      for await (const s of messages.status()) {
+        if (
+          s.type === 'consumer_deleted' ||
+          s.type === 'consumer_not_found' ||
+          s.type === 'stream_not_found'
+        ) {
+          await messages.close();
+          return;
+        }
+      }
+    } catch {
+      // closed
+    }
+  }
+
+  /** Handles one delivery: process, then ack, nak with a delay, or dead-letter and term. */
+  async handleMessage(m: JsMsg): Promise<void> {
+    const deliveries = m.info.deliveryCount;
+    if (deliveries > 1) this.stats.redeliveries++;
+    let entry: EventEntry | null = null;
+    const s = this.o.settings;
+    const keepAlive = setInterval(() => m.working(), Math.max(100, s.ackWaitMs / 2));
+    try {
+      entry = m.json<EventEntry>();
+      await this.process(entry);
+      m.ack();
+    } catch (error) {
+      this.stats.failures++;
+      const message = error instanceof Error ? error.message : String(error);
+      if (deliveries >= s.maxDeliver || entry === null) {
+        try {
+          await this.deadLetter(m.subject, entry, m.string(), message, deliveries);
+          m.term();
+        } catch (dlqError) {
+          // The MAX_DELIVERIES advisory will dead-letter it once the server gives up.
+          this.o.log.error({ err: dlqError, consumer: this.name }, 'dead-lettering failed');
+          m.nak(s.retryBaseMs);
+        }
+      } else {
+        const delay = Math.min(s.maxRetryDelayMs, s.retryBaseMs * 2 ** (deliveries - 1));
+        this.o.log.warn(
+          {
+            err: error,
+            consumer: this.name,
+            eventId: entry?.eventId,
+            deliveries,
+            retryInMs: delay,
+          },
+          'reaction failed; will retry',
+        );
+        m.nak(delay);
+      }
+    } finally {
+      clearInterval(keepAlive);
+    }
+  }
+
+  /**
+   * The reaction's effect for one event, at most once per (consumer, event id). Safe to call
+   * again with the same entry: the second call finds the inbox row and returns 'duplicate'.
+   */
+  async process(entry: EventEntry): Promise<Outcome> {
+    const r = this.o.reaction;
+    if (!r.accepts(entry)) {
+      this.stats.ignored++;
+      return 'ignored';
+    }
+    if (r.kind === 'direct') {
+      await r.run(entry);
+      this.stats.applied++;
+      return 'applied';
+    }
+    const { value } = await this.o.host.transact(async (uow) => {
+      if (!(await recordInbox(uow.tx, this.name, entry.eventId))) return 'duplicate' as const;
+      await r.apply(uow, entry, this.o.host);
+      return 'applied' as const;
+    });
+    if (value === 'duplicate') this.stats.duplicates++;
+    else this.stats.applied++;
+    return value;
+  }
+
+  private async deadLetter(
+    subject: string,
+    entry: EventEntry | null,
+    raw: string,
+    error: string,
+    deliveries: number,
+  ): Promise<void> {
+    await insertDeadLetter(this.o.sql, {
+      consumer: this.name,
+      eventId: entry?.eventId ?? null,
+      subject,
+      data: entry ?? { raw },
+      error,
+      deliveries,
+    });
+    const h = headers();
+    h.set('Orch-Consumer', this.name);
+    h.set('Orch-Subject', subject);
+    h.set('Orch-Error', error.replace(/[\r\n]+/g, ' ').slice(0, 1000));
+    h.set('Orch-Deliveries', String(deliveries));
+    await this.o.js.publish(dlqSubject(this.o.names, this.name), raw, {
+      headers: h,
+      ...(entry ? { msgID: `${this.name}:${entry.eventId}` } : {}),
+    });
+    this.stats.deadLettered++;
+    this.o.log.error(
+      { consumer: this.name, eventId: entry?.eventId, deliveries, error },
+      'reaction gave up; message dead-lettered',
+    );
+  }
+
+  /** The server stopped delivering a message nobody acked (handlers crashed or hung). */
+  private async onMaxDeliveries(a: { stream_seq: number; deliveries: number }): Promise<void> {
+    try {
+      const stored = await this.o.jsm.streams.getMessage(this.o.names.stream, {
+        seq: a.stream_seq,
+      });
+      if (!stored) return;
+      const raw = stored.string();
+      let entry: EventEntry | null = null;
+      try {
+        entry = JSON.parse(raw) as EventEntry;
+      } catch {
+        entry = null;
+      }
+      // A handler that failed on its last delivery has dead-lettered it already.
+      if (entry) {
+        const seen = await this.o.sql`select 1 from dead_letters
+          where consumer = ${this.name} and event_id = ${entry.eventId}`;
+        if (seen.length > 0) return;
+      }
+      await this.deadLetter(
+        stored.subject,
+        entry,
+        raw,
+        `no ack after ${a.deliveries} deliveries (ack_wait expired each time)`,
+        a.deliveries,
+      );
+    } catch (error) {
+      this.o.log.error({ err: error, consumer: this.name }, 'max-deliveries advisory not handled');
+    }
+  }
+}

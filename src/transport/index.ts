@@ -1,0 +1,231 @@
+/**
+ * The transport: everything that moves events between Postgres and NATS JetStream in one
+ * process. `Transport.start` connects, ensures the streams, and starts the outbox relay, one
+ * runner per reaction (durable consumers shared by every process) and the reconciler;
+ * `stop` drains them and closes the connection. Any number of processes may run one.
+ */
+import {
+  type JetStreamClient,
+  type JetStreamManager,
+  jetstream,
+  jetstreamManager,
+} from '@nats-io/jetstream';
+import type { NatsConnection, Subscription } from '@nats-io/transport-node';
+import type { ActorHost } from '../actors/host.js';
+import type { Logger } from '../log.js';
+import type { Sql } from '../persistence/db.js';
+import {
+  countDeadLetters,
+  type DeadLetter,
+  listDeadLetters,
+} from '../persistence/dead-letter-rows.js';
+import type { OutboxLag } from '../persistence/outbox-rows.js';
+import {
+  ConsumerRunner,
+  type ConsumerSettings,
+  DEFAULT_CONSUMER_SETTINGS,
+  type ReactionStats,
+} from './consumer-runner.js';
+import { type EventSubscription, type FeedMessage, subscribeEvents } from './event-feed.js';
+import { connectNats } from './nats.js';
+import { OutboxRelay, type RelayOptions, type RelayStats } from './outbox-relay.js';
+import {
+  type DispatchMessage,
+  defaultReactions,
+  type Reaction,
+  subscribeDispatch,
+} from './reactions.js';
+import { Reconciler, type ReconcilerStats } from './reconciler.js';
+import { ensureStreams, type StreamOptions } from './streams.js';
+import type { TransportNames } from './subjects.js';
+
+export interface TransportOptions {
+  sql: Sql;
+  host: ActorHost;
+  log: Logger;
+  natsUrl: string;
+  names: TransportNames;
+  /** Reconciler interval (RECONCILE_MS). */
+  reconcileMs: number;
+  /** Deadline of the first NATS connect. */
+  connectTimeoutMs?: number;
+  streamOptions?: StreamOptions;
+  consumer?: Partial<ConsumerSettings>;
+  relay?: Partial<
+    Pick<RelayOptions, 'batchSize' | 'leaseMs' | 'pollMs' | 'publishTimeoutMs' | 'streamCheckMs'>
+  >;
+  /** Reconciler: rows changed more recently than this are left to the reactions. */
+  reconcileGraceMs?: number;
+  /** Reactions to run; the CONTRACT's three by default. An empty list runs none. */
+  reactions?: (nc: NatsConnection, names: TransportNames) => Reaction[];
+  /** Turn parts off (tests, or a process that only publishes). All on by default. */
+  enableRelay?: boolean;
+  enableReconciler?: boolean;
+}
+
+export interface TransportMetrics {
+  connected: boolean;
+  outbox: OutboxLag;
+  relay: RelayStats;
+  reactions: Record<string, ReactionStats>;
+  redeliveries: number;
+  deadLetters: number;
+  reconciler: ReconcilerStats;
+}
+
+export type { DeadLetter, DispatchMessage, EventSubscription, FeedMessage, TransportNames };
+export { subscribeDispatch };
+
+export class Transport {
+  readonly relay: OutboxRelay;
+  readonly runners: ConsumerRunner[];
+  readonly reconciler: Reconciler;
+  private readonly feeds = new Set<EventSubscription>();
+  private readonly unsubscribeCommit: () => void;
+  private stopped = false;
+
+  private constructor(
+    readonly nc: NatsConnection,
+    readonly js: JetStreamClient,
+    readonly jsm: JetStreamManager,
+    private readonly o: TransportOptions,
+  ) {
+    const ensure = () => ensureStreams(jsm, o.names, o.streamOptions);
+    this.relay = new OutboxRelay({
+      sql: o.sql,
+      js,
+      jsm,
+      names: o.names,
+      log: o.log.child({ component: 'outbox-relay' }),
+      ...(o.streamOptions ? { streamOptions: o.streamOptions } : {}),
+      ...o.relay,
+    });
+    const settings: ConsumerSettings = { ...DEFAULT_CONSUMER_SETTINGS, ...o.consumer };
+    const reactions = (o.reactions ?? defaultReactions)(nc, o.names);
+    this.runners = reactions.map(
+      (reaction) =>
+        new ConsumerRunner({
+          nc,
+          js,
+          jsm,
+          sql: o.sql,
+          host: o.host,
+          names: o.names,
+          log: o.log.child({ component: 'reaction', consumer: reaction.name }),
+          reaction,
+          settings,
+          ensureStreams: ensure,
+        }),
+    );
+    this.reconciler = new Reconciler({
+      sql: o.sql,
+      host: o.host,
+      log: o.log.child({ component: 'reconciler' }),
+      names: o.names,
+      nc,
+      intervalMs: o.reconcileMs,
+      ...(o.reconcileGraceMs !== undefined ? { graceMs: o.reconcileGraceMs } : {}),
+    });
+    // A commit in this process wakes the relay at once (NOTIFY covers the other processes).
+    this.unsubscribeCommit = o.host.onCommit(() => this.relay.wake());
+  }
+
+  /**
+   * Connects (failing with `Unavailable` naming the URL if NATS does not answer in time),
+   * ensures the streams and starts every part.
+   */
+  static async start(options: TransportOptions): Promise<Transport> {
+    const nc = await connectNats(options.natsUrl, {
+      timeoutMs: options.connectTimeoutMs ?? 5_000,
+      log: options.log.child({ component: 'nats' }),
+      name: `orchestrator:${options.names.prefix}`,
+    });
+    try {
+      const jsm = await jetstreamManager(nc);
+      await ensureStreams(jsm, options.names, options.streamOptions);
+      const t = new Transport(nc, jetstream(nc), jsm, options);
+      await t.startParts();
+      return t;
+    } catch (error) {
+      await nc.close().catch(() => {});
+      throw error;
+    }
+  }
+
+  private async startParts(): Promise<void> {
+    if (this.o.enableRelay !== false) await this.relay.start();
+    for (const r of this.runners) await r.start();
+    if (this.o.enableReconciler !== false) this.reconciler.start();
+  }
+
+  /** Stops every part (in-flight reactions finish), then drains and closes the connection. */
+  async stop(): Promise<void> {
+    if (this.stopped) return;
+    this.stopped = true;
+    this.unsubscribeCommit();
+    await Promise.all([...this.feeds].map((f) => f.close()));
+    await this.reconciler.stop();
+    await Promise.all(this.runners.map((r) => r.stop()));
+    await this.relay.stop();
+    await this.nc.drain().catch(() => this.nc.close());
+  }
+
+  /** True while the NATS connection is up (for /readyz). */
+  connected(): boolean {
+    return !this.nc.isClosed() && !this.nc.isDraining() && this.nc.info !== undefined;
+  }
+
+  async metrics(): Promise<TransportMetrics> {
+    const reactions: Record<string, ReactionStats> = {};
+    let redeliveries = 0;
+    for (const r of this.runners) {
+      reactions[r.name] = { ...r.stats };
+      redeliveries += r.stats.redeliveries;
+    }
+    const [outbox, deadLetters] = await Promise.all([
+      this.relay.lag(),
+      countDeadLetters(this.o.sql),
+    ]);
+    return {
+      connected: this.connected(),
+      outbox,
+      relay: { ...this.relay.stats },
+      reactions,
+      redeliveries,
+      deadLetters,
+      reconciler: { ...this.reconciler.stats },
+    };
+  }
+
+  /** The most recent dead letters, newest first (for an API route). */
+  deadLetters(limit = 100): Promise<DeadLetter[]> {
+    return listDeadLetters(this.o.sql, Math.max(1, Math.min(limit, 1_000)));
+  }
+
+  /**
+   * The live feed for SSE: every event after stream sequence `afterStreamSeq` ('new': only
+   * events from now on), optionally of one entity, each with its stream sequence.
+   */
+  async subscribeEvents(
+    afterStreamSeq: number | 'new',
+    filterEntityId: string | undefined,
+    onMessage: (m: FeedMessage) => void | Promise<void>,
+  ): Promise<EventSubscription> {
+    const sub = await subscribeEvents(
+      this.js,
+      this.o.names,
+      afterStreamSeq,
+      filterEntityId,
+      onMessage,
+      this.o.log,
+    );
+    this.feeds.add(sub);
+    void sub.done.then(() => this.feeds.delete(sub));
+    return sub;
+  }
+
+  /** Dispatch wake-ups from any process. */
+  subscribeDispatch(onWake: (msg: DispatchMessage) => void): Subscription {
+    return subscribeDispatch(this.nc, this.o.names, onWake);
+  }
+}

@@ -1,0 +1,199 @@
+/**
+ * The reconciler: Postgres is the source of truth, and JetStream may lose acknowledged
+ * messages. On a slow interval, in every process, it re-derives from Postgres what the
+ * reactions should have done and applies it through the same idempotent path:
+ * - a ticket whose record of a task's state is behind the task → `TASK_STATE` (which advances
+ *   or blocks it when that is due);
+ * - a cancelled ticket with open tasks → `CANCEL` them;
+ * - pending tasks waiting longer than the grace period → one dispatch wake-up.
+ * Sweeps walk partial indexes in keyset order, a bounded batch at a time. Only rows untouched
+ * for `graceMs` are considered, so it does not race reactions that are merely in flight.
+ */
+import type { NatsConnection } from '@nats-io/transport-node';
+import type { ActorHost } from '../actors/host.js';
+import type { Logger } from '../log.js';
+import type { Sql } from '../persistence/db.js';
+import {
+  cancelOpenTasks,
+  forwardTaskState,
+  OPEN_TASK_STATES,
+  publishDispatch,
+} from './reactions.js';
+import type { TransportNames } from './subjects.js';
+
+export interface ReconcilerOptions {
+  sql: Sql;
+  host: ActorHost;
+  log: Logger;
+  names: TransportNames;
+  /** For dispatch wake-ups; none are sent without it. */
+  nc?: NatsConnection;
+  intervalMs: number;
+  /** Rows per query. */
+  batchSize?: number;
+  /** Batches per sweep and run; the cursor carries over to the next run. */
+  maxBatches?: number;
+  /** Rows changed more recently than this are left to the reactions. */
+  graceMs?: number;
+}
+
+export interface ReconcilerStats {
+  runs: number;
+  ticketsFixed: number;
+  tasksCancelled: number;
+  dispatches: number;
+  errors: number;
+}
+
+export interface ReconcileResult {
+  ticketsFixed: number;
+  tasksCancelled: number;
+  dispatched: boolean;
+}
+
+export class Reconciler {
+  readonly stats: ReconcilerStats = {
+    runs: 0,
+    ticketsFixed: 0,
+    tasksCancelled: 0,
+    dispatches: 0,
+    errors: 0,
+  };
+  private timer: NodeJS.Timeout | null = null;
+  private running: Promise<ReconcileResult> | null = null;
+  private ticketCursor = '';
+  private taskCursor: [string, string] = ['', ''];
+  private readonly batchSize: number;
+  private readonly maxBatches: number;
+  private readonly graceMs: number;
+
+  constructor(private readonly o: ReconcilerOptions) {
+    this.batchSize = o.batchSize ?? 500;
+    this.maxBatches = o.maxBatches ?? 10;
+    this.graceMs = o.graceMs ?? Math.min(o.intervalMs, 10_000);
+  }
+
+  start(): void {
+    if (this.timer) return;
+    this.timer = setInterval(() => {
+      void this.runOnce().catch((error) => {
+        this.stats.errors++;
+        this.o.log.warn({ err: error }, 'reconcile run failed');
+      });
+    }, this.o.intervalMs);
+    this.timer.unref();
+  }
+
+  async stop(): Promise<void> {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = null;
+    await this.running?.catch(() => undefined);
+  }
+
+  /** One run of every sweep (a run already under way is joined, not repeated). */
+  runOnce(): Promise<ReconcileResult> {
+    this.running ??= this.doRun().finally(() => {
+      this.running = null;
+    });
+    return this.running;
+  }
+
+  private async doRun(): Promise<ReconcileResult> {
+    this.stats.runs++;
+    const ticketsFixed = await this.sweepTaskStates();
+    const tasksCancelled = await this.sweepCancelled();
+    const dispatched = await this.dispatchWaiting();
+    if (ticketsFixed + tasksCancelled > 0) {
+      this.o.log.info({ ticketsFixed, tasksCancelled }, 'reconciler applied missed reactions');
+    }
+    return { ticketsFixed, tasksCancelled, dispatched };
+  }
+
+  /** Tickets whose record of a task is older than the task and says another state. */
+  private async sweepTaskStates(): Promise<number> {
+    const { sql } = this.o;
+    let fixed = 0;
+    for (let b = 0; b < this.maxBatches; b++) {
+      const ids = (
+        await sql<{ id: string }[]>`
+          select id from tickets where state not in ('done', 'cancelled') and id > ${this.ticketCursor}
+          order by id limit ${this.batchSize}`
+      ).map((r) => r.id);
+      if (ids.length === 0) {
+        this.ticketCursor = '';
+        break;
+      }
+      this.ticketCursor = ids[ids.length - 1] as string;
+      const drift = await sql<{ task_id: string }[]>`
+        select t.id as task_id
+        from tickets k join tasks t on t.ticket_id = k.id
+        where k.id = any(${ids}::text[])
+          and k.state not in ('done', 'cancelled')
+          and t.updated_at < now() - make_interval(secs => ${this.graceMs / 1000})
+          and k.snapshot -> 'context' -> 'tasks' -> t.id is not null
+          and (k.snapshot -> 'context' -> 'tasks' -> t.id ->> 'seq')::int < t.seq
+          and (k.snapshot -> 'context' -> 'tasks' -> t.id ->> 'state') is distinct from t.state`;
+      for (const d of drift) {
+        const { value } = await this.o.host.transact((uow) =>
+          forwardTaskState(this.o.host, uow, d.task_id),
+        );
+        if (value) fixed++;
+      }
+      if (ids.length < this.batchSize) {
+        this.ticketCursor = '';
+        break;
+      }
+    }
+    this.stats.ticketsFixed += fixed;
+    return fixed;
+  }
+
+  /** Open tasks of cancelled tickets. */
+  private async sweepCancelled(): Promise<number> {
+    const { sql } = this.o;
+    let cancelled = 0;
+    for (let b = 0; b < this.maxBatches; b++) {
+      const [ticketAfter, taskAfter] = this.taskCursor;
+      const rows = await sql<{ ticket_id: string; id: string; cancelled: boolean }[]>`
+        select t.ticket_id, t.id, k.state = 'cancelled' as cancelled
+        from tasks t join tickets k on k.id = t.ticket_id
+        where t.state in ${sql(OPEN_TASK_STATES as string[])}
+          and (t.ticket_id, t.id) > (${ticketAfter}, ${taskAfter})
+        order by t.ticket_id, t.id
+        limit ${this.batchSize}`;
+      const last = rows[rows.length - 1];
+      if (!last) {
+        this.taskCursor = ['', ''];
+        break;
+      }
+      this.taskCursor = [last.ticket_id, last.id];
+      const tickets = [...new Set(rows.filter((r) => r.cancelled).map((r) => r.ticket_id))];
+      for (const ticketId of tickets) {
+        const { value } = await this.o.host.transact((uow) =>
+          cancelOpenTasks(this.o.host, uow, ticketId),
+        );
+        cancelled += value;
+      }
+      if (rows.length < this.batchSize) {
+        this.taskCursor = ['', ''];
+        break;
+      }
+    }
+    this.stats.tasksCancelled += cancelled;
+    return cancelled;
+  }
+
+  /** A pending task older than the grace period may have missed its dispatch: wake claimers. */
+  private async dispatchWaiting(): Promise<boolean> {
+    if (!this.o.nc || this.o.nc.isClosed()) return false;
+    const rows = await this.o.sql<{ id: string }[]>`
+      select id from tasks where state = 'pending'
+        and updated_at < now() - make_interval(secs => ${this.graceMs / 1000})
+      limit 1`;
+    const task = rows[0];
+    if (!task) return false;
+    publishDispatch(this.o.nc, this.o.names, { taskId: task.id, event: 'reconcile' });
+    this.stats.dispatches++;
+    return true;
+  }
+}

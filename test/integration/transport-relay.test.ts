@@ -1,0 +1,278 @@
+/**
+ * The outbox relay against a real NATS and Postgres: per-entity order with msg ids = event
+ * ids, deduplication of a publish repeated after a crash, NATS unreachable at start, two
+ * relays at once, and a stream that lost its messages (deleted and recreated).
+ */
+import { jetstream } from '@nats-io/jetstream';
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { ActorHost } from '../../src/actors/host.js';
+import { Unavailable } from '../../src/errors.js';
+import { silentLogger } from '../../src/log.js';
+import type { Sql } from '../../src/persistence/db.js';
+import type { Transport } from '../../src/transport/index.js';
+import { OutboxRelay } from '../../src/transport/outbox-relay.js';
+import { ensureStreams } from '../../src/transport/streams.js';
+import { eventSubject, type TransportNames } from '../../src/transport/subjects.js';
+import { createTestDatabase, type TestDatabase } from '../support/database.js';
+import { TASK_DEFAULTS, ticketInput } from '../support/fixtures.js';
+import {
+  eventually,
+  type NatsAdmin,
+  natsAdmin,
+  startTransport,
+  testNames,
+} from '../support/transport.js';
+
+/**
+ * A database is bound to one event stream (it records the stream's sequences), so each test
+ * gets a database and a stream of its own.
+ */
+let db: TestDatabase;
+let admin: NatsAdmin;
+const allNames: TransportNames[] = [];
+const dbs: TestDatabase[] = [];
+const transports: Transport[] = [];
+
+beforeAll(async () => {
+  admin = await natsAdmin();
+});
+beforeEach(async () => {
+  db = await createTestDatabase('transport_relay');
+  dbs.push(db);
+});
+afterEach(async () => {
+  await Promise.all(transports.splice(0).map((t) => t.stop()));
+});
+afterAll(async () => {
+  await admin.close(allNames);
+  await Promise.all(dbs.map((d) => d.drop()));
+});
+
+function names(): TransportNames {
+  const n = testNames();
+  allNames.push(n);
+  return n;
+}
+
+async function publishOnly(sql: Sql, host: ActorHost, n: TransportNames) {
+  const t = await startTransport(sql, host, n, { reactions: () => [], enableReconciler: false });
+  transports.push(t);
+  return t;
+}
+
+/** Tickets with several events each: created, phase_changed, then BLOCK/UNBLOCK pairs. */
+async function makeEvents(host: ActorHost, tickets: number, pairs: number): Promise<string[]> {
+  const ids: string[] = [];
+  await Promise.all(
+    Array.from({ length: tickets }, async () => {
+      const t = await host.create('ticket', ticketInput());
+      ids.push(t.id);
+      await host.send('ticket', t.id, { type: 'START' });
+      for (let i = 0; i < pairs; i++) {
+        await host.send('ticket', t.id, { type: 'BLOCK', reason: `r${i}` });
+        await host.send('ticket', t.id, { type: 'UNBLOCK' });
+      }
+    }),
+  );
+  return ids;
+}
+
+async function outboxCount(sql: Sql): Promise<number> {
+  const rows = await sql<{ n: number }[]>`select count(*)::int as n from outbox`;
+  return rows[0]?.n ?? 0;
+}
+
+interface StreamMsg {
+  seq: number;
+  subject: string;
+  msgId: string | undefined;
+  entry: { eventId: string; entityId: string; seq: number; type: string };
+}
+
+async function streamMessages(n: TransportNames): Promise<StreamMsg[]> {
+  const info = await admin.jsm.streams.info(n.stream);
+  const out: StreamMsg[] = [];
+  for (
+    let seq = info.state.first_seq;
+    seq <= info.state.last_seq && info.state.messages > 0;
+    seq++
+  ) {
+    const m = await admin.jsm.streams.getMessage(n.stream, { seq });
+    if (!m) continue;
+    out.push({
+      seq,
+      subject: m.subject,
+      msgId: m.header.get('Nats-Msg-Id') || undefined,
+      entry: m.json(),
+    });
+  }
+  return out;
+}
+
+async function streamCount(n: TransportNames): Promise<number> {
+  return (await admin.jsm.streams.info(n.stream)).state.messages;
+}
+
+async function eventCount(sql: Sql, ids: string[]): Promise<number> {
+  const rows = await sql<
+    { n: number }[]
+  >`select count(*)::int as n from events where entity_id in ${sql(ids)}`;
+  return rows[0]?.n ?? 0;
+}
+
+describe('outbox relay', () => {
+  it('drains in per-entity order with Nats-Msg-Id = event id and records stream seqs', async () => {
+    const sql = db.pool(10);
+    const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
+    const n = names();
+    const ids = await makeEvents(host, 20, 3); // 20 × 8 events, committed before the relay runs
+    expect(await outboxCount(sql)).toBe(160);
+    await publishOnly(sql, host, n);
+    await eventually(async () => (await outboxCount(sql)) === 0, 15_000, 'outbox drained');
+
+    const msgs = await streamMessages(n);
+    expect(msgs).toHaveLength(160);
+    const events = await sql<
+      { event_id: string; entity_id: string; seq: number; stream_seq: number; type: string }[]
+    >`
+      select event_id, entity_id, seq, stream_seq, type from events where entity_id in ${sql(ids)}`;
+    const byId = new Map(events.map((e) => [e.event_id, e]));
+    const lastSeq = new Map<string, number>();
+    for (const m of msgs) {
+      expect(m.msgId).toBe(m.entry.eventId);
+      const e = byId.get(m.entry.eventId);
+      expect(e?.stream_seq).toBe(m.seq);
+      expect(m.subject).toBe(eventSubject(n, 'ticket', m.entry.entityId, m.entry.type));
+      // per entity, the stream holds seq 1, 2, 3 ... in order
+      expect(m.entry.seq).toBe((lastSeq.get(m.entry.entityId) ?? 0) + 1);
+      lastSeq.set(m.entry.entityId, m.entry.seq);
+    }
+  });
+
+  it('a publish repeated after a crash between publish and mark is stored once', async () => {
+    const sql = db.pool(5);
+    const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
+    const n = names();
+    await ensureStreams(admin.jsm, n);
+    const t = await host.create('ticket', ticketInput());
+    // The "crashed" relay: published the row, never marked it.
+    const row = (
+      await sql<{ event_id: string; type: string }[]>`
+        select e.event_id, e.type from outbox o join events e on e.pos = o.pos
+        where e.entity_id = ${t.id}`
+    )[0]!;
+    const js = jetstream(admin.nc);
+    const first = await js.publish(eventSubject(n, 'ticket', t.id, row.type), '{}', {
+      msgID: row.event_id,
+    });
+    const transport = await publishOnly(sql, host, n);
+    await eventually(async () => (await outboxCount(sql)) === 0, 10_000, 'outbox drained');
+    expect(await streamCount(n)).toBe(1);
+    expect(transport.relay.stats.duplicates).toBe(1);
+    const stored = await sql<{ stream_seq: number }[]>`
+      select stream_seq from events where event_id = ${row.event_id}`;
+    expect(stored[0]?.stream_seq).toBe(first.seq);
+    await transport.stop();
+  });
+
+  it('NATS unreachable: start fails naming the URL, commands still commit, the outbox drains later', async () => {
+    const sql = db.pool(5);
+    const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
+    const n = names();
+    const badUrl = 'nats://127.0.0.1:1';
+    const failed = await startTransport(sql, host, n, {
+      natsUrl: badUrl,
+      connectTimeoutMs: 500,
+    }).catch((e: unknown) => e);
+    expect(failed).toBeInstanceOf(Unavailable);
+    expect((failed as Error).message).toContain(badUrl);
+
+    const ids = await makeEvents(host, 5, 1); // accepted and committed without NATS
+    expect(await outboxCount(sql)).toBe(20);
+    await publishOnly(sql, host, n);
+    await eventually(async () => (await outboxCount(sql)) === 0, 10_000, 'outbox drained');
+    expect(await streamCount(n)).toBe(await eventCount(sql, ids));
+  });
+
+  it('two relays on two pools publish every row once, in per-entity order', async () => {
+    const sqlA = db.pool(10);
+    const sqlB = db.pool(10);
+    const hostA = new ActorHost(sqlA, { taskDefaults: TASK_DEFAULTS });
+    const n = names();
+    await ensureStreams(admin.jsm, n);
+    const ids = await makeEvents(hostA, 60, 2); // 360 events
+    const js = jetstream(admin.nc);
+    const relays = [sqlA, sqlB].map(
+      (sql) =>
+        new OutboxRelay({
+          sql,
+          js,
+          jsm: admin.jsm,
+          names: n,
+          log: silentLogger(),
+          batchSize: 25,
+          pollMs: 20,
+          streamCheckMs: 0,
+        }),
+    );
+    await Promise.all(relays.map((r) => r.start()));
+    try {
+      await eventually(async () => (await outboxCount(sqlA)) === 0, 20_000, 'outbox drained');
+    } finally {
+      await Promise.all(relays.map((r) => r.stop()));
+    }
+    expect(relays.every((r) => r.stats.published > 0)).toBe(true);
+    expect(relays[0]!.stats.published + relays[1]!.stats.published).toBe(360);
+    expect(relays[0]!.stats.duplicates + relays[1]!.stats.duplicates).toBe(0);
+    const msgs = await streamMessages(n);
+    expect(msgs).toHaveLength(await eventCount(sqlA, ids));
+    const lastSeq = new Map<string, number>();
+    for (const m of msgs) {
+      expect(m.entry.seq).toBe((lastSeq.get(m.entry.entityId) ?? 0) + 1);
+      lastSeq.set(m.entry.entityId, m.entry.seq);
+    }
+  });
+
+  it('the stream deleted and recreated: the stream check publishes every event again', async () => {
+    const sql = db.pool(5);
+    const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
+    const n = names();
+    const ids = await makeEvents(host, 10, 1);
+    const total = await eventCount(sql, ids);
+    const transport = await publishOnly(sql, host, n);
+    await eventually(async () => (await outboxCount(sql)) === 0, 10_000, 'outbox drained');
+    expect(await streamCount(n)).toBe(total);
+
+    await admin.jsm.streams.delete(n.stream);
+    const requeued = await transport.relay.checkStream();
+    expect(requeued).toBe(total);
+    await eventually(async () => (await outboxCount(sql)) === 0, 10_000, 'outbox drained again');
+    expect(await streamCount(n)).toBe(total);
+    const msgs = await streamMessages(n);
+    expect(new Set(msgs.map((m) => m.entry.eventId)).size).toBe(total);
+    // a second check finds nothing behind
+    expect(await transport.relay.checkStream()).toBe(0);
+  });
+
+  it('a new publish that gets an already-recorded sequence re-queues the lost events', async () => {
+    const sql = db.pool(5);
+    const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
+    const n = names();
+    const ids = await makeEvents(host, 4, 1);
+    const transport = await publishOnly(sql, host, n);
+    await eventually(async () => (await outboxCount(sql)) === 0, 10_000, 'outbox drained');
+    // The stream loses everything behind the relay's back (no stream check runs here).
+    await admin.jsm.streams.delete(n.stream);
+    await ensureStreams(admin.jsm, n);
+    const more = await makeEvents(host, 1, 0);
+    const total = await eventCount(sql, [...ids, ...more]);
+    await eventually(
+      async () => (await outboxCount(sql)) === 0 && (await streamCount(n)) === total,
+      10_000,
+      'lost events published again',
+    );
+    expect(transport.relay.stats.republished).toBeGreaterThan(0);
+    const msgs = await streamMessages(n);
+    expect(new Set(msgs.map((m) => m.entry.eventId)).size).toBe(total);
+  });
+});
