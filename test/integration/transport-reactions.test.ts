@@ -1,0 +1,321 @@
+/**
+ * Reactions as durable consumers against a real NATS and Postgres: a redelivered event
+ * applies once, a handler that always throws ends in the dead letters and the DLQ stream,
+ * task completions advance each ticket exactly once with two transports on two pools, a
+ * cancelled ticket cancels its tasks, the reconciler repairs what no reaction did, dispatch
+ * wake-ups, and the event feed from a stream sequence.
+ */
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import type { Commands } from '../../src/actors/commands.js';
+import { ActorHost } from '../../src/actors/host.js';
+import type { Sql } from '../../src/persistence/db.js';
+import { toEntry } from '../../src/persistence/event-log.js';
+import type { FeedMessage, Transport } from '../../src/transport/index.js';
+import {
+  type DispatchMessage,
+  type Reaction,
+  taskStateReaction,
+} from '../../src/transport/reactions.js';
+import type { TransportNames } from '../../src/transport/subjects.js';
+import { createTestDatabase, type TestDatabase } from '../support/database.js';
+import { TASK_DEFAULTS } from '../support/fixtures.js';
+import {
+  commandsFor,
+  eventually,
+  type NatsAdmin,
+  natsAdmin,
+  startTransport,
+  testNames,
+} from '../support/transport.js';
+
+let admin: NatsAdmin;
+const allNames: TransportNames[] = [];
+const dbs: TestDatabase[] = [];
+const transports: Transport[] = [];
+
+beforeAll(async () => {
+  admin = await natsAdmin();
+});
+afterEach(async () => {
+  await Promise.all(transports.splice(0).map((t) => t.stop()));
+});
+afterAll(async () => {
+  await admin.close(allNames);
+  await Promise.all(dbs.map((d) => d.drop()));
+});
+
+interface Env {
+  db: TestDatabase;
+  names: TransportNames;
+  /** A "process": its own pool, host and commands. */
+  proc(): { sql: Sql; host: ActorHost; commands: Commands };
+  start(
+    p: { sql: Sql; host: ActorHost },
+    over?: Parameters<typeof startTransport>[3],
+  ): Promise<Transport>;
+}
+
+/** A database and a stream of their own (a database records one stream's sequences). */
+async function env(label: string): Promise<Env> {
+  const db = await createTestDatabase(label);
+  dbs.push(db);
+  const names = testNames();
+  allNames.push(names);
+  return {
+    db,
+    names,
+    proc() {
+      const sql = db.pool(10);
+      const host = new ActorHost(sql, { taskDefaults: { ...TASK_DEFAULTS, retryBaseMs: 20 } });
+      return { sql, host, commands: commandsFor(host) };
+    },
+    async start(p, over = {}) {
+      const t = await startTransport(p.sql, p.host, names, over);
+      transports.push(t);
+      return t;
+    },
+  };
+}
+
+async function ticketWithTasks(
+  p: { host: ActorHost; commands: Commands },
+  n: number,
+  spec: { maxAttempts?: number } = {},
+): Promise<{ ticketId: string; taskIds: string[] }> {
+  const { value } = await p.host.transact(async (uow) => {
+    const t = await p.commands.createTicket(uow, { title: 'reactions' });
+    const taskIds: string[] = [];
+    for (let i = 0; i < n; i++) {
+      taskIds.push((await p.commands.addTask(uow, t.id, { type: 'build', ...spec })).id);
+    }
+    return { ticketId: t.id, taskIds };
+  });
+  await p.host.send('ticket', value.ticketId, { type: 'START' });
+  return value;
+}
+
+async function claimAndStart(host: ActorHost, taskId: string): Promise<string> {
+  const claimed = await host.send('task', taskId, { type: 'CLAIM', workerId: 'w1' });
+  const token = (claimed.snapshot.context as { token: string }).token;
+  await host.send('task', taskId, { type: 'START', token });
+  return token;
+}
+
+async function complete(host: ActorHost, taskId: string): Promise<void> {
+  const token = await claimAndStart(host, taskId);
+  await host.send('task', taskId, { type: 'COMPLETE', token });
+}
+
+async function stateOf(sql: Sql, table: 'tickets' | 'tasks', id: string): Promise<string> {
+  const rows =
+    table === 'tickets'
+      ? await sql<{ state: string }[]>`select state from tickets where id = ${id}`
+      : await sql<{ state: string }[]>`select state from tasks where id = ${id}`;
+  return rows[0]?.state ?? 'missing';
+}
+
+async function countEvents(sql: Sql, entityId: string, type: string): Promise<number> {
+  const rows = await sql<{ n: number }[]>`
+    select count(*)::int as n from events where entity_id = ${entityId} and type = ${type}`;
+  return rows[0]?.n ?? 0;
+}
+
+describe('reactions', () => {
+  it('the same event handled twice (a redelivery) applies once', async () => {
+    const e = await env('reactions_dup');
+    const p = e.proc();
+    // No relay: nothing reaches the consumers, the test drives the handler itself.
+    const t = await e.start(p, { enableRelay: false, enableReconciler: false });
+    const { ticketId, taskIds } = await ticketWithTasks(p, 1);
+    const taskId = taskIds[0]!;
+    const token = await claimAndStart(p.host, taskId);
+    await p.host.send('task', taskId, { type: 'FAIL', token, error: 'x' }); // retry_wait
+    const rows = await p.sql<Parameters<typeof toEntry>[0][]>`
+      select pos, event_id, seq, entity_id, entity_type, type, data, at from events
+      where entity_id = ${taskId} and type = 'task.retry_scheduled'`;
+    const entry = toEntry(rows[0]!);
+    const runner = t.runners.find((r) => r.name === taskStateReaction.name)!;
+
+    expect(await runner.process(entry)).toBe('applied');
+    expect(await runner.process(entry)).toBe('duplicate');
+    const ticket = await p.sql<
+      { snapshot: { context: { tasks: Record<string, { state: string }> } } }[]
+    >`
+      select snapshot from tickets where id = ${ticketId}`;
+    expect(ticket[0]?.snapshot.context.tasks[taskId]?.state).toBe('retry_wait');
+    const inbox = await p.sql`select 1 from inbox where event_id = ${entry.eventId}`;
+    expect(inbox).toHaveLength(1);
+  });
+
+  it('a handler that always throws is retried, then dead-lettered with its error', async () => {
+    const e = await env('reactions_dlq');
+    const p = e.proc();
+    let calls = 0;
+    const failing: Reaction = {
+      kind: 'transactional',
+      name: 'always_fails',
+      filterSubject: (n) => `${n.prefix}.events.ticket.*.created`,
+      accepts: () => true,
+      apply: async () => {
+        calls++;
+        throw new Error('boom: the handler failed');
+      },
+    };
+    const t = await e.start(p, { reactions: () => [failing], enableReconciler: false });
+    const { ticketId } = await ticketWithTasks(p, 0);
+
+    const dead = await eventually(async () => (await t.deadLetters(10))[0], 15_000, 'dead letter');
+    expect(dead.consumer).toBe('always_fails');
+    expect(dead.error).toContain('boom');
+    expect(dead.deliveries).toBe(3);
+    expect((dead.data as { entityId: string }).entityId).toBe(ticketId);
+    expect(calls).toBe(3);
+    const dlq = await admin.jsm.streams.info(e.names.dlqStream);
+    expect(dlq.state.messages).toBe(1);
+    const msg = await admin.jsm.streams.getMessage(e.names.dlqStream, { seq: dlq.state.first_seq });
+    expect(msg?.header.get('Orch-Error')).toContain('boom');
+    const m = await t.metrics();
+    expect(m.deadLetters).toBe(1);
+    expect(m.reactions.always_fails?.redeliveries).toBe(2);
+    expect(m.redeliveries).toBe(2);
+    // term(): no further deliveries
+    await new Promise((r) => setTimeout(r, 1_500));
+    expect(calls).toBe(3);
+    // nothing changed in Postgres: the failed transactions left no inbox row
+    expect(await p.sql`select 1 from inbox where consumer = 'always_fails'`).toHaveLength(0);
+  });
+
+  it('task completions advance each ticket exactly once with two transports on two pools', async () => {
+    const e = await env('reactions_advance');
+    const a = e.proc();
+    const b = e.proc();
+    const ta = await e.start(a);
+    const tb = await e.start(b);
+    const tickets = await Promise.all(Array.from({ length: 30 }, () => ticketWithTasks(a, 3)));
+    // Complete every task, alternating hosts, all at once.
+    await Promise.all(
+      tickets.flatMap((t, i) =>
+        t.taskIds.map((id, j) => complete((i + j) % 2 === 0 ? a.host : b.host, id)),
+      ),
+    );
+    await eventually(
+      async () => {
+        const rows = await a.sql<{ n: number }[]>`
+          select count(*)::int as n from tickets where state = 'design'
+            and id in ${a.sql(tickets.map((t) => t.ticketId))}`;
+        return rows[0]?.n === tickets.length;
+      },
+      20_000,
+      'every ticket in design',
+    );
+    await new Promise((r) => setTimeout(r, 500)); // late redeliveries, if any, would land here
+    for (const t of tickets) {
+      expect(await countEvents(a.sql, t.ticketId, 'ticket.phase_changed')).toBe(2); // START + ADVANCE
+      expect(await stateOf(a.sql, 'tickets', t.ticketId)).toBe('design');
+    }
+    const applied = [ta, tb].map(
+      (t) => t.runners.find((r) => r.name === 'task_state')!.stats.applied,
+    );
+    expect(applied[0]! + applied[1]!).toBeGreaterThanOrEqual(90 * 3); // claimed, started, completed
+    expect(applied[0]! > 0 && applied[1]! > 0).toBe(true); // one durable consumer, shared
+  });
+
+  it('a task that fails for good blocks its ticket once', async () => {
+    const e = await env('reactions_block');
+    const p = e.proc();
+    await e.start(p);
+    const { ticketId, taskIds } = await ticketWithTasks(p, 2, { maxAttempts: 1 });
+    const token = await claimAndStart(p.host, taskIds[0]!);
+    await p.host.send('task', taskIds[0]!, { type: 'FAIL', token, error: 'broken' });
+    await eventually(async () => (await stateOf(p.sql, 'tickets', ticketId)) === 'blocked');
+    expect(await countEvents(p.sql, ticketId, 'ticket.blocked')).toBe(1);
+  });
+
+  it('a cancelled ticket cancels its open tasks', async () => {
+    const e = await env('reactions_cancel');
+    const p = e.proc();
+    await e.start(p);
+    const { ticketId, taskIds } = await ticketWithTasks(p, 3);
+    await claimAndStart(p.host, taskIds[0]!); // running
+    await complete(p.host, taskIds[1]!); // completed: stays completed
+    await p.host.send('ticket', ticketId, { type: 'CANCEL', reason: 'no longer needed' });
+    await eventually(
+      async () =>
+        (await stateOf(p.sql, 'tasks', taskIds[0]!)) === 'cancelled' &&
+        (await stateOf(p.sql, 'tasks', taskIds[2]!)) === 'cancelled',
+      10_000,
+      'open tasks cancelled',
+    );
+    expect(await stateOf(p.sql, 'tasks', taskIds[1]!)).toBe('completed');
+  });
+
+  it('the reconciler applies what no reaction did (reactions off)', async () => {
+    const e = await env('reactions_reconcile');
+    const p = e.proc();
+    const t = await e.start(p, { reactions: () => [], enableReconciler: false });
+    const first = await ticketWithTasks(p, 2);
+    for (const id of first.taskIds) await complete(p.host, id);
+    const second = await ticketWithTasks(p, 2);
+    await p.host.send('ticket', second.ticketId, { type: 'CANCEL' });
+    expect(await stateOf(p.sql, 'tickets', first.ticketId)).toBe('requirements');
+    expect(await stateOf(p.sql, 'tasks', second.taskIds[0]!)).toBe('pending');
+
+    const result = await t.reconciler.runOnce();
+    expect(result.ticketsFixed).toBeGreaterThanOrEqual(1);
+    expect(result.tasksCancelled).toBe(2);
+    expect(await stateOf(p.sql, 'tickets', first.ticketId)).toBe('design');
+    expect(await countEvents(p.sql, first.ticketId, 'ticket.phase_changed')).toBe(2);
+    for (const id of second.taskIds) expect(await stateOf(p.sql, 'tasks', id)).toBe('cancelled');
+    // A second run finds nothing left to do.
+    const again = await t.reconciler.runOnce();
+    expect(again.ticketsFixed + again.tasksCancelled).toBe(0);
+  });
+
+  it('a created task is dispatched to every subscriber', async () => {
+    const e = await env('reactions_dispatch');
+    const p = e.proc();
+    const t = await e.start(p, { enableReconciler: false });
+    const got: DispatchMessage[] = [];
+    const sub = t.subscribeDispatch((m) => got.push(m));
+    await t.nc.flush();
+    const { taskIds } = await ticketWithTasks(p, 1);
+    await eventually(() => got.some((m) => m.taskId === taskIds[0] && m.event === 'task.created'));
+    sub.unsubscribe();
+  });
+
+  it('the event feed resumes after a stream sequence, optionally for one entity', async () => {
+    const e = await env('reactions_feed');
+    const p = e.proc();
+    const t = await e.start(p, { reactions: () => [], enableReconciler: false });
+    const { ticketId } = await ticketWithTasks(p, 2);
+    await p.host.send('ticket', ticketId, { type: 'BLOCK', reason: 'x' });
+    await eventually(async () => {
+      const r = await p.sql<{ n: number }[]>`select count(*)::int as n from outbox`;
+      return r[0]?.n === 0;
+    });
+    const all: FeedMessage[] = [];
+    const feed = await t.subscribeEvents(0, undefined, (m) => {
+      all.push(m);
+    });
+    // ticket: created, task_added ×0 (no event), phase_changed, blocked; tasks: created ×2
+    const total = (await p.sql<{ n: number }[]>`select count(*)::int as n from events`)[0]!.n;
+    await eventually(() => all.length === total);
+    expect(all.map((m) => m.streamSeq)).toEqual(all.map((_, i) => i + 1));
+    await feed.close();
+
+    const mine: FeedMessage[] = [];
+    const afterFirst = all.find((m) => m.entry.entityId === ticketId)!.streamSeq;
+    const filtered = await t.subscribeEvents(afterFirst, ticketId, (m) => {
+      mine.push(m);
+    });
+    const later = await p.sql<{ n: number }[]>`
+      select count(*)::int as n from events where entity_id = ${ticketId} and seq > 1`;
+    await eventually(() => mine.length === later[0]!.n);
+    expect(mine.every((m) => m.entry.entityId === ticketId && m.streamSeq > afterFirst)).toBe(true);
+    expect(mine.map((m) => m.entry.seq)).toEqual(mine.map((_, i) => i + 2));
+    // live: a new event arrives on the open feed
+    await p.host.send('ticket', ticketId, { type: 'UNBLOCK' });
+    await eventually(() => mine.some((m) => m.entry.type === 'ticket.unblocked'));
+    await filtered.close();
+  });
+});
