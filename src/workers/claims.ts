@@ -43,6 +43,7 @@ export interface ClaimOptions {
 const CANDIDATES_PER_TRY = 2;
 const DEADLOCK_DETECTED = '40P01';
 
+/** One per process: it subscribes to the host's commits for as long as it lives (see `close`). */
 export class ClaimService {
   claims = 0;
   private readonly unsubscribe: () => void;

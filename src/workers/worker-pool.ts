@@ -56,6 +56,12 @@ export function createWorkerPool(
   config: Config,
   log: Logger,
 ): WorkerPool {
+  if (config.HEARTBEAT_MS >= config.LEASE_MS) {
+    log.warn(
+      { HEARTBEAT_MS: config.HEARTBEAT_MS, LEASE_MS: config.LEASE_MS },
+      'HEARTBEAT_MS is not below LEASE_MS: running tasks will lose their leases',
+    );
+  }
   return new WorkerPool(host, claims, createExecutors(config), log.child({ component: 'worker' }), {
     workerId: config.WORKER_ID,
     concurrency: config.WORKER_CONCURRENCY,
@@ -78,6 +84,7 @@ interface Execution {
 type Report = 'ok' | 'stale' | 'error';
 
 const REPORT_TRIES = 5;
+const IDLE_POLL_MS = 500;
 
 export class WorkerPool {
   private readonly counters = {
@@ -152,6 +159,8 @@ export class WorkerPool {
     let failures = 0;
     while (!this.stopping) {
       let claimed: ClaimedTask | null;
+      const generation = this.claims.wakeups.generation;
+      const asked = Date.now();
       try {
         claimed = await this.claims.claim({
           workerId,
@@ -167,7 +176,13 @@ export class WorkerPool {
         await delay(Math.min(5_000, 100 * 2 ** Math.min(failures, 6)), this.claimAbort.signal);
         continue;
       }
-      if (!claimed) continue;
+      if (!claimed) {
+        // A service that does not long-poll (CLAIM_MAX_WAIT_MS=0) must not make this a busy loop.
+        if (Date.now() - asked < IDLE_POLL_MS && this.claims.wakeups.generation === generation) {
+          await this.claims.wakeups.wait(IDLE_POLL_MS, this.claimAbort.signal);
+        }
+        continue;
+      }
       this.counters.claims++;
       await this.execute(claimed, log);
     }

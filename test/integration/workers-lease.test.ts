@@ -115,30 +115,39 @@ describe('leases', () => {
     const ticket = await p.ticket();
     const ids: string[] = [];
     for (let i = 0; i < 20; i++) ids.push(await p.task(ticket, { type: 'x', maxAttempts: 1 }));
-    const tokens = new Map<string, string>();
-    for (const id of ids) {
-      const c = await p.host.send('task', id, { type: 'CLAIM', workerId: 'w', leaseMs: 100 });
-      tokens.set(id, tokenOf(c));
-      await p.host.send('task', id, { type: 'START', token: tokenOf(c) });
-    }
-    await new Promise((r) => setTimeout(r, 95));
-    const completes = Promise.allSettled(
-      ids.map((id) => p.host.send('task', id, { type: 'COMPLETE', token: tokens.get(id) })),
+    const tokens = await Promise.all(
+      ids.map(async (id) => {
+        const c = await p.host.send('task', id, { type: 'CLAIM', workerId: 'w', leaseMs: 150 });
+        await p.host.send('task', id, { type: 'START', token: tokenOf(c) });
+        return tokenOf(c);
+      }),
     );
-    await Promise.all([p.poller.tick(), p.poller.tick(), completes]);
-    await new Promise((r) => setTimeout(r, 50));
-    await p.poller.tick();
-    for (const id of ids) {
+    await p.poller.start();
+    // Completions spread over 0-285 ms against leases that end at ~150 ms: early ones win,
+    // late ones lose, and the ones in between race the timer poller.
+    const outcomes = await Promise.allSettled(
+      ids.map(async (id, i) => {
+        await new Promise((r) => setTimeout(r, i * 15));
+        return p.host.send('task', id, { type: 'COMPLETE', token: tokens[i] });
+      }),
+    );
+    await new Promise((r) => setTimeout(r, 100));
+    await p.poller.stop();
+    const states = new Set<string>();
+    for (const [i, id] of ids.entries()) {
       const types = await eventTypes(db.sql, id);
       const state = (await taskRow(db.sql, id)).state;
-      if (types.includes('task.completed')) {
+      states.add(state);
+      if (outcomes[i]?.status === 'fulfilled') {
         expect(types.at(-1)).toBe('task.completed');
         expect(state).toBe('completed');
       } else {
+        expect(types).not.toContain('task.completed');
         expect(types.slice(-2)).toEqual(['task.lease_expired', 'task.failed']);
         expect(state).toBe('failed');
       }
     }
+    expect(states).toEqual(new Set(['completed', 'failed']));
   });
 
   it('a pool whose heartbeat is refused aborts its executor and reports nothing', async () => {
