@@ -3,6 +3,7 @@
  * ids, deduplication of a publish repeated after a crash, NATS unreachable at start, two
  * relays at once, and a stream that lost its messages (deleted and recreated).
  */
+import { type AddressInfo, createServer, connect as netConnect, type Socket } from 'node:net';
 import { jetstream } from '@nats-io/jetstream';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { ActorHost } from '../../src/actors/host.js';
@@ -16,6 +17,7 @@ import { eventSubject, type TransportNames } from '../../src/transport/subjects.
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 import { TASK_DEFAULTS, ticketInput } from '../support/fixtures.js';
 import {
+  commandsFor,
   eventually,
   type NatsAdmin,
   natsAdmin,
@@ -109,6 +111,11 @@ async function streamMessages(n: TransportNames): Promise<StreamMsg[]> {
   return out;
 }
 
+async function stateOf(sql: Sql, ticketId: string): Promise<string | undefined> {
+  const rows = await sql<{ state: string }[]>`select state from tickets where id = ${ticketId}`;
+  return rows[0]?.state;
+}
+
 async function streamCount(n: TransportNames): Promise<number> {
   return (await admin.jsm.streams.info(n.stream)).state.messages;
 }
@@ -118,6 +125,34 @@ async function eventCount(sql: Sql, ids: string[]): Promise<number> {
     { n: number }[]
   >`select count(*)::int as n from events where entity_id in ${sql(ids)}`;
   return rows[0]?.n ?? 0;
+}
+
+/** A TCP proxy in front of NATS: closing it is NATS going down for this client. */
+async function natsProxy(port = 0): Promise<{ port: number; close(): Promise<void> }> {
+  const sockets = new Set<Socket>();
+  const server = createServer((client) => {
+    const upstream = netConnect(4222, '127.0.0.1');
+    sockets.add(client);
+    sockets.add(upstream);
+    const drop = () => {
+      client.destroy();
+      upstream.destroy();
+    };
+    for (const s of [client, upstream]) {
+      s.on('error', drop);
+      s.on('close', drop);
+    }
+    client.pipe(upstream).pipe(client);
+  });
+  await new Promise<void>((resolve) => server.listen(port, '127.0.0.1', resolve));
+  return {
+    port: (server.address() as AddressInfo).port,
+    close: () =>
+      new Promise<void>((resolve) => {
+        for (const s of sockets) s.destroy();
+        server.close(() => resolve());
+      }),
+  };
 }
 
 describe('outbox relay', () => {
@@ -274,5 +309,60 @@ describe('outbox relay', () => {
     expect(transport.relay.stats.republished).toBeGreaterThan(0);
     const msgs = await streamMessages(n);
     expect(new Set(msgs.map((m) => m.entry.eventId)).size).toBe(total);
+  });
+
+  it('NATS down mid-run: commands commit, the outbox waits, then drains and reactions resume', async () => {
+    const sql = db.pool(10);
+    const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
+    const n = names();
+    let proxy = await natsProxy();
+    const transport = await startTransport(sql, host, n, {
+      natsUrl: `nats://127.0.0.1:${proxy.port}`,
+      enableReconciler: false, // the reactions alone must catch up
+    });
+    transports.push(transport);
+    const before = await makeEvents(host, 2, 0);
+    await eventually(async () => (await outboxCount(sql)) === 0, 10_000, 'outbox drained');
+
+    const commands = commandsFor(host);
+    const { value: ticketId } = await host.transact(async (uow) => {
+      const tk = await commands.createTicket(uow, { title: 'outage' });
+      await commands.addTask(uow, tk.id, { id: `${tk.id}-task`, type: 'build' });
+      return tk.id;
+    });
+    await host.send('ticket', ticketId, { type: 'START' });
+    await eventually(async () => (await outboxCount(sql)) === 0, 10_000, 'outbox drained');
+
+    await proxy.close(); // NATS unreachable from here on
+    const during = await makeEvents(host, 10, 1);
+    const taskId = `${ticketId}-task`;
+    const claimed = await host.send('task', taskId, { type: 'CLAIM', workerId: 'w' });
+    const token = (claimed.snapshot.context as { token: string }).token;
+    await host.send('task', taskId, { type: 'START', token });
+    await host.send('task', taskId, { type: 'COMPLETE', token });
+    await new Promise((r) => setTimeout(r, 1_500));
+    expect(await outboxCount(sql)).toBeGreaterThanOrEqual(43);
+    const lag = await transport.relay.lag();
+    expect(lag.count).toBeGreaterThanOrEqual(43);
+    expect(lag.oldestMs).toBeGreaterThan(500);
+    expect(await stateOf(sql, ticketId)).toBe('requirements');
+
+    proxy = await natsProxy(proxy.port); // NATS back
+    try {
+      const total = await eventCount(sql, [...before, ...during, ticketId, taskId]);
+      await eventually(
+        async () => (await outboxCount(sql)) === 0 && (await streamCount(n)) >= total,
+        20_000,
+        'outbox drained after NATS came back',
+      );
+      // the reaction consumers resumed: the completion reached the ticket, which advanced once
+      await eventually(async () => (await stateOf(sql, ticketId)) === 'design', 10_000, 'advance');
+      const changes = await sql`select 1 from events where entity_id = ${ticketId}
+        and type = 'ticket.phase_changed'`;
+      expect(changes).toHaveLength(2);
+    } finally {
+      await transport.stop();
+      await proxy.close();
+    }
   });
 });
