@@ -1,0 +1,70 @@
+/**
+ * When no `NATS_URL` was given and nothing answers on the default port, the orchestrator
+ * starts `nats-server` from the PATH as its child, with JetStream and its store under
+ * `<DATA_DIR>/nats`, and stops it on exit. Without one installed it says how to get one.
+ */
+import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
+import { mkdir } from 'node:fs/promises';
+import { resolve } from 'node:path';
+import { Unavailable } from '../errors.js';
+import type { Logger } from '../log.js';
+import { freePort, reachable } from './free-port.js';
+
+export const DEFAULT_NATS_URL = 'nats://127.0.0.1:4222';
+
+export interface NatsEndpoint {
+  url: string;
+  stop(): Promise<void>;
+}
+
+const INSTALL_HINT = [
+  'No NATS server answers at nats://127.0.0.1:4222 and no `nats-server` is installed.',
+  'Install one: Debian/Ubuntu `apt-get install nats-server`, macOS `brew install nats-server`,',
+  'or run the official container: `docker run -p 4222:4222 nats -js`.',
+  'Or point NATS_URL at a running server with JetStream enabled (e.g. NATS_URL=nats://host:4222).',
+].join('\n');
+
+export async function resolveNats(
+  configured: string | undefined,
+  dataDir: string,
+  log: Logger,
+): Promise<NatsEndpoint> {
+  if (configured) return { url: configured, stop: async () => {} };
+  if (await reachable('127.0.0.1', 4222)) return { url: DEFAULT_NATS_URL, stop: async () => {} };
+  if (spawnSync('nats-server', ['--version']).error) throw new Unavailable(INSTALL_HINT);
+  const storeDir = resolve(dataDir, 'nats');
+  await mkdir(storeDir, { recursive: true });
+  const port = await freePort();
+  const child = spawn(
+    'nats-server',
+    ['-a', '127.0.0.1', '-p', String(port), '-js', '-sd', storeDir],
+    {
+      stdio: ['ignore', 'ignore', 'pipe'],
+    },
+  );
+  child.stderr?.on('data', (b: Buffer) =>
+    log.debug({ component: 'nats-server' }, b.toString().trim()),
+  );
+  const deadline = Date.now() + 10_000;
+  while (!(await reachable('127.0.0.1', port, 200))) {
+    if (child.exitCode !== null || Date.now() > deadline) {
+      child.kill('SIGKILL');
+      throw new Unavailable(`nats-server did not start on 127.0.0.1:${port}`);
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  log.info({ port, storeDir }, 'started nats-server as a child process');
+  return { url: `nats://127.0.0.1:${port}`, stop: () => stopChild(child) };
+}
+
+function stopChild(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null) return Promise.resolve();
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => child.kill('SIGKILL'), 5_000);
+    child.once('exit', () => {
+      clearTimeout(timer);
+      resolve();
+    });
+    child.kill('SIGTERM');
+  });
+}

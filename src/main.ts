@@ -1,0 +1,87 @@
+/**
+ * `bin/orchestrator [all|api|worker]`: validates the configuration, starts one runtime in
+ * this process, prints where it listens, and shuts down cleanly on SIGTERM or SIGINT
+ * (a second signal exits at once).
+ */
+import { ConfigError, loadConfig } from './config.js';
+import { createLogger } from './log.js';
+import { ROLES, type Role, redact, startRuntime } from './runtime.js';
+
+const USAGE = 'usage: orchestrator [all|api|worker]   (configuration: environment, see README)';
+
+async function main(argv: string[]): Promise<number> {
+  const arg = argv[0] ?? 'all';
+  if (arg === '-h' || arg === '--help') {
+    process.stdout.write(`${USAGE}\n`);
+    return 0;
+  }
+  if (!ROLES.includes(arg as Role)) {
+    process.stderr.write(`unknown role "${arg}"\n${USAGE}\n`);
+    return 2;
+  }
+  const role = arg as Role;
+  let config: ReturnType<typeof loadConfig>;
+  try {
+    config = loadConfig();
+  } catch (error) {
+    if (error instanceof ConfigError) {
+      process.stderr.write(`${error.message}\n`);
+      return 2;
+    }
+    throw error;
+  }
+  const log = createLogger(config.LOG_LEVEL);
+  let runtime: Awaited<ReturnType<typeof startRuntime>>;
+  try {
+    runtime = await startRuntime(config, role, log);
+  } catch (error) {
+    log.fatal({ err: error }, 'could not start');
+    process.stderr.write(
+      `orchestrator: ${error instanceof Error ? error.message : String(error)}\n`,
+    );
+    return 1;
+  }
+  const summary = [
+    `role=${role}`,
+    `db=${config.DATABASE_URL ? redact(runtime.databaseUrl) : `embedded (${config.DATA_DIR}/postgres)`}`,
+    `nats=${runtime.natsUrl}`,
+    role === 'api' ? null : `worker=${config.WORKER_ID} x${config.WORKER_CONCURRENCY}`,
+    `lease=${config.LEASE_MS}ms`,
+    `shell=${config.ENABLE_SHELL_EXECUTOR ? 'on' : 'off'}`,
+    `auth=${config.API_TOKEN ? 'bearer' : 'none'}`,
+  ]
+    .filter(Boolean)
+    .join(' ');
+  log.info({ role, url: runtime.url }, 'orchestrator started');
+  process.stdout.write(
+    `${runtime.url ? `orchestrator listening on ${runtime.url}` : 'orchestrator worker running'} (${summary})\n`,
+  );
+
+  return new Promise<number>((resolve) => {
+    let stopping = false;
+    const onSignal = (signal: NodeJS.Signals) => {
+      if (stopping) {
+        log.warn({ signal }, 'second signal: exiting now');
+        process.exit(1);
+      }
+      stopping = true;
+      log.info({ signal }, 'shutting down');
+      runtime.stop().then(
+        () => {
+          log.info('stopped cleanly');
+          resolve(0);
+        },
+        (error: unknown) => {
+          log.error({ err: error }, 'shutdown failed');
+          resolve(1);
+        },
+      );
+    };
+    process.on('SIGTERM', onSignal);
+    process.on('SIGINT', onSignal);
+  });
+}
+
+const code = await main(process.argv.slice(2));
+// Flush pino (sync destination by default) and leave, even if a stray handle lingers.
+process.exit(code);

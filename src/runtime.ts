@@ -1,0 +1,218 @@
+/**
+ * The composition root: one process of the orchestrator in a given role. Every role runs the
+ * machinery that keeps the system moving (durable timers, outbox relay, reactions,
+ * reconciler), each safe in any number of processes; `api` adds the HTTP server, `worker`
+ * the built-in executors, `all` both. `stop()` shuts down in dependency order.
+ */
+import type { AddressInfo } from 'node:net';
+import { serve } from '@hono/node-server';
+import { Commands } from './actors/commands.js';
+import { ActorHost } from './actors/host.js';
+import { TimerPoller } from './actors/timer-poller.js';
+import type { Config } from './config.js';
+import { createApp } from './http/app.js';
+import { machineCatalog } from './http/machines.js';
+import { startEmbeddedPostgres } from './infra/embedded-postgres.js';
+import { resolveNats } from './infra/nats-child.js';
+import type { Logger } from './log.js';
+import { createSql, type Sql } from './persistence/db.js';
+import { migrate, migrationsApplied } from './persistence/migrate.js';
+import { Queries } from './persistence/queries.js';
+import { Transport } from './transport/index.js';
+import { transportNames } from './transport/subjects.js';
+import { ClaimService, freesWork } from './workers/claims.js';
+import { Wakeups } from './workers/wakeups.js';
+import { createWorkerPool, type WorkerPool } from './workers/worker-pool.js';
+
+export type Role = 'all' | 'api' | 'worker';
+export const ROLES: readonly Role[] = ['all', 'api', 'worker'];
+
+export interface Runtime {
+  role: Role;
+  /** The URL the HTTP server listens on (api and all). */
+  url: string | null;
+  databaseUrl: string;
+  natsUrl: string;
+  host: ActorHost;
+  sql: Sql;
+  transport: Transport;
+  workers: WorkerPool | null;
+  stop(): Promise<void>;
+}
+
+type Closer = { name: string; close: () => Promise<unknown> };
+
+export async function startRuntime(config: Config, role: Role, log: Logger): Promise<Runtime> {
+  // Closers run in reverse order of start; a failure half-way still stops what started.
+  const closers: Closer[] = [];
+  const stopAll = async () => {
+    for (const c of closers.reverse()) {
+      await c.close().catch((err: unknown) => log.warn({ err, part: c.name }, 'stop failed'));
+    }
+    closers.length = 0;
+  };
+  try {
+    let databaseUrl = config.DATABASE_URL;
+    if (!databaseUrl) {
+      const embedded = await startEmbeddedPostgres(config.DATA_DIR, log);
+      closers.push({ name: 'embedded-postgres', close: embedded.stop });
+      databaseUrl = embedded.url;
+    }
+    const nats = await resolveNats(config.NATS_URL, config.DATA_DIR, log);
+    closers.push({ name: 'nats-server', close: nats.stop });
+
+    const sql = createSql(databaseUrl, { max: 20, applicationName: `orchestrator-${role}` });
+    closers.push({ name: 'postgres', close: () => sql.end({ timeout: 5 }) });
+    await sql`select 1`.catch((error: unknown) => {
+      throw new Error(`PostgreSQL at ${redact(databaseUrl)} is not reachable: ${String(error)}`);
+    });
+    const applied = await migrate(sql);
+    if (applied.length > 0) log.info({ applied }, 'migrations applied');
+
+    const host = new ActorHost(sql, {
+      taskDefaults: {
+        maxAttempts: config.MAX_ATTEMPTS,
+        leaseMs: config.LEASE_MS,
+        retryBaseMs: config.RETRY_BASE_MS,
+      },
+    });
+    const commands = new Commands(host, {
+      stuckAfterMs: config.STUCK_AFTER_MS,
+      diagnosticCooldownMs: config.DIAGNOSTIC_COOLDOWN_MS,
+    });
+    const wakeups = new Wakeups();
+    host.onCommit((appliedChanges) => {
+      if (freesWork(appliedChanges)) wakeups.notify();
+    });
+    const claims = new ClaimService(host, wakeups, {
+      typeLimits: config.TASK_TYPE_LIMITS,
+      maxWaitMs: config.CLAIM_MAX_WAIT_MS,
+    });
+
+    const poller = new TimerPoller(host, sql, log.child({ component: 'timers' }), {
+      pollMs: config.TIMER_POLL_MS,
+    });
+    await poller.start();
+    closers.push({ name: 'timers', close: () => poller.stop() });
+
+    const transport = await Transport.start({
+      sql,
+      host,
+      log,
+      natsUrl: nats.url,
+      names: transportNames(config.NATS_PREFIX, config.NATS_STREAM),
+      reconcileMs: config.RECONCILE_MS,
+    });
+    closers.push({ name: 'transport', close: () => transport.stop() });
+    const dispatch = transport.subscribeDispatch(() => wakeups.notify());
+    closers.push({ name: 'dispatch', close: async () => dispatch.unsubscribe() });
+
+    let workers: WorkerPool | null = null;
+    if (role !== 'api') {
+      workers = createWorkerPool(host, claims, config, log);
+      workers.start();
+      const pool = workers;
+      closers.push({ name: 'workers', close: () => pool.stop(config.SHUTDOWN_GRACE_MS) });
+    }
+
+    let url: string | null = null;
+    if (role !== 'worker') {
+      const queries = new Queries(sql);
+      const app = createApp({
+        host,
+        commands,
+        claims,
+        queries,
+        machines: machineCatalog(),
+        log: log.child({ component: 'http' }),
+        config,
+        events: transport,
+        ready: async () => ({
+          postgres: await sql`select 1`.then(
+            () => true,
+            () => false,
+          ),
+          nats: transport.connected(),
+          migrations: await migrationsApplied(sql).catch(() => false),
+        }),
+        metrics: async () => {
+          const parts = [await transport.prometheus()];
+          if (workers) parts.push(workerMetrics(workers));
+          parts.push(timerMetrics(poller));
+          return parts.join('');
+        },
+      });
+      const server = serve({ fetch: app.fetch, port: config.PORT, hostname: config.HOST });
+      await new Promise<void>((resolve, reject) => {
+        server.once('listening', () => resolve());
+        server.once('error', reject);
+      });
+      const address = server.address() as AddressInfo;
+      url = `http://${config.HOST}:${address.port}`;
+      closers.push({
+        name: 'http',
+        close: () =>
+          new Promise<void>((resolve) => {
+            // Open SSE streams would hold close() forever: end them, then stop listening.
+            server.close(() => resolve());
+            if ('closeAllConnections' in server) server.closeAllConnections();
+          }),
+      });
+    }
+
+    // Closers run in reverse start order: HTTP first (no new commands), then the workers
+    // finish or release their tasks, then the machinery, then the connections and servers.
+    return {
+      role,
+      url,
+      databaseUrl,
+      natsUrl: nats.url,
+      host,
+      sql,
+      transport,
+      workers,
+      stop: stopAll,
+    };
+  } catch (error) {
+    await stopAll();
+    throw error;
+  }
+}
+
+function workerMetrics(pool: WorkerPool): string {
+  const s = pool.stats();
+  const lines = [
+    '# HELP orch_worker_slots Built-in worker slots in this process.',
+    '# TYPE orch_worker_slots gauge',
+    `orch_worker_slots ${s.slots}`,
+    '# HELP orch_worker_running Tasks this process is executing now.',
+    '# TYPE orch_worker_running gauge',
+    `orch_worker_running ${s.running}`,
+    '# HELP orch_worker_events_total Worker outcomes in this process.',
+    '# TYPE orch_worker_events_total counter',
+    ...(['claims', 'completions', 'failures', 'releases', 'leaseLosses'] as const).map(
+      (k) => `orch_worker_events_total{outcome="${k}"} ${s[k]}`,
+    ),
+  ];
+  return `${lines.join('\n')}\n`;
+}
+
+function timerMetrics(poller: TimerPoller): string {
+  return [
+    '# HELP orch_timers_fired_total Durable timers this process fired.',
+    '# TYPE orch_timers_fired_total counter',
+    `orch_timers_fired_total ${poller.fired}`,
+    '',
+  ].join('\n');
+}
+
+/** A database URL without its password, for messages. */
+export function redact(url: string): string {
+  try {
+    const u = new URL(url);
+    if (u.password) u.password = '***';
+    return u.toString();
+  } catch {
+    return '(unparseable URL)';
+  }
+}
