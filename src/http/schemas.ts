@@ -95,7 +95,7 @@ export const EventLogQuery = z.strictObject({
 });
 
 export const StreamQuery = z.strictObject({
-  after: z.coerce.number().int().min(0).optional(),
+  after: z.union([z.literal('new'), z.coerce.number().int().min(0)]).optional(),
   entityId: id.optional(),
 });
 

@@ -25,15 +25,22 @@ export interface StreamMessage {
   };
 }
 
-export type Unsubscribe = () => void | Promise<void>;
+/** A live subscription: `close` ends it; `done` settles when it ends on its own. */
+export interface EventFeed {
+  close(): Promise<void>;
+  readonly done?: Promise<void>;
+}
 
-/** The ordered event stream (the Transport): every event after a position, once, in order. */
+/**
+ * The ordered event stream (the Transport): every event after a position ('new': from now
+ * on), once, in order. `onMessage` is called one message at a time.
+ */
 export interface EventSource {
   subscribeEvents(
-    afterStreamSeq: number,
+    afterStreamSeq: number | 'new',
     entityId: string | undefined,
-    onMessage: (message: StreamMessage) => void,
-  ): Unsubscribe | Promise<Unsubscribe>;
+    onMessage: (message: StreamMessage) => void | Promise<void>,
+  ): Promise<EventFeed>;
 }
 
 /** Machine definitions for `/machines` and the dashboard's statecharts. */

@@ -1,7 +1,7 @@
 /**
  * `GET /events/stream`: Server-Sent Events of every domain event from the ordered stream.
  * `id:` is the stream sequence, `event:` the type, `data:` the log entry. `Last-Event-ID`
- * (or `?after=`) resumes after a position; `?entityId=` filters. Each client has a bounded
+ * (or `?after=`) resumes after a position (`?after=new`: from now on); `?entityId=` filters. Each client has a bounded
  * buffer: one that cannot keep up is disconnected (it resumes from its last id) instead of
  * slowing the server or anyone else. A comment every keep-alive interval keeps proxies open.
  */
@@ -10,7 +10,7 @@ import { streamSSE } from 'hono/streaming';
 import { InvalidInput, Unavailable } from '../../errors.js';
 import { validate } from '../request.js';
 import { StreamQuery } from '../schemas.js';
-import type { AppEnv, AppServices, StreamMessage, Unsubscribe } from '../services.js';
+import type { AppEnv, AppServices, EventFeed, StreamMessage } from '../services.js';
 
 export function streamRoutes(s: AppServices): Hono<AppEnv> {
   const app = new Hono<AppEnv>();
@@ -20,7 +20,7 @@ export function streamRoutes(s: AppServices): Hono<AppEnv> {
   app.get('/events/stream', async (c) => {
     const q = validate(StreamQuery, c.req.query(), 'query');
     const header = c.req.header('last-event-id');
-    let after = q.after ?? 0;
+    let after: number | 'new' = q.after ?? 0;
     if (header !== undefined && header.trim() !== '') {
       if (!/^\d{1,15}$/.test(header.trim())) {
         throw new InvalidInput('Last-Event-ID must be a stream position', [
@@ -35,7 +35,7 @@ export function streamRoutes(s: AppServices): Hono<AppEnv> {
 
     return streamSSE(c, async (stream) => {
       const queue: StreamMessage[] = [];
-      let lastSent = after;
+      let lastSent = after === 'new' ? 0 : after;
       let wake: (() => void) | null = null;
       let done = false;
       const finish = () => {
@@ -43,10 +43,10 @@ export function streamRoutes(s: AppServices): Hono<AppEnv> {
         wake?.();
       };
       stream.onAbort(finish);
-      let unsubscribe: Unsubscribe | null = null;
+      let feed: EventFeed | null = null;
       const keepAlive = setInterval(() => void stream.write(': keep-alive\n\n'), keepAliveMs);
       try {
-        unsubscribe = await source.subscribeEvents(after, q.entityId, (m) => {
+        feed = await source.subscribeEvents(after, q.entityId, (m) => {
           if (done) return;
           if (queue.length >= bufferLimit) {
             log.warn({ bufferLimit, lastSent }, 'slow SSE client disconnected');
@@ -57,6 +57,8 @@ export function streamRoutes(s: AppServices): Hono<AppEnv> {
           queue.push(m);
           wake?.();
         });
+        // The feed ended on its own (NATS gone): end the response; the client resumes.
+        void feed.done?.then(finish, finish);
         await stream.write(': connected\n\n');
         while (!done) {
           const m = queue.shift();
@@ -81,7 +83,7 @@ export function streamRoutes(s: AppServices): Hono<AppEnv> {
         log.error({ err: error }, 'SSE stream failed');
       } finally {
         clearInterval(keepAlive);
-        await unsubscribe?.();
+        await feed?.close().catch(() => {});
       }
     });
   });
