@@ -468,6 +468,19 @@ describe('operations and inspection', () => {
     expect(m.text).toMatch(/orch_outbox_pending \d+/);
     expect(m.text).toMatch(/orch_dead_letters 0/);
     expect(m.text).toMatch(/orch_entities\{entity="ticket",state="backlog"\} \d+/);
+    const withExtra = await createTestApp('http_api_metrics', {
+      db: t.db,
+      services: {
+        metrics: () =>
+          '# HELP orch_dead_letters x\n# TYPE orch_dead_letters gauge\norch_dead_letters 7\n',
+      },
+    });
+    const text = (await withExtra.call('GET', '/metrics')).text;
+    const types = [...text.matchAll(/^# TYPE (\S+)/gm)].map((x) => x[1]);
+    expect(types.length).toBe(new Set(types).size);
+    expect(text).toContain('orch_dead_letters 7');
+    expect(text).toContain('orch_outbox_pending');
+    await withExtra.close();
   });
 
   it('machine definitions and their Mermaid charts', async () => {

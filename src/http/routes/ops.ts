@@ -22,8 +22,14 @@ export function opsRoutes(s: AppServices, httpLatency: Histogram): Hono<AppEnv> 
   });
 
   app.get('/metrics', async (c) => {
-    const parts = [httpLatency.render(), hostMetrics(s), await dbMetrics(s)];
-    if (s.metrics) parts.push(await s.metrics());
+    const extra = s.metrics ? await s.metrics() : '';
+    // A family another component already reports (e.g. the transport's dead letters) is
+    // left out here: Prometheus refuses a family declared twice.
+    const taken = new Set([...extra.matchAll(/^# TYPE (\S+)/gm)].map((m) => m[1]));
+    const parts = [httpLatency.render(), hostMetrics(s), await dbMetrics(s)]
+      .flatMap(splitFamilies)
+      .filter((f) => !taken.has(/^# TYPE (\S+)/m.exec(f)?.[1]));
+    parts.push(extra);
     c.header('Content-Type', 'text/plain; version=0.0.4; charset=utf-8');
     return c.body(parts.join(''));
   });
@@ -50,6 +56,14 @@ export function opsRoutes(s: AppServices, httpLatency: Histogram): Hono<AppEnv> 
   });
 
   return app;
+}
+
+/** Splits exposition text into its families (each starts at a `# HELP` line). */
+function splitFamilies(text: string): string[] {
+  return text
+    .split(/^(?=# HELP )/m)
+    .filter((f) => f.trim() !== '')
+    .map((f) => (f.endsWith('\n') ? f : `${f}\n`));
 }
 
 function hostMetrics(s: AppServices): string {
