@@ -37,7 +37,8 @@ export function toMermaid(name: EntityType, current?: string): string {
   const lines = ['stateDiagram-v2', '  direction LR'];
   const initial = def.initial?.target?.[0];
   if (initial) lines.push(`  [*] --> ${leaf(initial)}`);
-  const edges = new Set<string>();
+  // One arrow per (from, to), its events joined: parallel arrows make the chart unreadable.
+  const edges = new Map<string, Set<string>>();
   const add = (from: string, on: Record<string, TransitionJson[]>) => {
     for (const [event, ts] of Object.entries(on)) {
       for (const t of ts) {
@@ -45,7 +46,8 @@ export function toMermaid(name: EntityType, current?: string): string {
           const to = leaf(target);
           // Bookkeeping self-loops of system events would only clutter the chart.
           if (to === from && system.includes(event)) continue;
-          edges.add(`  ${from} --> ${to}: ${label(event)}`);
+          const key = `${from} --> ${to}`;
+          edges.set(key, (edges.get(key) ?? new Set()).add(label(event)));
         }
       }
     }
@@ -53,7 +55,7 @@ export function toMermaid(name: EntityType, current?: string): string {
   for (const s of states) add(s.key, s.on ?? {});
   // Root transitions (CANCEL from anywhere) apply to every non-final state.
   for (const s of states) if (s.type !== 'final') add(s.key, def.on ?? {});
-  lines.push(...edges);
+  for (const [key, events] of edges) lines.push(`  ${key}: ${[...events].join(', ')}`);
   for (const s of states) if (s.type === 'final') lines.push(`  ${s.key} --> [*]`);
   if (current && states.some((s) => s.key === current)) {
     lines.push('  classDef current fill:#ffd54f,stroke:#e65100,stroke-width:3px,color:#000');

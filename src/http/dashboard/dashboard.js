@@ -321,7 +321,8 @@ async function stream() {
     try {
       const headers = { ...authHeaders() };
       if (lastId) headers['Last-Event-ID'] = lastId;
-      const res = await fetch('/events/stream', { headers });
+      // First connection: only what happens from now on (the board is loaded separately).
+      const res = await fetch(lastId ? '/events/stream' : '/events/stream?after=new', { headers });
       if (!res.ok || !res.body) {
         setLive(false, res.status === 503 ? 'no live stream: polling' : `offline (${res.status})`);
         await new Promise((r) => setTimeout(r, 5000));
