@@ -85,7 +85,7 @@ export function ticketRoutes(s: AppServices): Hono<AppEnv> {
     const body = validate(NewTaskBody, raw, 'body');
     const res = await s.host.idempotent(idempotencyOf(c, raw), async (uow) => ({
       status: 201,
-      body: summaryOf(await s.commands.addTask(uow, id, body as never)),
+      body: summaryOf(await s.commands.addTask(uow, id, body)),
     }));
     return c.json(res.body as object, res.status as 201);
   });
