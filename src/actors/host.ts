@@ -14,7 +14,6 @@ import type { EntityType } from '../machines/index.js';
 import { MACHINES } from '../machines/index.js';
 import type { Phase } from '../machines/phases.js';
 import type { TaskInput } from '../machines/task.js';
-import type { TicketInput } from '../machines/ticket.js';
 import { DIAGNOSTIC_TASK_TYPE } from '../machines/ticket.js';
 import {
   type ActorRow,
