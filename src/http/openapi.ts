@@ -187,6 +187,14 @@ export function openApiDocument(): Json {
           responses: { '200': ok('Readiness'), '503': ok('Readiness', 'Not ready') },
         },
       },
+      '/dead-letters': {
+        get: {
+          parameters: [
+            { name: 'limit', in: 'query', schema: { type: 'integer', minimum: 1, maximum: 1000 } },
+          ],
+          responses: { '200': ok('DeadLetterList'), ...ERRORS },
+        },
+      },
       '/metrics': {
         get: {
           responses: { '200': { description: 'Prometheus text', content: { 'text/plain': {} } } },

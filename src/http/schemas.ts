@@ -94,6 +94,25 @@ export const EventLogQuery = z.strictObject({
   limit: limit(1000, 1000),
 });
 
+export const DeadLetterQuery = z.strictObject({ limit: limit(100, 1000) });
+
+export const DeadLetterList = z
+  .object({
+    items: z.array(
+      z.object({
+        id: z.number().int(),
+        consumer: z.string(),
+        eventId: z.string().nullable(),
+        subject: z.string(),
+        data: z.unknown(),
+        error: z.string(),
+        deliveries: z.number().int(),
+        at: z.string(),
+      }),
+    ),
+  })
+  .register(components, { id: 'DeadLetterList' });
+
 export const StreamQuery = z.strictObject({
   after: z.union([z.literal('new'), z.coerce.number().int().min(0)]).optional(),
   entityId: id.optional(),

@@ -8,6 +8,7 @@ import { type TaskView, type TicketView, taskView, ticketView } from '../actors/
 import { InvalidInput } from '../errors.js';
 import type { EntityType } from '../machines/index.js';
 import type { Db } from './db.js';
+import { type DeadLetter, listDeadLetters } from './dead-letter-rows.js';
 
 export interface WithAllowed {
   /** The public events the current state accepts (buttons on the dashboard). */
@@ -180,6 +181,11 @@ export class Queries {
       select count(*)::int as pending,
         extract(epoch from now() - min(created_at))::float8 as oldest from outbox`;
     return { pending: rows[0]?.pending ?? 0, oldestSeconds: rows[0]?.oldest ?? 0 };
+  }
+
+  /** The most recent dead letters, newest first. */
+  deadLetters(limit: number): Promise<DeadLetter[]> {
+    return listDeadLetters(this.db, limit);
   }
 
   async deadLetterCount(): Promise<number> {

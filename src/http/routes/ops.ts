@@ -7,7 +7,7 @@ import { NotFound } from '../../errors.js';
 import { family, type Histogram } from '../metrics.js';
 import { openApiDocument } from '../openapi.js';
 import { validate } from '../request.js';
-import { MermaidQuery } from '../schemas.js';
+import { DeadLetterQuery, MermaidQuery } from '../schemas.js';
 import type { AppEnv, AppServices } from '../services.js';
 
 export function opsRoutes(s: AppServices, httpLatency: Histogram): Hono<AppEnv> {
@@ -32,6 +32,12 @@ export function opsRoutes(s: AppServices, httpLatency: Histogram): Hono<AppEnv> 
     parts.push(extra);
     c.header('Content-Type', 'text/plain; version=0.0.4; charset=utf-8');
     return c.body(parts.join(''));
+  });
+
+  /** Messages a reaction gave up on after max_deliver attempts, newest first, with their error. */
+  app.get('/dead-letters', async (c) => {
+    const q = validate(DeadLetterQuery, c.req.query(), 'query');
+    return c.json({ items: await s.queries.deadLetters(q.limit) });
   });
 
   app.get('/openapi.json', (c) => c.json(openApiDocument()));
