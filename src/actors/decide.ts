@@ -77,7 +77,16 @@ export function decide(
     throw new UnsupportedSnapshot(entityId, machineVersion, entry.version);
   }
   const current = restore(entityType, persisted);
-  if (entry.tokenEvents.includes(event.type)) {
+  // A final state takes nothing. XState's transition() does not check the status itself: it
+  // would take a root-level transition (the ticket's CANCEL) out of `done` or `cancelled`.
+  if (current.status !== 'active') {
+    throw new IllegalTransition(entityId, stateOf(current), event.type, []);
+  }
+  // CONTRACT 1: only while a claim is live (a state that takes token events: claimed,
+  // running) is the token checked before the event. Elsewhere (pending, retry_wait, final)
+  // the event is checked first, so COMPLETE on a pending task is illegal, not stale.
+  const claimLive = ownEventDescriptors(current).some((e) => entry.tokenEvents.includes(e));
+  if (claimLive && entry.tokenEvents.includes(event.type)) {
     const token = (current.context as { token: string | null }).token;
     if (event.token !== token || token === null) {
       throw new StaleToken(entityId, (current.context as { attempt: number }).attempt);
@@ -107,6 +116,7 @@ export function restore(entityType: EntityType, persisted: PersistedSnapshot): A
 
 /** The public events the snapshot's state accepts (system and delayed events left out). */
 export function allowedEvents(entityType: EntityType, snapshot: AnyMachineSnapshot): string[] {
+  if (snapshot.status !== 'active') return [];
   const system = MACHINES[entityType].systemEvents;
   return ownEventDescriptors(snapshot)
     .filter((e) => !e.startsWith('xstate.') && !system.includes(e))

@@ -1,0 +1,73 @@
+/**
+ * The machines as documents: the JSON the Stately visualizer loads, and Mermaid
+ * `stateDiagram-v2` text. Pure: read from the machine definitions, no I/O.
+ */
+import { type EntityType, MACHINES } from './index.js';
+
+interface TransitionJson {
+  target?: string[];
+  eventType?: string;
+  guard?: string | { type: string };
+}
+interface StateNodeJson {
+  key: string;
+  type: string;
+  initial?: { target?: string[] };
+  on?: Record<string, TransitionJson[]>;
+  states?: Record<string, StateNodeJson>;
+}
+
+/** A machine's definition as plain JSON, targets as `#id.state` strings (Stately format). */
+export function machineDefinition(name: EntityType): Record<string, unknown> {
+  return JSON.parse(JSON.stringify(MACHINES[name].machine)) as Record<string, unknown>;
+}
+
+export function machineDefinitions(): Record<EntityType, Record<string, unknown>> {
+  return { ticket: machineDefinition('ticket'), task: machineDefinition('task') };
+}
+
+const leaf = (target: string) => target.slice(target.lastIndexOf('.') + 1);
+
+/** `xstate.after.lease.task.claimed` → `after lease`; other events keep their name. */
+export function eventLabel(eventType: string): string {
+  const delayed = /^xstate\.after\.([^.]+)\./.exec(eventType);
+  return delayed ? `after ${delayed[1]}` : eventType;
+}
+
+/**
+ * Mermaid `stateDiagram-v2` text of a machine: `[*]` into the initial state, one arrow per
+ * (from, to) pair labelled with every event that takes it (guarded branches of one event
+ * share its label; `after` transitions are labelled by delay name), final states into `[*]`,
+ * and `current`, when given and known, highlighted with `classDef current`. Root-level
+ * transitions (the ticket's CANCEL) are drawn from every non-final state. Transitions that
+ * only run actions (no target) change no state and are left out.
+ */
+export function toMermaid(name: EntityType, currentState?: string): string {
+  const def = machineDefinition(name) as unknown as StateNodeJson;
+  const states = Object.values(def.states ?? {});
+  const lines = ['stateDiagram-v2'];
+  const initial = def.initial?.target?.[0];
+  if (initial) lines.push(`  [*] --> ${leaf(initial)}`);
+  const edges = new Map<string, string[]>();
+  const add = (from: string, on: Record<string, TransitionJson[]>) => {
+    for (const [event, branches] of Object.entries(on)) {
+      for (const t of branches) {
+        for (const target of t.target ?? []) {
+          const key = `${from} --> ${leaf(target)}`;
+          const labels = edges.get(key) ?? [];
+          if (!labels.includes(eventLabel(event))) labels.push(eventLabel(event));
+          edges.set(key, labels);
+        }
+      }
+    }
+  };
+  for (const s of states) add(s.key, s.on ?? {});
+  for (const s of states) if (s.type !== 'final') add(s.key, def.on ?? {});
+  for (const [key, labels] of edges) lines.push(`  ${key}: ${labels.join(', ')}`);
+  for (const s of states) if (s.type === 'final') lines.push(`  ${s.key} --> [*]`);
+  if (currentState !== undefined && states.some((s) => s.key === currentState)) {
+    lines.push('  classDef current fill:#ffd54f,stroke:#e65100,stroke-width:3px,color:#000');
+    lines.push(`  class ${currentState} current`);
+  }
+  return `${lines.join('\n')}\n`;
+}

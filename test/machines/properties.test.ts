@@ -1,0 +1,318 @@
+/**
+ * Property tests: random event sequences through decide() on both machines. Refusals
+ * (IllegalTransition, StaleToken) are part of the game; any other error fails the property.
+ * Beside each persisted snapshot runs a live one, stepped with XState's `transition()` and
+ * never serialized: the two must agree on every decision.
+ */
+import fc from 'fast-check';
+import { describe, expect, it } from 'vitest';
+import { type AnyMachineSnapshot, initialTransition, transition } from 'xstate';
+import {
+  type DecideEvent,
+  type Decision,
+  decide,
+  decideInitial,
+  type EntityInput,
+  type PersistedSnapshot,
+  restore,
+} from '../../src/actors/decide.js';
+import { IllegalTransition, StaleToken } from '../../src/errors.js';
+import { type EntityType, MACHINES } from '../../src/machines/index.js';
+import { PHASES, type Phase } from '../../src/machines/phases.js';
+import {
+  FINAL_TASK_STATES,
+  TASK_STATES,
+  TASK_TOKEN_EVENTS,
+  type TaskContext,
+  type TaskInput,
+} from '../../src/machines/task.js';
+import {
+  FINAL_TICKET_STATES,
+  phaseComplete,
+  type TicketContext,
+  type TicketInput,
+} from '../../src/machines/ticket.js';
+
+const STALE = 'stale-token';
+
+type Outcome =
+  | { ok: true; decision: Decision }
+  | { ok: false; error: IllegalTransition | StaleToken };
+
+function attempt(
+  entityType: EntityType,
+  persisted: PersistedSnapshot,
+  event: DecideEvent,
+): Outcome {
+  try {
+    return { ok: true, decision: decide(entityType, 'e-1', persisted, event) };
+  } catch (error) {
+    if (error instanceof IllegalTransition || error instanceof StaleToken) {
+      return { ok: false, error };
+    }
+    throw error;
+  }
+}
+
+function clone<T>(value: T): T {
+  return JSON.parse(JSON.stringify(value)) as T;
+}
+
+interface StepInfo {
+  event: DecideEvent;
+  before: PersistedSnapshot;
+  outcome: Outcome;
+}
+
+/**
+ * Runs `build(state)` events one by one and checks the properties both machines share; calls
+ * `check` for the machine's own. Returns nothing: it throws on the first broken property.
+ */
+function run<T extends EntityType>(
+  entityType: T,
+  input: EntityInput<T>,
+  builders: readonly ((s: PersistedSnapshot, i: number) => DecideEvent)[],
+  finals: readonly string[],
+  check: (step: StepInfo) => void,
+): void {
+  const { machine } = MACHINES[entityType];
+  let persisted = decideInitial(entityType, input).snapshot;
+  let live = initialTransition(machine as never, input as never)[0] as AnyMachineSnapshot;
+  builders.forEach((build, i) => {
+    const event = build(persisted, i);
+    const before = clone(persisted);
+    const outcome = attempt(entityType, persisted, event);
+    // A snapshot that went through JSON decides exactly like the one in memory.
+    const again = attempt(entityType, JSON.parse(JSON.stringify(persisted)), event);
+    expect(again).toEqual(outcome);
+    // Refused or not, decide() never writes to its input.
+    expect(persisted).toEqual(before);
+    if (finals.includes(before.value))
+      expect(outcome.ok, `${event.type} left a final state`).toBe(false);
+    if (event.token === STALE) expect(outcome.ok, `${event.type} with a stale token`).toBe(false);
+
+    // The live snapshot: the same transition, or none.
+    const [liveNext] = transition(machine as never, live as never, event as never);
+    // A done actor takes nothing (the pure transition() leaves that check to the actor).
+    const taken = live.status === 'active' && (liveNext as unknown) !== live;
+    if (!(outcome.ok === false && outcome.error instanceof StaleToken)) {
+      expect(outcome.ok, `${before.value} + ${event.type}: live and persisted agree`).toBe(taken);
+    }
+    check({ event, before, outcome });
+    if (outcome.ok) {
+      persisted = outcome.decision.snapshot;
+      live = liveNext as AnyMachineSnapshot;
+      expect(persisted.value).toBe(String(live.value));
+      expect(persisted.context).toEqual(clone(live.context));
+      expect(restore(entityType, persisted).status).toBe(live.status);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------- task
+
+const TASK_INPUT: TaskInput = {
+  id: 'e-1',
+  ticketId: 'tk-1',
+  type: 'implement_feature',
+  phase: 'design',
+  maxAttempts: 3,
+  leaseMs: 30_000,
+  retryBaseMs: 1_000,
+  at: 0,
+};
+
+const token = fc.constantFrom('live', 'stale');
+const taskContext = (s: PersistedSnapshot) => s.context as unknown as TaskContext;
+const pick = (s: PersistedSnapshot, which: 'live' | 'stale') =>
+  which === 'live' ? (taskContext(s).token ?? 'no-live-token') : STALE;
+
+const taskEvent: fc.Arbitrary<(s: PersistedSnapshot, i: number) => DecideEvent> = fc.oneof(
+  fc.tuple(fc.constantFrom('w1', 'w2#3'), fc.option(fc.integer({ min: 1, max: 60_000 }))).map(
+    ([workerId, leaseMs]) =>
+      (s: PersistedSnapshot, i: number): DecideEvent => ({
+        type: 'CLAIM',
+        workerId,
+        token: `tok-${i}-${taskContext(s).attempt}`,
+        ...(leaseMs === null ? {} : { leaseMs }),
+        at: i * 1_000,
+      }),
+  ),
+  fc
+    .tuple(fc.constantFrom('START', 'HEARTBEAT', 'COMPLETE', 'FAIL', 'RELEASE'), token)
+    .map(([type, which]) => (s: PersistedSnapshot, i: number) => ({
+      type,
+      token: pick(s, which),
+      ...(type === 'FAIL' ? { error: 'boom' } : {}),
+      ...(type === 'COMPLETE' ? { result: { n: i } } : {}),
+      at: i * 1_000,
+    })),
+  fc
+    .constantFrom(
+      'LEASE_EXPIRED',
+      'RETRY',
+      'CANCEL',
+      'xstate.after.lease.task.claimed',
+      'xstate.after.lease.task.running',
+      'xstate.after.retryBackoff.task.retry_wait',
+    )
+    .map((type) => (_s: PersistedSnapshot, i: number) => ({ type, at: i * 1_000 })),
+  fc
+    .option(fc.integer({ min: -1, max: 5 }))
+    .map((maxAttempts) => (_s: PersistedSnapshot, i: number) => ({
+      type: 'REQUEUE',
+      ...(maxAttempts === null ? {} : { maxAttempts }),
+      at: i * 1_000,
+    })),
+);
+
+describe('task machine properties', () => {
+  it('holds its invariants under random event sequences', () => {
+    fc.assert(
+      fc.property(fc.array(taskEvent, { maxLength: 40 }), (builders) => {
+        run('task', TASK_INPUT, builders, FINAL_TASK_STATES, ({ event, before, outcome }) => {
+          const was = before.context as unknown as TaskContext;
+          if (!outcome.ok) {
+            // On a live claim the token is checked first: a stale one is always stale_token.
+            if (
+              event.token === STALE &&
+              (before.value === 'claimed' || before.value === 'running')
+            ) {
+              expect(outcome.error).toBeInstanceOf(StaleToken);
+              expect((outcome.error as StaleToken).attempt).toBe(was.attempt);
+            }
+            return;
+          }
+          const now = outcome.decision.snapshot.context as unknown as TaskContext;
+          expect(TASK_STATES).toContain(outcome.decision.state);
+          expect(now.attempt).toBeGreaterThanOrEqual(0);
+          expect(now.attempt).toBeLessThanOrEqual(now.maxAttempts);
+          if (event.type === 'CLAIM') {
+            expect(now.attempt).toBe(was.attempt + 1);
+            expect(now.token).toBe(event.token);
+          }
+          // Only the live claim's worker moves a claimed or running task with a token event.
+          if (TASK_TOKEN_EVENTS.includes(event.type as never)) expect(event.token).toBe(was.token);
+          if (outcome.decision.state === 'failed') expect(now.attempt).toBe(now.maxAttempts);
+        });
+      }),
+      { numRuns: 300 },
+    );
+  });
+});
+
+// -------------------------------------------------------------------------------------- ticket
+
+const TICKET_INPUT: TicketInput = {
+  id: 'e-1',
+  title: 'Property ticket',
+  stuckAfterMs: 60_000,
+  diagnosticCooldownMs: 5_000,
+  at: 0,
+};
+const TASK_IDS = ['a', 'b', 'c'];
+const ticketContext = (s: PersistedSnapshot) => s.context as unknown as TicketContext;
+const currentPhase = (s: PersistedSnapshot): Phase => ticketContext(s).phase ?? 'requirements';
+
+const ticketEvent: fc.Arbitrary<(s: PersistedSnapshot, i: number) => DecideEvent> = fc.oneof(
+  fc
+    .constantFrom('START', 'ADVANCE', 'UNBLOCK', 'BLOCK', 'CANCEL')
+    .map((type) => (_s: PersistedSnapshot, i: number) => ({
+      type,
+      ...(type === 'BLOCK' ? { reason: 'waiting' } : {}),
+      at: i * 1_000,
+    })),
+  fc
+    .tuple(fc.constantFrom(...TASK_IDS), fc.option(fc.constantFrom(...PHASES)))
+    .map(([id, phase]) => (s: PersistedSnapshot, i: number) => ({
+      type: 'TASK_ADDED',
+      taskId: id,
+      phase: phase ?? currentPhase(s),
+      taskType: id === 'c' ? 'diagnostic' : 'work',
+      at: i * 1_000,
+    })),
+  fc
+    .tuple(
+      fc.constantFrom(...TASK_IDS, 'e-1-diagnostic-1'),
+      fc.constantFrom(...TASK_STATES),
+      fc.integer({ min: -1, max: 2 }),
+    )
+    .map(([taskId, state, delta]) => (s: PersistedSnapshot, i: number) => ({
+      type: 'TASK_STATE',
+      taskId,
+      state,
+      seq: (ticketContext(s).tasks[taskId]?.seq ?? 0) + delta,
+      at: i * 1_000,
+    })),
+  fc.constantFrom(...PHASES).map((p) => (_s: PersistedSnapshot, i: number) => ({
+    type: `xstate.after.stuckCheck.ticket.${p}`,
+    at: i * 1_000,
+  })),
+);
+
+describe('ticket machine properties', () => {
+  it('holds its invariants under random event sequences', () => {
+    fc.assert(
+      fc.property(fc.array(ticketEvent, { maxLength: 50 }), (builders) => {
+        run('ticket', TICKET_INPUT, builders, FINAL_TICKET_STATES, ({ event, before, outcome }) => {
+          const was = before.context as unknown as TicketContext;
+          if (!outcome.ok) return;
+          const d = outcome.decision;
+          const now = d.snapshot.context as unknown as TicketContext;
+          if (event.type === 'ADVANCE') {
+            expect(was.phase).not.toBeNull();
+            expect(phaseComplete(was.tasks, was.phase!)).toBe(true);
+          }
+          // Whatever moves a ticket forward (ADVANCE or the automatic one), its phase was done.
+          if (
+            d.emitted.some((e) => e.type === 'ticket.phase_changed' || e.type === 'ticket.done')
+          ) {
+            if (was.phase !== null) expect(phaseComplete(now.tasks, was.phase)).toBe(true);
+          }
+          if (d.state === 'blocked') expect(now.phase).toBe(was.phase);
+          if (before.value === 'blocked' && event.type === 'UNBLOCK') {
+            expect(d.state).toBe(was.phase);
+          }
+          if (before.value === 'blocked' && d.state !== 'blocked') {
+            expect(['cancelled', was.phase]).toContain(d.state);
+          }
+        });
+      }),
+      { numRuns: 300 },
+    );
+  });
+
+  it('a phase with a failed or open task never advances', () => {
+    // A focused property: the ADVANCE guard against random task tables.
+    const taskTable = fc.dictionary(
+      fc.constantFrom(...TASK_IDS),
+      fc.record({
+        phase: fc.constantFrom(...PHASES),
+        type: fc.constantFrom('work', 'diagnostic'),
+        state: fc.constantFrom(...TASK_STATES),
+        seq: fc.nat(5),
+      }),
+    );
+    fc.assert(
+      fc.property(taskTable, fc.constantFrom(...PHASES), (tasks, phase) => {
+        const base = decideInitial('ticket', TICKET_INPUT).snapshot;
+        const persisted: PersistedSnapshot = {
+          ...base,
+          value: phase,
+          context: { ...base.context, phase, tasks },
+        };
+        const outcome = attempt('ticket', persisted, { type: 'ADVANCE' });
+        const inPhase = Object.values(tasks).filter((t) => t.phase === phase);
+        const expected =
+          inPhase.every((t) => t.state === 'completed' || t.state === 'cancelled') &&
+          inPhase.some((t) => t.state === 'completed' && t.type !== 'diagnostic');
+        expect(outcome.ok).toBe(expected);
+        if (!outcome.ok) {
+          expect(outcome.error).toBeInstanceOf(IllegalTransition);
+          expect((outcome.error as IllegalTransition).guarded).toBe(true);
+        }
+      }),
+      { numRuns: 300 },
+    );
+  });
+});

@@ -1,0 +1,117 @@
+/**
+ * Model-based tests of the task machine: @xstate/graph walks the machine with the events
+ * below (payloads included, tokens taken from the state reached), and every shortest path is
+ * replayed through decide(). See model-support.ts for what each step checks.
+ */
+import { describe, expect, it } from 'vitest';
+import type { AnyMachineSnapshot } from 'xstate';
+import type { DecideEvent } from '../../src/actors/decide.js';
+import type { DomainEventType } from '../../src/machines/domain-events.js';
+import { TASK_TOKEN_EVENTS, type TaskContext, type TaskInput } from '../../src/machines/task.js';
+import { type ModelSpec, runModel, summary, type TransitionRef } from './model-support.js';
+
+const INPUT: TaskInput = {
+  id: 'task-1',
+  ticketId: 'ticket-1',
+  type: 'implement_feature',
+  phase: 'design',
+  // Two attempts: enough to reach both the "attempts left" and the "out of attempts" branches.
+  maxAttempts: 2,
+  leaseMs: 30_000,
+  retryBaseMs: 1_000,
+  at: 0,
+};
+
+const LEASE_CLAIMED = 'xstate.after.lease.task.claimed';
+const LEASE_RUNNING = 'xstate.after.lease.task.running';
+const BACKOFF = 'xstate.after.retryBackoff.task.retry_wait';
+
+function ctx(s: AnyMachineSnapshot): TaskContext {
+  return s.context as TaskContext;
+}
+
+/** The events offered in a state; token events carry the live token, as a worker would. */
+function events(s: AnyMachineSnapshot): DecideEvent[] {
+  const c = ctx(s);
+  const token = c.token ?? 'no-live-token';
+  return [
+    { type: 'CLAIM', workerId: 'w1#1', token: `tok-${c.attempt + 1}` },
+    { type: 'START', token },
+    { type: 'HEARTBEAT', token },
+    { type: 'COMPLETE', token, result: { ok: true } },
+    { type: 'FAIL', token, error: 'boom' },
+    { type: 'RELEASE', token, reason: 'shutting down' },
+    { type: 'LEASE_EXPIRED' },
+    { type: 'RETRY' },
+    { type: 'CANCEL', reason: 'not needed' },
+    { type: 'REQUEUE' },
+    { type: 'REQUEUE', maxAttempts: 3 },
+    // Refused by the requeueValid guard.
+    { type: 'REQUEUE', maxAttempts: 0 },
+    { type: LEASE_CLAIMED },
+    { type: LEASE_RUNNING },
+    { type: BACKOFF },
+  ];
+}
+
+/** CONTRACT 1, per transition: where it goes and what it emits. */
+const EXPECTED: Record<string, { to: string; emits: DomainEventType[] }> = {
+  'CLAIM#0': { to: 'claimed', emits: ['task.claimed'] },
+  'START#0': { to: 'running', emits: ['task.started'] },
+  'HEARTBEAT#0': { to: 'same', emits: [] },
+  'COMPLETE#0': { to: 'completed', emits: ['task.completed'] },
+  'FAIL#0': { to: 'retry_wait', emits: ['task.retry_scheduled'] },
+  'FAIL#1': { to: 'failed', emits: ['task.failed'] },
+  'LEASE_EXPIRED#0': { to: 'retry_wait', emits: ['task.lease_expired', 'task.retry_scheduled'] },
+  'LEASE_EXPIRED#1': { to: 'failed', emits: ['task.lease_expired', 'task.failed'] },
+  'RELEASE#0': { to: 'pending', emits: ['task.released'] },
+  'RETRY#0': { to: 'pending', emits: ['task.retried'] },
+  'CANCEL#0': { to: 'cancelled', emits: ['task.cancelled'] },
+  'REQUEUE#0': { to: 'pending', emits: ['task.requeued'] },
+};
+
+/** The `after` timers fire the same transitions as the system events they stand for. */
+function logicalEvent(eventType: string): string {
+  if (eventType.startsWith('xstate.after.lease.')) return 'LEASE_EXPIRED';
+  if (eventType.startsWith('xstate.after.retryBackoff.')) return 'RETRY';
+  return eventType;
+}
+
+function emits(ref: TransitionRef): DomainEventType[] {
+  const expected = EXPECTED[`${logicalEvent(ref.eventType)}#${ref.branch}`];
+  expect(expected, `${ref.key} is in the contract table`).toBeDefined();
+  expect(ref.target, `${ref.key}: target`).toBe(
+    expected!.to === 'same' ? ref.source : expected!.to,
+  );
+  return expected!.emits;
+}
+
+const spec: ModelSpec<'task'> = {
+  entityType: 'task',
+  input: INPUT,
+  events,
+  core: (s) => {
+    const c = ctx(s);
+    return `${String(s.value)} a${c.attempt}/${c.maxAttempts} ${c.token === null ? '-' : 'T'}`;
+  },
+  emits,
+  timed: {
+    claimed: { delay: 'lease', ms: (c) => c.leaseMs as number },
+    running: { delay: 'lease', ms: (c) => c.leaseMs as number },
+    retry_wait: { delay: 'retryBackoff', ms: (c) => c.retryDelayMs as number },
+  },
+  tokenEvents: TASK_TOKEN_EVENTS,
+};
+
+describe('task machine, model-based', () => {
+  it('every path replays through decide() and every other event is refused', () => {
+    const report = runModel(spec);
+    console.log(summary('task', report));
+    expect(report.missingStates).toEqual([]);
+    expect(report.missingTransitions).toEqual([]);
+    expect(report.states[0]).toBe(7);
+    expect(report.transitions[0]).toBe(report.transitions[1]);
+    expect(report.rejectedPairs).toBeGreaterThan(0);
+    expect(report.staleChecks).toBeGreaterThan(0);
+  });
+});

@@ -1,0 +1,176 @@
+/**
+ * Model-based tests of the ticket machine: @xstate/graph walks the machine with the events
+ * below (one work task per phase, the task news the runtime would send about it, the stuck
+ * checks), and every shortest path is replayed through decide(). See model-support.ts.
+ */
+import { describe, expect, it } from 'vitest';
+import type { AnyMachineSnapshot } from 'xstate';
+import type { DecideEvent } from '../../src/actors/decide.js';
+import type { DomainEventType } from '../../src/machines/domain-events.js';
+import { nextPhaseState, PHASES, type Phase } from '../../src/machines/phases.js';
+import type { TaskState } from '../../src/machines/task.js';
+import {
+  diagnosticTaskId,
+  phaseComplete,
+  type TicketContext,
+  type TicketInput,
+} from '../../src/machines/ticket.js';
+import { type ModelSpec, runModel, summary, type TransitionRef } from './model-support.js';
+
+const INPUT: TicketInput = {
+  id: 'ticket-1',
+  title: 'Model ticket',
+  description: null,
+  stuckAfterMs: 60_000,
+  // Events carry no `at` (time 0): one diagnostic may spawn, the cooldown keeps out a second.
+  diagnosticCooldownMs: 1_000,
+  at: 0,
+};
+
+/**
+ * News about a task stops after this seq, which keeps the graph finite; two pieces of news per
+ * task are enough to reach every transition (e.g. completed while a diagnostic is open, then
+ * the diagnostic cancelled, then a manual ADVANCE).
+ */
+const MAX_SEQ = 2;
+const NEWS: readonly TaskState[] = ['running', 'completed', 'failed', 'cancelled'];
+
+function ctx(s: AnyMachineSnapshot): TicketContext {
+  return s.context as TicketContext;
+}
+
+function isPhase(state: string): state is Phase {
+  return (PHASES as readonly string[]).includes(state);
+}
+
+function events(s: AnyMachineSnapshot): DecideEvent[] {
+  const c = ctx(s);
+  const phase = c.phase ?? 'requirements';
+  const out: DecideEvent[] = [
+    { type: 'START' },
+    { type: 'ADVANCE' },
+    { type: 'BLOCK', reason: 'waiting for a decision' },
+    { type: 'UNBLOCK' },
+    { type: 'CANCEL', reason: 'dropped' },
+    { type: 'TASK_ADDED', taskId: `${phase}-work`, phase, taskType: 'work' },
+  ];
+  for (const [taskId, task] of Object.entries(c.tasks)) {
+    if (task.phase !== phase) continue;
+    // Late news (an old seq) is refused by every TASK_STATE branch.
+    out.push({ type: 'TASK_STATE', taskId, state: 'running', seq: task.seq });
+    if (task.seq >= MAX_SEQ) continue;
+    for (const state of NEWS) out.push({ type: 'TASK_STATE', taskId, state, seq: task.seq + 1 });
+  }
+  for (const p of PHASES) out.push({ type: `xstate.after.stuckCheck.ticket.${p}` });
+  return out;
+}
+
+function advanceEmits(from: Phase): DomainEventType[] {
+  return nextPhaseState(from) === 'done' ? ['ticket.done'] : ['ticket.phase_changed'];
+}
+
+/** CONTRACT 1 and the README's system events, per transition: target and domain events. */
+function emits(ref: TransitionRef, before: AnyMachineSnapshot): DomainEventType[] {
+  const src = ref.source;
+  const target = (to: string | null) => expect(ref.target, `${ref.key}: target`).toBe(to);
+  if (ref.eventType.startsWith('xstate.after.stuckCheck.')) {
+    target(src);
+    return ref.branch === 0 ? ['ticket.diagnostic_spawned'] : [];
+  }
+  switch (ref.eventType) {
+    case 'START':
+      target('requirements');
+      return ['ticket.phase_changed'];
+    case 'ADVANCE':
+      target(nextPhaseState(src as Phase));
+      return advanceEmits(src as Phase);
+    case 'BLOCK':
+      target('blocked');
+      return ['ticket.blocked'];
+    case 'UNBLOCK':
+      target(ctx(before).phase);
+      return ['ticket.unblocked'];
+    case 'CANCEL':
+      target('cancelled');
+      return ['ticket.cancelled'];
+    case 'TASK_ADDED':
+      target(isPhase(src) ? src : null);
+      return [];
+    case 'TASK_STATE':
+      if (!isPhase(src)) {
+        target(null);
+        return [];
+      }
+      if (ref.branch === 0) {
+        target(nextPhaseState(src));
+        return advanceEmits(src);
+      }
+      if (ref.branch === 1) {
+        target('blocked');
+        return ['ticket.blocked'];
+      }
+      target(src);
+      return [];
+    default:
+      throw new Error(`${ref.key} is not in the contract`);
+  }
+}
+
+const spec: ModelSpec<'ticket'> = {
+  entityType: 'ticket',
+  input: INPUT,
+  events,
+  core: (s) => {
+    const c = ctx(s);
+    const current = c.phase ?? 'requirements';
+    // The seq of a task of another phase never matters again: no news is generated for it.
+    const tasks = Object.entries(c.tasks)
+      .sort(([a], [b]) => a.localeCompare(b))
+      .map(([id, t]) => `${id}=${t.state}${t.phase === current ? `@${t.seq}` : ''}`)
+      .join(',');
+    return `${String(s.value)} ${c.phase ?? '-'} d${c.diagnostics} [${tasks}]`;
+  },
+  emits,
+  timed: Object.fromEntries(
+    PHASES.map((p) => [p, { delay: 'stuckCheck', ms: (c) => c.stuckAfterMs as number }]),
+  ),
+  tokenEvents: [],
+  check: (ref, event, before, d) => {
+    const was = ctx(before);
+    const now = d.snapshot.context as unknown as TicketContext;
+    const changed = d.emitted.find(
+      (e) => e.type === 'ticket.phase_changed' || e.type === 'ticket.done',
+    );
+    if (changed) {
+      // ADVANCE, or the TASK_STATE that completes the phase: only when the phase is complete.
+      expect(phaseComplete(now.tasks, was.phase ?? 'requirements') || was.phase === null).toBe(
+        true,
+      );
+      expect(changed.data).toEqual({ from: was.phase ?? 'backlog', to: d.state });
+    }
+    if (ref.eventType === 'ADVANCE') expect(phaseComplete(was.tasks, was.phase!)).toBe(true);
+    if (d.state === 'blocked') expect(now.phase).toBe(was.phase);
+    if (ref.eventType === 'UNBLOCK') expect(d.state).toBe(was.phase);
+    if (ref.branch === 0 && ref.eventType.startsWith('xstate.after.stuckCheck.')) {
+      expect(d.emitted[0]?.data.taskId).toBe(diagnosticTaskId(INPUT.id, now.diagnostics));
+      expect(now.tasks[diagnosticTaskId(INPUT.id, now.diagnostics)]?.state).toBe('pending');
+    }
+    if (event.type === 'TASK_STATE' && ref.target !== 'blocked' && ref.branch !== 0) {
+      expect(d.state).toBe(ref.target ?? ref.source);
+    }
+  },
+};
+
+describe('ticket machine, model-based', () => {
+  it('every path replays through decide() and every other event is refused', {
+    timeout: 60_000,
+  }, () => {
+    const report = runModel(spec);
+    console.log(summary('ticket', report));
+    expect(report.missingStates).toEqual([]);
+    expect(report.missingTransitions).toEqual([]);
+    expect(report.states[0]).toBe(8);
+    expect(report.transitions[0]).toBe(report.transitions[1]);
+    expect(report.rejectedPairs).toBeGreaterThan(0);
+  });
+});
