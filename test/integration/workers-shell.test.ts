@@ -3,10 +3,12 @@
  * TICKET_ID in the environment, output tails in the result or the error, and a timeout or
  * an abort that kills the whole process group (children included) before the run settles.
  */
+import { spawn } from 'node:child_process';
 import { mkdtempSync, readFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { TaskView } from '../../src/actors/views.js';
 import { configWith } from '../../src/config.js';
@@ -139,6 +141,19 @@ describe('shell executor', () => {
     expect(error.message).toBe('aborted: lease lost');
     const pids = await pidsIn(file);
     await until(() => pids.every((pid) => !alive(pid)), 2_000, 'process group gone');
+  });
+
+  it('a worker killed with SIGKILL takes the process group of its command with it', async () => {
+    const file = join(dir, 'orphan-pids.txt');
+    const script = fileURLToPath(new URL('../support/run-shell-executor.ts', import.meta.url));
+    const worker = spawn(process.execPath, ['--import', 'tsx', script, tree(file)], {
+      stdio: 'ignore',
+    });
+    await until(async () => (await pidsIn(file).catch(() => [])).length === 3, 10_000);
+    const pids = await pidsIn(file);
+    expect(pids.every(alive)).toBe(true);
+    worker.kill('SIGKILL');
+    await until(() => pids.every((pid) => !alive(pid)), 2_000, 'orphaned group gone');
   });
 
   it('a background child left behind by a finished command is killed with its group', async () => {

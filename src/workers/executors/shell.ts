@@ -4,7 +4,8 @@
  * the stdout and stderr tails; anything else is an `ExecutionFailed` carrying them. On a
  * timeout (`payload.timeoutMs` or `SHELL_TIMEOUT_MS`) or an abort (lease lost, shutdown) the
  * whole group gets SIGTERM, then SIGKILL, and the run settles only once the shell is gone,
- * so a task is never claimed again while its processes still run.
+ * so a task is never claimed again while its processes still run. If the worker process
+ * itself dies, a watchdog in the group kills it (see WATCHDOG).
  */
 import { spawn } from 'node:child_process';
 import type { TaskView } from '../../actors/views.js';
@@ -53,6 +54,15 @@ export class ShellExecutor implements Executor {
   }
 }
 
+/**
+ * Runs `$1` as the group's leader (same pid) with a watchdog beside it that holds the write
+ * end of our stdin pipe: if this process dies, even by SIGKILL, the pipe closes and the
+ * watchdog kills the whole group, so no orphan keeps working on a task that will be
+ * claimed again after its lease.
+ */
+const WATCHDOG =
+  'exec 3<&0 </dev/null; { cat <&3 >/dev/null 2>&1; kill -9 0; } & exec 3<&-; exec sh -c "$1"';
+
 interface RunOptions {
   env: NodeJS.ProcessEnv;
   cwd: string | undefined;
@@ -70,14 +80,16 @@ function runShell(
     if (o.signal.aborted) {
       return reject(new ExecutionFailed(`aborted: ${String(o.signal.reason)}`, { aborted: true }));
     }
-    const child = spawn('sh', ['-c', command], {
+    const child = spawn('sh', ['-c', WATCHDOG, 'sh', command], {
       detached: true,
       env: o.env,
       cwd: o.cwd,
-      stdio: ['ignore', 'pipe', 'pipe'],
+      stdio: ['pipe', 'pipe', 'pipe'],
     });
     const stdout = new Tail(o.tailBytes);
     const stderr = new Tail(o.tailBytes);
+    // Never written: it exists only to close when this process dies (see WATCHDOG).
+    child.stdin.on('error', () => {});
     child.stdout.on('data', (b: Buffer) => stdout.push(b));
     child.stderr.on('data', (b: Buffer) => stderr.push(b));
 
