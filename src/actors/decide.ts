@@ -8,9 +8,10 @@
  */
 import {
   type AnyMachineSnapshot,
+  type AnyStateMachine,
+  createActor,
   initialTransition,
   __unsafe_getAllOwnEventDescriptors as ownEventDescriptors,
-  transition,
 } from 'xstate';
 import { IllegalTransition, StaleToken, UnsupportedSnapshot } from '../errors.js';
 import type { DomainEvent } from '../machines/domain-events.js';
@@ -92,7 +93,7 @@ export function decide(
       throw new StaleToken(entityId, (current.context as { attempt: number }).attempt);
     }
   }
-  const [next, actions] = transition(entry.machine as never, current as never, event as never);
+  const [next, actions] = pureTransition(entityType, current, event);
   if (next === current) {
     throw new IllegalTransition(
       entityId,
@@ -103,6 +104,52 @@ export function decide(
     );
   }
   return toDecision(entityType, next as AnyMachineSnapshot, actions);
+}
+
+interface InertScope {
+  actions: ExecutableAction[];
+  scope: Record<string, unknown>;
+}
+const scopes = new Map<EntityType, InertScope>();
+
+/**
+ * XState's `transition()`, minus its cost: it builds a throwaway actor per call, and the
+ * actor's constructor evaluates the machine's initial context without input, which throws
+ * and is caught inside XState on every call. One inert scope per machine, reused, collects
+ * the actions the same way. Machines are pure (no children, no spawns), so reuse is safe.
+ */
+function pureTransition(
+  entityType: EntityType,
+  snapshot: AnyMachineSnapshot,
+  event: DecideEvent,
+): [AnyMachineSnapshot, ExecutableAction[]] {
+  let inert = scopes.get(entityType);
+  if (!inert) {
+    const { machine } = MACHINES[entityType];
+    const actions: ExecutableAction[] = [];
+    const self = createActor(machine as AnyStateMachine);
+    const scope = {
+      self,
+      defer: () => {},
+      id: '',
+      logger: () => {},
+      sessionId: '',
+      stopChild: () => {},
+      system: self.system,
+      emit: () => {},
+      actionExecutor: (action: ExecutableAction) => {
+        actions.push(action);
+      },
+    };
+    inert = { actions, scope };
+    scopes.set(entityType, inert);
+  }
+  inert.actions.length = 0;
+  const logic = MACHINES[entityType].machine as unknown as {
+    transition(s: unknown, e: unknown, scope: unknown): AnyMachineSnapshot;
+  };
+  const next = logic.transition(snapshot, event, inert.scope);
+  return [next, [...inert.actions]];
 }
 
 /** Rebuilds a live snapshot from its persisted JSON. */
