@@ -14,7 +14,7 @@ import type { EntityType } from '../machines/index.js';
 import { MACHINES } from '../machines/index.js';
 import type { Phase } from '../machines/phases.js';
 import type { TaskInput } from '../machines/task.js';
-import { DIAGNOSTIC_TASK_TYPE } from '../machines/ticket.js';
+import { DIAGNOSTIC_TASK_TYPE, phaseComplete, type TicketContext } from '../machines/ticket.js';
 import {
   type ActorRow,
   insertActorRow,
@@ -217,6 +217,10 @@ export class ActorHost {
         try {
           return await uow.send(timer.entityType, timer.entityId, timer.event);
         } catch (error) {
+          // A refusal decided on a cached row may come from a stale cache (another process
+          // moved the actor on): let transact() decide again from Postgres, or the timer
+          // would be consumed unfired (a task left in retry_wait or past its lease for good).
+          if (error instanceof IllegalTransition && uow.usedCache) throw error;
           // The row is consumed either way: a delayed event its state no longer takes is moot.
           if (error instanceof IllegalTransition || error instanceof NotFound) return null;
           throw error;
@@ -414,6 +418,20 @@ export class UnitOfWork {
       if (e.type === 'ticket.diagnostic_spawned') {
         const { taskId, phase } = e.data as { taskId: string; phase: Phase };
         await this.create('task', this.host.diagnosticTaskInput(applied.id, taskId, phase));
+      }
+    }
+    // A ticket that enters a phase whose tasks already allow it to advance (they finished
+    // while it was in backlog or blocked) advances now: no later task event would trigger
+    // the automatic ADVANCE, and it must not wait for a stuck check.
+    const entered = applied.events.some(
+      (e) =>
+        (e.type === 'ticket.phase_changed' && e.data.to !== 'done') ||
+        e.type === 'ticket.unblocked',
+    );
+    if (applied.entityType === 'ticket' && entered) {
+      const ctx = applied.snapshot.context as unknown as TicketContext;
+      if (ctx.phase !== null && phaseComplete(ctx.tasks, ctx.phase)) {
+        await this.send('ticket', applied.id, { type: 'ADVANCE' });
       }
     }
   }

@@ -216,3 +216,24 @@ describe('idempotency keys', () => {
     ).rejects.toBeInstanceOf(Conflict);
   });
 });
+
+describe('entering a phase that is already complete', () => {
+  it('advances at once when its tasks finished while the ticket was in backlog', async () => {
+    const commands = new Commands(hostA, { stuckAfterMs: 3_600_000, diagnosticCooldownMs: 0 });
+    const { value: t } = await hostA.transact((u) => commands.createTicket(u, { title: 'early' }));
+    const { value: task } = await hostA.transact((u) => commands.addTask(u, t.id, { type: 'x' }));
+    await hostA.send('ticket', t.id, {
+      type: 'TASK_STATE',
+      taskId: task.id,
+      state: 'completed',
+      seq: 5,
+    });
+    const started = await hostA.send('ticket', t.id, { type: 'START' });
+    expect(started.state).toBe('requirements');
+    const [row] = await db.sql`select state from tickets where id = ${t.id}`;
+    expect(row?.state).toBe('design');
+    const changes = await db.sql<{ to: string }[]>`select data->>'to' as to from events
+      where entity_id = ${t.id} and type = 'ticket.phase_changed' order by seq`;
+    expect(changes.map((c) => c.to)).toEqual(['requirements', 'design']);
+  });
+});
