@@ -53,6 +53,8 @@ export const configSchema = z.object({
   CLAIM_MAX_WAIT_MS: int(30_000, 0),
   BODY_LIMIT_BYTES: int(1_048_576, 1),
   RECONCILE_MS: int(30_000, 100),
+  /** Postgres connections per process (plus one for LISTEN). */
+  DB_POOL_MAX: int(10, 2).pipe(z.number().max(1_000)),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
   /** NATS subject prefix and stream names: distinct values let tenants and tests share a server. */
   NATS_PREFIX: z

@@ -61,7 +61,10 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
     const nats = await resolveNats(config.NATS_URL, config.DATA_DIR, log);
     closers.push({ name: 'nats-server', close: nats.stop });
 
-    const sql = createSql(databaseUrl, { max: 20, applicationName: `orchestrator-${role}` });
+    const sql = createSql(databaseUrl, {
+      max: config.DB_POOL_MAX,
+      applicationName: `orchestrator-${role}`,
+    });
     closers.push({ name: 'postgres', close: () => sql.end({ timeout: 5 }) });
     await sql`select 1`.catch((error: unknown) => {
       throw new Error(

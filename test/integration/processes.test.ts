@@ -89,6 +89,7 @@ describe('many processes on one database', () => {
       DATABASE_URL: db.url,
       ...natsEnv,
       WORKER_CONCURRENCY: '4',
+      DB_POOL_MAX: '6',
       TIMER_POLL_MS: '200',
       RECONCILE_MS: '2000',
     };
