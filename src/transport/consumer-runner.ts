@@ -24,6 +24,7 @@ import { insertDeadLetter } from '../persistence/dead-letter-rows.js';
 import type { EventEntry } from '../persistence/event-log.js';
 import { recordInbox } from '../persistence/inbox-rows.js';
 import type { Reaction } from './reactions.js';
+import { settleWithin } from './settle.js';
 import { isStreamNotFound } from './streams.js';
 import { dlqSubject, type TransportNames } from './subjects.js';
 
@@ -159,7 +160,8 @@ export class ConsumerRunner {
       clearTimeout(this.restartTimer.timer);
       this.restartTimer.resolve();
     }
-    await this.messages?.close().catch(() => {});
+    // With NATS down, close() waits for a server that is not there: bound it.
+    if (this.messages) await settleWithin(this.messages.close(), 2_000);
     await this.loop;
     this.loop = null;
     await Promise.allSettled([...this.inFlight]);

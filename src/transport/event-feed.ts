@@ -6,6 +6,7 @@
 import { DeliverPolicy, type JetStreamClient } from '@nats-io/jetstream';
 import type { Logger } from '../log.js';
 import type { EventEntry } from '../persistence/event-log.js';
+import { settleWithin } from './settle.js';
 import { allEventsSubject, entityEventsSubject, type TransportNames } from './subjects.js';
 
 export interface FeedMessage {
@@ -60,14 +61,15 @@ export async function subscribeEvents(
     } catch (error) {
       log?.warn({ err: error }, 'event feed ended');
     } finally {
-      await messages.close().catch(() => {});
+      await settleWithin(messages.close(), 2_000);
     }
   })();
   return {
     done,
     async close() {
-      await messages.close().catch(() => {});
-      await done;
+      // Bounded: with NATS down, close() would wait for the server.
+      await settleWithin(messages.close(), 2_000);
+      await settleWithin(done, 1_000);
     },
   };
 }

@@ -36,6 +36,7 @@ import {
   subscribeDispatch,
 } from './reactions.js';
 import { Reconciler, type ReconcilerStats } from './reconciler.js';
+import { settleWithin } from './settle.js';
 import { ensureStreams, type StreamOptions } from './streams.js';
 import type { TransportNames } from './subjects.js';
 
@@ -58,6 +59,8 @@ export interface TransportOptions {
   reconcileGraceMs?: number;
   /** Reactions to run; the CONTRACT's three by default. An empty list runs none. */
   reactions?: (nc: NatsConnection, names: TransportNames) => Reaction[];
+  /** How long `stop` waits for the connection to drain before closing it (default 5 s). */
+  drainTimeoutMs?: number;
   /** Turn parts off (tests, or a process that only publishes). All on by default. */
   enableRelay?: boolean;
   enableReconciler?: boolean;
@@ -167,7 +170,9 @@ export class Transport {
     await this.reconciler.stop();
     await Promise.all(this.runners.map((r) => r.stop()));
     await this.relay.stop();
-    await this.nc.drain().catch(() => this.nc.close());
+    // Drain flushes what is buffered; with NATS down it would wait forever, so it is bounded.
+    const drained = await settleWithin(this.nc.drain(), this.o.drainTimeoutMs ?? 5_000);
+    if (!drained) await this.nc.close().catch(() => {});
   }
 
   /** True while the NATS connection is up (for /readyz). */
@@ -195,6 +200,65 @@ export class Transport {
       deadLetters,
       reconciler: { ...this.reconciler.stats },
     };
+  }
+
+  /** `metrics()` as Prometheus text, for `GET /metrics`. */
+  async prometheus(): Promise<string> {
+    const m = await this.metrics();
+    const lines: string[] = [];
+    const gauge = (name: string, help: string, value: number, type = 'gauge') => {
+      lines.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`, `${name} ${value}`);
+    };
+    gauge('orch_nats_connected', 'NATS connection up (1) or down (0).', m.connected ? 1 : 0);
+    gauge(
+      'orch_outbox_rows',
+      'Events committed but not yet acknowledged by JetStream.',
+      m.outbox.count,
+    );
+    gauge('orch_outbox_oldest_ms', 'Age of the oldest unpublished event, ms.', m.outbox.oldestMs);
+    gauge(
+      'orch_relay_published_total',
+      'Events this process published.',
+      m.relay.published,
+      'counter',
+    );
+    gauge(
+      'orch_relay_duplicates_total',
+      'Publishes JetStream deduplicated by msg id.',
+      m.relay.duplicates,
+      'counter',
+    );
+    gauge(
+      'orch_relay_republished_total',
+      'Events published again because the stream lost them.',
+      m.relay.republished,
+      'counter',
+    );
+    gauge('orch_dead_letters', 'Messages reactions gave up on.', m.deadLetters);
+    lines.push(
+      '# HELP orch_reaction_messages_total Reaction deliveries by consumer and outcome.',
+      '# TYPE orch_reaction_messages_total counter',
+    );
+    for (const [consumer, s] of Object.entries(m.reactions)) {
+      for (const outcome of [
+        'applied',
+        'duplicates',
+        'ignored',
+        'failures',
+        'redeliveries',
+      ] as const) {
+        lines.push(
+          `orch_reaction_messages_total{consumer="${consumer}",outcome="${outcome}"} ${s[outcome]}`,
+        );
+      }
+    }
+    gauge(
+      'orch_reconciler_fixes_total',
+      'Reactions the reconciler applied because no message did.',
+      m.reconciler.ticketsFixed + m.reconciler.tasksCancelled,
+      'counter',
+    );
+    return `${lines.join('\n')}\n`;
   }
 
   /** The most recent dead letters, newest first (for an API route). */

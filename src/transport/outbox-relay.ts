@@ -118,6 +118,10 @@ export class OutboxRelay {
         );
       }, this.o.streamCheckMs);
       this.checkTimer.unref();
+      // At start too: NATS may have come back from a crash that lost acknowledged messages.
+      void this.checkStream().catch((error) =>
+        this.o.log.warn({ err: error }, 'stream check failed'),
+      );
     }
     this.loop = this.run();
   }

@@ -36,12 +36,13 @@ const transports: Transport[] = [];
 beforeAll(async () => {
   admin = await natsAdmin();
 });
+// Postgres connections are shared with other suites: free each test's before the next.
 afterEach(async () => {
   await Promise.all(transports.splice(0).map((t) => t.stop()));
+  await Promise.all(dbs.splice(0).map((d) => d.drop()));
 });
 afterAll(async () => {
   await admin.close(allNames);
-  await Promise.all(dbs.map((d) => d.drop()));
 });
 
 interface Env {
@@ -65,7 +66,7 @@ async function env(label: string): Promise<Env> {
     db,
     names,
     proc() {
-      const sql = db.pool(10);
+      const sql = db.pool(6);
       const host = new ActorHost(sql, { taskDefaults: { ...TASK_DEFAULTS, retryBaseMs: 20 } });
       return { sql, host, commands: commandsFor(host) };
     },
@@ -178,6 +179,11 @@ describe('reactions', () => {
     expect(m.deadLetters).toBe(1);
     expect(m.reactions.always_fails?.redeliveries).toBe(2);
     expect(m.redeliveries).toBe(2);
+    const text = await t.prometheus();
+    expect(text).toContain('orch_dead_letters 1');
+    expect(text).toContain(
+      'orch_reaction_messages_total{consumer="always_fails",outcome="failures"} 3',
+    );
     // term(): no further deliveries
     await new Promise((r) => setTimeout(r, 1_500));
     expect(calls).toBe(3);

@@ -42,12 +42,13 @@ beforeEach(async () => {
   db = await createTestDatabase('transport_relay');
   dbs.push(db);
 });
+// Postgres connections are shared with other suites: free each test's before the next.
 afterEach(async () => {
   await Promise.all(transports.splice(0).map((t) => t.stop()));
+  await Promise.all(dbs.splice(0).map((d) => d.drop()));
 });
 afterAll(async () => {
   await admin.close(allNames);
-  await Promise.all(dbs.map((d) => d.drop()));
 });
 
 function names(): TransportNames {
@@ -130,13 +131,20 @@ async function eventCount(sql: Sql, ids: string[]): Promise<number> {
 /** A TCP proxy in front of NATS: closing it is NATS going down for this client. */
 async function natsProxy(port = 0): Promise<{ port: number; close(): Promise<void> }> {
   const sockets = new Set<Socket>();
+  let closing = false;
   const server = createServer((client) => {
+    if (closing) {
+      client.destroy();
+      return;
+    }
     const upstream = netConnect(4222, '127.0.0.1');
     sockets.add(client);
     sockets.add(upstream);
     const drop = () => {
       client.destroy();
       upstream.destroy();
+      sockets.delete(client);
+      sockets.delete(upstream);
     };
     for (const s of [client, upstream]) {
       s.on('error', drop);
@@ -149,15 +157,17 @@ async function natsProxy(port = 0): Promise<{ port: number; close(): Promise<voi
     port: (server.address() as AddressInfo).port,
     close: () =>
       new Promise<void>((resolve) => {
-        for (const s of sockets) s.destroy();
+        // Stop accepting first: a client reconnecting at once must not keep the server open.
+        closing = true;
         server.close(() => resolve());
+        for (const s of sockets) s.destroy();
       }),
   };
 }
 
 describe('outbox relay', () => {
   it('drains in per-entity order with Nats-Msg-Id = event id and records stream seqs', async () => {
-    const sql = db.pool(10);
+    const sql = db.sql;
     const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
     const n = names();
     const ids = await makeEvents(host, 20, 3); // 20 × 8 events, committed before the relay runs
@@ -185,7 +195,7 @@ describe('outbox relay', () => {
   });
 
   it('a publish repeated after a crash between publish and mark is stored once', async () => {
-    const sql = db.pool(5);
+    const sql = db.sql;
     const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
     const n = names();
     await ensureStreams(admin.jsm, n);
@@ -211,7 +221,7 @@ describe('outbox relay', () => {
   });
 
   it('NATS unreachable: start fails naming the URL, commands still commit, the outbox drains later', async () => {
-    const sql = db.pool(5);
+    const sql = db.sql;
     const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
     const n = names();
     const badUrl = 'nats://127.0.0.1:1';
@@ -230,8 +240,8 @@ describe('outbox relay', () => {
   });
 
   it('two relays on two pools publish every row once, in per-entity order', async () => {
-    const sqlA = db.pool(10);
-    const sqlB = db.pool(10);
+    const sqlA = db.sql;
+    const sqlB = db.pool(6);
     const hostA = new ActorHost(sqlA, { taskDefaults: TASK_DEFAULTS });
     const n = names();
     await ensureStreams(admin.jsm, n);
@@ -269,7 +279,7 @@ describe('outbox relay', () => {
   });
 
   it('the stream deleted and recreated: the stream check publishes every event again', async () => {
-    const sql = db.pool(5);
+    const sql = db.sql;
     const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
     const n = names();
     const ids = await makeEvents(host, 10, 1);
@@ -290,7 +300,7 @@ describe('outbox relay', () => {
   });
 
   it('a new publish that gets an already-recorded sequence re-queues the lost events', async () => {
-    const sql = db.pool(5);
+    const sql = db.sql;
     const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
     const n = names();
     const ids = await makeEvents(host, 4, 1);
@@ -312,7 +322,7 @@ describe('outbox relay', () => {
   });
 
   it('NATS down mid-run: commands commit, the outbox waits, then drains and reactions resume', async () => {
-    const sql = db.pool(10);
+    const sql = db.sql;
     const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
     const n = names();
     let proxy = await natsProxy();
@@ -364,5 +374,89 @@ describe('outbox relay', () => {
       await transport.stop();
       await proxy.close();
     }
+  });
+
+  it('NATS down for 5 s while 200 tickets are created and advanced: every event and reaction once', {
+    timeout: 120_000,
+  }, async () => {
+    const sql = db.sql;
+    const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
+    const commands = commandsFor(host);
+    const n = names();
+    let proxy = await natsProxy();
+    const transport = await startTransport(sql, host, n, {
+      natsUrl: `nats://127.0.0.1:${proxy.port}`,
+      enableReconciler: false,
+    });
+    transports.push(transport);
+    await proxy.close();
+    const down = Date.now();
+    const ids = await Promise.all(
+      Array.from({ length: 200 }, async (_, i) => {
+        const { value: ticketId } = await host.transact(async (uow) => {
+          const tk = await commands.createTicket(uow, { title: `outage ${i}` });
+          await commands.addTask(uow, tk.id, { id: `${tk.id}-task`, type: 'build' });
+          return tk.id;
+        });
+        await host.send('ticket', ticketId, { type: 'START' });
+        const taskId = `${ticketId}-task`;
+        const claimed = await host.send('task', taskId, { type: 'CLAIM', workerId: 'w' });
+        const token = (claimed.snapshot.context as { token: string }).token;
+        await host.send('task', taskId, { type: 'START', token });
+        await host.send('task', taskId, { type: 'COMPLETE', token });
+        return [ticketId, taskId] as const;
+      }),
+    );
+    await new Promise((r) => setTimeout(r, Math.max(0, 5_000 - (Date.now() - down))));
+    proxy = await natsProxy(proxy.port);
+    try {
+      const all = ids.flat();
+      const total = await eventCount(sql, all);
+      await eventually(
+        async () => (await outboxCount(sql)) === 0,
+        30_000,
+        'outbox drained after NATS came back',
+      );
+      const tickets = ids.map(([t]) => t);
+      await eventually(
+        async () => {
+          const r = await sql<{ n: number }[]>`select count(*)::int as n from tickets
+            where state = 'design' and id in ${sql(tickets)}`;
+          return r[0]?.n === tickets.length;
+        },
+        30_000,
+        'every ticket advanced',
+      );
+      // every event in the stream once (the advances added one event per ticket)
+      const msgs = await streamMessages(n);
+      expect(new Set(msgs.map((m) => m.entry.eventId)).size).toBe(msgs.length);
+      expect(msgs.length).toBe(total + tickets.length);
+      const changes = await sql<{ n: number }[]>`select count(*)::int as n from events
+        where type = 'ticket.phase_changed' and entity_id in ${sql(tickets)}`;
+      expect(changes[0]?.n).toBe(2 * tickets.length);
+    } finally {
+      await transport.stop();
+      await proxy.close();
+    }
+  });
+
+  it('stop() returns promptly while NATS is down', async () => {
+    const sql = db.sql;
+    const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
+    const n = names();
+    const proxy = await natsProxy();
+    const transport = await startTransport(sql, host, n, {
+      natsUrl: `nats://127.0.0.1:${proxy.port}`,
+      drainTimeoutMs: 1_000,
+    });
+    const feed = await transport.subscribeEvents(0, undefined, () => {});
+    await proxy.close();
+    await makeEvents(host, 2, 0);
+    await new Promise((r) => setTimeout(r, 300));
+    const started = Date.now();
+    await transport.stop();
+    expect(Date.now() - started).toBeLessThan(8_000);
+    await feed.close();
+    expect(transport.connected()).toBe(false);
   });
 });
