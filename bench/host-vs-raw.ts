@@ -11,38 +11,11 @@ import { randomUUID } from 'node:crypto';
 import { decide, decideInitial } from '../src/actors/decide.js';
 import { ActorHost } from '../src/actors/host.js';
 import type { Sql } from '../src/persistence/db.js';
-import { type LatencyStats, percentile } from './stats.js';
+import { type LatencyStats, loop } from './stats.js';
 
 export interface RunResult extends LatencyStats {
   label: string;
   concurrency: number;
-}
-
-async function loop(
-  concurrency: number,
-  durationMs: number,
-  step: (worker: number, i: number) => Promise<void>,
-): Promise<LatencyStats> {
-  const latencies: number[] = [];
-  const end = Date.now() + durationMs;
-  const started = performance.now();
-  await Promise.all(
-    Array.from({ length: concurrency }, async (_, w) => {
-      for (let i = 0; Date.now() < end; i++) {
-        const t0 = performance.now();
-        await step(w, i);
-        latencies.push(performance.now() - t0);
-      }
-    }),
-  );
-  const seconds = (performance.now() - started) / 1000;
-  latencies.sort((a, b) => a - b);
-  return {
-    count: latencies.length,
-    perSecond: latencies.length / seconds,
-    p50: percentile(latencies, 0.5),
-    p99: percentile(latencies, 0.99),
-  };
 }
 
 export async function benchHost(
@@ -50,6 +23,22 @@ export async function benchHost(
   concurrency: number,
   durationMs: number,
 ): Promise<LatencyStats> {
+  return (await prepareHost(sql, concurrency))(durationMs);
+}
+
+export async function benchRaw(
+  sql: Sql,
+  concurrency: number,
+  durationMs: number,
+): Promise<LatencyStats> {
+  return (await prepareRaw(sql, concurrency))(durationMs);
+}
+
+/** Creates the host and its entities; the returned function runs the timed loop. */
+export async function prepareHost(
+  sql: Sql,
+  concurrency: number,
+): Promise<(durationMs: number) => Promise<LatencyStats & { samples: number[] }>> {
   const host = new ActorHost(sql, {
     taskDefaults: { maxAttempts: 3, leaseMs: 30_000, retryBaseMs: 1_000 },
   });
@@ -64,22 +53,22 @@ export async function benchHost(
     await host.send('ticket', t.id, { type: 'START' });
     ids.push(t.id);
   }
-  return loop(concurrency, durationMs, async (w, i) => {
-    const id = ids[w] as string;
-    await host.send(
-      'ticket',
-      id,
-      i % 2 === 0 ? { type: 'BLOCK', reason: 'bench' } : { type: 'UNBLOCK' },
-    );
-  });
+  return (durationMs) =>
+    loop(concurrency, durationMs, async (w, i) => {
+      const id = ids[w] as string;
+      await host.send(
+        'ticket',
+        id,
+        i % 2 === 0 ? { type: 'BLOCK', reason: 'bench' } : { type: 'UNBLOCK' },
+      );
+    });
 }
 
 /** The same statements, hand-written: what a careful raw-SQL implementation would issue. */
-export async function benchRaw(
+export async function prepareRaw(
   sql: Sql,
   concurrency: number,
-  durationMs: number,
-): Promise<LatencyStats> {
+): Promise<(durationMs: number) => Promise<LatencyStats & { samples: number[] }>> {
   const rows: { id: string; version: number; seq: number; snapshot: object }[] = [];
   for (let w = 0; w < concurrency; w++) {
     const id = `bench-raw-${randomUUID()}`;
@@ -99,37 +88,38 @@ export async function benchRaw(
       values (${id}, 'requirements', 'requirements', 'bench', 1, ${sql.json(snapshot as never)}, 1, 0, now(), now())`;
     rows.push({ id, version: 1, seq: 0, snapshot });
   }
-  return loop(concurrency, durationMs, async (w) => {
-    const row = rows[w] as (typeof rows)[number];
-    const blocking = row.seq % 2 === 0;
-    const state = blocking ? 'blocked' : 'requirements';
-    const snapshot = { ...row.snapshot, value: state };
-    await sql.begin(async (tx) => {
-      const r = await tx`update tickets set state = ${state}, phase = 'requirements',
+  return (durationMs) =>
+    loop(concurrency, durationMs, async (w) => {
+      const row = rows[w] as (typeof rows)[number];
+      const blocking = row.seq % 2 === 0;
+      const state = blocking ? 'blocked' : 'requirements';
+      const snapshot = { ...row.snapshot, value: state };
+      await sql.begin(async (tx) => {
+        const r = await tx`update tickets set state = ${state}, phase = 'requirements',
         snapshot = ${tx.json(snapshot as never)}, version = ${row.version + 1}, seq = ${row.seq + 1},
         updated_at = now() where id = ${row.id} and version = ${row.version}`;
-      if (r.count !== 1) throw new Error('conflict');
-      const [e] = await tx<
-        { pos: number }[]
-      >`insert into events (event_id, entity_type, entity_id, seq, type, data, at)
+        if (r.count !== 1) throw new Error('conflict');
+        const [e] = await tx<
+          { pos: number }[]
+        >`insert into events (event_id, entity_type, entity_id, seq, type, data, at)
         values (${randomUUID()}, 'ticket', ${row.id}, ${row.seq + 1},
           ${blocking ? 'ticket.blocked' : 'ticket.unblocked'}, ${tx.json({ phase: 'requirements' })}, now())
         returning pos, event_id, seq, entity_id, entity_type, type, data, at`;
-      await tx`insert into outbox (pos, entity_id) values (${e?.pos ?? 0}, ${row.id})`;
-      await tx`select pg_notify('orchestrator_outbox', '')`;
-      if (blocking) {
-        await tx`delete from timers where entity_id = ${row.id} and key in ('xstate.after.stuckCheck.ticket.requirements')`;
-      } else {
-        await tx`insert into timers (entity_type, entity_id, key, event, due_at, token)
+        await tx`insert into outbox (pos, entity_id) values (${e?.pos ?? 0}, ${row.id})`;
+        await tx`select pg_notify('orchestrator_outbox', '')`;
+        if (blocking) {
+          await tx`delete from timers where entity_id = ${row.id} and key in ('xstate.after.stuckCheck.ticket.requirements')`;
+        } else {
+          await tx`insert into timers (entity_type, entity_id, key, event, due_at, token)
           values ('ticket', ${row.id}, 'xstate.after.stuckCheck.ticket.requirements',
             ${tx.json({ type: 'xstate.after.stuckCheck.ticket.requirements' })},
             now() + interval '1 hour', ${randomUUID()})
           on conflict (entity_id, key) do update set event = excluded.event, due_at = excluded.due_at,
             token = excluded.token, locked_until = null`;
-        await tx`select pg_notify('orchestrator_timers', '0')`;
-      }
+          await tx`select pg_notify('orchestrator_timers', '0')`;
+        }
+      });
+      row.version++;
+      row.seq++;
     });
-    row.version++;
-    row.seq++;
-  });
 }

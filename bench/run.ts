@@ -1,54 +1,148 @@
 /**
- * `npm run bench`: prints each figure beside its raw baseline from the same run.
- * Uses BENCH_DATABASE_URL's server (default: the local PostgreSQL) and a scratch database
- * of its own, dropped afterwards. BENCH_SECONDS sets the duration of each measurement.
+ * `npm run bench`: every figure beside its raw baseline from the same run.
+ *
+ * Sections (default all, in this order): host, relay, http, peers, growth. Choose with
+ * `npm run bench -- --only relay,http` or BENCH_ONLY=relay,http. Each section creates its
+ * own scratch database (and NATS streams) and drops them afterwards.
+ *
+ * Environment: BENCH_DATABASE_URL (an admin URL of the server to use; default the local
+ * PostgreSQL), BENCH_NATS_URL (default nats://127.0.0.1:4222), BENCH_SECONDS (duration of
+ * each timed measurement, default 3), BENCH_CONCURRENCY (host section, default 1,8,64),
+ * BENCH_JOBS (peers section, default 1000), BENCH_GROWTH_TICKETS (default 100000).
  */
-import { randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import os from 'node:os';
+import { connect } from '@nats-io/transport-node';
 import postgres from 'postgres';
-import { createSql } from '../src/persistence/db.js';
-import { migrate } from '../src/persistence/migrate.js';
+import { growthSection } from './growth.js';
 import { benchHost, benchRaw } from './host-vs-raw.js';
-import { fmt } from './stats.js';
+import { httpSection } from './http.js';
+import { peersSection } from './peers.js';
+import { relaySection } from './relay.js';
+import { ADMIN_URL, NATS_URL, scratchDatabase } from './scratch.js';
+import { fmt, print } from './stats.js';
 
-const ADMIN_URL = process.env.BENCH_DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres';
+const SECTIONS = ['host', 'relay', 'http', 'peers', 'growth'] as const;
+type Section = (typeof SECTIONS)[number];
+
 const seconds = Number(process.env.BENCH_SECONDS ?? 3);
 const concurrencies = (process.env.BENCH_CONCURRENCY ?? '1,8,64').split(',').map(Number);
+const jobs = Number(process.env.BENCH_JOBS ?? 1000);
+const growthTickets = Number(process.env.BENCH_GROWTH_TICKETS ?? 100_000);
 
-async function main(): Promise<void> {
-  const name = `orch_bench_${randomBytes(4).toString('hex')}`;
-  const admin = postgres(ADMIN_URL, { max: 1, onnotice: () => {} });
-  await admin.unsafe(`create database ${name}`);
-  const url = new URL(ADMIN_URL);
-  url.pathname = `/${name}`;
-  const sql = createSql(url.toString(), { max: 70 });
+function selected(): Section[] {
+  const argv = process.argv.slice(2);
+  let only = process.env.BENCH_ONLY ?? '';
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i] as string;
+    if (a === '--only') only = argv[i + 1] ?? '';
+    else if (a.startsWith('--only=')) only = a.slice('--only='.length);
+  }
+  if (!only.trim()) return [...SECTIONS];
+  const names = only
+    .split(',')
+    .map((s) => s.trim())
+    .filter(Boolean);
+  const unknown = names.filter((n) => !(SECTIONS as readonly string[]).includes(n));
+  if (unknown.length > 0) {
+    throw new Error(
+      `unknown bench section(s): ${unknown.join(', ')} (known: ${SECTIONS.join(', ')})`,
+    );
+  }
+  return SECTIONS.filter((s) => names.includes(s));
+}
+
+function pkgVersion(name: string): string {
   try {
-    await migrate(sql);
-    const pg = await sql<{ v: string }[]>`select current_setting('server_version') as v`;
-    process.stdout.write(
-      `machine: ${os.cpus().length} cores, ${os.cpus()[0]?.model ?? '?'}; node ${process.version}; PostgreSQL ${pg[0]?.v}\n`,
+    const url = new URL(`../node_modules/${name}/package.json`, import.meta.url);
+    return (JSON.parse(readFileSync(url, 'utf8')) as { version: string }).version;
+  } catch {
+    return '?';
+  }
+}
+
+async function machine(): Promise<void> {
+  const admin = postgres(ADMIN_URL, { max: 1, onnotice: () => {} });
+  const [pg] = await admin<{ v: string }[]>`select current_setting('server_version') as v`;
+  await admin.end();
+  const nc = await connect({ servers: NATS_URL });
+  const natsVersion = nc.info?.version ?? '?';
+  await nc.close();
+  const cpus = os.cpus();
+  print('# npm run bench');
+  print(
+    `machine: ${cpus.length} cores, ${cpus[0]?.model ?? '?'}, ${(os.totalmem() / 2 ** 30).toFixed(1)} GiB RAM; load average ${os
+      .loadavg()
+      .map((l) => l.toFixed(2))
+      .join(' ')}`,
+  );
+  print(`node ${process.version}; PostgreSQL ${pg?.v ?? '?'}; nats-server ${natsVersion}`);
+  print(
+    `packages: ${[
+      'xstate',
+      'postgres',
+      '@nats-io/jetstream',
+      '@nats-io/transport-node',
+      'hono',
+      '@hono/node-server',
+      'graphile-worker',
+      'pg-boss',
+      'pg',
+    ]
+      .map((p) => `${p} ${pkgVersion(p)}`)
+      .join(', ')}`,
+  );
+  print(`each timed figure: ${seconds}s`);
+}
+
+async function hostSection(): Promise<void> {
+  print('## Actor host vs raw SQL (issue 3)');
+  print(
+    'entities alternate BLOCK/UNBLOCK (1 event, outbox, timer per transition); raw = the same statements by hand\n',
+  );
+  const db = await scratchDatabase('host', { max: 70 });
+  try {
+    print(
+      'concurrency |  host tx/s |   raw tx/s |  ratio | host p50 ms | raw p50 ms | host p99 ms | raw p99 ms',
     );
-    process.stdout.write(
-      `each figure: ${seconds}s; entities alternate BLOCK/UNBLOCK (1 event, outbox, timer per transition)\n\n`,
-    );
-    process.stdout.write(
-      'concurrency |  host tx/s |   raw tx/s |  ratio | host p50 ms | raw p50 ms | host p99 ms | raw p99 ms\n',
-    );
-    process.stdout.write(
-      '------------|------------|------------|--------|-------------|------------|-------------|-----------\n',
+    print(
+      '------------|------------|------------|--------|-------------|------------|-------------|-----------',
     );
     for (const c of concurrencies) {
-      const raw = await benchRaw(sql, c, seconds * 1000);
-      const host = await benchHost(sql, c, seconds * 1000);
-      process.stdout.write(
-        `${String(c).padStart(11)} | ${fmt(host.perSecond, 0)}  | ${fmt(raw.perSecond, 0)}  | ${(host.perSecond / raw.perSecond).toFixed(2).padStart(6)} | ${fmt(host.p50, 2)}   | ${fmt(raw.p50, 2)}  | ${fmt(host.p99, 2)}   | ${fmt(raw.p99, 2)}\n`,
+      const raw = await benchRaw(db.sql, c, seconds * 1000);
+      const host = await benchHost(db.sql, c, seconds * 1000);
+      print(
+        `${String(c).padStart(11)} | ${fmt(host.perSecond, 0)}  | ${fmt(raw.perSecond, 0)}  | ${(host.perSecond / raw.perSecond).toFixed(2).padStart(6)} | ${fmt(host.p50, 2)}   | ${fmt(raw.p50, 2)}  | ${fmt(host.p99, 2)}   | ${fmt(raw.p99, 2)}`,
       );
     }
   } finally {
-    await sql.end({ timeout: 2 });
-    await admin.unsafe(`drop database if exists ${name} with (force)`);
-    await admin.end();
+    await db.drop();
   }
+}
+
+async function main(): Promise<void> {
+  const sections = selected();
+  const started = performance.now();
+  await machine();
+  for (const s of sections) {
+    print();
+    const t0 = performance.now();
+    if (s === 'host') await hostSection();
+    if (s === 'relay') {
+      await relaySection({ seconds, events: 5_000, reactionsAlone: 100, reactionsLoaded: 400 });
+    }
+    if (s === 'http') await httpSection({ seconds, sseClients: 100 });
+    if (s === 'peers') await peersSection({ jobs, concurrency: 8 });
+    if (s === 'growth')
+      await growthSection({ seconds, tickets: growthTickets, cachedActors: 10_000 });
+    print(`\n(${s}: ${((performance.now() - t0) / 1000).toFixed(0)}s)`);
+  }
+  print(
+    `\ntotal ${((performance.now() - started) / 1000).toFixed(0)}s; load average now ${os
+      .loadavg()
+      .map((l) => l.toFixed(2))
+      .join(' ')}`,
+  );
 }
 
 await main();

@@ -11,3 +11,93 @@ export function percentile(sorted: number[], q: number): number {
 }
 
 export const fmt = (n: number, digits = 1) => n.toFixed(digits).padStart(9);
+
+/** Count, rate over `seconds`, p50 and p99 of latency samples (ms). Sorts `samples`. */
+export function summarize(samples: number[], seconds: number): LatencyStats {
+  samples.sort((a, b) => a - b);
+  return {
+    count: samples.length,
+    perSecond: seconds > 0 ? samples.length / seconds : 0,
+    p50: percentile(samples, 0.5),
+    p99: percentile(samples, 0.99),
+  };
+}
+
+/**
+ * Closed-loop load: `concurrency` loops call `step` back to back for `durationMs`; each
+ * call's latency is a sample.
+ */
+export async function loop(
+  concurrency: number,
+  durationMs: number,
+  step: (worker: number, i: number) => Promise<void>,
+): Promise<LatencyStats & { samples: number[] }> {
+  const latencies: number[] = [];
+  const end = Date.now() + durationMs;
+  const started = performance.now();
+  await Promise.all(
+    Array.from({ length: concurrency }, async (_, w) => {
+      for (let i = 0; Date.now() < end; i++) {
+        const t0 = performance.now();
+        await step(w, i);
+        latencies.push(performance.now() - t0);
+      }
+    }),
+  );
+  return { ...summarize(latencies, (performance.now() - started) / 1000), samples: latencies };
+}
+
+/** Runs `n` jobs with at most `concurrency` in flight; returns elapsed seconds. */
+export async function pool(
+  n: number,
+  concurrency: number,
+  job: (i: number) => Promise<void>,
+): Promise<number> {
+  const started = performance.now();
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: Math.min(concurrency, n) }, async () => {
+      while (next < n) await job(next++);
+    }),
+  );
+  return (performance.now() - started) / 1000;
+}
+
+/** A fixed-width text table: the header row, a rule, then the rows. */
+export function table(header: string[], rows: (string | number)[][]): string {
+  const cells = [header, ...rows.map((r) => r.map(String))];
+  const widths = header.map((_, i) => Math.max(...cells.map((r) => (r[i] ?? '').length)));
+  const line = (r: string[]) =>
+    r.map((c, i) => (i === 0 ? c.padEnd(widths[i] ?? 0) : c.padStart(widths[i] ?? 0))).join(' | ');
+  return [
+    line(header),
+    widths.map((w) => '-'.repeat(w)).join('-|-'),
+    ...cells.slice(1).map(line),
+  ].join('\n');
+}
+
+export const n0 = (x: number) => Math.round(x).toLocaleString('en-US');
+export const ms = (x: number) => (x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toFixed(2));
+export const ratio = (a: number, b: number) => (b > 0 ? (a / b).toFixed(2) : 'n/a');
+
+export function sleep(msec: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, msec));
+}
+
+/** Polls `check` every `everyMs` until it is true; throws after `timeoutMs`. */
+export async function until(
+  check: () => boolean | Promise<boolean>,
+  timeoutMs: number,
+  what: string,
+  everyMs = 5,
+): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`bench: timed out waiting for ${what}`);
+    await sleep(everyMs);
+  }
+}
+
+export function print(text = ''): void {
+  process.stdout.write(`${text}\n`);
+}

@@ -1,0 +1,152 @@
+/**
+ * The HTTP bench's client, in a process of its own so that the server's event loop does
+ * only server work. Driven over IPC by http.ts:
+ * - `load`: closed-loop requests (fetch, keep-alive) at a concurrency for some seconds.
+ * - `sse-open` / `feed-open`: N SSE clients of GET /events/stream, or N ordered JetStream
+ *   consumers through the same feed function the route uses (the baseline without HTTP).
+ *   Each event is keyed `entityId:seq`; when every client has it, the child reports the
+ *   wall-clock time (ms, sub-ms precision) at which the last one got it.
+ * - `close`: ends the clients.
+ */
+import { jetstream } from '@nats-io/jetstream';
+import { connect, type NatsConnection } from '@nats-io/transport-node';
+import { subscribeEvents } from '../src/transport/event-feed.js';
+import type { TransportNames } from '../src/transport/subjects.js';
+import { summarize } from './stats.js';
+
+type Msg =
+  | {
+      type: 'load';
+      url: string;
+      method: 'GET' | 'POST';
+      paths: string[];
+      bodies?: string[];
+      concurrency: number;
+      seconds: number;
+    }
+  | { type: 'sse-open'; url: string; clients: number }
+  | { type: 'feed-open'; natsUrl: string; names: TransportNames; clients: number }
+  | { type: 'close' };
+
+const send = (m: object) => process.send?.(m);
+const wallNow = () => performance.timeOrigin + performance.now();
+
+let closers: (() => Promise<void>)[] = [];
+let clientCount = 0;
+const got = new Map<string, number>();
+
+function arrived(key: string): void {
+  const n = (got.get(key) ?? 0) + 1;
+  got.set(key, n);
+  if (n === clientCount) {
+    got.delete(key);
+    send({ type: 'all', key, at: wallNow() });
+  }
+}
+
+async function load(m: Extract<Msg, { type: 'load' }>): Promise<void> {
+  const samples: number[] = [];
+  let errors = 0;
+  const end = Date.now() + m.seconds * 1000;
+  const started = performance.now();
+  await Promise.all(
+    Array.from({ length: m.concurrency }, async (_, w) => {
+      const path = m.paths[w % m.paths.length] as string;
+      const body = m.bodies?.[w % m.bodies.length];
+      while (Date.now() < end) {
+        const t0 = performance.now();
+        const res = await fetch(`${m.url}${path}`, {
+          method: m.method,
+          ...(body !== undefined ? { body, headers: { 'content-type': 'application/json' } } : {}),
+        });
+        await res.arrayBuffer();
+        samples.push(performance.now() - t0);
+        if (res.status >= 300) errors++;
+      }
+    }),
+  );
+  send({ type: 'loaded', ...summarize(samples, (performance.now() - started) / 1000), errors });
+}
+
+async function openSse(url: string, clients: number): Promise<void> {
+  clientCount = clients;
+  let ready = 0;
+  await new Promise<void>((resolve, reject) => {
+    for (let c = 0; c < clients; c++) {
+      const abort = new AbortController();
+      closers.push(async () => abort.abort());
+      void (async () => {
+        const res = await fetch(`${url}/events/stream?after=new`, {
+          headers: { accept: 'text/event-stream' },
+          signal: abort.signal,
+        });
+        if (!res.ok || !res.body) throw new Error(`SSE answered ${res.status}`);
+        const reader = res.body.getReader();
+        const decoder = new TextDecoder();
+        let buffer = '';
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) return;
+          buffer += decoder.decode(value, { stream: true });
+          let cut = buffer.indexOf('\n\n');
+          while (cut >= 0) {
+            const block = buffer.slice(0, cut);
+            buffer = buffer.slice(cut + 2);
+            cut = buffer.indexOf('\n\n');
+            if (block.startsWith(': connected')) {
+              if (++ready === clients) resolve();
+              continue;
+            }
+            const data = block.split('\n').find((l) => l.startsWith('data:'));
+            if (!data) continue;
+            const e = JSON.parse(data.slice(5)) as { entityId: string; seq: number };
+            arrived(`${e.entityId}:${e.seq}`);
+          }
+        }
+      })().catch((error: unknown) => {
+        if (!abort.signal.aborted) reject(error);
+      });
+    }
+  });
+}
+
+let nc: NatsConnection | null = null;
+
+async function openFeeds(natsUrl: string, names: TransportNames, clients: number): Promise<void> {
+  clientCount = clients;
+  nc ??= await connect({ servers: natsUrl });
+  const js = jetstream(nc);
+  for (let c = 0; c < clients; c++) {
+    const sub = await subscribeEvents(js, names, 'new', undefined, (m) => {
+      arrived(`${m.entry.entityId}:${m.entry.seq}`);
+    });
+    closers.push(() => sub.close());
+  }
+}
+
+process.on('message', (m: Msg) => {
+  void (async () => {
+    if (m.type === 'load') await load(m);
+    if (m.type === 'sse-open') {
+      await openSse(m.url, m.clients);
+      send({ type: 'ready' });
+    }
+    if (m.type === 'feed-open') {
+      await openFeeds(m.natsUrl, m.names, m.clients);
+      send({ type: 'ready' });
+    }
+    if (m.type === 'close') {
+      await Promise.all(closers.map((c) => c().catch(() => {})));
+      closers = [];
+      got.clear();
+      send({ type: 'closed' });
+    }
+  })().catch((error: unknown) => {
+    process.stderr.write(`http-load: ${String(error)}\n`);
+    process.exit(1);
+  });
+});
+process.on('disconnect', () => {
+  void nc?.close();
+  process.exit(0);
+});

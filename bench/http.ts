@@ -1,0 +1,354 @@
+/**
+ * Issue 6: the HTTP layer's cost. The app is the real one (createApp over a real host,
+ * commands, claims and queries, as src/runtime.ts composes it), served on port 0 with
+ * @hono/node-server; the load comes from a child process (http-load.ts) with fetch and
+ * keep-alive, so the server's event loop does only server work.
+ *
+ * - GET /healthz: the floor of an HTTP round trip on this machine.
+ * - GET /tasks/:id beside the same `queries.getTask` called in-process.
+ * - POST /tasks/:id/events {HEARTBEAT, token} beside the same call the route makes
+ *   (host.transact + commands.sendPublic) in-process: what HTTP adds to a transition.
+ * - SSE fan-out: N clients on GET /events/stream; per event, commit → the last client got
+ *   it; a burst's deliveries/s. Beside N ordered JetStream consumers through the same feed
+ *   function without HTTP, in the same child process.
+ */
+import type { ChildProcess } from 'node:child_process';
+import type { AddressInfo } from 'node:net';
+import { serve } from '@hono/node-server';
+import { Commands } from '../src/actors/commands.js';
+import { ActorHost } from '../src/actors/host.js';
+import { configWith } from '../src/config.js';
+import { createApp } from '../src/http/app.js';
+import { machineCatalog } from '../src/http/machines.js';
+import { silentLogger } from '../src/log.js';
+import { Queries } from '../src/persistence/queries.js';
+import { Transport } from '../src/transport/index.js';
+import { ClaimService } from '../src/workers/claims.js';
+import { Wakeups } from '../src/workers/wakeups.js';
+import {
+  benchNames,
+  dropStreams,
+  forkTs,
+  isType,
+  NATS_URL,
+  nextMessage,
+  scratchDatabase,
+} from './scratch.js';
+import {
+  type LatencyStats,
+  loop,
+  ms,
+  n0,
+  pool,
+  print,
+  ratio,
+  sleep,
+  summarize,
+  table,
+} from './stats.js';
+
+const CONCURRENCY = 16;
+const TASK_DEFAULTS = { maxAttempts: 3, leaseMs: 600_000, retryBaseMs: 1_000 };
+
+type Loaded = LatencyStats & { type: 'loaded'; errors: number };
+type All = { type: 'all'; key: string; at: number };
+
+export async function httpSection(o: { seconds: number; sseClients: number }): Promise<void> {
+  print('## HTTP API and SSE (issue 6)');
+  const db = await scratchDatabase('http', { max: 20 });
+  const names = benchNames();
+  const host = new ActorHost(db.sql, { taskDefaults: TASK_DEFAULTS });
+  const commands = new Commands(host, { stuckAfterMs: 3_600_000, diagnosticCooldownMs: 3_600_000 });
+  const config = configWith({ CLAIM_MAX_WAIT_MS: '0' });
+  const claims = new ClaimService(host, new Wakeups(), { typeLimits: {}, maxWaitMs: 0 });
+  let transport: Transport | null = null;
+  let child: ChildProcess | null = null;
+  let server: ReturnType<typeof serve> | null = null;
+  try {
+    // The relay feeds the stream SSE reads; no reactions (HEARTBEAT writes no event anyway).
+    transport = await Transport.start({
+      sql: db.sql,
+      host,
+      log: silentLogger(),
+      natsUrl: NATS_URL,
+      names,
+      reconcileMs: 600_000,
+      enableReconciler: false,
+      reactions: () => [],
+      relay: { streamCheckMs: 0 },
+    });
+    const app = createApp({
+      host,
+      commands,
+      claims,
+      queries: new Queries(db.sql),
+      machines: machineCatalog(),
+      log: silentLogger(),
+      config,
+      events: transport,
+      ready: async () => ({ postgres: true, nats: true, migrations: true }),
+      sse: { bufferLimit: 10_000 },
+    });
+    server = serve({ fetch: app.fetch, port: 0, hostname: '127.0.0.1' });
+    const s = server;
+    await new Promise<void>((resolve, reject) => {
+      s.once('listening', () => resolve());
+      s.once('error', reject);
+    });
+    const url = `http://127.0.0.1:${(s.address() as AddressInfo).port}`;
+
+    // One running task per client loop, with its token.
+    const tasks: { id: string; token: string }[] = [];
+    await pool(CONCURRENCY, 4, async () => {
+      const { value } = await host.transact(async (uow) => {
+        const t = await commands.createTicket(uow, { title: 'bench' });
+        return (await commands.addTask(uow, t.id, { type: 'bench' })).id;
+      });
+      const claimed = await host.send('task', value, { type: 'CLAIM', workerId: 'bench' });
+      const token = (claimed.snapshot.context as { token: string }).token;
+      await host.send('task', value, { type: 'START', token });
+      tasks.push({ id: value, token });
+    });
+
+    child = forkTs('./http-load.ts');
+    const c = child;
+    const load = async (method: 'GET' | 'POST', paths: string[], bodies?: string[]) => {
+      c.send({
+        type: 'load',
+        url,
+        method,
+        paths,
+        bodies,
+        concurrency: CONCURRENCY,
+        seconds: o.seconds,
+      });
+      const r = await nextMessage<Loaded>(c, isType<Loaded>('loaded'));
+      if (r.errors > 0) print(`!! ${r.errors} non-2xx answers to ${method} ${paths[0]}`);
+      return r;
+    };
+    const ms1000 = o.seconds * 1000;
+    const queries = new Queries(db.sql);
+    const getIn = await loop(CONCURRENCY, ms1000, async (w) => {
+      await queries.getTask((tasks[w % tasks.length] as { id: string }).id);
+    });
+    const postIn = await loop(CONCURRENCY, ms1000, async (w) => {
+      const t = tasks[w % tasks.length] as { id: string; token: string };
+      await host.transact((uow) =>
+        commands.sendPublic(uow, 'task', t.id, { type: 'HEARTBEAT', token: t.token }),
+      );
+    });
+    const health = await load('GET', ['/healthz']);
+    const get = await load(
+      'GET',
+      tasks.map((t) => `/tasks/${t.id}`),
+    );
+    const post = await load(
+      'POST',
+      tasks.map((t) => `/tasks/${t.id}/events`),
+      tasks.map((t) => JSON.stringify({ type: 'HEARTBEAT', token: t.token })),
+    );
+    print(
+      `\n### Requests at concurrency ${CONCURRENCY} (client in another process, fetch with keep-alive)\n`,
+    );
+    print(
+      table(
+        [
+          'request',
+          'req/s',
+          'p50 ms',
+          'p99 ms',
+          'in-process same call/s',
+          'p50 ms',
+          'p99 ms',
+          'HTTP / in-process',
+        ],
+        [
+          [
+            'GET /healthz (HTTP floor)',
+            n0(health.perSecond),
+            ms(health.p50),
+            ms(health.p99),
+            '-',
+            '-',
+            '-',
+            '-',
+          ],
+          [
+            'GET /tasks/:id vs queries.getTask',
+            n0(get.perSecond),
+            ms(get.p50),
+            ms(get.p99),
+            n0(getIn.perSecond),
+            ms(getIn.p50),
+            ms(getIn.p99),
+            ratio(get.perSecond, getIn.perSecond),
+          ],
+          [
+            'POST /tasks/:id/events HEARTBEAT vs host',
+            n0(post.perSecond),
+            ms(post.p50),
+            ms(post.p99),
+            n0(postIn.perSecond),
+            ms(postIn.p50),
+            ms(postIn.p99),
+            ratio(post.perSecond, postIn.perSecond),
+          ],
+        ],
+      ),
+    );
+
+    // SSE fan-out, then the same through ordered consumers without HTTP.
+    const tickets: string[] = [];
+    for (let i = 0; i < 8; i++) {
+      const a = await host.create('ticket', {
+        id: `sse-${i}-${Date.now()}`,
+        title: 'bench',
+        stuckAfterMs: 3_600_000,
+        diagnosticCooldownMs: 0,
+      });
+      await host.send('ticket', a.id, { type: 'START' });
+      tickets.push(a.id);
+    }
+    await sleep(500); // the setup's events reach the stream before the clients subscribe
+    const sse = await fanOut(c, host, tickets, { type: 'sse-open', url, clients: o.sseClients });
+    const feed = await fanOut(c, host, tickets, {
+      type: 'feed-open',
+      natsUrl: NATS_URL,
+      names,
+      clients: o.sseClients,
+    });
+    print(`\n### Fan-out to ${o.sseClients} clients\n`);
+    print(
+      table(
+        [
+          'clients',
+          'one event: commit → all have it p50 ms',
+          'p99 ms',
+          'burst of 500: deliveries/s',
+          'events/s',
+        ],
+        [
+          [
+            `${o.sseClients} SSE clients (GET /events/stream)`,
+            ms(sse.alone.p50),
+            ms(sse.alone.p99),
+            n0(sse.deliveries),
+            n0(sse.events),
+          ],
+          [
+            `${o.sseClients} ordered consumers, no HTTP`,
+            ms(feed.alone.p50),
+            ms(feed.alone.p99),
+            n0(feed.deliveries),
+            n0(feed.events),
+          ],
+          [
+            'SSE / no HTTP',
+            ratio(sse.alone.p50, feed.alone.p50),
+            ratio(sse.alone.p99, feed.alone.p99),
+            ratio(sse.deliveries, feed.deliveries),
+            '',
+          ],
+        ],
+      ),
+    );
+  } finally {
+    child?.disconnect();
+    claims.close();
+    if (server) {
+      const s = server;
+      await new Promise<void>((resolve) => {
+        s.close(() => resolve());
+        if ('closeAllConnections' in s) s.closeAllConnections();
+      });
+    }
+    await transport?.stop().catch(() => {});
+    await dropStreams(names).catch(() => {});
+    await db.drop();
+  }
+}
+
+/**
+ * Opens the clients, sends 30 events one at a time (commit → the last client got it),
+ * then a burst of 500 at concurrency 8 (deliveries/s until every client had every event).
+ */
+/** Whether each SSE ticket is blocked now: the next event to send it is UNBLOCK. */
+const blocked = new Map<string, boolean>();
+
+async function fanOut(
+  child: ChildProcess,
+  host: ActorHost,
+  tickets: string[],
+  open: { type: string; clients: number; [k: string]: unknown },
+): Promise<{ alone: LatencyStats; deliveries: number; events: number }> {
+  const wallNow = () => performance.timeOrigin + performance.now();
+  child.send(open);
+  await nextMessage(child, isType('ready'));
+  await sleep(500);
+  const arrivals = new Map<string, number>();
+  const waiters = new Map<string, () => void>();
+  const onAll = (m: unknown) => {
+    if (!isType<All>('all')(m)) return;
+    arrivals.set(m.key, m.at);
+    waiters.get(m.key)?.();
+  };
+  child.on('message', onAll);
+  const step = async (id: string) => {
+    const b = blocked.get(id) ?? false;
+    blocked.set(id, !b);
+    const a = await host.send(
+      'ticket',
+      id,
+      b ? { type: 'UNBLOCK' } : { type: 'BLOCK', reason: 'bench' },
+    );
+    const e = a.events[0];
+    if (!e) throw new Error('bench: BLOCK/UNBLOCK emitted no event');
+    return { key: `${id}:${e.seq}`, at: wallNow() };
+  };
+  try {
+    const alone: number[] = [];
+    for (let i = 0; i < 30; i++) {
+      const id = tickets[0] as string;
+      let resolveAll: () => void = () => {};
+      const all = new Promise<void>((r) => {
+        resolveAll = r;
+      });
+      const { key, at } = await step(id);
+      waiters.set(key, resolveAll);
+      if (!arrivals.has(key)) await withTimeout(all, 30_000, `event ${key} at every client`);
+      waiters.delete(key);
+      alone.push((arrivals.get(key) ?? at) - at);
+    }
+    const keys: string[] = [];
+    const first = wallNow();
+    await pool(500, tickets.length, async (i) => {
+      keys.push((await step(tickets[i % tickets.length] as string)).key);
+    });
+    const deadline = Date.now() + 120_000;
+    while (!keys.every((k) => arrivals.has(k))) {
+      if (Date.now() > deadline) throw new Error('bench: the burst did not reach every client');
+      await sleep(10);
+    }
+    const last = Math.max(...keys.map((k) => arrivals.get(k) ?? 0));
+    const seconds = (last - first) / 1000;
+    return {
+      alone: summarize(alone, 0),
+      deliveries: (open.clients * keys.length) / seconds,
+      events: keys.length / seconds,
+    };
+  } finally {
+    child.off('message', onAll);
+    child.send({ type: 'close' });
+    await nextMessage(child, isType('closed'));
+  }
+}
+
+async function withTimeout(p: Promise<void>, msec: number, what: string): Promise<void> {
+  let timer: NodeJS.Timeout | undefined;
+  await Promise.race([
+    p,
+    new Promise<void>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`bench: timed out waiting for ${what}`)), msec);
+    }),
+  ]).finally(() => clearTimeout(timer));
+}
