@@ -1,0 +1,704 @@
+/**
+ * The verdict of a chaos run: every CONTRACT section 4 guarantee checked from the outside,
+ * from what the run left behind — the event log and rows in Postgres, the JetStream stream,
+ * the executors' marker file, what the load was told (2xx answers) and what the SSE readers
+ * received. Each finding is a violation of one guarantee, worded so it can be looked up.
+ */
+import { readFile } from 'node:fs/promises';
+import { DeliverPolicy, jetstream, jetstreamManager } from '@nats-io/jetstream';
+import { connect } from '@nats-io/transport-node';
+import { nextPhaseState, PHASES, type Phase } from '../../src/machines/phases.js';
+import type { Sql } from './cluster.js';
+import type { Fault } from './faults.js';
+import type { Accepted, SseRecord } from './load.js';
+
+export const GUARANTEES = [
+  ['1', 'legal only (replay of every log)'],
+  ['2', 'one effect (one completion, one ADVANCE per phase)'],
+  ['3', 'ordered log (seq 1..N, no gap)'],
+  ['4', 'claims (one holder per attempt)'],
+  ['5', 'worktrees (one active task each)'],
+  ['6', 'nothing lost (accepted → present, all done)'],
+  ['7', 'durable time (dead claims reclaimed)'],
+  ['8', 'atomic + stream (every event in JetStream once)'],
+  ['sse', 'SSE resume (ordered, no dup, no gap)'],
+  ['proc', 'processes (no crash; SIGTERM → exit 0)'],
+] as const;
+export type GuaranteeId = (typeof GUARANTEES)[number][0];
+
+export class Findings {
+  readonly byGuarantee = new Map<GuaranteeId, string[]>(GUARANTEES.map(([id]) => [id, []]));
+  add(g: GuaranteeId, message: string): void {
+    this.byGuarantee.get(g)?.push(message);
+  }
+  count(g: GuaranteeId): number {
+    return this.byGuarantee.get(g)?.length ?? 0;
+  }
+  get total(): number {
+    let n = 0;
+    for (const list of this.byGuarantee.values()) n += list.length;
+    return n;
+  }
+}
+
+export interface EventRow {
+  pos: number;
+  event_id: string;
+  entity_type: 'ticket' | 'task';
+  entity_id: string;
+  seq: number;
+  type: string;
+  data: Record<string, unknown>;
+  at_ms: number;
+  stream_seq: number | null;
+}
+
+interface TaskRow {
+  id: string;
+  ticket_id: string;
+  state: string;
+  attempt: number;
+  seq: number;
+  worktree: string | null;
+  executor: string;
+}
+
+interface TicketRow {
+  id: string;
+  state: string;
+  seq: number;
+}
+
+export interface StreamMessage {
+  seq: number;
+  eventId: string;
+  entityId: string;
+  entitySeq: number;
+}
+
+export interface MarkerLine {
+  what: 'start' | 'end' | 'fail';
+  taskId: string;
+  attempt: number;
+  workerId: string;
+  pid: string;
+  ms: number;
+}
+
+export interface Evidence {
+  events: EventRow[];
+  tickets: TicketRow[];
+  tasks: TaskRow[];
+  outbox: number;
+  deadLetters: number;
+  stream: StreamMessage[];
+  markers: MarkerLine[];
+}
+
+export interface CheckFigures {
+  tasksByState: Map<string, number>;
+  ticketsByState: Map<string, number>;
+  eventsByType: Map<string, number>;
+  events: number;
+  streamMessages: number;
+  markerExecutions: number;
+  /** Executions of one task by two claims at once (legal after a lease loss, fenced by tokens). */
+  overlappingAfterLeaseLoss: number;
+  staleWorkerCompletions: number;
+  leaseExpiries: number;
+  /** Per fault (same order as the faults): the longest a held task waited to be reclaimed. */
+  reclaimMs: (number | null)[];
+  deadLetters: number;
+}
+
+// ---- gathering ------------------------------------------------------------------------
+
+export async function gather(
+  sql: Sql,
+  natsUrl: string,
+  stream: string,
+  markerFile: string,
+): Promise<Evidence> {
+  const events = await sql<EventRow[]>`
+    select pos, event_id, entity_type, entity_id, seq, type, data,
+      (extract(epoch from at) * 1000)::float8 as at_ms, stream_seq
+    from events order by entity_id, seq`;
+  const tickets = await sql<TicketRow[]>`select id, state, seq from tickets`;
+  const tasks = await sql<TaskRow[]>`
+    select id, ticket_id, state, attempt, seq, worktree, executor from tasks`;
+  const [outbox] = await sql<{ n: number }[]>`select count(*)::int as n from outbox`;
+  const [dead] = await sql<{ n: number }[]>`select count(*)::int as n from dead_letters`;
+  return {
+    events: [...events],
+    tickets: [...tickets],
+    tasks: [...tasks],
+    outbox: outbox?.n ?? -1,
+    deadLetters: dead?.n ?? -1,
+    stream: await readStream(natsUrl, stream),
+    markers: await readMarkers(markerFile),
+  };
+}
+
+/** Every message of the event stream, in stream order. */
+export async function readStream(natsUrl: string, stream: string): Promise<StreamMessage[]> {
+  const nc = await connect({ servers: natsUrl, timeout: 5_000 });
+  try {
+    const jsm = await jetstreamManager(nc);
+    const info = await jsm.streams.info(stream);
+    const last = info.state.last_seq;
+    const out: StreamMessage[] = [];
+    if (info.state.messages === 0) return out;
+    const js = jetstream(nc);
+    const consumer = await js.consumers.get(stream, {
+      deliver_policy: DeliverPolicy.StartSequence,
+      opt_start_seq: 1,
+    });
+    const messages = await consumer.consume({ max_messages: 512 });
+    const timer = setTimeout(() => void messages.close(), 60_000);
+    for await (const m of messages) {
+      const entry = m.json<{ eventId: string; entityId: string; seq: number }>();
+      out.push({
+        seq: m.seq,
+        eventId: entry.eventId,
+        entityId: entry.entityId,
+        entitySeq: entry.seq,
+      });
+      if (m.seq >= last) break;
+    }
+    clearTimeout(timer);
+    await messages.close().catch(() => {});
+    return out;
+  } finally {
+    await nc.close();
+  }
+}
+
+export async function readMarkers(file: string): Promise<MarkerLine[]> {
+  let text = '';
+  try {
+    text = await readFile(file, 'utf8');
+  } catch {
+    return [];
+  }
+  const out: MarkerLine[] = [];
+  for (const line of text.split('\n')) {
+    const [what, taskId, attempt, workerId, pid, ms] = line.trim().split(' ');
+    if (!what || !taskId || !attempt || !workerId || !pid || !ms) continue;
+    if (what !== 'start' && what !== 'end' && what !== 'fail') continue;
+    out.push({ what, taskId, attempt: Number(attempt), workerId, pid, ms: Number(ms) });
+  }
+  return out;
+}
+
+// ---- checking -------------------------------------------------------------------------
+
+const bump = (m: Map<string, number>, k: string, by = 1) => m.set(k, (m.get(k) ?? 0) + by);
+
+/** The claims of one task, in log order, with where each ended. */
+interface Claim {
+  taskId: string;
+  attempt: number;
+  workerId: string;
+  pos: number;
+  atMs: number;
+  /** The event that ended the hold (completion, expiry, release, cancel, failure). */
+  endPos: number | null;
+  endAtMs: number | null;
+  endType: string | null;
+}
+
+const LEAVES_ACTIVE = new Set([
+  'task.completed',
+  'task.lease_expired',
+  'task.retry_scheduled',
+  'task.failed',
+  'task.released',
+  'task.cancelled',
+]);
+
+type TaskReplayState =
+  | 'none'
+  | 'pending'
+  | 'claimed'
+  | 'running'
+  | 'expiring'
+  | 'retry_wait'
+  | 'completed'
+  | 'failed'
+  | 'cancelled';
+
+const TASK_MOVES: Record<TaskReplayState, Partial<Record<string, TaskReplayState>>> = {
+  none: { 'task.created': 'pending' },
+  pending: { 'task.claimed': 'claimed', 'task.cancelled': 'cancelled' },
+  claimed: {
+    'task.started': 'running',
+    'task.lease_expired': 'expiring',
+    'task.released': 'pending',
+    'task.cancelled': 'cancelled',
+  },
+  running: {
+    'task.completed': 'completed',
+    'task.lease_expired': 'expiring',
+    'task.retry_scheduled': 'retry_wait',
+    'task.failed': 'failed',
+    'task.released': 'pending',
+    'task.cancelled': 'cancelled',
+  },
+  // A lease expiry is followed, in the same transition, by a retry or the failure.
+  expiring: { 'task.retry_scheduled': 'retry_wait', 'task.failed': 'failed' },
+  retry_wait: { 'task.retried': 'pending', 'task.cancelled': 'cancelled' },
+  failed: { 'task.requeued': 'pending' },
+  completed: {},
+  cancelled: {},
+};
+
+export function check(
+  ev: Evidence,
+  accepted: Accepted,
+  sse: SseRecord[],
+  faults: Fault[],
+  leaseMs: number,
+): { findings: Findings; figures: CheckFigures } {
+  const f = new Findings();
+  const figures: CheckFigures = {
+    tasksByState: new Map(),
+    ticketsByState: new Map(),
+    eventsByType: new Map(),
+    events: ev.events.length,
+    streamMessages: ev.stream.length,
+    markerExecutions: 0,
+    overlappingAfterLeaseLoss: 0,
+    staleWorkerCompletions: 0,
+    leaseExpiries: 0,
+    reclaimMs: [],
+    deadLetters: ev.deadLetters,
+  };
+  const cap = (g: GuaranteeId, message: string) => {
+    // A broken run can find thousands of the same thing: keep the first ones.
+    if (f.count(g) < 200) f.add(g, message);
+  };
+
+  const byEntity = new Map<string, EventRow[]>();
+  for (const e of ev.events) {
+    bump(figures.eventsByType, e.type);
+    const list = byEntity.get(e.entity_id);
+    if (list) list.push(e);
+    else byEntity.set(e.entity_id, [e]);
+  }
+  const ticketRows = new Map(ev.tickets.map((t) => [t.id, t]));
+  const taskRows = new Map(ev.tasks.map((t) => [t.id, t]));
+  for (const t of ev.tickets) bump(figures.ticketsByState, t.state);
+  for (const t of ev.tasks) bump(figures.tasksByState, t.state);
+
+  // (3) ordered log, and (8) the row and its events committed together.
+  for (const [id, list] of byEntity) {
+    list.forEach((e, i) => {
+      if (e.seq !== i + 1) cap('3', `${id}: event #${i + 1} has seq ${e.seq}`);
+    });
+    const row = ticketRows.get(id) ?? taskRows.get(id);
+    if (!row) cap('8', `${id}: ${list.length} events but no ${list[0]?.entity_type} row`);
+    else if (row.seq !== list.length) {
+      cap('8', `${id}: row says seq ${row.seq}, the log holds ${list.length} events`);
+    }
+  }
+  for (const row of [...ev.tickets, ...ev.tasks]) {
+    if (!byEntity.has(row.id)) cap('8', `${row.id}: a row with no events`);
+  }
+
+  // (1) legal only, (2) one effect, (4) claims: replay every task's log.
+  const claimsByTask = new Map<string, Claim[]>();
+  for (const task of ev.tasks) {
+    const list = byEntity.get(task.id) ?? [];
+    let state: TaskReplayState = 'none';
+    let attempt = 0;
+    let open: Claim | null = null;
+    let completions = 0;
+    const claims: Claim[] = [];
+    for (const e of list) {
+      const to: TaskReplayState | undefined = TASK_MOVES[state][e.type];
+      if (to === undefined) {
+        cap('1', `${task.id} seq ${e.seq}: ${e.type} in state ${state}`);
+        continue;
+      }
+      const dataAttempt = typeof e.data.attempt === 'number' ? e.data.attempt : null;
+      if (e.type === 'task.claimed') {
+        if (dataAttempt !== attempt + 1) {
+          cap(
+            '4',
+            `${task.id} seq ${e.seq}: claim of attempt ${dataAttempt} after attempt ${attempt}`,
+          );
+        }
+        attempt = dataAttempt ?? attempt + 1;
+        open = {
+          taskId: task.id,
+          attempt,
+          workerId: String(e.data.workerId),
+          pos: e.pos,
+          atMs: e.at_ms,
+          endPos: null,
+          endAtMs: null,
+          endType: null,
+        };
+        claims.push(open);
+      } else if (e.type === 'task.released') {
+        attempt = Math.max(0, attempt - 1);
+      } else if (e.type === 'task.requeued') {
+        attempt = 0;
+      } else if (e.type === 'task.completed') {
+        completions++;
+        if (completions > 1) cap('2', `${task.id}: completed ${completions} times`);
+        if (dataAttempt !== attempt || !open || open.attempt !== attempt) {
+          cap(
+            '4',
+            `${task.id}: completed by attempt ${dataAttempt}, the live attempt is ${attempt}`,
+          );
+        } else if (e.data.workerId !== open.workerId) {
+          cap(
+            '4',
+            `${task.id}: attempt ${attempt} held by ${open.workerId}, completed as ${String(e.data.workerId)}`,
+          );
+        }
+      }
+      if (e.type === 'task.lease_expired') figures.leaseExpiries++;
+      if (open && LEAVES_ACTIVE.has(e.type) && open.endPos === null) {
+        open.endPos = e.pos;
+        open.endAtMs = e.at_ms;
+        open.endType = e.type;
+        open = null;
+      }
+      state = to;
+    }
+    claimsByTask.set(task.id, claims);
+    if (state !== task.state) {
+      cap('1', `${task.id}: stored state ${task.state}, its log replays to ${state}`);
+    }
+    if (task.attempt !== attempt) {
+      cap('1', `${task.id}: stored attempt ${task.attempt}, its log replays to ${attempt}`);
+    }
+  }
+
+  // (1) and (2) for tickets: phases in order, one ADVANCE each, nothing after a final state.
+  for (const ticket of ev.tickets) {
+    const list = byEntity.get(ticket.id) ?? [];
+    let state = 'none';
+    let remembered: Phase | null = null;
+    const reached = new Map<string, number>();
+    for (const e of list) {
+      const from = e.data.from;
+      const to = e.data.to;
+      let next: string | null = null;
+      if (e.type === 'ticket.created' && state === 'none') next = 'backlog';
+      else if (
+        e.type === 'ticket.cancelled' &&
+        state !== 'none' &&
+        state !== 'done' &&
+        state !== 'cancelled'
+      ) {
+        next = 'cancelled';
+      } else if (e.type === 'ticket.phase_changed' || e.type === 'ticket.done') {
+        bump(reached, String(to));
+        if ((reached.get(String(to)) ?? 0) > 1) {
+          cap('2', `${ticket.id}: entered ${String(to)} ${reached.get(String(to))} times`);
+        }
+        const expected =
+          state === 'backlog'
+            ? 'requirements'
+            : PHASES.includes(state as Phase)
+              ? nextPhaseState(state as Phase)
+              : null;
+        const type = expected === 'done' ? 'ticket.done' : 'ticket.phase_changed';
+        if (expected !== null && from === state && to === expected && e.type === type)
+          next = expected;
+      } else if (
+        e.type === 'ticket.blocked' &&
+        PHASES.includes(state as Phase) &&
+        e.data.phase === state
+      ) {
+        remembered = state as Phase;
+        next = 'blocked';
+      } else if (
+        e.type === 'ticket.unblocked' &&
+        state === 'blocked' &&
+        e.data.phase === remembered
+      ) {
+        next = remembered;
+      } else if (e.type === 'ticket.diagnostic_spawned' && PHASES.includes(state as Phase)) {
+        next = state;
+      }
+      if (next === null) {
+        cap(
+          '1',
+          `${ticket.id} seq ${e.seq}: ${e.type} ${JSON.stringify(e.data).slice(0, 80)} in state ${state}`,
+        );
+        continue;
+      }
+      state = next;
+    }
+    if (state !== ticket.state) {
+      cap('1', `${ticket.id}: stored state ${ticket.state}, its log replays to ${state}`);
+    }
+  }
+
+  // (4) executions, from the shell executor's marker lines.
+  const allClaims = [...claimsByTask.values()].flat();
+  const executions = new Map<string, { line: MarkerLine; end: MarkerLine | null }>();
+  for (const m of ev.markers) {
+    const key = `${m.taskId} ${m.attempt} ${m.workerId} ${m.pid}`;
+    if (m.what === 'start') executions.set(key, { line: m, end: null });
+    else {
+      const x = executions.get(key);
+      if (x) x.end = m;
+      else cap('4', `marker: ${m.what} of ${key} without a start`);
+    }
+  }
+  figures.markerExecutions = executions.size;
+  const runsPerClaim = new Map<string, number>();
+  const runsByTask = new Map<string, { line: MarkerLine; end: MarkerLine | null }[]>();
+  for (const x of executions.values()) {
+    const { taskId, attempt, workerId } = x.line;
+    const claims = (claimsByTask.get(taskId) ?? []).filter(
+      (c) => c.attempt === attempt && c.workerId.split('#')[0] === workerId,
+    );
+    if (claims.length === 0) {
+      cap('4', `${taskId}: ran as attempt ${attempt} on ${workerId}, which never claimed it`);
+    }
+    const k = `${taskId} ${attempt} ${workerId}`;
+    bump(runsPerClaim, k);
+    if ((runsPerClaim.get(k) ?? 0) > Math.max(1, claims.length)) {
+      cap('4', `${taskId}: attempt ${attempt} on ${workerId} ran ${runsPerClaim.get(k)} times`);
+    }
+    const list = runsByTask.get(taskId);
+    if (list) list.push(x);
+    else runsByTask.set(taskId, [x]);
+  }
+  for (const [taskId, runs] of runsByTask) {
+    const sorted = [...runs].sort((a, b) => a.line.ms - b.line.ms);
+    for (let i = 1; i < sorted.length; i++) {
+      const prev = sorted[i - 1];
+      const cur = sorted[i];
+      if (!prev || !cur) continue;
+      const prevEnd = prev.end?.ms ?? Number.POSITIVE_INFINITY;
+      if (cur.line.ms < prevEnd && cur.line.attempt !== prev.line.attempt) {
+        // Two attempts at once: only legal when the earlier one lost its claim first.
+        const earlier = (claimsByTask.get(taskId) ?? []).find(
+          (c) => c.attempt === prev.line.attempt && c.workerId.split('#')[0] === prev.line.workerId,
+        );
+        if (earlier?.endType === 'task.completed') {
+          cap(
+            '4',
+            `${taskId}: attempt ${cur.line.attempt} ran while attempt ${prev.line.attempt} still held it`,
+          );
+        } else figures.overlappingAfterLeaseLoss++;
+      }
+    }
+  }
+  for (const task of ev.tasks) {
+    if (task.executor !== 'shell' || task.state !== 'completed') continue;
+    const done = (claimsByTask.get(task.id) ?? []).find((c) => c.endType === 'task.completed');
+    if (!done) continue;
+    const ran = (runsByTask.get(task.id) ?? []).some(
+      (x) =>
+        x.line.attempt === done.attempt &&
+        x.line.workerId === done.workerId.split('#')[0] &&
+        x.end?.what === 'end',
+    );
+    if (!ran) {
+      cap(
+        '4',
+        `${task.id}: completed by attempt ${done.attempt} on ${done.workerId}, which never finished a run`,
+      );
+    }
+  }
+
+  // (5) worktrees: hold intervals in commit-causal order (global pos) never overlap.
+  const worktreeOf = new Map(ev.tasks.map((t) => [t.id, t.worktree]));
+  const holds = new Map<string, Claim[]>();
+  for (const c of allClaims) {
+    const wt = worktreeOf.get(c.taskId);
+    if (!wt) continue;
+    const list = holds.get(wt);
+    if (list) list.push(c);
+    else holds.set(wt, [c]);
+  }
+  for (const [wt, list] of holds) {
+    list.sort((a, b) => a.pos - b.pos);
+    let holder: Claim | null = null;
+    for (const c of list) {
+      if (holder && (holder.endPos === null || holder.endPos > c.pos)) {
+        cap(
+          '5',
+          `${wt}: ${c.taskId} claimed (pos ${c.pos}) while ${holder.taskId} held it (until pos ${holder.endPos ?? 'never'})`,
+        );
+      }
+      if (
+        !holder ||
+        holder.endPos === null ||
+        (c.endPos ?? Number.POSITIVE_INFINITY) > holder.endPos
+      ) {
+        holder = c;
+      }
+    }
+  }
+  const activeByWorktree = new Map<string, number>();
+  for (const t of ev.tasks) {
+    if (t.worktree && (t.state === 'claimed' || t.state === 'running'))
+      bump(activeByWorktree, t.worktree);
+  }
+  for (const [wt, n] of activeByWorktree) if (n > 1) cap('5', `${wt}: ${n} tasks active now`);
+
+  // (6) nothing lost: every 2xx left its mark, and all the work got done.
+  for (const id of accepted.tickets)
+    if (!ticketRows.has(id)) cap('6', `ticket ${id} was created (201) but is gone`);
+  for (const [id, t] of accepted.tasks) {
+    const row = taskRows.get(id);
+    if (!row) cap('6', `task ${id} was added (201) but is gone`);
+    else if (row.ticket_id !== t.ticketId) cap('6', `task ${id} moved to ticket ${row.ticket_id}`);
+  }
+  for (const a of accepted.events) {
+    const list = byEntity.get(a.entityId) ?? [];
+    const found = list.some(
+      (e) => e.type === a.expect && (a.attempt === undefined || e.data.attempt === a.attempt),
+    );
+    if (!found)
+      cap(
+        '6',
+        `${a.entityId}: ${a.what} was accepted, no ${a.expect}${a.attempt ? ` (attempt ${a.attempt})` : ''} in its log`,
+      );
+  }
+  for (const c of accepted.claims) {
+    const found = (claimsByTask.get(c.taskId) ?? []).some(
+      (x) => x.attempt === c.attempt && x.workerId === c.workerId,
+    );
+    if (!found)
+      cap(
+        '6',
+        `${c.taskId}: claim of attempt ${c.attempt} by ${c.workerId} was answered 200, not in its log`,
+      );
+  }
+  for (const t of ev.tickets) {
+    if (t.state !== 'done' && t.state !== 'cancelled')
+      cap('6', `ticket ${t.id} ended in ${t.state}`);
+  }
+  for (const t of ev.tasks) {
+    if (t.state !== 'completed' && t.state !== 'cancelled')
+      cap('6', `task ${t.id} ended in ${t.state}`);
+  }
+  if (ev.outbox !== 0) cap('6', `${ev.outbox} events still in the outbox`);
+
+  // (7) durable time: claims of killed or frozen workers end, by lease expiry if need be.
+  for (const fault of faults) {
+    let worst: number | null = null;
+    for (const wid of fault.workerIds) {
+      for (const c of allClaims) {
+        if (c.workerId.split('#')[0] !== wid) continue;
+        if (c.endPos === null) {
+          cap(
+            '7',
+            `${c.taskId}: attempt ${c.attempt} of ${wid} (${fault.kind}) was never reclaimed`,
+          );
+          continue;
+        }
+        // Held at the fault and ended by expiry: how long the task waited for its lease.
+        if (
+          c.atMs <= fault.at &&
+          (c.endAtMs ?? 0) > fault.at &&
+          c.endType === 'task.lease_expired'
+        ) {
+          const waited = (c.endAtMs ?? 0) - fault.at;
+          worst = Math.max(worst ?? 0, waited);
+          if (waited > leaseMs + 15_000) {
+            cap(
+              '7',
+              `${c.taskId}: reclaimed ${waited} ms after ${fault.kind} of ${wid} (lease ${leaseMs} ms)`,
+            );
+          }
+        }
+      }
+    }
+    figures.reclaimMs.push(worst);
+  }
+  for (const c of allClaims) {
+    if (c.endType === 'task.completed') continue;
+    const lateDone = (byEntity.get(c.taskId) ?? []).some(
+      (e) =>
+        e.type === 'task.completed' &&
+        e.data.attempt === c.attempt &&
+        e.data.workerId === c.workerId,
+    );
+    if (lateDone) figures.staleWorkerCompletions++;
+  }
+
+  // (8) every event reached the stream once, at the position Postgres recorded for it.
+  const streamBySeq = new Map(ev.stream.map((m) => [m.seq, m]));
+  const seenIds = new Map<string, number>();
+  for (const m of ev.stream) {
+    const prior = seenIds.get(m.eventId);
+    if (prior !== undefined)
+      cap('8', `event ${m.eventId} is in the stream twice (seq ${prior} and ${m.seq})`);
+    seenIds.set(m.eventId, m.seq);
+  }
+  const dbIds = new Set<string>();
+  for (const e of ev.events) {
+    dbIds.add(e.event_id);
+    if (e.stream_seq === null) {
+      cap('8', `${e.entity_id} seq ${e.seq} (${e.type}) has no stream sequence`);
+      continue;
+    }
+    const m = streamBySeq.get(e.stream_seq);
+    if (!m)
+      cap('8', `${e.entity_id} seq ${e.seq}: stream seq ${e.stream_seq} is not in the stream`);
+    else if (m.eventId !== e.event_id) {
+      cap('8', `${e.entity_id} seq ${e.seq}: stream seq ${e.stream_seq} holds another event`);
+    }
+  }
+  for (const m of ev.stream) {
+    if (!dbIds.has(m.eventId))
+      cap('8', `stream seq ${m.seq} holds event ${m.eventId}, unknown to Postgres`);
+  }
+  for (const [id, list] of byEntity) {
+    let prev = 0;
+    for (const e of list) {
+      if (e.stream_seq === null) continue;
+      if (e.stream_seq < prev)
+        cap('8', `${id}: seq ${e.seq} is behind seq ${e.seq - 1} in the stream`);
+      prev = e.stream_seq;
+    }
+  }
+
+  // SSE: each reader, across its reconnects, saw every stream position once and in order.
+  for (const r of sse) {
+    for (const d of r.disorder.slice(0, 20)) cap('sse', `reader ${r.reader}: ${d}`);
+    const seen = new Set<number>();
+    let max = 0;
+    for (const fr of r.frames) {
+      if (seen.has(fr.id)) continue;
+      seen.add(fr.id);
+      max = Math.max(max, fr.id);
+      const m = streamBySeq.get(fr.id);
+      if (!m) cap('sse', `reader ${r.reader}: id ${fr.id} is not in the stream`);
+      else if (m.entityId !== fr.entityId || m.entitySeq !== fr.seq) {
+        cap(
+          'sse',
+          `reader ${r.reader}: id ${fr.id} was ${fr.entityId}#${fr.seq}, the stream holds ${m.entityId}#${m.entitySeq}`,
+        );
+      }
+    }
+    let missing = 0;
+    let firstMissing = 0;
+    for (const m of ev.stream) {
+      if (m.seq > max) break;
+      if (!seen.has(m.seq)) {
+        missing++;
+        firstMissing ||= m.seq;
+      }
+    }
+    if (missing > 0) {
+      cap(
+        'sse',
+        `reader ${r.reader}: ${missing} stream positions ≤ ${max} never delivered (first ${firstMissing})`,
+      );
+    }
+  }
+
+  return { findings: f, figures };
+}
