@@ -134,14 +134,14 @@ export class WorkerPool {
   async stop(graceMs: number): Promise<void> {
     this.stopping = true;
     this.claimAbort.abort('worker pool stopping');
-    const idle = Promise.all(this.loops).then(() => true);
-    if (!(await Promise.race([idle, delay(graceMs).then(() => false)]))) {
+    const idle = Promise.all(this.loops);
+    if (!(await settlesWithin(idle, graceMs))) {
       for (const e of this.executions) {
         e.cause ??= 'shutdown';
         e.abort.abort('worker shutting down');
       }
       const waitMs = this.options.abortWaitMs ?? 10_000;
-      if (!(await Promise.race([idle, delay(waitMs).then(() => false)]))) {
+      if (!(await settlesWithin(idle, waitMs))) {
         for (const e of this.executions) {
           e.abandoned = true;
           this.log.error(
@@ -354,6 +354,17 @@ function isRefusal(error: unknown): boolean {
   return (
     error instanceof StaleToken || error instanceof IllegalTransition || error instanceof NotFound
   );
+}
+
+/** True when `work` settles within `ms`; the timer never outlives the answer. */
+async function settlesWithin(work: Promise<unknown>, ms: number): Promise<boolean> {
+  const timeout = new AbortController();
+  const timedOut = delay(ms, timeout.signal).then(() => !timeout.signal.aborted);
+  try {
+    return await Promise.race([work.then(() => true), timedOut.then((t) => !t)]);
+  } finally {
+    timeout.abort();
+  }
 }
 
 function delay(ms: number, signal?: AbortSignal): Promise<void> {

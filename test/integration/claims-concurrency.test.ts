@@ -4,26 +4,32 @@
  * (never two active, the rest wait pending and are claimed later), and a cluster-wide cap
  * per task type (never more than 2 active across both processes).
  */
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { Sql } from '../../src/persistence/db.js';
 import { SleepExecutor } from '../../src/workers/executors/index.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 import { type TestProcess, testProcess, until } from '../support/worker-process.js';
 
 let db: TestDatabase;
-const procs: TestProcess[] = [];
+const procs: { p: TestProcess; sql: Sql }[] = [];
 beforeAll(async () => {
   db = await createTestDatabase('claims');
 });
-afterAll(async () => {
-  await Promise.all(procs.map((p) => p.close()));
-  await db.drop();
+// Each test's two processes end with it: the Postgres server is shared and its clients few.
+afterEach(async () => {
+  const done = procs.splice(0);
+  await Promise.all(done.map(({ p }) => p.close()));
+  await Promise.all(done.map(({ sql }) => sql.end({ timeout: 1 })));
 });
+afterAll(() => db.drop());
 
 function twoProcesses(typeLimits: Record<string, number> = {}) {
-  const made = [testProcess(db.pool(10), { typeLimits }), testProcess(db.pool(10), { typeLimits })];
+  const made = [db.pool(8), db.pool(8)].map((sql) => ({
+    p: testProcess(sql, { typeLimits }),
+    sql,
+  }));
   procs.push(...made);
-  return made as [TestProcess, TestProcess];
+  return made.map((m) => m.p) as [TestProcess, TestProcess];
 }
 
 const ACTIVE_END = [
