@@ -20,7 +20,7 @@ import { migrate, migrationsApplied } from './persistence/migrate.js';
 import { Queries } from './persistence/queries.js';
 import { Transport } from './transport/index.js';
 import { transportNames } from './transport/subjects.js';
-import { ClaimService, freesWork } from './workers/claims.js';
+import { ClaimService } from './workers/claims.js';
 import { Wakeups } from './workers/wakeups.js';
 import { createWorkerPool, type WorkerPool } from './workers/worker-pool.js';
 
@@ -86,9 +86,6 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
       diagnosticCooldownMs: config.DIAGNOSTIC_COOLDOWN_MS,
     });
     const wakeups = new Wakeups();
-    host.onCommit((appliedChanges) => {
-      if (freesWork(appliedChanges)) wakeups.notify();
-    });
     const claims = new ClaimService(host, wakeups, {
       typeLimits: config.TASK_TYPE_LIMITS,
       maxWaitMs: config.CLAIM_MAX_WAIT_MS,
