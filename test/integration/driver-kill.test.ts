@@ -1,0 +1,74 @@
+/**
+ * A Postgres backend killed in the middle of a transaction (pg_terminate_backend, a server
+ * restart, a failover) must fail that transaction and leave the process and its pool
+ * working. postgres.js 3.4.9 crashed the process instead (porsager/postgres#1154); our
+ * postinstall patch (scripts/patch-postgres.mjs) fixes it, and this test fails without it.
+ */
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import { ActorHost } from '../../src/actors/host.js';
+import { createTestDatabase, type TestDatabase } from '../support/database.js';
+import { TASK_DEFAULTS, ticketInput } from '../support/fixtures.js';
+
+let db: TestDatabase;
+beforeAll(async () => {
+  db = await createTestDatabase('driver_kill');
+});
+afterAll(() => db.drop());
+
+async function killWhenWaiting(appName: string): Promise<void> {
+  for (let i = 0; i < 200; i++) {
+    const rows = await db.sql`select pg_terminate_backend(pid) as killed from pg_stat_activity
+      where application_name = ${appName} and wait_event = 'PgSleep'`;
+    if (rows.length > 0) return;
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  throw new Error('the victim never started waiting');
+}
+
+it('a killed backend fails its transaction; the process and the pool carry on', async () => {
+  const { createSql } = await import('../../src/persistence/db.js');
+  const victim = createSql(db.url, { max: 2, applicationName: 'victim-raw' });
+  for (let round = 0; round < 3; round++) {
+    const tx = victim.begin(async (t) => {
+      await t`select pg_sleep(10)`;
+    });
+    await killWhenWaiting('victim-raw');
+    await expect(tx).rejects.toThrow();
+    // The pool recovers: at most the first query after the kill may still see the dead
+    // session's error; none hangs, and the process is alive to run them.
+    const outcomes: string[] = [];
+    for (let i = 0; i < 4; i++) {
+      outcomes.push(
+        await victim`select 1 as ok`.then(
+          () => 'ok',
+          (e: { code?: string }) => String(e.code),
+        ),
+      );
+    }
+    expect(outcomes.slice(1)).toEqual(['ok', 'ok', 'ok']);
+  }
+  await victim.end({ timeout: 1 });
+});
+
+it('a host transition whose backend is killed leaves nothing and the host carries on', async () => {
+  const { createSql } = await import('../../src/persistence/db.js');
+  const sql = createSql(db.url, { max: 2, applicationName: 'victim-host' });
+  const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
+  const t = await host.create('ticket', ticketInput());
+  await db.sql.unsafe(`
+    create function slow_outbox() returns trigger language plpgsql as $$
+    begin
+      if current_setting('application_name') = 'victim-host' then perform pg_sleep(10); end if;
+      return new;
+    end $$;
+    create trigger outbox_slow before insert on outbox for each row execute function slow_outbox();`);
+  const start = host.send('ticket', t.id, { type: 'START' });
+  await killWhenWaiting('victim-host');
+  await expect(start).rejects.toThrow();
+  const [row] = await db.sql`select state, version from tickets where id = ${t.id}`;
+  expect(row).toEqual({ state: 'backlog', version: 1 });
+  await db.sql.unsafe('drop trigger outbox_slow on outbox');
+  const applied = await host.send('ticket', t.id, { type: 'START' });
+  expect(applied.state).toBe('requirements');
+  await sql.end({ timeout: 1 });
+});
