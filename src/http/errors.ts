@@ -5,7 +5,7 @@
  */
 import type { Context } from 'hono';
 import type { ContentfulStatusCode } from 'hono/utils/http-status';
-import { type ErrorCode, OrchestratorError } from '../errors.js';
+import { type ErrorCode, OrchestratorError, Unavailable } from '../errors.js';
 import type { Logger } from '../log.js';
 
 export const STATUS: Record<ErrorCode, ContentfulStatusCode> = {
@@ -41,6 +41,35 @@ export interface ErrorBody {
   [detail: string]: unknown;
 }
 
+/**
+ * The database going away under a request (a restart, a failover, a killed backend) is not
+ * a bug in the request: it is answered 503 `unavailable`, and the client may retry (an
+ * Idempotency-Key makes that safe).
+ */
+const TRANSIENT = new Set([
+  'CONNECTION_CLOSED',
+  'CONNECTION_DESTROYED',
+  'CONNECTION_ENDED',
+  'CONNECT_TIMEOUT',
+  'ECONNREFUSED',
+  'ECONNRESET',
+  '57P01', // admin_shutdown (pg_terminate_backend)
+  '57P02', // crash_shutdown
+  '57P03', // cannot_connect_now
+  '53300', // too_many_connections
+  '40001', // serialization_failure
+  '40P01', // deadlock_detected
+]);
+
+export function asAnswer(error: unknown): unknown {
+  if (error instanceof OrchestratorError) return error;
+  const code = (error as { code?: unknown } | null)?.code;
+  if (typeof code === 'string' && (TRANSIENT.has(code) || code.startsWith('08'))) {
+    return new Unavailable(`the database is unavailable (${code}); retry`, { cause: error });
+  }
+  return error;
+}
+
 export function errorBody(error: unknown, requestId: string): ErrorBody {
   if (error instanceof OrchestratorError) {
     return { ...error.details(), error: error.code, message: error.message };
@@ -54,7 +83,8 @@ export function statusOf(error: unknown): ContentfulStatusCode {
 
 /** `app.onError`: the response for anything a handler or middleware threw. */
 export function errorHandler(log: Logger) {
-  return (error: unknown, c: Context) => {
+  return (thrown: unknown, c: Context) => {
+    const error = asAnswer(thrown);
     const requestId = (c.get('requestId') as string | undefined) ?? 'unknown';
     const status = statusOf(error);
     if (status >= 500) {
@@ -63,6 +93,7 @@ export function errorHandler(log: Logger) {
         'request failed',
       );
     }
+    if (error instanceof Unavailable) c.header('Retry-After', '1');
     if (error instanceof OrchestratorError && error.code === 'unauthorized') {
       c.header('WWW-Authenticate', 'Bearer');
     }
