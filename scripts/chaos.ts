@@ -14,7 +14,7 @@
  * postgres://postgres@127.0.0.1:5432/postgres.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -161,16 +161,18 @@ async function run(): Promise<number> {
     sseReaders: 2,
     cancelShare: 0.06,
   });
-  const outbox: [number, number][] = [];
+  /** Samples: time, outbox rows, age of the oldest row (ms). */
+  const outbox: [number, number, number][] = [];
   let peakConnections = 0;
   let sampling = true;
   const sampler = (async () => {
     while (sampling) {
       try {
-        const [row] = await sql<{ n: number; c: number }[]>`
+        const [row] = await sql<{ n: number; c: number; age: number | null }[]>`
           select (select count(*) from outbox)::int as n,
+            (select (extract(epoch from now() - min(created_at)) * 1000)::float8 from outbox) as age,
             (select count(*) from pg_stat_activity where datname = current_database())::int as c`;
-        outbox.push([Date.now(), row?.n ?? 0]);
+        outbox.push([Date.now(), row?.n ?? 0, row?.age ?? 0]);
         peakConnections = Math.max(peakConnections, row?.c ?? 0);
       } catch {
         // Postgres is being disturbed; the next sample will do
@@ -233,6 +235,15 @@ async function run(): Promise<number> {
     procs.map(async (p) => [p.workerId, await p.stop()] as const),
   );
 
+  // Kept with --keep: the outbox over time, next to the fault times, for a closer look.
+  await writeFile(
+    join(dir, 'timeline.csv'),
+    [
+      'ms,outbox,oldest_ms,fault',
+      ...outbox.map(([t, n, age]) => `${t},${n},${Math.round(age)},`),
+      ...faults.faults.map((f) => `${f.at},,,${f.kind} ${f.target} (${f.detail})`),
+    ].join('\n'),
+  );
   note('checking');
   const evidence = await gather(sql, nats.url, stream, markerFile);
   const { findings, figures } = check(evidence, load.accepted, load.sse, faults.faults, leaseMs);
@@ -280,6 +291,10 @@ async function run(): Promise<number> {
       ],
     })}\n`,
   );
+  if (faults.faults.length === 0) {
+    process.stdout.write('NO FAULT WAS INJECTED: this run proves nothing (exit 1)\n');
+    return 1;
+  }
   return findings.total === 0 ? 0 : 1;
 }
 

@@ -16,8 +16,8 @@ export interface ReportInput {
   figures: CheckFigures;
   findings: Findings;
   events: EventRow[];
-  /** Outbox size samples: [time, count]. */
-  outbox: [number, number][];
+  /** Outbox samples: [time, rows, age of the oldest row in ms]. */
+  outbox: [number, number, number][];
   /** Things worth knowing that are not violations (e.g. starts that failed and were retried). */
   notes: string[];
 }
@@ -142,14 +142,18 @@ export function render(r: ReportInput): string {
         'next completion',
         'next advance',
         'held tasks reclaimed',
-        'outbox back',
+        'longest outbox wait',
       ],
       r.faults.map((f, i) => {
         const nextOk = firstAfter(okTimes, f.at);
         const nextDone = firstAfter(completions, f.at);
         const nextAdv = firstAfter(advances, f.at);
-        const before = [...r.outbox].reverse().find(([t]) => t <= f.at)?.[1] ?? 0;
-        const back = r.outbox.find(([t, n]) => t >= f.healedAt && n <= before + 5)?.[0];
+        // The longest any event waited in the outbox until the next fault (or 40 s).
+        const until = Math.min(r.faults[i + 1]?.at ?? Number.POSITIVE_INFINITY, f.at + 40_000);
+        let oldest: number | null = null;
+        for (const [t, , age] of r.outbox) {
+          if (t >= f.at && t < until) oldest = Math.max(oldest ?? 0, age);
+        }
         return [
           `${i + 1}. ${f.kind}`,
           `+${((f.at - t0) / 1000).toFixed(1)} s`,
@@ -159,7 +163,7 @@ export function render(r: ReportInput): string {
           ms(nextDone === null ? null : nextDone - f.at),
           ms(nextAdv === null ? null : nextAdv - f.at),
           ms(r.figures.reclaimMs[i]),
-          ms(back === undefined ? null : back - f.at),
+          ms(oldest),
         ];
       }),
     ),
