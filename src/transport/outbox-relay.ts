@@ -94,7 +94,7 @@ export class OutboxRelay {
   constructor(options: RelayOptions) {
     this.o = {
       batchSize: 256,
-      leaseMs: 30_000,
+      leaseMs: 10_000,
       pollMs: 1_000,
       publishTimeoutMs: 5_000,
       streamCheckMs: 30_000,
@@ -179,7 +179,20 @@ export class OutboxRelay {
         }
       }),
     );
-    const requeued = await markPublished(this.o.sql, acks);
+    let requeued: number;
+    try {
+      requeued = await markPublished(this.o.sql, acks);
+    } catch (error) {
+      // Recording the acks failed (e.g. the backend was killed): give every claimed row back
+      // at once rather than letting the lease hold this entity's later events. Publishing
+      // them again is deduplicated by JetStream on the event id.
+      await releaseOutbox(
+        this.o.sql,
+        items.map((i) => i.pos),
+        String(error),
+      ).catch(() => {});
+      throw error;
+    }
     if (requeued > 0) this.noteRequeued(requeued, 'an acknowledged sequence was reused');
     if (unpublished.length > 0) {
       const message = lastError instanceof Error ? lastError.message : String(lastError);
