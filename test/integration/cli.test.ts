@@ -3,14 +3,14 @@
  * bad configuration with one line per problem; names the URL of a service it cannot reach
  * instead of hanging.
  */
-import { type ChildProcess, spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { transportNames } from '../../src/transport/subjects.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
+import { startOrchestrator } from '../support/orchestrator-process.js';
 import { natsAdmin } from '../support/transport.js';
 
-const BIN = new URL('../../bin/orchestrator', import.meta.url).pathname;
 let db: TestDatabase;
 const suffix = randomBytes(3).toString('hex').toUpperCase();
 
@@ -24,30 +24,8 @@ afterAll(async () => {
 });
 
 function run(args: string[], env: Record<string, string>) {
-  const child = spawn(process.execPath, [BIN, ...args], {
-    env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '/tmp', ...env },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  let stdout = '';
-  let stderr = '';
-  child.stdout?.on('data', (b: Buffer) => {
-    stdout += b.toString();
-  });
-  child.stderr?.on('data', (b: Buffer) => {
-    stderr += b.toString();
-  });
-  const exited = new Promise<number | null>((resolve) =>
-    child.once('exit', (code) => resolve(code)),
-  );
-  return { child, exited, out: () => stdout, err: () => stderr };
-}
-
-async function waitFor(check: () => boolean, ms: number, what: string): Promise<void> {
-  const end = Date.now() + ms;
-  while (!check()) {
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
+  const p = startOrchestrator(args, env);
+  return { child: p.child, exited: p.exited, out: p.out, err: p.err };
 }
 
 const baseEnv = () => ({
@@ -65,10 +43,9 @@ describe('bin/orchestrator', () => {
   });
 
   it('serves, reports ready, and exits 0 on SIGTERM', async () => {
-    const p = run(['api'], baseEnv());
+    const p = startOrchestrator(['api'], baseEnv());
     proc = p;
-    await waitFor(() => /listening on http:\/\/\S+/.test(p.out()), 20_000, 'the URL line');
-    const url = /listening on (http:\/\/\S+)/.exec(p.out())?.[1] as string;
+    const url = await p.url(20_000);
     expect(p.out()).toMatch(/role=api/);
     const ready = await fetch(`${url}/readyz`);
     expect(ready.status).toBe(200);
