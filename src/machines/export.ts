@@ -42,10 +42,21 @@ export function eventLabel(eventType: string): string {
  * transitions (the ticket's CANCEL) are drawn from every non-final state. Transitions that
  * only run actions (no target) change no state and are left out.
  */
-export function toMermaid(name: EntityType, currentState?: string): string {
+export interface MermaidOptions {
+  /** Left to right, and without the self-loops of system events (bookkeeping that only
+   * clutters a small chart): the dashboard's view. */
+  compact?: boolean;
+}
+
+export function toMermaid(
+  name: EntityType,
+  currentState?: string,
+  options: MermaidOptions = {},
+): string {
   const def = machineDefinition(name) as unknown as StateNodeJson;
   const states = Object.values(def.states ?? {});
-  const lines = ['stateDiagram-v2'];
+  const system = options.compact ? MACHINES[name].systemEvents : [];
+  const lines = options.compact ? ['stateDiagram-v2', '  direction LR'] : ['stateDiagram-v2'];
   const initial = def.initial?.target?.[0];
   if (initial) lines.push(`  [*] --> ${leaf(initial)}`);
   const edges = new Map<string, string[]>();
@@ -53,6 +64,7 @@ export function toMermaid(name: EntityType, currentState?: string): string {
     for (const [event, branches] of Object.entries(on)) {
       for (const t of branches) {
         for (const target of t.target ?? []) {
+          if (leaf(target) === from && system.includes(event)) continue;
           const key = `${from} --> ${leaf(target)}`;
           const labels = edges.get(key) ?? [];
           if (!labels.includes(eventLabel(event))) labels.push(eventLabel(event));
