@@ -129,8 +129,11 @@ export class Transport {
       intervalMs: o.reconcileMs,
       ...(o.reconcileGraceMs !== undefined ? { graceMs: o.reconcileGraceMs } : {}),
     });
-    // A commit in this process wakes the relay at once (NOTIFY covers the other processes).
-    this.unsubscribeCommit = o.host.onCommit(() => this.relay.wake());
+    // A commit that wrote events wakes this process's relay at once (NOTIFY covers the
+    // other processes); a heartbeat writes none and must not start empty rounds.
+    this.unsubscribeCommit = o.host.onCommit((applied) => {
+      if (applied.some((a) => a.events.length > 0)) this.relay.wake();
+    });
   }
 
   /**
