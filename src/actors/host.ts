@@ -183,7 +183,16 @@ export class ActorHost {
   async idempotent(
     idem: IdempotencyOptions | undefined,
     work: (uow: UnitOfWork) => Promise<StoredResponse>,
+    /** The actor the command writes, if one: it then queues in that actor's mailbox, so
+     * concurrent commands to one entity in this process wait in turn instead of losing
+     * compare-and-sets to each other. */
+    mailbox?: { entityType: EntityType; id: string },
   ): Promise<StoredResponse> {
+    if (mailbox) {
+      return this.inMailbox(`${mailbox.entityType}:${mailbox.id}`, () =>
+        this.idempotent(idem, work),
+      );
+    }
     if (!idem) return (await this.transact(work)).value;
     const hash = createHash('sha256').update(idem.request).digest('hex');
     const { value } = await this.transact(async (uow) => {

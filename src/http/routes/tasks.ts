@@ -102,10 +102,14 @@ export function taskRoutes(s: AppServices): Hono<AppEnv> {
       ]);
     }
     const event = validate(TaskEventBody, raw, 'body');
-    const res = await s.host.idempotent(idempotencyOf(c, raw), async (uow) => ({
-      status: 200,
-      body: summaryOf(await s.commands.sendPublic(uow, 'task', id, event)),
-    }));
+    const res = await s.host.idempotent(
+      idempotencyOf(c, raw),
+      async (uow) => ({
+        status: 200,
+        body: summaryOf(await s.commands.sendPublic(uow, 'task', id, event)),
+      }),
+      { entityType: 'task', id },
+    );
     return c.json(res.body as object, res.status as 200);
   });
 

@@ -63,10 +63,14 @@ export function ticketRoutes(s: AppServices): Hono<AppEnv> {
     const raw = await readJson(c);
     refuseSystemEvent('ticket', raw);
     const event = validate(TicketEventBody, raw, 'body');
-    const res = await s.host.idempotent(idempotencyOf(c, raw), async (uow) => ({
-      status: 200,
-      body: summaryOf(await s.commands.sendPublic(uow, 'ticket', id, event)),
-    }));
+    const res = await s.host.idempotent(
+      idempotencyOf(c, raw),
+      async (uow) => ({
+        status: 200,
+        body: summaryOf(await s.commands.sendPublic(uow, 'ticket', id, event)),
+      }),
+      { entityType: 'ticket', id },
+    );
     return c.json(res.body as object, res.status as 200);
   });
 
