@@ -24,24 +24,32 @@ const INSTALL_HINT = [
   'Or point NATS_URL at a running server with JetStream enabled (e.g. NATS_URL=nats://host:4222).',
 ].join('\n');
 
+export interface NatsDefaults {
+  /** Where an unconfigured orchestrator looks first (the default URL's port). */
+  probePort?: number;
+  /** The server binary looked up on the PATH. */
+  binary?: string;
+}
+
 export async function resolveNats(
   configured: string | undefined,
   dataDir: string,
   log: Logger,
+  defaults: NatsDefaults = {},
 ): Promise<NatsEndpoint> {
   if (configured) return { url: configured, stop: async () => {} };
-  if (await reachable('127.0.0.1', 4222)) return { url: DEFAULT_NATS_URL, stop: async () => {} };
-  if (spawnSync('nats-server', ['--version']).error) throw new Unavailable(INSTALL_HINT);
+  const probePort = defaults.probePort ?? 4222;
+  if (await reachable('127.0.0.1', probePort)) {
+    return { url: `nats://127.0.0.1:${probePort}`, stop: async () => {} };
+  }
+  const binary = defaults.binary ?? 'nats-server';
+  if (spawnSync(binary, ['--version']).error) throw new Unavailable(INSTALL_HINT);
   const storeDir = resolve(dataDir, 'nats');
   await mkdir(storeDir, { recursive: true });
   const port = await freePort();
-  const child = spawn(
-    'nats-server',
-    ['-a', '127.0.0.1', '-p', String(port), '-js', '-sd', storeDir],
-    {
-      stdio: ['ignore', 'ignore', 'pipe'],
-    },
-  );
+  const child = spawn(binary, ['-a', '127.0.0.1', '-p', String(port), '-js', '-sd', storeDir], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
   child.stderr?.on('data', (b: Buffer) =>
     log.debug({ component: 'nats-server' }, b.toString().trim()),
   );
