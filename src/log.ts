@@ -1,12 +1,21 @@
 /**
- * Logging: pino, JSON lines by default. Every module takes a `Logger` (a child carrying its
- * component, request id or entity id), so nothing in the server writes to the console.
+ * Logging: pino. JSON lines by default (for collectors); readable lines when stdout is a
+ * terminal. Every module takes a `Logger` (a child carrying its component, request id or
+ * entity id), so nothing in the server writes to the console.
  */
 import { type Logger as PinoLogger, pino } from 'pino';
+import pretty from 'pino-pretty';
 
 export type Logger = PinoLogger;
 
-export function createLogger(level = 'info'): Logger {
+export function createLogger(level = 'info', readable = process.stdout.isTTY === true): Logger {
+  if (readable) {
+    // Synchronous, in-process formatting: no worker thread to outlive a shutdown.
+    return pino(
+      { level, base: { pid: process.pid } },
+      pretty({ colorize: true, translateTime: 'HH:MM:ss.l', ignore: 'pid,hostname', sync: true }),
+    );
+  }
   return pino({ level, base: { pid: process.pid } });
 }
 
