@@ -333,7 +333,10 @@ export class UnitOfWork {
     } catch (error) {
       throw translateUnique(error, id);
     }
-    return this.record(row, next, decision, String(row.snapshot.value));
+    const applied = await this.record(row, next, decision, String(row.snapshot.value));
+    // What the caller sees is the actor after everything this event set off in the same
+    // transaction (an automatic ADVANCE on entering a finished phase), not halfway.
+    return this.latest(entityType, id) ?? applied;
   }
 
   async create<T extends EntityType>(entityType: T, input: EntityInput<T>): Promise<Applied> {
@@ -357,6 +360,15 @@ export class UnitOfWork {
     }
     const base: ActorRow = { ...row, version: 0, seq: 0 };
     return this.record(base, row, decision, null);
+  }
+
+  /** The last change to one actor in this unit of work. */
+  private latest(entityType: EntityType, id: string): Applied | undefined {
+    for (let i = this.results.length - 1; i >= 0; i--) {
+      const r = this.results[i];
+      if (r && r.entityType === entityType && r.id === id) return r;
+    }
+    return undefined;
   }
 
   /** @internal rows written by this unit of work, for the cache after commit */
