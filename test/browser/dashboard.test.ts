@@ -80,6 +80,9 @@ describe('dashboard', () => {
     await page.click(ticketCard('backlog', id));
     await page.waitForSelector('#chart svg', { timeout: 10_000 });
     expect(await page.getAttribute('#chart-panel', 'data-state')).toBe('backlog');
+    // The detail panel shows what the ticket has, and no stray "null" for what it lacks.
+    await page.waitForSelector('#detail h2', { timeout: 5_000 });
+    expect(await page.textContent('#detail')).not.toContain('null');
     // Mermaid gives the node of the current state the `current` class from our classDef.
     const lit = await page.$$eval('#chart svg g.current', (nodes) =>
       nodes.map((n) => n.textContent?.trim()),

@@ -156,7 +156,8 @@ function renderDetail() {
       el('td', {}, task.leaseExpiresAt ? new Date(task.leaseExpiresAt).toLocaleTimeString() : '—'),
     ),
   );
-  $('detail').replaceChildren(
+  // replaceChildren() would print a null child as the text "null": drop the absent ones.
+  const parts = [
     el('h2', {}, t.title, ' ', stateBadge(t.state)),
     el('p', { class: 'muted' }, `${t.id} · phase ${t.phase ?? '—'} · version ${t.version}`),
     t.blockedReason ? el('p', {}, `Blocked: ${t.blockedReason}`) : null,
@@ -190,7 +191,8 @@ function renderDetail() {
           ),
           el('tbody', {}, ...rows),
         ),
-  );
+  ];
+  $('detail').replaceChildren(...parts.filter((p) => p !== null));
 }
 
 function selectedEntity() {
