@@ -39,6 +39,8 @@ export class IllegalTransition extends OrchestratorError {
     readonly allowed: string[],
     /** True when the state handles the event but its guard refused it now. */
     readonly guarded = false,
+    /** `ticket` or `task`, for metrics by entity. */
+    readonly entityType?: string,
   ) {
     super(
       guarded

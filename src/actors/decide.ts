@@ -81,7 +81,7 @@ export function decide(
   // A final state takes nothing. XState's transition() does not check the status itself: it
   // would take a root-level transition (the ticket's CANCEL) out of `done` or `cancelled`.
   if (current.status !== 'active') {
-    throw new IllegalTransition(entityId, stateOf(current), event.type, []);
+    throw new IllegalTransition(entityId, stateOf(current), event.type, [], false, entityType);
   }
   // CONTRACT 1: only while a claim is live (a state that takes token events: claimed,
   // running) is the token checked before the event. Elsewhere (pending, retry_wait, final)
@@ -101,6 +101,7 @@ export function decide(
       event.type,
       allowedEvents(entityType, current),
       ownEventDescriptors(current).includes(event.type),
+      entityType,
     );
   }
   return toDecision(entityType, next as AnyMachineSnapshot, actions);

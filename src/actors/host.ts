@@ -62,6 +62,8 @@ export interface HostOptions {
 export interface Applied {
   entityType: EntityType;
   id: string;
+  /** The event applied (`create` for a creation). */
+  event: string;
   /** State before the event; null for a creation. */
   from: string | null;
   state: string;
@@ -152,7 +154,7 @@ export class ActorHost {
         for (const row of uow.touched()) this.cache.set(row);
         const applied = uow.applied();
         for (const a of applied) {
-          const key = `${a.entityType}:${String(a.from)}->${a.state}`;
+          const key = `${a.entityType}:${a.event}:${a.from ?? 'new'}->${a.state}`;
           this.stats.transitions.set(key, (this.stats.transitions.get(key) ?? 0) + 1);
         }
         for (const listener of this.listeners) listener(applied);
@@ -160,7 +162,7 @@ export class ActorHost {
       } catch (error) {
         for (const key of uow.loadedKeys()) this.cache.delete(key);
         if (error instanceof IllegalTransition) {
-          const key = `${error.state}:${error.event}`;
+          const key = `${error.entityType ?? 'unknown'}:${error.state}:${error.event}`;
           this.stats.illegal.set(key, (this.stats.illegal.get(key) ?? 0) + 1);
         }
         // A refusal decided on a cached row may come from a stale cache: decide again from
@@ -333,7 +335,7 @@ export class UnitOfWork {
     } catch (error) {
       throw translateUnique(error, id);
     }
-    const applied = await this.record(row, next, decision, String(row.snapshot.value));
+    const applied = await this.record(row, next, decision, String(row.snapshot.value), event.type);
     // What the caller sees is the actor after everything this event set off in the same
     // transaction (an automatic ADVANCE on entering a finished phase), not halfway.
     return this.latest(entityType, id) ?? applied;
@@ -359,7 +361,7 @@ export class UnitOfWork {
       throw translateUnique(error, input.id);
     }
     const base: ActorRow = { ...row, version: 0, seq: 0 };
-    return this.record(base, row, decision, null);
+    return this.record(base, row, decision, null, 'create');
   }
 
   /** The last change to one actor in this unit of work. */
@@ -391,6 +393,7 @@ export class UnitOfWork {
     after: ActorRow,
     decision: Decision,
     from: string | null,
+    event: string,
   ): Promise<Applied> {
     const key = `${after.entityType}:${after.id}`;
     this.rows.set(key, after);
@@ -422,6 +425,7 @@ export class UnitOfWork {
     const applied: Applied = {
       entityType: after.entityType,
       id: after.id,
+      event,
       from,
       state: decision.state,
       snapshot: after.snapshot,

@@ -461,9 +461,11 @@ describe('operations and inspection', () => {
       /http_request_duration_seconds_count\{method="GET",route="\/tickets\/:id"/,
     );
     expect(m.text).toMatch(
-      /orch_transitions_total\{entity="ticket",from="null",to="backlog"\} \d+/,
+      /orch_transitions_total\{entity="ticket",event="create",from="new",to="backlog"\} \d+/,
     );
-    expect(m.text).toMatch(/orch_illegal_transitions_total\{state="backlog",event="ADVANCE"\} \d+/);
+    expect(m.text).toMatch(
+      /orch_illegal_transitions_total\{entity="ticket",state="backlog",event="ADVANCE"\} \d+/,
+    );
     expect(m.text).toMatch(/orch_claims_total \d+/);
     expect(m.text).toMatch(/orch_outbox_pending \d+/);
     expect(m.text).toMatch(/orch_dead_letters 0/);

@@ -75,25 +75,25 @@ function splitFamilies(text: string): string[] {
 function hostMetrics(s: AppServices): string {
   const split = (key: string) => key.split(':');
   const transitions = [...s.host.stats.transitions].map(([key, value]) => {
-    const [entity = '', change = ''] = split(key);
+    const [entity = '', event = '', change = ''] = split(key);
     const [from = '', to = ''] = change.split('->');
-    return { labels: { entity, from, to }, value };
+    return { labels: { entity, event, from, to }, value };
   });
   const illegal = [...s.host.stats.illegal].map(([key, value]) => {
-    const [state = '', event = ''] = split(key);
-    return { labels: { state, event }, value };
+    const [entity = '', state = '', event = ''] = split(key);
+    return { labels: { entity, state, event }, value };
   });
   return [
     family(
       'orch_transitions_total',
       'counter',
-      'Applied transitions by entity and change.',
+      'Applied transitions by entity, event and change of state.',
       transitions,
     ),
     family(
       'orch_illegal_transitions_total',
       'counter',
-      'Refused events by state and event.',
+      'Refused events by entity, state and event.',
       illegal,
     ),
     family('orch_version_conflicts_total', 'counter', 'Lost compare-and-sets (retried).', [
