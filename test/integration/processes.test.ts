@@ -99,8 +99,11 @@ describe('many processes on one database', () => {
       start(['all'], { ...env, WORKER_ID: 'all-1' }),
       start(['all'], { ...env, WORKER_ID: 'all-2' }),
     ];
-    start(['worker'], { ...env, WORKER_ID: 'worker-1' });
-    start(['worker'], { ...env, WORKER_ID: 'worker-2' });
+    const cluster = [
+      ...apis,
+      start(['worker'], { ...env, WORKER_ID: 'worker-1' }),
+      start(['worker'], { ...env, WORKER_ID: 'worker-2' }),
+    ];
     const urls = await Promise.all(apis.map((p) => p.url()));
 
     const ticketIds: string[] = [];
@@ -162,12 +165,11 @@ describe('many processes on one database', () => {
     expect(advanced.every((r) => r.n === 1)).toBe(true);
 
     await Promise.all(
-      started.map(async (p) => {
+      cluster.map(async (p) => {
         p.child.kill('SIGTERM');
         expect(await p.exited).toBe(0);
       }),
     );
-    started.length = 0;
   });
 
   it('an unreachable DATABASE_URL stops the process with a message naming it', async () => {
