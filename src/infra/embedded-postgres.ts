@@ -10,6 +10,7 @@ import { resolve } from 'node:path';
 import postgres from 'postgres';
 import type { Logger } from '../log.js';
 import { freePort } from './free-port.js';
+import { alive, stopPid } from './processes.js';
 
 export interface EmbeddedDatabase {
   url: string;
@@ -39,7 +40,8 @@ export async function startEmbeddedPostgres(
       { postmasterPid: running.pid },
       'stopping an embedded PostgreSQL left by a killed process',
     );
-    await stopServer(running.pid);
+    // Fast shutdown (SIGINT), then SIGKILL if it will not go.
+    await stopPid(running.pid, 'SIGINT');
   }
   const port = await freePort();
   const pg = new EmbeddedPostgres({
@@ -78,15 +80,6 @@ export async function startEmbeddedPostgres(
 
 const urlFor = (port: number) => `postgres://postgres:${PASSWORD}@127.0.0.1:${port}/orchestrator`;
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (error) {
-    return (error as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
 /** The postmaster of this data directory, if one is running (postmaster.pid: pid, ..., port). */
 async function runningServer(databaseDir: string): Promise<{ pid: number; port: number } | null> {
   const text = await readFile(resolve(databaseDir, 'postmaster.pid'), 'utf8').catch(() => null);
@@ -96,13 +89,6 @@ async function runningServer(databaseDir: string): Promise<{ pid: number; port: 
   const port = Number(lines[3]);
   if (!(pid > 0 && port > 0) || !alive(pid)) return null;
   return { pid, port };
-}
-
-/** Fast shutdown (SIGINT), then SIGKILL if it will not go. */
-async function stopServer(pid: number): Promise<void> {
-  process.kill(pid, 'SIGINT');
-  for (let i = 0; i < 200 && alive(pid); i++) await new Promise((r) => setTimeout(r, 50));
-  if (alive(pid)) process.kill(pid, 'SIGKILL');
 }
 
 /**

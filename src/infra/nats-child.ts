@@ -4,11 +4,12 @@
  * `<DATA_DIR>/nats`, and stops it on exit. Without one installed it says how to get one.
  */
 import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
-import { mkdir } from 'node:fs/promises';
+import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { Unavailable } from '../errors.js';
 import type { Logger } from '../log.js';
 import { freePort, reachable } from './free-port.js';
+import { alive, commandLine, stopPid } from './processes.js';
 
 export const DEFAULT_NATS_URL = 'nats://127.0.0.1:4222';
 
@@ -46,6 +47,21 @@ export async function resolveNats(
   if (spawnSync(binary, ['--version']).error) throw new Unavailable(INSTALL_HINT);
   const storeDir = resolve(dataDir, 'nats');
   await mkdir(storeDir, { recursive: true });
+  const stateFile = resolve(dataDir, 'nats.state');
+  const previous = await readState(stateFile, storeDir);
+  if (previous) {
+    if (previous.owner !== process.pid && alive(previous.owner)) {
+      // Another orchestrator in this directory runs it: share it, and leave stopping to it.
+      log.info(
+        { port: previous.port, owner: previous.owner },
+        'sharing the nats-server of process',
+      );
+      return { url: `nats://127.0.0.1:${previous.port}`, stop: async () => {} };
+    }
+    // Left running by an orchestrator that was killed (kill -9 cannot stop its children).
+    log.warn({ natsPid: previous.pid }, 'stopping a nats-server left by a killed process');
+    await stopPid(previous.pid, 'SIGTERM');
+  }
   const port = await freePort();
   const child = spawn(binary, ['-a', '127.0.0.1', '-p', String(port), '-js', '-sd', storeDir], {
     stdio: ['ignore', 'ignore', 'pipe'],
@@ -61,8 +77,36 @@ export async function resolveNats(
     }
     await new Promise((r) => setTimeout(r, 50));
   }
+  const state: ChildState = { owner: process.pid, pid: child.pid ?? 0, port };
+  await writeFile(stateFile, JSON.stringify(state));
   log.info({ port, storeDir }, 'started nats-server as a child process');
-  return { url: `nats://127.0.0.1:${port}`, stop: () => stopChild(child) };
+  return {
+    url: `nats://127.0.0.1:${port}`,
+    stop: async () => {
+      await stopChild(child);
+      await rm(stateFile, { force: true });
+    },
+  };
+}
+
+interface ChildState {
+  owner: number;
+  pid: number;
+  port: number;
+}
+
+/** The nats-server a previous start left, if it still runs with this store directory. */
+async function readState(file: string, storeDir: string): Promise<ChildState | null> {
+  const text = await readFile(file, 'utf8').catch(() => null);
+  if (text === null) return null;
+  try {
+    const s = JSON.parse(text) as ChildState;
+    if (!(s.pid > 0) || !alive(s.pid)) return null;
+    // A recycled pid is not ours to stop or share.
+    return (await commandLine(s.pid)).includes(storeDir) ? s : null;
+  } catch {
+    return null;
+  }
 }
 
 function stopChild(child: ChildProcess): Promise<void> {

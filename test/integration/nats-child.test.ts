@@ -3,7 +3,7 @@
  * the PATH as its child (JetStream, store under DATA_DIR) and stops it on exit; with no
  * nats-server installed it says how to get one instead of hanging.
  */
-import { mkdtemp, readdir, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { jetstreamManager } from '@nats-io/jetstream';
@@ -33,6 +33,34 @@ it('starts nats-server with JetStream as a child when nothing answers, and stops
   await nats.stop();
   const port = Number(new URL(nats.url.replace('nats://', 'http://')).port);
   expect(await reachable('127.0.0.1', port, 300)).toBe(false);
+});
+
+it('after a kill -9 of its owner, the next start stops the orphaned child and starts anew', async () => {
+  const own = await mkdtemp(join(tmpdir(), 'orch-nats-orphan-'));
+  try {
+    const unused = await freePort();
+    const first = await resolveNats(undefined, own, silentLogger(), { probePort: unused });
+    const firstPort = Number(new URL(first.url.replace('nats://', 'http://')).port);
+    // Its owner "was killed": the state file names a process that no longer exists.
+    const state = JSON.parse(await readFile(join(own, 'nats.state'), 'utf8'));
+    await writeFile(join(own, 'nats.state'), JSON.stringify({ ...state, owner: 2 ** 22 + 7 }));
+    const second = await resolveNats(undefined, own, silentLogger(), { probePort: unused });
+    expect(second.url).not.toBe(first.url);
+    expect(await reachable('127.0.0.1', firstPort, 300)).toBe(false);
+    // While its owner lives (here: another live process, our parent), a start shares it.
+    const current = JSON.parse(await readFile(join(own, 'nats.state'), 'utf8'));
+    expect(current.owner).toBe(process.pid);
+    await writeFile(join(own, 'nats.state'), JSON.stringify({ ...current, owner: process.ppid }));
+    const sharing = await resolveNats(undefined, own, silentLogger(), { probePort: unused });
+    expect(sharing.url).toBe(second.url);
+    await sharing.stop(); // a sharer does not stop it
+    const secondPort = Number(new URL(second.url.replace('nats://', 'http://')).port);
+    expect(await reachable('127.0.0.1', secondPort, 300)).toBe(true);
+    await second.stop();
+    expect(await reachable('127.0.0.1', secondPort, 300)).toBe(false);
+  } finally {
+    await rm(own, { recursive: true, force: true });
+  }
 });
 
 it('uses what answers on the default port, and a configured URL as given', async () => {
