@@ -34,6 +34,22 @@ export async function benchRaw(
   return (await prepareRaw(sql, concurrency))(durationMs);
 }
 
+/** `n` tickets in their first phase, ready to alternate BLOCK and UNBLOCK. */
+async function startedTickets(host: ActorHost, n: number, prefix: string): Promise<string[]> {
+  const ids: string[] = [];
+  for (let i = 0; i < n; i++) {
+    const t = await host.create('ticket', {
+      id: `${prefix}-${randomUUID()}`,
+      title: 'bench',
+      stuckAfterMs: 3_600_000,
+      diagnosticCooldownMs: 0,
+    });
+    await host.send('ticket', t.id, { type: 'START' });
+    ids.push(t.id);
+  }
+  return ids;
+}
+
 /** Creates the host and its entities; the returned function runs the timed loop. */
 export async function prepareHost(
   sql: Sql,
@@ -42,17 +58,7 @@ export async function prepareHost(
   const host = new ActorHost(sql, {
     taskDefaults: { maxAttempts: 3, leaseMs: 30_000, retryBaseMs: 1_000 },
   });
-  const ids: string[] = [];
-  for (let w = 0; w < concurrency; w++) {
-    const t = await host.create('ticket', {
-      id: `bench-host-${randomUUID()}`,
-      title: 'bench',
-      stuckAfterMs: 3_600_000,
-      diagnosticCooldownMs: 0,
-    });
-    await host.send('ticket', t.id, { type: 'START' });
-    ids.push(t.id);
-  }
+  const ids = await startedTickets(host, concurrency, 'bench-host');
   return (durationMs) =>
     loop(concurrency, durationMs, async (w, i) => {
       const id = ids[w] as string;
@@ -139,18 +145,7 @@ export async function prepareHostBatched(
   });
   const groups: string[][] = [];
   for (let g = 0; g < entities / perTx; g++) {
-    const ids: string[] = [];
-    for (let k = 0; k < perTx; k++) {
-      const t = await host.create('ticket', {
-        id: `bench-batch-${randomUUID()}`,
-        title: 'bench',
-        stuckAfterMs: 3_600_000,
-        diagnosticCooldownMs: 0,
-      });
-      await host.send('ticket', t.id, { type: 'START' });
-      ids.push(t.id);
-    }
-    groups.push(ids);
+    groups.push(await startedTickets(host, perTx, 'bench-batch'));
   }
   return async (durationMs) => {
     const r = await loop(groups.length, durationMs, async (g, i) => {

@@ -11,11 +11,12 @@ import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import postgres from 'postgres';
 import { freePort, reachable } from '../../src/infra/free-port.js';
+import { createSql, type Sql } from '../../src/persistence/db.js';
 import { note, sleep, waitUntil } from './util.js';
 
 const BIN = new URL('../../bin/orchestrator', import.meta.url).pathname;
 
-export type Sql = postgres.Sql<Record<string, unknown>>;
+export type { Sql } from '../../src/persistence/db.js';
 
 export interface ClusterOptions {
   dir: string;
@@ -106,20 +107,7 @@ export class Database {
 
   /** A pool of the harness, named so that the backend-killing fault spares it. */
   pool(max = 4): Sql {
-    const sql = postgres(this.url, {
-      max,
-      onnotice: () => {},
-      idle_timeout: 20,
-      connection: { application_name: 'chaos-harness' },
-      types: {
-        bigint: {
-          to: 20,
-          from: [20],
-          serialize: (x: number) => String(x),
-          parse: (x: string) => Number(x),
-        },
-      },
-    }) as unknown as Sql;
+    const sql = createSql(this.url, { max, applicationName: 'chaos-harness' });
     this.pools.push(sql);
     return sql;
   }

@@ -8,7 +8,8 @@ import { type TaskView, type TicketView, taskView, ticketView } from '../actors/
 import { InvalidInput } from '../errors.js';
 import type { EntityType } from '../machines/index.js';
 import type { Db } from './db.js';
-import { type DeadLetter, listDeadLetters } from './dead-letter-rows.js';
+import { countDeadLetters, type DeadLetter, listDeadLetters } from './dead-letter-rows.js';
+import { outboxLag as outboxRowsLag } from './outbox-rows.js';
 
 export interface WithAllowed {
   /** The public events the current state accepts (buttons on the dashboard). */
@@ -177,10 +178,8 @@ export class Queries {
   }
 
   async outboxLag(): Promise<OutboxLag> {
-    const rows = await this.db<{ pending: number; oldest: number | null }[]>`
-      select count(*)::int as pending,
-        extract(epoch from now() - min(created_at))::float8 as oldest from outbox`;
-    return { pending: rows[0]?.pending ?? 0, oldestSeconds: rows[0]?.oldest ?? 0 };
+    const lag = await outboxRowsLag(this.db);
+    return { pending: lag.count, oldestSeconds: lag.oldestMs / 1000 };
   }
 
   /** The most recent dead letters, newest first. */
@@ -188,9 +187,8 @@ export class Queries {
     return listDeadLetters(this.db, limit);
   }
 
-  async deadLetterCount(): Promise<number> {
-    const rows = await this.db<{ n: number }[]>`select count(*)::int as n from dead_letters`;
-    return rows[0]?.n ?? 0;
+  deadLetterCount(): Promise<number> {
+    return countDeadLetters(this.db);
   }
 
   /** Tickets and tasks per state, for gauges. */
