@@ -6,6 +6,10 @@ import { hostname } from 'node:os';
 import { z } from 'zod';
 
 const int = (def: number, min = 0) => z.coerce.number().int().min(min).default(def);
+/** The longest delay Node's timers hold: past 2^31-1 ms they overflow and fire at once. */
+export const MAX_TIMER_MS = 2_147_483_647;
+/** A duration that ends up in a timer (setTimeout or a durable `after` delay). */
+const ms = (def: number, min = 0) => int(def, min).pipe(z.number().max(MAX_TIMER_MS));
 const flag = z
   .enum(['0', '1', 'true', 'false', ''])
   .default('0')
@@ -31,6 +35,25 @@ const limits = z
     return out;
   });
 
+/** `AWS_REGION,GIT_AUTHOR_NAME`: environment variable names. */
+const names = z
+  .string()
+  .default('')
+  .transform((raw, ctx) => {
+    const out: string[] = [];
+    for (const part of raw
+      .split(',')
+      .map((p) => p.trim())
+      .filter(Boolean)) {
+      if (!/^[A-Za-z_][A-Za-z0-9_]{0,127}$/.test(part)) {
+        ctx.addIssue({ code: 'custom', message: `"${part}" is not a variable name` });
+        continue;
+      }
+      out.push(part);
+    }
+    return out;
+  });
+
 export const configSchema = z.object({
   DATABASE_URL: z.url().optional(),
   NATS_URL: z.string().min(1).optional(),
@@ -39,20 +62,40 @@ export const configSchema = z.object({
   API_TOKEN: z.string().min(1).optional(),
   WORKER_ID: z.string().min(1).default(`${hostname()}-${process.pid}`),
   WORKER_CONCURRENCY: int(4),
-  LEASE_MS: int(30_000, 100),
-  HEARTBEAT_MS: int(10_000, 10),
-  TIMER_POLL_MS: int(1_000, 10),
+  LEASE_MS: ms(30_000, 100),
+  HEARTBEAT_MS: ms(10_000, 10),
+  TIMER_POLL_MS: ms(1_000, 10),
   MAX_ATTEMPTS: int(3, 1),
-  RETRY_BASE_MS: int(1_000, 1),
-  STUCK_AFTER_MS: int(600_000, 100),
-  DIAGNOSTIC_COOLDOWN_MS: int(1_800_000, 0),
-  SHUTDOWN_GRACE_MS: int(10_000, 0),
+  RETRY_BASE_MS: ms(1_000, 1),
+  STUCK_AFTER_MS: ms(600_000, 100),
+  DIAGNOSTIC_COOLDOWN_MS: ms(1_800_000, 0),
+  SHUTDOWN_GRACE_MS: ms(10_000, 0),
   ENABLE_SHELL_EXECUTOR: flag,
-  SHELL_TIMEOUT_MS: int(600_000, 100),
+  SHELL_TIMEOUT_MS: ms(600_000, 100),
+  /** Shell tasks refuse to run as uid 0 unless this is set. */
+  SHELL_ALLOW_ROOT: flag,
+  /** Extra variable names passed to shell tasks, besides PATH, HOME, LANG and TASK_*. */
+  SHELL_ENV_PASSTHROUGH: names,
+  /** `payload.cwd` must resolve inside this directory (default: the process's cwd). */
+  SHELL_CWD_ROOT: z.string().min(1).optional(),
+  /** Cap, in bytes of JSON, of a task's `payload` and of its `result`. */
+  PAYLOAD_MAX_BYTES: int(262_144, 1_024).pipe(z.number().max(16_777_216)),
+  /** Bytes of actor snapshots kept in memory per process. */
+  ACTOR_CACHE_MAX_BYTES: int(67_108_864, 0),
+  /** Concurrent SSE clients per process (503 beyond). */
+  SSE_MAX_CLIENTS: int(256, 1),
+  /** Concurrent long-poll claims waiting per process (503 beyond). */
+  CLAIM_MAX_WAITERS: int(1_024, 1),
+  /** Path of a NATS credentials file (JWT + nkey seed). */
+  NATS_CREDS: z.string().min(1).optional(),
+  /** TLS to NATS: CA bundle, client certificate and key (PEM paths); any one turns TLS on. */
+  NATS_TLS_CA: z.string().min(1).optional(),
+  NATS_TLS_CERT: z.string().min(1).optional(),
+  NATS_TLS_KEY: z.string().min(1).optional(),
   TASK_TYPE_LIMITS: limits,
-  CLAIM_MAX_WAIT_MS: int(30_000, 0),
+  CLAIM_MAX_WAIT_MS: ms(30_000, 0),
   BODY_LIMIT_BYTES: int(1_048_576, 1),
-  RECONCILE_MS: int(30_000, 100),
+  RECONCILE_MS: ms(30_000, 100),
   /** Postgres connections per process (plus one for LISTEN). */
   DB_POOL_MAX: int(10, 2).pipe(z.number().max(1_000)),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
