@@ -87,7 +87,8 @@ describe('clean shutdown', () => {
     });
     const pool = p.pool({ workerId: 'shell', concurrency: 1 }, [
       new SleepExecutor(),
-      new ShellExecutor({ timeoutMs: 60_000 }),
+      // Tests run as root in CI: opt in, as SHELL_ALLOW_ROOT=1 would.
+      new ShellExecutor({ timeoutMs: 60_000, allowRoot: true }),
     ]);
     await until(async () => (await readFile(file, 'utf8').catch(() => '')).trim() !== '');
     const pid = Number((await readFile(file, 'utf8')).trim());

@@ -8,6 +8,7 @@ import { ShellExecutor } from '../../src/workers/executors/shell.js';
 
 const command = process.argv[2] ?? 'sleep 30';
 const task = { id: 'ts-killed', ticketId: 'tk-killed', payload: { command } } as never;
-await new ShellExecutor({ timeoutMs: 60_000 })
+// A test harness: it may run as root (CI does), as SHELL_ALLOW_ROOT=1 allows.
+await new ShellExecutor({ timeoutMs: 60_000, allowRoot: true })
   .run(task, { signal: new AbortController().signal, attempt: 1, token: 't', log: silentLogger() })
   .catch(() => {});

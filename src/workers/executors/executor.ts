@@ -5,6 +5,7 @@
  * heartbeats and fencing around it.
  */
 import type { TaskView } from '../../actors/views.js';
+import { MAX_TIMER_MS } from '../../config.js';
 import type { Logger } from '../../log.js';
 import type { Json } from '../../machines/domain-events.js';
 
@@ -67,6 +68,26 @@ export class ExecutionFailed extends Error {
     this.timedOut = details.timedOut ?? false;
     this.aborted = details.aborted ?? false;
   }
+}
+
+/**
+ * A payload number that ends up in a timer: an integer from `min` to MAX_TIMER_MS. Beyond
+ * 2^31-1 ms Node's timers overflow and fire at once, so a task asked to wait 25 days would
+ * finish (or time out) immediately instead.
+ */
+export function timerMs(field: string, value: unknown, min: number): number {
+  if (
+    typeof value === 'number' &&
+    Number.isInteger(value) &&
+    value >= min &&
+    value <= MAX_TIMER_MS
+  ) {
+    return value;
+  }
+  const shown = typeof value === 'number' ? String(value) : JSON.stringify(value)?.slice(0, 40);
+  throw new ExecutionFailed(
+    `${field} must be an integer from ${min} to ${MAX_TIMER_MS} (milliseconds), not ${shown}`,
+  );
 }
 
 /** The `error` string a FAIL carries for whatever an executor threw. */

@@ -1,56 +1,136 @@
 /**
- * The `shell` executor: runs `payload.command` with `sh -c` in a process group of its own,
- * with `TASK_ID`, `TASK_ATTEMPT` and `TICKET_ID` in its environment. Exit 0 is a result with
- * the stdout and stderr tails; anything else is an `ExecutionFailed` carrying them. On a
- * timeout (`payload.timeoutMs` or `SHELL_TIMEOUT_MS`) or an abort (lease lost, shutdown) the
- * whole group gets SIGTERM, then SIGKILL, and the run settles only once the shell is gone,
- * so a task is never claimed again while its processes still run. If the worker process
- * itself dies, a watchdog in the group kills it (see WATCHDOG).
+ * The `shell` executor: runs `payload.command` with `sh -c` in a process group of its own.
+ * Exit 0 is a result with the stdout and stderr tails; anything else is an `ExecutionFailed`
+ * carrying them. On a timeout (`payload.timeoutMs` or `SHELL_TIMEOUT_MS`) or an abort (lease
+ * lost, shutdown) the whole group gets SIGTERM, then SIGKILL, and the run settles only once
+ * the shell is gone, so a task is never claimed again while its processes still run. If the
+ * worker process itself dies, a watchdog in the group kills it (see WATCHDOG).
+ *
+ * What a command gets is bounded, because whatever it prints becomes the task's result, and
+ * results travel to `GET /tasks`, the event log, NATS and SSE: its environment is an
+ * allowlist (never this process's secrets such as DATABASE_URL or API_TOKEN), its working
+ * directory resolves inside SHELL_CWD_ROOT, and it never runs as root unless allowed. This
+ * is not a sandbox: the command may still `cd` anywhere this user may go.
  */
 import { spawn } from 'node:child_process';
+import { realpath, stat } from 'node:fs/promises';
+import { isAbsolute, resolve, sep } from 'node:path';
 import type { TaskView } from '../../actors/views.js';
-import { type ExecutionContext, ExecutionFailed, type Executor } from './executor.js';
+import { type ExecutionContext, ExecutionFailed, type Executor, timerMs } from './executor.js';
 
 export interface ShellExecutorOptions {
   /** Default time limit of one run (`SHELL_TIMEOUT_MS`). */
   timeoutMs: number;
+  /** `SHELL_ALLOW_ROOT`: without it the executor cannot be built by uid 0. */
+  allowRoot?: boolean;
+  /** `SHELL_ENV_PASSTHROUGH`: variables of this process a command sees, besides BASE_ENV. */
+  envPassthrough?: readonly string[];
+  /** `SHELL_CWD_ROOT`: where `payload.cwd` must resolve (default: this process's cwd). */
+  cwdRoot?: string;
   /** Bytes of stdout and of stderr kept (the last ones). */
   tailBytes?: number;
   /** Between SIGTERM and SIGKILL to the process group. */
   killGraceMs?: number;
 }
 
+/** Variables every command gets from this process, when set. */
+const BASE_ENV = ['PATH', 'HOME', 'LANG'];
+/** Linux's PATH_MAX: a longer `payload.cwd` cannot name a directory. */
+const MAX_CWD_LENGTH = 4_096;
+
 export class ShellExecutor implements Executor {
   readonly name = 'shell';
+  private readonly cwdRoot: string;
 
-  constructor(private readonly options: ShellExecutorOptions) {}
+  constructor(private readonly options: ShellExecutorOptions) {
+    if (process.getuid?.() === 0 && !options.allowRoot) {
+      throw new Error(
+        'the shell executor will not run tasks as root (uid 0); run as an unprivileged user, or set SHELL_ALLOW_ROOT=1 to accept it',
+      );
+    }
+    this.cwdRoot = resolve(options.cwdRoot ?? process.cwd());
+  }
 
-  run(task: TaskView, ctx: ExecutionContext) {
-    const payload = (task.payload ?? {}) as {
-      command?: unknown;
-      timeoutMs?: unknown;
-      cwd?: unknown;
-    };
-    if (typeof payload.command !== 'string' || payload.command.length === 0) {
-      return Promise.reject(new ExecutionFailed('payload.command must be a non-empty string'));
+  async run(task: TaskView, ctx: ExecutionContext) {
+    const payload = (
+      typeof task.payload === 'object' && task.payload !== null ? task.payload : {}
+    ) as { command?: unknown; timeoutMs?: unknown; cwd?: unknown };
+    const { command } = payload;
+    if (typeof command !== 'string' || command.length === 0) {
+      throw new ExecutionFailed('payload.command must be a non-empty string');
+    }
+    if (command.includes('\0')) {
+      throw new ExecutionFailed('payload.command must not contain NUL characters');
     }
     const timeoutMs =
-      typeof payload.timeoutMs === 'number' && payload.timeoutMs > 0
-        ? payload.timeoutMs
-        : this.options.timeoutMs;
-    return runShell(payload.command, {
-      env: {
-        ...process.env,
-        TASK_ID: task.id,
-        TASK_ATTEMPT: String(ctx.attempt),
-        TICKET_ID: task.ticketId,
-      },
-      cwd: typeof payload.cwd === 'string' ? payload.cwd : undefined,
+      payload.timeoutMs === undefined || payload.timeoutMs === null
+        ? this.options.timeoutMs
+        : timerMs('payload.timeoutMs', payload.timeoutMs, 1);
+    return runShell(command, {
+      env: this.env(task, ctx),
+      cwd: await this.workingDirectory(payload.cwd),
       timeoutMs,
       tailBytes: this.options.tailBytes ?? 4096,
       killGraceMs: this.options.killGraceMs ?? 2_000,
       signal: ctx.signal,
     });
+  }
+
+  private env(task: TaskView, ctx: ExecutionContext): NodeJS.ProcessEnv {
+    const env: NodeJS.ProcessEnv = {};
+    for (const name of [...BASE_ENV, ...(this.options.envPassthrough ?? [])]) {
+      const value = process.env[name];
+      if (value !== undefined) env[name] = value;
+    }
+    env.TASK_ID = task.id;
+    env.TASK_ATTEMPT = String(ctx.attempt);
+    env.TICKET_ID = task.ticketId;
+    return env;
+  }
+
+  /**
+   * The real path of `cwd` (relative to the root; the root itself when unset), refused
+   * unless it is a directory inside the root once every symlink is followed. The command
+   * is started in that real path, so a link swapped after this check cannot redirect it.
+   *
+   * A refusal is an ordinary failure, retried like any other within the task's attempts:
+   * the check spawns nothing, and the retries are spaced by the backoff, so a bad cwd costs
+   * little; a directory that is missing now may be created by another task meanwhile.
+   */
+  private async workingDirectory(cwd: unknown): Promise<string> {
+    let root: string;
+    try {
+      root = await realpath(this.cwdRoot);
+    } catch (error) {
+      throw new ExecutionFailed(
+        `SHELL_CWD_ROOT ${this.cwdRoot} is not usable: ${(error as Error).message}`,
+      );
+    }
+    if (cwd === undefined || cwd === null) return root;
+    if (typeof cwd !== 'string' || cwd.length === 0 || cwd.length > MAX_CWD_LENGTH) {
+      throw new ExecutionFailed(
+        `payload.cwd must be a path of 1 to ${MAX_CWD_LENGTH} characters inside the shell root`,
+      );
+    }
+    if (cwd.includes('\0')) {
+      throw new ExecutionFailed('payload.cwd must not contain NUL characters');
+    }
+    const shown = JSON.stringify(cwd.length > 200 ? `${cwd.slice(0, 200)}…` : cwd);
+    let real: string;
+    try {
+      real = await realpath(isAbsolute(cwd) ? cwd : resolve(root, cwd));
+    } catch {
+      throw new ExecutionFailed(`payload.cwd ${shown} does not exist`);
+    }
+    if (real !== root && !real.startsWith(root.endsWith(sep) ? root : root + sep)) {
+      throw new ExecutionFailed(
+        `payload.cwd ${shown} resolves to ${real}, outside the shell root ${root} (SHELL_CWD_ROOT)`,
+      );
+    }
+    if (!(await stat(real).catch(() => null))?.isDirectory()) {
+      throw new ExecutionFailed(`payload.cwd ${shown} is not a directory`);
+    }
+    return real;
   }
 }
 
@@ -65,7 +145,7 @@ const WATCHDOG =
 
 interface RunOptions {
   env: NodeJS.ProcessEnv;
-  cwd: string | undefined;
+  cwd: string;
   timeoutMs: number;
   tailBytes: number;
   killGraceMs: number;

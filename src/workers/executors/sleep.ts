@@ -1,16 +1,18 @@
 /**
- * The `sleep` executor: waits `payload.ms` (default 0), abortably. With `payload.fail` (a
+ * The `sleep` executor: waits `payload.ms` (default 0; an integer up to MAX_TIMER_MS, else
+ * the task fails), abortably. With `payload.fail` (a
  * string) it fails with that message after the wait, which demos and tests use for retries.
  */
 import type { TaskView } from '../../actors/views.js';
-import { type ExecutionContext, ExecutionFailed, type Executor } from './executor.js';
+import { type ExecutionContext, ExecutionFailed, type Executor, timerMs } from './executor.js';
 
 export class SleepExecutor implements Executor {
   readonly name = 'sleep';
 
   async run(task: TaskView, ctx: ExecutionContext) {
     const payload = (task.payload ?? {}) as { ms?: unknown; fail?: unknown };
-    const ms = typeof payload.ms === 'number' && payload.ms > 0 ? payload.ms : 0;
+    const ms =
+      payload.ms === undefined || payload.ms === null ? 0 : timerMs('payload.ms', payload.ms, 0);
     await abortableSleep(ms, ctx.signal);
     if (typeof payload.fail === 'string') throw new ExecutionFailed(payload.fail);
     return { result: { sleptMs: ms } };
