@@ -122,6 +122,7 @@ async function run(): Promise<number> {
   await nats.start();
   const hex = randomBytes(3).toString('hex');
   const stream = `CHAOS_${hex.toUpperCase()}`;
+  const apiToken = randomBytes(16).toString('hex');
   note(`nats-server on ${nats.url}`);
 
   const unexpected: UnexpectedExit[] = [];
@@ -135,7 +136,7 @@ async function run(): Promise<number> {
       workerConcurrency: 3,
       logLevel: args['log-level'] ?? 'warn',
     },
-    { databaseUrl: db.url, natsUrl: nats.url, prefix: `chaos${hex}`, stream },
+    { databaseUrl: db.url, natsUrl: nats.url, prefix: `chaos${hex}`, stream, apiToken },
     { alls, workers },
     (e) => {
       unexpected.push(e);
@@ -153,7 +154,10 @@ async function run(): Promise<number> {
   await Promise.all(procs.map((p) => p.start(90_000)));
   note('cluster up');
 
-  const api = new Api(() => procs.filter((p) => p.url !== null).map((p) => p.url as string));
+  const api = new Api(
+    () => procs.filter((p) => p.url !== null).map((p) => p.url as string),
+    apiToken,
+  );
   const load = new Load(api, new Rng(seed ^ 0x5eed), {
     markerFile,
     rate,

@@ -5,11 +5,15 @@
  * every phase, one task that fails once and is retried, and one ticket whose task nobody
  * claims, so it goes stuck and gets a diagnostic task.
  */
+import { randomBytes } from 'node:crypto';
 import { configWith } from '../src/config.js';
 import { createLogger } from '../src/log.js';
 import { type Runtime, startRuntime } from '../src/runtime.js';
 
 const out = (line: string) => process.stdout.write(`${line}\n`);
+
+/** The bearer token of the orchestrator driven: API_TOKEN, or one made up for our own. */
+let token = process.env.API_TOKEN ?? '';
 
 async function reachable(url: string): Promise<boolean> {
   try {
@@ -25,7 +29,7 @@ async function api<T>(base: string, method: string, path: string, body?: unknown
     method,
     headers: {
       'content-type': 'application/json',
-      ...(process.env.API_TOKEN ? { authorization: `Bearer ${process.env.API_TOKEN}` } : {}),
+      ...(token ? { authorization: `Bearer ${token}` } : {}),
     },
     ...(body === undefined ? {} : { body: JSON.stringify(body) }),
   });
@@ -104,6 +108,11 @@ async function main(): Promise<void> {
     out('the flaky task needs ENABLE_SHELL_EXECUTOR=1 there)');
   } else {
     out(`no orchestrator at ${base}: starting one in this process with demo timings`);
+    // It runs shell tasks, so its API requires a token (the dashboard asks for it).
+    if (!token) {
+      token = randomBytes(12).toString('hex');
+      out(`API token (the dashboard asks for it): ${token}`);
+    }
     const config = configWith({
       PORT: process.env.PORT ?? '3000',
       ...(process.env.DATABASE_URL ? { DATABASE_URL: process.env.DATABASE_URL } : {}),
@@ -111,6 +120,9 @@ async function main(): Promise<void> {
       ...(process.env.NATS_PREFIX ? { NATS_PREFIX: process.env.NATS_PREFIX } : {}),
       ...(process.env.NATS_STREAM ? { NATS_STREAM: process.env.NATS_STREAM } : {}),
       ENABLE_SHELL_EXECUTOR: '1',
+      API_TOKEN: token,
+      // The demo's shell task is its own `echo`; as root (a container) it opts in.
+      ...(process.getuid?.() === 0 ? { SHELL_ALLOW_ROOT: '1' } : {}),
       STUCK_AFTER_MS: '4000',
       DIAGNOSTIC_COOLDOWN_MS: '30000',
       RETRY_BASE_MS: '500',
@@ -123,7 +135,9 @@ async function main(): Promise<void> {
     base = runtime.url ?? base;
   }
   out(`\n  dashboard:    ${base}/`);
-  out(`  live events:  curl -N ${base}/events/stream`);
+  out(
+    `  live events:  curl -N ${token ? '-H "authorization: Bearer $API_TOKEN" ' : ''}${base}/events/stream`,
+  );
   out(`  metrics:      ${base}/metrics\n`);
 
   out('driving tickets (each phase gets its tasks as the ticket enters it):');

@@ -6,6 +6,7 @@
 import { ConfigError, loadConfig } from './config.js';
 import { createLogger } from './log.js';
 import { ROLES, type Role, redact, startRuntime } from './runtime.js';
+import { startupRefusals, startupWarnings } from './security.js';
 
 const USAGE = 'usage: orchestrator [all|api|worker]   (configuration: environment, see README)';
 
@@ -30,7 +31,13 @@ async function main(argv: string[]): Promise<number> {
     }
     throw error;
   }
+  const refusals = startupRefusals(config, role, process.getuid?.());
+  if (refusals.length > 0) {
+    process.stderr.write(refusals.map((r) => `refusing to start: ${r}\n`).join(''));
+    return 2;
+  }
   const log = createLogger(config.LOG_LEVEL);
+  for (const warning of startupWarnings(config, role)) log.warn(warning);
   // Signals are handled from the first moment: one that arrives while starting (initdb can
   // take seconds) stops the runtime as soon as it is up, instead of killing the process and
   // orphaning an embedded database.

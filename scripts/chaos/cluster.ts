@@ -317,6 +317,8 @@ export interface ClusterEnv {
   natsUrl: string;
   prefix: string;
   stream: string;
+  /** `all` processes run shell tasks, so their API must require a token. */
+  apiToken: string;
 }
 
 /** Builds the orchestrators of a run: `alls` × all and `workers` × worker. */
@@ -343,6 +345,11 @@ export async function orchestrators(
     DIAGNOSTIC_COOLDOWN_MS: '3600000',
     SHUTDOWN_GRACE_MS: '3000',
     ENABLE_SHELL_EXECUTOR: '1',
+    API_TOKEN: env.apiToken,
+    // The executions log names the worker that ran each shell task.
+    SHELL_ENV_PASSTHROUGH: 'WORKER_ID',
+    // The harness may run as root (CI does): its shell tasks are its own.
+    ...(process.getuid?.() === 0 ? { SHELL_ALLOW_ROOT: '1' } : {}),
     RECONCILE_MS: '2000',
     CLAIM_MAX_WAIT_MS: '5000',
     LOG_LEVEL: o.logLevel,

@@ -42,7 +42,15 @@ export class Api {
   };
   private rr = 0;
 
-  constructor(private readonly urls: () => string[]) {}
+  constructor(
+    private readonly urls: () => string[],
+    private readonly token: string,
+  ) {}
+
+  /** The bearer header every request carries (API_TOKEN of the cluster). */
+  auth(): Record<string, string> {
+    return { authorization: `Bearer ${this.token}` };
+  }
 
   private count(key: string): void {
     this.stats.byStatus.set(key, (this.stats.byStatus.get(key) ?? 0) + 1);
@@ -81,6 +89,7 @@ export class Api {
         const res = await fetch(`${url}${path}`, {
           method,
           headers: {
+            ...this.auth(),
             ...(body === undefined ? {} : { 'content-type': 'application/json' }),
             ...(key ? { 'idempotency-key': key } : {}),
           },
@@ -501,7 +510,10 @@ export class Load {
       }, 200);
       try {
         const res = await fetch(`${url}/events/stream`, {
-          headers: lastId > 0 ? { 'last-event-id': String(lastId) } : {},
+          headers: {
+            ...this.api.auth(),
+            ...(lastId > 0 ? { 'last-event-id': String(lastId) } : {}),
+          },
           signal: ctrl.signal,
         });
         if (res.status !== 200 || !res.body) {
