@@ -833,6 +833,13 @@ describe('on a real socket', () => {
     // 4096-byte limit; the others refuse before reading one under it (401 before any limit).
     const cases: [number, string, Record<string, string>, number, number][] = [
       [port, '/tickets', { 'content-type': 'application/json' }, 413, 1_000_000],
+      [
+        port,
+        '/tickets',
+        { 'content-type': 'application/json', 'transfer-encoding': 'chunked' },
+        413,
+        1_000_000,
+      ],
       [port, '/tickets', { 'content-type': 'text/plain' }, 415, 4_000],
       [port, '/no/such/route', { 'content-type': 'application/json' }, 404, 4_000],
       [securedPort, '/tickets', { 'content-type': 'application/json' }, 401, 1_000_000],
