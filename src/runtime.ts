@@ -5,13 +5,13 @@
  * the built-in executors, `all` both. `stop()` shuts down in dependency order.
  */
 import type { AddressInfo } from 'node:net';
-import { serve } from '@hono/node-server';
 import { Commands } from './actors/commands.js';
 import { ActorHost } from './actors/host.js';
 import { TimerPoller } from './actors/timer-poller.js';
 import type { Config } from './config.js';
 import { createApp } from './http/app.js';
 import { machineCatalog } from './http/machines.js';
+import { startHttpServer } from './http/server.js';
 import { startEmbeddedPostgres } from './infra/embedded-postgres.js';
 import { resolveNats } from './infra/nats-child.js';
 import type { Logger } from './log.js';
@@ -144,7 +144,7 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
           return parts.join('');
         },
       });
-      const server = serve({ fetch: app.fetch, port: config.PORT, hostname: config.HOST });
+      const server = startHttpServer(app.fetch, { port: config.PORT, hostname: config.HOST });
       await new Promise<void>((resolve, reject) => {
         server.once('listening', () => resolve());
         server.once('error', reject);

@@ -5,7 +5,8 @@
  * error mapping (`errors.ts`) and the 404 fallback.
  */
 import { createHash, randomUUID, timingSafeEqual } from 'node:crypto';
-import { Hono } from 'hono';
+import type { IncomingMessage } from 'node:http';
+import { type Context, Hono } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { dashboardRoutes } from './dashboard/routes.js';
 import { errorHandler, HttpProblem } from './errors.js';
@@ -25,6 +26,15 @@ const isPublic = (path: string) => PUBLIC.has(path) || path.startsWith('/assets/
 
 const digest = (s: string) => createHash('sha256').update(s).digest();
 
+/** Whether the request declared a body that the answer leaves (partly) unread. */
+function bodyLeftUnread(c: Context): boolean {
+  const length = c.req.header('content-length');
+  const declared = c.req.header('transfer-encoding') !== undefined || (length ?? '0') !== '0';
+  if (!declared) return false;
+  const incoming = (c.env as { incoming?: IncomingMessage } | undefined)?.incoming;
+  return incoming ? !incoming.readableEnded : !c.req.raw.bodyUsed;
+}
+
 export function createApp(s: AppServices): Hono<AppEnv> {
   const app = new Hono<AppEnv>();
   const latency = new Histogram(
@@ -41,6 +51,9 @@ export function createApp(s: AppServices): Hono<AppEnv> {
     const started = performance.now();
     await next();
     if (!c.res.headers.has('X-Request-Id')) c.res.headers.set('X-Request-Id', requestId);
+    // Left unread, the body would sit on a keep-alive connection until the server gives up
+    // draining it and drops the socket under the client's next request.
+    if (bodyLeftUnread(c)) c.res.headers.set('Connection', 'close');
     const route = c.res.status === 404 && c.req.routePath === '*' ? 'unmatched' : c.req.routePath;
     latency.observe(
       { method: c.req.method, route, status: String(c.res.status) },

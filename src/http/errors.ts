@@ -29,9 +29,14 @@ export class HttpProblem extends OrchestratorError {
   constructor(
     readonly code: 'unauthorized' | 'payload_too_large' | 'unsupported_media_type' | 'not_found',
     message: string,
+    /** The fields at fault, as `validation_failed` names them. */
+    readonly issues: { path: string; message: string }[] = [],
   ) {
     super(message);
     this.name = 'HttpProblem';
+  }
+  override details() {
+    return this.issues.length > 0 ? { issues: this.issues } : {};
   }
 }
 
@@ -79,6 +84,44 @@ export function errorBody(error: unknown, requestId: string): ErrorBody {
 
 export function statusOf(error: unknown): ContentfulStatusCode {
   return error instanceof OrchestratorError ? STATUS[error.code] : 500;
+}
+
+/**
+ * The answer to a request Node refused before the app saw it (`clientError`, by Node's
+ * error code) or that @hono/node-server could not turn into a URL: the status Node would
+ * have sent, with the API's error body.
+ */
+export function refusedRequest(nodeCode: string | undefined): { status: number; body: ErrorBody } {
+  switch (nodeCode) {
+    case 'HPE_HEADER_OVERFLOW':
+      return {
+        status: 431,
+        body: { error: 'payload_too_large', message: 'the request headers are over the limit' },
+      };
+    case 'HPE_CHUNK_EXTENSIONS_OVERFLOW':
+      return {
+        status: 413,
+        body: { error: 'payload_too_large', message: 'the chunk extensions are over the limit' },
+      };
+    case 'ERR_HTTP_REQUEST_TIMEOUT':
+      return {
+        status: 408,
+        body: { error: 'validation_failed', message: 'the request did not arrive in time' },
+      };
+    case 'REQUEST_TARGET':
+      return {
+        status: 400,
+        body: { error: 'validation_failed', message: 'the request URL or Host header is invalid' },
+      };
+    default:
+      return {
+        status: 400,
+        body: {
+          error: 'validation_failed',
+          message: `malformed HTTP request${nodeCode ? ` (${nodeCode})` : ''}`,
+        },
+      };
+  }
 }
 
 /** `app.onError`: the response for anything a handler or middleware threw. */

@@ -102,6 +102,18 @@ export function storableProblems(value: unknown): Issue[] {
   return issues;
 }
 
+/**
+ * Refuses a value whose JSON encoding is over `max` bytes of UTF-8 (`PAYLOAD_MAX_BYTES`):
+ * 413 `payload_too_large` naming `field`. Bytes, not characters, are what Postgres stores.
+ */
+export function capJsonBytes(field: string, value: unknown, max: number): void {
+  if (value === undefined) return;
+  const bytes = Buffer.byteLength(JSON.stringify(value), 'utf8');
+  if (bytes <= max) return;
+  const message = `${bytes} bytes of JSON, over the ${max}-byte cap`;
+  throw new HttpProblem('payload_too_large', `${field} is ${message}`, [{ path: field, message }]);
+}
+
 export async function readBody<S extends z.ZodType>(c: Context, schema: S): Promise<z.output<S>> {
   return validate(schema, await readJson(c), 'body');
 }

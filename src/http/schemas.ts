@@ -4,6 +4,7 @@
  * are strict (an unknown field is `validation_failed` naming it).
  */
 import { z } from 'zod';
+import { MAX_TIMER_MS } from '../config.js';
 import { PHASES } from '../machines/phases.js';
 import { TASK_STATES } from '../machines/task.js';
 import { TICKET_STATES } from '../machines/ticket.js';
@@ -16,6 +17,29 @@ const json = z.json().register(components, { id: 'Json' });
 /** Entity ids: what the API issues (`tkt_<uuid>`, `tsk_<uuid>`, `<ticket>-diagnostic-<n>`). */
 export const ID_PATTERN = /^[A-Za-z0-9_.:#-]{1,200}$/;
 const id = z.string().regex(ID_PATTERN, 'not an id');
+/** The largest value of a Postgres `int4` column (event `seq`, `priority`, `attempt`). */
+export const INT4_MAX = 2_147_483_647;
+
+/**
+ * What the built-in executors read from `payload`, checked when the task is created so a
+ * value no timer can hold (Node's timers overflow past MAX_TIMER_MS and fire at once) is a
+ * 400 instead of a task that fails when it runs. Other executors' payloads are free-form.
+ * Unknown keys are kept: the payload is the task's own data.
+ */
+export const EXECUTOR_PAYLOADS: Readonly<Record<string, z.ZodType>> = {
+  sleep: z
+    .looseObject({
+      ms: z.int().min(0).max(MAX_TIMER_MS).optional(),
+      fail: z.string().max(20_000).optional(),
+    })
+    .nullable()
+    .optional(),
+  shell: z.looseObject({
+    command: z.string().min(1).max(65_536),
+    timeoutMs: z.int().min(1).max(MAX_TIMER_MS).optional(),
+    cwd: z.string().min(1).max(4_096).optional(),
+  }),
+};
 
 // ---- requests -------------------------------------------------------------------------
 
@@ -35,6 +59,17 @@ export const NewTaskBody = z
     worktree: z.string().min(1).max(500).nullable().optional(),
     maxAttempts: z.int().min(1).max(100).optional(),
     priority: z.int().min(-1000).max(1000).optional(),
+  })
+  .superRefine((task, ctx) => {
+    const schema = EXECUTOR_PAYLOADS[task.executor ?? 'external'];
+    const parsed = schema?.safeParse(task.payload);
+    for (const issue of parsed?.error?.issues ?? []) {
+      ctx.addIssue({
+        code: 'custom',
+        message: `${issue.message} (executor ${task.executor})`,
+        path: ['payload', ...issue.path],
+      });
+    }
   })
   .register(components, { id: 'NewTask' });
 
@@ -73,8 +108,24 @@ export const TaskEventBody = z
   ])
   .register(components, { id: 'TaskEvent' });
 
-const limit = (def: number, max: number) => z.coerce.number().int().min(1).max(max).default(def);
-const cursor = z.string().min(1).max(500).optional();
+/**
+ * An integer query parameter: plain decimal digits only (no sign, blank, fraction, exponent
+ * or hex, which `Number()` would accept), within the range of what it feeds.
+ */
+const queryInt = (min: number, max: number) => {
+  const message = `an integer from ${min} to ${max}`;
+  return z
+    .string()
+    .regex(/^\d{1,16}$/, message)
+    .transform(Number)
+    .refine((n) => n >= min && n <= max, message);
+};
+const limit = (def: number, max: number) => queryInt(1, max).default(def);
+/** Opaque, but always base64url: anything else (a NUL, a quote) is refused here. */
+const cursor = z
+  .string()
+  .regex(/^[A-Za-z0-9_-]{1,500}$/, 'invalid cursor')
+  .optional();
 
 export const TicketListQuery = z.strictObject({
   state: z.enum(TICKET_STATES).optional(),
@@ -90,7 +141,8 @@ export const TaskListQuery = z.strictObject({
 });
 
 export const EventLogQuery = z.strictObject({
-  after: z.coerce.number().int().min(0).default(0),
+  /** Feeds the int4 `seq` column. */
+  after: queryInt(0, INT4_MAX).default(0),
   limit: limit(1000, 1000),
 });
 
@@ -114,7 +166,8 @@ export const DeadLetterList = z
   .register(components, { id: 'DeadLetterList' });
 
 export const StreamQuery = z.strictObject({
-  after: z.union([z.literal('new'), z.coerce.number().int().min(0)]).optional(),
+  /** A JetStream stream sequence (stored as bigint); past 2^53 a number loses digits. */
+  after: z.union([z.literal('new'), queryInt(0, Number.MAX_SAFE_INTEGER)]).optional(),
   entityId: id.optional(),
 });
 

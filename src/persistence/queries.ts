@@ -68,14 +68,24 @@ export function encodeCursor(c: Cursor): string {
   return Buffer.from(JSON.stringify([c.createdAt.toISOString(), c.id])).toString('base64url');
 }
 
-/** Throws `validation_failed` naming `cursor` for anything this module did not write. */
+/** What `encodeCursor` can have written: an entity id (no NUL, bounded), a 4-digit year. */
+const CURSOR_ID = /^[A-Za-z0-9_.:#-]{1,200}$/;
+const CURSOR_AT = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/;
+
+/**
+ * Throws `validation_failed` naming `cursor` for anything this module did not write, so no
+ * id or date the text and timestamptz parameters would refuse reaches the query.
+ */
 export function decodeCursor(raw: string): Cursor {
   try {
     const parsed: unknown = JSON.parse(Buffer.from(raw, 'base64url').toString('utf8'));
     if (Array.isArray(parsed) && parsed.length === 2) {
       const [at, id] = parsed as unknown[];
-      const createdAt = new Date(typeof at === 'string' ? at : Number.NaN);
-      if (typeof id === 'string' && !Number.isNaN(createdAt.getTime())) return { createdAt, id };
+      if (typeof at === 'string' && CURSOR_AT.test(at) && typeof id === 'string') {
+        const createdAt = new Date(at);
+        const roundTrips = !Number.isNaN(createdAt.getTime()) && createdAt.toISOString() === at;
+        if (roundTrips && CURSOR_ID.test(id)) return { createdAt, id };
+      }
     }
   } catch {}
   throw new InvalidInput('cursor is not one this API returned', [

@@ -3,9 +3,13 @@
  * migrated database: routes, every error code, pagination, idempotency, the claim long
  * poll, and every response checked against the served OpenAPI document.
  */
+import { Agent, request as httpRequest } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { connect } from 'node:net';
 import { Writable } from 'node:stream';
 import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startHttpServer } from '../../src/http/server.js';
 import { createTestApp, type Reply, type TestApp } from '../support/http-app.js';
 import { openApiChecker } from '../support/openapi.js';
 
@@ -30,7 +34,9 @@ const newTicket = async (title = 'Ticket') =>
   (await call('POST', '/tickets', '/tickets', { title })).body;
 
 beforeAll(async () => {
-  t = await createTestApp('http_api', { config: { BODY_LIMIT_BYTES: '4096' } });
+  t = await createTestApp('http_api', {
+    config: { BODY_LIMIT_BYTES: '4096', PAYLOAD_MAX_BYTES: '1024' },
+  });
   const doc = await t.call('GET', '/openapi.json');
   expect(doc.status).toBe(200);
   check = openApiChecker(doc.body);
@@ -534,5 +540,364 @@ describe('operations and inspection', () => {
     // The checker itself bites: a body that is not a TicketDetail is refused.
     expect(() => check('GET', '/tickets/{id}', 200, { id: 'x' })).toThrow(/TicketDetail/);
     expect(() => check('GET', '/tickets/{id}', 404, { error: 'nope', message: 'm' })).toThrow();
+  });
+});
+
+/** A count of everything a request could change, to assert that a refusal changed nothing. */
+async function stateOf(): Promise<string> {
+  const rows = await t.db.sql`
+    select
+      (select count(*) from tickets) as tickets,
+      (select coalesce(sum(version), 0) from tickets) as ticket_versions,
+      (select count(*) from tasks) as tasks,
+      (select coalesce(sum(version), 0) from tasks) as task_versions,
+      (select count(*) from events) as events`;
+  return JSON.stringify(rows[0]);
+}
+
+const cursorOf = (at: unknown, id: unknown) =>
+  Buffer.from(JSON.stringify([at, id])).toString('base64url');
+
+describe('bounds on what reaches SQL and timers', () => {
+  it('refuses numbers past the column or timer they feed, with the field named', async () => {
+    const ticket = await newTicket();
+    const task = (await t.call('POST', `/tickets/${ticket.id}/tasks`, { type: 'bounds' })).body;
+    const before = await stateOf();
+    const numbers = [
+      '2147483648',
+      '4294967296',
+      '9007199254740993',
+      '-1',
+      '1.5',
+      '1e3',
+      '1e400',
+      '0x10',
+      'Infinity',
+      'NaN',
+      ' 5',
+      '',
+    ];
+    for (const v of numbers) {
+      for (const [path, field] of [
+        [`/tickets/${ticket.id}/events?after=${encodeURIComponent(v)}`, 'after'],
+        [`/tasks/${task.id}/events?after=${encodeURIComponent(v)}`, 'after'],
+        [`/tickets/${ticket.id}/events?limit=${encodeURIComponent(v)}`, 'limit'],
+        [`/tickets?limit=${encodeURIComponent(v)}`, 'limit'],
+        [`/tasks?limit=${encodeURIComponent(v)}`, 'limit'],
+        [`/dead-letters?limit=${encodeURIComponent(v)}`, 'limit'],
+      ] as const) {
+        const r = await t.call('GET', path);
+        expect(r.status, `${path} -> ${r.text}`).toBe(400);
+        expect(r.body.error).toBe('validation_failed');
+        expect(r.body.issues.map((i: { path: string }) => i.path)).toContain(`query.${field}`);
+      }
+      // A stream position is a bigint: only past 2^53 (where a number loses digits) is it refused.
+      if (v === '2147483648' || v === '4294967296') continue;
+      const stream = await t.call('GET', `/events/stream?after=${encodeURIComponent(v)}`);
+      expect(stream.status, `/events/stream?after=${v} -> ${stream.text}`).toBe(400);
+      expect(stream.body.issues[0].path).toBe('query.after');
+    }
+    const edge = await call(
+      'GET',
+      `/tickets/${ticket.id}/events?after=2147483647`,
+      '/tickets/{id}/events',
+    );
+    expect(edge.status).toBe(200);
+    expect(edge.body.events).toEqual([]);
+    expect(await stateOf()).toBe(before);
+  });
+
+  it('refuses a cursor with a NUL, an id or a date Postgres cannot hold', async () => {
+    const good = '2024-01-01T00:00:00.000Z';
+    const cursors = [
+      '%00',
+      encodeURIComponent('abc\u0000'),
+      cursorOf(good, 'tkt\u0000x'),
+      cursorOf(good, 'x'.repeat(10_000)),
+      cursorOf('+275760-09-13T00:00:00.000Z', 'tkt_1'),
+      cursorOf('-271821-04-20T00:00:00.000Z', 'tkt_1'),
+      cursorOf('0000-00-00', 'tkt_1'),
+      cursorOf('9999999-01-01', 'tkt_1'),
+      cursorOf(8.64e15, 'tkt_1'),
+      cursorOf('2024-01-01\u0000', 'tkt_1'),
+    ];
+    for (const cursor of cursors) {
+      for (const path of ['/tickets', '/tasks']) {
+        const r = await call('GET', `${path}?cursor=${cursor}`, path);
+        expect(r.status, `${path} ${cursor} -> ${r.text}`).toBe(400);
+        expect(r.body.issues.map((i: { path: string }) => i.path)).toContainEqual(
+          expect.stringMatching(/cursor$/),
+        );
+      }
+    }
+    const ok = await call('GET', `/tickets?cursor=${cursorOf(good, 'tkt_1')}`, '/tickets');
+    expect(ok.status).toBe(200);
+  });
+
+  it('validates payloads against the executor: sleep ms and shell fields fit a timer', async () => {
+    const ticket = await newTicket();
+    await call('POST', `/tickets/${ticket.id}/events`, '/tickets/{id}/events', { type: 'START' });
+    const path = `/tickets/${ticket.id}/tasks`;
+    const before = await stateOf();
+    const refused: [string, unknown, string][] = [
+      ['sleep', { ms: 2_147_483_648 }, 'payload.ms'],
+      ['sleep', { ms: 2 ** 53 }, 'payload.ms'],
+      ['sleep', { ms: -1 }, 'payload.ms'],
+      ['sleep', { ms: 1.5 }, 'payload.ms'],
+      ['sleep', { ms: '10' }, 'payload.ms'],
+      ['sleep', [1], 'payload'],
+      ['shell', { command: 'true', timeoutMs: 2_147_483_648 }, 'payload.timeoutMs'],
+      ['shell', { command: 'true', timeoutMs: 0 }, 'payload.timeoutMs'],
+      ['shell', { command: 'true', timeoutMs: 1e21 }, 'payload.timeoutMs'],
+      ['shell', { command: '' }, 'payload.command'],
+      ['shell', { command: 'x'.repeat(70_000) }, 'payload.command'],
+      ['shell', { timeoutMs: 10 }, 'payload.command'],
+      ['shell', null, 'payload'],
+      ['shell', { command: 'true', cwd: 5 }, 'payload.cwd'],
+      ['shell', { command: 'true', cwd: 'x'.repeat(5_000) }, 'payload.cwd'],
+    ];
+    for (const [executor, payload, field] of refused) {
+      // The big command is refused for its size first when over the body limit: use a roomy app.
+      const r = await t.call('POST', path, { type: 'bounded', executor, payload });
+      if (r.status === 413) continue;
+      expect(r.status, `${executor} ${JSON.stringify(payload).slice(0, 80)} -> ${r.text}`).toBe(
+        400,
+      );
+      expect(r.body.issues.map((i: { path: string }) => i.path)).toContain(field);
+    }
+    const noPayload = await t.call('POST', path, { type: 'bounded', executor: 'shell' });
+    expect(noPayload.status).toBe(400);
+    expect(await stateOf()).toBe(before);
+
+    for (const [executor, payload] of [
+      ['sleep', { ms: 2_147_483_647 }],
+      ['sleep', { ms: 0, fail: 'boom' }],
+      ['sleep', undefined],
+      ['shell', { command: 'echo hi', timeoutMs: 2_147_483_647, cwd: '.' }],
+      ['external', { ms: 2 ** 60, anything: ['goes'] }],
+      ['my_agent', { timeoutMs: -5 }],
+    ] as const) {
+      const r = await call('POST', path, '/tickets/{id}/tasks', {
+        type: 'bounded',
+        executor,
+        payload,
+      });
+      expect(r.status, `${executor} ${JSON.stringify(payload)} -> ${r.text}`).toBe(201);
+    }
+  });
+
+  it('caps payload and result in bytes of UTF-8 JSON: 413 naming the field, nothing changed', async () => {
+    const ticket = await newTicket();
+    await call('POST', `/tickets/${ticket.id}/events`, '/tickets/{id}/events', { type: 'START' });
+    const path = `/tickets/${ticket.id}/tasks`;
+    // A JSON string of n ASCII characters encodes to n + 2 bytes; the cap is 1024.
+    const atCap = await call('POST', path, '/tickets/{id}/tasks', {
+      type: 'capped',
+      payload: 'x'.repeat(1022),
+    });
+    expect(atCap.status).toBe(201);
+    const before = await stateOf();
+    const over = await call('POST', path, '/tickets/{id}/tasks', {
+      type: 'capped',
+      payload: 'x'.repeat(1023),
+    });
+    expect(over.status).toBe(413);
+    expect(over.body.error).toBe('payload_too_large');
+    expect(over.body.message).toContain('payload');
+    // 400 characters, 1200 bytes: the cap counts bytes.
+    const euros = await call('POST', path, '/tickets/{id}/tasks', {
+      type: 'capped',
+      payload: { note: '\u20ac'.repeat(400) },
+    });
+    expect(euros.status).toBe(413);
+    expect(euros.body.message).toContain('payload');
+    expect(await stateOf()).toBe(before);
+
+    const claimed = await call('POST', '/tasks/claim', '/tasks/claim', {
+      workerId: 'capper',
+      types: ['capped'],
+    });
+    expect(claimed.status).toBe(200);
+    const { token } = claimed.body;
+    const events = `/tasks/${claimed.body.task.id}/events`;
+    await call('POST', events, '/tasks/{id}/events', { type: 'START', token });
+    const running = await stateOf();
+    const big = await call('POST', events, '/tasks/{id}/events', {
+      type: 'COMPLETE',
+      token,
+      result: { out: '\u00e9'.repeat(600) },
+    });
+    expect(big.status).toBe(413);
+    expect(big.body.error).toBe('payload_too_large');
+    expect(big.body.message).toContain('result');
+    expect(await stateOf()).toBe(running);
+    const task = await call('GET', `/tasks/${claimed.body.task.id}`, '/tasks/{id}');
+    expect(task.body.state).toBe('running');
+    const done = await call('POST', events, '/tasks/{id}/events', {
+      type: 'COMPLETE',
+      token,
+      result: { out: 'x'.repeat(900) },
+    });
+    expect(done.status).toBe(200);
+  });
+});
+
+/** Sends raw bytes on a new connection and returns everything the server wrote back. */
+function rawExchange(port: number, data: string | Buffer, timeoutMs = 5_000): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const socket = connect(port, '127.0.0.1');
+    const chunks: Buffer[] = [];
+    const timer = setTimeout(() => {
+      socket.destroy();
+      reject(new Error(`no close within ${timeoutMs} ms: ${Buffer.concat(chunks).toString()}`));
+    }, timeoutMs);
+    socket.on('data', (c) => chunks.push(c));
+    socket.on('error', () => {});
+    socket.on('close', () => {
+      clearTimeout(timer);
+      resolve(Buffer.concat(chunks).toString('utf8'));
+    });
+    socket.write(data);
+  });
+}
+
+function parseRaw(text: string): { status: number; headers: string; body: string } {
+  const at = text.indexOf('\r\n\r\n');
+  const head = at < 0 ? text : text.slice(0, at);
+  return {
+    status: Number(/^HTTP\/1\.[01] (\d{3})/.exec(head)?.[1] ?? 0),
+    headers: head.toLowerCase(),
+    body: at < 0 ? '' : text.slice(at + 4),
+  };
+}
+
+describe('on a real socket', () => {
+  let server: ReturnType<typeof startHttpServer>;
+  let port: number;
+  let secured: TestApp;
+  let securedServer: ReturnType<typeof startHttpServer>;
+  let securedPort: number;
+
+  const listen = async (app: TestApp) => {
+    const s = startHttpServer(app.app.fetch, { port: 0, hostname: '127.0.0.1' });
+    await new Promise<void>((resolve) => s.once('listening', () => resolve()));
+    return { s, port: (s.address() as AddressInfo).port };
+  };
+
+  beforeAll(async () => {
+    ({ s: server, port } = await listen(t));
+    secured = await createTestApp('http_api_socket', { db: t.db, config: { API_TOKEN: 'k' } });
+    ({ s: securedServer, port: securedPort } = await listen(secured));
+  });
+  afterAll(async () => {
+    for (const s of [server, securedServer]) {
+      s.closeAllConnections();
+      await new Promise<void>((resolve) => s.close(() => resolve()));
+    }
+    await secured.close();
+  });
+
+  /** One request through `agent`; the answer's status, headers and body. */
+  function send(
+    agent: Agent,
+    to: number,
+    method: string,
+    path: string,
+    body?: Buffer | string,
+    headers: Record<string, string> = {},
+  ): Promise<{ status: number; headers: Record<string, unknown>; body: string }> {
+    return new Promise((resolve, reject) => {
+      const req = httpRequest(
+        { host: '127.0.0.1', port: to, method, path, agent, headers },
+        (res) => {
+          const chunks: Buffer[] = [];
+          res.on('data', (c: Buffer) => chunks.push(c));
+          res.on('end', () =>
+            resolve({
+              status: res.statusCode ?? 0,
+              headers: res.headers,
+              body: Buffer.concat(chunks).toString('utf8'),
+            }),
+          );
+          res.on('error', reject);
+        },
+      );
+      req.on('error', reject);
+      req.setTimeout(10_000, () => req.destroy(new Error('timeout')));
+      req.end(body);
+    });
+  }
+
+  it('an answer that leaves the body unread closes the connection; the next request works', async () => {
+    // [port, path, headers, status, body size]: 413 answers before reading a body over the
+    // 4096-byte limit; the others refuse before reading one under it (401 before any limit).
+    const cases: [number, string, Record<string, string>, number, number][] = [
+      [port, '/tickets', { 'content-type': 'application/json' }, 413, 1_000_000],
+      [
+        port,
+        '/tickets',
+        { 'content-type': 'application/json', 'transfer-encoding': 'chunked' },
+        413,
+        1_000_000,
+      ],
+      [port, '/tickets', { 'content-type': 'text/plain' }, 415, 4_000],
+      [port, '/no/such/route', { 'content-type': 'application/json' }, 404, 4_000],
+      [securedPort, '/tickets', { 'content-type': 'application/json' }, 401, 1_000_000],
+    ];
+    for (const [to, path, headers, status, size] of cases) {
+      const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+      try {
+        for (let i = 0; i < 10; i++) {
+          const body = `{"title":"${'x'.repeat(size)}"}`;
+          const refused = await send(agent, to, 'POST', path, body, headers);
+          expect(refused.status, `${path} ${i}`).toBe(status);
+          expect(refused.headers.connection).toBe('close');
+          expect(JSON.parse(refused.body)).toMatchObject({ message: expect.any(String) });
+          const next = await send(agent, to, 'GET', '/healthz');
+          expect(next.status, `request after ${status} #${i}`).toBe(200);
+        }
+      } finally {
+        agent.destroy();
+      }
+    }
+  });
+
+  it('a request whose body was read keeps the connection alive', async () => {
+    const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+    try {
+      const a = await send(agent, port, 'POST', '/tickets', '{"title":"kept"}', {
+        'content-type': 'application/json',
+      });
+      expect(a.status).toBe(201);
+      expect(a.headers.connection).not.toBe('close');
+      const invalid = await send(agent, port, 'POST', '/tickets', '{"title":5}', {
+        'content-type': 'application/json',
+      });
+      expect(invalid.status).toBe(400);
+      expect(invalid.headers.connection).not.toBe('close');
+    } finally {
+      agent.destroy();
+    }
+  });
+
+  it("Node's own refusals (bad request line, huge headers, no Host) are JSON too", async () => {
+    const cases: [string, number][] = [
+      ['GARBAGE\r\n\r\n', 400],
+      ['GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n', 400],
+      [`GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ${'a'.repeat(20_000)}\r\n\r\n`, 431],
+      ['GET /healthz HTTP/1.1\r\n\r\n', 400],
+      ['GET /healthz HTTP/1.1\r\nHost: [::1\r\n\r\n', 400],
+      ['POST /tickets HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n', 400],
+      ['POST /tickets HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n', 400],
+    ];
+    for (const [request, status] of cases) {
+      const answer = parseRaw(await rawExchange(port, request));
+      expect(answer.status, JSON.stringify(request.slice(0, 80))).toBe(status);
+      expect(answer.headers).toContain('content-type: application/json');
+      expect(answer.headers).toContain('connection: close');
+      const body = JSON.parse(answer.body) as { error: string; message: string };
+      expect(typeof body.error).toBe('string');
+      expect(body.message.length).toBeGreaterThan(0);
+    }
   });
 });

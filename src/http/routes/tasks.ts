@@ -6,7 +6,7 @@ import { Hono } from 'hono';
 import type { StoredResponse } from '../../actors/host.js';
 import { InvalidInput, NotFound } from '../../errors.js';
 import type { ClaimedTask } from '../../workers/claims.js';
-import { idempotencyOf, readJson, validate } from '../request.js';
+import { capJsonBytes, idempotencyOf, readJson, validate } from '../request.js';
 import { ClaimBody, EventLogQuery, TaskEventBody, TaskListQuery } from '../schemas.js';
 import type { AppEnv, AppServices } from '../services.js';
 import { summaryOf } from '../views.js';
@@ -102,6 +102,7 @@ export function taskRoutes(s: AppServices): Hono<AppEnv> {
       ]);
     }
     const event = validate(TaskEventBody, raw, 'body');
+    if (event.type === 'COMPLETE') capJsonBytes('result', event.result, s.config.PAYLOAD_MAX_BYTES);
     const res = await s.host.idempotent(
       idempotencyOf(c, raw),
       async (uow) => ({

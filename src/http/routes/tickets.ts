@@ -6,7 +6,7 @@
 import { Hono } from 'hono';
 import { assertPublicEvent } from '../../actors/commands.js';
 import { NotFound } from '../../errors.js';
-import { idempotencyOf, readJson, validate } from '../request.js';
+import { capJsonBytes, idempotencyOf, readJson, validate } from '../request.js';
 import {
   EventLogQuery,
   ID_PATTERN,
@@ -87,6 +87,7 @@ export function ticketRoutes(s: AppServices): Hono<AppEnv> {
     const id = pathId(c.req.param('id'), 'ticket');
     const raw = await readJson(c);
     const body = validate(NewTaskBody, raw, 'body');
+    capJsonBytes('payload', body.payload, s.config.PAYLOAD_MAX_BYTES);
     const res = await s.host.idempotent(idempotencyOf(c, raw), async (uow) => ({
       status: 201,
       body: summaryOf(await s.commands.addTask(uow, id, body)),
