@@ -82,6 +82,11 @@ export interface CommandResult<T> {
 type CommitListener = (applied: Applied[]) => void;
 
 export interface IdempotencyOptions {
+  /**
+   * Whose key it is: keys of different scopes never meet, so one credential cannot replay
+   * another's response (a claim's fencing token, say). Built by the HTTP edge.
+   */
+  scope: string;
   key: string;
   /** Anything that identifies the request (method, path, body); hashed and compared. */
   request: string;
@@ -210,9 +215,11 @@ export class ActorHost {
     const hash = createHash('sha256').update(idem.request).digest('hex');
     const { value } = await this.transact(async (uow) => {
       const tx = uow.tx;
-      await tx`select pg_advisory_xact_lock(${IDEMPOTENCY_LOCK_NS}, hashtext(${idem.key}))`;
+      await tx`select pg_advisory_xact_lock(${IDEMPOTENCY_LOCK_NS},
+        hashtext(${`${idem.scope}\n${idem.key}`}))`;
       const found = await tx<{ request_hash: string; status: number; body: unknown }[]>`
-        select request_hash, status, body from idempotency_keys where key = ${idem.key}`;
+        select request_hash, status, body from idempotency_keys
+        where scope = ${idem.scope} and key = ${idem.key}`;
       const prior = found[0];
       if (prior) {
         if (prior.request_hash !== hash) {
@@ -221,8 +228,9 @@ export class ActorHost {
         return { status: prior.status, body: prior.body, replayed: true };
       }
       const response = await work(uow);
-      await tx`insert into idempotency_keys (key, request_hash, status, body)
-        values (${idem.key}, ${hash}, ${response.status}, ${tx.json(response.body as never)})`;
+      await tx`insert into idempotency_keys (scope, key, request_hash, status, body)
+        values (${idem.scope}, ${idem.key}, ${hash}, ${response.status},
+          ${tx.json(response.body as never)})`;
       return { ...response, replayed: false };
     });
     return { status: value.status, body: value.body };

@@ -199,7 +199,7 @@ describe('idempotency keys', () => {
     const responses = await Promise.all(
       range(20).map((i) =>
         (i % 2 ? hostA : hostB).idempotent(
-          { key: 'k-once', request },
+          { scope: 'anonymous', key: 'k-once', request },
           async (uow) => {
             const t = await commands.createTicket(uow, { title: 'once' });
             return { status: 201, body: { id: t.id } };
@@ -213,7 +213,7 @@ describe('idempotency keys', () => {
     expect(rows[0]?.n).toBe(1);
     await expect(
       hostA.idempotent(
-        { key: 'k-once', request: '{"title":"other"}' },
+        { scope: 'anonymous', key: 'k-once', request: '{"title":"other"}' },
         async () => ({
           status: 201,
           body: {},
