@@ -75,6 +75,7 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
     if (applied.length > 0) log.info({ applied }, 'migrations applied');
 
     const host = new ActorHost(sql, {
+      cacheMaxBytes: config.ACTOR_CACHE_MAX_BYTES,
       taskDefaults: {
         maxAttempts: config.MAX_ATTEMPTS,
         leaseMs: config.LEASE_MS,

@@ -49,6 +49,8 @@ export interface TaskDefaults {
 export interface HostOptions {
   /** Actors kept in memory between events (least recently used dropped first). */
   cacheSize?: number;
+  /** Bytes of snapshot JSON kept in memory (ACTOR_CACHE_MAX_BYTES); 0 disables the cache. */
+  cacheMaxBytes?: number;
   /** Attempts of one unit of work before a VersionConflict is surfaced. */
   maxAttempts?: number;
   clock?: () => number;
@@ -80,6 +82,11 @@ export interface CommandResult<T> {
 type CommitListener = (applied: Applied[]) => void;
 
 export interface IdempotencyOptions {
+  /**
+   * Whose key it is: keys of different scopes never meet, so one credential cannot replay
+   * another's response (a claim's fencing token, say). Built by the HTTP edge.
+   */
+  scope: string;
   key: string;
   /** Anything that identifies the request (method, path, body); hashed and compared. */
   request: string;
@@ -91,6 +98,7 @@ export interface StoredResponse {
 }
 
 const IDEMPOTENCY_LOCK_NS = 7_402_615;
+const DEFAULT_CACHE_MAX_BYTES = 64 * 1024 * 1024;
 
 export class ActorHost {
   readonly sql: Sql;
@@ -111,7 +119,10 @@ export class ActorHost {
   constructor(sql: Sql, options: HostOptions) {
     this.sql = sql;
     this.clock = options.clock ?? Date.now;
-    this.cache = new ActorCache(options.cacheSize ?? 10_000);
+    this.cache = new ActorCache({
+      maxEntries: options.cacheSize ?? 10_000,
+      maxBytes: options.cacheMaxBytes ?? DEFAULT_CACHE_MAX_BYTES,
+    });
     this.maxAttempts = options.maxAttempts ?? 40;
     this.taskDefaults = options.taskDefaults;
     this.diagnosticExecutor = options.diagnosticExecutor ?? 'external';
@@ -125,6 +136,11 @@ export class ActorHost {
 
   get cachedActors(): number {
     return this.cache.size;
+  }
+
+  /** Bytes of snapshot JSON the cache holds (at most `cacheMaxBytes`). */
+  get cachedBytes(): number {
+    return this.cache.bytes;
   }
 
   /** Applies one event to one actor, in its mailbox. */
@@ -151,7 +167,7 @@ export class ActorHost {
       const uow = new UnitOfWork(this, this.clock());
       try {
         const value = await this.sql.begin((tx) => uow.run(tx as unknown as Tx, work));
-        for (const row of uow.touched()) this.cache.set(row);
+        for (const { row, bytes } of uow.touched()) this.cache.set(row, bytes);
         const applied = uow.applied();
         for (const a of applied) {
           const key = `${a.entityType}:${a.event}:${a.from ?? 'new'}->${a.state}`;
@@ -199,9 +215,11 @@ export class ActorHost {
     const hash = createHash('sha256').update(idem.request).digest('hex');
     const { value } = await this.transact(async (uow) => {
       const tx = uow.tx;
-      await tx`select pg_advisory_xact_lock(${IDEMPOTENCY_LOCK_NS}, hashtext(${idem.key}))`;
+      await tx`select pg_advisory_xact_lock(${IDEMPOTENCY_LOCK_NS},
+        hashtext(${`${idem.scope}\n${idem.key}`}))`;
       const found = await tx<{ request_hash: string; status: number; body: unknown }[]>`
-        select request_hash, status, body from idempotency_keys where key = ${idem.key}`;
+        select request_hash, status, body from idempotency_keys
+        where scope = ${idem.scope} and key = ${idem.key}`;
       const prior = found[0];
       if (prior) {
         if (prior.request_hash !== hash) {
@@ -210,8 +228,9 @@ export class ActorHost {
         return { status: prior.status, body: prior.body, replayed: true };
       }
       const response = await work(uow);
-      await tx`insert into idempotency_keys (key, request_hash, status, body)
-        values (${idem.key}, ${hash}, ${response.status}, ${tx.json(response.body as never)})`;
+      await tx`insert into idempotency_keys (scope, key, request_hash, status, body)
+        values (${idem.scope}, ${idem.key}, ${hash}, ${response.status},
+          ${tx.json(response.body as never)})`;
       return { ...response, replayed: false };
     });
     return { status: value.status, body: value.body };
@@ -286,6 +305,8 @@ export class UnitOfWork {
   tx!: Tx;
   private readonly rows = new Map<string, ActorRow>();
   private readonly dirty = new Set<string>();
+  /** Byte length of each written row's snapshot JSON, for the cache's byte bound. */
+  private readonly sizes = new Map<string, number>();
   private readonly results: Applied[] = [];
   /** @internal true once a row came from the process cache rather than this transaction */
   usedCache = false;
@@ -328,14 +349,21 @@ export class UnitOfWork {
       version: row.version + 1,
       seq: row.seq + decision.emitted.length,
     };
+    let bytes: number | null;
     try {
-      if (!(await updateActorRow(this.tx, next, row.version))) {
-        throw new VersionConflict(id, row.version);
-      }
+      bytes = await updateActorRow(this.tx, next, row.version);
     } catch (error) {
       throw translateUnique(error, id);
     }
-    const applied = await this.record(row, next, decision, String(row.snapshot.value), event.type);
+    if (bytes === null) throw new VersionConflict(id, row.version);
+    const applied = await this.record(
+      row,
+      next,
+      bytes,
+      decision,
+      String(row.snapshot.value),
+      event.type,
+    );
     // What the caller sees is the actor after everything this event set off in the same
     // transaction (an automatic ADVANCE on entering a finished phase), not halfway.
     return this.latest(entityType, id) ?? applied;
@@ -352,8 +380,9 @@ export class UnitOfWork {
       version: 1,
       seq: decision.emitted.length,
     };
+    let bytes: number;
     try {
-      await insertActorRow(this.tx, row, this.at);
+      bytes = await insertActorRow(this.tx, row, this.at);
     } catch (error) {
       if (error instanceof UniqueViolation && error.constraint.endsWith('_pkey')) {
         throw new Conflict(`${entityType} ${input.id} already exists`);
@@ -361,7 +390,7 @@ export class UnitOfWork {
       throw translateUnique(error, input.id);
     }
     const base: ActorRow = { ...row, version: 0, seq: 0 };
-    return this.record(base, row, decision, null, 'create');
+    return this.record(base, row, bytes, decision, null, 'create');
   }
 
   /** The last change to one actor in this unit of work. */
@@ -373,9 +402,15 @@ export class UnitOfWork {
     return undefined;
   }
 
-  /** @internal rows written by this unit of work, for the cache after commit */
-  touched(): ActorRow[] {
-    return [...this.dirty].map((k) => this.rows.get(k)).filter((r): r is ActorRow => !!r);
+  /** @internal rows written by this unit of work with their sizes, for the cache */
+  touched(): { row: ActorRow; bytes: number }[] {
+    const out: { row: ActorRow; bytes: number }[] = [];
+    for (const key of this.dirty) {
+      const row = this.rows.get(key);
+      const bytes = this.sizes.get(key);
+      if (row && bytes !== undefined) out.push({ row, bytes });
+    }
+    return out;
   }
 
   /** @internal */
@@ -391,12 +426,15 @@ export class UnitOfWork {
   private async record(
     before: ActorRow,
     after: ActorRow,
+    /** Byte length of `after`'s snapshot JSON as written. */
+    bytes: number,
     decision: Decision,
     from: string | null,
     event: string,
   ): Promise<Applied> {
     const key = `${after.entityType}:${after.id}`;
     this.rows.set(key, after);
+    this.sizes.set(key, bytes);
     this.dirty.add(key);
     const events = await appendEvents(
       this.tx,

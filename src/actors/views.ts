@@ -28,6 +28,12 @@ export interface TaskView {
   updatedAt: string;
 }
 
+/**
+ * A task in lists: every field but `payload` and `result`, which may each be megabytes;
+ * `GET /tasks/:id` has them.
+ */
+export type TaskSummary = Omit<TaskView, 'payload' | 'result'>;
+
 export interface TicketView {
   id: string;
   title: string;
@@ -65,6 +71,11 @@ export function taskView(snapshot: PersistedSnapshot, version: number): TaskView
     createdAt: new Date(c.createdAt).toISOString(),
     updatedAt: new Date(c.updatedAt).toISOString(),
   };
+}
+
+export function taskSummary(snapshot: PersistedSnapshot, version: number): TaskSummary {
+  const { payload: _payload, result: _result, ...summary } = taskView(snapshot, version);
+  return summary;
 }
 
 export function ticketView(snapshot: PersistedSnapshot, version: number): TicketView {

@@ -65,9 +65,12 @@ export function createApp(s: AppServices): Hono<AppEnv> {
     if (!expected || isPublic(c.req.path)) return next();
     const header = c.req.header('authorization') ?? '';
     const m = /^Bearer\s+(.+)$/i.exec(header);
-    if (!m?.[1] || !timingSafeEqual(digest(m[1].trim()), expected)) {
+    const given = m?.[1] ? digest(m[1].trim()) : null;
+    if (!given || !timingSafeEqual(given, expected)) {
       throw new HttpProblem('unauthorized', 'a valid bearer token is required');
     }
+    // Idempotency keys are scoped by it; a digest, never the token, reaches storage.
+    c.set('credential', `bearer:${given.toString('hex')}`);
     return next();
   });
 

@@ -9,6 +9,7 @@ import {
   StreamQuery,
   TaskListQuery,
   TicketListQuery,
+  TicketTasksQuery,
 } from './schemas.js';
 
 type Json = Record<string, unknown>;
@@ -92,7 +93,7 @@ export function openApiDocument(): Json {
       },
       '/tickets/{id}': {
         get: {
-          summary: 'A ticket with its tasks',
+          summary: 'A ticket with its first tasks (tasksNext pages the rest)',
           parameters: [idParam()],
           responses: { '200': ok('TicketDetail'), ...ERRORS },
         },
@@ -111,6 +112,11 @@ export function openApiDocument(): Json {
         },
       },
       '/tickets/{id}/tasks': {
+        get: {
+          summary: "A ticket's tasks, oldest first, without payload and result",
+          parameters: [idParam(), ...queryParams(TicketTasksQuery)],
+          responses: { '200': ok('TicketTaskPage'), ...ERRORS },
+        },
         post: {
           summary: 'Add a task to a ticket (its current phase by default)',
           parameters: [idParam(), idempotencyKey],
@@ -120,7 +126,7 @@ export function openApiDocument(): Json {
       },
       '/tasks': {
         get: {
-          summary: 'List tasks, newest first',
+          summary: 'List tasks, newest first, without payload and result',
           parameters: queryParams(TaskListQuery),
           responses: { '200': ok('TaskPage'), ...ERRORS },
         },

@@ -8,6 +8,7 @@ import type { z } from 'zod';
 import type { IdempotencyOptions } from '../actors/host.js';
 import { InvalidInput } from '../errors.js';
 import { HttpProblem } from './errors.js';
+import type { AppEnv } from './services.js';
 
 export interface Issue {
   path: string;
@@ -129,8 +130,18 @@ export function canonicalJson(value: unknown): string {
 
 const KEY = /^[\x21-\x7e]{1,200}$/;
 
+/**
+ * Whose idempotency keys a request uses: the verified credential, or `anonymous` when auth
+ * is off. Another credential presenting the same key makes a fresh request, so it can never
+ * read the first one's response. A later namespace (tenant) scope is one more `kind:value`
+ * part of this string; storage keys on (scope, key) and needs no change.
+ */
+export function idempotencyScope(c: Context<AppEnv>): string {
+  return c.get('credential') ?? 'anonymous';
+}
+
 /** The request's idempotency key with what identifies the request; undefined without one. */
-export function idempotencyOf(c: Context, body: unknown): IdempotencyOptions | undefined {
+export function idempotencyOf(c: Context<AppEnv>, body: unknown): IdempotencyOptions | undefined {
   const key = c.req.header('idempotency-key');
   if (key === undefined) return undefined;
   if (!KEY.test(key)) {
@@ -138,5 +149,9 @@ export function idempotencyOf(c: Context, body: unknown): IdempotencyOptions | u
       { path: 'Idempotency-Key', message: 'invalid header' },
     ]);
   }
-  return { key, request: `${c.req.method} ${c.req.path}\n${canonicalJson(body)}` };
+  return {
+    scope: idempotencyScope(c),
+    key,
+    request: `${c.req.method} ${c.req.path}\n${canonicalJson(body)}`,
+  };
 }

@@ -127,16 +127,25 @@ const cursor = z
   .regex(/^[A-Za-z0-9_-]{1,500}$/, 'invalid cursor')
   .optional();
 
+/** The most items one page of a list holds. */
+export const PAGE_MAX = 200;
+
 export const TicketListQuery = z.strictObject({
   state: z.enum(TICKET_STATES).optional(),
-  limit: limit(50, 500),
+  limit: limit(50, PAGE_MAX),
   cursor,
 });
 
 export const TaskListQuery = z.strictObject({
   state: z.enum(TASK_STATES).optional(),
   ticketId: id.optional(),
-  limit: limit(50, 500),
+  limit: limit(50, PAGE_MAX),
+  cursor,
+});
+
+/** `GET /tickets/:id/tasks`: pass a ticket's `tasksNext` as `cursor`. */
+export const TicketTasksQuery = z.strictObject({
+  limit: limit(100, PAGE_MAX),
   cursor,
 });
 
@@ -225,18 +234,36 @@ export const TicketSummary = Ticket.extend({ allowedEvents }).register(component
   id: 'TicketSummary',
 });
 
-export const TicketDetail = TicketSummary.extend({ tasks: z.array(TaskDetail) }).register(
-  components,
-  { id: 'TicketDetail' },
-);
+export const TaskSummary = Task.omit({ payload: true, result: true }).register(components, {
+  id: 'TaskSummary',
+  description: 'A task in a list: every field but payload and result (GET /tasks/{id} has them).',
+});
+
+export const TicketTask = TaskSummary.extend({ allowedEvents }).register(components, {
+  id: 'TicketTask',
+});
+
+export const TicketDetail = TicketSummary.extend({
+  tasks: z.array(TicketTask).max(PAGE_MAX),
+  tasksNext: z.string().nullable(),
+}).register(components, {
+  id: 'TicketDetail',
+  description:
+    'The ticket with its first tasks, oldest first; when tasksNext is not null, ' +
+    'GET /tickets/{id}/tasks?cursor={tasksNext} returns the next ones.',
+});
 
 export const TicketPage = z
   .object({ items: z.array(Ticket), nextCursor: z.string().nullable() })
   .register(components, { id: 'TicketPage' });
 
 export const TaskPage = z
-  .object({ items: z.array(Task), nextCursor: z.string().nullable() })
+  .object({ items: z.array(TaskSummary), nextCursor: z.string().nullable() })
   .register(components, { id: 'TaskPage' });
+
+export const TicketTaskPage = z
+  .object({ items: z.array(TicketTask), nextCursor: z.string().nullable() })
+  .register(components, { id: 'TicketTaskPage' });
 
 export const LogEntry = z
   .object({

@@ -90,5 +90,9 @@ export interface AppServices {
 }
 
 export interface AppEnv {
-  Variables: { requestId: string };
+  Variables: {
+    requestId: string;
+    /** The verified credential (`bearer:<sha256 of the token>`); unset when auth is off. */
+    credential?: string;
+  };
 }

@@ -116,15 +116,27 @@ async function guardUnique<T>(run: () => Promise<T>): Promise<T> {
   }
 }
 
-export async function insertActorRow(db: Db, row: ActorRow, createdAt: number): Promise<void> {
+/**
+ * The snapshot as the JSON Postgres stores, serialized once: the same string is the row's
+ * size for the actor cache, so a transition never serializes its snapshot twice. It is
+ * bound as `::text::jsonb`: bound as jsonb, the driver would serialize the string again.
+ */
+function snapshotJson(s: PersistedSnapshot): { json: string; bytes: number } {
+  const json = JSON.stringify(s);
+  return { json, bytes: Buffer.byteLength(json) };
+}
+
+/** Inserts the row; returns the byte length of its snapshot JSON. */
+export async function insertActorRow(db: Db, row: ActorRow, createdAt: number): Promise<number> {
   const s = row.snapshot;
+  const { json, bytes } = snapshotJson(s);
   await guardUnique(async () => {
     if (row.entityType === 'ticket') {
       const p = ticketColumns(s);
       await db`insert into tickets (id, state, phase, title, machine_version, snapshot, version, seq,
         created_at, updated_at)
         values (${row.id}, ${p.state}, ${p.phase}, ${p.title}, ${row.machineVersion},
-          ${db.json(s as never)}, ${row.version}, ${row.seq}, ${new Date(createdAt)}, ${p.updated_at})`;
+          ${json}::text::jsonb, ${row.version}, ${row.seq}, ${new Date(createdAt)}, ${p.updated_at})`;
     } else {
       const p = taskColumns(s);
       const c = s.context as { ticketId: string; type: string };
@@ -133,24 +145,29 @@ export async function insertActorRow(db: Db, row: ActorRow, createdAt: number): 
         created_at, updated_at)
         values (${row.id}, ${c.ticketId}, ${c.type}, ${p.phase}, ${p.state}, ${p.executor},
           ${p.worktree}, ${p.priority}, ${p.attempt}, ${p.worker_id}, ${p.lease_expires_at},
-          ${row.machineVersion}, ${db.json(s as never)}, ${row.version}, ${row.seq},
+          ${row.machineVersion}, ${json}::text::jsonb, ${row.version}, ${row.seq},
           ${new Date(createdAt)}, ${p.updated_at})`;
     }
   });
+  return bytes;
 }
 
-/** Compare-and-set: writes only if the row is still at `expectedVersion`. */
+/**
+ * Compare-and-set: writes only if the row is still at `expectedVersion`. Returns the byte
+ * length of the snapshot JSON written, or null when the row had moved on (nothing written).
+ */
 export async function updateActorRow(
   db: Db,
   row: ActorRow,
   expectedVersion: number,
-): Promise<boolean> {
+): Promise<number | null> {
   const s = row.snapshot;
-  return guardUnique(async () => {
+  const { json, bytes } = snapshotJson(s);
+  const written = await guardUnique(async () => {
     if (row.entityType === 'ticket') {
       const p = ticketColumns(s);
       const r = await db`update tickets set state = ${p.state}, phase = ${p.phase},
-        snapshot = ${db.json(s as never)}, version = ${row.version}, seq = ${row.seq},
+        snapshot = ${json}::text::jsonb, version = ${row.version}, seq = ${row.seq},
         updated_at = ${p.updated_at}
         where id = ${row.id} and version = ${expectedVersion}`;
       return r.count === 1;
@@ -159,9 +176,10 @@ export async function updateActorRow(
     const r = await db`update tasks set state = ${p.state}, phase = ${p.phase},
       executor = ${p.executor}, worktree = ${p.worktree}, priority = ${p.priority},
       attempt = ${p.attempt}, worker_id = ${p.worker_id}, lease_expires_at = ${p.lease_expires_at},
-      snapshot = ${db.json(s as never)}, version = ${row.version}, seq = ${row.seq},
+      snapshot = ${json}::text::jsonb, version = ${row.version}, seq = ${row.seq},
       updated_at = ${p.updated_at}
       where id = ${row.id} and version = ${expectedVersion}`;
     return r.count === 1;
   });
+  return written ? bytes : null;
 }

@@ -2,9 +2,20 @@
  * Read models for the API and the dashboard: tickets and tasks from their projected columns
  * (index scans, newest first, keyset cursor on `(created_at, id)`), an entity's event log,
  * and the figures `/metrics` reports. Reads only; every write goes through the actor host.
+ *
+ * Every answer is bounded: lists and a ticket's tasks are pages of summaries, whose
+ * snapshots Postgres strips of a task's `payload` and `result` (and a ticket of its task
+ * table) before they leave it; only `getTask` returns a whole task.
  */
 import { allowedEvents, type PersistedSnapshot, restore } from '../actors/decide.js';
-import { type TaskView, type TicketView, taskView, ticketView } from '../actors/views.js';
+import {
+  type TaskSummary,
+  type TaskView,
+  type TicketView,
+  taskSummary,
+  taskView,
+  ticketView,
+} from '../actors/views.js';
 import { InvalidInput } from '../errors.js';
 import type { EntityType } from '../machines/index.js';
 import type { Db } from './db.js';
@@ -17,7 +28,18 @@ export interface WithAllowed {
 }
 
 export type TaskDetail = TaskView & WithAllowed;
-export type TicketDetail = TicketView & WithAllowed & { tasks: TaskDetail[] };
+/** A task as a ticket lists it: its summary and the events its state accepts. */
+export type TicketTask = TaskSummary & WithAllowed;
+export type TicketDetail = TicketView &
+  WithAllowed & {
+    /** The ticket's first tasks, oldest first. */
+    tasks: TicketTask[];
+    /** Cursor for `ticketTasks` (GET /tickets/:id/tasks) to the rest; null when none. */
+    tasksNext: string | null;
+  };
+
+/** The tasks `GET /tickets/:id` carries; the rest are paged. */
+export const TICKET_TASKS_PAGE = 100;
 
 export interface Page<T> {
   items: T[];
@@ -111,19 +133,51 @@ function page<T>(rows: SnapshotRaw[], limit: number, view: (r: SnapshotRaw) => T
 export class Queries {
   constructor(private readonly db: Db) {}
 
+  /** The ticket with its first TICKET_TASKS_PAGE tasks; `tasksNext` pages the rest. */
   async getTicket(id: string): Promise<TicketDetail | null> {
     const db = this.db;
     const rows = await db<SnapshotRaw[]>`
-      select id, snapshot, version, created_at from tickets where id = ${id}`;
+      select id, snapshot #- '{context,tasks}' as snapshot, version, created_at
+      from tickets where id = ${id}`;
     const r = rows[0];
     if (!r) return null;
-    const tasks = await db<SnapshotRaw[]>`
-      select id, snapshot, version, created_at from tasks where ticket_id = ${id}
-      order by created_at, id`;
+    const tasks = await this.ticketTaskPage(id, { limit: TICKET_TASKS_PAGE });
     return {
       ...withAllowed('ticket', r.snapshot, ticketView(r.snapshot, r.version)),
-      tasks: tasks.map((t) => withAllowed('task', t.snapshot, taskView(t.snapshot, t.version))),
+      tasks: tasks.items,
+      tasksNext: tasks.nextCursor,
     };
+  }
+
+  /**
+   * A ticket's tasks oldest first, paged on `(created_at, id)`: every task exactly once,
+   * in a stable order, however many it has. Null when the ticket does not exist.
+   */
+  async ticketTasks(
+    ticketId: string,
+    o: Omit<ListOptions, 'state'>,
+  ): Promise<Page<TicketTask> | null> {
+    const exists = await this.db`select 1 from tickets where id = ${ticketId}`;
+    if (exists.length === 0) return null;
+    return this.ticketTaskPage(ticketId, o);
+  }
+
+  private async ticketTaskPage(
+    ticketId: string,
+    o: Omit<ListOptions, 'state'>,
+  ): Promise<Page<TicketTask>> {
+    const db = this.db;
+    const after = o.cursor ? decodeCursor(o.cursor) : null;
+    const rows = await db<SnapshotRaw[]>`
+      select id, snapshot #- '{context,payload}' #- '{context,result}' as snapshot, version,
+        created_at
+      from tasks
+      where ticket_id = ${ticketId}
+        ${after ? db`and (created_at, id) > (${after.createdAt}, ${after.id})` : db``}
+      order by created_at, id limit ${o.limit + 1}`;
+    return page(rows, o.limit, (t) =>
+      withAllowed('task', t.snapshot, taskSummary(t.snapshot, t.version)),
+    );
   }
 
   async getTask(id: string): Promise<TaskDetail | null> {
@@ -137,7 +191,7 @@ export class Queries {
     const db = this.db;
     const after = o.cursor ? decodeCursor(o.cursor) : null;
     const rows = await db<SnapshotRaw[]>`
-      select id, snapshot, version, created_at from tickets
+      select id, snapshot #- '{context,tasks}' as snapshot, version, created_at from tickets
       where true
         ${o.state ? db`and state = ${o.state}` : db``}
         ${after ? db`and (created_at, id) < (${after.createdAt}, ${after.id})` : db``}
@@ -145,17 +199,20 @@ export class Queries {
     return page(rows, o.limit, (r) => ticketView(r.snapshot, r.version));
   }
 
-  async listTasks(o: TaskListOptions): Promise<Page<TaskView>> {
+  /** Summaries, newest first: a page never carries payloads or results. */
+  async listTasks(o: TaskListOptions): Promise<Page<TaskSummary>> {
     const db = this.db;
     const after = o.cursor ? decodeCursor(o.cursor) : null;
     const rows = await db<SnapshotRaw[]>`
-      select id, snapshot, version, created_at from tasks
+      select id, snapshot #- '{context,payload}' #- '{context,result}' as snapshot, version,
+        created_at
+      from tasks
       where true
         ${o.state ? db`and state = ${o.state}` : db``}
         ${o.ticketId ? db`and ticket_id = ${o.ticketId}` : db``}
         ${after ? db`and (created_at, id) < (${after.createdAt}, ${after.id})` : db``}
       order by created_at desc, id desc limit ${o.limit + 1}`;
-    return page(rows, o.limit, (r) => taskView(r.snapshot, r.version));
+    return page(rows, o.limit, (r) => taskSummary(r.snapshot, r.version));
   }
 
   /** The entity's log in `seq` order after `afterSeq`; null when the entity does not exist. */

@@ -133,4 +133,33 @@ describe('dashboard', () => {
     await page.screenshot({ path: 'test-results/dashboard.png', fullPage: true });
     expect(outside).toEqual([]);
   });
+
+  it("pages a ticket's tasks: the first hundred, then more on demand", async () => {
+    const ticket = (await t.call('POST', '/tickets', { title: 'Many tasks' })).body.id as string;
+    await t.call('POST', `/tickets/${ticket}/events`, { type: 'START' });
+    await t.host.transact(async (uow) => {
+      for (let i = 0; i < 130; i++) {
+        await t.services.commands.addTask(uow, ticket, { type: 'bulk', payload: { i } });
+      }
+    });
+    await page.goto(`${base}/`);
+    await page.click(ticketCard('requirements', ticket));
+    await page.waitForSelector('#more-tasks', { timeout: 10_000 });
+    expect(await page.locator('#tasks tr.task').count()).toBe(100);
+    await page.click('#more-tasks');
+    await page.waitForFunction(
+      () => document.querySelectorAll('#tasks tr.task').length === 130,
+      undefined,
+      { timeout: 10_000 },
+    );
+    expect(await page.locator('#more-tasks').count()).toBe(0);
+    // A task of the second page is selectable like any other.
+    await page.click('#tasks tr.task:last-child');
+    await page.waitForFunction(
+      () => document.querySelector('#chart svg g.current')?.textContent?.trim() === 'pending',
+      undefined,
+      { timeout: 5_000 },
+    );
+    expect(outside).toEqual([]);
+  });
 });

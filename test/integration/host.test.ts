@@ -8,7 +8,7 @@ import { Commands } from '../../src/actors/commands.js';
 import { ActorHost } from '../../src/actors/host.js';
 import { Conflict, IllegalTransition, UnsupportedSnapshot } from '../../src/errors.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
-import { TASK_DEFAULTS, ticketInput } from '../support/fixtures.js';
+import { TASK_DEFAULTS, taskInput, ticketInput } from '../support/fixtures.js';
 
 let db: TestDatabase;
 let hostA: ActorHost;
@@ -198,10 +198,13 @@ describe('idempotency keys', () => {
     const request = JSON.stringify({ title: 'once' });
     const responses = await Promise.all(
       range(20).map((i) =>
-        (i % 2 ? hostA : hostB).idempotent({ key: 'k-once', request }, async (uow) => {
-          const t = await commands.createTicket(uow, { title: 'once' });
-          return { status: 201, body: { id: t.id } };
-        }),
+        (i % 2 ? hostA : hostB).idempotent(
+          { scope: 'anonymous', key: 'k-once', request },
+          async (uow) => {
+            const t = await commands.createTicket(uow, { title: 'once' });
+            return { status: 201, body: { id: t.id } };
+          },
+        ),
       ),
     );
     const ids = new Set(responses.map((r) => (r.body as { id: string }).id));
@@ -209,11 +212,50 @@ describe('idempotency keys', () => {
     const rows = await db.sql`select count(*)::int as n from tickets where title = 'once'`;
     expect(rows[0]?.n).toBe(1);
     await expect(
-      hostA.idempotent({ key: 'k-once', request: '{"title":"other"}' }, async () => ({
-        status: 201,
-        body: {},
-      })),
+      hostA.idempotent(
+        { scope: 'anonymous', key: 'k-once', request: '{"title":"other"}' },
+        async () => ({
+          status: 201,
+          body: {},
+        }),
+      ),
     ).rejects.toBeInstanceOf(Conflict);
+  });
+});
+
+describe('actor cache', () => {
+  it('holds at most cacheMaxBytes of snapshots, however large the payloads', async () => {
+    const cap = 4 * 1024 * 1024;
+    const host = new ActorHost(db.sql, { taskDefaults: TASK_DEFAULTS, cacheMaxBytes: cap });
+    const ticket = await host.create('ticket', ticketInput());
+    const blob = 'x'.repeat(100_000);
+    const ids: string[] = [];
+    for (let i = 0; i < 60; i++) {
+      const task = await host.create('task', taskInput(ticket.id, { payload: { blob, i } }));
+      ids.push(task.id);
+      expect(host.cachedBytes).toBeLessThanOrEqual(cap);
+    }
+    // 60 rows of ~100 kB are 6 MB: the oldest went, the newest are still served from memory.
+    expect(host.cachedBytes).toBeGreaterThan(cap - 2 * 100_000);
+    expect(host.cachedActors).toBeLessThan(60);
+    expect(host.cached(`task:${ids[59]}`)?.id).toBe(ids[59]);
+    expect(host.cached(`task:${ids[0]}`)).toBeUndefined();
+
+    // An evicted actor is read back from Postgres and keeps working.
+    const cancelled = await host.send('task', ids[0] as string, { type: 'CANCEL' });
+    expect(cancelled.state).toBe('cancelled');
+    expect(host.cachedBytes).toBeLessThanOrEqual(cap);
+
+    // A row larger than its share of the cap is never cached.
+    const before = host.cachedBytes;
+    const huge = await host.create(
+      'task',
+      taskInput(ticket.id, { payload: { blob: 'y'.repeat(cap / 8) } }),
+    );
+    expect(host.cached(`task:${huge.id}`)).toBeUndefined();
+    expect(host.cachedBytes).toBeLessThanOrEqual(before);
+    const moved = await host.send('task', huge.id, { type: 'CANCEL' });
+    expect(moved.state).toBe('cancelled');
   });
 });
 

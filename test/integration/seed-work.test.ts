@@ -318,6 +318,13 @@ describe('seed regressions: work', () => {
     expect((await queries.getTicket(real))?.tasks).toHaveLength(5);
     label = 'Queries.listTasks(ticketId)';
     expect((await queries.listTasks({ ticketId: real, limit: 50 })).items).toHaveLength(5);
+    label = 'Queries.listTasks';
+    // The newest five are the real ones (the bulk rows are older and have no snapshot).
+    expect((await queries.listTasks({ limit: 5 })).items).toHaveLength(5);
+    label = 'Queries.ticketTasks(cursor)';
+    const first = await queries.ticketTasks(real, { limit: 2 });
+    const rest = await queries.ticketTasks(real, { limit: 5, cursor: first?.nextCursor ?? '' });
+    expect(rest?.items).toHaveLength(3);
 
     const byLabel = (l: string) => plans.filter((p) => p.label === l);
     // Every captured statement that reads tasks uses an index; none scans the table.
@@ -353,6 +360,8 @@ describe('seed regressions: work', () => {
     expect(indexes('open tasks of a ticket')).toContain('tasks_open_ticket');
     expect(indexes('Queries.getTicket')).toContain('tasks_ticket');
     expect(indexes('Queries.listTasks(ticketId)')).toContain('tasks_ticket');
+    expect(indexes('Queries.listTasks')).toContain('tasks_created');
+    expect(indexes('Queries.ticketTasks(cursor)')).toContain('tasks_ticket');
     // Each of the code paths above was really captured (the proxy missed none).
     expect(byLabel('worktreeFree')).toHaveLength(2);
     expect(byLabel('Queries.getTicket')).toHaveLength(2);

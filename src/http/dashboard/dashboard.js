@@ -14,9 +14,20 @@ const TICKET_COLUMNS = [
 ];
 const TOKEN_EVENTS = ['START', 'HEARTBEAT', 'COMPLETE', 'FAIL', 'RELEASE'];
 const FEED_MAX = 100;
+// Each column shows its newest tickets, so done and cancelled ones never crowd out the open.
+const COLUMN_MAX = 100;
 
 const $ = (id) => document.getElementById(id);
-const state = { tickets: [], ticket: null, selected: null, live: false, chartSeq: 0 };
+const state = {
+  tickets: [],
+  more: {},
+  ticket: null,
+  // Pages of the ticket's tasks to show (GET /tickets/:id carries the first).
+  taskPages: 1,
+  selected: null,
+  live: false,
+  chartSeq: 0,
+};
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -82,8 +93,11 @@ function stateBadge(value) {
 // ---- board --------------------------------------------------------------------------
 
 async function loadBoard() {
-  const page = await api('GET', '/tickets?limit=500');
-  state.tickets = page.items;
+  const pages = await Promise.all(
+    TICKET_COLUMNS.map((name) => api('GET', `/tickets?state=${name}&limit=${COLUMN_MAX}`)),
+  );
+  state.tickets = pages.flatMap((p) => p.items);
+  state.more = Object.fromEntries(TICKET_COLUMNS.map((name, i) => [name, !!pages[i].nextCursor]));
   renderBoard();
 }
 
@@ -94,7 +108,12 @@ function renderBoard() {
     return el(
       'div',
       { class: 'column', 'data-state': name },
-      el('h3', {}, name, el('span', { class: 'count' }, String(tickets.length))),
+      el(
+        'h3',
+        {},
+        name,
+        el('span', { class: 'count' }, `${tickets.length}${state.more[name] ? '+' : ''}`),
+      ),
       ...tickets.map((t) =>
         el(
           'button',
@@ -117,14 +136,23 @@ function renderBoard() {
 
 async function selectTicket(id) {
   showMessage('');
+  if (state.ticket?.id !== id) state.taskPages = 1;
   state.selected = { type: 'ticket', id };
   await loadTicket(id);
   renderBoard();
 }
 
 async function loadTicket(id) {
+  const path = `/tickets/${encodeURIComponent(id)}`;
   try {
-    state.ticket = await api('GET', `/tickets/${encodeURIComponent(id)}`);
+    // Tasks come as summaries (no payload or result), a page at a time.
+    const ticket = await api('GET', path);
+    for (let n = 1; ticket.tasksNext && n < state.taskPages; n++) {
+      const next = await api('GET', `${path}/tasks?cursor=${encodeURIComponent(ticket.tasksNext)}`);
+      ticket.tasks.push(...next.items);
+      ticket.tasksNext = next.nextCursor;
+    }
+    state.ticket = ticket;
   } catch (error) {
     showMessage(error.message);
     return;
@@ -191,6 +219,20 @@ function renderDetail() {
           ),
           el('tbody', {}, ...rows),
         ),
+    t.tasksNext
+      ? el(
+          'button',
+          {
+            type: 'button',
+            id: 'more-tasks',
+            onclick: () => {
+              state.taskPages++;
+              loadTicket(t.id);
+            },
+          },
+          'More tasks',
+        )
+      : null,
   ];
   $('detail').replaceChildren(...parts.filter((p) => p !== null));
 }

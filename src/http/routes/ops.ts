@@ -105,6 +105,9 @@ function hostMetrics(s: AppServices): string {
     family('orch_cached_actors', 'gauge', 'Actors held in the host cache.', [
       { value: s.host.cachedActors },
     ]),
+    family('orch_cached_actor_bytes', 'gauge', 'Snapshot bytes held in the host cache.', [
+      { value: s.host.cachedBytes },
+    ]),
   ].join('');
 }
 

@@ -14,6 +14,7 @@ import {
   NewTicketBody,
   TicketEventBody,
   TicketListQuery,
+  TicketTasksQuery,
 } from '../schemas.js';
 import type { AppEnv, AppServices } from '../services.js';
 import { summaryOf } from '../views.js';
@@ -49,7 +50,10 @@ export function ticketRoutes(s: AppServices): Hono<AppEnv> {
     return c.json(await s.queries.listTickets(q));
   });
 
-  /** The ticket with its tasks and the events its state accepts; 404 if unknown. */
+  /**
+   * The ticket, the events its state accepts and its first tasks (summaries, oldest first);
+   * `tasksNext` pages the rest through GET /tickets/:id/tasks. 404 if unknown.
+   */
   app.get('/tickets/:id', async (c) => {
     const id = pathId(c.req.param('id'), 'ticket');
     const ticket = await s.queries.getTicket(id);
@@ -72,6 +76,15 @@ export function ticketRoutes(s: AppServices): Hono<AppEnv> {
       { entityType: 'ticket', id },
     );
     return c.json(res.body as object, res.status as 200);
+  });
+
+  /** A ticket's tasks oldest first, `cursor` from `tasksNext` or a previous page. */
+  app.get('/tickets/:id/tasks', async (c) => {
+    const id = pathId(c.req.param('id'), 'ticket');
+    const q = validate(TicketTasksQuery, c.req.query(), 'query');
+    const tasks = await s.queries.ticketTasks(id, q);
+    if (!tasks) throw new NotFound('ticket', id);
+    return c.json(tasks);
   });
 
   app.get('/tickets/:id/events', async (c) => {
