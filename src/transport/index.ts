@@ -53,7 +53,17 @@ export interface TransportOptions {
   streamOptions?: StreamOptions;
   consumer?: Partial<ConsumerSettings>;
   relay?: Partial<
-    Pick<RelayOptions, 'batchSize' | 'leaseMs' | 'pollMs' | 'publishTimeoutMs' | 'streamCheckMs'>
+    Pick<
+      RelayOptions,
+      | 'batchSize'
+      | 'leaseMs'
+      | 'pollMs'
+      | 'publishTimeoutMs'
+      | 'streamCheckMs'
+      | 'retryBaseMs'
+      | 'maxBackoffMs'
+      | 'maxRejections'
+    >
   >;
   /** Reconciler: rows changed more recently than this are left to the reactions. */
   reconcileGraceMs?: number;
@@ -100,6 +110,7 @@ export class Transport {
       jsm,
       names: o.names,
       log: o.log.child({ component: 'outbox-relay' }),
+      maxPayload: () => nc.info?.max_payload,
       ...(o.streamOptions ? { streamOptions: o.streamOptions } : {}),
       ...o.relay,
     });
@@ -235,6 +246,18 @@ export class Transport {
       'orch_relay_republished_total',
       'Events published again because the stream lost them.',
       m.relay.republished,
+      'counter',
+    );
+    gauge(
+      'orch_relay_failures_total',
+      'Publishes that failed and were retried later (per-row backoff).',
+      m.relay.failures,
+      'counter',
+    );
+    gauge(
+      'orch_relay_reduced_total',
+      'Events published in reduced form (too large for NATS, or refused too often).',
+      m.relay.reduced,
       'counter',
     );
     gauge('orch_dead_letters', 'Messages reactions gave up on.', m.deadLetters);
