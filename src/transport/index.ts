@@ -270,6 +270,7 @@ export class Transport {
         'applied',
         'duplicates',
         'ignored',
+        'forged',
         'failures',
         'redeliveries',
       ] as const) {
