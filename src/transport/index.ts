@@ -27,7 +27,7 @@ import {
   type ReactionStats,
 } from './consumer-runner.js';
 import { type EventSubscription, type FeedMessage, subscribeEvents } from './event-feed.js';
-import { connectNats } from './nats.js';
+import { connectNats, type NatsAuthFiles } from './nats.js';
 import { OutboxRelay, type RelayOptions, type RelayStats } from './outbox-relay.js';
 import {
   type DispatchMessage,
@@ -44,7 +44,10 @@ export interface TransportOptions {
   sql: Sql;
   host: ActorHost;
   log: Logger;
+  /** May hold `user:pass@` or `token@` (never logged). */
   natsUrl: string;
+  /** Credentials and TLS files (NATS_CREDS, NATS_TLS_*). */
+  natsAuth?: NatsAuthFiles;
   names: TransportNames;
   /** Reconciler interval (RECONCILE_MS). */
   reconcileMs: number;
@@ -86,7 +89,14 @@ export interface TransportMetrics {
   reconciler: ReconcilerStats;
 }
 
-export type { DeadLetter, DispatchMessage, EventSubscription, FeedMessage, TransportNames };
+export type {
+  DeadLetter,
+  DispatchMessage,
+  EventSubscription,
+  FeedMessage,
+  NatsAuthFiles,
+  TransportNames,
+};
 export { subscribeDispatch };
 
 export class Transport {
@@ -156,6 +166,7 @@ export class Transport {
       timeoutMs: options.connectTimeoutMs ?? 5_000,
       log: options.log.child({ component: 'nats' }),
       name: `orchestrator:${options.names.prefix}`,
+      ...(options.natsAuth ? { auth: options.natsAuth } : {}),
     });
     try {
       const jsm = await jetstreamManager(nc);
