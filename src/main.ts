@@ -7,6 +7,7 @@ import { ConfigError, loadConfig } from './config.js';
 import { createLogger } from './log.js';
 import { ROLES, type Role, redact, startRuntime } from './runtime.js';
 import { startupRefusals, startupWarnings } from './security.js';
+import { redactNatsUrl } from './transport/nats.js';
 
 const USAGE = 'usage: orchestrator [all|api|worker]   (configuration: environment, see README)';
 
@@ -67,7 +68,7 @@ async function main(argv: string[]): Promise<number> {
   const summary = [
     `role=${role}`,
     `db=${config.DATABASE_URL ? redact(runtime.databaseUrl) : `embedded (${config.DATA_DIR}/postgres)`}`,
-    `nats=${runtime.natsUrl}`,
+    `nats=${redactNatsUrl(runtime.natsUrl)}`,
     role === 'api' ? null : `worker=${config.WORKER_ID} x${config.WORKER_CONCURRENCY}`,
     `lease=${config.LEASE_MS}ms`,
     `shell=${config.ENABLE_SHELL_EXECUTOR ? 'on' : 'off'}`,

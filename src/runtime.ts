@@ -103,6 +103,12 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
       host,
       log,
       natsUrl: nats.url,
+      natsAuth: {
+        credsFile: config.NATS_CREDS,
+        tlsCaFile: config.NATS_TLS_CA,
+        tlsCertFile: config.NATS_TLS_CERT,
+        tlsKeyFile: config.NATS_TLS_KEY,
+      },
       names: transportNames(config.NATS_PREFIX, config.NATS_STREAM),
       reconcileMs: config.RECONCILE_MS,
     });

@@ -41,6 +41,12 @@ export async function insertDeadLetter(db: Db, d: NewDeadLetter): Promise<void> 
       deliveries = excluded.deliveries, at = now()`;
 }
 
+export async function hasDeadLetter(db: Db, consumer: string, eventId: string): Promise<boolean> {
+  const rows = await db`select 1 from dead_letters
+    where consumer = ${consumer} and event_id = ${eventId}`;
+  return rows.length > 0;
+}
+
 export async function listDeadLetters(db: Db, limit = 100): Promise<DeadLetter[]> {
   const rows = await db<DeadLetterRaw[]>`
     select id, consumer, event_id, subject, data, error, deliveries, at from dead_letters

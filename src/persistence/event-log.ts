@@ -88,3 +88,12 @@ export async function entityEvents(
     where entity_id = ${entityId} and seq > ${afterSeq} order by seq limit ${limit}`;
   return rows.map(toEntry);
 }
+
+/** The stored entry with this event id, or null (a made-up id). */
+export async function findEvent(db: Db, eventId: string): Promise<EventEntry | null> {
+  const rows = await db<EventRaw[]>`
+    select pos, event_id, seq, entity_id, entity_type, type, data, at from events
+    where event_id = ${eventId}`;
+  const r = rows[0];
+  return r ? toEntry(r) : null;
+}

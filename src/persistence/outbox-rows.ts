@@ -18,7 +18,10 @@ export interface OutboxItem {
   type: string;
   data: Record<string, unknown>;
   at: Date;
+  /** Claims of this row so far, this one included. */
   attempts: number;
+  /** Publishes of this row the server refused. */
+  rejections: number;
 }
 
 interface OutboxRaw {
@@ -31,6 +34,7 @@ interface OutboxRaw {
   data: Record<string, unknown>;
   at: Date;
   attempts: number;
+  rejections: number;
 }
 
 /**
@@ -56,9 +60,10 @@ export async function claimOutbox(sql: Sql, limit: number, leaseMs: number): Pro
         set locked_until = now() + make_interval(secs => ${leaseMs / 1000}),
             attempts = o.attempts + 1
         from picked where o.pos = picked.pos
-        returning o.pos, o.attempts
+        returning o.pos, o.attempts, o.rejections
       )
-      select e.pos, e.event_id, e.entity_type, e.entity_id, e.seq, e.type, e.data, e.at, c.attempts
+      select e.pos, e.event_id, e.entity_type, e.entity_id, e.seq, e.type, e.data, e.at,
+        c.attempts, c.rejections
       from claimed c join events e on e.pos = c.pos
       order by e.pos`;
   });
@@ -72,6 +77,7 @@ export async function claimOutbox(sql: Sql, limit: number, leaseMs: number): Pro
     data: r.data,
     at: r.at,
     attempts: r.attempts,
+    rejections: r.rejections,
   }));
 }
 
@@ -139,6 +145,24 @@ export async function releaseOutbox(db: Db, positions: number[], error: string):
   if (positions.length === 0) return;
   await db`update outbox set locked_until = null, last_error = ${error.slice(0, 2000)}
     where pos = any(${positions}::bigint[])`;
+}
+
+/**
+ * A failed publish of one row: it (and, through the claim's per-entity rule, every later row
+ * of its entity) waits `delayMs` before the next attempt; other entities are not held.
+ */
+export async function backOffOutbox(
+  db: Db,
+  pos: number,
+  delayMs: number,
+  error: string,
+  rejected: boolean,
+): Promise<void> {
+  await db`update outbox
+    set locked_until = now() + make_interval(secs => ${Math.max(0, delayMs) / 1000}),
+      last_error = ${error.slice(0, 2000)},
+      rejections = rejections + ${rejected ? 1 : 0}
+    where pos = ${pos}`;
 }
 
 /** The highest stream sequence any event recorded (0 when none). */

@@ -6,6 +6,12 @@
  * delivery that fails goes to `dead_letters` and the DLQ stream with its error, then `term()`.
  * A message whose every delivery timed out (a crashed handler) is dead-lettered from the
  * server's MAX_DELIVERIES advisory instead.
+ *
+ * Anyone allowed to publish on the stream's subjects can put a message there, so a message
+ * is never trusted: its event must exist in the event log with that id, entity, seq and type,
+ * published on that event's subject, and the reaction gets the stored entry, never the
+ * message's body. A message that fails the check (malformed, made-up id, details that do not
+ * match) is acked, counted as `forged` and logged: retrying it could not make it true.
  */
 import {
   AckPolicy,
@@ -20,13 +26,13 @@ import { headers, type NatsConnection, nanos, type Subscription } from '@nats-io
 import type { ActorHost } from '../actors/host.js';
 import type { Logger } from '../log.js';
 import type { Sql } from '../persistence/db.js';
-import { insertDeadLetter } from '../persistence/dead-letter-rows.js';
-import type { EventEntry } from '../persistence/event-log.js';
+import { hasDeadLetter, insertDeadLetter } from '../persistence/dead-letter-rows.js';
+import { type EventEntry, findEvent } from '../persistence/event-log.js';
 import { recordInbox } from '../persistence/inbox-rows.js';
 import type { Reaction } from './reactions.js';
 import { settleWithin } from './settle.js';
 import { isStreamNotFound } from './streams.js';
-import { dlqSubject, type TransportNames } from './subjects.js';
+import { dlqSubject, eventSubject, type TransportNames } from './subjects.js';
 
 export interface ConsumerSettings {
   /** How long a delivery may stay unacknowledged before the server redelivers it. */
@@ -62,15 +68,48 @@ export interface RunnerOptions {
   ensureStreams: () => Promise<void>;
 }
 
-export type Outcome = 'applied' | 'duplicate' | 'ignored';
+export type Outcome = 'applied' | 'duplicate' | 'ignored' | 'forged';
 
 export interface ReactionStats {
   applied: number;
   duplicates: number;
   ignored: number;
+  /** Messages acked and not acted on: malformed, or not an event of the event log. */
+  forged: number;
   failures: number;
   redeliveries: number;
   deadLettered: number;
+}
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+const ENTITY_TYPES: readonly string[] = ['ticket', 'task'];
+
+/**
+ * The message body as a claim about an event, or null when it does not even have the shape
+ * of one (so a made-up body never reaches a query).
+ */
+export function parseEventMessage(raw: string): EventEntry | null {
+  let v: unknown;
+  try {
+    v = JSON.parse(raw);
+  } catch {
+    return null;
+  }
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) return null;
+  const e = v as Record<string, unknown>;
+  const ok =
+    typeof e.eventId === 'string' &&
+    UUID.test(e.eventId) &&
+    typeof e.entityId === 'string' &&
+    e.entityId.length > 0 &&
+    e.entityId.length <= 256 &&
+    typeof e.entityType === 'string' &&
+    ENTITY_TYPES.includes(e.entityType) &&
+    typeof e.type === 'string' &&
+    e.type.length <= 128 &&
+    Number.isSafeInteger(e.seq) &&
+    (e.seq as number) > 0;
+  return ok ? (e as unknown as EventEntry) : null;
 }
 
 export class ConsumerRunner {
@@ -78,6 +117,7 @@ export class ConsumerRunner {
     applied: 0,
     duplicates: 0,
     ignored: 0,
+    forged: 0,
     failures: 0,
     redeliveries: 0,
     deadLettered: 0,
@@ -229,13 +269,14 @@ export class ConsumerRunner {
     const s = this.o.settings;
     const keepAlive = setInterval(() => m.working(), Math.max(100, s.ackWaitMs / 2));
     try {
-      entry = m.json<EventEntry>();
-      await this.process(entry);
+      entry = parseEventMessage(m.string());
+      if (entry === null) this.forged(m.subject, null, 'not an event message');
+      else await this.process(entry, m.subject);
       m.ack();
     } catch (error) {
       this.stats.failures++;
       const message = error instanceof Error ? error.message : String(error);
-      if (deliveries >= s.maxDeliver || entry === null) {
+      if (deliveries >= s.maxDeliver) {
         try {
           await this.deadLetter(m.subject, entry, m.string(), message, deliveries);
           m.term();
@@ -266,12 +307,31 @@ export class ConsumerRunner {
   /**
    * The reaction's effect for one event, at most once per (consumer, event id). Safe to call
    * again with the same entry: the second call finds the inbox row and returns 'duplicate'.
+   * `claim` is only a pointer into the event log: the reaction runs on the stored entry, and
+   * not at all ('forged') when there is none that matches it (and, given the subject the
+   * message came on, that subject).
    */
-  async process(entry: EventEntry): Promise<Outcome> {
+  async process(claim: EventEntry, subject?: string): Promise<Outcome> {
     const r = this.o.reaction;
-    if (!r.accepts(entry)) {
+    if (!r.accepts(claim)) {
       this.stats.ignored++;
       return 'ignored';
+    }
+    const entry = await findEvent(this.o.sql, claim.eventId);
+    const mismatch = !entry
+      ? 'no such event in the event log'
+      : entry.entityId !== claim.entityId ||
+          entry.entityType !== claim.entityType ||
+          entry.type !== claim.type ||
+          entry.seq !== claim.seq
+        ? 'does not match the stored event'
+        : subject !== undefined &&
+            subject !== eventSubject(this.o.names, entry.entityType, entry.entityId, entry.type)
+          ? 'published on another subject than its event'
+          : null;
+    if (mismatch || !entry) {
+      this.forged(subject, claim, mismatch ?? 'no such event');
+      return 'forged';
     }
     if (r.kind === 'direct') {
       await r.run(entry);
@@ -286,6 +346,21 @@ export class ConsumerRunner {
     if (value === 'duplicate') this.stats.duplicates++;
     else this.stats.applied++;
     return value;
+  }
+
+  private forged(subject: string | undefined, claim: EventEntry | null, why: string): void {
+    this.stats.forged++;
+    this.o.log.warn(
+      {
+        consumer: this.name,
+        subject,
+        eventId: claim?.eventId,
+        entityId: claim?.entityId,
+        type: claim?.type,
+        why,
+      },
+      'message is not an event of the event log: acked, not acted on',
+    );
   }
 
   private async deadLetter(
@@ -327,17 +402,10 @@ export class ConsumerRunner {
       });
       if (!stored) return;
       const raw = stored.string();
-      let entry: EventEntry | null = null;
-      try {
-        entry = JSON.parse(raw) as EventEntry;
-      } catch {
-        entry = null;
-      }
+      const entry = parseEventMessage(raw);
       // A handler that failed on its last delivery has dead-lettered it already.
       if (entry) {
-        const seen = await this.o.sql`select 1 from dead_letters
-          where consumer = ${this.name} and event_id = ${entry.eventId}`;
-        if (seen.length > 0) return;
+        if (await hasDeadLetter(this.o.sql, this.name, entry.eventId)) return;
       }
       await this.deadLetter(
         stored.subject,

@@ -27,7 +27,7 @@ import {
   type ReactionStats,
 } from './consumer-runner.js';
 import { type EventSubscription, type FeedMessage, subscribeEvents } from './event-feed.js';
-import { connectNats } from './nats.js';
+import { connectNats, type NatsAuthFiles } from './nats.js';
 import { OutboxRelay, type RelayOptions, type RelayStats } from './outbox-relay.js';
 import {
   type DispatchMessage,
@@ -44,7 +44,10 @@ export interface TransportOptions {
   sql: Sql;
   host: ActorHost;
   log: Logger;
+  /** May hold `user:pass@` or `token@` (never logged). */
   natsUrl: string;
+  /** Credentials and TLS files (NATS_CREDS, NATS_TLS_*). */
+  natsAuth?: NatsAuthFiles;
   names: TransportNames;
   /** Reconciler interval (RECONCILE_MS). */
   reconcileMs: number;
@@ -53,7 +56,17 @@ export interface TransportOptions {
   streamOptions?: StreamOptions;
   consumer?: Partial<ConsumerSettings>;
   relay?: Partial<
-    Pick<RelayOptions, 'batchSize' | 'leaseMs' | 'pollMs' | 'publishTimeoutMs' | 'streamCheckMs'>
+    Pick<
+      RelayOptions,
+      | 'batchSize'
+      | 'leaseMs'
+      | 'pollMs'
+      | 'publishTimeoutMs'
+      | 'streamCheckMs'
+      | 'retryBaseMs'
+      | 'maxBackoffMs'
+      | 'maxRejections'
+    >
   >;
   /** Reconciler: rows changed more recently than this are left to the reactions. */
   reconcileGraceMs?: number;
@@ -76,7 +89,14 @@ export interface TransportMetrics {
   reconciler: ReconcilerStats;
 }
 
-export type { DeadLetter, DispatchMessage, EventSubscription, FeedMessage, TransportNames };
+export type {
+  DeadLetter,
+  DispatchMessage,
+  EventSubscription,
+  FeedMessage,
+  NatsAuthFiles,
+  TransportNames,
+};
 export { subscribeDispatch };
 
 export class Transport {
@@ -100,6 +120,7 @@ export class Transport {
       jsm,
       names: o.names,
       log: o.log.child({ component: 'outbox-relay' }),
+      maxPayload: () => nc.info?.max_payload,
       ...(o.streamOptions ? { streamOptions: o.streamOptions } : {}),
       ...o.relay,
     });
@@ -145,6 +166,7 @@ export class Transport {
       timeoutMs: options.connectTimeoutMs ?? 5_000,
       log: options.log.child({ component: 'nats' }),
       name: `orchestrator:${options.names.prefix}`,
+      ...(options.natsAuth ? { auth: options.natsAuth } : {}),
     });
     try {
       const jsm = await jetstreamManager(nc);
@@ -237,6 +259,18 @@ export class Transport {
       m.relay.republished,
       'counter',
     );
+    gauge(
+      'orch_relay_failures_total',
+      'Publishes that failed and were retried later (per-row backoff).',
+      m.relay.failures,
+      'counter',
+    );
+    gauge(
+      'orch_relay_reduced_total',
+      'Events published in reduced form (too large for NATS, or refused too often).',
+      m.relay.reduced,
+      'counter',
+    );
     gauge('orch_dead_letters', 'Messages reactions gave up on.', m.deadLetters);
     lines.push(
       '# HELP orch_reaction_messages_total Reaction deliveries by consumer and outcome.',
@@ -247,6 +281,7 @@ export class Transport {
         'applied',
         'duplicates',
         'ignored',
+        'forged',
         'failures',
         'redeliveries',
       ] as const) {

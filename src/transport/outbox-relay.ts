@@ -3,16 +3,21 @@
  * `Nats-Msg-Id` = the event id, and only after the ack records the stream sequence and
  * deletes the outbox row. Woken by LISTEN/NOTIFY, with a polling fallback; any number of
  * relays may run (claims are leased and serialised, and the duplicate window absorbs a
- * crash between publish and mark). While NATS is down rows simply wait, and the relay backs
- * off. A periodic stream check compares the stream's last sequence with the highest one
+ * crash between publish and mark). A row whose publish fails backs off on its own (jittered,
+ * exponential), holding back only the later events of its entity; while NATS is down every
+ * row simply waits. An event the server cannot take (larger than `max_payload`, or refused
+ * `maxRejections` times) is published in a reduced form rather than retried forever. A
+ * periodic stream check compares the stream's last sequence with the highest one
  * Postgres recorded and publishes again whatever the stream lost (guarantee 8).
  */
-import type { JetStreamClient, JetStreamManager } from '@nats-io/jetstream';
+import { JetStreamApiError, type JetStreamClient, type JetStreamManager } from '@nats-io/jetstream';
+import { InvalidArgumentError } from '@nats-io/transport-node';
 import type { Logger } from '../log.js';
 import type { Sql } from '../persistence/db.js';
 import { OUTBOX_CHANNEL } from '../persistence/event-log.js';
 import {
   type Ack,
+  backOffOutbox,
   claimOutbox,
   markPublished,
   maxStreamSeq,
@@ -41,7 +46,17 @@ export interface RelayOptions {
   publishTimeoutMs?: number;
   /** Interval of the stream check (guarantee 8); 0 disables the timer. */
   streamCheckMs?: number;
+  /** First delay of a row whose publish failed; doubles per attempt, jittered. */
+  retryBaseMs?: number;
+  /** Longest wait of a failing row, and of the relay after a failed round (Postgres down). */
   maxBackoffMs?: number;
+  /**
+   * Refusals by the server (not timeouts or outages) after which an event is published in
+   * reduced form.
+   */
+  maxRejections?: number;
+  /** The server's `max_payload` (bytes), read at each publish: it can change on reconnect. */
+  maxPayload?: () => number | undefined;
   /** Subscribe to OUTBOX_CHANNEL (default true). */
   listen?: boolean;
   /** Called after the stream had to be created again (consumers must be recreated). */
@@ -55,10 +70,20 @@ export interface RelayStats {
   /** Events put back in the outbox because the stream lost them. */
   republished: number;
   streamChecks: number;
+  /** Events published in reduced form (too large, or refused too often). */
+  reduced: number;
 }
 
+/** NATS's default `max_payload`, used until the server has told its own. */
+const DEFAULT_MAX_PAYLOAD = 1_048_576;
+/** Room for the headers (`Nats-Msg-Id`, `Nats-Expected-Stream`), which count toward it. */
+const HEADER_ALLOWANCE = 1_024;
+/** A reduced event keeps at most this many of its scalar `data` fields, each this short. */
+const KEPT_FIELDS = 32;
+const KEPT_STRING_CHARS = 200;
+
 /** The message body of a domain event on the stream: the event-log entry. */
-export function eventPayload(item: OutboxItem): string {
+export function eventPayload(item: OutboxItem, data: Record<string, unknown> = item.data): string {
   return JSON.stringify({
     pos: item.pos,
     eventId: item.eventId,
@@ -66,9 +91,54 @@ export function eventPayload(item: OutboxItem): string {
     entityId: item.entityId,
     entityType: item.entityType,
     type: item.type,
-    data: item.data,
+    data,
     at: item.at.toISOString(),
   });
+}
+
+/**
+ * The `data` of an event published in reduced form: its small scalar fields (an executor, a
+ * state, a reason), then `truncated`, the size of the full data and why. The envelope (event
+ * id, entity, seq, type) is intact.
+ *
+ * Why a reduced form rather than a dead letter: the stream stays complete and in order per
+ * entity, so the reactions (which read the event from Postgres before acting), the SSE feed
+ * and the stream check go on working, and nothing waits on an operator. Postgres keeps the
+ * full entry; a consumer that sees `truncated: true` reads it there.
+ */
+export function reducedData(
+  data: Record<string, unknown>,
+  reason: string,
+): Record<string, unknown> {
+  const kept: Record<string, unknown> = {};
+  let n = 0;
+  for (const [key, value] of Object.entries(data)) {
+    if (n >= KEPT_FIELDS) break;
+    const small =
+      value === null ||
+      typeof value === 'number' ||
+      typeof value === 'boolean' ||
+      (typeof value === 'string' && value.length <= KEPT_STRING_CHARS);
+    if (small && key.length <= KEPT_STRING_CHARS) {
+      kept[key] = value;
+      n++;
+    }
+  }
+  return {
+    ...kept,
+    truncated: true,
+    bytes: Buffer.byteLength(JSON.stringify(data)),
+    reason: reason.slice(0, KEPT_STRING_CHARS),
+  };
+}
+
+/**
+ * True when the server answered and refused this message (or the client refused it before
+ * sending): trying the same bytes again will fail again. Timeouts, a closed or draining
+ * connection and "no responders" are outages: the row waits, however long they last.
+ */
+export function isRejection(error: unknown): boolean {
+  return error instanceof JetStreamApiError || error instanceof InvalidArgumentError;
 }
 
 export class OutboxRelay {
@@ -78,9 +148,12 @@ export class OutboxRelay {
     failures: 0,
     republished: 0,
     streamChecks: 0,
+    reduced: 0,
   };
-  private readonly o: Required<Omit<RelayOptions, 'onStreamRecreated' | 'streamOptions'>> &
-    Pick<RelayOptions, 'onStreamRecreated' | 'streamOptions'>;
+  private readonly o: Required<
+    Omit<RelayOptions, 'onStreamRecreated' | 'streamOptions' | 'maxPayload'>
+  > &
+    Pick<RelayOptions, 'onStreamRecreated' | 'streamOptions' | 'maxPayload'>;
   private running = false;
   private loop: Promise<void> | null = null;
   private wakeUp: (() => void) | null = null;
@@ -90,6 +163,7 @@ export class OutboxRelay {
   private checking: Promise<number> | null = null;
   private consecutiveFailures = 0;
   private backingOff = false;
+  private nextFailureCheck = 0;
 
   constructor(options: RelayOptions) {
     this.o = {
@@ -98,7 +172,9 @@ export class OutboxRelay {
       pollMs: 1_000,
       publishTimeoutMs: 5_000,
       streamCheckMs: 30_000,
+      retryBaseMs: 200,
       maxBackoffMs: 5_000,
+      maxRejections: 5,
       listen: true,
       ...options,
     };
@@ -150,7 +226,8 @@ export class OutboxRelay {
 
   /**
    * One round: claim, publish per entity in order, record the acks. Returns the number of
-   * rows published; throws when a publish failed (the rows are released for a later round).
+   * rows published. A row whose publish failed backs off alone (its entity's later rows wait
+   * behind it); the round throws only when Postgres failed.
    */
   async drainOnce(): Promise<number> {
     const items = await claimOutbox(this.o.sql, this.o.batchSize, this.o.leaseMs);
@@ -162,8 +239,8 @@ export class OutboxRelay {
       else byEntity.set(item.entityId, [item]);
     }
     const acks: Ack[] = [];
-    const unpublished: number[] = [];
-    let lastError: unknown = null;
+    const failed: { item: OutboxItem; error: unknown }[] = [];
+    const waiting: number[] = [];
     await Promise.all(
       [...byEntity.values()].map(async (rows) => {
         for (let i = 0; i < rows.length; i++) {
@@ -171,9 +248,10 @@ export class OutboxRelay {
           try {
             acks.push({ pos: item.pos, streamSeq: await this.publish(item) });
           } catch (error) {
-            lastError = error;
-            // Later events of this entity must wait for this one.
-            for (const rest of rows.slice(i)) unpublished.push(rest.pos);
+            failed.push({ item, error });
+            // Later events of this entity wait behind this one (the claim keeps them back
+            // while it backs off).
+            for (const rest of rows.slice(i + 1)) waiting.push(rest.pos);
             return;
           }
         }
@@ -182,6 +260,8 @@ export class OutboxRelay {
     let requeued: number;
     try {
       requeued = await markPublished(this.o.sql, acks);
+      await releaseOutbox(this.o.sql, waiting, 'an earlier event of its entity failed');
+      for (const f of failed) await this.backOff(f.item, f.error);
     } catch (error) {
       // Recording the acks failed (e.g. the backend was killed): give every claimed row back
       // at once rather than letting the lease hold this entity's later events. Publishing
@@ -194,13 +274,35 @@ export class OutboxRelay {
       throw error;
     }
     if (requeued > 0) this.noteRequeued(requeued, 'an acknowledged sequence was reused');
-    if (unpublished.length > 0) {
-      const message = lastError instanceof Error ? lastError.message : String(lastError);
-      await releaseOutbox(this.o.sql, unpublished, message);
-      this.stats.failures += unpublished.length;
-      throw new RelayPublishError(message, unpublished.length, { cause: lastError });
+    // A publish that found no stream may mean the stream was deleted: check it, now and then.
+    if (failed.some((f) => !isRejection(f.error)) && Date.now() >= this.nextFailureCheck) {
+      this.nextFailureCheck = Date.now() + this.o.maxBackoffMs;
+      void this.checkStream().catch(() => 0);
     }
     return acks.length;
+  }
+
+  private async backOff(item: OutboxItem, error: unknown): Promise<void> {
+    const rejected = isRejection(error);
+    const ceiling = Math.min(
+      this.o.maxBackoffMs,
+      this.o.retryBaseMs * 2 ** Math.min(Math.max(0, item.attempts - 1), 20),
+    );
+    const delay = ceiling / 2 + Math.random() * (ceiling / 2);
+    const message = error instanceof Error ? error.message : String(error);
+    this.stats.failures++;
+    await backOffOutbox(this.o.sql, item.pos, delay, message, rejected);
+    this.o.log.warn(
+      {
+        err: error,
+        eventId: item.eventId,
+        entityId: item.entityId,
+        attempts: item.attempts,
+        rejections: item.rejections + (rejected ? 1 : 0),
+        retryInMs: Math.round(delay),
+      },
+      rejected ? 'NATS refused an event; will retry' : 'event not published; will retry',
+    );
   }
 
   /**
@@ -244,10 +346,24 @@ export class OutboxRelay {
     this.wake();
   }
 
+  /**
+   * Publishes the event as it is, or in reduced form when it cannot ever fit the server's
+   * `max_payload` or the server refused it `maxRejections` times already.
+   */
   private async publish(item: OutboxItem): Promise<number> {
+    const maxPayload = this.o.maxPayload?.() ?? DEFAULT_MAX_PAYLOAD;
+    let payload = eventPayload(item);
+    const bytes = Buffer.byteLength(payload);
+    let reason: string | null = null;
+    if (bytes + HEADER_ALLOWANCE > maxPayload) {
+      reason = `event of ${bytes} bytes exceeds the NATS max_payload of ${maxPayload}`;
+    } else if (item.rejections >= this.o.maxRejections) {
+      reason = `refused by NATS ${item.rejections} times`;
+    }
+    if (reason) payload = eventPayload(item, reducedData(item.data, reason));
     const ack = await this.o.js.publish(
       eventSubject(this.o.names, item.entityType, item.entityId, item.type),
-      eventPayload(item),
+      payload,
       {
         msgID: item.eventId,
         timeout: this.o.publishTimeoutMs,
@@ -256,6 +372,13 @@ export class OutboxRelay {
     );
     if (ack.duplicate) this.stats.duplicates++;
     else this.stats.published++;
+    if (reason) {
+      this.stats.reduced++;
+      this.o.log.warn(
+        { eventId: item.eventId, entityId: item.entityId, type: item.type, bytes, reason },
+        'event published in reduced form; Postgres keeps the full entry',
+      );
+    }
     return ack.seq;
   }
 
@@ -275,9 +398,6 @@ export class OutboxRelay {
           { err: error, failures: this.consecutiveFailures, retryInMs: Math.round(delay) },
           'outbox relay round failed',
         );
-        if (this.consecutiveFailures % 3 === 0) {
-          void this.checkStream().catch(() => 0);
-        }
       }
       if (!this.running) break;
       if (this.woken && this.consecutiveFailures === 0) continue;
@@ -293,16 +413,5 @@ export class OutboxRelay {
       });
       this.wakeUp = null;
     }
-  }
-}
-
-export class RelayPublishError extends Error {
-  constructor(
-    message: string,
-    readonly rows: number,
-    options?: ErrorOptions,
-  ) {
-    super(`publish failed for ${rows} outbox row(s): ${message}`, options);
-    this.name = 'RelayPublishError';
   }
 }

@@ -1,12 +1,15 @@
 /**
  * The reactions CONTRACT section 1 asks of the system, each a durable consumer on the event
- * stream:
+ * stream. A message is only a pointer: the consumer runner looks its event up in Postgres and
+ * hands the reaction the stored entry (a forged or unknown message never reaches one), and
+ * each reaction reads the state it acts on from Postgres too:
  * - `task_state`: a task changed state → `TASK_STATE {taskId, state, seq}` to its ticket, with
  *   the task's state and seq read from Postgres at that moment. The ticket refuses news older
  *   than what it knows, so redeliveries, reordering and the reconciler never double-count;
  *   its own guards advance it (the phase's last task completed) or block it (a task failed
  *   for good), exactly once.
- * - `ticket_cancel`: a ticket was cancelled → `CANCEL` each of its open tasks.
+ * - `ticket_cancel`: a ticket was cancelled → `CANCEL` each of its open tasks, if the ticket
+ *   really is cancelled now.
  * - `dispatch`: a task became claimable → a core NATS message that wakes idle workers and
  *   long-polling claims. Only a latency optimisation: claimers poll as well.
  */
@@ -15,8 +18,8 @@ import type { DecideEvent } from '../actors/decide.js';
 import type { ActorHost, Applied, UnitOfWork } from '../actors/host.js';
 import { IllegalTransition, NotFound } from '../errors.js';
 import type { EntityType } from '../machines/index.js';
-import type { TaskState } from '../machines/task.js';
 import type { EventEntry } from '../persistence/event-log.js';
+import { openTasksOfCancelledTicket, taskProgress } from '../persistence/reaction-rows.js';
 import { dispatchSubject, type TransportNames, typeEventsSubject } from './subjects.js';
 
 interface ReactionBase {
@@ -41,12 +44,7 @@ export interface DirectReaction extends ReactionBase {
 
 export type Reaction = TransactionalReaction | DirectReaction;
 
-export const OPEN_TASK_STATES: readonly TaskState[] = [
-  'pending',
-  'claimed',
-  'running',
-  'retry_wait',
-];
+export { OPEN_TASK_STATES } from '../persistence/reaction-rows.js';
 
 /** Task events after which the task may be claimable. */
 export const DISPATCH_EVENTS: readonly string[] = [
@@ -77,17 +75,18 @@ export async function sendIfAccepted(
   }
 }
 
-/** Forwards a task's current state and seq to its ticket. */
+/**
+ * Forwards a task's current state and seq, read from Postgres, to its ticket (never a state
+ * a message claims: the ticket refuses a seq older than the one it knows).
+ */
 export async function forwardTaskState(
   host: ActorHost,
   uow: UnitOfWork,
   taskId: string,
 ): Promise<Applied | null> {
-  const rows = await uow.tx<{ ticket_id: string; state: TaskState; seq: number }[]>`
-    select ticket_id, state, seq from tasks where id = ${taskId}`;
-  const task = rows[0];
+  const task = await taskProgress(uow.tx, taskId);
   if (!task) return null;
-  return sendIfAccepted(host, uow, 'ticket', task.ticket_id, {
+  return sendIfAccepted(host, uow, 'ticket', task.ticketId, {
     type: 'TASK_STATE',
     taskId,
     state: task.state,
@@ -95,19 +94,16 @@ export async function forwardTaskState(
   });
 }
 
-/** Cancels every open task of a cancelled ticket. */
+/** Cancels every open task of a ticket that Postgres says is cancelled (else nothing). */
 export async function cancelOpenTasks(
   host: ActorHost,
   uow: UnitOfWork,
   ticketId: string,
 ): Promise<number> {
-  const open = await uow.tx<{ id: string }[]>`
-    select id from tasks where ticket_id = ${ticketId}
-      and state in ${uow.tx(OPEN_TASK_STATES as string[])}
-    order by id`;
+  const open = await openTasksOfCancelledTicket(uow.tx, ticketId);
   let n = 0;
-  for (const t of open) {
-    const applied = await sendIfAccepted(host, uow, 'task', t.id, {
+  for (const id of open) {
+    const applied = await sendIfAccepted(host, uow, 'task', id, {
       type: 'CANCEL',
       reason: `ticket ${ticketId} was cancelled`,
     });

@@ -14,11 +14,12 @@ import type { ActorHost } from '../actors/host.js';
 import type { Logger } from '../log.js';
 import type { Sql } from '../persistence/db.js';
 import {
-  cancelOpenTasks,
-  forwardTaskState,
-  OPEN_TASK_STATES,
-  publishDispatch,
-} from './reactions.js';
+  driftedTasks,
+  openTasksAfter,
+  openTicketIdsAfter,
+  stalePendingTask,
+} from '../persistence/reaction-rows.js';
+import { cancelOpenTasks, forwardTaskState, publishDispatch } from './reactions.js';
 import type { TransportNames } from './subjects.js';
 
 export interface ReconcilerOptions {
@@ -114,28 +115,15 @@ export class Reconciler {
     const { sql } = this.o;
     let fixed = 0;
     for (let b = 0; b < this.maxBatches; b++) {
-      const ids = (
-        await sql<{ id: string }[]>`
-          select id from tickets where state not in ('done', 'cancelled') and id > ${this.ticketCursor}
-          order by id limit ${this.batchSize}`
-      ).map((r) => r.id);
+      const ids = await openTicketIdsAfter(sql, this.ticketCursor, this.batchSize);
       if (ids.length === 0) {
         this.ticketCursor = '';
         break;
       }
       this.ticketCursor = ids[ids.length - 1] as string;
-      const drift = await sql<{ task_id: string }[]>`
-        select t.id as task_id
-        from tickets k join tasks t on t.ticket_id = k.id
-        where k.id = any(${ids}::text[])
-          and k.state not in ('done', 'cancelled')
-          and t.updated_at < now() - make_interval(secs => ${this.graceMs / 1000})
-          and k.snapshot -> 'context' -> 'tasks' -> t.id is not null
-          and (k.snapshot -> 'context' -> 'tasks' -> t.id ->> 'seq')::int < t.seq
-          and (k.snapshot -> 'context' -> 'tasks' -> t.id ->> 'state') is distinct from t.state`;
-      for (const d of drift) {
+      for (const taskId of await driftedTasks(sql, ids, this.graceMs)) {
         const { value } = await this.o.host.transact((uow) =>
-          forwardTaskState(this.o.host, uow, d.task_id),
+          forwardTaskState(this.o.host, uow, taskId),
         );
         if (value) fixed++;
       }
@@ -153,21 +141,14 @@ export class Reconciler {
     const { sql } = this.o;
     let cancelled = 0;
     for (let b = 0; b < this.maxBatches; b++) {
-      const [ticketAfter, taskAfter] = this.taskCursor;
-      const rows = await sql<{ ticket_id: string; id: string; cancelled: boolean }[]>`
-        select t.ticket_id, t.id, k.state = 'cancelled' as cancelled
-        from tasks t join tickets k on k.id = t.ticket_id
-        where t.state in ${sql(OPEN_TASK_STATES as string[])}
-          and (t.ticket_id, t.id) > (${ticketAfter}, ${taskAfter})
-        order by t.ticket_id, t.id
-        limit ${this.batchSize}`;
+      const rows = await openTasksAfter(sql, this.taskCursor, this.batchSize);
       const last = rows[rows.length - 1];
       if (!last) {
         this.taskCursor = ['', ''];
         break;
       }
-      this.taskCursor = [last.ticket_id, last.id];
-      const tickets = [...new Set(rows.filter((r) => r.cancelled).map((r) => r.ticket_id))];
+      this.taskCursor = [last.ticketId, last.id];
+      const tickets = [...new Set(rows.filter((r) => r.ticketCancelled).map((r) => r.ticketId))];
       for (const ticketId of tickets) {
         const { value } = await this.o.host.transact((uow) =>
           cancelOpenTasks(this.o.host, uow, ticketId),
@@ -186,13 +167,9 @@ export class Reconciler {
   /** A pending task older than the grace period may have missed its dispatch: wake claimers. */
   private async dispatchWaiting(): Promise<boolean> {
     if (!this.o.nc || this.o.nc.isClosed()) return false;
-    const rows = await this.o.sql<{ id: string }[]>`
-      select id from tasks where state = 'pending'
-        and updated_at < now() - make_interval(secs => ${this.graceMs / 1000})
-      limit 1`;
-    const task = rows[0];
-    if (!task) return false;
-    publishDispatch(this.o.nc, this.o.names, { taskId: task.id, event: 'reconcile' });
+    const taskId = await stalePendingTask(this.o.sql, this.graceMs);
+    if (!taskId) return false;
+    publishDispatch(this.o.nc, this.o.names, { taskId, event: 'reconcile' });
     this.stats.dispatches++;
     return true;
   }

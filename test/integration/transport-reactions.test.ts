@@ -3,8 +3,11 @@
  * applies once, a handler that always throws ends in the dead letters and the DLQ stream,
  * task completions advance each ticket exactly once with two transports on two pools, a
  * cancelled ticket cancels its tasks, the reconciler repairs what no reaction did, dispatch
- * wake-ups, and the event feed from a stream sequence.
+ * wake-ups, the event feed from a stream sequence, and messages published by hand that are
+ * not events of the event log (acked, counted as forged, never acted on).
  */
+import { randomUUID } from 'node:crypto';
+import { jetstream } from '@nats-io/jetstream';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { Commands } from '../../src/actors/commands.js';
 import { ActorHost } from '../../src/actors/host.js';
@@ -16,7 +19,7 @@ import {
   type Reaction,
   taskStateReaction,
 } from '../../src/transport/reactions.js';
-import type { TransportNames } from '../../src/transport/subjects.js';
+import { eventSubject, type TransportNames } from '../../src/transport/subjects.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 import { TASK_DEFAULTS } from '../support/fixtures.js';
 import {
@@ -257,6 +260,137 @@ describe('reactions', () => {
       'open tasks cancelled',
     );
     expect(await stateOf(p.sql, 'tasks', taskIds[1]!)).toBe('completed');
+  });
+
+  it('hand-published forged messages change nothing and are counted; the genuine path still works', async () => {
+    const e = await env('reactions_forged');
+    const p = e.proc();
+    const t = await e.start(p, { enableReconciler: false });
+    const { ticketId, taskIds } = await ticketWithTasks(p, 2);
+    const running = taskIds[0]!;
+    await claimAndStart(p.host, running);
+    const dispatched: DispatchMessage[] = [];
+    const sub = t.subscribeDispatch((m) => dispatched.push(m));
+    await t.nc.flush();
+    await eventually(async () => {
+      const r = await p.sql<{ n: number }[]>`select count(*)::int as n from outbox`;
+      return r[0]?.n === 0;
+    });
+    const forged = () => Object.fromEntries(t.runners.map((r) => [r.name, r.stats.forged]));
+    const before = forged();
+    const created = (
+      await p.sql<{ event_id: string; pos: number }[]>`
+        select event_id, pos from events where entity_id = ${ticketId} and type = 'ticket.created'`
+    )[0]!;
+    const at = new Date().toISOString();
+    const cancelSubject = eventSubject(e.names, 'ticket', ticketId, 'ticket.cancelled');
+    const completedSubject = eventSubject(e.names, 'task', running, 'task.completed');
+    const ghost = `${ticketId}-ghost`;
+    const forgeries: [string, unknown][] = [
+      // A live ticket "cancelled", with a made-up event id.
+      [
+        cancelSubject,
+        {
+          pos: 1,
+          eventId: randomUUID(),
+          seq: 9,
+          entityId: ticketId,
+          entityType: 'ticket',
+          type: 'ticket.cancelled',
+          data: {},
+          at,
+        },
+      ],
+      // A genuine event id passed off as the cancellation.
+      [
+        cancelSubject,
+        {
+          pos: created.pos,
+          eventId: created.event_id,
+          seq: 1,
+          entityId: ticketId,
+          entityType: 'ticket',
+          type: 'ticket.cancelled',
+          data: {},
+          at,
+        },
+      ],
+      // A running task "completed".
+      [
+        completedSubject,
+        {
+          pos: 1,
+          eventId: randomUUID(),
+          seq: 4,
+          entityId: running,
+          entityType: 'task',
+          type: 'task.completed',
+          data: { ticketId },
+          at,
+        },
+      ],
+      // A task that does not exist "created" (a dispatch wake-up).
+      [
+        eventSubject(e.names, 'task', ghost, 'task.created'),
+        {
+          pos: 1,
+          eventId: randomUUID(),
+          seq: 1,
+          entityId: ghost,
+          entityType: 'task',
+          type: 'task.created',
+          data: { executor: 'x' },
+          at,
+        },
+      ],
+      // Not JSON, and JSON that is not an event.
+      [cancelSubject, '{"eventId": nope'],
+      [completedSubject, 'null'],
+    ];
+    const js = jetstream(admin.nc);
+    for (const [subject, body] of forgeries) {
+      await js.publish(subject, typeof body === 'string' ? body : JSON.stringify(body));
+    }
+    // ticket_cancel: two cancellations and the bad JSON; task_state: the completion and the
+    // null; dispatch: the ghost's creation and the null (it ignores task.completed).
+    await eventually(
+      () => {
+        const now = forged();
+        return (
+          now.ticket_cancel! - before.ticket_cancel! === 3 &&
+          now.task_state! - before.task_state! === 2 &&
+          now.dispatch! - before.dispatch! === 2
+        );
+      },
+      10_000,
+      'forged messages counted',
+    );
+    await new Promise((r) => setTimeout(r, 300));
+    expect(await stateOf(p.sql, 'tickets', ticketId)).toBe('requirements');
+    expect(await stateOf(p.sql, 'tasks', running)).toBe('running');
+    expect(await stateOf(p.sql, 'tasks', taskIds[1]!)).toBe('pending');
+    const ticket = await p.sql<
+      { snapshot: { context: { tasks: Record<string, { state: string }> } } }[]
+    >`select snapshot from tickets where id = ${ticketId}`;
+    expect(ticket[0]?.snapshot.context.tasks[running]?.state).not.toBe('completed');
+    expect(dispatched.some((m) => m.taskId === ghost)).toBe(false);
+    expect(await t.deadLetters(10)).toHaveLength(0);
+    expect(await p.sql`select 1 from tasks where id = ${ghost}`).toHaveLength(0);
+    expect(await t.prometheus()).toMatch(
+      /orch_reaction_messages_total\{consumer="ticket_cancel",outcome="forged"\} [1-9]/,
+    );
+
+    // The genuine cancellation still acts.
+    await p.host.send('ticket', ticketId, { type: 'CANCEL', reason: 'for real' });
+    await eventually(
+      async () =>
+        (await stateOf(p.sql, 'tasks', running)) === 'cancelled' &&
+        (await stateOf(p.sql, 'tasks', taskIds[1]!)) === 'cancelled',
+      10_000,
+      'open tasks cancelled',
+    );
+    expect(forged().ticket_cancel! - before.ticket_cancel!).toBe(3);
+    sub.unsubscribe();
   });
 
   it('the reconciler applies what no reaction did (reactions off)', async () => {

@@ -1,7 +1,8 @@
 /**
  * The outbox relay against a real NATS and Postgres: per-entity order with msg ids = event
  * ids, deduplication of a publish repeated after a crash, NATS unreachable at start, two
- * relays at once, and a stream that lost its messages (deleted and recreated).
+ * relays at once, a stream that lost its messages (deleted and recreated), and events the
+ * server cannot take (larger than max_payload, or refused): per-row backoff, reduced form.
  */
 import { type AddressInfo, createServer, connect as netConnect, type Socket } from 'node:net';
 import { jetstream } from '@nats-io/jetstream';
@@ -89,7 +90,13 @@ interface StreamMsg {
   seq: number;
   subject: string;
   msgId: string | undefined;
-  entry: { eventId: string; entityId: string; seq: number; type: string };
+  entry: {
+    eventId: string;
+    entityId: string;
+    seq: number;
+    type: string;
+    data: Record<string, unknown>;
+  };
 }
 
 async function streamMessages(n: TransportNames): Promise<StreamMsg[]> {
@@ -319,6 +326,130 @@ describe('outbox relay', () => {
     expect(transport.relay.stats.republished).toBeGreaterThan(0);
     const msgs = await streamMessages(n);
     expect(new Set(msgs.map((m) => m.entry.eventId)).size).toBe(total);
+  });
+
+  it('an event larger than max_payload reaches the stream in reduced form; other events flow and the ticket advances', async () => {
+    const sql = db.sql;
+    const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
+    const commands = commandsFor(host);
+    const n = names();
+    const { value: ticketId } = await host.transact(async (uow) => {
+      const tk = await commands.createTicket(uow, { title: 'big result' });
+      await commands.addTask(uow, tk.id, { id: `${tk.id}-task`, type: 'build' });
+      return tk.id;
+    });
+    await host.send('ticket', ticketId, { type: 'START' });
+    const taskId = `${ticketId}-task`;
+    const claimed = await host.send('task', taskId, { type: 'CLAIM', workerId: 'w' });
+    const token = (claimed.snapshot.context as { token: string }).token;
+    await host.send('task', taskId, { type: 'START', token });
+    const maxPayload = admin.nc.info?.max_payload ?? 0;
+    expect(maxPayload).toBeGreaterThan(0);
+    const log = 'x'.repeat(maxPayload + 100_000);
+    await host.send('task', taskId, { type: 'COMPLETE', token, result: { log } });
+    const others = await makeEvents(host, 5, 1);
+
+    const transport = await startTransport(sql, host, n, { enableReconciler: false });
+    transports.push(transport);
+    await eventually(async () => (await outboxCount(sql)) === 0, 15_000, 'outbox drained');
+    // The task_state reaction read the completion from Postgres: the ticket advanced.
+    await eventually(async () => (await stateOf(sql, ticketId)) === 'design', 10_000, 'advance');
+
+    const msgs = await streamMessages(n);
+    const completed = msgs.filter(
+      (m) => m.entry.entityId === taskId && m.entry.type === 'task.completed',
+    );
+    expect(completed).toHaveLength(1);
+    const data = completed[0]!.entry.data;
+    expect(data).toMatchObject({ truncated: true, ticketId, workerId: 'w', attempt: 1 });
+    expect(data.result).toBeUndefined();
+    expect(data.bytes).toBeGreaterThan(maxPayload);
+    expect(String(data.reason)).toContain('max_payload');
+    // Every other event went out whole, in per-entity order.
+    const theirs = msgs.filter((m) => others.includes(m.entry.entityId));
+    expect(theirs).toHaveLength(await eventCount(sql, others));
+    expect(theirs.every((m) => m.entry.data.truncated === undefined)).toBe(true);
+    expect(transport.relay.stats.reduced).toBe(1);
+    expect(transport.relay.stats.failures).toBe(0);
+    // Postgres keeps the full entry.
+    const stored = await sql<{ n: number }[]>`
+      select length(data -> 'result' ->> 'log')::int as n from events
+      where entity_id = ${taskId} and type = 'task.completed'`;
+    expect(stored[0]?.n).toBe(log.length);
+    expect(await transport.prometheus()).toContain('orch_relay_reduced_total 1');
+  });
+
+  it('a row the server refuses backs off alone: others flow, its entity waits in order, then it goes out reduced', async () => {
+    const sql = db.sql;
+    const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
+    const n = names();
+    await ensureStreams(admin.jsm, n);
+    // The stream refuses messages over 8 KiB: a refusal by the server, not a size NATS knows.
+    await admin.jsm.streams.update(n.stream, { max_msg_size: 8_192 });
+    const bad = await host.create('ticket', ticketInput());
+    await host.send('ticket', bad.id, { type: 'START' });
+    await host.send('ticket', bad.id, { type: 'BLOCK', reason: 'r'.repeat(10_000) });
+    await host.send('ticket', bad.id, { type: 'UNBLOCK' });
+    const before = await makeEvents(host, 3, 1);
+    const relay = new OutboxRelay({
+      sql,
+      js: jetstream(admin.nc),
+      jsm: admin.jsm,
+      names: n,
+      log: silentLogger(),
+      pollMs: 20,
+      streamCheckMs: 0,
+      // Three refusals take at least 0.5 + 1 + 2 s: time enough to see the others flow.
+      retryBaseMs: 1_000,
+      maxBackoffMs: 8_000,
+      maxRejections: 3,
+    });
+    await relay.start();
+    try {
+      const pending = async () =>
+        sql<{ type: string; rejections: number; backing_off: boolean; last_error: string }[]>`
+          select e.type, o.rejections, o.locked_until > now() as backing_off, o.last_error
+          from outbox o join events e on e.pos = o.pos order by o.pos`;
+      // The refused row backs off; its entity's later event waits behind it; the others are out.
+      const first = await eventually(
+        async () => {
+          const rows = await pending();
+          return rows.length === 2 && rows[0]!.rejections >= 1 && rows;
+        },
+        10_000,
+        'refused row backing off',
+      );
+      expect(first.map((r) => r.type)).toEqual(['ticket.blocked', 'ticket.unblocked']);
+      expect(first[0]!.last_error).toMatch(/size/i);
+      expect(first[1]!.rejections).toBe(0);
+      // Events committed while it backs off are published at once.
+      const during = await makeEvents(host, 3, 1);
+      await eventually(
+        async () => (await streamCount(n)) === (await eventCount(sql, [...before, ...during])) + 2,
+        5_000,
+        'other entities published during the backoff',
+      );
+      const meanwhile = await pending();
+      expect(meanwhile.map((r) => r.type)).toContain('ticket.unblocked');
+      // After three refusals it goes out in reduced form, then its entity's later event.
+      await eventually(async () => (await outboxCount(sql)) === 0, 20_000, 'outbox drained');
+    } finally {
+      await relay.stop();
+    }
+    expect(relay.stats.failures).toBe(3);
+    expect(relay.stats.reduced).toBe(1);
+    const mine = (await streamMessages(n)).filter((m) => m.entry.entityId === bad.id);
+    expect(mine.map((m) => m.entry.type)).toEqual([
+      'ticket.created',
+      'ticket.phase_changed',
+      'ticket.blocked',
+      'ticket.unblocked',
+    ]);
+    expect(mine[2]!.entry.data).toMatchObject({
+      truncated: true,
+      reason: 'refused by NATS 3 times',
+    });
+    expect(mine[3]!.entry.data.truncated).toBeUndefined();
   });
 
   it('NATS down mid-run: commands commit, the outbox waits, then drains and reactions resume', async () => {

@@ -1,0 +1,98 @@
+/**
+ * What the reactions and the reconciler read before they act: Postgres is the truth, a
+ * message only says where to look.
+ */
+import type { TaskState } from '../machines/task.js';
+import type { Db } from './db.js';
+
+/** Task states a cancelled ticket cancels. */
+export const OPEN_TASK_STATES: readonly TaskState[] = [
+  'pending',
+  'claimed',
+  'running',
+  'retry_wait',
+];
+
+export interface TaskProgress {
+  ticketId: string;
+  state: TaskState;
+  seq: number;
+}
+
+/** The task's ticket, current state and the seq of its last event (null when no such task). */
+export async function taskProgress(db: Db, taskId: string): Promise<TaskProgress | null> {
+  const rows = await db<{ ticket_id: string; state: TaskState; seq: number }[]>`
+    select ticket_id, state, seq from tasks where id = ${taskId}`;
+  const r = rows[0];
+  return r ? { ticketId: r.ticket_id, state: r.state, seq: r.seq } : null;
+}
+
+/** Open tasks of the ticket, only if the ticket really is cancelled (else none). */
+export async function openTasksOfCancelledTicket(db: Db, ticketId: string): Promise<string[]> {
+  const rows = await db<{ id: string }[]>`
+    select t.id from tasks t join tickets k on k.id = t.ticket_id
+    where t.ticket_id = ${ticketId} and k.state = 'cancelled'
+      and t.state in ${db(OPEN_TASK_STATES as string[])}
+    order by t.id`;
+  return rows.map((r) => r.id);
+}
+
+/** Ids of tickets not done or cancelled, after `after` in id order (keyset). */
+export async function openTicketIdsAfter(db: Db, after: string, limit: number): Promise<string[]> {
+  const rows = await db<{ id: string }[]>`
+    select id from tickets where state not in ('done', 'cancelled') and id > ${after}
+    order by id limit ${limit}`;
+  return rows.map((r) => r.id);
+}
+
+/**
+ * Tasks of these open tickets whose ticket records an older seq and another state than the
+ * task has, untouched for `graceMs` (a reaction in flight is not drift).
+ */
+export async function driftedTasks(
+  db: Db,
+  ticketIds: string[],
+  graceMs: number,
+): Promise<string[]> {
+  const rows = await db<{ task_id: string }[]>`
+    select t.id as task_id
+    from tickets k join tasks t on t.ticket_id = k.id
+    where k.id = any(${ticketIds}::text[])
+      and k.state not in ('done', 'cancelled')
+      and t.updated_at < now() - make_interval(secs => ${graceMs / 1000})
+      and k.snapshot -> 'context' -> 'tasks' -> t.id is not null
+      and (k.snapshot -> 'context' -> 'tasks' -> t.id ->> 'seq')::int < t.seq
+      and (k.snapshot -> 'context' -> 'tasks' -> t.id ->> 'state') is distinct from t.state`;
+  return rows.map((r) => r.task_id);
+}
+
+export interface OpenTask {
+  ticketId: string;
+  id: string;
+  ticketCancelled: boolean;
+}
+
+/** Open tasks after the (ticket id, task id) cursor, in that order (keyset). */
+export async function openTasksAfter(
+  db: Db,
+  after: [string, string],
+  limit: number,
+): Promise<OpenTask[]> {
+  const rows = await db<{ ticket_id: string; id: string; cancelled: boolean }[]>`
+    select t.ticket_id, t.id, k.state = 'cancelled' as cancelled
+    from tasks t join tickets k on k.id = t.ticket_id
+    where t.state in ${db(OPEN_TASK_STATES as string[])}
+      and (t.ticket_id, t.id) > (${after[0]}, ${after[1]})
+    order by t.ticket_id, t.id
+    limit ${limit}`;
+  return rows.map((r) => ({ ticketId: r.ticket_id, id: r.id, ticketCancelled: r.cancelled }));
+}
+
+/** A pending task untouched for `graceMs`, if any. */
+export async function stalePendingTask(db: Db, graceMs: number): Promise<string | null> {
+  const rows = await db<{ id: string }[]>`
+    select id from tasks where state = 'pending'
+      and updated_at < now() - make_interval(secs => ${graceMs / 1000})
+    limit 1`;
+  return rows[0]?.id ?? null;
+}
