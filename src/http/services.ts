@@ -71,7 +71,7 @@ export interface AppServices {
   queries: Queries;
   machines: MachineCatalog;
   log: Logger;
-  config: Pick<Config, 'API_TOKEN' | 'BODY_LIMIT_BYTES' | 'CLAIM_MAX_WAIT_MS'>;
+  config: Pick<Config, 'API_TOKEN' | 'BODY_LIMIT_BYTES' | 'CLAIM_MAX_WAIT_MS' | 'SSE_MAX_CLIENTS'>;
   /** The live stream behind `GET /events/stream`; without it the route answers 503. */
   events?: EventSource;
   /** `/readyz`: each dependency reachable, migrations applied. */
