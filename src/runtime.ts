@@ -90,6 +90,7 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
     const claims = new ClaimService(host, wakeups, {
       typeLimits: config.TASK_TYPE_LIMITS,
       maxWaitMs: config.CLAIM_MAX_WAIT_MS,
+      maxWaiters: config.CLAIM_MAX_WAITERS,
     });
 
     const poller = new TimerPoller(host, sql, log.child({ component: 'timers' }), {
@@ -113,7 +114,7 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
       reconcileMs: config.RECONCILE_MS,
     });
     closers.push({ name: 'transport', close: () => transport.stop() });
-    const dispatch = transport.subscribeDispatch(() => wakeups.notify());
+    const dispatch = transport.subscribeDispatch((msg) => claims.dispatched(msg));
     closers.push({ name: 'dispatch', close: async () => dispatch.unsubscribe() });
 
     let workers: WorkerPool | null = null;

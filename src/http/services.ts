@@ -73,7 +73,7 @@ export interface AppServices {
   log: Logger;
   config: Pick<
     Config,
-    'API_TOKEN' | 'BODY_LIMIT_BYTES' | 'CLAIM_MAX_WAIT_MS' | 'PAYLOAD_MAX_BYTES'
+    'API_TOKEN' | 'BODY_LIMIT_BYTES' | 'CLAIM_MAX_WAIT_MS' | 'PAYLOAD_MAX_BYTES' | 'SSE_MAX_CLIENTS'
   >;
   /** The live stream behind `GET /events/stream`; without it the route answers 503. */
   events?: EventSource;

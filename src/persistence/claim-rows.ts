@@ -17,6 +17,7 @@ export interface ClaimFilter {
 export interface Candidate {
   id: string;
   type: string;
+  executor: string;
   worktree: string | null;
 }
 
@@ -30,7 +31,7 @@ export async function lockCandidates(
 ): Promise<Candidate[]> {
   const types = filter.types && filter.types.length > 0 ? filter.types : null;
   return tx<Candidate[]>`
-    select id, type, worktree from tasks
+    select id, type, executor, worktree from tasks
     where state = 'pending' and executor in ${tx(filter.executors)}
       ${types ? tx`and type in ${tx(types)}` : tx``}
       ${filter.excludeTypes?.length ? tx`and type not in ${tx(filter.excludeTypes)}` : tx``}

@@ -7,10 +7,11 @@
  */
 import type { ActorHost, Applied } from '../actors/host.js';
 import { type TaskView, taskView } from '../actors/views.js';
-import { ACTIVE_TASK_STATES, type TaskState } from '../machines/task.js';
+import { Unavailable } from '../errors.js';
+import { ACTIVE_TASK_STATES, type TaskContext, type TaskState } from '../machines/task.js';
 import { belowCap, lockCandidates, typesAtCap, worktreeFree } from '../persistence/claim-rows.js';
 import { sqlState } from '../persistence/db.js';
-import type { Wakeups } from './wakeups.js';
+import type { Freed, Wakeups } from './wakeups.js';
 
 export interface ClaimRequest {
   workerId: string;
@@ -34,6 +35,15 @@ export interface ClaimOptions {
   maxWaitMs: number;
   /** Fallback poll while waiting, in case a wake-up was lost. */
   pollMs?: number;
+  /** Claims waiting at once in this process (CLAIM_MAX_WAITERS); beyond, `Unavailable`. */
+  maxWaiters?: number;
+}
+
+/** A dispatch wake-up from NATS: the task that became claimable, when known. */
+export interface Dispatch {
+  taskId: string;
+  executor?: string;
+  type?: string;
 }
 
 /**
@@ -42,10 +52,25 @@ export interface ClaimOptions {
  */
 const CANDIDATES_PER_TRY = 2;
 const DEADLOCK_DETECTED = '40P01';
+const DEFAULT_MAX_WAITERS = 1_024;
+/** How long a local wake-up stands in for the dispatch message of the same task. */
+const LOCAL_WAKE_TTL_MS = 10_000;
+const LOCAL_WAKES_MAX = 10_000;
 
 /** One per process: it subscribes to the host's commits for as long as it lives (see `close`). */
 export class ClaimService {
+  /** Tasks claimed. */
   claims = 0;
+  /** Claim transactions run (won or not): what idle claimers cost the database. */
+  attempts = 0;
+  /** Claims in a long poll now, whether asleep or looking. */
+  private waiting = 0;
+  private readonly maxWaiters: number;
+  /**
+   * Tasks this process freed and already woke a local waiter for, with the count of wakes
+   * whose dispatch message (published for other processes, received here too) is still due.
+   */
+  private readonly localWakes = new Map<string, { n: number; at: number }>();
   private readonly unsubscribe: () => void;
 
   constructor(
@@ -53,10 +78,14 @@ export class ClaimService {
     readonly wakeups: Wakeups,
     private readonly options: ClaimOptions,
   ) {
+    this.maxWaiters = options.maxWaiters ?? DEFAULT_MAX_WAITERS;
     // Waiting claimers in this process wake on every local commit that may free work;
-    // commits in other processes reach them through `wakeups.notify()` from NATS.
+    // commits in other processes reach them through `dispatched()` from NATS.
     this.unsubscribe = host.onCommit((applied) => {
-      if (freesWork(applied)) wakeups.notify();
+      const freed = freedBy(applied, options.typeLimits);
+      if (freed.length === 0) return;
+      for (const a of applied) if (isNewlyPending(a)) this.rememberLocalWake(a.id);
+      wakeups.notify(freed);
     });
   }
 
@@ -65,18 +94,66 @@ export class ClaimService {
     this.unsubscribe();
   }
 
+  /** Claims in a long poll now. */
+  get waiters(): number {
+    return this.waiting;
+  }
+
+  /**
+   * A dispatch message: wakes one waiter for the task, unless this process committed the
+   * change itself and woke one already (a second wake would only lose the race).
+   */
+  dispatched(msg: Dispatch): void {
+    const local = msg.taskId ? this.localWakes.get(msg.taskId) : undefined;
+    if (local && Date.now() - local.at < LOCAL_WAKE_TTL_MS) {
+      if (--local.n === 0) this.localWakes.delete(msg.taskId);
+      return;
+    }
+    this.wakeups.notify([{ executor: msg.executor, type: msg.type }]);
+  }
+
+  /**
+   * Claims a task, waiting up to `waitMs` for one. Throws `Unavailable` when the wait would
+   * exceed CLAIM_MAX_WAITERS (a claimer that finds a task at once never counts).
+   */
   async claim(req: ClaimRequest): Promise<ClaimedTask | null> {
     const deadline = Date.now() + Math.min(req.waitMs ?? 0, this.options.maxWaitMs);
-    for (;;) {
-      if (req.signal?.aborted) return null;
-      const generation = this.wakeups.generation;
-      const claimed = await this.claimOnce(req);
-      if (claimed) return claimed;
-      const left = deadline - Date.now();
-      if (left <= 0) return null;
-      // Something changed while we looked: look again before sleeping.
-      if (this.wakeups.generation !== generation) continue;
-      await this.wakeups.wait(Math.min(left, this.options.pollMs ?? 1_000), req.signal);
+    const filter = { executors: req.executors ?? ['external'], types: req.types };
+    let admitted = false;
+    // A wake-up this claimer took and has not yet used for an attempt.
+    let unused: Freed | null = null;
+    try {
+      for (;;) {
+        if (req.signal?.aborted) return null;
+        const generation = this.wakeups.generation;
+        const claimed = await this.claimOnce(req);
+        unused = null;
+        if (claimed) return claimed;
+        const left = deadline - Date.now();
+        if (left <= 0) return null;
+        // Something changed while we looked: look again before sleeping.
+        if (this.wakeups.generation !== generation) continue;
+        if (!admitted) {
+          if (this.waiting >= this.maxWaiters) {
+            throw new Unavailable(
+              `${this.waiting} claims are already waiting in this process (CLAIM_MAX_WAITERS); retry`,
+            );
+          }
+          this.waiting++;
+          admitted = true;
+        }
+        const r = await this.wakeups.wait(
+          Math.min(left, this.options.pollMs ?? 1_000),
+          req.signal,
+          filter,
+        );
+        if (typeof r === 'object') unused = r.woken;
+      }
+    } finally {
+      if (admitted) this.waiting--;
+      // Woken for a task but gone before looking (aborted, or the attempt threw): the task
+      // is still there, so the wake-up goes to the next waiter rather than being lost.
+      if (unused) this.wakeups.notify([unused]);
     }
   }
 
@@ -84,6 +161,7 @@ export class ClaimService {
     const executors = req.executors ?? ['external'];
     if (executors.length === 0) return null;
     const limits = this.options.typeLimits;
+    this.attempts++;
     try {
       const { value } = await this.host.transact(async (uow) => {
         const excludeTypes = await typesAtCap(uow.tx, limits);
@@ -95,7 +173,7 @@ export class ClaimService {
         // At most one cap lock per transaction: the only lock a claim waits for, so two
         // claims never wait for each other in a cycle.
         let capLocked: string | null = null;
-        for (const c of candidates) {
+        for (const [i, c] of candidates.entries()) {
           if (c.worktree !== null && !(await worktreeFree(uow.tx, c.worktree))) continue;
           const cap = limits[c.type];
           if (cap !== undefined) {
@@ -103,17 +181,38 @@ export class ClaimService {
             capLocked = c.type;
             if (!(await belowCap(uow.tx, c.type, cap))) continue;
           }
-          return uow.send('task', c.id, { type: 'CLAIM', workerId: req.workerId });
+          const applied = await uow.send('task', c.id, { type: 'CLAIM', workerId: req.workerId });
+          return { applied, next: candidates[i + 1] };
         }
         return null;
       });
       if (!value) return null;
       this.claims++;
-      return toClaimed(value);
+      // More work is queued behind this task: wake the next claimer now rather than on
+      // its fallback poll (a single wake-up may stand for several freed tasks).
+      if (value.next) {
+        this.wakeups.notify([{ executor: value.next.executor, type: value.next.type }]);
+      }
+      return toClaimed(value.applied);
     } catch (error) {
       // Not expected (see above), but a deadlock costs a retry, never a failed claim.
       if (sqlState(error) === DEADLOCK_DETECTED) return null;
       throw error;
+    }
+  }
+
+  private rememberLocalWake(taskId: string): void {
+    const now = Date.now();
+    const prior = this.localWakes.get(taskId);
+    this.localWakes.delete(taskId);
+    const n = prior && now - prior.at < LOCAL_WAKE_TTL_MS ? prior.n + 1 : 1;
+    this.localWakes.set(taskId, { n, at: now });
+    // Bounded: the oldest entries go first (a Map iterates in insertion order); a dispatch
+    // that finds no entry only costs one extra wake-up.
+    while (this.localWakes.size > LOCAL_WAKES_MAX) {
+      const oldest = this.localWakes.keys().next().value;
+      if (oldest === undefined) break;
+      this.localWakes.delete(oldest);
     }
   }
 }
@@ -126,15 +225,25 @@ function toClaimed(applied: Applied): ClaimedTask {
 
 const isActive = (state: string | null) => ACTIVE_TASK_STATES.includes(state as TaskState);
 
+const isNewlyPending = (a: Applied) => a.entityType === 'task' && a.state === 'pending';
+
 /**
- * Applied changes that may make a task claimable: a task became pending (created, retried,
- * released, requeued) or left `claimed`/`running` (its worktree and type slot are free).
- * START and HEARTBEAT stay active and wake nobody.
+ * What each applied change freed, one entry per task: a pending task by its executor and
+ * type; a task leaving `claimed`/`running` frees its worktree or its capped type's slot for
+ * some other task we cannot name (an entry without an executor). A task that held neither
+ * frees nothing anyone waits for.
  */
-export function freesWork(applied: Applied[]): boolean {
-  return applied.some(
-    (a) =>
-      a.entityType === 'task' &&
-      (a.state === 'pending' || (isActive(a.from) && !isActive(a.state))),
-  );
+export function freedBy(applied: Applied[], typeLimits: Record<string, number>): Freed[] {
+  const out: Freed[] = [];
+  for (const a of applied) {
+    if (a.entityType !== 'task') continue;
+    const ctx = a.snapshot.context as Partial<TaskContext>;
+    if (a.state === 'pending') {
+      out.push({ executor: ctx.executor, type: ctx.type });
+    } else if (isActive(a.from) && !isActive(a.state)) {
+      const capped = ctx.type !== undefined && typeLimits[ctx.type] !== undefined;
+      if (ctx.worktree || capped) out.push({});
+    }
+  }
+  return out;
 }

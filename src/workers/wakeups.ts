@@ -3,32 +3,111 @@
  * loop; it is woken when this process commits a change that may make a task claimable, or
  * when a dispatch message arrives from another process over NATS. A fallback poll still
  * runs, since a wake-up is a latency optimisation and never the only way to find work.
+ *
+ * Waiters queue in arrival order, each with the filter of what it claims, and each freed
+ * task wakes one of them: the first whose filter takes it. Waking all of them sent every
+ * idle claimer into a claim transaction per commit, for one winner. What cannot be told
+ * apart (a freed worktree or type slot unblocks a task we do not know) wakes the first
+ * waiter of each kind of claimer, which is still one per kind, not one per waiter.
+ *
+ * Plain collections, not an @xstate/store: the queue holds resolve callbacks, which are not
+ * state to snapshot, and a notify must pick and remove its waiters in one synchronous step.
  */
-export class Wakeups {
-  private waiters = new Set<() => void>();
-  /** Increments on every notify, so a waiter can tell it missed nothing. */
-  generation = 0;
 
-  notify(): void {
-    this.generation++;
-    const waiters = this.waiters;
-    this.waiters = new Set();
-    for (const wake of waiters) wake();
+/** What a claimer takes: the executors it runs, and the task types (all when absent). */
+export interface WaiterFilter {
+  executors: readonly string[];
+  types?: readonly string[] | undefined;
+}
+
+/** Something that may have become claimable; without an executor, nobody knows what. */
+export interface Freed {
+  executor?: string | undefined;
+  type?: string | undefined;
+}
+
+/** Why a wait ended; `woken` carries what woke it, to pass on if it is not used. */
+export type WaitResult = { woken: Freed } | 'timeout' | 'aborted';
+
+interface Waiter {
+  filter: WaiterFilter | undefined;
+  kind: string;
+  wake: (freed: Freed) => void;
+}
+
+export class Wakeups {
+  /** In arrival order (a Set iterates in insertion order): the longest waiting wakes first. */
+  private readonly waiters = new Set<Waiter>();
+  /** Increments on every notify, so a claimer can tell it missed nothing while it looked. */
+  generation = 0;
+  /** Waiters woken so far (a notify that finds nobody counts nothing). */
+  woken = 0;
+
+  /** Claimers waiting now. */
+  get waiting(): number {
+    return this.waiters.size;
   }
 
-  /** Resolves on the next notify, after `ms`, or when `signal` aborts. */
-  wait(ms: number, signal?: AbortSignal): Promise<void> {
+  /** One wake per freed item (an item nobody waits for wakes nobody). */
+  notify(freed: readonly Freed[] = [{}]): void {
+    this.generation++;
+    for (const f of freed) {
+      if (f.executor === undefined) this.wakeEachKind(f);
+      else this.wakeFirst(f);
+    }
+  }
+
+  /** Resolves on a wake-up meant for this waiter, after `ms`, or when `signal` aborts. */
+  wait(ms: number, signal?: AbortSignal, filter?: WaiterFilter): Promise<WaitResult> {
     return new Promise((resolve) => {
-      if (signal?.aborted) return resolve();
-      const done = () => {
+      if (signal?.aborted) return resolve('aborted');
+      const end = (result: WaitResult) => {
         clearTimeout(timer);
-        this.waiters.delete(done);
-        signal?.removeEventListener('abort', done);
-        resolve();
+        this.waiters.delete(waiter);
+        signal?.removeEventListener('abort', onAbort);
+        resolve(result);
       };
-      const timer = setTimeout(done, ms);
-      this.waiters.add(done);
-      signal?.addEventListener('abort', done, { once: true });
+      const onAbort = () => end('aborted');
+      const waiter: Waiter = {
+        filter,
+        kind: kindOf(filter),
+        wake: (freed) => end({ woken: freed }),
+      };
+      const timer = setTimeout(() => end('timeout'), ms);
+      this.waiters.add(waiter);
+      signal?.addEventListener('abort', onAbort, { once: true });
     });
   }
+
+  private wakeFirst(freed: Freed): void {
+    for (const w of this.waiters) {
+      if (takes(w.filter, freed)) {
+        this.woken++;
+        w.wake(freed);
+        return;
+      }
+    }
+  }
+
+  private wakeEachKind(freed: Freed): void {
+    const seen = new Set<string>();
+    for (const w of [...this.waiters]) {
+      if (seen.has(w.kind)) continue;
+      seen.add(w.kind);
+      this.woken++;
+      w.wake(freed);
+    }
+  }
+}
+
+function takes(filter: WaiterFilter | undefined, freed: Freed): boolean {
+  if (!filter) return true;
+  if (freed.executor !== undefined && !filter.executors.includes(freed.executor)) return false;
+  if (!filter.types || filter.types.length === 0 || freed.type === undefined) return true;
+  return filter.types.includes(freed.type);
+}
+
+function kindOf(filter: WaiterFilter | undefined): string {
+  if (!filter) return '*';
+  return JSON.stringify([[...filter.executors].sort(), [...(filter.types ?? [])].sort()]);
 }

@@ -56,6 +56,7 @@ export async function createTestApp(label: string, options: TestAppOptions = {})
     typeLimits: {},
     maxWaitMs: config.CLAIM_MAX_WAIT_MS,
     pollMs: 200,
+    maxWaiters: config.CLAIM_MAX_WAITERS,
   });
   const services: AppServices = {
     host,

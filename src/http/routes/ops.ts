@@ -102,6 +102,12 @@ function hostMetrics(s: AppServices): string {
     family('orch_claims_total', 'counter', 'Tasks claimed through this process.', [
       { value: s.claims.claims },
     ]),
+    family('orch_claim_attempts_total', 'counter', 'Claim transactions run, won or not.', [
+      { value: s.claims.attempts },
+    ]),
+    family('orch_claim_waiters', 'gauge', 'Claims in a long poll in this process.', [
+      { value: s.claims.waiters },
+    ]),
     family('orch_cached_actors', 'gauge', 'Actors held in the host cache.', [
       { value: s.host.cachedActors },
     ]),

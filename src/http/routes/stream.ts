@@ -4,6 +4,9 @@
  * (or `?after=`) resumes after a position (`?after=new`: from now on); `?entityId=` filters. Each client has a bounded
  * buffer: one that cannot keep up is disconnected (it resumes from its last id) instead of
  * slowing the server or anyone else. A comment every keep-alive interval keeps proxies open.
+ * At most SSE_MAX_CLIENTS streams are open per process: beyond, 503 `unavailable` with
+ * `Retry-After` (each stream holds a JetStream consumer until its client goes). `HEAD`
+ * answers the status and headers a `GET` would get now, without opening anything.
  */
 import { Hono } from 'hono';
 import { streamSSE } from 'hono/streaming';
@@ -16,6 +19,10 @@ export function streamRoutes(s: AppServices): Hono<AppEnv> {
   const app = new Hono<AppEnv>();
   const keepAliveMs = s.sse?.keepAliveMs ?? 15_000;
   const bufferLimit = s.sse?.bufferLimit ?? 1_000;
+  const maxClients = s.config.SSE_MAX_CLIENTS;
+  // A plain counter, not an @xstate/store: admission must be decided and taken in one
+  // synchronous step, and nothing subscribes to the count.
+  let clients = 0;
 
   app.get('/events/stream', async (c) => {
     const q = validate(StreamQuery, c.req.query(), 'query');
@@ -31,8 +38,22 @@ export function streamRoutes(s: AppServices): Hono<AppEnv> {
     }
     const source = s.events;
     if (!source) throw new Unavailable('the live event stream is not configured');
+    if (clients >= maxClients) {
+      throw new Unavailable(
+        `the live event stream is at its limit of ${maxClients} clients (SSE_MAX_CLIENTS); retry`,
+      );
+    }
+    // Hono answers HEAD by running the GET handler and dropping the body: a stream opened
+    // here would never be read nor closed.
+    if (c.req.method === 'HEAD') {
+      return c.body(null, 200, {
+        'Content-Type': 'text/event-stream',
+        'Cache-Control': 'no-cache',
+      });
+    }
     const log = s.log.child({ requestId: c.get('requestId'), route: 'sse' });
 
+    clients++;
     return streamSSE(c, async (stream) => {
       const queue: StreamMessage[] = [];
       let lastSent = after === 'new' ? 0 : after;
@@ -43,6 +64,8 @@ export function streamRoutes(s: AppServices): Hono<AppEnv> {
         wake?.();
       };
       stream.onAbort(finish);
+      c.req.raw.signal.addEventListener('abort', finish, { once: true });
+      if (c.req.raw.signal.aborted) finish();
       let feed: EventFeed | null = null;
       const keepAlive = setInterval(() => void stream.write(': keep-alive\n\n'), keepAliveMs);
       try {
@@ -83,7 +106,14 @@ export function streamRoutes(s: AppServices): Hono<AppEnv> {
         log.error({ err: error }, 'SSE stream failed');
       } finally {
         clearInterval(keepAlive);
-        await feed?.close().catch(() => {});
+        c.req.raw.signal.removeEventListener('abort', finish);
+        try {
+          await feed?.close();
+        } catch {
+          // The feed bounds its own close; nothing more to do for a client that is gone.
+        } finally {
+          clients--;
+        }
       }
     });
   });
