@@ -3,7 +3,7 @@
  * restart; two `all` and two `worker` processes on one database complete 200 tasks, each
  * exactly once; an unreachable database is named, not waited on forever.
  */
-import { chmod, mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -50,10 +50,9 @@ describe('the embedded database', () => {
   it('starts with no DATABASE_URL, keeps a ticket across kill -9 and restart, exits 0 on SIGTERM', {
     timeout: 180_000,
   }, async () => {
+    // Private (mkdtemp makes it 0700), as a checkout in root's home: as root, the embedded
+    // server runs as the postgres OS user, which cannot enter it (embedded-private.test.ts).
     const cwd = await mkdtemp(join(tmpdir(), 'orch-embedded-'));
-    // A project directory as a checkout has it (mkdtemp makes it private): as root, the
-    // embedded server runs as the postgres OS user, which must reach its data directory.
-    await chmod(cwd, 0o755);
     try {
       const env = { NATS_PREFIX: `${names.prefix}e`, NATS_STREAM: `${names.stream}E` };
       const first = start(['all'], env, cwd);
@@ -78,6 +77,11 @@ describe('the embedded database', () => {
       second.child.kill('SIGTERM');
       expect(await second.exited).toBe(0);
     } finally {
+      // Out of the postgres user's reach, the cluster lives where this file points.
+      const elsewhere = await readFile(join(cwd, '.data', 'postgres.cluster'), 'utf8').catch(
+        () => null,
+      );
+      if (elsewhere) await rm(elsewhere.trim(), { recursive: true, force: true });
       await rm(cwd, { recursive: true, force: true });
     }
   });
