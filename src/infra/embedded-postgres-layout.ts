@@ -78,7 +78,7 @@ export async function embeddedLayout(dataDir: string, log: Logger): Promise<Embe
     const native = packagedBinaries();
     const inPlace =
       !user || (await reachable(user, ...['bin', 'lib', 'share'].map((d) => join(native, d))));
-    const bin = inPlace ? native : await stagedBinaries(native, log);
+    const bin = inPlace ? native : await stagedBinaries(native, user, log);
     const home = user ? await clusterHome(dataRoot, user, created, log) : dataRoot;
     return {
       user,
@@ -165,7 +165,7 @@ async function rootOwnedDir(path: string): Promise<string | null> {
 }
 
 /** The binaries copied (or hard-linked) where the server's user can reach them; reused later. */
-async function stagedBinaries(native: string, log: Logger): Promise<string> {
+async function stagedBinaries(native: string, user: ServerUser, log: Logger): Promise<string> {
   const pkg = JSON.parse(await readFile(join(native, '..', 'package.json'), 'utf8')) as {
     name: string;
     version: string;
@@ -174,7 +174,8 @@ async function stagedBinaries(native: string, log: Logger): Promise<string> {
   const bases = [STATE_ROOT, join(tmpdir(), `actor-orchestrator-${process.getuid?.() ?? 0}`)];
   for (const candidate of bases) {
     const base = await rootOwnedDir(candidate);
-    if (!base) continue;
+    // TMPDIR itself may be private (under root's home): then it is no place either.
+    if (!base || !(await reachable(user, base))) continue;
     const target = join(base, name);
     if (await exists(join(target, '.complete'))) return target;
     const scratch = join(base, `.${name}.${process.pid}.${randomBytes(4).toString('hex')}`);
@@ -233,7 +234,8 @@ async function clusterHome(
   const pointer = join(dataRoot, 'postgres.cluster');
   const recorded = (await readFile(pointer, 'utf8').catch(() => null))?.trim();
   if (recorded !== undefined) {
-    if (!isAbsolute(recorded) || !(await exists(join(recorded, 'postgres')))) {
+    // The home, not the cluster in it: another process may be creating that right now.
+    if (!isAbsolute(recorded) || !(await exists(recorded))) {
       throw new Unavailable(
         `${pointer} names the embedded PostgreSQL cluster ${JSON.stringify(recorded)}, which is missing: restore it, or delete ${pointer} to start with an empty database, or set DATABASE_URL`,
       );

@@ -45,6 +45,14 @@ export async function startEmbeddedPostgres(
   log: Logger,
 ): Promise<EmbeddedDatabase> {
   const layout = await embeddedLayout(dataDir, log);
+  try {
+    return await withStartLock(layout.home, () => startOrShare(layout, log));
+  } catch (error) {
+    throw explain(error, join(layout.home, 'postgres'));
+  }
+}
+
+async function startOrShare(layout: EmbeddedLayout, log: Logger): Promise<EmbeddedDatabase> {
   const pgdata = join(layout.home, 'postgres');
   const ownerFile = join(layout.home, 'postgres.owner');
   const passwordFile = join(layout.home, 'postgres.password');
@@ -65,11 +73,7 @@ export async function startEmbeddedPostgres(
     // Fast shutdown (SIGINT), then SIGKILL if it will not go.
     await stopPid(running.pid, 'SIGINT');
   }
-  const pgdataExisted = await stat(pgdata).then(
-    () => true,
-    () => false,
-  );
-  const fresh = !(await stat(join(pgdata, 'PG_VERSION')).catch(() => null));
+  const fresh = !(await exists(pgdata));
   try {
     let password = fresh ? null : await readPassword(passwordFile);
     if (password === null) {
@@ -98,12 +102,55 @@ export async function startEmbeddedPostgres(
     };
   } catch (error) {
     if (fresh) {
-      // A first start that failed leaves nothing: no half-made cluster, no password file.
-      const made = [passwordFile, ...(pgdataExisted ? [] : [pgdata]), ...layout.created.reverse()];
-      for (const path of made) await rm(path, { recursive: true, force: true });
+      // A first start that failed leaves nothing: no cluster, no password file. (Under the
+      // start lock, nobody else made them meanwhile.)
+      for (const path of [pgdata, passwordFile, ...layout.created.reverse()]) {
+        await rm(path, { recursive: true, force: true });
+      }
     }
-    throw explain(error, pgdata);
+    throw error;
   }
+}
+
+/**
+ * Held while one process decides whether to start, share or create the server of a cluster
+ * home: two processes starting at once then end up on one server, and never both run initdb.
+ * A lock whose holder died (kill -9) is taken over.
+ */
+async function withStartLock<T>(home: string, fn: () => Promise<T>): Promise<T> {
+  const lock = join(home, 'postgres.starting');
+  const deadline = Date.now() + INITDB_TIMEOUT_MS + START_TIMEOUT_MS;
+  for (;;) {
+    try {
+      await writeFile(lock, String(process.pid), { flag: 'wx' });
+      break;
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw error;
+      const holder = Number((await readFile(lock, 'utf8').catch(() => '')).trim());
+      if (!(holder > 0 && holder !== process.pid && alive(holder))) {
+        await rm(lock, { force: true });
+        continue;
+      }
+      if (Date.now() > deadline) {
+        throw new Unavailable(
+          `process ${holder} has been starting the embedded PostgreSQL in ${home} for too long (${lock})`,
+        );
+      }
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+  try {
+    return await fn();
+  } finally {
+    await rm(lock, { force: true });
+  }
+}
+
+async function exists(path: string): Promise<boolean> {
+  return stat(path).then(
+    () => true,
+    () => false,
+  );
 }
 
 const urlFor = (port: number, password: string) =>
@@ -125,6 +172,10 @@ async function writeSecret(file: string, secret: string, owner: ServerUser | nul
   await rename(scratch, file);
 }
 
+/**
+ * initdb into a scratch directory renamed into place once complete: a first run killed during
+ * initdb leaves only the scratch directory, which the next first run removes.
+ */
 async function initialise(
   layout: EmbeddedLayout,
   pgdata: string,
@@ -132,30 +183,38 @@ async function initialise(
   log: Logger,
 ): Promise<void> {
   log.info({ dataDir: pgdata }, 'creating the embedded PostgreSQL cluster (first run)');
-  await mkdir(pgdata, { recursive: true, mode: 0o700 });
-  await chmod(pgdata, 0o700);
-  if (layout.user) await chown(pgdata, layout.user.uid, layout.user.gid);
-  const child = spawnAs(layout, layout.initdb, [
-    `--pgdata=${pgdata}`,
-    '--username=postgres',
-    `--pwfile=${passwordFile}`,
-    '--auth=scram-sha-256',
-    '--encoding=UTF8',
-    '--locale=C',
-  ]);
-  const output = collect(child, log, 'initdb');
-  await new Promise<void>((resolve, reject) => {
-    const timer = setTimeout(() => child.kill('SIGKILL'), INITDB_TIMEOUT_MS);
-    child.once('error', (error) => {
-      clearTimeout(timer);
-      reject(error);
+  const scratch = `${pgdata}.initdb`;
+  await rm(scratch, { recursive: true, force: true });
+  await mkdir(scratch, { mode: 0o700 });
+  try {
+    await chmod(scratch, 0o700);
+    if (layout.user) await chown(scratch, layout.user.uid, layout.user.gid);
+    const child = spawnAs(layout, layout.initdb, [
+      `--pgdata=${scratch}`,
+      '--username=postgres',
+      `--pwfile=${passwordFile}`,
+      '--auth=scram-sha-256',
+      '--encoding=UTF8',
+      '--locale=C',
+    ]);
+    const output = collect(child, log, 'initdb');
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => child.kill('SIGKILL'), INITDB_TIMEOUT_MS);
+      child.once('error', (error) => {
+        clearTimeout(timer);
+        reject(error);
+      });
+      child.once('close', (code, signal) => {
+        clearTimeout(timer);
+        if (code === 0) resolve();
+        else
+          reject(new Error(`initdb failed (${signal ?? `exit ${code}`}): ${lastLine(output())}`));
+      });
     });
-    child.once('close', (code, signal) => {
-      clearTimeout(timer);
-      if (code === 0) resolve();
-      else reject(new Error(`initdb failed (${signal ?? `exit ${code}`}): ${lastLine(output())}`));
-    });
-  });
+    await rename(scratch, pgdata);
+  } finally {
+    await rm(scratch, { recursive: true, force: true });
+  }
 }
 
 /** Starts postgres and resolves once it accepts connections (postmaster.pid says "ready"). */

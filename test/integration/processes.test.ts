@@ -153,6 +153,37 @@ describe('the embedded database', () => {
   });
 });
 
+describe('the embedded database, two first starts at once', () => {
+  it('one process creates the cluster, the other waits and shares it; both serve and exit 0', {
+    timeout: 180_000,
+  }, async () => {
+    const cwd = await mkdtemp(join(tmpdir(), 'orch-embedded-'));
+    const env = { NATS_PREFIX: `${names.prefix}e`, NATS_STREAM: `${names.stream}E` };
+    try {
+      const both = [start(['all'], env, cwd), start(['all'], env, cwd)];
+      const urls = await Promise.all(both.map((p) => p.url(120_000)));
+      const created = await json<{ id: string }>(`${urls[0]}/tickets`, {
+        method: 'POST',
+        body: JSON.stringify({ title: 'seen by both' }),
+      });
+      expect(created.status).toBe(201);
+      expect((await json(`${urls[1]}/tickets/${created.body.id}`)).status).toBe(200);
+      // The sharer stops first, so that its database stays up while it does.
+      const home = await clusterHome(cwd);
+      const ownerPid = Number(await readFile(join(home, 'postgres.owner'), 'utf8'));
+      const owner = both.find((p) => p.child.pid === ownerPid);
+      const sharer = both.find((p) => p !== owner);
+      if (!owner || !sharer) throw new Error(`no process owns the server (${ownerPid})`);
+      for (const p of [sharer, owner]) {
+        p.child.kill('SIGTERM');
+        expect(await p.exited).toBe(0);
+      }
+    } finally {
+      await removeProject(cwd);
+    }
+  });
+});
+
 /** Where the embedded cluster of a project directory lives (see embedded-postgres-layout.ts). */
 async function clusterHome(cwd: string): Promise<string> {
   const data = join(cwd, '.data');
