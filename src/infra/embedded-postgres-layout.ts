@@ -204,7 +204,9 @@ async function stagedBinaries(native: string, user: ServerUser, log: Logger): Pr
 }
 
 async function copyTree(from: string, to: string, seen: { count: number }): Promise<void> {
-  await mkdir(to, { recursive: true, mode: 0o755 });
+  await mkdir(to, { recursive: true });
+  // Explicitly: a umask of 077 (common for root) would keep the server's user out.
+  await chmod(to, 0o755);
   for (const entry of await readdir(from, { withFileTypes: true })) {
     if (++seen.count > MAX_BINARY_FILES)
       throw new Error(`more than ${MAX_BINARY_FILES} files in ${from}`);
@@ -256,8 +258,9 @@ async function clusterHome(
     );
   }
   const home = join(clusters, randomBytes(8).toString('hex'));
-  await mkdir(home, { mode: 0o755 });
+  await mkdir(home);
   created.push(home);
+  await chmod(home, 0o755);
   try {
     await writeFile(pointer, `${home}\n`, { flag: 'wx', mode: 0o644 });
   } catch (error) {
