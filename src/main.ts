@@ -4,6 +4,7 @@
  * (a second signal exits at once).
  */
 import { ConfigError, loadConfig } from './config.js';
+import { OrchestratorError } from './errors.js';
 import { createLogger } from './log.js';
 import { ROLES, type Role, redact, startRuntime } from './runtime.js';
 import { startupRefusals, startupWarnings } from './security.js';
@@ -59,7 +60,9 @@ async function main(argv: string[]): Promise<number> {
   try {
     runtime = await startRuntime(config, role, log);
   } catch (error) {
-    log.fatal({ err: error }, 'could not start');
+    // An explained failure (a server missing, out of reach) needs its message, not a stack.
+    if (error instanceof OrchestratorError) log.fatal({ code: error.code }, error.message);
+    else log.fatal({ err: error }, 'could not start');
     process.stderr.write(
       `orchestrator: ${error instanceof Error ? error.message : String(error)}\n`,
     );
@@ -67,7 +70,7 @@ async function main(argv: string[]): Promise<number> {
   }
   const summary = [
     `role=${role}`,
-    `db=${config.DATABASE_URL ? redact(runtime.databaseUrl) : `embedded (${config.DATA_DIR}/postgres)`}`,
+    `db=${runtime.embeddedDataDir ? `embedded (${runtime.embeddedDataDir})` : redact(runtime.databaseUrl)}`,
     `nats=${redactNatsUrl(runtime.natsUrl)}`,
     role === 'api' ? null : `worker=${config.WORKER_ID} x${config.WORKER_CONCURRENCY}`,
     `lease=${config.LEASE_MS}ms`,

@@ -32,6 +32,8 @@ export interface Runtime {
   /** The URL the HTTP server listens on (api and all). */
   url: string | null;
   databaseUrl: string;
+  /** The embedded cluster's data directory, when no DATABASE_URL was given. */
+  embeddedDataDir: string | null;
   natsUrl: string;
   host: ActorHost;
   sql: Sql;
@@ -53,10 +55,12 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
   };
   try {
     let databaseUrl = config.DATABASE_URL;
+    let embeddedDataDir: string | null = null;
     if (!databaseUrl) {
       const embedded = await startEmbeddedPostgres(config.DATA_DIR, log);
       closers.push({ name: 'embedded-postgres', close: embedded.stop });
       databaseUrl = embedded.url;
+      embeddedDataDir = embedded.dataDir;
     }
     const nats = await resolveNats(config.NATS_URL, config.DATA_DIR, log);
     closers.push({ name: 'nats-server', close: nats.stop });
@@ -176,6 +180,7 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
       role,
       url,
       databaseUrl,
+      embeddedDataDir,
       natsUrl: nats.url,
       host,
       sql,

@@ -3,9 +3,10 @@
  * restart; two `all` and two `worker` processes on one database complete 200 tasks, each
  * exactly once; an unreachable database is named, not waited on forever.
  */
-import { chmod, mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import postgres from 'postgres';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { transportNames } from '../../src/transport/subjects.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
@@ -50,10 +51,9 @@ describe('the embedded database', () => {
   it('starts with no DATABASE_URL, keeps a ticket across kill -9 and restart, exits 0 on SIGTERM', {
     timeout: 180_000,
   }, async () => {
+    // Private (mkdtemp makes it 0700), as a checkout in root's home: as root, the embedded
+    // server runs as the postgres OS user, which cannot enter it (embedded-private.test.ts).
     const cwd = await mkdtemp(join(tmpdir(), 'orch-embedded-'));
-    // A project directory as a checkout has it (mkdtemp makes it private): as root, the
-    // embedded server runs as the postgres OS user, which must reach its data directory.
-    await chmod(cwd, 0o755);
     try {
       const env = { NATS_PREFIX: `${names.prefix}e`, NATS_STREAM: `${names.stream}E` };
       const first = start(['all'], env, cwd);
@@ -78,10 +78,124 @@ describe('the embedded database', () => {
       second.child.kill('SIGTERM');
       expect(await second.exited).toBe(0);
     } finally {
-      await rm(cwd, { recursive: true, force: true });
+      await removeProject(cwd);
+    }
+  });
+
+  it('replaces the fixed password of an older cluster with a random one, shared by a second process', {
+    timeout: 180_000,
+  }, async () => {
+    const cwd = await mkdtemp(join(tmpdir(), 'orch-embedded-'));
+    const env = { NATS_PREFIX: `${names.prefix}e`, NATS_STREAM: `${names.stream}E` };
+    const login = async (port: number, password: string) => {
+      const sql = postgres({ host: '127.0.0.1', port, user: 'postgres', password, max: 1 });
+      try {
+        await sql`select 1`;
+        return 'ok';
+      } catch (error) {
+        return (error as { code?: string }).code ?? String(error);
+      } finally {
+        await sql.end({ timeout: 2 });
+      }
+    };
+    try {
+      const first = start(['all'], env, cwd);
+      await first.url(60_000);
+      const home = await clusterHome(cwd);
+      const passwordFile = join(home, 'postgres.password');
+      const port = Number(
+        (await readFile(join(home, 'postgres', 'postmaster.pid'), 'utf8')).split('\n')[3],
+      );
+      const original = (await readFile(passwordFile, 'utf8')).trim();
+      expect(await login(port, original)).toBe('ok');
+      // What a cluster made before random passwords looks like: the fixed one, no file.
+      const sql = postgres({
+        host: '127.0.0.1',
+        port,
+        user: 'postgres',
+        password: original,
+        max: 1,
+      });
+      await sql.unsafe(`alter role postgres password 'orchestrator'`);
+      await sql.end();
+      await rm(passwordFile);
+      first.child.kill('SIGTERM');
+      expect(await first.exited).toBe(0);
+
+      const second = start(['all'], env, cwd);
+      const url = await second.url(60_000);
+      const replaced = (await readFile(passwordFile, 'utf8')).trim();
+      expect(replaced).not.toBe(original);
+      expect(replaced).toMatch(/^[A-Za-z0-9_-]{32}$/);
+      const port2 = Number(
+        (await readFile(join(home, 'postgres', 'postmaster.pid'), 'utf8')).split('\n')[3],
+      );
+      expect(await login(port2, 'orchestrator')).toBe('28P01');
+      expect(await login(port2, replaced)).toBe('ok');
+
+      // A second process in the same directory shares the server, with the same password.
+      const third = start(['all'], env, cwd);
+      const url3 = await third.url(60_000);
+      const created = await json<{ id: string }>(`${url3}/tickets`, {
+        method: 'POST',
+        body: JSON.stringify({ title: 'through the sharing process' }),
+      });
+      expect(created.status).toBe(201);
+      expect((await json(`${url}/tickets/${created.body.id}`)).status).toBe(200);
+      third.child.kill('SIGTERM');
+      expect(await third.exited).toBe(0);
+      second.child.kill('SIGTERM');
+      expect(await second.exited).toBe(0);
+      expect(second.out() + second.err() + third.out() + third.err()).not.toContain(replaced);
+    } finally {
+      await removeProject(cwd);
     }
   });
 });
+
+describe('the embedded database, two first starts at once', () => {
+  it('one process creates the cluster, the other waits and shares it; both serve and exit 0', {
+    timeout: 180_000,
+  }, async () => {
+    const cwd = await mkdtemp(join(tmpdir(), 'orch-embedded-'));
+    const env = { NATS_PREFIX: `${names.prefix}e`, NATS_STREAM: `${names.stream}E` };
+    try {
+      const both = [start(['all'], env, cwd), start(['all'], env, cwd)];
+      const urls = await Promise.all(both.map((p) => p.url(120_000)));
+      const created = await json<{ id: string }>(`${urls[0]}/tickets`, {
+        method: 'POST',
+        body: JSON.stringify({ title: 'seen by both' }),
+      });
+      expect(created.status).toBe(201);
+      expect((await json(`${urls[1]}/tickets/${created.body.id}`)).status).toBe(200);
+      // The sharer stops first, so that its database stays up while it does.
+      const home = await clusterHome(cwd);
+      const ownerPid = Number(await readFile(join(home, 'postgres.owner'), 'utf8'));
+      const owner = both.find((p) => p.child.pid === ownerPid);
+      const sharer = both.find((p) => p !== owner);
+      if (!owner || !sharer) throw new Error(`no process owns the server (${ownerPid})`);
+      for (const p of [sharer, owner]) {
+        p.child.kill('SIGTERM');
+        expect(await p.exited).toBe(0);
+      }
+    } finally {
+      await removeProject(cwd);
+    }
+  });
+});
+
+/** Where the embedded cluster of a project directory lives (see embedded-postgres-layout.ts). */
+async function clusterHome(cwd: string): Promise<string> {
+  const data = join(cwd, '.data');
+  const recorded = await readFile(join(data, 'postgres.cluster'), 'utf8').catch(() => null);
+  return recorded ? recorded.trim() : data;
+}
+
+async function removeProject(cwd: string): Promise<void> {
+  const home = await clusterHome(cwd);
+  if (!home.startsWith(cwd)) await rm(home, { recursive: true, force: true });
+  await rm(cwd, { recursive: true, force: true });
+}
 
 describe('many processes on one database', () => {
   it('two all and two worker processes complete 200 tasks, each exactly once', {
