@@ -54,7 +54,12 @@ describe('attempt numbers over HTTP', () => {
     expect(first).toMatchObject({ id, attempt: 1 });
     expect((await send(id, { type: 'START', token: first.token })).status).toBe(200);
     const released = await send(id, { type: 'RELEASE', token: first.token, reason: 'shutdown' });
-    expect(released.body).toMatchObject({ state: 'pending', attempt: 1, maxAttempts: 1 });
+    expect(released.body).toMatchObject({
+      state: 'pending',
+      attempt: 1,
+      attemptsUsed: 0,
+      maxAttempts: 1,
+    });
 
     const second = await claim('attempts_http');
     expect(second).toMatchObject({ id, attempt: 2 });
@@ -93,10 +98,15 @@ describe('attempt numbers over HTTP', () => {
     expect(c6.attempt).toBe(6);
     await send(id, { type: 'START', token: c6.token });
     const failed = await send(id, { type: 'FAIL', token: c6.token, error: 'boom again' });
-    expect(failed.body).toMatchObject({ state: 'failed', attempt: 6 });
+    expect(failed.body).toMatchObject({ state: 'failed', attempt: 6, attemptsUsed: 2 });
 
     const requeued = await send(id, { type: 'REQUEUE', maxAttempts: 1 });
-    expect(requeued.body).toMatchObject({ state: 'pending', attempt: 6, maxAttempts: 1 });
+    expect(requeued.body).toMatchObject({
+      state: 'pending',
+      attempt: 6,
+      attemptsUsed: 0,
+      maxAttempts: 1,
+    });
     const c7 = await claim('attempts_budget');
     expect(c7.attempt).toBe(7);
     await send(id, { type: 'START', token: c7.token });
