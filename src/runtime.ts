@@ -18,6 +18,7 @@ import type { Logger } from './log.js';
 import { createSql, type Sql } from './persistence/db.js';
 import { migrate, migrationsApplied } from './persistence/migrate.js';
 import { Queries } from './persistence/queries.js';
+import { StateCountFolder } from './persistence/state-counts.js';
 import { Transport } from './transport/index.js';
 import { transportNames } from './transport/subjects.js';
 import { ClaimService } from './workers/claims.js';
@@ -96,6 +97,10 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
       maxWaitMs: config.CLAIM_MAX_WAIT_MS,
       maxWaiters: config.CLAIM_MAX_WAITERS,
     });
+
+    const folder = new StateCountFolder(sql, log.child({ component: 'state-counts' }));
+    folder.start();
+    closers.push({ name: 'state-counts', close: () => folder.stop() });
 
     const poller = new TimerPoller(host, sql, log.child({ component: 'timers' }), {
       pollMs: config.TIMER_POLL_MS,

@@ -3,7 +3,7 @@
  * the API returns, what a claim hands a worker, what the dashboard draws.
  */
 import type { Json } from '../machines/domain-events.js';
-import type { TaskContext } from '../machines/task.js';
+import { attemptsCharged, type TaskContext } from '../machines/task.js';
 import type { TicketContext } from '../machines/ticket.js';
 import type { PersistedSnapshot } from './decide.js';
 
@@ -13,7 +13,10 @@ export interface TaskView {
   type: string;
   phase: string;
   state: string;
+  /** The latest claim's number: 1, 2, 3... one per claim, never reused. */
   attempt: number;
+  /** Claims charged against `maxAttempts` since creation or the last REQUEUE. */
+  attemptsUsed: number;
   maxAttempts: number;
   executor: string;
   worktree: string | null;
@@ -58,6 +61,7 @@ export function taskView(snapshot: PersistedSnapshot, version: number): TaskView
     phase: c.phase,
     state: String(snapshot.value),
     attempt: c.attempt,
+    attemptsUsed: attemptsCharged(c),
     maxAttempts: c.maxAttempts,
     executor: c.executor,
     worktree: c.worktree,

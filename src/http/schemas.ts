@@ -209,6 +209,7 @@ export const Task = z
     phase: z.enum(PHASES),
     state: z.enum(TASK_STATES),
     attempt: z.int(),
+    attemptsUsed: z.int(),
     maxAttempts: z.int(),
     executor: z.string(),
     worktree: z.string().nullable(),

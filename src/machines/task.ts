@@ -55,7 +55,15 @@ export interface TaskContext {
   worktree: string | null;
   payload: Json;
   priority: number;
+  /** The number of the latest claim: every CLAIM takes the next one, nothing gives one back. */
   attempt: number;
+  /**
+   * Claims charged against `maxAttempts` since creation or the last REQUEUE: every claim,
+   * less the ones given back by RELEASE. Absent in snapshots stored before it existed; their
+   * `attempt` was then refunded by RELEASE and reset by REQUEUE, so it equals this count
+   * (see `attemptsCharged`).
+   */
+  attemptsUsed?: number;
   maxAttempts: number;
   /** The live claim's fencing token; null while no claim is live, kept after completion. */
   token: string | null;
@@ -81,7 +89,7 @@ export type TaskEvent =
   | { type: 'LEASE_EXPIRED'; at?: number }
   | { type: 'RETRY'; at?: number }
   | { type: 'CANCEL'; reason?: string; at?: number }
-  /** A worker gives the task back unfinished (clean shutdown): pending at once, attempt refunded. */
+  /** A worker gives the task back unfinished (clean shutdown): pending at once, not charged. */
   | { type: 'RELEASE'; token: string; reason?: string; at?: number }
   | { type: 'REQUEUE'; maxAttempts?: number; at?: number };
 
@@ -99,8 +107,17 @@ function jitterFactor(id: string, attempt: number): number {
   return 0.5 + ((h >>> 0) % 1000) / 2000;
 }
 
-export function retryDelay(ctx: Pick<TaskContext, 'id' | 'attempt' | 'retryBaseMs'>): number {
-  const exp = Math.min(ctx.retryBaseMs * 2 ** Math.max(0, ctx.attempt - 1), MAX_RETRY_DELAY_MS);
+/** Claims charged against the budget; a snapshot stored before the count existed derives it. */
+export function attemptsCharged(ctx: Pick<TaskContext, 'attempt' | 'attemptsUsed'>): number {
+  return ctx.attemptsUsed ?? ctx.attempt;
+}
+
+/** Backoff grows with the failures of the current budget (a REQUEUE starts it over). */
+export function retryDelay(
+  ctx: Pick<TaskContext, 'id' | 'attempt' | 'attemptsUsed' | 'retryBaseMs'>,
+): number {
+  const charged = attemptsCharged(ctx);
+  const exp = Math.min(ctx.retryBaseMs * 2 ** Math.max(0, charged - 1), MAX_RETRY_DELAY_MS);
   return Math.max(1, Math.round(exp * jitterFactor(ctx.id, ctx.attempt)));
 }
 
@@ -124,12 +141,12 @@ export const taskMachine = setup({
   guards: {
     tokenMatches: ({ context, event }) =>
       'token' in event && context.token !== null && event.token === context.token,
-    attemptsLeft: ({ context }) => context.attempt < context.maxAttempts,
+    attemptsLeft: ({ context }) => attemptsCharged(context) < context.maxAttempts,
     tokenMatchesAndAttemptsLeft: ({ context, event }) =>
       'token' in event &&
       context.token !== null &&
       event.token === context.token &&
-      context.attempt < context.maxAttempts,
+      attemptsCharged(context) < context.maxAttempts,
     requeueValid: ({ event }) =>
       event.type === 'REQUEUE' &&
       (event.maxAttempts === undefined ||
@@ -141,6 +158,7 @@ export const taskMachine = setup({
       const leaseMs = event.leaseMs ?? context.leaseMs;
       return {
         attempt: context.attempt + 1,
+        attemptsUsed: attemptsCharged(context) + 1,
         token: event.token,
         workerId: event.workerId,
         leaseMs,
@@ -175,13 +193,13 @@ export const taskMachine = setup({
     clearClaim: assign(leaveClaim),
     recordRelease: assign(({ context, event }) => ({
       ...leaveClaim,
-      attempt: Math.max(0, context.attempt - 1),
+      attemptsUsed: Math.max(0, attemptsCharged(context) - 1),
       error: event.type === 'RELEASE' ? (event.reason ?? 'released by its worker') : null,
       updatedAt: timeOf(event),
     })),
     recordRetry: assign(({ event }) => ({ retryAt: null, updatedAt: timeOf(event) })),
     recordRequeue: assign(({ context, event }) => ({
-      attempt: 0,
+      attemptsUsed: 0,
       maxAttempts:
         event.type === 'REQUEUE' ? (event.maxAttempts ?? context.maxAttempts) : context.maxAttempts,
       error: null,
@@ -282,6 +300,7 @@ export const taskMachine = setup({
     payload: input.payload ?? null,
     priority: input.priority ?? 0,
     attempt: 0,
+    attemptsUsed: 0,
     maxAttempts: input.maxAttempts,
     token: null,
     workerId: null,
@@ -303,7 +322,8 @@ export const taskMachine = setup({
       on: {
         CLAIM: {
           target: 'claimed',
-          description: 'A worker takes the task: a new attempt, a new fencing token, a lease.',
+          description:
+            'A worker takes the task: the next attempt number (charged against maxAttempts), a new fencing token, a lease.',
           actions: ['recordClaim', 'emitClaimed'],
         },
         CANCEL: { target: 'cancelled', actions: ['recordCancel', 'emitCancelled'] },
@@ -359,7 +379,8 @@ export const taskMachine = setup({
         RELEASE: {
           guard: 'tokenMatches',
           target: 'pending',
-          description: 'The worker gives the task back unfinished (shutdown): claimable at once.',
+          description:
+            'The worker gives the task back unfinished (shutdown): claimable at once, the claim not charged.',
           actions: ['recordRelease', 'emitReleased'],
         },
         CANCEL: { target: 'cancelled', actions: ['recordCancel', 'emitCancelled'] },
@@ -431,7 +452,8 @@ export const taskMachine = setup({
         RELEASE: {
           guard: 'tokenMatches',
           target: 'pending',
-          description: 'The worker gives the task back unfinished (shutdown): claimable at once.',
+          description:
+            'The worker gives the task back unfinished (shutdown): claimable at once, the claim not charged.',
           actions: ['recordRelease', 'emitReleased'],
         },
         CANCEL: { target: 'cancelled', actions: ['recordCancel', 'emitCancelled'] },
@@ -454,6 +476,7 @@ export const taskMachine = setup({
         REQUEUE: {
           guard: 'requeueValid',
           target: 'pending',
+          description: 'A fresh budget of maxAttempts; attempt numbers keep counting up.',
           actions: ['recordRequeue', 'emitRequeued'],
         },
       },

@@ -6,7 +6,7 @@
  *
  * Here `bin/orchestrator worker` runs as a real child process with a long sleep task and a
  * long shell task in progress. SIGTERM: it exits 0 within SHUTDOWN_GRACE_MS plus a margin;
- * both tasks are RELEASEd (pending again, attempt refunded, no worker) and another worker
+ * both tasks are RELEASEd (pending again, the attempt not charged, no worker) and another worker
  * claims them at once, long before their 60 s lease could have expired; the shell task's
  * process group, the child's Postgres connections and the child itself are gone.
  */
@@ -146,13 +146,11 @@ describe('seed regressions: shutdown', () => {
     expect(code, out).toBe(0);
     expect(at - signalled).toBeLessThan(GRACE_MS + MARGIN_MS);
 
-    // Released, not abandoned: pending at once, attempt refunded, held by no one.
+    // Released, not abandoned: pending at once, the attempt not charged, held by no one.
     for (const id of ids) {
-      expect(await taskRow(db.sql, id)).toMatchObject({
-        state: 'pending',
-        attempt: 0,
-        workerId: null,
-      });
+      const row = await taskRow(db.sql, id);
+      expect(row).toMatchObject({ state: 'pending', attempt: 1, workerId: null });
+      expect(row.ctx.attemptsUsed).toBe(0);
       const types = await eventTypes(db.sql, id);
       expect(types.at(-1)).toBe('task.released');
       expect(types.filter((t) => t === 'task.released')).toHaveLength(1);
@@ -172,7 +170,8 @@ describe('seed regressions: shutdown', () => {
       next.push(await p.claims.claimOnce({ workerId: `next-${i}`, executors: ['sleep', 'shell'] }));
     }
     expect(new Set(next.map((n) => n?.task.id))).toEqual(new Set(ids));
-    for (const n of next) expect(n?.task.attempt).toBe(1);
+    // A new claim is a new attempt number: two executions never share one.
+    for (const n of next) expect(n?.task.attempt).toBe(2);
     for (const id of ids) await p.host.send('task', id, { type: 'CANCEL' });
   });
 });

@@ -1,7 +1,7 @@
 /**
  * Clean shutdown: `stop(grace)` stops claiming at once, waits for short tasks to COMPLETE,
- * and RELEASEs the ones still running after the grace period (pending again, attempt
- * refunded) so another worker claims them at once instead of after a lease. An executor
+ * and RELEASEs the ones still running after the grace period (pending again, the attempt
+ * not charged) so another worker claims them at once instead of after a lease. An executor
  * that ignores its abort is never released while it may still be working.
  */
 import { mkdtempSync } from 'node:fs';
@@ -58,11 +58,12 @@ describe('clean shutdown', () => {
     expect(Date.now() - started).toBeLessThan(1_000);
     expect(pool.stats()).toMatchObject({ running: 0, releases: 1, completions: 0 });
     const row = await taskRow(db.sql, id);
-    expect(row).toMatchObject({ state: 'pending', attempt: 0, workerId: null });
+    expect(row).toMatchObject({ state: 'pending', attempt: 1, workerId: null });
+    expect(row.ctx.attemptsUsed).toBe(0);
     expect((await eventTypes(db.sql, id)).at(-1)).toBe('task.released');
-    // Another process takes it right away, as attempt 1 with a new token.
+    // Another process takes it right away, as attempt 2 (a new number) with a new token.
     const next = await other.claims.claimOnce({ workerId: 'next#1', executors: ['sleep'] });
-    expect(next?.task).toMatchObject({ id, attempt: 1, workerId: 'next#1' });
+    expect(next?.task).toMatchObject({ id, attempt: 2, workerId: 'next#1' });
     await other.host.send('task', id, { type: 'CANCEL' });
   });
 

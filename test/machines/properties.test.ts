@@ -20,6 +20,7 @@ import { IllegalTransition, StaleToken } from '../../src/errors.js';
 import { type EntityType, MACHINES } from '../../src/machines/index.js';
 import { PHASES, type Phase } from '../../src/machines/phases.js';
 import {
+  attemptsCharged,
   FINAL_TASK_STATES,
   TASK_STATES,
   TASK_TOKEN_EVENTS,
@@ -170,6 +171,8 @@ describe('task machine properties', () => {
   it('holds its invariants under random event sequences', () => {
     fc.assert(
       fc.property(fc.array(taskEvent, { maxLength: 40 }), (builders) => {
+        // The budget as CONTRACT 1 counts it: claims since the last REQUEUE, less releases.
+        let charged = 0;
         run('task', TASK_INPUT, builders, FINAL_TASK_STATES, ({ event, before, outcome }) => {
           const was = before.context as unknown as TaskContext;
           if (!outcome.ok) {
@@ -185,15 +188,121 @@ describe('task machine properties', () => {
           }
           const now = outcome.decision.snapshot.context as unknown as TaskContext;
           expect(TASK_STATES).toContain(outcome.decision.state);
-          expect(now.attempt).toBeGreaterThanOrEqual(0);
-          expect(now.attempt).toBeLessThanOrEqual(now.maxAttempts);
+          // Attempt numbers only grow, by one per claim: no two executions share one.
           if (event.type === 'CLAIM') {
             expect(now.attempt).toBe(was.attempt + 1);
             expect(now.token).toBe(event.token);
+            charged++;
+          } else {
+            expect(now.attempt).toBe(was.attempt);
           }
+          if (event.type === 'RELEASE') {
+            charged--;
+            expect(outcome.decision.state).toBe('pending');
+          }
+          if (event.type === 'REQUEUE') charged = 0;
+          expect(now.attemptsUsed).toBe(charged);
+          expect(now.attemptsUsed).toBeGreaterThanOrEqual(0);
+          expect(now.attemptsUsed).toBeLessThanOrEqual(now.maxAttempts);
           // Only the live claim's worker moves a claimed or running task with a token event.
           if (TASK_TOKEN_EVENTS.includes(event.type as never)) expect(event.token).toBe(was.token);
-          if (outcome.decision.state === 'failed') expect(now.attempt).toBe(now.maxAttempts);
+          if (outcome.decision.state === 'failed') expect(now.attemptsUsed).toBe(now.maxAttempts);
+        });
+      }),
+      { numRuns: 300 },
+    );
+  });
+});
+
+/** Steps `persisted` through one event; null when refused. */
+function step(persisted: PersistedSnapshot, event: DecideEvent): PersistedSnapshot | null {
+  const outcome = attempt('task', persisted, event);
+  return outcome.ok ? outcome.decision.snapshot : null;
+}
+
+describe('task attempts and budget', () => {
+  type Outcome = 'release' | 'fail' | 'expire' | 'requeue';
+  it('claims number 1, 2, 3...; releases never exhaust the budget; REQUEUE renews it', () => {
+    fc.assert(
+      fc.property(
+        fc.integer({ min: 1, max: 3 }),
+        fc.array(fc.constantFrom<Outcome>('release', 'fail', 'expire', 'requeue'), {
+          maxLength: 30,
+        }),
+        (maxAttempts, outcomes) => {
+          let s: PersistedSnapshot = decideInitial('task', { ...TASK_INPUT, maxAttempts }).snapshot;
+          let claims = 0;
+          let charged = 0;
+          const ctx = () => taskContext(s);
+          for (const [i, outcome] of outcomes.entries()) {
+            const at = i * 1_000;
+            if (outcome === 'requeue') {
+              const next = step(s, { type: 'REQUEUE', at });
+              expect(next !== null).toBe(s.value === 'failed');
+              if (next) {
+                s = next;
+                charged = 0;
+                expect(ctx().attempt).toBe(claims);
+              }
+              continue;
+            }
+            if (s.value !== 'pending') continue;
+            s = step(s, { type: 'CLAIM', workerId: 'w', token: `t${i}`, at })!;
+            claims++;
+            charged++;
+            expect(ctx().attempt).toBe(claims);
+            const token = ctx().token!;
+            s = step(s, { type: 'START', token, at })!;
+            const event: DecideEvent =
+              outcome === 'release'
+                ? { type: 'RELEASE', token, at }
+                : outcome === 'fail'
+                  ? { type: 'FAIL', token, error: 'boom', at }
+                  : { type: 'LEASE_EXPIRED', at };
+            s = step(s, event)!;
+            if (outcome === 'release') {
+              charged--;
+              expect(s.value).toBe('pending');
+            } else {
+              expect(s.value).toBe(charged >= maxAttempts ? 'failed' : 'retry_wait');
+              if (s.value === 'retry_wait') s = step(s, { type: 'RETRY', at })!;
+            }
+            expect(ctx().attemptsUsed).toBe(charged);
+            expect(ctx().attempt).toBe(claims);
+          }
+        },
+      ),
+      { numRuns: 300 },
+    );
+  });
+
+  it('a snapshot stored before attemptsUsed existed keeps its budget', () => {
+    // Before, `attempt` was the budget count itself: RELEASE refunded it, REQUEUE reset it to
+    // 0. Such a snapshot (no attemptsUsed) must decide exactly as the current one does.
+    fc.assert(
+      fc.property(fc.array(taskEvent, { maxLength: 40 }), fc.nat(40), (builders, cut) => {
+        let current = decideInitial('task', TASK_INPUT).snapshot;
+        let legacy = clone(current);
+        builders.forEach((build, i) => {
+          if (i === cut) {
+            const { attemptsUsed, ...rest } = taskContext(current);
+            legacy = { ...clone(current), context: { ...rest, attempt: attemptsUsed } };
+            expect(attemptsCharged(taskContext(legacy))).toBe(attemptsUsed);
+          }
+          const a = attempt('task', current, build(current, i));
+          const b = attempt('task', legacy, build(legacy, i));
+          expect(b.ok).toBe(a.ok);
+          if (a.ok && b.ok) {
+            expect(b.decision.state).toBe(a.decision.state);
+            expect(b.decision.emitted.map((e) => e.type)).toEqual(
+              a.decision.emitted.map((e) => e.type),
+            );
+            expect(attemptsCharged(taskContext(b.decision.snapshot))).toBe(
+              attemptsCharged(taskContext(a.decision.snapshot)),
+            );
+            current = a.decision.snapshot;
+            legacy = b.decision.snapshot;
+          }
         });
       }),
       { numRuns: 300 },

@@ -5,9 +5,14 @@
  */
 import { describe, expect, it } from 'vitest';
 import type { AnyMachineSnapshot } from 'xstate';
-import type { DecideEvent } from '../../src/actors/decide.js';
+import type { DecideEvent, Decision } from '../../src/actors/decide.js';
 import type { DomainEventType } from '../../src/machines/domain-events.js';
-import { TASK_TOKEN_EVENTS, type TaskContext, type TaskInput } from '../../src/machines/task.js';
+import {
+  attemptsCharged,
+  TASK_TOKEN_EVENTS,
+  type TaskContext,
+  type TaskInput,
+} from '../../src/machines/task.js';
 import { type ModelSpec, runModel, summary, type TransitionRef } from './model-support.js';
 
 const INPUT: TaskInput = {
@@ -86,13 +91,52 @@ function emits(ref: TransitionRef): DomainEventType[] {
   return expected!.emits;
 }
 
+/**
+ * CONTRACT 1, attempts: every CLAIM takes the next attempt number and nothing else changes it;
+ * the budget (`attemptsUsed`) counts claims, less those given back by RELEASE, and REQUEUE
+ * empties it. Only a charged claim that fails or expires can make the task `failed`.
+ */
+function checkAttempts(
+  ref: TransitionRef,
+  event: DecideEvent,
+  model: AnyMachineSnapshot,
+  d: Decision,
+) {
+  const was = ctx(model);
+  const now = d.snapshot.context as unknown as TaskContext;
+  const where = `${ref.key}`;
+  const logical = logicalEvent(ref.eventType);
+  expect(now.attempt, `${where}: attempt`).toBe(
+    logical === 'CLAIM' ? was.attempt + 1 : was.attempt,
+  );
+  const used = attemptsCharged(was);
+  const expectedUsed =
+    logical === 'CLAIM'
+      ? used + 1
+      : logical === 'RELEASE'
+        ? used - 1
+        : logical === 'REQUEUE'
+          ? 0
+          : used;
+  expect(now.attemptsUsed, `${where}: attemptsUsed`).toBe(expectedUsed);
+  expect(now.attemptsUsed, `${where}: within the budget`).toBeLessThanOrEqual(now.maxAttempts);
+  if (logical === 'RELEASE') expect(d.state, `${where}: a release never fails`).toBe('pending');
+  if (d.state === 'failed') expect(now.attemptsUsed).toBe(now.maxAttempts);
+  if (logical === 'REQUEUE') {
+    const requested = (event as { maxAttempts?: number }).maxAttempts;
+    expect(now.maxAttempts).toBe(requested ?? was.maxAttempts);
+  }
+}
+
 const spec: ModelSpec<'task'> = {
   entityType: 'task',
   input: INPUT,
   events,
   core: (s) => {
     const c = ctx(s);
-    return `${String(s.value)} a${c.attempt}/${c.maxAttempts} ${c.token === null ? '-' : 'T'}`;
+    // The budget, not the attempt number: the number grows without bound (claim, release,
+    // claim...), the budget is what decides where the task can go.
+    return `${String(s.value)} u${attemptsCharged(c)}/${c.maxAttempts} ${c.token === null ? '-' : 'T'}`;
   },
   emits,
   timed: {
@@ -101,6 +145,7 @@ const spec: ModelSpec<'task'> = {
     retry_wait: { delay: 'retryBackoff', ms: (c) => c.retryDelayMs as number },
   },
   tokenEvents: TASK_TOKEN_EVENTS,
+  check: checkAttempts,
 };
 
 describe('task machine, model-based', () => {

@@ -179,7 +179,11 @@ function renderDetail() {
       el('td', {}, task.type),
       el('td', {}, task.phase),
       el('td', {}, stateBadge(task.state)),
-      el('td', {}, `${task.attempt}/${task.maxAttempts}`),
+      el(
+        'td',
+        { title: 'attempt number · attempts charged / maxAttempts' },
+        `${task.attempt} · ${task.attemptsUsed}/${task.maxAttempts}`,
+      ),
       el('td', {}, task.workerId ?? '—'),
       el('td', {}, task.leaseExpiresAt ? new Date(task.leaseExpiresAt).toLocaleTimeString() : '—'),
     ),
