@@ -558,7 +558,13 @@ describe('outbox relay', () => {
         30_000,
         'every ticket advanced',
       );
-      // every event in the stream once (the advances added one event per ticket)
+      // every event in the stream once (the advances added one event per ticket, committed
+      // after the first drain: wait for the relay to publish those too)
+      await eventually(
+        async () => (await outboxCount(sql)) === 0,
+        30_000,
+        'outbox drained after the advances',
+      );
       const msgs = await streamMessages(n);
       expect(new Set(msgs.map((m) => m.entry.eventId)).size).toBe(msgs.length);
       expect(msgs.length).toBe(total + tickets.length);
