@@ -40,6 +40,11 @@ export const SETTLED_TASK_STATES = new Set(['completed', 'cancelled', 'failed'])
 
 /** Requests committed together at most (bounds a batch's statements and NOTIFY payloads). */
 const MAX_BATCH_REQUESTS = 64;
+/**
+ * Transactions in flight at once per process: one more than one, so a batch fills while the
+ * other commits; few, so writes share commits instead of taking a connection each.
+ */
+const MAX_COMMITTERS = 2;
 
 export interface OutputWriteResult {
   /** Seqs the request's chunks got, in order: `firstSeq` .. `lastSeq`. */
@@ -70,7 +75,7 @@ type Waker = () => void;
 
 export class TaskOutput {
   private readonly queue: Pending[] = [];
-  private committing = false;
+  private committers = 0;
   private readonly watchers = new Map<string, Set<Waker>>();
   private readonly known = new Map<string, OutputHead>();
   private unlisten: (() => Promise<void>) | null = null;
@@ -130,7 +135,7 @@ export class TaskOutput {
     const sized = chunks.map((c) => ({ ...c, bytes: Buffer.byteLength(c.text, 'utf8') }));
     return new Promise((resolve, reject) => {
       this.queue.push({ taskId, token, chunks: sized, resolve, reject });
-      if (!this.committing) void this.drain();
+      if (this.committers < MAX_COMMITTERS) void this.drain();
     });
   }
 
@@ -207,16 +212,16 @@ export class TaskOutput {
     }
   }
 
-  /** Group commit: while one transaction runs, new writes queue and go in the next. */
+  /** Group commit: while transactions run, new writes queue and go in the next. */
   private async drain(): Promise<void> {
-    this.committing = true;
+    this.committers++;
     try {
       while (this.queue.length > 0) {
         const batch = this.queue.splice(0, MAX_BATCH_REQUESTS);
         await this.commit(batch);
       }
     } finally {
-      this.committing = false;
+      this.committers--;
     }
   }
 
