@@ -82,8 +82,12 @@ export interface AgentOptions {
 }
 
 const MAX_FAIL_CHARS = 20_000;
+/** 3 UTF-8 bytes a UTF-16 unit at most: under the server's 64 KiB a chunk. */
 const MAX_CHUNK_CHARS = 16_384;
-const MAX_REQUEST_CHARS = 256 * 1024;
+/** Under the server's 1 MiB body limit even when every character takes 6 bytes of JSON. */
+const MAX_REQUEST_CHARS = 128 * 1024;
+/** The server takes at most 1,000 chunks a request. */
+const MAX_REQUEST_CHUNKS = 500;
 const MAX_BUFFERED_CHARS = 1024 * 1024;
 const DEFAULT_LEASE_MS = 30_000;
 
@@ -474,7 +478,8 @@ class Run {
     let size = 0;
     const batches: OutputChunkIn[][] = [];
     for (const c of chunks) {
-      if (size + c.text.length > MAX_REQUEST_CHARS && batch.length > 0) {
+      const full = size + c.text.length > MAX_REQUEST_CHARS || batch.length >= MAX_REQUEST_CHUNKS;
+      if (full && batch.length > 0) {
         batches.push(batch);
         batch = [];
         size = 0;
@@ -488,7 +493,8 @@ class Run {
       try {
         await this.client.appendOutput(this.#id, this.token, b);
       } catch (error) {
-        if (this.#refused(error)) {
+        // The task is ours (the lease says so): a 404 is a server without the output route.
+        if (error instanceof NotFoundError || this.#refused(error)) {
           this.#outputOff = true;
           return;
         }
