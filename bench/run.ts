@@ -1,7 +1,7 @@
 /**
  * `npm run bench`: every figure beside its raw baseline from the same run.
  *
- * Sections (default all, in this order): host, relay, http, peers, growth, scrape. Choose with
+ * Sections (default all, in this order): host, relay, http, peers, growth, scrape, output. Choose with
  * `npm run bench -- --only relay,http` or BENCH_ONLY=relay,http. Each section creates its
  * own scratch database (and NATS streams) and drops them afterwards.
  *
@@ -18,13 +18,14 @@ import postgres from 'postgres';
 import { growthSection } from './growth.js';
 import { benchHost, benchRaw, prepareHostBatched } from './host-vs-raw.js';
 import { httpSection } from './http.js';
+import { outputSection } from './output.js';
 import { peersSection } from './peers.js';
 import { relaySection } from './relay.js';
 import { scrapeSection } from './scrape.js';
 import { ADMIN_URL, NATS_URL, scratchDatabase } from './scratch.js';
 import { fmt, print } from './stats.js';
 
-const SECTIONS = ['host', 'relay', 'http', 'peers', 'growth', 'scrape'] as const;
+const SECTIONS = ['host', 'relay', 'http', 'peers', 'growth', 'scrape', 'output'] as const;
 type Section = (typeof SECTIONS)[number];
 
 const seconds = Number(process.env.BENCH_SECONDS ?? 3);
@@ -148,6 +149,7 @@ async function main(): Promise<void> {
     if (s === 'growth')
       await growthSection({ seconds, tickets: growthTickets, cachedActors: 10_000 });
     if (s === 'scrape') await scrapeSection({ sizes: [1_000, scrapeTasks], reads: 200 });
+    if (s === 'output') await outputSection({ seconds });
     print(`\n(${s}: ${((performance.now() - t0) / 1000).toFixed(0)}s)`);
   }
   print(

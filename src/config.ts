@@ -109,6 +109,8 @@ export const configSchema = z.object({
     .regex(/^[A-Za-z0-9_-]+$/)
     .default('ORCH_EVENTS'),
   DATA_DIR: z.string().default('./.data'),
+  /** Bytes of output text kept per task; past it the oldest chunks go (`truncated`). */
+  OUTPUT_MAX_BYTES: int(1_048_576, 256).pipe(z.number().max(1_073_741_824)),
 });
 
 export type Config = z.output<typeof configSchema>;

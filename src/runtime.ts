@@ -7,6 +7,7 @@
 import type { AddressInfo } from 'node:net';
 import { Commands } from './actors/commands.js';
 import { ActorHost } from './actors/host.js';
+import { TaskOutput } from './actors/output.js';
 import { TimerPoller } from './actors/timer-poller.js';
 import type { Config } from './config.js';
 import { createApp } from './http/app.js';
@@ -126,6 +127,13 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
     const dispatch = transport.subscribeDispatch((msg) => claims.dispatched(msg));
     closers.push({ name: 'dispatch', close: async () => dispatch.unsubscribe() });
 
+    const output = new TaskOutput(sql, { maxBytes: config.OUTPUT_MAX_BYTES, host });
+    if (role !== 'worker') {
+      // Only processes that serve the live output streams need to hear other processes' writes.
+      await output.start();
+      closers.push({ name: 'output', close: () => output.stop() });
+    }
+
     let workers: WorkerPool | null = null;
     if (role !== 'api') {
       workers = createWorkerPool(host, claims, config, log);
@@ -146,6 +154,7 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
         log: log.child({ component: 'http' }),
         config,
         events: transport,
+        output,
         ready: async () => ({
           postgres: await sql`select 1`.then(
             () => true,

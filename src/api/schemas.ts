@@ -177,6 +177,32 @@ export const StreamQuery = z.strictObject({
   entityId: id.optional(),
 });
 
+/** Chunks one output request carries at most (413 beyond). */
+export const OUTPUT_CHUNKS_MAX = 1_000;
+/** UTF-8 bytes of one chunk's text at most (and never more than OUTPUT_MAX_BYTES). */
+export const OUTPUT_CHUNK_MAX_BYTES = 65_536;
+
+export const OutputChunkIn = z
+  .strictObject({
+    stream: z.enum(['stdout', 'stderr', 'log']),
+    text: z.string().min(1),
+  })
+  .register(components, { id: 'OutputChunkIn' });
+
+export const OutputBody = z
+  .strictObject({ token, chunks: z.array(OutputChunkIn).min(1) })
+  .register(components, { id: 'OutputRequest' });
+
+export const OutputQuery = z.strictObject({
+  /** Feeds the bigint `seq` column; past 2^53 a number loses digits. */
+  after: queryInt(0, Number.MAX_SAFE_INTEGER).default(0),
+  limit: limit(500, 1000),
+});
+
+export const OutputStreamQuery = z.strictObject({
+  after: queryInt(0, Number.MAX_SAFE_INTEGER).optional(),
+});
+
 export const MermaidQuery = z.strictObject({ state: name.optional() });
 
 // ---- responses ------------------------------------------------------------------------
@@ -277,6 +303,27 @@ export const LogEntry = z
 export const EventLog = z
   .object({ events: z.array(LogEntry) })
   .register(components, { id: 'EventLog' });
+
+export const OutputChunk = z
+  .object({
+    seq: z.int(),
+    attempt: z.int(),
+    stream: z.enum(['stdout', 'stderr', 'log']),
+    text: z.string(),
+    at: iso,
+  })
+  .register(components, { id: 'OutputChunk' });
+
+export const OutputPage = z
+  .object({
+    chunks: z.array(OutputChunk),
+    truncated: z.boolean(),
+  })
+  .register(components, { id: 'OutputPage' });
+
+export const OutputAccepted = z
+  .object({ firstSeq: z.int(), lastSeq: z.int(), attempt: z.int() })
+  .register(components, { id: 'OutputAccepted' });
 
 export const Claimed = z
   .object({ task: Task, token: z.string() })

@@ -12,6 +12,7 @@ import { dashboardRoutes } from './dashboard/routes.js';
 import { errorHandler, HttpProblem } from './errors.js';
 import { Histogram } from './metrics.js';
 import { opsRoutes } from './routes/ops.js';
+import { outputRoutes } from './routes/output.js';
 import { streamRoutes } from './routes/stream.js';
 import { taskRoutes } from './routes/tasks.js';
 import { ticketRoutes } from './routes/tickets.js';
@@ -90,6 +91,7 @@ export function createApp(s: AppServices): Hono<AppEnv> {
   app.route('/', ticketRoutes(s));
   app.route('/', taskRoutes(s));
   app.route('/', streamRoutes(s));
+  app.route('/', outputRoutes(s));
   app.route('/', opsRoutes(s, latency));
   app.route('/', dashboardRoutes());
 

@@ -6,6 +6,8 @@ import { z } from 'zod';
 import {
   components,
   EventLogQuery,
+  OutputQuery,
+  OutputStreamQuery,
   StreamQuery,
   TaskListQuery,
   TicketListQuery,
@@ -161,6 +163,36 @@ export function openApiDocument(): Json {
           summary: "The task's event log",
           parameters: [idParam(), ...queryParams(EventLogQuery)],
           responses: { '200': ok('EventLog'), ...ERRORS },
+        },
+      },
+      '/tasks/{id}/output': {
+        post: {
+          summary:
+            'Append output chunks for the live claim (token); 409 illegal_transition once the task left claimed/running (e.g. cancelled)',
+          parameters: [idParam()],
+          requestBody: body('OutputRequest'),
+          responses: { '202': ok('OutputAccepted', 'Accepted'), ...POST_ERRORS },
+        },
+        get: {
+          summary: "A page of the task's output after a seq, oldest first",
+          parameters: [idParam(), ...queryParams(OutputQuery)],
+          responses: { '200': ok('OutputPage'), ...ERRORS },
+        },
+      },
+      '/tasks/{id}/output/stream': {
+        get: {
+          summary:
+            "Server-Sent Events of the task's output (id: seq, event: output); a final `end` event when the task settles; resume with Last-Event-ID",
+          parameters: [
+            idParam(),
+            ...queryParams(OutputStreamQuery),
+            { name: 'Last-Event-ID', in: 'header', required: false, schema: { type: 'string' } },
+          ],
+          responses: {
+            '200': { description: 'text/event-stream', content: { 'text/event-stream': {} } },
+            ...ERRORS,
+            '503': error('unavailable: too many output streams open in this process'),
+          },
         },
       },
       '/events/stream': {

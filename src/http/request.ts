@@ -48,12 +48,22 @@ export function isJsonMediaType(contentType: string | undefined): boolean {
   return type === 'application/json' || /^application\/[a-z0-9.+-]+\+json$/.test(type);
 }
 
+const STRICT_UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: false });
+
 /** The parsed JSON body. The body-limit middleware has already bounded its size. */
 export async function readJson(c: Context): Promise<unknown> {
   if (!isJsonMediaType(c.req.header('content-type'))) {
     throw new HttpProblem('unsupported_media_type', 'the body must be application/json');
   }
-  const text = await c.req.text();
+  let text: string;
+  try {
+    // Strict: a lenient decode would store U+FFFD in place of every invalid byte, silently.
+    text = STRICT_UTF8.decode(await c.req.arrayBuffer());
+  } catch {
+    throw new InvalidInput('the body is not valid UTF-8', [
+      { path: '(body)', message: 'invalid UTF-8' },
+    ]);
+  }
   if (text.trim() === '') {
     throw new InvalidInput('the body is empty; send a JSON object', [
       { path: '(body)', message: 'required' },

@@ -6,6 +6,7 @@
 
 import type { Commands } from '../actors/commands.js';
 import type { ActorHost } from '../actors/host.js';
+import type { TaskOutput } from '../actors/output.js';
 import type { Config } from '../config.js';
 import type { Logger } from '../log.js';
 import type { Queries } from '../persistence/queries.js';
@@ -73,8 +74,15 @@ export interface AppServices {
   log: Logger;
   config: Pick<
     Config,
-    'API_TOKEN' | 'BODY_LIMIT_BYTES' | 'CLAIM_MAX_WAIT_MS' | 'PAYLOAD_MAX_BYTES' | 'SSE_MAX_CLIENTS'
+    | 'API_TOKEN'
+    | 'BODY_LIMIT_BYTES'
+    | 'CLAIM_MAX_WAIT_MS'
+    | 'PAYLOAD_MAX_BYTES'
+    | 'SSE_MAX_CLIENTS'
+    | 'OUTPUT_MAX_BYTES'
   >;
+  /** Task output (`/tasks/:id/output`); without it those routes answer 503. */
+  output?: TaskOutput;
   /** The live stream behind `GET /events/stream`; without it the route answers 503. */
   events?: EventSource;
   /** `/readyz`: each dependency reachable, migrations applied. */

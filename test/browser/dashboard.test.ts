@@ -10,6 +10,7 @@ import type { AddressInfo } from 'node:net';
 import { serve } from '@hono/node-server';
 import { type Browser, chromium, type Page } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { TaskOutput } from '../../src/actors/output.js';
 import type { Transport } from '../../src/transport/index.js';
 import type { TransportNames } from '../../src/transport/subjects.js';
 import { createTestApp, type TestApp } from '../support/http-app.js';
@@ -22,6 +23,7 @@ let server: ReturnType<typeof serve>;
 let browser: Browser;
 let page: Page;
 let base: string;
+let output: TaskOutput;
 const outside: string[] = [];
 
 beforeAll(async () => {
@@ -29,6 +31,9 @@ beforeAll(async () => {
   names = testNames();
   transport = await startTransport(t.db.sql, t.host, names, { reactions: () => [] });
   t.services.events = transport;
+  output = new TaskOutput(t.db.sql, { maxBytes: 1_048_576, host: t.host });
+  await output.start();
+  t.services.output = output;
   server = serve({ fetch: t.app.fetch, port: 0, hostname: '127.0.0.1' });
   await new Promise<void>((resolve) => server.once('listening', () => resolve()));
   base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
@@ -58,6 +63,7 @@ afterAll(async () => {
       if ('closeAllConnections' in server) server.closeAllConnections();
     });
   }
+  await output?.stop();
   await transport?.stop();
   const admin = await natsAdmin();
   await admin.close([names]);
@@ -160,6 +166,57 @@ describe('dashboard', () => {
       undefined,
       { timeout: 5_000 },
     );
+    expect(outside).toEqual([]);
+  });
+
+  it("follows a running task's output live, with its attempt and stream marked", async () => {
+    const ticket = (await t.call('POST', '/tickets', { title: 'Output ticket' })).body.id as string;
+    await t.call('POST', `/tickets/${ticket}/events`, { type: 'START' });
+    const task = (await t.call('POST', `/tickets/${ticket}/tasks`, { type: 'agent_work' })).body
+      .id as string;
+    const claimed = await t.host.send('task', task, { type: 'CLAIM', workerId: 'agent-b' });
+    const token = (claimed.snapshot.context as { token: string }).token;
+    await t.call('POST', `/tasks/${task}/events`, { type: 'START', token });
+    const write = async (chunks: { stream: string; text: string }[]) => {
+      const r = await t.call('POST', `/tasks/${task}/output`, { token, chunks });
+      expect(r.status).toBe(202);
+    };
+    await write([{ stream: 'stdout', text: 'before the page opened\n' }]);
+
+    await page.goto(`${base}/`);
+    await page.click(ticketCard('requirements', ticket));
+    await page.click(`#tasks tr.task[data-id="${task}"]`);
+    await page.waitForSelector('#output .chunk[data-seq="1"]', { timeout: 10_000 });
+    expect(await page.getAttribute('#output-panel', 'data-task')).toBe(task);
+    expect(await page.textContent('#output .attempt')).toContain('attempt 1');
+
+    // Written after the page is following: each arrives without a reload or a click.
+    for (let i = 2; i <= 4; i++) {
+      await write([{ stream: i === 3 ? 'stderr' : 'log', text: `live line ${i}\n` }]);
+      await page.waitForSelector(`#output .chunk[data-seq="${i}"]`, { timeout: 5_000 });
+    }
+    const shown = await page.$$eval('#output .chunk', (nodes) =>
+      nodes.map((n) => [
+        n.getAttribute('data-seq'),
+        n.getAttribute('data-attempt'),
+        n.getAttribute('data-stream'),
+        n.className,
+        n.textContent,
+      ]),
+    );
+    expect(shown).toEqual([
+      ['1', '1', 'stdout', 'chunk stdout', 'before the page opened\n'],
+      ['2', '1', 'log', 'chunk log', 'live line 2\n'],
+      ['3', '1', 'stderr', 'chunk stderr', 'live line 3\n'],
+      ['4', '1', 'log', 'chunk log', 'live line 4\n'],
+    ]);
+    await t.call('POST', `/tasks/${task}/events`, { type: 'COMPLETE', token });
+    await page.waitForFunction(
+      () => document.querySelector('#output .end')?.textContent?.includes('completed'),
+      undefined,
+      { timeout: 5_000 },
+    );
+    await page.screenshot({ path: 'test-results/dashboard-output.png', fullPage: true });
     expect(outside).toEqual([]);
   });
 });

@@ -14,6 +14,8 @@ const TICKET_COLUMNS = [
 ];
 const TOKEN_EVENTS = ['START', 'HEARTBEAT', 'COMPLETE', 'FAIL', 'RELEASE'];
 const FEED_MAX = 100;
+// Output chunks kept on the page (the server keeps OUTPUT_MAX_BYTES per task).
+const OUTPUT_MAX = 5000;
 // Each column shows its newest tickets, so done and cancelled ones never crowd out the open.
 const COLUMN_MAX = 100;
 
@@ -27,6 +29,8 @@ const state = {
   selected: null,
   live: false,
   chartSeq: 0,
+  // The selected task's output stream: {taskId, abort, ended}.
+  output: null,
 };
 
 function el(tag, attrs = {}, ...children) {
@@ -258,6 +262,7 @@ async function renderChart() {
   }
   panel.hidden = false;
   const { type, entity } = sel;
+  followOutput(type === 'task' ? entity : null);
   $('chart-title').textContent = `${type} ${entity.id.slice(0, 12)} · ${entity.state}`;
   panel.dataset.entity = entity.id;
   panel.dataset.state = entity.state;
@@ -406,6 +411,127 @@ async function stream() {
     setLive(false, 'reconnecting');
     await new Promise((r) => setTimeout(r, 1000));
   }
+}
+
+// ---- a task's output --------------------------------------------------------------
+
+/** Splits an SSE body into frames and calls `onFrame({id, event, data})` for each. */
+async function readFrames(res, onFrame) {
+  const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = '';
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let end = buffer.indexOf('\n\n');
+    while (end >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const frame = { id: null, event: 'message', data: [] };
+      for (const line of block.split('\n')) {
+        if (line.startsWith('id: ')) frame.id = line.slice(4);
+        else if (line.startsWith('event: ')) frame.event = line.slice(7);
+        else if (line.startsWith('data: ')) frame.data.push(line.slice(6));
+      }
+      if (frame.data.length > 0) onFrame({ ...frame, data: frame.data.join('\n') });
+      end = buffer.indexOf('\n\n');
+    }
+  }
+}
+
+/**
+ * Follows the selected task's output (or stops when none is selected): everything kept,
+ * then live, resuming after the last seq when the stream breaks. The view sticks to the
+ * bottom while it is scrolled there, and stays put while the user reads further up.
+ */
+function followOutput(task) {
+  const current = state.output;
+  const live = task && ['claimed', 'running'].includes(task.state);
+  if (current && task && current.taskId === task.id && (!current.ended || !live)) return;
+  current?.abort.abort();
+  state.output = null;
+  const panel = $('output-panel');
+  if (!task) {
+    panel.hidden = true;
+    return;
+  }
+  panel.hidden = false;
+  panel.dataset.task = task.id;
+  const pre = $('output');
+  if (!current || current.taskId !== task.id) pre.replaceChildren();
+  const mine = { taskId: task.id, abort: new AbortController(), ended: false, lastSeq: null };
+  if (current && current.taskId === task.id) mine.lastSeq = current.lastSeq;
+  state.output = mine;
+  $('output-title').textContent = `Output · ${task.id.slice(0, 12)}`;
+  void (async () => {
+    while (!mine.abort.signal.aborted && !mine.ended) {
+      try {
+        const headers = { ...authHeaders() };
+        if (mine.lastSeq) headers['Last-Event-ID'] = mine.lastSeq;
+        const res = await fetch(`/tasks/${encodeURIComponent(task.id)}/output/stream`, {
+          headers,
+          signal: mine.abort.signal,
+        });
+        if (!res.ok || !res.body) throw new Error(`output stream: ${res.status}`);
+        await readFrames(res, (f) => onOutputFrame(mine, pre, f));
+      } catch {
+        // Broken or refused: try again shortly, after the last seq shown.
+      }
+      if (!mine.ended) await new Promise((r) => setTimeout(r, 1000));
+    }
+  })();
+}
+
+function onOutputFrame(mine, pre, frame) {
+  if (state.output !== mine) return;
+  let data = null;
+  try {
+    data = JSON.parse(frame.data);
+  } catch {
+    return;
+  }
+  const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+  if (frame.event === 'output') {
+    mine.lastSeq = frame.id;
+    const last = pre.lastElementChild;
+    if (!last || last.dataset.attempt !== String(data.attempt)) {
+      pre.append(
+        el(
+          'span',
+          { class: 'attempt', 'data-attempt': data.attempt },
+          `— attempt ${data.attempt} —\n`,
+        ),
+      );
+    }
+    pre.append(
+      el(
+        'span',
+        {
+          class: `chunk ${data.stream}`,
+          'data-seq': data.seq,
+          'data-attempt': data.attempt,
+          'data-stream': data.stream,
+          title: `#${data.seq} · attempt ${data.attempt} · ${data.stream} · ${data.at}`,
+        },
+        data.text,
+      ),
+    );
+    while (pre.children.length > OUTPUT_MAX) pre.firstElementChild.remove();
+  } else if (frame.event === 'truncated') {
+    pre.append(
+      el('span', { class: 'gap' }, `… chunks ${data.from}–${data.to} were dropped (cap) …\n`),
+    );
+  } else if (frame.event === 'end') {
+    mine.ended = true;
+    pre.append(
+      el(
+        'span',
+        { class: 'end' },
+        `— ${data.state}${data.truncated ? ', oldest output dropped' : ''} —\n`,
+      ),
+    );
+  }
+  if (atBottom) pre.scrollTop = pre.scrollHeight;
 }
 
 // ---- start --------------------------------------------------------------------------
