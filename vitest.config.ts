@@ -6,7 +6,11 @@ export default defineConfig({
       {
         test: {
           name: 'unit',
-          include: ['test/machines/**/*.test.ts', 'test/actors/**/*.test.ts'],
+          include: [
+            'test/machines/**/*.test.ts',
+            'test/actors/**/*.test.ts',
+            'test/client/**/*.test.ts',
+          ],
         },
       },
       {

@@ -12,7 +12,7 @@ import {
   TaskListQuery,
   TicketListQuery,
   TicketTasksQuery,
-} from './schemas.js';
+} from '../api/schemas.js';
 
 type Json = Record<string, unknown>;
 const ref = (id: string) => ({ $ref: `#/components/schemas/${id}` });

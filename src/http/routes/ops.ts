@@ -3,11 +3,11 @@
  * are all there), Prometheus metrics, the machine definitions and the OpenAPI document.
  */
 import { Hono } from 'hono';
+import { DeadLetterQuery, MermaidQuery } from '../../api/schemas.js';
 import { NotFound } from '../../errors.js';
 import { family, type Histogram } from '../metrics.js';
 import { openApiDocument } from '../openapi.js';
 import { validate } from '../request.js';
-import { DeadLetterQuery, MermaidQuery } from '../schemas.js';
 import type { AppEnv, AppServices } from '../services.js';
 
 export function opsRoutes(s: AppServices, httpLatency: Histogram): Hono<AppEnv> {

@@ -6,16 +6,16 @@
 import { Hono } from 'hono';
 import { streamSSE } from 'hono/streaming';
 import { SETTLED_TASK_STATES } from '../../actors/output.js';
-import { InvalidInput, NotFound, Unavailable } from '../../errors.js';
-import { HttpProblem } from '../errors.js';
-import { idempotencyOf, readJson, validate } from '../request.js';
 import {
   OUTPUT_CHUNK_MAX_BYTES,
   OUTPUT_CHUNKS_MAX,
   OutputBody,
   OutputQuery,
   OutputStreamQuery,
-} from '../schemas.js';
+} from '../../api/schemas.js';
+import { InvalidInput, NotFound, Unavailable } from '../../errors.js';
+import { HttpProblem } from '../errors.js';
+import { idempotencyOf, readJson, validate } from '../request.js';
 import type { AppEnv, AppServices } from '../services.js';
 import { pathId } from './tickets.js';
 

@@ -10,9 +10,9 @@
  */
 import { Hono } from 'hono';
 import { streamSSE } from 'hono/streaming';
+import { StreamQuery } from '../../api/schemas.js';
 import { InvalidInput, Unavailable } from '../../errors.js';
 import { validate } from '../request.js';
-import { StreamQuery } from '../schemas.js';
 import type { AppEnv, AppServices, EventFeed, StreamMessage } from '../services.js';
 
 export function streamRoutes(s: AppServices): Hono<AppEnv> {

@@ -4,10 +4,10 @@
  */
 import { Hono } from 'hono';
 import type { StoredResponse } from '../../actors/host.js';
+import { ClaimBody, EventLogQuery, TaskEventBody, TaskListQuery } from '../../api/schemas.js';
 import { InvalidInput, NotFound } from '../../errors.js';
 import type { ClaimedTask } from '../../workers/claims.js';
 import { capJsonBytes, idempotencyOf, readJson, validate } from '../request.js';
-import { ClaimBody, EventLogQuery, TaskEventBody, TaskListQuery } from '../schemas.js';
 import type { AppEnv, AppServices } from '../services.js';
 import { summaryOf } from '../views.js';
 import { pathId, refuseSystemEvent } from './tickets.js';

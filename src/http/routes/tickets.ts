@@ -5,8 +5,6 @@
  */
 import { Hono } from 'hono';
 import { assertPublicEvent } from '../../actors/commands.js';
-import { NotFound } from '../../errors.js';
-import { capJsonBytes, idempotencyOf, readJson, validate } from '../request.js';
 import {
   EventLogQuery,
   ID_PATTERN,
@@ -15,7 +13,9 @@ import {
   TicketEventBody,
   TicketListQuery,
   TicketTasksQuery,
-} from '../schemas.js';
+} from '../../api/schemas.js';
+import { NotFound } from '../../errors.js';
+import { capJsonBytes, idempotencyOf, readJson, validate } from '../request.js';
 import type { AppEnv, AppServices } from '../services.js';
 import { summaryOf } from '../views.js';
 
