@@ -5,7 +5,7 @@
  */
 import { readFile } from 'node:fs/promises';
 import { compileWorkflow } from '../machines/workflow.js';
-import { type Finding, parseWorkflowJson, WORKFLOW_BODY_LIMIT_BYTES } from './definition.js';
+import { type Finding, parseWorkflowJson } from './definition.js';
 import { modelSummary, runWorkflowModel } from './model-run.js';
 import { verifyWorkflow } from './verify.js';
 
