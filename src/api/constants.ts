@@ -8,6 +8,7 @@
 export const PHASES = ['requirements', 'design', 'implementation', 'testing'] as const;
 
 export const TASK_STATES = [
+  'waiting',
   'pending',
   'claimed',
   'running',
