@@ -122,13 +122,19 @@ export class ClaimService {
     let admitted = false;
     // A wake-up this claimer took and has not yet used for an attempt.
     let unused: Freed | null = null;
+    const pollMs = this.options.pollMs ?? 1_000;
+    // False when this claimer's fallback poll came due but another of its kind just polled.
+    let look = true;
     try {
       for (;;) {
         if (req.signal?.aborted) return null;
         const generation = this.wakeups.generation;
-        const claimed = await this.claimOnce(req);
-        unused = null;
-        if (claimed) return claimed;
+        if (look) {
+          const claimed = await this.claimOnce(req);
+          unused = null;
+          if (claimed) return claimed;
+        }
+        look = true;
         const left = deadline - Date.now();
         if (left <= 0) return null;
         // Something changed while we looked: look again before sleeping.
@@ -142,12 +148,9 @@ export class ClaimService {
           this.waiting++;
           admitted = true;
         }
-        const r = await this.wakeups.wait(
-          Math.min(left, this.options.pollMs ?? 1_000),
-          req.signal,
-          filter,
-        );
+        const r = await this.wakeups.wait(Math.min(left, pollMs), req.signal, filter);
         if (typeof r === 'object') unused = r.woken;
+        else if (r === 'timeout') look = this.wakeups.pollTurn(filter, pollMs);
       }
     } finally {
       if (admitted) this.waiting--;

@@ -35,6 +35,8 @@ interface Waiter {
   wake: (freed: Freed) => void;
 }
 
+const MAX_POLL_KINDS = 1_000;
+
 export class Wakeups {
   /** In arrival order (a Set iterates in insertion order): the longest waiting wakes first. */
   private readonly waiters = new Set<Waiter>();
@@ -42,6 +44,26 @@ export class Wakeups {
   generation = 0;
   /** Waiters woken so far (a notify that finds nobody counts nothing). */
   woken = 0;
+
+  /** When a waiter of each kind last took its fallback poll (see `pollTurn`). */
+  private readonly lastPoll = new Map<string, number>();
+
+  /**
+   * Whether a waiter whose fallback poll came due should look now. One waiter per kind
+   * polls per interval: the poll only finds what no wake-up announced (a worktree or a type
+   * slot freed in another process), and whoever finds it wakes the next waiter if more work
+   * is queued. Without this, N idle claimers ran N claim transactions per interval.
+   */
+  pollTurn(filter: WaiterFilter | undefined, intervalMs: number, now = Date.now()): boolean {
+    const kind = kindOf(filter);
+    const last = this.lastPoll.get(kind);
+    // Arrival order staggers the waiters' timers: a poll within 90% of the interval counts.
+    if (last !== undefined && now - last < intervalMs * 0.9) return false;
+    // Kinds come from clients' type lists; forgetting them only costs an extra poll.
+    if (this.lastPoll.size >= MAX_POLL_KINDS) this.lastPoll.clear();
+    this.lastPoll.set(kind, now);
+    return true;
+  }
 
   /** Claimers waiting now. */
   get waiting(): number {

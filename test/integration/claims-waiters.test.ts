@@ -50,11 +50,11 @@ function counted(svc: ClaimService): Counted {
 }
 
 /** A claim service of its own on the test app's host, polling too seldom to matter. */
-function service(): Counted {
+function service(pollMs = 30_000): Counted {
   const svc = new ClaimService(t.host, new Wakeups(), {
     typeLimits: {},
     maxWaitMs: 20_000,
-    pollMs: 30_000,
+    pollMs,
   });
   services.push(svc);
   return counted(svc);
@@ -267,5 +267,20 @@ describe('long-poll claim waiters', () => {
     const [second] = await tasks(tk, 1);
     await eventually(() => w.results.length === 1, 3_000, 'the waiter claims the next task');
     expect(w.results[0]?.task.id).toBe(second);
+  });
+
+  it('50 idle waiters take one fallback poll per interval between them, and it still finds work', async () => {
+    const c = service(100);
+    const w = await waiters(c, 50, 'idle');
+    c.tried.length = 0;
+    await new Promise((r) => setTimeout(r, 1_500));
+    // One waiter polls per 100 ms interval (each used to: about 750 attempts in 1.5 s).
+    expect(c.tried.length).toBeGreaterThan(3);
+    expect(c.tried.length).toBeLessThanOrEqual(30);
+    // A task no wake-up announces (as if freed in another process) is found by that poll.
+    const tk = await ticket();
+    const [id] = await tasks(tk, 1);
+    await eventually(() => w.results.length === 1, 3_000, 'the polling waiter claims it');
+    expect(w.results[0]?.task.id).toBe(id);
   });
 });

@@ -128,7 +128,10 @@ describe('TASK_ATTEMPT through the worker pool', () => {
       },
     });
     expect((await taskRow(t.db.sql, id)).ctx.maxAttempts).toBe(1);
-    const executors = () => [new SleepExecutor(), new ShellExecutor({ timeoutMs: 60_000 })];
+    const executors = () => [
+      new SleepExecutor(),
+      new ShellExecutor({ timeoutMs: 60_000, allowRoot: true }),
+    ];
     const lines = async () => (await readFile(file, 'utf8').catch(() => '')).split('\n');
 
     const leaving = p.pool({ workerId: 'leaving', concurrency: 1 }, executors());
