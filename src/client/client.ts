@@ -26,6 +26,7 @@ import type {
   MachineListBody,
   NewTask,
   NewTicket,
+  OutputAccepted,
   OutputChunk,
   OutputChunkIn,
   OutputPage,
@@ -199,14 +200,14 @@ export class OrchestratorClient {
 
   // ---- output -------------------------------------------------------------------------
 
-  /** `POST /tasks/:id/output`: append chunks under the claim's token (202). */
-  async appendOutput(
+  /** `POST /tasks/:id/output`: append chunks under the claim's token; the `seq`s they got. */
+  appendOutput(
     id: string,
     token: string,
     chunks: OutputChunkIn[],
     o: CallOptions = {},
-  ): Promise<void> {
-    await this.#post(`/tasks/${enc(id)}/output`, { token, chunks }, o);
+  ): Promise<OutputAccepted> {
+    return this.#post(`/tasks/${enc(id)}/output`, { token, chunks }, o);
   }
   /** `GET /tasks/:id/output`: chunks with `seq` after `after`; `truncated` when old ones went. */
   readOutput(id: string, q: OutputQuery = {}, o: CallOptions = {}): Promise<OutputPage> {

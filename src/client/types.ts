@@ -15,6 +15,10 @@ import type {
   MachineList,
   NewTaskBody,
   NewTicketBody,
+  OutputAccepted as OutputAcceptedSchema,
+  OutputChunkIn as OutputChunkInSchema,
+  OutputChunk as OutputChunkSchema,
+  OutputPage as OutputPageSchema,
   Readiness,
   TaskDetail,
   TaskEventBody,
@@ -77,20 +81,13 @@ export interface EventLogQuery {
 
 // ---- output (CONTRACT section 6) -------------------------------------------------------
 
-export type OutputStream = 'stdout' | 'stderr' | 'log';
-export interface OutputChunkIn {
-  stream: OutputStream;
-  text: string;
-}
-export interface OutputChunk extends OutputChunkIn {
-  seq: number;
-  attempt: number;
-  at: string;
-}
-export interface OutputPage {
-  chunks: OutputChunk[];
-  truncated: boolean;
-}
+export type OutputChunkIn = z.input<typeof OutputChunkInSchema>;
+export type OutputStream = OutputChunkIn['stream'];
+/** One stored chunk: `seq` orders a task's output across its attempts. */
+export type OutputChunk = z.output<typeof OutputChunkSchema>;
+/** `truncated`: older chunks went past OUTPUT_MAX_BYTES. */
+export type OutputPage = z.output<typeof OutputPageSchema>;
+export type OutputAccepted = z.output<typeof OutputAcceptedSchema>;
 export interface OutputQuery {
   after?: number;
   limit?: number;
