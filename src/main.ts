@@ -10,7 +10,8 @@ import { ROLES, type Role, redact, startRuntime } from './runtime.js';
 import { startupRefusals, startupWarnings } from './security.js';
 import { redactNatsUrl } from './transport/nats.js';
 
-const USAGE = 'usage: orchestrator [all|api|worker]   (configuration: environment, see README)';
+const USAGE = `usage: orchestrator [all|api|worker]   (configuration: environment, see README)
+       orchestrator agent [options] -- COMMAND [ARGS...]   (orchestrator agent --help)`;
 
 async function main(argv: string[]): Promise<number> {
   const arg = argv[0] ?? 'all';
@@ -18,6 +19,8 @@ async function main(argv: string[]): Promise<number> {
     process.stdout.write(`${USAGE}\n`);
     return 0;
   }
+  // Clients of a running orchestrator, not roles of one: their own modules, loaded on demand.
+  if (arg === 'agent') return (await import('./agent/cli.js')).runAgentCli(argv.slice(1));
   if (!ROLES.includes(arg as Role)) {
     process.stderr.write(`unknown role "${arg}"\n${USAGE}\n`);
     return 2;
