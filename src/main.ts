@@ -11,7 +11,8 @@ import { startupRefusals, startupWarnings } from './security.js';
 import { redactNatsUrl } from './transport/nats.js';
 
 const USAGE = `usage: orchestrator [all|api|worker]   (configuration: environment, see README)
-       orchestrator agent [options] -- COMMAND [ARGS...]   (orchestrator agent --help)`;
+       orchestrator agent [options] -- COMMAND [ARGS...]   (orchestrator agent --help)
+       orchestrator mcp   (a Model Context Protocol server on stdio)`;
 
 async function main(argv: string[]): Promise<number> {
   const arg = argv[0] ?? 'all';
@@ -21,6 +22,7 @@ async function main(argv: string[]): Promise<number> {
   }
   // Clients of a running orchestrator, not roles of one: their own modules, loaded on demand.
   if (arg === 'agent') return (await import('./agent/cli.js')).runAgentCli(argv.slice(1));
+  if (arg === 'mcp') return (await import('./agent/mcp.js')).runMcpServer(argv.slice(1));
   if (!ROLES.includes(arg as Role)) {
     process.stderr.write(`unknown role "${arg}"\n${USAGE}\n`);
     return 2;
