@@ -296,6 +296,29 @@ describe('bin/orchestrator agent', () => {
     expect(await agent.exited).toBe(0);
   });
 
+  it('examples/agents/fake-coding-agent.sh commits in its worktree and reports the commit', async () => {
+    const repo = join(dir, 'example-repo');
+    execFileSync('sh', [
+      '-c',
+      `git init -q "${repo}" && cd "${repo}" && echo hi > README && git add README && git -c user.email=t@e -c user.name=t commit -qm init`,
+    ]);
+    const example = new URL('../../examples/agents/fake-coding-agent.sh', import.meta.url).pathname;
+    const { ticket, tasks } = await ticketWith('cli_example', [
+      { worktree: 'example', payload: { prompt: 'add a dark mode toggle' } },
+    ]);
+    await startAgent(['--types', 'cli_example', '--repo', repo, '--', example]);
+    const done = await settled(tasks[0]!.id);
+    expect([done.state, done.error]).toEqual(['completed', null]);
+    const result = done.result as { summary: string; commit: string };
+    expect(result.summary).toBe(`wrote notes/${ticket.id}.md`);
+    const wt = join(`${repo}.worktrees`, 'example');
+    expect(execFileSync('git', ['rev-parse', 'HEAD'], { cwd: wt }).toString().trim()).toBe(
+      result.commit,
+    );
+    const out = (await client.readOutput(done.id)).chunks.map((c) => c.text).join('');
+    expect(out).toContain('add a dark mode toggle');
+  });
+
   it('refuses a bad command line with exit 2 and the usage', async () => {
     for (const args of [
       ['--', 'no-such-command-here'],
