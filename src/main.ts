@@ -10,9 +10,10 @@ import { ROLES, type Role, redact, startRuntime } from './runtime.js';
 import { startupRefusals, startupWarnings } from './security.js';
 import { redactNatsUrl } from './transport/nats.js';
 
-const USAGE =
-  'usage: orchestrator [all|api|worker]   (configuration: environment, see README)\n' +
-  '       orchestrator workflow check FILE.json';
+const USAGE = `usage: orchestrator [all|api|worker]   (configuration: environment, see README)
+       orchestrator workflow check FILE.json
+       orchestrator agent [options] -- COMMAND [ARGS...]   (orchestrator agent --help)
+       orchestrator mcp   (a Model Context Protocol server on stdio)`;
 
 async function main(argv: string[]): Promise<number> {
   const arg = argv[0] ?? 'all';
@@ -20,10 +21,12 @@ async function main(argv: string[]): Promise<number> {
     process.stdout.write(`${USAGE}\n`);
     return 0;
   }
+  // Tools and clients of a running orchestrator, not roles of one: loaded on demand.
   if (arg === 'workflow') {
-    const { workflowCommand } = await import('./workflows/check-command.js');
-    return workflowCommand(argv.slice(1));
+    return (await import('./workflows/check-command.js')).workflowCommand(argv.slice(1));
   }
+  if (arg === 'agent') return (await import('./agent/cli.js')).runAgentCli(argv.slice(1));
+  if (arg === 'mcp') return (await import('./agent/mcp.js')).runMcpServer(argv.slice(1));
   if (!ROLES.includes(arg as Role)) {
     process.stderr.write(`unknown role "${arg}"\n${USAGE}\n`);
     return 2;

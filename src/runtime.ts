@@ -136,7 +136,7 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
 
     let workers: WorkerPool | null = null;
     if (role !== 'api') {
-      workers = createWorkerPool(host, claims, config, log);
+      workers = createWorkerPool(host, claims, config, log, output);
       workers.start();
       const pool = workers;
       closers.push({ name: 'workers', close: () => pool.stop(config.SHUTDOWN_GRACE_MS) });

@@ -16,6 +16,7 @@ import type { Json } from '../machines/domain-events.js';
 import type { ClaimedTask, ClaimService } from './claims.js';
 import { type Executor, type ExecutorRegistry, failureText } from './executors/executor.js';
 import { createExecutors } from './executors/index.js';
+import { OutputBatcher, type OutputWriter } from './output-batcher.js';
 
 export interface WorkerPoolOptions {
   /** `WORKER_ID`; slot n claims as `${workerId}#${n}`. */
@@ -34,6 +35,8 @@ export interface WorkerPoolOptions {
    * released while its work may still be going on.
    */
   abortWaitMs?: number;
+  /** Where executors' output goes (the task output store); none when unset. */
+  output?: OutputWriter;
 }
 
 export interface WorkerStats {
@@ -55,6 +58,7 @@ export function createWorkerPool(
   claims: ClaimService,
   config: Config,
   log: Logger,
+  output?: OutputWriter,
 ): WorkerPool {
   if (config.HEARTBEAT_MS >= config.LEASE_MS) {
     log.warn(
@@ -67,6 +71,7 @@ export function createWorkerPool(
     concurrency: config.WORKER_CONCURRENCY,
     heartbeatMs: config.HEARTBEAT_MS,
     claimWaitMs: config.CLAIM_MAX_WAIT_MS,
+    output,
   });
 }
 
@@ -226,17 +231,23 @@ export class WorkerPool {
     log: Logger,
   ): Promise<{ ok: true; result: Json } | { ok: false; error: unknown }> {
     const heartbeat = this.heartbeat(exec, task.leaseExpiresAt, log);
+    const output = this.options.output
+      ? new OutputBatcher(this.options.output, task.id, exec.token, log)
+      : null;
     try {
       const { result } = await executor.run(task, {
         signal: exec.abort.signal,
         attempt: task.attempt,
         token: exec.token,
         log,
+        ...(output ? { output: (stream, text) => output.push(stream, text) } : {}),
       });
       return { ok: true, result };
     } catch (error) {
       return { ok: false, error };
     } finally {
+      // Before COMPLETE or FAIL: once the task settles, its output is refused.
+      await output?.close();
       await heartbeat.stop();
     }
   }

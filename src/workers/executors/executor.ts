@@ -21,6 +21,11 @@ export interface ExecutionContext {
   /** The claim's fencing token, for executors that report to the API themselves. */
   token: string;
   log: Logger;
+  /**
+   * Streams what the task prints into its output (`GET /tasks/:id/output`), batched; cheap
+   * and never throws. Absent when the process has no output store.
+   */
+  output?: (stream: 'stdout' | 'stderr' | 'log', text: string) => void;
 }
 
 export interface ExecutionResult {

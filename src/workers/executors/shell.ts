@@ -15,6 +15,7 @@
 import { spawn } from 'node:child_process';
 import { realpath, stat } from 'node:fs/promises';
 import { isAbsolute, resolve, sep } from 'node:path';
+import { StringDecoder } from 'node:string_decoder';
 import type { TaskView } from '../../actors/views.js';
 import { type ExecutionContext, ExecutionFailed, type Executor, timerMs } from './executor.js';
 
@@ -73,6 +74,7 @@ export class ShellExecutor implements Executor {
       tailBytes: this.options.tailBytes ?? 4096,
       killGraceMs: this.options.killGraceMs ?? 2_000,
       signal: ctx.signal,
+      output: ctx.output,
     });
   }
 
@@ -150,6 +152,7 @@ interface RunOptions {
   tailBytes: number;
   killGraceMs: number;
   signal: AbortSignal;
+  output?: ExecutionContext['output'];
 }
 
 function runShell(
@@ -170,8 +173,19 @@ function runShell(
     const stderr = new Tail(o.tailBytes);
     // Never written: it exists only to close when this process dies (see WATCHDOG).
     child.stdin.on('error', () => {});
-    child.stdout.on('data', (b: Buffer) => stdout.push(b));
-    child.stderr.on('data', (b: Buffer) => stderr.push(b));
+    // Decoded per stream, so a character split across two reads arrives whole.
+    const decoders = { stdout: new StringDecoder('utf8'), stderr: new StringDecoder('utf8') };
+    const emit = (stream: 'stdout' | 'stderr', text: string) => {
+      if (text !== '') o.output?.(stream, text);
+    };
+    child.stdout.on('data', (b: Buffer) => {
+      stdout.push(b);
+      if (o.output) emit('stdout', decoders.stdout.write(b));
+    });
+    child.stderr.on('data', (b: Buffer) => {
+      stderr.push(b);
+      if (o.output) emit('stderr', decoders.stderr.write(b));
+    });
 
     let stopReason: { timedOut: boolean; message: string } | null = null;
     let killTimer: NodeJS.Timeout | undefined;
@@ -203,6 +217,10 @@ function runShell(
       clearTimeout(killTimer);
       clearTimeout(closeTimer);
       o.signal.removeEventListener('abort', onAbort);
+      if (o.output) {
+        emit('stdout', decoders.stdout.end());
+        emit('stderr', decoders.stderr.end());
+      }
       const out = { stdout: stdout.text(), stderr: stderr.text() };
       if (spawnError) {
         return reject(new ExecutionFailed(`could not start sh: ${spawnError.message}`, out));
