@@ -8,6 +8,7 @@ import { InvalidInput } from '../errors.js';
 import type { Json } from '../machines/domain-events.js';
 import { type EntityType, MACHINES } from '../machines/index.js';
 import { isPhase, type Phase } from '../machines/phases.js';
+import { recordTaskAdded } from '../policies/index.js';
 import type { DecideEvent } from './decide.js';
 import type { ActorHost, Applied, UnitOfWork } from './host.js';
 
@@ -50,8 +51,9 @@ export class Commands {
   }
 
   /**
-   * Adds a task to a ticket in its current phase (or the one given). A final ticket refuses
-   * it with IllegalTransition, and then no task exists.
+   * Adds a task to a ticket in its current phase (or the one given). The ticket records it in
+   * the same transaction (the `task-added` policy); a final ticket refuses it with
+   * IllegalTransition, and then no task exists.
    */
   async addTask(uow: UnitOfWork, ticketId: string, spec: NewTask): Promise<Applied> {
     const ticket = await uow.load('ticket', ticketId);
@@ -59,12 +61,7 @@ export class Commands {
     const phase = spec.phase ?? current ?? 'requirements';
     if (!isPhase(phase)) throw new InvalidInput(`phase ${String(phase)} is not a phase`);
     const id = spec.id ?? `tsk_${randomUUID()}`;
-    await uow.send('ticket', ticketId, {
-      type: 'TASK_ADDED',
-      taskId: id,
-      phase,
-      taskType: spec.type,
-    });
+    await recordTaskAdded(uow, ticketId, { taskId: id, phase, taskType: spec.type });
     const d = this.host.taskDefaults;
     return uow.create('task', {
       id,

@@ -12,9 +12,6 @@ import { createHash, randomUUID } from 'node:crypto';
 import { Conflict, IllegalTransition, NotFound, StaleToken, VersionConflict } from '../errors.js';
 import type { EntityType } from '../machines/index.js';
 import { MACHINES } from '../machines/index.js';
-import type { Phase } from '../machines/phases.js';
-import type { TaskInput } from '../machines/task.js';
-import { DIAGNOSTIC_TASK_TYPE, phaseComplete, type TicketContext } from '../machines/ticket.js';
 import {
   type ActorRow,
   insertActorRow,
@@ -30,6 +27,7 @@ import {
   type TimerRow,
   upsertTimers,
 } from '../persistence/timer-rows.js';
+import { afterTransition } from '../policies/index.js';
 import { ActorCache } from './actor-cache.js';
 import {
   type DecideEvent,
@@ -106,7 +104,8 @@ export class ActorHost {
   readonly taskDefaults: TaskDefaults;
   private readonly cache: ActorCache;
   private readonly maxAttempts: number;
-  private readonly diagnosticExecutor: string;
+  /** Executor of the diagnostic tasks the stuck check spawns. */
+  readonly diagnosticExecutor: string;
   private readonly mailboxes = new Map<string, Promise<unknown>>();
   private readonly listeners = new Set<CommitListener>();
   /** Counters for /metrics: transitions and refusals by entity type and event. */
@@ -271,20 +270,6 @@ export class ActorHost {
     return this.cache.get(key);
   }
 
-  /** @internal */
-  diagnosticTaskInput(ticketId: string, taskId: string, phase: Phase): TaskInput {
-    return {
-      id: taskId,
-      ticketId,
-      type: DIAGNOSTIC_TASK_TYPE,
-      phase,
-      executor: this.diagnosticExecutor,
-      payload: { reason: 'no task of the phase changed state within STUCK_AFTER_MS' },
-      priority: 10,
-      ...this.taskDefaults,
-    };
-  }
-
   private async inMailbox<T>(key: string, run: () => Promise<T>): Promise<T> {
     const previous = this.mailboxes.get(key) ?? Promise.resolve();
     const next = previous.then(run, run);
@@ -312,7 +297,8 @@ export class UnitOfWork {
   usedCache = false;
 
   constructor(
-    private readonly host: ActorHost,
+    /** The host this unit of work writes through (its cache, its task settings). */
+    readonly host: ActorHost,
     /** The time stamped on every event of this unit of work. */
     readonly at: number,
   ) {}
@@ -471,32 +457,9 @@ export class UnitOfWork {
       events,
     };
     this.results.push(applied);
-    await this.followUp(applied);
+    // What follows on other actors in the same transaction: src/policies owns those rules.
+    await afterTransition(this, applied);
     return applied;
-  }
-
-  /** Effects a transition implies on other actors, in the same transaction. */
-  private async followUp(applied: Applied): Promise<void> {
-    for (const e of applied.events) {
-      if (e.type === 'ticket.diagnostic_spawned') {
-        const { taskId, phase } = e.data as { taskId: string; phase: Phase };
-        await this.create('task', this.host.diagnosticTaskInput(applied.id, taskId, phase));
-      }
-    }
-    // A ticket that enters a phase whose tasks already allow it to advance (they finished
-    // while it was in backlog or blocked) advances now: no later task event would trigger
-    // the automatic ADVANCE, and it must not wait for a stuck check.
-    const entered = applied.events.some(
-      (e) =>
-        (e.type === 'ticket.phase_changed' && e.data.to !== 'done') ||
-        e.type === 'ticket.unblocked',
-    );
-    if (applied.entityType === 'ticket' && entered) {
-      const ctx = applied.snapshot.context as unknown as TicketContext;
-      if (ctx.phase !== null && phaseComplete(ctx.tasks, ctx.phase)) {
-        await this.send('ticket', applied.id, { type: 'ADVANCE' });
-      }
-    }
   }
 }
 

@@ -1,7 +1,8 @@
 /**
  * The reconciler: Postgres is the source of truth, and JetStream may lose acknowledged
- * messages. On a slow interval, in every process, it re-derives from Postgres what the
- * reactions should have done and applies it through the same idempotent path:
+ * messages. On a slow interval, in every process, it finds in Postgres (queries in
+ * src/persistence) where a reaction's effect is missing and runs the same policy
+ * (src/policies) the reaction would have:
  * - a ticket whose record of a task's state is behind the task → `TASK_STATE` (which advances
  *   or blocks it when that is due);
  * - a cancelled ticket with open tasks → `CANCEL` them;
@@ -19,7 +20,8 @@ import {
   openTicketIdsAfter,
   stalePendingTask,
 } from '../persistence/reaction-rows.js';
-import { cancelOpenTasks, forwardTaskState, publishDispatch } from './reactions.js';
+import { cancelOpenTasks, forwardTaskState } from '../policies/index.js';
+import { publishDispatch } from './reactions.js';
 import type { TransportNames } from './subjects.js';
 
 export interface ReconcilerOptions {
@@ -122,9 +124,7 @@ export class Reconciler {
       }
       this.ticketCursor = ids[ids.length - 1] as string;
       for (const taskId of await driftedTasks(sql, ids, this.graceMs)) {
-        const { value } = await this.o.host.transact((uow) =>
-          forwardTaskState(this.o.host, uow, taskId),
-        );
+        const { value } = await this.o.host.transact((uow) => forwardTaskState(uow, taskId));
         if (value) fixed++;
       }
       if (ids.length < this.batchSize) {
@@ -150,9 +150,7 @@ export class Reconciler {
       this.taskCursor = [last.ticketId, last.id];
       const tickets = [...new Set(rows.filter((r) => r.ticketCancelled).map((r) => r.ticketId))];
       for (const ticketId of tickets) {
-        const { value } = await this.o.host.transact((uow) =>
-          cancelOpenTasks(this.o.host, uow, ticketId),
-        );
+        const { value } = await this.o.host.transact((uow) => cancelOpenTasks(uow, ticketId));
         cancelled += value;
       }
       if (rows.length < this.batchSize) {
