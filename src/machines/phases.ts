@@ -1,4 +1,7 @@
-/** The ticket phases, in order; a ticket's tasks each belong to one of them. */
+/**
+ * The default workflow's phases, in order. A user workflow names its own (any string that
+ * its definition allows), so machine-level code takes a phase as a `string`.
+ */
 
 export const PHASES = ['requirements', 'design', 'implementation', 'testing'] as const;
 export type Phase = (typeof PHASES)[number];

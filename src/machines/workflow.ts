@@ -1,0 +1,694 @@
+/**
+ * The ticket-machine factory (CONTRACT sections 1 and 5): a workflow definition in, an XState
+ * machine out. The built-in `ticketMachine` is `compileWorkflow(DEFAULT_WORKFLOW, 1).machine`.
+ * Pure: ids and times arrive in the events; nothing here reads a clock or does I/O.
+ *
+ * Every compiled machine has id `ticket`, the states `backlog`, one per phase, `blocked`,
+ * `done` and `cancelled`, and the same event vocabulary (section 1's, plus APPROVE, REJECT
+ * and SEND_BACK). A ticket learns about its tasks through system events (TASK_ADDED,
+ * TASK_STATE), so its guards read only its own context, and it advances, sends itself back or
+ * blocks in the same transition that records the task news that decides it.
+ *
+ * Emitted domain events and what the runtime must do for each, in the transaction that
+ * applies the transition:
+ * - `ticket.phase_changed {from, to}` (START, ADVANCE, the automatic advance, APPROVE, a
+ *   gate timeout with onTimeout `approve`): the ticket entered phase `to` going forward.
+ *   Create one task per template of `to` (see `phaseEntry`, `templatesOf`), no feedback.
+ * - `ticket.done {from, to: 'done'}`: the last phase completed. Nothing to create.
+ * - `ticket.sent_back {from, to, reason, loop, cause, taskId?}`: the ticket went back from
+ *   `from` to the earlier (or same) phase `to`. `cause` is `operator` (SEND_BACK), `reject`
+ *   (REJECT or a timeout with onTimeout `reject`, after `ticket.rejected`) or `task_failed`
+ *   (onFail; `taskId` names the failed task, `reason` is its error). `loop` counts the times
+ *   this ticket was sent back into `to`, this one included (1, 2, ...). The runtime must
+ *   cancel every open task (waiting, pending, claimed, running, retry_wait) of phase `from`,
+ *   and create one task per template of `to` carrying `feedback {fromPhase: from, reason,
+ *   loop}`. The machine has already set those old tasks aside (`superseded`), so the
+ *   phase's new round is judged on its new tasks only.
+ * - `ticket.approved {phase, by, comment}`: a gate was approved (by `timeout` on an
+ *   onTimeout `approve`); followed by `ticket.phase_changed` or `ticket.done`. Log only.
+ * - `ticket.rejected {phase, by, reason}`: a gate was rejected; followed by
+ *   `ticket.sent_back` (within onReject's maxLoops) or `ticket.blocked`. Log only.
+ * - `ticket.blocked {phase, reason}`, `ticket.unblocked {phase}`: as before. On unblock the
+ *   host advances a ticket whose phase is already complete (host `followUp`).
+ * - `ticket.cancelled {phase, reason}`: cancel every non-final task of the ticket.
+ * - `ticket.diagnostic_spawned {taskId, phase, n}`: create the diagnostic task.
+ *
+ * A gate's `approval.timeoutMs` is the named delay `approvalTimeout`; like `stuckCheck`, the
+ * runtime keeps it as a durable timer row (`xstate.after.approvalTimeout.ticket.<phase>`).
+ */
+import { assign, emit, setup } from 'xstate';
+import type { DomainEvent } from './domain-events.js';
+import { timeOf } from './domain-events.js';
+import type { TaskState } from './task.js';
+import {
+  isGate,
+  type LoopRule,
+  type PhaseDefinition,
+  type TaskTemplate,
+  type WorkflowDefinition,
+} from './workflow-definition.js';
+
+/** The task type the stuck check spawns. */
+export const DIAGNOSTIC_TASK_TYPE = 'diagnostic';
+
+/** What a ticket knows of one of its tasks: enough for the ADVANCE guard and the stuck check. */
+export interface TicketTask {
+  phase: string;
+  type: string;
+  state: TaskState;
+  /** The task's event-log seq this record reflects; older news is refused. */
+  seq: number;
+  /**
+   * Set when the ticket was sent back over the task's phase: the task belongs to an earlier
+   * round of that phase and no longer counts for it (absent = current).
+   */
+  superseded?: true;
+}
+
+export interface TicketInput {
+  id: string;
+  title: string;
+  description?: string | null;
+  stuckAfterMs: number;
+  diagnosticCooldownMs: number;
+  at?: number;
+}
+
+export interface TicketContext {
+  id: string;
+  title: string;
+  description: string | null;
+  /** The current phase; while blocked, the phase to return to. Null in backlog. */
+  phase: string | null;
+  tasks: Record<string, TicketTask>;
+  blockedReason: string | null;
+  cancelReason: string | null;
+  stuckAfterMs: number;
+  diagnosticCooldownMs: number;
+  lastDiagnosticAt: number | null;
+  diagnostics: number;
+  createdAt: number;
+  updatedAt: number;
+  /** Times each phase's onFail/onReject rule sent the ticket back (absent: none yet). */
+  loops?: Record<string, number>;
+  /** Times the ticket was sent back into each phase, by any cause (absent: none yet). */
+  returns?: Record<string, number>;
+}
+
+export type TicketEvent =
+  | { type: 'START'; at?: number }
+  | { type: 'ADVANCE'; at?: number }
+  | { type: 'BLOCK'; reason: string; at?: number }
+  | { type: 'UNBLOCK'; at?: number }
+  | { type: 'CANCEL'; reason?: string; at?: number }
+  | { type: 'APPROVE'; by: string; comment?: string; at?: number }
+  | { type: 'REJECT'; by: string; reason: string; at?: number }
+  | { type: 'SEND_BACK'; toPhase: string; reason: string; at?: number }
+  /** System: a task was created for this ticket (same transaction as the task's creation). */
+  | { type: 'TASK_ADDED'; taskId: string; phase: string; taskType: string; at?: number }
+  /** System: a task of this ticket changed state; `seq` orders news that may arrive late. */
+  | {
+      type: 'TASK_STATE';
+      taskId: string;
+      state: TaskState;
+      seq: number;
+      /** The task's error when it failed: becomes the feedback of an onFail send-back. */
+      error?: string;
+      at?: number;
+    };
+
+/** Events only the runtime sends; the public events route refuses them. */
+export const TICKET_SYSTEM_EVENTS = ['TASK_ADDED', 'TASK_STATE'] as const;
+/** Every public ticket event type, for every workflow. */
+export const TICKET_PUBLIC_EVENTS = [
+  'START',
+  'ADVANCE',
+  'BLOCK',
+  'UNBLOCK',
+  'CANCEL',
+  'APPROVE',
+  'REJECT',
+  'SEND_BACK',
+] as const;
+/** The states every compiled ticket machine has besides its phases. */
+export const FIXED_TICKET_STATES = ['backlog', 'done', 'blocked', 'cancelled'] as const;
+export const FINAL_TICKET_STATE_NAMES = ['done', 'cancelled'] as const;
+/** The name of a gate's approval-timeout delay (a durable timer, like stuckCheck). */
+export const APPROVAL_TIMEOUT_DELAY = 'approvalTimeout';
+/** Who a timed-out gate is approved or rejected by, in `ticket.approved`/`ticket.rejected`. */
+export const TIMEOUT_ACTOR = 'timeout';
+
+const OPEN_TASK_STATES: readonly TaskState[] = ['pending', 'claimed', 'running', 'retry_wait'];
+
+/**
+ * Every current task of `phase` is final, none is failed, and at least one non-diagnostic
+ * task completed. A diagnostic task must be settled like any other, but cannot finish a phase
+ * alone. Tasks of an earlier round of the phase (`superseded`) do not count.
+ */
+export function phaseComplete(tasks: Record<string, TicketTask>, phase: string): boolean {
+  const inPhase = Object.values(tasks).filter((t) => t.phase === phase && !t.superseded);
+  if (inPhase.some((t) => t.state !== 'completed' && t.state !== 'cancelled')) return false;
+  return inPhase.some((t) => t.state === 'completed' && t.type !== DIAGNOSTIC_TASK_TYPE);
+}
+
+export function diagnosticTaskId(ticketId: string, n: number): string {
+  return `${ticketId}-diagnostic-${n}`;
+}
+
+/** The domain event a transition into a phase emits, seen from the runtime. */
+export interface PhaseEntry {
+  phase: string;
+  /** Set when the ticket was sent back into the phase: what the new tasks must carry. */
+  feedback: { fromPhase: string; reason: string; loop: number } | null;
+}
+
+/**
+ * Whether a domain event means "create the templates of a phase now", and with what
+ * feedback: `ticket.phase_changed` (forward) and `ticket.sent_back` (rework). Null otherwise.
+ */
+export function phaseEntry(event: DomainEvent): PhaseEntry | null {
+  const d = event.data as Record<string, unknown>;
+  if (event.type === 'ticket.phase_changed' && typeof d.to === 'string') {
+    return { phase: d.to, feedback: null };
+  }
+  if (event.type === 'ticket.sent_back' && typeof d.to === 'string') {
+    return {
+      phase: d.to,
+      feedback: { fromPhase: String(d.from), reason: String(d.reason), loop: Number(d.loop) },
+    };
+  }
+  return null;
+}
+
+/** The templates of a phase of a definition (none for a gate or an unknown phase). */
+export function templatesOf(def: WorkflowDefinition, phase: string): TaskTemplate[] {
+  const p = def.phases.find((x) => x.name === phase);
+  return p && !isGate(p) ? (p.tasks ?? []) : [];
+}
+
+function withTaskState(
+  ctx: TicketContext,
+  event: Extract<TicketEvent, { type: 'TASK_STATE' }>,
+): Record<string, TicketTask> {
+  const known = ctx.tasks[event.taskId];
+  if (!known) return ctx.tasks;
+  return { ...ctx.tasks, [event.taskId]: { ...known, state: event.state, seq: event.seq } };
+}
+
+function isNewer(ctx: TicketContext, event: { taskId: string; seq: number }): boolean {
+  const known = ctx.tasks[event.taskId];
+  return known !== undefined && event.seq > known.seq;
+}
+
+/** A send-back: the counters it bumps and the tasks it sets aside. Pure helper of `sendBack`. */
+function sentBack(
+  ctx: TicketContext,
+  order: readonly string[],
+  to: string,
+  rule: boolean,
+): Pick<TicketContext, 'tasks' | 'loops' | 'returns'> {
+  const from = ctx.phase ?? order[0]!;
+  const lo = order.indexOf(to);
+  const hi = order.indexOf(from);
+  const over = new Set(order.slice(lo, hi + 1));
+  const tasks: Record<string, TicketTask> = {};
+  for (const [id, t] of Object.entries(ctx.tasks)) {
+    tasks[id] = over.has(t.phase) && !t.superseded ? { ...t, superseded: true } : t;
+  }
+  const loops = rule ? { ...ctx.loops, [from]: (ctx.loops?.[from] ?? 0) + 1 } : ctx.loops;
+  const returns = { ...ctx.returns, [to]: (ctx.returns?.[to] ?? 0) + 1 };
+  return loops === undefined ? { tasks, returns } : { tasks, loops, returns };
+}
+
+export interface CompiledWorkflow {
+  name: string;
+  version: number;
+  /** `name@version`. */
+  ref: string;
+  definition: WorkflowDefinition;
+  machine: ReturnType<typeof buildMachine>;
+  /** The phase names, in order. */
+  phases: string[];
+  /** Every state of the machine: backlog, the phases, done, blocked, cancelled. */
+  states: string[];
+}
+
+export function workflowRef(name: string, version: number): string {
+  return `${name}@${version}`;
+}
+
+/**
+ * Compiles a definition into a ticket machine. The definition is assumed schema-valid
+ * (`parseWorkflowDefinition`); `verifyWorkflow` checks the machine's graph afterwards.
+ */
+export function compileWorkflow(def: WorkflowDefinition, version: number): CompiledWorkflow {
+  const phases = def.phases.map((p) => p.name);
+  return {
+    name: def.name,
+    version,
+    ref: workflowRef(def.name, version),
+    definition: def,
+    machine: buildMachine(def),
+    phases,
+    states: ['backlog', ...phases, 'done', 'blocked', 'cancelled'],
+  };
+}
+
+type TaskStateEvent = Extract<TicketEvent, { type: 'TASK_STATE' }>;
+
+export type SendBackCause = 'operator' | 'reject' | 'task_failed';
+interface SendBackParams {
+  to: string;
+  cause: SendBackCause;
+}
+
+/**
+ * A send-back's actions: `ticket.sent_back` is emitted from the context before the move
+ * (`phase` is still the phase left), then the counters and superseded tasks are recorded;
+ * the target's `enterPhase` runs after both.
+ */
+function sendBackActions(to: string, cause: SendBackCause) {
+  return [
+    { type: 'emitSentBack' as const, params: { to, cause } },
+    { type: 'recordSendBack' as const, params: { to, cause } },
+  ];
+}
+
+function buildMachine(def: WorkflowDefinition) {
+  const order = def.phases.map((p) => p.name);
+  const byName = new Map<string, PhaseDefinition>(def.phases.map((p) => [p.name, p]));
+  const next = (phase: string): string => order[order.indexOf(phase) + 1] ?? 'done';
+  const ruleOf = (phase: string): LoopRule | undefined => {
+    const p = byName.get(phase);
+    if (!p) return undefined;
+    return isGate(p) ? p.onReject : p.onFail;
+  };
+  const loopsLeft = (ctx: TicketContext, phase: string): boolean => {
+    const rule = ruleOf(phase);
+    return rule !== undefined && (ctx.loops?.[phase] ?? 0) < rule.maxLoops;
+  };
+  const timeoutOf = (phase: string | null): number => {
+    const p = phase === null ? undefined : byName.get(phase);
+    return p && isGate(p) ? (p.approval.timeoutMs ?? 0) : 0;
+  };
+  const failedNews = (ctx: TicketContext, event: TicketEvent): event is TaskStateEvent =>
+    event.type === 'TASK_STATE' &&
+    isNewer(ctx, event) &&
+    event.state === 'failed' &&
+    !ctx.tasks[event.taskId]?.superseded;
+
+  const forward = (to: string) =>
+    ['touch' as const, { type: 'emitPhaseChanged' as const, params: { to } }] as const;
+
+  const workState = (phase: string, onFail: LoopRule | undefined) => {
+    const to = next(phase);
+    const failBranches = onFail
+      ? [
+          {
+            guard: { type: 'failedWithLoopsLeft' as const, params: { phase } },
+            target: onFail.sendBackTo,
+            reenter: true,
+            description: `A task of the phase failed: back to ${onFail.sendBackTo} (at most ${onFail.maxLoops} times).`,
+            actions: [
+              'recordTaskState' as const,
+              ...sendBackActions(onFail.sendBackTo, 'task_failed'),
+            ],
+          },
+        ]
+      : [];
+    return {
+      description: `Working on the ${phase} phase; ADVANCE when its tasks allow it.`,
+      entry: { type: 'enterPhase' as const, params: { phase } },
+      after: {
+        stuckCheck: [
+          {
+            guard: 'mayDiagnose' as const,
+            target: phase,
+            reenter: true,
+            description: 'No task changed state for STUCK_AFTER_MS: spawn one diagnostic task.',
+            actions: ['recordDiagnostic' as const, 'emitDiagnosticSpawned' as const],
+          },
+          {
+            target: phase,
+            reenter: true,
+            description: 'Stuck, but a diagnostic is open or in cooldown: check again later.',
+          },
+        ],
+      },
+      on: {
+        ADVANCE: {
+          guard: 'phaseComplete' as const,
+          target: to,
+          actions: forward(to),
+        },
+        TASK_STATE: [
+          {
+            guard: 'completesPhase' as const,
+            target: to,
+            description: 'The last open task of the phase completed: advance, exactly once.',
+            actions: [
+              'recordTaskState' as const,
+              { type: 'emitPhaseChanged' as const, params: { to } },
+            ],
+          },
+          ...failBranches,
+          {
+            guard: 'taskFailedForGood' as const,
+            target: 'blocked',
+            description: 'A task of the ticket failed for good: block.',
+            actions: [
+              'recordTaskState' as const,
+              'blockForFailedTask' as const,
+              'emitBlocked' as const,
+            ],
+          },
+          {
+            guard: 'newerTaskState' as const,
+            target: phase,
+            reenter: true,
+            description: 'A task made progress: record it; the stuck check starts over.',
+            actions: 'recordTaskState' as const,
+          },
+        ],
+        TASK_ADDED: {
+          guard: 'unknownTask' as const,
+          target: phase,
+          reenter: true,
+          actions: 'recordTaskAdded' as const,
+        },
+        BLOCK: {
+          target: 'blocked' as const,
+          actions: ['recordBlock' as const, 'emitBlocked' as const],
+        },
+        ...sendBackOn(phase),
+      },
+    };
+  };
+
+  const gateState = (phase: string, gate: Extract<PhaseDefinition, { approval: object }>) => {
+    const to = next(phase);
+    const rejectBranches = (by: 'event' | 'timeout') => [
+      ...(gate.onReject
+        ? [
+            {
+              guard: { type: 'loopsLeft' as const, params: { phase } },
+              target: gate.onReject.sendBackTo,
+              reenter: true,
+              description: `Rejected: back to ${gate.onReject.sendBackTo} (at most ${gate.onReject.maxLoops} times).`,
+              actions: [
+                { type: 'emitRejected' as const, params: { by } },
+                ...sendBackActions(gate.onReject.sendBackTo, 'reject'),
+              ],
+            },
+          ]
+        : []),
+      {
+        target: 'blocked' as const,
+        description: gate.onReject ? 'Rejected once too often: block.' : 'Rejected: block.',
+        actions: [
+          { type: 'emitRejected' as const, params: { by } },
+          { type: 'blockForReject' as const, params: { by } },
+          'emitBlocked' as const,
+        ],
+      },
+    ];
+    const approve = (by: 'event' | 'timeout') => ({
+      target: to,
+      actions: [
+        'touch' as const,
+        { type: 'emitApproved' as const, params: { by } },
+        { type: 'emitPhaseChanged' as const, params: { to } },
+      ],
+    });
+    const onTimeout = gate.approval.onTimeout ?? 'block';
+    const timeout =
+      onTimeout === 'approve'
+        ? [{ ...approve('timeout'), description: 'No decision in time: approved.' }]
+        : onTimeout === 'reject'
+          ? rejectBranches('timeout')
+          : [
+              {
+                target: 'blocked' as const,
+                description: 'No decision in time: block.',
+                actions: ['blockForTimeout' as const, 'emitBlocked' as const],
+              },
+            ];
+    return {
+      description: `Waiting at the ${phase} gate for APPROVE or REJECT.`,
+      entry: { type: 'enterPhase' as const, params: { phase } },
+      ...(gate.approval.timeoutMs !== undefined
+        ? { after: { [APPROVAL_TIMEOUT_DELAY]: timeout } }
+        : {}),
+      on: {
+        APPROVE: { ...approve('event'), description: 'Approved: on to the next phase.' },
+        REJECT: rejectBranches('event'),
+        TASK_ADDED: { guard: 'unknownTask' as const, actions: 'recordTaskAdded' as const },
+        TASK_STATE: { guard: 'newerTaskState' as const, actions: 'recordTaskState' as const },
+        BLOCK: {
+          target: 'blocked' as const,
+          actions: ['recordBlock' as const, 'emitBlocked' as const],
+        },
+        ...sendBackOn(phase),
+      },
+    };
+  };
+
+  /** SEND_BACK from `phase`: one guarded branch per earlier phase (none from the first). */
+  function sendBackOn(phase: string) {
+    const earlier = order.slice(0, order.indexOf(phase));
+    if (earlier.length === 0) return {};
+    return {
+      SEND_BACK: earlier.map((to) => ({
+        guard: { type: 'sendBackTo' as const, params: { to } },
+        target: to,
+        description: `An operator sends the ticket back to ${to}.`,
+        actions: sendBackActions(to, 'operator'),
+      })),
+    };
+  }
+
+  const phaseStates = Object.fromEntries(
+    def.phases.map((p) => [p.name, isGate(p) ? gateState(p.name, p) : workState(p.name, p.onFail)]),
+  );
+  const first = order[0]!;
+
+  return setup({
+    types: {} as {
+      context: TicketContext;
+      events: TicketEvent;
+      input: TicketInput;
+      emitted: DomainEvent;
+    },
+    delays: {
+      stuckCheck: ({ context }) => context.stuckAfterMs,
+      [APPROVAL_TIMEOUT_DELAY]: ({ context }) => timeoutOf(context.phase),
+    },
+    guards: {
+      phaseComplete: ({ context }) =>
+        context.phase !== null && phaseComplete(context.tasks, context.phase),
+      completesPhase: ({ context, event }) =>
+        event.type === 'TASK_STATE' &&
+        isNewer(context, event) &&
+        event.state === 'completed' &&
+        context.phase !== null &&
+        phaseComplete(withTaskState(context, event), context.phase),
+      failedWithLoopsLeft: ({ context, event }, params: { phase: string }) =>
+        failedNews(context, event) &&
+        context.tasks[event.taskId]?.phase === params.phase &&
+        loopsLeft(context, params.phase),
+      taskFailedForGood: ({ context, event }) => failedNews(context, event),
+      loopsLeft: ({ context }, params: { phase: string }) => loopsLeft(context, params.phase),
+      newerTaskState: ({ context, event }) =>
+        event.type === 'TASK_STATE' && isNewer(context, event),
+      unknownTask: ({ context, event }) =>
+        event.type === 'TASK_ADDED' && context.tasks[event.taskId] === undefined,
+      sendBackTo: ({ event }, params: { to: string }) =>
+        event.type === 'SEND_BACK' && event.toPhase === params.to,
+      mayDiagnose: ({ context, event }) => {
+        const open = Object.values(context.tasks).some(
+          (t) => t.type === DIAGNOSTIC_TASK_TYPE && OPEN_TASK_STATES.includes(t.state),
+        );
+        if (open) return false;
+        return (
+          context.lastDiagnosticAt === null ||
+          timeOf(event) - context.lastDiagnosticAt >= context.diagnosticCooldownMs
+        );
+      },
+      blockedInPhase: ({ context }, params: { phase: string }) => context.phase === params.phase,
+    },
+    actions: {
+      touch: assign(({ event }) => ({ updatedAt: timeOf(event) })),
+      enterPhase: assign((_, params: { phase: string }) => ({ phase: params.phase })),
+      recordTaskAdded: assign(({ context, event }) => {
+        if (event.type !== 'TASK_ADDED') return {};
+        const task: TicketTask = {
+          phase: event.phase,
+          type: event.taskType,
+          state: 'pending',
+          seq: 0,
+        };
+        return { tasks: { ...context.tasks, [event.taskId]: task }, updatedAt: timeOf(event) };
+      }),
+      recordTaskState: assign(({ context, event }) => {
+        if (event.type !== 'TASK_STATE') return {};
+        return { tasks: withTaskState(context, event), updatedAt: timeOf(event) };
+      }),
+      recordBlock: assign(({ event }) => ({
+        blockedReason: event.type === 'BLOCK' ? event.reason : null,
+        updatedAt: timeOf(event),
+      })),
+      blockForFailedTask: assign(({ event }) => ({
+        blockedReason: event.type === 'TASK_STATE' ? `task ${event.taskId} failed` : null,
+      })),
+      blockForReject: assign(({ context, event }, params: { by: 'event' | 'timeout' }) => ({
+        blockedReason:
+          params.by === 'timeout'
+            ? `${context.phase}: rejected (no decision in time)`
+            : `${context.phase}: rejected${event.type === 'REJECT' ? `: ${event.reason}` : ''}`,
+        updatedAt: timeOf(event),
+      })),
+      blockForTimeout: assign(({ context, event }) => ({
+        blockedReason: `${context.phase}: no decision in time`,
+        updatedAt: timeOf(event),
+      })),
+      recordUnblock: assign(({ event }) => ({ blockedReason: null, updatedAt: timeOf(event) })),
+      recordCancel: assign(({ event }) => ({
+        cancelReason: event.type === 'CANCEL' ? (event.reason ?? null) : null,
+        updatedAt: timeOf(event),
+      })),
+      recordDiagnostic: assign(({ context, event }) => {
+        const n = context.diagnostics + 1;
+        const phase = context.phase ?? first;
+        const task: TicketTask = { phase, type: DIAGNOSTIC_TASK_TYPE, state: 'pending', seq: 0 };
+        return {
+          diagnostics: n,
+          lastDiagnosticAt: timeOf(event),
+          tasks: { ...context.tasks, [diagnosticTaskId(context.id, n)]: task },
+          updatedAt: timeOf(event),
+        };
+      }),
+      emitSentBack: emit(({ context, event }, params: SendBackParams) => ({
+        type: 'ticket.sent_back' as const,
+        data: {
+          from: context.phase,
+          to: params.to,
+          reason: sendBackReason(event, context),
+          loop: (context.returns?.[params.to] ?? 0) + 1,
+          cause: params.cause,
+          ...(event.type === 'TASK_STATE' ? { taskId: event.taskId } : {}),
+        },
+      })),
+      recordSendBack: assign(({ context, event }, params: SendBackParams) => ({
+        ...sentBack(context, order, params.to, params.cause !== 'operator'),
+        updatedAt: timeOf(event),
+      })),
+      emitCreated: emit(({ context }) => ({
+        type: 'ticket.created' as const,
+        data: { title: context.title, description: context.description },
+      })),
+      emitPhaseChanged: emit(({ context }, params: { to: string }) => ({
+        type: params.to === 'done' ? ('ticket.done' as const) : ('ticket.phase_changed' as const),
+        data: { from: context.phase ?? 'backlog', to: params.to },
+      })),
+      emitApproved: emit(({ context, event }, params: { by: 'event' | 'timeout' }) => ({
+        type: 'ticket.approved' as const,
+        data: {
+          phase: context.phase,
+          by: params.by === 'timeout' || event.type !== 'APPROVE' ? TIMEOUT_ACTOR : event.by,
+          comment: event.type === 'APPROVE' ? (event.comment ?? null) : null,
+        },
+      })),
+      emitRejected: emit(({ context, event }, params: { by: 'event' | 'timeout' }) => ({
+        type: 'ticket.rejected' as const,
+        data: {
+          phase: context.phase,
+          by: params.by === 'timeout' || event.type !== 'REJECT' ? TIMEOUT_ACTOR : event.by,
+          reason: event.type === 'REJECT' ? event.reason : 'no decision in time',
+        },
+      })),
+      emitBlocked: emit(({ context }) => ({
+        type: 'ticket.blocked' as const,
+        data: { phase: context.phase, reason: context.blockedReason },
+      })),
+      emitUnblocked: emit(({ context }) => ({
+        type: 'ticket.unblocked' as const,
+        data: { phase: context.phase },
+      })),
+      emitCancelled: emit(({ context }) => ({
+        type: 'ticket.cancelled' as const,
+        data: { phase: context.phase, reason: context.cancelReason },
+      })),
+      emitDiagnosticSpawned: emit(({ context }) => ({
+        type: 'ticket.diagnostic_spawned' as const,
+        data: {
+          taskId: diagnosticTaskId(context.id, context.diagnostics),
+          phase: context.phase,
+          n: context.diagnostics,
+        },
+      })),
+    },
+  }).createMachine({
+    id: 'ticket',
+    description: `A unit of delivery moving through ${order.join(', ')}.`,
+    context: ({ input }) => ({
+      id: input.id,
+      title: input.title,
+      description: input.description ?? null,
+      phase: null,
+      tasks: {},
+      blockedReason: null,
+      cancelReason: null,
+      stuckAfterMs: input.stuckAfterMs,
+      diagnosticCooldownMs: input.diagnosticCooldownMs,
+      lastDiagnosticAt: null,
+      diagnostics: 0,
+      createdAt: input.at ?? 0,
+      updatedAt: input.at ?? 0,
+    }),
+    entry: 'emitCreated',
+    initial: 'backlog',
+    on: {
+      CANCEL: { target: '.cancelled', actions: ['recordCancel', 'emitCancelled'] },
+    },
+    states: {
+      backlog: {
+        description: 'Created, not started. Tasks may be added for the first phase.',
+        on: {
+          START: {
+            target: first,
+            actions: ['touch', { type: 'emitPhaseChanged', params: { to: first } }],
+          },
+          TASK_ADDED: { guard: 'unknownTask', actions: 'recordTaskAdded' },
+          TASK_STATE: { guard: 'newerTaskState', actions: 'recordTaskState' },
+        },
+      },
+      ...(phaseStates as Record<string, ReturnType<typeof workState>>),
+      done: { type: 'final', description: 'Every phase completed.' },
+      blocked: {
+        description: 'Halted; remembers its phase and returns to it on UNBLOCK.',
+        on: {
+          UNBLOCK: order.map((phase) => ({
+            guard: { type: 'blockedInPhase' as const, params: { phase } },
+            target: phase,
+            actions: ['recordUnblock' as const, 'emitUnblocked' as const],
+          })),
+          TASK_ADDED: { guard: 'unknownTask', actions: 'recordTaskAdded' },
+          TASK_STATE: { guard: 'newerTaskState', actions: 'recordTaskState' },
+        },
+      },
+      cancelled: { type: 'final', description: 'Cancelled; its open tasks are cancelled too.' },
+    },
+  });
+}
+
+function sendBackReason(event: TicketEvent, ctx: TicketContext): string {
+  switch (event.type) {
+    case 'SEND_BACK':
+    case 'REJECT':
+      return event.reason;
+    case 'TASK_STATE':
+      return event.error ?? `task ${event.taskId} failed`;
+    default:
+      return `${ctx.phase}: no decision in time`;
+  }
+}
