@@ -109,6 +109,8 @@ export const configSchema = z.object({
     .regex(/^[A-Za-z0-9_-]+$/)
     .default('ORCH_EVENTS'),
   DATA_DIR: z.string().default('./.data'),
+  /** Every `*.json` here is registered as a workflow at start (CONTRACT section 5). */
+  WORKFLOWS_DIR: z.string().min(1).optional(),
 });
 
 export type Config = z.output<typeof configSchema>;

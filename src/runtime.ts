@@ -8,6 +8,8 @@ import type { AddressInfo } from 'node:net';
 import { Commands } from './actors/commands.js';
 import { ActorHost } from './actors/host.js';
 import { TimerPoller } from './actors/timer-poller.js';
+import { workflowCompiler } from './actors/workflow-compiler.js';
+import { WorkflowRegistry } from './actors/workflow-registry.js';
 import type { Config } from './config.js';
 import { createApp } from './http/app.js';
 import { machineCatalog } from './http/machines.js';
@@ -79,6 +81,15 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
     const applied = await migrate(sql);
     if (applied.length > 0) log.info({ applied }, 'migrations applied');
 
+    const workflows = new WorkflowRegistry(sql, workflowCompiler());
+    await workflows.ensureBuiltIn();
+    if (config.WORKFLOWS_DIR) {
+      const registered = await workflows.registerDir(config.WORKFLOWS_DIR);
+      log.info(
+        { workflows: registered.map((w) => `${w.name}@${w.version}`) },
+        'workflows registered',
+      );
+    }
     const host = new ActorHost(sql, {
       cacheMaxBytes: config.ACTOR_CACHE_MAX_BYTES,
       taskDefaults: {
@@ -143,6 +154,7 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
         claims,
         queries,
         machines: machineCatalog(),
+        workflows,
         log: log.child({ component: 'http' }),
         config,
         events: transport,

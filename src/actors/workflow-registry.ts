@@ -13,8 +13,9 @@ import { createHash } from 'node:crypto';
 import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { createStore } from '@xstate/store';
-import type { AnyStateMachine } from 'xstate';
 import { InvalidInput, UnknownWorkflow } from '../errors.js';
+import type { CompiledWorkflow } from '../machines/workflow.js';
+import type { WorkflowDefinition } from '../machines/workflow-definition.js';
 import type { Sql } from '../persistence/db.js';
 import {
   latestWorkflowRow,
@@ -25,22 +26,7 @@ import {
   workflowVersions,
 } from '../persistence/workflow-rows.js';
 
-/** What registration needs of a definition: a name and its phases' names. */
-export interface WorkflowDefinitionLike {
-  name: string;
-  description?: string;
-  phases: readonly { name: string }[];
-}
-
-/** A compiled workflow: the ticket machine of one `name@version`. */
-export interface CompiledWorkflow {
-  name: string;
-  version: number;
-  /** `name@version`, as stored on each ticket. */
-  ref: string;
-  definition: WorkflowDefinitionLike;
-  machine: AnyStateMachine;
-}
+export type { CompiledWorkflow };
 
 export interface WorkflowIssue {
   path: string;
@@ -53,10 +39,10 @@ export interface WorkflowCompiler {
    * Schema and verification (reachability, loops, templates...). Returns the normalized
    * definition or the issues, each naming its path (`phases[1].onReject.sendBackTo`).
    */
-  check(raw: unknown): { definition: WorkflowDefinitionLike } | { issues: WorkflowIssue[] };
-  compile(definition: WorkflowDefinitionLike, version: number): CompiledWorkflow;
+  check(raw: unknown): { definition: WorkflowDefinition } | { issues: WorkflowIssue[] };
+  compile(definition: WorkflowDefinition, version: number): CompiledWorkflow;
   /** The built-in `default` workflow, version 1. */
-  builtIn: WorkflowDefinitionLike;
+  builtIn: WorkflowDefinition;
 }
 
 export interface WorkflowSummary {
@@ -239,18 +225,18 @@ export class WorkflowRegistry {
     const ref = `${row.name}@${row.version}`;
     const cached = this.store.getSnapshot().context.compiled[ref];
     if (cached) return cached;
-    const workflow = this.compiler.compile(row.definition as WorkflowDefinitionLike, row.version);
+    const workflow = this.compiler.compile(row.definition as WorkflowDefinition, row.version);
     this.store.trigger.compiled({ workflow });
     return workflow;
   }
 }
 
-function hashOf(def: WorkflowDefinitionLike): string {
+function hashOf(def: WorkflowDefinition): string {
   return createHash('sha256').update(canonicalJson(def)).digest('hex');
 }
 
 function summaryOf(row: WorkflowRow): WorkflowSummary {
-  const def = row.definition as WorkflowDefinitionLike;
+  const def = row.definition as WorkflowDefinition;
   return {
     name: row.name,
     version: row.version,
