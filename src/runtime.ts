@@ -91,6 +91,7 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
       );
     }
     const host = new ActorHost(sql, {
+      workflows,
       cacheMaxBytes: config.ACTOR_CACHE_MAX_BYTES,
       taskDefaults: {
         maxAttempts: config.MAX_ATTEMPTS,

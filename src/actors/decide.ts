@@ -15,7 +15,7 @@ import {
 } from 'xstate';
 import { IllegalTransition, StaleToken, UnsupportedSnapshot } from '../errors.js';
 import type { DomainEvent } from '../machines/domain-events.js';
-import { type EntityType, MACHINES } from '../machines/index.js';
+import { type EntityType, MACHINES, type MachineEntry } from '../machines/index.js';
 import type { TaskInput } from '../machines/task.js';
 import type { TicketInput } from '../machines/ticket.js';
 
@@ -56,10 +56,11 @@ export interface DecideEvent {
 export function decideInitial<T extends EntityType>(
   entityType: T,
   input: EntityInput<T>,
+  /** The machine to use: a ticket's is its workflow's (default: the built-in one). */
+  entry: MachineEntry = MACHINES[entityType],
 ): Decision {
-  const { machine } = MACHINES[entityType];
-  const [snapshot, actions] = initialTransition(machine as never, input as never);
-  return toDecision(entityType, snapshot as AnyMachineSnapshot, actions);
+  const [snapshot, actions] = initialTransition(entry.machine as never, input as never);
+  return toDecision(entityType, snapshot as AnyMachineSnapshot, actions, entry);
 }
 
 /**
@@ -72,12 +73,13 @@ export function decide(
   persisted: PersistedSnapshot,
   event: DecideEvent,
   machineVersion: number = MACHINES[entityType].version,
+  /** The machine to use: a ticket's is its workflow's (default: the built-in one). */
+  entry: MachineEntry = MACHINES[entityType],
 ): Decision {
-  const entry = MACHINES[entityType];
   if (machineVersion !== entry.version) {
     throw new UnsupportedSnapshot(entityId, machineVersion, entry.version);
   }
-  const current = restore(entityType, persisted);
+  const current = restore(entityType, persisted, entry);
   // A final state takes nothing. XState's transition() does not check the status itself: it
   // would take a root-level transition (the ticket's CANCEL) out of `done` or `cancelled`.
   if (current.status !== 'active') {
@@ -93,25 +95,26 @@ export function decide(
       throw new StaleToken(entityId, (current.context as { attempt: number }).attempt);
     }
   }
-  const [next, actions] = pureTransition(entityType, current, event);
+  const [next, actions] = pureTransition(entry, current, event);
   if (next === current) {
     throw new IllegalTransition(
       entityId,
       stateOf(current),
       event.type,
-      allowedEvents(entityType, current),
+      allowedEvents(entityType, current, entry),
       ownEventDescriptors(current).includes(event.type),
       entityType,
     );
   }
-  return toDecision(entityType, next as AnyMachineSnapshot, actions);
+  return toDecision(entityType, next as AnyMachineSnapshot, actions, entry);
 }
 
 interface InertScope {
   actions: ExecutableAction[];
   scope: Record<string, unknown>;
 }
-const scopes = new Map<EntityType, InertScope>();
+/** One per machine object: every compiled workflow has its own. */
+const scopes = new WeakMap<object, InertScope>();
 
 /**
  * XState's `transition()`, minus its cost: it builds a throwaway actor per call, and the
@@ -120,13 +123,13 @@ const scopes = new Map<EntityType, InertScope>();
  * the actions the same way. Machines are pure (no children, no spawns), so reuse is safe.
  */
 function pureTransition(
-  entityType: EntityType,
+  entry: MachineEntry,
   snapshot: AnyMachineSnapshot,
   event: DecideEvent,
 ): [AnyMachineSnapshot, ExecutableAction[]] {
-  let inert = scopes.get(entityType);
+  const { machine } = entry;
+  let inert = scopes.get(machine);
   if (!inert) {
-    const { machine } = MACHINES[entityType];
     const actions: ExecutableAction[] = [];
     const self = createActor(machine as AnyStateMachine);
     const scope = {
@@ -143,10 +146,10 @@ function pureTransition(
       },
     };
     inert = { actions, scope };
-    scopes.set(entityType, inert);
+    scopes.set(machine, inert);
   }
   inert.actions.length = 0;
-  const logic = MACHINES[entityType].machine as unknown as {
+  const logic = machine as unknown as {
     transition(s: unknown, e: unknown, scope: unknown): AnyMachineSnapshot;
   };
   const next = logic.transition(snapshot, event, inert.scope);
@@ -154,8 +157,12 @@ function pureTransition(
 }
 
 /** Rebuilds a live snapshot from its persisted JSON. */
-export function restore(entityType: EntityType, persisted: PersistedSnapshot): AnyMachineSnapshot {
-  const { machine } = MACHINES[entityType];
+export function restore(
+  entityType: EntityType,
+  persisted: PersistedSnapshot,
+  entry: MachineEntry = MACHINES[entityType],
+): AnyMachineSnapshot {
+  const { machine } = entry;
   return machine.resolveState({
     value: persisted.value,
     context: persisted.context,
@@ -163,9 +170,13 @@ export function restore(entityType: EntityType, persisted: PersistedSnapshot): A
 }
 
 /** The public events the snapshot's state accepts (system and delayed events left out). */
-export function allowedEvents(entityType: EntityType, snapshot: AnyMachineSnapshot): string[] {
+export function allowedEvents(
+  entityType: EntityType,
+  snapshot: AnyMachineSnapshot,
+  entry: MachineEntry = MACHINES[entityType],
+): string[] {
   if (snapshot.status !== 'active') return [];
-  const system = MACHINES[entityType].systemEvents;
+  const system = entry.systemEvents;
   return ownEventDescriptors(snapshot)
     .filter((e) => !e.startsWith('xstate.') && !system.includes(e))
     .sort();
@@ -184,6 +195,7 @@ function toDecision(
   entityType: EntityType,
   snapshot: AnyMachineSnapshot,
   actions: readonly ExecutableAction[],
+  entry: MachineEntry,
 ): Decision {
   const emitted: DomainEvent[] = [];
   const schedule = new Map<string, TimerSpec>();
@@ -207,7 +219,7 @@ function toDecision(
       throw new Error(`${entityType}: unexpected action ${action.type} from transition()`);
     }
   }
-  const { machine } = MACHINES[entityType];
+  const { machine } = entry;
   const persisted = JSON.parse(
     JSON.stringify(machine.getPersistedSnapshot(snapshot as never)),
   ) as PersistedSnapshot;

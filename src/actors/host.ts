@@ -9,11 +9,20 @@
  * across processes, correctness rests on the compare-and-set alone.
  */
 import { createHash, randomUUID } from 'node:crypto';
-import { Conflict, IllegalTransition, NotFound, StaleToken, VersionConflict } from '../errors.js';
+import {
+  Conflict,
+  IllegalTransition,
+  NotFound,
+  StaleToken,
+  UnknownWorkflow,
+  VersionConflict,
+} from '../errors.js';
 import type { EntityType } from '../machines/index.js';
-import { MACHINES } from '../machines/index.js';
+import { MACHINES, type MachineEntry } from '../machines/index.js';
+import type { CompiledWorkflow } from '../machines/workflow.js';
 import {
   type ActorRow,
+  DEFAULT_WORKFLOW_REF,
   insertActorRow,
   loadActorRow,
   UniqueViolation,
@@ -56,6 +65,14 @@ export interface HostOptions {
   taskDefaults: TaskDefaults;
   /** Executor of diagnostic tasks ("external": left to agents). */
   diagnosticExecutor?: string;
+  /** Finds a ticket's workflow machine by its ref; without it only `default@1` runs. */
+  workflows?: WorkflowSource;
+}
+
+/** Where the host finds compiled workflows (the registry). */
+export interface WorkflowSource {
+  /** The compiled workflow of `NAME@VERSION`; UnknownWorkflow when none is registered. */
+  resolve(ref: string): Promise<CompiledWorkflow>;
 }
 
 /** What one applied event or creation produced, after commit. */
@@ -70,6 +87,8 @@ export interface Applied {
   snapshot: PersistedSnapshot;
   version: number;
   events: EventEntry[];
+  /** The machine the actor runs (a ticket's workflow's), for the events its state allows. */
+  machine: MachineEntry;
 }
 
 export interface CommandResult<T> {
@@ -107,6 +126,8 @@ export class ActorHost {
   /** Executor of the diagnostic tasks the stuck check spawns. */
   readonly diagnosticExecutor: string;
   private readonly mailboxes = new Map<string, Promise<unknown>>();
+  private readonly workflows: WorkflowSource | undefined;
+  private readonly entries = new WeakMap<CompiledWorkflow, MachineEntry>();
   private readonly listeners = new Set<CommitListener>();
   /** Counters for /metrics: transitions and refusals by entity type and event. */
   readonly stats = {
@@ -125,6 +146,31 @@ export class ActorHost {
     this.maxAttempts = options.maxAttempts ?? 40;
     this.taskDefaults = options.taskDefaults;
     this.diagnosticExecutor = options.diagnosticExecutor ?? 'external';
+    this.workflows = options.workflows;
+  }
+
+  /** The compiled workflow a ref names (`NAME` = its latest version). */
+  resolveWorkflow(ref: string): Promise<CompiledWorkflow> {
+    if (!this.workflows) return Promise.reject(new UnknownWorkflow(ref));
+    return this.workflows.resolve(ref);
+  }
+
+  /**
+   * The machine a row runs: a task's, or its ticket's workflow's. A ref no registry knows
+   * is UnknownWorkflow: the ticket is refused, never run on another machine.
+   */
+  async machineOf(entityType: EntityType, workflow: string | undefined): Promise<MachineEntry> {
+    if (entityType !== 'ticket' || workflow === undefined || workflow === DEFAULT_WORKFLOW_REF) {
+      return MACHINES[entityType];
+    }
+    if (!this.workflows) throw new UnknownWorkflow(workflow);
+    const compiled = await this.workflows.resolve(workflow);
+    let entry = this.entries.get(compiled);
+    if (!entry) {
+      entry = { ...MACHINES.ticket, machine: compiled.machine };
+      this.entries.set(compiled, entry);
+    }
+    return entry;
   }
 
   /** Called after every commit with what it applied (in-process fan-out, metrics). */
@@ -328,7 +374,8 @@ export class UnitOfWork {
   async send(entityType: EntityType, id: string, event: DecideEvent): Promise<Applied> {
     const row = await this.load(entityType, id);
     const stamped = stamp(event, this.at);
-    const decision = decide(entityType, id, row.snapshot, stamped, row.machineVersion);
+    const entry = await this.host.machineOf(entityType, row.workflow);
+    const decision = decide(entityType, id, row.snapshot, stamped, row.machineVersion, entry);
     const next: ActorRow = {
       ...row,
       snapshot: decision.snapshot,
@@ -349,16 +396,24 @@ export class UnitOfWork {
       decision,
       String(row.snapshot.value),
       event.type,
+      entry,
     );
     // What the caller sees is the actor after everything this event set off in the same
     // transaction (an automatic ADVANCE on entering a finished phase), not halfway.
     return this.latest(entityType, id) ?? applied;
   }
 
-  async create<T extends EntityType>(entityType: T, input: EntityInput<T>): Promise<Applied> {
+  async create<T extends EntityType>(
+    entityType: T,
+    input: EntityInput<T>,
+    /** Tickets: the workflow ref to run (default `default@1`). */
+    workflow?: string,
+  ): Promise<Applied> {
     const stampedInput = { ...input, at: this.at } as EntityInput<T>;
-    const decision = decideInitial(entityType, stampedInput);
+    const entry = await this.host.machineOf(entityType, workflow);
+    const decision = decideInitial(entityType, stampedInput, entry);
     const row: ActorRow = {
+      ...(entityType === 'ticket' ? { workflow: workflow ?? DEFAULT_WORKFLOW_REF } : {}),
       entityType,
       id: input.id,
       machineVersion: MACHINES[entityType].version,
@@ -376,7 +431,7 @@ export class UnitOfWork {
       throw translateUnique(error, input.id);
     }
     const base: ActorRow = { ...row, version: 0, seq: 0 };
-    return this.record(base, row, bytes, decision, null, 'create');
+    return this.record(base, row, bytes, decision, null, 'create', entry);
   }
 
   /** The last change to one actor in this unit of work. */
@@ -417,6 +472,7 @@ export class UnitOfWork {
     decision: Decision,
     from: string | null,
     event: string,
+    machine: MachineEntry,
   ): Promise<Applied> {
     const key = `${after.entityType}:${after.id}`;
     this.rows.set(key, after);
@@ -455,6 +511,7 @@ export class UnitOfWork {
       snapshot: after.snapshot,
       version: after.version,
       events,
+      machine,
     };
     this.results.push(applied);
     // What follows on other actors in the same transaction: src/policies owns those rules.

@@ -47,13 +47,22 @@ export const NewTicketBody = z
   .strictObject({
     title: z.string().trim().min(1).max(500),
     description: z.string().max(20_000).nullable().optional(),
+    /** `NAME` (its latest version) or `NAME@VERSION`; default `default`. */
+    workflow: z
+      .string()
+      .regex(/^[a-z][a-z0-9_-]{0,63}(@[1-9][0-9]{0,8})?$/, 'NAME or NAME@VERSION')
+      .optional(),
   })
   .register(components, { id: 'NewTicket' });
 
 export const NewTaskBody = z
   .strictObject({
     type: name,
-    phase: z.enum(PHASES).optional(),
+    /** A phase of the ticket's workflow (checked against it when the task is added). */
+    phase: z
+      .string()
+      .regex(/^[a-z][a-z0-9_]{0,39}$/, 'a phase name')
+      .optional(),
     payload: json.optional(),
     executor: name.optional(),
     worktree: z.string().min(1).max(500).nullable().optional(),
@@ -92,6 +101,17 @@ export const TicketEventBody = z
     z.strictObject({ type: z.literal('BLOCK'), reason }),
     z.strictObject({ type: z.literal('UNBLOCK') }),
     z.strictObject({ type: z.literal('CANCEL'), reason: reason.optional() }),
+    z.strictObject({
+      type: z.literal('APPROVE'),
+      by: z.string().min(1).max(200),
+      comment: z.string().max(2_000).optional(),
+    }),
+    z.strictObject({ type: z.literal('REJECT'), by: z.string().min(1).max(200), reason }),
+    z.strictObject({
+      type: z.literal('SEND_BACK'),
+      toPhase: z.string().regex(/^[a-z][a-z0-9_]{0,39}$/, 'a phase name'),
+      reason,
+    }),
   ])
   .register(components, { id: 'TicketEvent' });
 

@@ -6,5 +6,6 @@ import { taskView, ticketView } from '../actors/views.js';
 export function summaryOf(a: Applied) {
   const view =
     a.entityType === 'ticket' ? ticketView(a.snapshot, a.version) : taskView(a.snapshot, a.version);
-  return { ...view, allowedEvents: allowedEvents(a.entityType, restore(a.entityType, a.snapshot)) };
+  const snapshot = restore(a.entityType, a.snapshot, a.machine);
+  return { ...view, allowedEvents: allowedEvents(a.entityType, snapshot, a.machine) };
 }

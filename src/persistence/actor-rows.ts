@@ -14,7 +14,12 @@ export interface ActorRow {
   snapshot: PersistedSnapshot;
   version: number;
   seq: number;
+  /** Tickets: the workflow (`NAME@VERSION`) whose machine the snapshot belongs to. */
+  workflow?: string;
 }
+
+/** The workflow of tickets stored before workflows existed, and of the built-in machine. */
+export const DEFAULT_WORKFLOW_REF = 'default@1';
 
 interface RawRow {
   id: string;
@@ -22,10 +27,12 @@ interface RawRow {
   snapshot: PersistedSnapshot;
   version: number;
   seq: number;
+  workflow?: string;
 }
 
 function toRow(entityType: EntityType, r: RawRow): ActorRow {
   return {
+    ...(r.workflow !== undefined ? { workflow: r.workflow } : {}),
     entityType,
     id: r.id,
     machineVersion: r.machine_version,
@@ -44,9 +51,8 @@ export async function loadActorRow(
   const lock = options.forUpdate ? db`for update` : db``;
   const rows =
     entityType === 'ticket'
-      ? await db<
-          RawRow[]
-        >`select id, machine_version, snapshot, version, seq from tickets where id = ${id} ${lock}`
+      ? await db<RawRow[]>`select id, machine_version, snapshot, version, seq, workflow from tickets
+          where id = ${id} ${lock}`
       : await db<
           RawRow[]
         >`select id, machine_version, snapshot, version, seq from tasks where id = ${id} ${lock}`;
@@ -134,9 +140,10 @@ export async function insertActorRow(db: Db, row: ActorRow, createdAt: number): 
     if (row.entityType === 'ticket') {
       const p = ticketColumns(s);
       await db`insert into tickets (id, state, phase, title, machine_version, snapshot, version, seq,
-        created_at, updated_at)
+        created_at, updated_at, workflow)
         values (${row.id}, ${p.state}, ${p.phase}, ${p.title}, ${row.machineVersion},
-          ${json}::text::jsonb, ${row.version}, ${row.seq}, ${new Date(createdAt)}, ${p.updated_at})`;
+          ${json}::text::jsonb, ${row.version}, ${row.seq}, ${new Date(createdAt)}, ${p.updated_at},
+          ${row.workflow ?? DEFAULT_WORKFLOW_REF})`;
     } else {
       const p = taskColumns(s);
       const c = s.context as { ticketId: string; type: string };
