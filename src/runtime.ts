@@ -148,7 +148,7 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
 
     let url: string | null = null;
     if (role !== 'worker') {
-      const queries = new Queries(sql);
+      const queries = new Queries(sql, (ref) => host.machineOf('ticket', ref));
       const app = createApp({
         host,
         commands,

@@ -89,6 +89,8 @@ export interface Applied {
   events: EventEntry[];
   /** The machine the actor runs (a ticket's workflow's), for the events its state allows. */
   machine: MachineEntry;
+  /** Tickets: the workflow they run, `NAME@VERSION`. */
+  workflow?: string;
 }
 
 export interface CommandResult<T> {
@@ -512,6 +514,7 @@ export class UnitOfWork {
       version: after.version,
       events,
       machine,
+      ...(after.workflow !== undefined ? { workflow: after.workflow } : {}),
     };
     this.results.push(applied);
     // What follows on other actors in the same transaction: src/policies owns those rules.

@@ -45,6 +45,8 @@ export interface TicketView {
   phase: string | null;
   blockedReason: string | null;
   diagnostics: number;
+  /** The workflow the ticket runs, `NAME@VERSION`. */
+  workflow: string;
   version: number;
   createdAt: string;
   updatedAt: string;
@@ -82,7 +84,11 @@ export function taskSummary(snapshot: PersistedSnapshot, version: number): TaskS
   return summary;
 }
 
-export function ticketView(snapshot: PersistedSnapshot, version: number): TicketView {
+export function ticketView(
+  snapshot: PersistedSnapshot,
+  version: number,
+  workflow: string,
+): TicketView {
   const c = snapshot.context as unknown as TicketContext;
   return {
     id: c.id,
@@ -92,6 +98,7 @@ export function ticketView(snapshot: PersistedSnapshot, version: number): Ticket
     phase: c.phase,
     blockedReason: c.blockedReason,
     diagnostics: c.diagnostics,
+    workflow,
     version,
     createdAt: new Date(c.createdAt).toISOString(),
     updatedAt: new Date(c.updatedAt).toISOString(),

@@ -5,9 +5,7 @@
  */
 import { z } from 'zod';
 import { MAX_TIMER_MS } from '../config.js';
-import { PHASES } from '../machines/phases.js';
 import { TASK_STATES } from '../machines/task.js';
-import { TICKET_STATES } from '../machines/ticket.js';
 
 /** Components of the OpenAPI document: each schema registered here is named by its id. */
 export const components = z.registry<{ id: string; description?: string }>();
@@ -150,8 +148,11 @@ const cursor = z
 /** The most items one page of a list holds. */
 export const PAGE_MAX = 200;
 
+/** A ticket state of any workflow: its phases and the fixed states share this pattern. */
+const ticketState = z.string().regex(/^[a-z][a-z0-9_]{0,39}$/, 'a ticket state');
+
 export const TicketListQuery = z.strictObject({
-  state: z.enum(TICKET_STATES).optional(),
+  state: ticketState.optional(),
   limit: limit(50, PAGE_MAX),
   cursor,
 });
@@ -211,10 +212,12 @@ export const Ticket = z
     id,
     title: z.string(),
     description: z.string().nullable(),
-    state: z.enum(TICKET_STATES),
-    phase: z.enum(PHASES).nullable(),
+    /** A state of the ticket's workflow (`TICKET_STATES` for `default`). */
+    state: ticketState,
+    phase: ticketState.nullable(),
     blockedReason: z.string().nullable(),
     diagnostics: z.int(),
+    workflow: z.string(),
     version: z.int(),
     createdAt: iso,
     updatedAt: iso,
@@ -226,7 +229,7 @@ export const Task = z
     id,
     ticketId: id,
     type: z.string(),
-    phase: z.enum(PHASES),
+    phase: ticketState,
     state: z.enum(TASK_STATES),
     attempt: z.int(),
     attemptsUsed: z.int(),

@@ -56,6 +56,24 @@ describe('tickets of a workflow', () => {
     expect(approve.body.error).toBe('illegal_transition');
   });
 
+  it('reads a ticket of another workflow with the events its own machine allows', async () => {
+    const ticket = (await t.call('POST', '/tickets', { title: 'r', workflow: 'gated@1' })).body;
+    expect(ticket.workflow).toBe('gated@1');
+    await t.call('POST', `/tickets/${ticket.id}/events`, { type: 'START' });
+    const read = await t.call('GET', `/tickets/${ticket.id}`);
+    expect(read.status).toBe(200);
+    expect(read.body.state).toBe('plan');
+    expect(read.body.workflow).toBe('gated@1');
+    expect(read.body.allowedEvents).toEqual(['ADVANCE', 'BLOCK', 'CANCEL']);
+    const list = await t.call('GET', '/tickets?state=plan');
+    expect(list.status).toBe(200);
+    const listed = list.body.items.find((i: { id: string }) => i.id === ticket.id);
+    expect(listed.workflow).toBe('gated@1');
+    const plain = (await t.call('POST', '/tickets', { title: 'd' })).body;
+    expect(plain.workflow).toBe('default@1');
+    expect((await t.call('GET', `/tickets/${plain.id}`)).body.workflow).toBe('default@1');
+  });
+
   it('bad input: unknown workflow, a phase not in the workflow, a malformed APPROVE', async () => {
     const unknown = await t.call('POST', '/tickets', { title: 'a', workflow: 'nope@3' });
     expect(unknown.status).toBe(400);
