@@ -18,6 +18,7 @@ import {
 } from '../actors/views.js';
 import { InvalidInput, UnknownWorkflow } from '../errors.js';
 import { type EntityType, MACHINES, type MachineEntry } from '../machines/index.js';
+import { TICKET_STATES } from '../machines/ticket.js';
 import { DEFAULT_WORKFLOW_REF } from './actor-rows.js';
 import type { Db } from './db.js';
 import { countDeadLetters, type DeadLetter, listDeadLetters } from './dead-letter-rows.js';
@@ -224,6 +225,11 @@ export class Queries {
 
   async listTickets(o: ListOptions): Promise<Page<TicketView>> {
     const db = this.db;
+    if (o.state !== undefined && !(await this.isTicketState(o.state))) {
+      throw new InvalidInput(`state ${o.state} is not a state of any registered workflow`, [
+        { path: 'state', message: 'a state of the default workflow or a registered phase' },
+      ]);
+    }
     const after = o.cursor ? decodeCursor(o.cursor) : null;
     const rows = await db<TicketRaw[]>`
       select id, snapshot #- '{context,tasks}' as snapshot, version, created_at, workflow
@@ -233,6 +239,14 @@ export class Queries {
         ${after ? db`and (created_at, id) < (${after.createdAt}, ${after.id})` : db``}
       order by created_at desc, id desc limit ${o.limit + 1}`;
     return page(rows, o.limit, (r) => ticketView(r.snapshot, r.version, r.workflow));
+  }
+
+  /** A state some ticket may be in: a built-in one or a phase of a registered workflow. */
+  private async isTicketState(state: string): Promise<boolean> {
+    if ((TICKET_STATES as readonly string[]).includes(state)) return true;
+    const rows = await this.db`select 1 from workflows
+      where definition -> 'phases' @> ${this.db.json([{ name: state }])} limit 1`;
+    return rows.length > 0;
   }
 
   /** Summaries, newest first: a page never carries payloads or results. */
