@@ -56,27 +56,27 @@ export interface DecideEvent {
 export function decideInitial<T extends EntityType>(
   entityType: T,
   input: EntityInput<T>,
-  /** The machine to use: a ticket's is its workflow's (default: the built-in one). */
   entry: MachineEntry = MACHINES[entityType],
 ): Decision {
   const [snapshot, actions] = initialTransition(entry.machine as never, input as never);
-  return toDecision(entityType, snapshot as AnyMachineSnapshot, actions, entry);
+  return toDecision(entry, entityType, snapshot as AnyMachineSnapshot, actions);
 }
 
 /**
  * Applies `event` to a persisted snapshot. Throws `IllegalTransition` or `StaleToken` and
  * then nothing may be written; otherwise returns everything the transition produced.
+ * `entry` is the machine to apply it with: the entity type's registered one unless given
+ * (a ticket of a user workflow runs its compiled machine, see `workflowMachineEntry`).
  */
 export function decide(
   entityType: EntityType,
   entityId: string,
   persisted: PersistedSnapshot,
   event: DecideEvent,
-  machineVersion: number = MACHINES[entityType].version,
-  /** The machine to use: a ticket's is its workflow's (default: the built-in one). */
+  machineVersion?: number,
   entry: MachineEntry = MACHINES[entityType],
 ): Decision {
-  if (machineVersion !== entry.version) {
+  if (machineVersion !== undefined && machineVersion !== entry.version) {
     throw new UnsupportedSnapshot(entityId, machineVersion, entry.version);
   }
   const current = restore(entityType, persisted, entry);
@@ -106,14 +106,14 @@ export function decide(
       entityType,
     );
   }
-  return toDecision(entityType, next as AnyMachineSnapshot, actions, entry);
+  return toDecision(entry, entityType, next as AnyMachineSnapshot, actions);
 }
 
 interface InertScope {
   actions: ExecutableAction[];
   scope: Record<string, unknown>;
 }
-/** One per machine object: every compiled workflow has its own. */
+/** Keyed by machine: compiled workflows each have their own. */
 const scopes = new WeakMap<object, InertScope>();
 
 /**
@@ -162,8 +162,7 @@ export function restore(
   persisted: PersistedSnapshot,
   entry: MachineEntry = MACHINES[entityType],
 ): AnyMachineSnapshot {
-  const { machine } = entry;
-  return machine.resolveState({
+  return entry.machine.resolveState({
     value: persisted.value,
     context: persisted.context,
   } as never) as AnyMachineSnapshot;
@@ -192,10 +191,10 @@ interface ExecutableAction {
 }
 
 function toDecision(
+  entry: MachineEntry,
   entityType: EntityType,
   snapshot: AnyMachineSnapshot,
   actions: readonly ExecutableAction[],
-  entry: MachineEntry,
 ): Decision {
   const emitted: DomainEvent[] = [];
   const schedule = new Map<string, TimerSpec>();
@@ -219,9 +218,8 @@ function toDecision(
       throw new Error(`${entityType}: unexpected action ${action.type} from transition()`);
     }
   }
-  const { machine } = entry;
   const persisted = JSON.parse(
-    JSON.stringify(machine.getPersistedSnapshot(snapshot as never)),
+    JSON.stringify(entry.machine.getPersistedSnapshot(snapshot as never)),
   ) as PersistedSnapshot;
   return {
     state: stateOf(snapshot),

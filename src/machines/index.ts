@@ -4,6 +4,7 @@
  */
 import { TASK_SYSTEM_EVENTS, TASK_TOKEN_EVENTS, type TaskEvent, taskMachine } from './task.js';
 import { TICKET_SYSTEM_EVENTS, type TicketEvent, ticketMachine } from './ticket.js';
+import type { CompiledWorkflow } from './workflow.js';
 
 export type EntityType = 'ticket' | 'task';
 export const ENTITY_TYPES: readonly EntityType[] = ['ticket', 'task'];
@@ -31,6 +32,16 @@ export const MACHINES: Record<EntityType, MachineEntry> = {
     tokenEvents: TASK_TOKEN_EVENTS,
   },
 };
+
+/** The registry entry of a compiled workflow's ticket machine, for `decide(..., entry)`. */
+export function workflowMachineEntry(compiled: CompiledWorkflow): MachineEntry {
+  return {
+    machine: compiled.machine,
+    version: compiled.version,
+    systemEvents: TICKET_SYSTEM_EVENTS,
+    tokenEvents: [],
+  };
+}
 
 export type EventOf<T extends EntityType> = T extends 'ticket' ? TicketEvent : TaskEvent;
 export type AnyEntityEvent = TicketEvent | TaskEvent;

@@ -6,9 +6,9 @@
 import { assign, emit, setup } from 'xstate';
 import type { DomainEvent, Json } from './domain-events.js';
 import { timeOf } from './domain-events.js';
-import type { Phase } from './phases.js';
 
 export type TaskState =
+  | 'waiting'
   | 'pending'
   | 'claimed'
   | 'running'
@@ -18,6 +18,7 @@ export type TaskState =
   | 'cancelled';
 
 export const TASK_STATES: readonly TaskState[] = [
+  'waiting',
   'pending',
   'claimed',
   'running',
@@ -35,7 +36,7 @@ export interface TaskInput {
   id: string;
   ticketId: string;
   type: string;
-  phase: Phase;
+  phase: string;
   executor?: string;
   worktree?: string | null;
   payload?: Json;
@@ -43,6 +44,13 @@ export interface TaskInput {
   maxAttempts: number;
   leaseMs: number;
   retryBaseMs: number;
+  /**
+   * Ids of the tasks this one waits for (same ticket). With `waiting`, the task is created
+   * in `waiting` and leaves it on DEPS_MET; without, it starts `pending` as always.
+   */
+  dependsOn?: string[];
+  /** Some dependency is not completed yet: start in `waiting` (CONTRACT 5). */
+  waiting?: boolean;
   at?: number;
 }
 
@@ -50,7 +58,7 @@ export interface TaskContext {
   id: string;
   ticketId: string;
   type: string;
-  phase: Phase;
+  phase: string;
   executor: string;
   worktree: string | null;
   payload: Json;
@@ -77,6 +85,10 @@ export interface TaskContext {
   error: string | null;
   createdAt: number;
   updatedAt: number;
+  /** The tasks it depends on, as created (absent: none). */
+  dependsOn?: string[];
+  /** True while it waits in `waiting` for DEPS_MET (absent: it never waited). */
+  awaitingDeps?: boolean;
 }
 
 /** Events a worker or operator sends; `at` is stamped by the host, `token` checked by it. */
@@ -91,10 +103,12 @@ export type TaskEvent =
   | { type: 'CANCEL'; reason?: string; at?: number }
   /** A worker gives the task back unfinished (clean shutdown): pending at once, not charged. */
   | { type: 'RELEASE'; token: string; reason?: string; at?: number }
-  | { type: 'REQUEUE'; maxAttempts?: number; at?: number };
+  | { type: 'REQUEUE'; maxAttempts?: number; at?: number }
+  /** System: every dependency is completed (the runtime's DEPS_MET rule). */
+  | { type: 'DEPS_MET'; at?: number };
 
 /** Events only the system sends (timers, runtime); the public events route refuses them. */
-export const TASK_SYSTEM_EVENTS = ['LEASE_EXPIRED', 'RETRY'] as const;
+export const TASK_SYSTEM_EVENTS = ['LEASE_EXPIRED', 'RETRY', 'DEPS_MET'] as const;
 /** Events that carry a fencing token; a token that is not the live one is `stale_token`. */
 export const TASK_TOKEN_EVENTS = ['START', 'HEARTBEAT', 'COMPLETE', 'FAIL', 'RELEASE'] as const;
 
@@ -139,6 +153,7 @@ export const taskMachine = setup({
     retryBackoff: ({ context }) => context.retryDelayMs,
   },
   guards: {
+    awaitingDeps: ({ context }) => context.awaitingDeps === true,
     tokenMatches: ({ context, event }) =>
       'token' in event && context.token !== null && event.token === context.token,
     attemptsLeft: ({ context }) => attemptsCharged(context) < context.maxAttempts,
@@ -197,6 +212,7 @@ export const taskMachine = setup({
       error: event.type === 'RELEASE' ? (event.reason ?? 'released by its worker') : null,
       updatedAt: timeOf(event),
     })),
+    recordDepsMet: assign(({ event }) => ({ awaitingDeps: false, updatedAt: timeOf(event) })),
     recordRetry: assign(({ event }) => ({ retryAt: null, updatedAt: timeOf(event) })),
     recordRequeue: assign(({ context, event }) => ({
       attemptsUsed: 0,
@@ -223,6 +239,18 @@ export const taskMachine = setup({
         priority: context.priority,
         maxAttempts: context.maxAttempts,
       },
+    })),
+    emitWaiting: emit(({ context }) => ({
+      type: 'task.waiting' as const,
+      data: {
+        ticketId: context.ticketId,
+        phase: context.phase,
+        dependsOn: context.dependsOn ?? [],
+      },
+    })),
+    emitReady: emit(({ context }) => ({
+      type: 'task.ready' as const,
+      data: { ticketId: context.ticketId, phase: context.phase },
     })),
     emitClaimed: emit(({ context }) => ({
       type: 'task.claimed' as const,
@@ -313,12 +341,33 @@ export const taskMachine = setup({
     error: null,
     createdAt: input.at ?? 0,
     updatedAt: input.at ?? 0,
+    // Only present on tasks with dependencies, so other snapshots stay as they were.
+    ...(input.dependsOn?.length ? { dependsOn: [...input.dependsOn] } : {}),
+    ...(input.waiting ? { awaitingDeps: true } : {}),
   }),
   entry: 'emitCreated',
   initial: 'pending',
   states: {
+    waiting: {
+      description: 'Created with a dependency not yet completed; not claimable.',
+      on: {
+        DEPS_MET: {
+          target: 'pending',
+          description: 'Every dependency completed: claimable now.',
+          actions: ['recordDepsMet', 'emitReady'],
+        },
+        CANCEL: { target: 'cancelled', actions: ['recordCancel', 'emitCancelled'] },
+      },
+    },
     pending: {
       description: 'Waiting for a worker to claim it.',
+      // A task created with unfinished dependencies goes on to `waiting` at once (XState
+      // has no input-dependent initial state); DEPS_MET clears the flag before coming back.
+      always: {
+        guard: 'awaitingDeps',
+        target: 'waiting',
+        actions: 'emitWaiting',
+      },
       on: {
         CLAIM: {
           target: 'claimed',

@@ -138,7 +138,13 @@ export const APPROVAL_TIMEOUT_DELAY = 'approvalTimeout';
 /** Who a timed-out gate is approved or rejected by, in `ticket.approved`/`ticket.rejected`. */
 export const TIMEOUT_ACTOR = 'timeout';
 
-const OPEN_TASK_STATES: readonly TaskState[] = ['pending', 'claimed', 'running', 'retry_wait'];
+const OPEN_TASK_STATES: readonly TaskState[] = [
+  'waiting',
+  'pending',
+  'claimed',
+  'running',
+  'retry_wait',
+];
 
 /**
  * Every current task of `phase` is final, none is failed, and at least one non-diagnostic

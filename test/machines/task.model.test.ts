@@ -24,6 +24,10 @@ const INPUT: TaskInput = {
   maxAttempts: 2,
   leaseMs: 30_000,
   retryBaseMs: 1_000,
+  // CONTRACT 5: created with an unfinished dependency, so it starts in `waiting`; DEPS_MET
+  // leads into the rest of the machine.
+  dependsOn: ['task-0'],
+  waiting: true,
   at: 0,
 };
 
@@ -40,6 +44,7 @@ function events(s: AnyMachineSnapshot): DecideEvent[] {
   const c = ctx(s);
   const token = c.token ?? 'no-live-token';
   return [
+    { type: 'DEPS_MET' },
     { type: 'CLAIM', workerId: 'w1#1', token: `tok-${c.attempt + 1}` },
     { type: 'START', token },
     { type: 'HEARTBEAT', token },
@@ -61,6 +66,7 @@ function events(s: AnyMachineSnapshot): DecideEvent[] {
 
 /** CONTRACT 1, per transition: where it goes and what it emits. */
 const EXPECTED: Record<string, { to: string; emits: DomainEventType[] }> = {
+  'DEPS_MET#0': { to: 'pending', emits: ['task.ready'] },
   'CLAIM#0': { to: 'claimed', emits: ['task.claimed'] },
   'START#0': { to: 'running', emits: ['task.started'] },
   'HEARTBEAT#0': { to: 'same', emits: [] },
@@ -131,6 +137,7 @@ function checkAttempts(
 const spec: ModelSpec<'task'> = {
   entityType: 'task',
   input: INPUT,
+  initialEmits: ['task.created', 'task.waiting'],
   events,
   core: (s) => {
     const c = ctx(s);
@@ -154,7 +161,7 @@ describe('task machine, model-based', () => {
     console.log(summary('task', report));
     expect(report.missingStates).toEqual([]);
     expect(report.missingTransitions).toEqual([]);
-    expect(report.states[0]).toBe(7);
+    expect(report.states[0]).toBe(8);
     expect(report.transitions[0]).toBe(report.transitions[1]);
     expect(report.rejectedPairs).toBeGreaterThan(0);
     expect(report.staleChecks).toBeGreaterThan(0);

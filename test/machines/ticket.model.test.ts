@@ -62,6 +62,12 @@ function events(s: AnyMachineSnapshot): DecideEvent[] {
     for (const state of NEWS) out.push({ type: 'TASK_STATE', taskId, state, seq: task.seq + 1 });
   }
   for (const p of PHASES) out.push({ type: `xstate.after.stuckCheck.ticket.${p}` });
+  // SEND_BACK only on entering a phase, once per path: enough to take every branch, and the
+  // graph stays small.
+  const fresh = !Object.values(c.tasks).some((t) => t.phase === phase) && c.diagnostics === 0;
+  if (fresh && c.returns === undefined) {
+    for (const p of PHASES) out.push({ type: 'SEND_BACK', toPhase: p, reason: 'rework' });
+  }
   return out;
 }
 
@@ -93,6 +99,10 @@ function emits(ref: TransitionRef, before: AnyMachineSnapshot): DomainEventType[
     case 'CANCEL':
       target('cancelled');
       return ['ticket.cancelled'];
+    case 'SEND_BACK':
+      // CONTRACT 1 and 5: from a phase after the first to an earlier one.
+      expect(PHASES.indexOf(ref.target as Phase)).toBeLessThan(PHASES.indexOf(src as Phase));
+      return ['ticket.sent_back'];
     case 'TASK_ADDED':
       target(isPhase(src) ? src : null);
       return [];
@@ -126,7 +136,10 @@ const spec: ModelSpec<'ticket'> = {
     // The seq of a task of another phase never matters again: no news is generated for it.
     const tasks = Object.entries(c.tasks)
       .sort(([a], [b]) => a.localeCompare(b))
-      .map(([id, t]) => `${id}=${t.state}${t.phase === current ? `@${t.seq}` : ''}`)
+      .map(
+        ([id, t]) =>
+          `${id}=${t.state}${t.superseded ? '~' : ''}${t.phase === current ? `@${t.seq}` : ''}`,
+      )
       .join(',');
     return `${String(s.value)} ${c.phase ?? '-'} d${c.diagnostics} [${tasks}]`;
   },
