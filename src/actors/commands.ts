@@ -7,9 +7,8 @@ import { randomUUID } from 'node:crypto';
 import { InvalidInput, UnknownWorkflow } from '../errors.js';
 import type { Json } from '../machines/domain-events.js';
 import { type EntityType, MACHINES } from '../machines/index.js';
-import type { Phase } from '../machines/phases.js';
 import { FIXED_TICKET_STATES } from '../machines/workflow.js';
-import { recordTaskAdded } from '../policies/index.js';
+import { addTask } from '../policies/index.js';
 import type { DecideEvent } from './decide.js';
 import type { ActorHost, Applied, UnitOfWork } from './host.js';
 
@@ -35,6 +34,8 @@ export interface NewTask {
   worktree?: string | null;
   maxAttempts?: number;
   priority?: number;
+  /** Tasks of the same ticket that must complete first. */
+  dependsOn?: string[];
 }
 
 export class Commands {
@@ -69,7 +70,7 @@ export class Commands {
         stuckAfterMs: this.tickets.stuckAfterMs,
         diagnosticCooldownMs: this.tickets.diagnosticCooldownMs,
       },
-      ref,
+      ref === undefined ? {} : { workflow: ref },
     );
   }
 
@@ -88,22 +89,7 @@ export class Commands {
         { path: 'phase', message: `one of ${phases.join(', ')}` },
       ]);
     }
-    const id = spec.id ?? `tsk_${randomUUID()}`;
-    await recordTaskAdded(uow, ticketId, { taskId: id, phase, taskType: spec.type });
-    const d = this.host.taskDefaults;
-    return uow.create('task', {
-      id,
-      ticketId,
-      type: spec.type,
-      phase: phase as Phase,
-      executor: spec.executor ?? 'external',
-      worktree: spec.worktree ?? null,
-      payload: spec.payload ?? null,
-      priority: spec.priority ?? 0,
-      maxAttempts: spec.maxAttempts ?? d.maxAttempts,
-      leaseMs: d.leaseMs,
-      retryBaseMs: d.retryBaseMs,
-    });
+    return addTask(uow, ticketId, { ...spec, id: spec.id ?? `tsk_${randomUUID()}`, phase });
   }
 
   /**

@@ -25,6 +25,7 @@ import {
   DEFAULT_WORKFLOW_REF,
   insertActorRow,
   loadActorRow,
+  type TaskFeedback,
   UniqueViolation,
   updateActorRow,
 } from '../persistence/actor-rows.js';
@@ -91,6 +92,8 @@ export interface Applied {
   machine: MachineEntry;
   /** Tickets: the workflow they run, `NAME@VERSION`. */
   workflow?: string;
+  /** Tasks: the feedback they were created with (null: none). */
+  feedback?: TaskFeedback | null;
 }
 
 export interface CommandResult<T> {
@@ -408,14 +411,20 @@ export class UnitOfWork {
   async create<T extends EntityType>(
     entityType: T,
     input: EntityInput<T>,
-    /** Tickets: the workflow ref to run (default `default@1`). */
-    workflow?: string,
+    options: {
+      /** Tickets: the workflow ref to run (default `default@1`). */
+      workflow?: string;
+      /** Tasks: why a re-entry into the phase created it. */
+      feedback?: TaskFeedback | null;
+    } = {},
   ): Promise<Applied> {
+    const { workflow, feedback } = options;
     const stampedInput = { ...input, at: this.at } as EntityInput<T>;
     const entry = await this.host.machineOf(entityType, workflow);
     const decision = decideInitial(entityType, stampedInput, entry);
     const row: ActorRow = {
       ...(entityType === 'ticket' ? { workflow: workflow ?? DEFAULT_WORKFLOW_REF } : {}),
+      ...(entityType === 'task' ? { feedback: feedback ?? null } : {}),
       entityType,
       id: input.id,
       machineVersion: MACHINES[entityType].version,
@@ -515,6 +524,7 @@ export class UnitOfWork {
       events,
       machine,
       ...(after.workflow !== undefined ? { workflow: after.workflow } : {}),
+      ...(after.entityType === 'task' ? { feedback: after.feedback ?? null } : {}),
     };
     this.results.push(applied);
     // What follows on other actors in the same transaction: src/policies owns those rules.

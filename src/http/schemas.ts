@@ -53,6 +53,9 @@ export const NewTicketBody = z
   })
   .register(components, { id: 'NewTicket' });
 
+/** Dependencies one task may name: a bound on the rows and locks one request can take. */
+export const TASK_DEPENDS_ON_MAX = 32;
+
 export const NewTaskBody = z
   .strictObject({
     type: name,
@@ -66,6 +69,8 @@ export const NewTaskBody = z
     worktree: z.string().min(1).max(500).nullable().optional(),
     maxAttempts: z.int().min(1).max(100).optional(),
     priority: z.int().min(-1000).max(1000).optional(),
+    /** Tasks of the same ticket that must complete first (checked when the task is added). */
+    dependsOn: z.array(id).max(TASK_DEPENDS_ON_MAX).optional(),
   })
   .superRefine((task, ctx) => {
     const schema = EXECUTOR_PAYLOADS[task.executor ?? 'external'];
@@ -242,6 +247,8 @@ export const Task = z
     payload: json,
     result: json,
     error: z.string().nullable(),
+    dependsOn: z.array(id),
+    feedback: z.object({ fromPhase: z.string(), reason: z.string(), loop: z.int() }).nullable(),
     version: z.int(),
     createdAt: iso,
     updatedAt: iso,

@@ -8,7 +8,7 @@ export function summaryOf(a: Applied) {
   const view =
     a.entityType === 'ticket'
       ? ticketView(a.snapshot, a.version, a.workflow ?? DEFAULT_WORKFLOW_REF)
-      : taskView(a.snapshot, a.version);
+      : taskView(a.snapshot, a.version, a.feedback ?? null);
   const snapshot = restore(a.entityType, a.snapshot, a.machine);
   return { ...view, allowedEvents: allowedEvents(a.entityType, snapshot, a.machine) };
 }

@@ -19,7 +19,7 @@ import {
 import { InvalidInput, UnknownWorkflow } from '../errors.js';
 import { type EntityType, MACHINES, type MachineEntry } from '../machines/index.js';
 import { TICKET_STATES } from '../machines/ticket.js';
-import { DEFAULT_WORKFLOW_REF } from './actor-rows.js';
+import { DEFAULT_WORKFLOW_REF, type TaskFeedback } from './actor-rows.js';
 import type { Db } from './db.js';
 import { countDeadLetters, type DeadLetter, listDeadLetters } from './dead-letter-rows.js';
 import { outboxLag as outboxRowsLag } from './outbox-rows.js';
@@ -82,6 +82,10 @@ interface SnapshotRaw {
   version: number;
   created_at: Date;
   id: string;
+}
+
+interface TaskRaw extends SnapshotRaw {
+  feedback: TaskFeedback | null;
 }
 
 interface TicketRaw extends SnapshotRaw {
@@ -204,23 +208,23 @@ export class Queries {
   ): Promise<Page<TicketTask>> {
     const db = this.db;
     const after = o.cursor ? decodeCursor(o.cursor) : null;
-    const rows = await db<SnapshotRaw[]>`
+    const rows = await db<TaskRaw[]>`
       select id, snapshot #- '{context,payload}' #- '{context,result}' as snapshot, version,
-        created_at
+        created_at, feedback
       from tasks
       where ticket_id = ${ticketId}
         ${after ? db`and (created_at, id) > (${after.createdAt}, ${after.id})` : db``}
       order by created_at, id limit ${o.limit + 1}`;
     return page(rows, o.limit, (t) =>
-      withAllowed('task', t.snapshot, taskSummary(t.snapshot, t.version)),
+      withAllowed('task', t.snapshot, taskSummary(t.snapshot, t.version, t.feedback)),
     );
   }
 
   async getTask(id: string): Promise<TaskDetail | null> {
-    const rows = await this.db<SnapshotRaw[]>`
-      select id, snapshot, version, created_at from tasks where id = ${id}`;
+    const rows = await this.db<TaskRaw[]>`
+      select id, snapshot, version, created_at, feedback from tasks where id = ${id}`;
     const r = rows[0];
-    return r ? withAllowed('task', r.snapshot, taskView(r.snapshot, r.version)) : null;
+    return r ? withAllowed('task', r.snapshot, taskView(r.snapshot, r.version, r.feedback)) : null;
   }
 
   async listTickets(o: ListOptions): Promise<Page<TicketView>> {
@@ -253,16 +257,16 @@ export class Queries {
   async listTasks(o: TaskListOptions): Promise<Page<TaskSummary>> {
     const db = this.db;
     const after = o.cursor ? decodeCursor(o.cursor) : null;
-    const rows = await db<SnapshotRaw[]>`
+    const rows = await db<TaskRaw[]>`
       select id, snapshot #- '{context,payload}' #- '{context,result}' as snapshot, version,
-        created_at
+        created_at, feedback
       from tasks
       where true
         ${o.state ? db`and state = ${o.state}` : db``}
         ${o.ticketId ? db`and ticket_id = ${o.ticketId}` : db``}
         ${after ? db`and (created_at, id) < (${after.createdAt}, ${after.id})` : db``}
       order by created_at desc, id desc limit ${o.limit + 1}`;
-    return page(rows, o.limit, (r) => taskSummary(r.snapshot, r.version));
+    return page(rows, o.limit, (r) => taskSummary(r.snapshot, r.version, r.feedback));
   }
 
   /** The entity's log in `seq` order after `afterSeq`; null when the entity does not exist. */

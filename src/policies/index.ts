@@ -17,8 +17,16 @@
  * `src/persistence/`.
  */
 import type { Applied, UnitOfWork } from '../actors/host.js';
-import { advanceIfPhaseComplete, spawnDiagnostics } from './phase-entered.js';
+import { releaseDependents } from './dependencies.js';
+import {
+  advanceIfPhaseComplete,
+  cancelLeftPhase,
+  createTemplateTasks,
+  spawnDiagnostics,
+} from './phase-entered.js';
 
+export { releaseDependents, settleWaitingTask } from './dependencies.js';
+export { addTask, type TaskSpec } from './new-task.js';
 export { sendIfAccepted } from './send.js';
 export { type AddedTask, recordTaskAdded } from './task-added.js';
 export { forwardTaskState } from './task-state.js';
@@ -26,7 +34,13 @@ export { cancelOpenTasks } from './ticket-cancelled.js';
 
 /** The same-transaction rules, run by the unit of work after each transition it records. */
 export async function afterTransition(uow: UnitOfWork, applied: Applied): Promise<void> {
-  if (applied.entityType !== 'ticket') return;
+  if (applied.entityType === 'task') {
+    await releaseDependents(uow, applied);
+    return;
+  }
   await spawnDiagnostics(uow, applied);
+  // The old round's tasks go before the new round's are created (a phase sent back to itself).
+  await cancelLeftPhase(uow, applied);
+  await createTemplateTasks(uow, applied);
   await advanceIfPhaseComplete(uow, applied);
 }

@@ -18,5 +18,7 @@ export async function forwardTaskState(uow: UnitOfWork, taskId: string): Promise
     taskId,
     state: task.state,
     seq: task.seq,
+    // A failure's reason is what an onFail send-back hands the phase's next tasks.
+    ...(task.state === 'failed' && task.error !== null ? { error: task.error } : {}),
   });
 }

@@ -43,6 +43,7 @@ export const DISPATCH_EVENTS: readonly string[] = [
   'task.retried',
   'task.requeued',
   'task.released',
+  'task.ready',
 ];
 
 export const taskStateReaction: TransactionalReaction = {

@@ -23,3 +23,14 @@ create table task_dependencies (
   primary key (task_id, depends_on)
 );
 create index task_dependencies_depends_on on task_dependencies (depends_on);
+
+-- Why a task exists when a ticket re-entered its phase (`{fromPhase, reason, loop}`), set
+-- once at creation and never changed: the next agent reads it with the task.
+alter table tasks add column feedback jsonb;
+
+-- A waiting task is open too (a cancelled ticket cancels it): the reconciler's partial index
+-- covers it, and the dependency sweep finds waiting tasks without scanning the table.
+drop index tasks_open_ticket;
+create index tasks_open_ticket on tasks (ticket_id, id)
+  where state in ('waiting', 'pending', 'claimed', 'running', 'retry_wait');
+create index tasks_waiting on tasks (id) where state = 'waiting';
