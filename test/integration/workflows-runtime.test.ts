@@ -397,6 +397,28 @@ describe('task dependencies over HTTP', () => {
     expect(late.body.state).toBe('pending');
   }, 60_000);
 
+  it('the reconciler settles a waiting task whose dependency settled unseen', async () => {
+    const id = (await t.call('POST', '/tickets', { title: 'rec' })).body.id;
+    await t.call('POST', `/tickets/${id}/events`, { type: 'START' });
+    const add = (body: object) => t.call('POST', `/tickets/${id}/tasks`, body);
+    const dep = (await add({ type: 'rec_a' })).body;
+    const gone = (await add({ type: 'rec_b' })).body;
+    const ready = (await add({ type: 'rec_c', dependsOn: [dep.id] })).body;
+    const doomed = (await add({ type: 'rec_d', dependsOn: [gone.id] })).body;
+    // The dependency rows are hidden while the dependencies settle: what a dependent
+    // committed after its dependency's transaction read them looks like.
+    const hidden = await db.sql`delete from task_dependencies
+      where task_id in (${ready.id}, ${doomed.id}) returning task_id, depends_on`;
+    await completeOne('rec_a');
+    await t.call('POST', `/tasks/${gone.id}/events`, { type: 'CANCEL' });
+    await db.sql`insert into task_dependencies ${db.sql(hidden as never, 'task_id', 'depends_on')}`;
+    expect((await t.call('GET', `/tasks/${ready.id}`)).body.state).toBe('waiting');
+    expect((await t.call('GET', `/tasks/${doomed.id}`)).body.state).toBe('waiting');
+    await transports[0]?.reconciler.runOnce();
+    expect((await t.call('GET', `/tasks/${ready.id}`)).body.state).toBe('pending');
+    expect((await t.call('GET', `/tasks/${doomed.id}`)).body.state).toBe('cancelled');
+  });
+
   it('bad input: unknown or foreign dependencies, too many, never a 500', async () => {
     const mine = (await t.call('POST', '/tickets', { title: 'm' })).body.id;
     const other = (await t.call('POST', '/tickets', { title: 'o' })).body.id;
