@@ -10,13 +10,19 @@ import { ROLES, type Role, redact, startRuntime } from './runtime.js';
 import { startupRefusals, startupWarnings } from './security.js';
 import { redactNatsUrl } from './transport/nats.js';
 
-const USAGE = 'usage: orchestrator [all|api|worker]   (configuration: environment, see README)';
+const USAGE =
+  'usage: orchestrator [all|api|worker]   (configuration: environment, see README)\n' +
+  '       orchestrator workflow check FILE.json';
 
 async function main(argv: string[]): Promise<number> {
   const arg = argv[0] ?? 'all';
   if (arg === '-h' || arg === '--help') {
     process.stdout.write(`${USAGE}\n`);
     return 0;
+  }
+  if (arg === 'workflow') {
+    const { workflowCommand } = await import('./workflows/check-command.js');
+    return workflowCommand(argv.slice(1));
   }
   if (!ROLES.includes(arg as Role)) {
     process.stderr.write(`unknown role "${arg}"\n${USAGE}\n`);

@@ -3,6 +3,7 @@
  * `stateDiagram-v2` text. Pure: read from the machine definitions, no I/O.
  */
 import { type EntityType, MACHINES } from './index.js';
+import type { CompiledWorkflow } from './workflow.js';
 
 interface TransitionJson {
   target?: string[];
@@ -20,6 +21,13 @@ interface StateNodeJson {
 /** A machine's definition as plain JSON, targets as `#id.state` strings (Stately format). */
 export function machineDefinition(name: EntityType): Record<string, unknown> {
   return JSON.parse(JSON.stringify(MACHINES[name].machine)) as Record<string, unknown>;
+}
+
+/**
+ * A compiled workflow's machine as Stately-loadable JSON (`GET /machines/workflow:NAME@VERSION`).
+ */
+export function workflowMachineDefinition(compiled: CompiledWorkflow): Record<string, unknown> {
+  return JSON.parse(JSON.stringify(compiled.machine)) as Record<string, unknown>;
 }
 
 export function machineDefinitions(): Record<EntityType, Record<string, unknown>> {

@@ -119,14 +119,13 @@ export function parseWorkflowDefinition(value: unknown): ParseResult {
     })
     .safeParse(value);
   const findings: Finding[] = [];
-  if (!top.success) {
-    for (const issue of top.error.issues) {
-      findings.push({ path: formatPath(issue.path) || '(root)', message: issue.message });
-    }
-    return { ok: false, findings };
+  for (const issue of top.error?.issues ?? []) {
+    findings.push({ path: formatPath(issue.path) || '(root)', message: issue.message });
   }
+  const raws = (value as { phases?: unknown } | null)?.phases;
+  if (!Array.isArray(raws) || raws.length > MAX_PHASES) return { ok: false, findings };
   const phases: WorkflowDefinition['phases'] = [];
-  top.data.phases.forEach((raw, i) => {
+  raws.forEach((raw: unknown, i) => {
     const gate = raw !== null && typeof raw === 'object' && 'approval' in raw;
     const parsed = (gate ? GatePhaseSchema : WorkPhaseSchema).safeParse(raw);
     if (parsed.success) phases.push(parsed.data);
@@ -136,7 +135,7 @@ export function parseWorkflowDefinition(value: unknown): ParseResult {
       }
     }
   });
-  if (findings.length > 0) return { ok: false, findings };
+  if (findings.length > 0 || !top.success) return { ok: false, findings };
   const definition: WorkflowDefinition = { name: top.data.name, phases };
   if (top.data.description !== undefined) definition.description = top.data.description;
   return { ok: true, definition };

@@ -1,0 +1,169 @@
+/**
+ * Compiled workflows: the default is today's ticket machine, the examples pass the model run
+ * at full coverage, gates and rework loops behave as CONTRACT 5 says through decide(), and
+ * `orchestrator workflow check` exits 0 on an example and 1 on a finding.
+ */
+import { execFile } from 'node:child_process';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { describe, expect, it } from 'vitest';
+import { type Decision, decide, decideInitial } from '../../src/actors/decide.js';
+import { workflowMachineEntry } from '../../src/machines/index.js';
+import { ticketMachine } from '../../src/machines/ticket.js';
+import { compileWorkflow } from '../../src/machines/workflow.js';
+import { DEFAULT_WORKFLOW, parseWorkflowJson } from '../../src/workflows/definition.js';
+import { modelSummary, runWorkflowModel } from '../../src/workflows/model-run.js';
+
+function example(name: string) {
+  const r = parseWorkflowJson(readFileSync(`examples/workflows/${name}.json`, 'utf8'));
+  if (!r.ok) throw new Error(JSON.stringify(r.findings));
+  return compileWorkflow(r.definition, 1);
+}
+
+describe('compiled workflows', () => {
+  it('the default workflow compiles to the ticket machine', () => {
+    const compiled = compileWorkflow(DEFAULT_WORKFLOW, 1);
+    expect(JSON.stringify(compiled.machine)).toBe(JSON.stringify(ticketMachine));
+    expect(compiled.ref).toBe('default@1');
+  });
+
+  for (const name of ['feature', 'review-loop']) {
+    it(`${name}: every path replays through decide() and every other event is refused`, {
+      timeout: 120_000,
+    }, () => {
+      const report = runWorkflowModel(example(name));
+      console.log(modelSummary(name, report));
+      expect(report.findings).toEqual([]);
+      expect(report.states[0]).toBe(report.states[1]);
+      expect(report.transitions[0]).toBe(report.transitions[1]);
+      expect(report.rejectedPairs).toBeGreaterThan(0);
+    });
+  }
+});
+
+describe('gates and rework loops', () => {
+  const compiled = example('feature');
+  const entry = workflowMachineEntry(compiled);
+  const input = { id: 't1', title: 't', stuckAfterMs: 60_000, diagnosticCooldownMs: 1_000 };
+  const step = (d: Decision, event: { type: string; [k: string]: unknown }) =>
+    decide('ticket', 't1', d.snapshot, event, undefined, entry);
+  const types = (d: Decision) => d.emitted.map((e) => e.type);
+
+  function atGate(): Decision {
+    let d = decideInitial('ticket', input, entry);
+    d = step(d, { type: 'START' });
+    d = step(d, { type: 'TASK_ADDED', taskId: 's1', phase: 'plan', taskType: 'write_spec' });
+    d = step(d, { type: 'TASK_STATE', taskId: 's1', state: 'completed', seq: 1 });
+    expect(d.state).toBe('plan_review');
+    return d;
+  }
+
+  it('a gate schedules its durable timeout and APPROVE moves on', () => {
+    const d = atGate();
+    expect(d.schedule).toEqual([
+      expect.objectContaining({
+        key: 'xstate.after.approvalTimeout.ticket.plan_review',
+        delayMs: 86_400_000,
+      }),
+    ]);
+    const a = step(d, { type: 'APPROVE', by: 'ann', comment: 'fine' });
+    expect(a.state).toBe('build');
+    expect(types(a)).toEqual(['ticket.approved', 'ticket.phase_changed']);
+    expect(a.emitted[0]!.data).toEqual({ phase: 'plan_review', by: 'ann', comment: 'fine' });
+  });
+
+  it('REJECT sends back to plan within maxLoops, then blocks', () => {
+    let d = atGate();
+    for (let loop = 1; loop <= 3; loop++) {
+      d = step(d, { type: 'REJECT', by: 'ann', reason: `no ${loop}` });
+      expect(d.state).toBe('plan');
+      expect(types(d)).toEqual(['ticket.rejected', 'ticket.sent_back']);
+      expect(d.emitted[1]!.data).toEqual({
+        from: 'plan_review',
+        to: 'plan',
+        reason: `no ${loop}`,
+        loop,
+        cause: 'reject',
+      });
+      // The old round's completed task no longer completes the phase.
+      expect(() => step(d, { type: 'ADVANCE' })).toThrow();
+      d = step(d, { type: 'TASK_ADDED', taskId: `s${loop + 1}`, phase: 'plan', taskType: 'w' });
+      d = step(d, { type: 'TASK_STATE', taskId: `s${loop + 1}`, state: 'completed', seq: 1 });
+      expect(d.state).toBe('plan_review');
+    }
+    d = step(d, { type: 'REJECT', by: 'ann', reason: 'enough' });
+    expect(d.state).toBe('blocked');
+    expect(types(d)).toEqual(['ticket.rejected', 'ticket.blocked']);
+  });
+
+  it('a failed task of an onFail phase sends the ticket back with its error, then blocks', () => {
+    let d = step(atGate(), { type: 'APPROVE', by: 'ann' });
+    for (let loop = 1; loop <= 3; loop++) {
+      const id = `c${loop}`;
+      d = step(d, { type: 'TASK_ADDED', taskId: id, phase: 'build', taskType: 'implement' });
+      d = step(d, { type: 'TASK_STATE', taskId: id, state: 'failed', seq: 1, error: 'red' });
+      if (loop <= 2) {
+        expect(d.state).toBe('build');
+        expect(types(d)).toEqual(['ticket.sent_back']);
+        expect(d.emitted[0]!.data).toMatchObject({
+          from: 'build',
+          to: 'build',
+          reason: 'red',
+          loop,
+          taskId: id,
+        });
+      }
+    }
+    expect(d.state).toBe('blocked');
+    expect(types(d)).toEqual(['ticket.blocked']);
+  });
+
+  it('SEND_BACK goes to an earlier phase only', () => {
+    const d = atGate();
+    expect(() => step(d, { type: 'SEND_BACK', toPhase: 'build', reason: 'x' })).toThrow();
+    expect(() => step(d, { type: 'SEND_BACK', toPhase: 'plan_review', reason: 'x' })).toThrow();
+    const b = step(d, { type: 'SEND_BACK', toPhase: 'plan', reason: 'redo' });
+    expect(b.state).toBe('plan');
+    expect(b.emitted[0]!.data).toMatchObject({
+      from: 'plan_review',
+      to: 'plan',
+      loop: 1,
+      cause: 'operator',
+    });
+  });
+});
+
+describe('orchestrator workflow check', () => {
+  const run = promisify(execFile);
+  it('exits 1 and names the path of each finding', { timeout: 60_000 }, async () => {
+    const file = join(tmpdir(), `wf-${process.pid}.json`);
+    writeFileSync(
+      file,
+      JSON.stringify({
+        name: 'bad',
+        phases: [
+          { name: 'a', tasks: [{ key: 'x', type: 't', dependsOn: ['x'] }] },
+          { name: 'g', approval: {}, onReject: { sendBackTo: 'later', maxLoops: 1 } },
+        ],
+      }),
+    );
+    const error = await run('bin/orchestrator', ['workflow', 'check', file]).catch((e) => e);
+    expect(error.code).toBe(1);
+    expect(error.stdout).toContain('phases[0].tasks[0].dependsOn[0]');
+    expect(error.stdout).toContain('phases[1].onReject.sendBackTo');
+  });
+
+  it('exits 0 on the review-loop example and prints its coverage', {
+    timeout: 120_000,
+  }, async () => {
+    const { stdout } = await run('bin/orchestrator', [
+      'workflow',
+      'check',
+      'examples/workflows/review-loop.json',
+    ]);
+    expect(stdout).toMatch(/review-loop machine: 6\/6 states, (\d+)\/\1 transitions/);
+    expect(stdout).toContain('review-loop.json: ok');
+  });
+});
