@@ -111,6 +111,8 @@ export const configSchema = z.object({
   DATA_DIR: z.string().default('./.data'),
   /** Bytes of output text kept per task; past it the oldest chunks go (`truncated`). */
   OUTPUT_MAX_BYTES: int(1_048_576, 256).pipe(z.number().max(1_073_741_824)),
+  /** Every `*.json` here is registered as a workflow at start (CONTRACT section 5). */
+  WORKFLOWS_DIR: z.string().min(1).optional(),
 });
 
 export type Config = z.output<typeof configSchema>;

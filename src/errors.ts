@@ -15,6 +15,7 @@ export type ErrorCode =
   | 'payload_too_large'
   | 'unsupported_media_type'
   | 'unsupported_snapshot'
+  | 'unknown_workflow'
   | 'unavailable'
   | 'internal';
 
@@ -144,5 +145,22 @@ export class Unavailable extends OrchestratorError {
   constructor(message: string, options?: ErrorOptions) {
     super(message, options);
     this.name = 'Unavailable';
+  }
+}
+
+/**
+ * A workflow ref (`NAME` or `NAME@VERSION`) that names no registered version. From input it
+ * is a 400 naming the field; on a stored ticket it means its machine cannot be loaded, and
+ * the ticket is refused rather than run on another machine.
+ */
+export class UnknownWorkflow extends OrchestratorError {
+  readonly code = 'unknown_workflow';
+  readonly retryable = false;
+  constructor(readonly ref: string) {
+    super(`no workflow ${ref.slice(0, 200)} is registered`);
+    this.name = 'UnknownWorkflow';
+  }
+  override details() {
+    return { workflow: this.ref.slice(0, 200) };
   }
 }

@@ -9,6 +9,8 @@ import { Commands } from './actors/commands.js';
 import { ActorHost } from './actors/host.js';
 import { TaskOutput } from './actors/output.js';
 import { TimerPoller } from './actors/timer-poller.js';
+import { workflowCompiler } from './actors/workflow-compiler.js';
+import { WorkflowRegistry } from './actors/workflow-registry.js';
 import type { Config } from './config.js';
 import { createApp } from './http/app.js';
 import { machineCatalog } from './http/machines.js';
@@ -80,7 +82,17 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
     const applied = await migrate(sql);
     if (applied.length > 0) log.info({ applied }, 'migrations applied');
 
+    const workflows = new WorkflowRegistry(sql, workflowCompiler());
+    await workflows.ensureBuiltIn();
+    if (config.WORKFLOWS_DIR) {
+      const registered = await workflows.registerDir(config.WORKFLOWS_DIR);
+      log.info(
+        { workflows: registered.map((w) => `${w.name}@${w.version}`) },
+        'workflows registered',
+      );
+    }
     const host = new ActorHost(sql, {
+      workflows,
       cacheMaxBytes: config.ACTOR_CACHE_MAX_BYTES,
       taskDefaults: {
         maxAttempts: config.MAX_ATTEMPTS,
@@ -144,13 +156,14 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
 
     let url: string | null = null;
     if (role !== 'worker') {
-      const queries = new Queries(sql);
+      const queries = new Queries(sql, (ref) => host.machineOf('ticket', ref));
       const app = createApp({
         host,
         commands,
         claims,
         queries,
         machines: machineCatalog(),
+        workflows,
         log: log.child({ component: 'http' }),
         config,
         events: transport,

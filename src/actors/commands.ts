@@ -4,10 +4,11 @@
  * public event. HTTP, the built-in workers and the demo all go through here.
  */
 import { randomUUID } from 'node:crypto';
-import { InvalidInput } from '../errors.js';
+import { InvalidInput, UnknownWorkflow } from '../errors.js';
 import type { Json } from '../machines/domain-events.js';
 import { type EntityType, MACHINES } from '../machines/index.js';
-import { isPhase, type Phase } from '../machines/phases.js';
+import { FIXED_TICKET_STATES } from '../machines/workflow.js';
+import { addTask } from '../policies/index.js';
 import type { DecideEvent } from './decide.js';
 import type { ActorHost, Applied, UnitOfWork } from './host.js';
 
@@ -20,17 +21,21 @@ export interface NewTicket {
   id?: string;
   title: string;
   description?: string | null;
+  /** `NAME` (latest version) or `NAME@VERSION`; default `default`. */
+  workflow?: string;
 }
 
 export interface NewTask {
   id?: string;
   type: string;
-  phase?: Phase;
+  phase?: string;
   payload?: Json;
   executor?: string;
   worktree?: string | null;
   maxAttempts?: number;
   priority?: number;
+  /** Tasks of the same ticket that must complete first. */
+  dependsOn?: string[];
 }
 
 export class Commands {
@@ -39,46 +44,52 @@ export class Commands {
     private readonly tickets: TicketSettings,
   ) {}
 
-  createTicket(uow: UnitOfWork, spec: NewTicket): Promise<Applied> {
-    return uow.create('ticket', {
-      id: spec.id ?? `tkt_${randomUUID()}`,
-      title: spec.title,
-      description: spec.description ?? null,
-      stuckAfterMs: this.tickets.stuckAfterMs,
-      diagnosticCooldownMs: this.tickets.diagnosticCooldownMs,
-    });
+  /** A ticket of the given workflow; an unknown workflow is InvalidInput naming it. */
+  async createTicket(uow: UnitOfWork, spec: NewTicket): Promise<Applied> {
+    let ref: string | undefined;
+    if (
+      spec.workflow !== undefined &&
+      spec.workflow !== 'default' &&
+      spec.workflow !== 'default@1'
+    ) {
+      try {
+        ref = (await this.host.resolveWorkflow(spec.workflow)).ref;
+      } catch (error) {
+        if (!(error instanceof UnknownWorkflow)) throw error;
+        throw new InvalidInput(error.message, [
+          { path: 'workflow', message: `no workflow ${spec.workflow} is registered` },
+        ]);
+      }
+    }
+    return uow.create(
+      'ticket',
+      {
+        id: spec.id ?? `tkt_${randomUUID()}`,
+        title: spec.title,
+        description: spec.description ?? null,
+        stuckAfterMs: this.tickets.stuckAfterMs,
+        diagnosticCooldownMs: this.tickets.diagnosticCooldownMs,
+      },
+      ref === undefined ? {} : { workflow: ref },
+    );
   }
 
   /**
-   * Adds a task to a ticket in its current phase (or the one given). A final ticket refuses
-   * it with IllegalTransition, and then no task exists.
+   * Adds a task to a ticket in its current phase (or the one given). The ticket records it in
+   * the same transaction (the `task-added` policy); a final ticket refuses it with
+   * IllegalTransition, and then no task exists.
    */
   async addTask(uow: UnitOfWork, ticketId: string, spec: NewTask): Promise<Applied> {
     const ticket = await uow.load('ticket', ticketId);
-    const current = (ticket.snapshot.context as { phase: Phase | null }).phase;
-    const phase = spec.phase ?? current ?? 'requirements';
-    if (!isPhase(phase)) throw new InvalidInput(`phase ${String(phase)} is not a phase`);
-    const id = spec.id ?? `tsk_${randomUUID()}`;
-    await uow.send('ticket', ticketId, {
-      type: 'TASK_ADDED',
-      taskId: id,
-      phase,
-      taskType: spec.type,
-    });
-    const d = this.host.taskDefaults;
-    return uow.create('task', {
-      id,
-      ticketId,
-      type: spec.type,
-      phase,
-      executor: spec.executor ?? 'external',
-      worktree: spec.worktree ?? null,
-      payload: spec.payload ?? null,
-      priority: spec.priority ?? 0,
-      maxAttempts: spec.maxAttempts ?? d.maxAttempts,
-      leaseMs: d.leaseMs,
-      retryBaseMs: d.retryBaseMs,
-    });
+    const phases = phasesOf(await this.host.machineOf('ticket', ticket.workflow));
+    const current = (ticket.snapshot.context as { phase: string | null }).phase;
+    const phase = spec.phase ?? current ?? phases[0];
+    if (phase === undefined || !phases.includes(phase)) {
+      throw new InvalidInput(`phase ${String(phase)} is not a phase of this ticket's workflow`, [
+        { path: 'phase', message: `one of ${phases.join(', ')}` },
+      ]);
+    }
+    return addTask(uow, ticketId, { ...spec, id: spec.id ?? `tsk_${randomUUID()}`, phase });
   }
 
   /**
@@ -94,6 +105,12 @@ export class Commands {
     assertPublicEvent(entityType, event.type);
     return uow.send(entityType, id, event);
   }
+}
+
+/** A ticket machine's phases, in order: its states less the fixed ones. */
+function phasesOf(entry: { machine: { config: { states?: object } } }): string[] {
+  const fixed: readonly string[] = FIXED_TICKET_STATES;
+  return Object.keys(entry.machine.config.states ?? {}).filter((s) => !fixed.includes(s));
 }
 
 export function assertPublicEvent(entityType: EntityType, type: string): void {

@@ -9,16 +9,23 @@
  * across processes, correctness rests on the compare-and-set alone.
  */
 import { createHash, randomUUID } from 'node:crypto';
-import { Conflict, IllegalTransition, NotFound, StaleToken, VersionConflict } from '../errors.js';
+import {
+  Conflict,
+  IllegalTransition,
+  NotFound,
+  StaleToken,
+  UnknownWorkflow,
+  VersionConflict,
+} from '../errors.js';
 import type { EntityType } from '../machines/index.js';
-import { MACHINES } from '../machines/index.js';
-import type { Phase } from '../machines/phases.js';
-import type { TaskInput } from '../machines/task.js';
-import { DIAGNOSTIC_TASK_TYPE, phaseComplete, type TicketContext } from '../machines/ticket.js';
+import { MACHINES, type MachineEntry } from '../machines/index.js';
+import type { CompiledWorkflow } from '../machines/workflow.js';
 import {
   type ActorRow,
+  DEFAULT_WORKFLOW_REF,
   insertActorRow,
   loadActorRow,
+  type TaskFeedback,
   UniqueViolation,
   updateActorRow,
 } from '../persistence/actor-rows.js';
@@ -30,6 +37,7 @@ import {
   type TimerRow,
   upsertTimers,
 } from '../persistence/timer-rows.js';
+import { afterTransition } from '../policies/index.js';
 import { ActorCache } from './actor-cache.js';
 import {
   type DecideEvent,
@@ -58,6 +66,14 @@ export interface HostOptions {
   taskDefaults: TaskDefaults;
   /** Executor of diagnostic tasks ("external": left to agents). */
   diagnosticExecutor?: string;
+  /** Finds a ticket's workflow machine by its ref; without it only `default@1` runs. */
+  workflows?: WorkflowSource;
+}
+
+/** Where the host finds compiled workflows (the registry). */
+export interface WorkflowSource {
+  /** The compiled workflow of `NAME@VERSION`; UnknownWorkflow when none is registered. */
+  resolve(ref: string): Promise<CompiledWorkflow>;
 }
 
 /** What one applied event or creation produced, after commit. */
@@ -72,6 +88,12 @@ export interface Applied {
   snapshot: PersistedSnapshot;
   version: number;
   events: EventEntry[];
+  /** The machine the actor runs (a ticket's workflow's), for the events its state allows. */
+  machine: MachineEntry;
+  /** Tickets: the workflow they run, `NAME@VERSION`. */
+  workflow?: string;
+  /** Tasks: the feedback they were created with (null: none). */
+  feedback?: TaskFeedback | null;
 }
 
 export interface CommandResult<T> {
@@ -106,8 +128,11 @@ export class ActorHost {
   readonly taskDefaults: TaskDefaults;
   private readonly cache: ActorCache;
   private readonly maxAttempts: number;
-  private readonly diagnosticExecutor: string;
+  /** Executor of the diagnostic tasks the stuck check spawns. */
+  readonly diagnosticExecutor: string;
   private readonly mailboxes = new Map<string, Promise<unknown>>();
+  private readonly workflows: WorkflowSource | undefined;
+  private readonly entries = new WeakMap<CompiledWorkflow, MachineEntry>();
   private readonly listeners = new Set<CommitListener>();
   /** Counters for /metrics: transitions and refusals by entity type and event. */
   readonly stats = {
@@ -126,6 +151,31 @@ export class ActorHost {
     this.maxAttempts = options.maxAttempts ?? 40;
     this.taskDefaults = options.taskDefaults;
     this.diagnosticExecutor = options.diagnosticExecutor ?? 'external';
+    this.workflows = options.workflows;
+  }
+
+  /** The compiled workflow a ref names (`NAME` = its latest version). */
+  resolveWorkflow(ref: string): Promise<CompiledWorkflow> {
+    if (!this.workflows) return Promise.reject(new UnknownWorkflow(ref));
+    return this.workflows.resolve(ref);
+  }
+
+  /**
+   * The machine a row runs: a task's, or its ticket's workflow's. A ref no registry knows
+   * is UnknownWorkflow: the ticket is refused, never run on another machine.
+   */
+  async machineOf(entityType: EntityType, workflow: string | undefined): Promise<MachineEntry> {
+    if (entityType !== 'ticket' || workflow === undefined || workflow === DEFAULT_WORKFLOW_REF) {
+      return MACHINES[entityType];
+    }
+    if (!this.workflows) throw new UnknownWorkflow(workflow);
+    const compiled = await this.workflows.resolve(workflow);
+    let entry = this.entries.get(compiled);
+    if (!entry) {
+      entry = { ...MACHINES.ticket, machine: compiled.machine };
+      this.entries.set(compiled, entry);
+    }
+    return entry;
   }
 
   /** Called after every commit with what it applied (in-process fan-out, metrics). */
@@ -271,20 +321,6 @@ export class ActorHost {
     return this.cache.get(key);
   }
 
-  /** @internal */
-  diagnosticTaskInput(ticketId: string, taskId: string, phase: Phase): TaskInput {
-    return {
-      id: taskId,
-      ticketId,
-      type: DIAGNOSTIC_TASK_TYPE,
-      phase,
-      executor: this.diagnosticExecutor,
-      payload: { reason: 'no task of the phase changed state within STUCK_AFTER_MS' },
-      priority: 10,
-      ...this.taskDefaults,
-    };
-  }
-
   private async inMailbox<T>(key: string, run: () => Promise<T>): Promise<T> {
     const previous = this.mailboxes.get(key) ?? Promise.resolve();
     const next = previous.then(run, run);
@@ -312,7 +348,8 @@ export class UnitOfWork {
   usedCache = false;
 
   constructor(
-    private readonly host: ActorHost,
+    /** The host this unit of work writes through (its cache, its task settings). */
+    readonly host: ActorHost,
     /** The time stamped on every event of this unit of work. */
     readonly at: number,
   ) {}
@@ -342,7 +379,8 @@ export class UnitOfWork {
   async send(entityType: EntityType, id: string, event: DecideEvent): Promise<Applied> {
     const row = await this.load(entityType, id);
     const stamped = stamp(event, this.at);
-    const decision = decide(entityType, id, row.snapshot, stamped, row.machineVersion);
+    const entry = await this.host.machineOf(entityType, row.workflow);
+    const decision = decide(entityType, id, row.snapshot, stamped, row.machineVersion, entry);
     const next: ActorRow = {
       ...row,
       snapshot: decision.snapshot,
@@ -363,16 +401,30 @@ export class UnitOfWork {
       decision,
       String(row.snapshot.value),
       event.type,
+      entry,
     );
     // What the caller sees is the actor after everything this event set off in the same
     // transaction (an automatic ADVANCE on entering a finished phase), not halfway.
     return this.latest(entityType, id) ?? applied;
   }
 
-  async create<T extends EntityType>(entityType: T, input: EntityInput<T>): Promise<Applied> {
+  async create<T extends EntityType>(
+    entityType: T,
+    input: EntityInput<T>,
+    options: {
+      /** Tickets: the workflow ref to run (default `default@1`). */
+      workflow?: string;
+      /** Tasks: why a re-entry into the phase created it. */
+      feedback?: TaskFeedback | null;
+    } = {},
+  ): Promise<Applied> {
+    const { workflow, feedback } = options;
     const stampedInput = { ...input, at: this.at } as EntityInput<T>;
-    const decision = decideInitial(entityType, stampedInput);
+    const entry = await this.host.machineOf(entityType, workflow);
+    const decision = decideInitial(entityType, stampedInput, entry);
     const row: ActorRow = {
+      ...(entityType === 'ticket' ? { workflow: workflow ?? DEFAULT_WORKFLOW_REF } : {}),
+      ...(entityType === 'task' ? { feedback: feedback ?? null } : {}),
       entityType,
       id: input.id,
       machineVersion: MACHINES[entityType].version,
@@ -390,7 +442,7 @@ export class UnitOfWork {
       throw translateUnique(error, input.id);
     }
     const base: ActorRow = { ...row, version: 0, seq: 0 };
-    return this.record(base, row, bytes, decision, null, 'create');
+    return this.record(base, row, bytes, decision, null, 'create', entry);
   }
 
   /** The last change to one actor in this unit of work. */
@@ -431,6 +483,7 @@ export class UnitOfWork {
     decision: Decision,
     from: string | null,
     event: string,
+    machine: MachineEntry,
   ): Promise<Applied> {
     const key = `${after.entityType}:${after.id}`;
     this.rows.set(key, after);
@@ -469,34 +522,14 @@ export class UnitOfWork {
       snapshot: after.snapshot,
       version: after.version,
       events,
+      machine,
+      ...(after.workflow !== undefined ? { workflow: after.workflow } : {}),
+      ...(after.entityType === 'task' ? { feedback: after.feedback ?? null } : {}),
     };
     this.results.push(applied);
-    await this.followUp(applied);
+    // What follows on other actors in the same transaction: src/policies owns those rules.
+    await afterTransition(this, applied);
     return applied;
-  }
-
-  /** Effects a transition implies on other actors, in the same transaction. */
-  private async followUp(applied: Applied): Promise<void> {
-    for (const e of applied.events) {
-      if (e.type === 'ticket.diagnostic_spawned') {
-        const { taskId, phase } = e.data as { taskId: string; phase: Phase };
-        await this.create('task', this.host.diagnosticTaskInput(applied.id, taskId, phase));
-      }
-    }
-    // A ticket that enters a phase whose tasks already allow it to advance (they finished
-    // while it was in backlog or blocked) advances now: no later task event would trigger
-    // the automatic ADVANCE, and it must not wait for a stuck check.
-    const entered = applied.events.some(
-      (e) =>
-        (e.type === 'ticket.phase_changed' && e.data.to !== 'done') ||
-        e.type === 'ticket.unblocked',
-    );
-    if (applied.entityType === 'ticket' && entered) {
-      const ctx = applied.snapshot.context as unknown as TicketContext;
-      if (ctx.phase !== null && phaseComplete(ctx.tasks, ctx.phase)) {
-        await this.send('ticket', applied.id, { type: 'ADVANCE' });
-      }
-    }
   }
 }
 

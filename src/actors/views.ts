@@ -5,6 +5,7 @@
 import type { Json } from '../machines/domain-events.js';
 import { attemptsCharged, type TaskContext } from '../machines/task.js';
 import type { TicketContext } from '../machines/ticket.js';
+import type { TaskFeedback } from '../persistence/actor-rows.js';
 import type { PersistedSnapshot } from './decide.js';
 
 export interface TaskView {
@@ -26,6 +27,10 @@ export interface TaskView {
   payload: Json;
   result: Json;
   error: string | null;
+  /** The tasks of the same ticket this one waits for (CONTRACT 5); empty: none. */
+  dependsOn: string[];
+  /** Why a re-entry into the phase created it; null for any other task. */
+  feedback: TaskFeedback | null;
   version: number;
   createdAt: string;
   updatedAt: string;
@@ -45,6 +50,8 @@ export interface TicketView {
   phase: string | null;
   blockedReason: string | null;
   diagnostics: number;
+  /** The workflow the ticket runs, `NAME@VERSION`. */
+  workflow: string;
   version: number;
   createdAt: string;
   updatedAt: string;
@@ -52,7 +59,11 @@ export interface TicketView {
 
 const iso = (ms: number | null): string | null => (ms === null ? null : new Date(ms).toISOString());
 
-export function taskView(snapshot: PersistedSnapshot, version: number): TaskView {
+export function taskView(
+  snapshot: PersistedSnapshot,
+  version: number,
+  feedback: TaskFeedback | null,
+): TaskView {
   const c = snapshot.context as unknown as TaskContext;
   return {
     id: c.id,
@@ -71,18 +82,28 @@ export function taskView(snapshot: PersistedSnapshot, version: number): TaskView
     payload: c.payload,
     result: c.result,
     error: c.error,
+    dependsOn: c.dependsOn ?? [],
+    feedback,
     version,
     createdAt: new Date(c.createdAt).toISOString(),
     updatedAt: new Date(c.updatedAt).toISOString(),
   };
 }
 
-export function taskSummary(snapshot: PersistedSnapshot, version: number): TaskSummary {
-  const { payload: _payload, result: _result, ...summary } = taskView(snapshot, version);
+export function taskSummary(
+  snapshot: PersistedSnapshot,
+  version: number,
+  feedback: TaskFeedback | null,
+): TaskSummary {
+  const { payload: _payload, result: _result, ...summary } = taskView(snapshot, version, feedback);
   return summary;
 }
 
-export function ticketView(snapshot: PersistedSnapshot, version: number): TicketView {
+export function ticketView(
+  snapshot: PersistedSnapshot,
+  version: number,
+  workflow: string,
+): TicketView {
   const c = snapshot.context as unknown as TicketContext;
   return {
     id: c.id,
@@ -92,6 +113,7 @@ export function ticketView(snapshot: PersistedSnapshot, version: number): Ticket
     phase: c.phase,
     blockedReason: c.blockedReason,
     diagnostics: c.diagnostics,
+    workflow,
     version,
     createdAt: new Date(c.createdAt).toISOString(),
     updatedAt: new Date(c.updatedAt).toISOString(),

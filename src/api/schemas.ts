@@ -44,18 +44,32 @@ export const NewTicketBody = z
   .strictObject({
     title: z.string().trim().min(1).max(500),
     description: z.string().max(20_000).nullable().optional(),
+    /** `NAME` (its latest version) or `NAME@VERSION`; default `default`. */
+    workflow: z
+      .string()
+      .regex(/^[a-z][a-z0-9_-]{0,63}(@[1-9][0-9]{0,8})?$/, 'NAME or NAME@VERSION')
+      .optional(),
   })
   .register(components, { id: 'NewTicket' });
+
+/** Dependencies one task may name: a bound on the rows and locks one request can take. */
+export const TASK_DEPENDS_ON_MAX = 32;
 
 export const NewTaskBody = z
   .strictObject({
     type: name,
-    phase: z.enum(PHASES).optional(),
+    /** A phase of the ticket's workflow (checked against it when the task is added). */
+    phase: z
+      .string()
+      .regex(/^[a-z][a-z0-9_]{0,39}$/, 'a phase name')
+      .optional(),
     payload: json.optional(),
     executor: name.optional(),
     worktree: z.string().min(1).max(500).nullable().optional(),
     maxAttempts: z.int().min(1).max(100).optional(),
     priority: z.int().min(-1000).max(1000).optional(),
+    /** Tasks of the same ticket that must complete first (checked when the task is added). */
+    dependsOn: z.array(id).max(TASK_DEPENDS_ON_MAX).optional(),
   })
   .superRefine((task, ctx) => {
     const schema = EXECUTOR_PAYLOADS[task.executor ?? 'external'];
@@ -89,6 +103,17 @@ export const TicketEventBody = z
     z.strictObject({ type: z.literal('BLOCK'), reason }),
     z.strictObject({ type: z.literal('UNBLOCK') }),
     z.strictObject({ type: z.literal('CANCEL'), reason: reason.optional() }),
+    z.strictObject({
+      type: z.literal('APPROVE'),
+      by: z.string().min(1).max(200),
+      comment: z.string().max(2_000).optional(),
+    }),
+    z.strictObject({ type: z.literal('REJECT'), by: z.string().min(1).max(200), reason }),
+    z.strictObject({
+      type: z.literal('SEND_BACK'),
+      toPhase: z.string().regex(/^[a-z][a-z0-9_]{0,39}$/, 'a phase name'),
+      reason,
+    }),
   ])
   .register(components, { id: 'TicketEvent' });
 
@@ -127,8 +152,11 @@ const cursor = z
 /** The most items one page of a list holds. */
 export const PAGE_MAX = 200;
 
+/** A ticket state of any workflow: its phases and the fixed states share this pattern. */
+const ticketState = z.string().regex(/^[a-z][a-z0-9_]{0,39}$/, 'a ticket state');
+
 export const TicketListQuery = z.strictObject({
-  state: z.enum(TICKET_STATES).optional(),
+  state: ticketState.optional(),
   limit: limit(50, PAGE_MAX),
   cursor,
 });
@@ -214,10 +242,12 @@ export const Ticket = z
     id,
     title: z.string(),
     description: z.string().nullable(),
-    state: z.enum(TICKET_STATES),
-    phase: z.enum(PHASES).nullable(),
+    /** A state of the ticket's workflow (`TICKET_STATES` for `default`). */
+    state: ticketState,
+    phase: ticketState.nullable(),
     blockedReason: z.string().nullable(),
     diagnostics: z.int(),
+    workflow: z.string(),
     version: z.int(),
     createdAt: iso,
     updatedAt: iso,
@@ -229,7 +259,7 @@ export const Task = z
     id,
     ticketId: id,
     type: z.string(),
-    phase: z.enum(PHASES),
+    phase: ticketState,
     state: z.enum(TASK_STATES),
     attempt: z.int(),
     attemptsUsed: z.int(),
@@ -242,6 +272,8 @@ export const Task = z
     payload: json,
     result: json,
     error: z.string().nullable(),
+    dependsOn: z.array(id),
+    feedback: z.object({ fromPhase: z.string(), reason: z.string(), loop: z.int() }).nullable(),
     version: z.int(),
     createdAt: iso,
     updatedAt: iso,

@@ -16,6 +16,7 @@ import { outputRoutes } from './routes/output.js';
 import { streamRoutes } from './routes/stream.js';
 import { taskRoutes } from './routes/tasks.js';
 import { ticketRoutes } from './routes/tickets.js';
+import { workflowRoutes } from './routes/workflows.js';
 import type { AppEnv, AppServices } from './services.js';
 
 export type { AppServices, EventSource, MachineCatalog, Readiness } from './services.js';
@@ -90,6 +91,7 @@ export function createApp(s: AppServices): Hono<AppEnv> {
 
   app.route('/', ticketRoutes(s));
   app.route('/', taskRoutes(s));
+  app.route('/', workflowRoutes(s));
   app.route('/', streamRoutes(s));
   app.route('/', outputRoutes(s));
   app.route('/', opsRoutes(s, latency));

@@ -17,6 +17,7 @@ export const STATUS: Record<ErrorCode, ContentfulStatusCode> = {
   conflict: 409,
   version_conflict: 409,
   unsupported_snapshot: 409,
+  unknown_workflow: 409,
   payload_too_large: 413,
   unsupported_media_type: 415,
   unavailable: 503,

@@ -7,6 +7,7 @@
 import type { Commands } from '../actors/commands.js';
 import type { ActorHost } from '../actors/host.js';
 import type { TaskOutput } from '../actors/output.js';
+import type { WorkflowRegistry } from '../actors/workflow-registry.js';
 import type { Config } from '../config.js';
 import type { Logger } from '../log.js';
 import type { Queries } from '../persistence/queries.js';
@@ -71,6 +72,8 @@ export interface AppServices {
   claims: ClaimService;
   queries: Queries;
   machines: MachineCatalog;
+  /** The workflow registry behind `/workflows`; without it those routes are not found. */
+  workflows?: WorkflowRegistry;
   log: Logger;
   config: Pick<
     Config,

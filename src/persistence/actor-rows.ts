@@ -14,7 +14,21 @@ export interface ActorRow {
   snapshot: PersistedSnapshot;
   version: number;
   seq: number;
+  /** Tickets: the workflow (`NAME@VERSION`) whose machine the snapshot belongs to. */
+  workflow?: string;
+  /** Tasks: why the task was created by a re-entry into its phase; fixed at creation. */
+  feedback?: TaskFeedback | null;
 }
+
+/** What a task created by a ticket's re-entry into its phase carries (CONTRACT 5). */
+export interface TaskFeedback {
+  fromPhase: string;
+  reason: string;
+  loop: number;
+}
+
+/** The workflow of tickets stored before workflows existed, and of the built-in machine. */
+export const DEFAULT_WORKFLOW_REF = 'default@1';
 
 interface RawRow {
   id: string;
@@ -22,10 +36,14 @@ interface RawRow {
   snapshot: PersistedSnapshot;
   version: number;
   seq: number;
+  workflow?: string;
+  feedback?: TaskFeedback | null;
 }
 
 function toRow(entityType: EntityType, r: RawRow): ActorRow {
   return {
+    ...(r.workflow !== undefined ? { workflow: r.workflow } : {}),
+    ...(r.feedback !== undefined ? { feedback: r.feedback } : {}),
     entityType,
     id: r.id,
     machineVersion: r.machine_version,
@@ -44,12 +62,10 @@ export async function loadActorRow(
   const lock = options.forUpdate ? db`for update` : db``;
   const rows =
     entityType === 'ticket'
-      ? await db<
-          RawRow[]
-        >`select id, machine_version, snapshot, version, seq from tickets where id = ${id} ${lock}`
-      : await db<
-          RawRow[]
-        >`select id, machine_version, snapshot, version, seq from tasks where id = ${id} ${lock}`;
+      ? await db<RawRow[]>`select id, machine_version, snapshot, version, seq, workflow from tickets
+          where id = ${id} ${lock}`
+      : await db<RawRow[]>`select id, machine_version, snapshot, version, seq, feedback from tasks
+          where id = ${id} ${lock}`;
   const r = rows[0];
   return r ? toRow(entityType, r) : null;
 }
@@ -134,19 +150,21 @@ export async function insertActorRow(db: Db, row: ActorRow, createdAt: number): 
     if (row.entityType === 'ticket') {
       const p = ticketColumns(s);
       await db`insert into tickets (id, state, phase, title, machine_version, snapshot, version, seq,
-        created_at, updated_at)
+        created_at, updated_at, workflow)
         values (${row.id}, ${p.state}, ${p.phase}, ${p.title}, ${row.machineVersion},
-          ${json}::text::jsonb, ${row.version}, ${row.seq}, ${new Date(createdAt)}, ${p.updated_at})`;
+          ${json}::text::jsonb, ${row.version}, ${row.seq}, ${new Date(createdAt)}, ${p.updated_at},
+          ${row.workflow ?? DEFAULT_WORKFLOW_REF})`;
     } else {
       const p = taskColumns(s);
       const c = s.context as { ticketId: string; type: string };
       await db`insert into tasks (id, ticket_id, type, phase, state, executor, worktree, priority,
         attempt, worker_id, lease_expires_at, machine_version, snapshot, version, seq,
-        created_at, updated_at)
+        created_at, updated_at, feedback)
         values (${row.id}, ${c.ticketId}, ${c.type}, ${p.phase}, ${p.state}, ${p.executor},
           ${p.worktree}, ${p.priority}, ${p.attempt}, ${p.worker_id}, ${p.lease_expires_at},
           ${row.machineVersion}, ${json}::text::jsonb, ${row.version}, ${row.seq},
-          ${new Date(createdAt)}, ${p.updated_at})`;
+          ${new Date(createdAt)}, ${p.updated_at},
+          ${row.feedback ? db.json(row.feedback as never) : null})`;
     }
   });
   return bytes;

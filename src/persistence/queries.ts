@@ -16,8 +16,10 @@ import {
   taskView,
   ticketView,
 } from '../actors/views.js';
-import { InvalidInput } from '../errors.js';
-import type { EntityType } from '../machines/index.js';
+import { InvalidInput, UnknownWorkflow } from '../errors.js';
+import { type EntityType, MACHINES, type MachineEntry } from '../machines/index.js';
+import { TICKET_STATES } from '../machines/ticket.js';
+import { DEFAULT_WORKFLOW_REF, type TaskFeedback } from './actor-rows.js';
 import type { Db } from './db.js';
 import { countDeadLetters, type DeadLetter, listDeadLetters } from './dead-letter-rows.js';
 import { outboxLag as outboxRowsLag } from './outbox-rows.js';
@@ -82,6 +84,20 @@ interface SnapshotRaw {
   id: string;
 }
 
+interface TaskRaw extends SnapshotRaw {
+  feedback: TaskFeedback | null;
+}
+
+interface TicketRaw extends SnapshotRaw {
+  workflow: string;
+}
+
+/**
+ * The ticket machine a workflow ref names (the actor host's `machineOf`): a ticket's state
+ * only means something to its own workflow's machine.
+ */
+export type TicketMachineOf = (workflow: string) => Promise<MachineEntry>;
+
 interface Cursor {
   createdAt: Date;
   id: string;
@@ -116,12 +132,17 @@ export function decodeCursor(raw: string): Cursor {
   ]);
 }
 
-const withAllowed = <T extends object>(entityType: EntityType, s: PersistedSnapshot, view: T) => ({
+const withAllowed = <T extends object>(
+  entityType: EntityType,
+  s: PersistedSnapshot,
+  view: T,
+  entry: MachineEntry = MACHINES[entityType],
+) => ({
   ...view,
-  allowedEvents: allowedEvents(entityType, restore(entityType, s)),
+  allowedEvents: allowedEvents(entityType, restore(entityType, s, entry), entry),
 });
 
-function page<T>(rows: SnapshotRaw[], limit: number, view: (r: SnapshotRaw) => T): Page<T> {
+function page<R extends SnapshotRaw, T>(rows: R[], limit: number, view: (r: R) => T): Page<T> {
   const more = rows.length > limit;
   const kept = more ? rows.slice(0, limit) : rows;
   const last = kept[kept.length - 1];
@@ -132,19 +153,37 @@ function page<T>(rows: SnapshotRaw[], limit: number, view: (r: SnapshotRaw) => T
 }
 
 export class Queries {
-  constructor(private readonly db: Db) {}
+  constructor(
+    private readonly db: Db,
+    /** Without it, only tickets of the built-in workflow can be read with their events. */
+    private readonly ticketMachineOf?: TicketMachineOf,
+  ) {}
+
+  /** The machine of a ticket's workflow; an unregistered one allows nothing (never a 500). */
+  private async ticketMachine(workflow: string): Promise<MachineEntry | null> {
+    if (workflow === DEFAULT_WORKFLOW_REF) return MACHINES.ticket;
+    if (!this.ticketMachineOf) return null;
+    try {
+      return await this.ticketMachineOf(workflow);
+    } catch (error) {
+      if (error instanceof UnknownWorkflow) return null;
+      throw error;
+    }
+  }
 
   /** The ticket with its first TICKET_TASKS_PAGE tasks; `tasksNext` pages the rest. */
   async getTicket(id: string): Promise<TicketDetail | null> {
     const db = this.db;
-    const rows = await db<SnapshotRaw[]>`
-      select id, snapshot #- '{context,tasks}' as snapshot, version, created_at
+    const rows = await db<TicketRaw[]>`
+      select id, snapshot #- '{context,tasks}' as snapshot, version, created_at, workflow
       from tickets where id = ${id}`;
     const r = rows[0];
     if (!r) return null;
     const tasks = await this.ticketTaskPage(id, { limit: TICKET_TASKS_PAGE });
+    const entry = await this.ticketMachine(r.workflow);
+    const view = ticketView(r.snapshot, r.version, r.workflow);
     return {
-      ...withAllowed('ticket', r.snapshot, ticketView(r.snapshot, r.version)),
+      ...(entry ? withAllowed('ticket', r.snapshot, view, entry) : { ...view, allowedEvents: [] }),
       tasks: tasks.items,
       tasksNext: tasks.nextCursor,
     };
@@ -169,51 +208,65 @@ export class Queries {
   ): Promise<Page<TicketTask>> {
     const db = this.db;
     const after = o.cursor ? decodeCursor(o.cursor) : null;
-    const rows = await db<SnapshotRaw[]>`
+    const rows = await db<TaskRaw[]>`
       select id, snapshot #- '{context,payload}' #- '{context,result}' as snapshot, version,
-        created_at
+        created_at, feedback
       from tasks
       where ticket_id = ${ticketId}
         ${after ? db`and (created_at, id) > (${after.createdAt}, ${after.id})` : db``}
       order by created_at, id limit ${o.limit + 1}`;
     return page(rows, o.limit, (t) =>
-      withAllowed('task', t.snapshot, taskSummary(t.snapshot, t.version)),
+      withAllowed('task', t.snapshot, taskSummary(t.snapshot, t.version, t.feedback)),
     );
   }
 
   async getTask(id: string): Promise<TaskDetail | null> {
-    const rows = await this.db<SnapshotRaw[]>`
-      select id, snapshot, version, created_at from tasks where id = ${id}`;
+    const rows = await this.db<TaskRaw[]>`
+      select id, snapshot, version, created_at, feedback from tasks where id = ${id}`;
     const r = rows[0];
-    return r ? withAllowed('task', r.snapshot, taskView(r.snapshot, r.version)) : null;
+    return r ? withAllowed('task', r.snapshot, taskView(r.snapshot, r.version, r.feedback)) : null;
   }
 
   async listTickets(o: ListOptions): Promise<Page<TicketView>> {
     const db = this.db;
+    if (o.state !== undefined && !(await this.isTicketState(o.state))) {
+      throw new InvalidInput(`state ${o.state} is not a state of any registered workflow`, [
+        { path: 'state', message: 'a state of the default workflow or a registered phase' },
+      ]);
+    }
     const after = o.cursor ? decodeCursor(o.cursor) : null;
-    const rows = await db<SnapshotRaw[]>`
-      select id, snapshot #- '{context,tasks}' as snapshot, version, created_at from tickets
+    const rows = await db<TicketRaw[]>`
+      select id, snapshot #- '{context,tasks}' as snapshot, version, created_at, workflow
+      from tickets
       where true
         ${o.state ? db`and state = ${o.state}` : db``}
         ${after ? db`and (created_at, id) < (${after.createdAt}, ${after.id})` : db``}
       order by created_at desc, id desc limit ${o.limit + 1}`;
-    return page(rows, o.limit, (r) => ticketView(r.snapshot, r.version));
+    return page(rows, o.limit, (r) => ticketView(r.snapshot, r.version, r.workflow));
+  }
+
+  /** A state some ticket may be in: a built-in one or a phase of a registered workflow. */
+  private async isTicketState(state: string): Promise<boolean> {
+    if ((TICKET_STATES as readonly string[]).includes(state)) return true;
+    const rows = await this.db`select 1 from workflows
+      where definition -> 'phases' @> ${this.db.json([{ name: state }])} limit 1`;
+    return rows.length > 0;
   }
 
   /** Summaries, newest first: a page never carries payloads or results. */
   async listTasks(o: TaskListOptions): Promise<Page<TaskSummary>> {
     const db = this.db;
     const after = o.cursor ? decodeCursor(o.cursor) : null;
-    const rows = await db<SnapshotRaw[]>`
+    const rows = await db<TaskRaw[]>`
       select id, snapshot #- '{context,payload}' #- '{context,result}' as snapshot, version,
-        created_at
+        created_at, feedback
       from tasks
       where true
         ${o.state ? db`and state = ${o.state}` : db``}
         ${o.ticketId ? db`and ticket_id = ${o.ticketId}` : db``}
         ${after ? db`and (created_at, id) < (${after.createdAt}, ${after.id})` : db``}
       order by created_at desc, id desc limit ${o.limit + 1}`;
-    return page(rows, o.limit, (r) => taskSummary(r.snapshot, r.version));
+    return page(rows, o.limit, (r) => taskSummary(r.snapshot, r.version, r.feedback));
   }
 
   /** The entity's log in `seq` order after `afterSeq`; null when the entity does not exist. */

@@ -7,6 +7,7 @@ import type { Db } from './db.js';
 
 /** Task states a cancelled ticket cancels. */
 export const OPEN_TASK_STATES: readonly TaskState[] = [
+  'waiting',
   'pending',
   'claimed',
   'running',
@@ -17,14 +18,19 @@ export interface TaskProgress {
   ticketId: string;
   state: TaskState;
   seq: number;
+  /** The task's error (a failure's reason), null when none. */
+  error: string | null;
 }
 
 /** The task's ticket, current state and the seq of its last event (null when no such task). */
 export async function taskProgress(db: Db, taskId: string): Promise<TaskProgress | null> {
-  const rows = await db<{ ticket_id: string; state: TaskState; seq: number }[]>`
-    select ticket_id, state, seq from tasks where id = ${taskId}`;
+  const rows = await db<
+    { ticket_id: string; state: TaskState; seq: number; error: string | null }[]
+  >`
+    select ticket_id, state, seq, snapshot -> 'context' ->> 'error' as error
+    from tasks where id = ${taskId}`;
   const r = rows[0];
-  return r ? { ticketId: r.ticket_id, state: r.state, seq: r.seq } : null;
+  return r ? { ticketId: r.ticket_id, state: r.state, seq: r.seq, error: r.error } : null;
 }
 
 /** Open tasks of the ticket, only if the ticket really is cancelled (else none). */

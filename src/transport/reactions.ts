@@ -1,25 +1,18 @@
 /**
- * The reactions CONTRACT section 1 asks of the system, each a durable consumer on the event
- * stream. A message is only a pointer: the consumer runner looks its event up in Postgres and
- * hands the reaction the stored entry (a forged or unknown message never reaches one), and
- * each reaction reads the state it acts on from Postgres too:
- * - `task_state`: a task changed state → `TASK_STATE {taskId, state, seq}` to its ticket, with
- *   the task's state and seq read from Postgres at that moment. The ticket refuses news older
- *   than what it knows, so redeliveries, reordering and the reconciler never double-count;
- *   its own guards advance it (the phase's last task completed) or block it (a task failed
- *   for good), exactly once.
- * - `ticket_cancel`: a ticket was cancelled → `CANCEL` each of its open tasks, if the ticket
- *   really is cancelled now.
+ * The reactions: durable consumers on the event stream that run, across transactions, the
+ * policies that must not run inside the triggering one (src/policies owns the rules). A
+ * message is only a pointer: the consumer runner looks its event up in Postgres and hands the
+ * reaction the stored entry (a forged or unknown message never reaches one), and each policy
+ * reads the state it acts on from Postgres too.
+ * - `task_state`: a task changed state → the `task-state` policy (its ticket learns it).
+ * - `ticket_cancel`: a ticket was cancelled → the `ticket-cancelled` policy.
  * - `dispatch`: a task became claimable → a core NATS message that wakes idle workers and
  *   long-polling claims. Only a latency optimisation: claimers poll as well.
  */
 import type { NatsConnection, Subscription } from '@nats-io/transport-node';
-import type { DecideEvent } from '../actors/decide.js';
-import type { ActorHost, Applied, UnitOfWork } from '../actors/host.js';
-import { IllegalTransition, NotFound } from '../errors.js';
-import type { EntityType } from '../machines/index.js';
+import type { ActorHost, UnitOfWork } from '../actors/host.js';
 import type { EventEntry } from '../persistence/event-log.js';
-import { openTasksOfCancelledTicket, taskProgress } from '../persistence/reaction-rows.js';
+import { cancelOpenTasks, forwardTaskState } from '../policies/index.js';
 import { dispatchSubject, type TransportNames, typeEventsSubject } from './subjects.js';
 
 interface ReactionBase {
@@ -44,81 +37,22 @@ export interface DirectReaction extends ReactionBase {
 
 export type Reaction = TransactionalReaction | DirectReaction;
 
-export { OPEN_TASK_STATES } from '../persistence/reaction-rows.js';
-
 /** Task events after which the task may be claimable. */
 export const DISPATCH_EVENTS: readonly string[] = [
   'task.created',
   'task.retried',
   'task.requeued',
   'task.released',
+  'task.ready',
 ];
-
-/**
- * Sends an event to an actor read fresh from Postgres (not the process cache). A refusal
- * (older news, a state that no longer takes it) or a missing actor means there is nothing to
- * do, and is answered with null.
- */
-export async function sendIfAccepted(
-  host: ActorHost,
-  uow: UnitOfWork,
-  entityType: EntityType,
-  id: string,
-  event: DecideEvent,
-): Promise<Applied | null> {
-  host.forget(entityType, id);
-  try {
-    return await uow.send(entityType, id, event);
-  } catch (error) {
-    if (error instanceof IllegalTransition || error instanceof NotFound) return null;
-    throw error;
-  }
-}
-
-/**
- * Forwards a task's current state and seq, read from Postgres, to its ticket (never a state
- * a message claims: the ticket refuses a seq older than the one it knows).
- */
-export async function forwardTaskState(
-  host: ActorHost,
-  uow: UnitOfWork,
-  taskId: string,
-): Promise<Applied | null> {
-  const task = await taskProgress(uow.tx, taskId);
-  if (!task) return null;
-  return sendIfAccepted(host, uow, 'ticket', task.ticketId, {
-    type: 'TASK_STATE',
-    taskId,
-    state: task.state,
-    seq: task.seq,
-  });
-}
-
-/** Cancels every open task of a ticket that Postgres says is cancelled (else nothing). */
-export async function cancelOpenTasks(
-  host: ActorHost,
-  uow: UnitOfWork,
-  ticketId: string,
-): Promise<number> {
-  const open = await openTasksOfCancelledTicket(uow.tx, ticketId);
-  let n = 0;
-  for (const id of open) {
-    const applied = await sendIfAccepted(host, uow, 'task', id, {
-      type: 'CANCEL',
-      reason: `ticket ${ticketId} was cancelled`,
-    });
-    if (applied) n++;
-  }
-  return n;
-}
 
 export const taskStateReaction: TransactionalReaction = {
   kind: 'transactional',
   name: 'task_state',
   filterSubject: (n) => typeEventsSubject(n, 'task'),
   accepts: (e) => e.entityType === 'task' && e.type !== 'task.created',
-  apply: async (uow, e, host) => {
-    await forwardTaskState(host, uow, e.entityId);
+  apply: async (uow, e) => {
+    await forwardTaskState(uow, e.entityId);
   },
 };
 
@@ -127,8 +61,8 @@ export const ticketCancelReaction: TransactionalReaction = {
   name: 'ticket_cancel',
   filterSubject: (n) => typeEventsSubject(n, 'ticket', 'cancelled'),
   accepts: (e) => e.type === 'ticket.cancelled',
-  apply: async (uow, e, host) => {
-    await cancelOpenTasks(host, uow, e.entityId);
+  apply: async (uow, e) => {
+    await cancelOpenTasks(uow, e.entityId);
   },
 };
 

@@ -1,10 +1,13 @@
 /**
  * The reconciler: Postgres is the source of truth, and JetStream may lose acknowledged
- * messages. On a slow interval, in every process, it re-derives from Postgres what the
- * reactions should have done and applies it through the same idempotent path:
+ * messages. On a slow interval, in every process, it finds in Postgres (queries in
+ * src/persistence) where a reaction's effect is missing and runs the same policy
+ * (src/policies) the reaction would have:
  * - a ticket whose record of a task's state is behind the task → `TASK_STATE` (which advances
  *   or blocks it when that is due);
  * - a cancelled ticket with open tasks → `CANCEL` them;
+ * - a waiting task whose dependencies all completed → `DEPS_MET`; one with a cancelled
+ *   dependency → `CANCEL` (the dependency policy, had its transaction not run it);
  * - pending tasks waiting longer than the grace period → one dispatch wake-up.
  * Sweeps walk partial indexes in keyset order, a bounded batch at a time. Only rows untouched
  * for `graceMs` are considered, so it does not race reactions that are merely in flight.
@@ -13,13 +16,15 @@ import type { NatsConnection } from '@nats-io/transport-node';
 import type { ActorHost } from '../actors/host.js';
 import type { Logger } from '../log.js';
 import type { Sql } from '../persistence/db.js';
+import { settledWaitingTasks } from '../persistence/dependency-rows.js';
 import {
   driftedTasks,
   openTasksAfter,
   openTicketIdsAfter,
   stalePendingTask,
 } from '../persistence/reaction-rows.js';
-import { cancelOpenTasks, forwardTaskState, publishDispatch } from './reactions.js';
+import { cancelOpenTasks, forwardTaskState, settleWaitingTask } from '../policies/index.js';
+import { publishDispatch } from './reactions.js';
 import type { TransportNames } from './subjects.js';
 
 export interface ReconcilerOptions {
@@ -42,6 +47,8 @@ export interface ReconcilerStats {
   runs: number;
   ticketsFixed: number;
   tasksCancelled: number;
+  /** Waiting tasks released or cancelled because their dependencies had settled. */
+  waitingSettled: number;
   dispatches: number;
   errors: number;
 }
@@ -57,6 +64,7 @@ export class Reconciler {
     runs: 0,
     ticketsFixed: 0,
     tasksCancelled: 0,
+    waitingSettled: 0,
     dispatches: 0,
     errors: 0,
   };
@@ -103,6 +111,7 @@ export class Reconciler {
     this.stats.runs++;
     const ticketsFixed = await this.sweepTaskStates();
     const tasksCancelled = await this.sweepCancelled();
+    await this.sweepWaiting();
     const dispatched = await this.dispatchWaiting();
     if (ticketsFixed + tasksCancelled > 0) {
       this.o.log.info({ ticketsFixed, tasksCancelled }, 'reconciler applied missed reactions');
@@ -122,9 +131,7 @@ export class Reconciler {
       }
       this.ticketCursor = ids[ids.length - 1] as string;
       for (const taskId of await driftedTasks(sql, ids, this.graceMs)) {
-        const { value } = await this.o.host.transact((uow) =>
-          forwardTaskState(this.o.host, uow, taskId),
-        );
+        const { value } = await this.o.host.transact((uow) => forwardTaskState(uow, taskId));
         if (value) fixed++;
       }
       if (ids.length < this.batchSize) {
@@ -150,9 +157,7 @@ export class Reconciler {
       this.taskCursor = [last.ticketId, last.id];
       const tickets = [...new Set(rows.filter((r) => r.ticketCancelled).map((r) => r.ticketId))];
       for (const ticketId of tickets) {
-        const { value } = await this.o.host.transact((uow) =>
-          cancelOpenTasks(this.o.host, uow, ticketId),
-        );
+        const { value } = await this.o.host.transact((uow) => cancelOpenTasks(uow, ticketId));
         cancelled += value;
       }
       if (rows.length < this.batchSize) {
@@ -162,6 +167,19 @@ export class Reconciler {
     }
     this.stats.tasksCancelled += cancelled;
     return cancelled;
+  }
+
+  /** Waiting tasks whose dependencies settled without the dependency policy acting. */
+  private async sweepWaiting(): Promise<number> {
+    let settled = 0;
+    for (const t of await settledWaitingTasks(this.o.sql, this.graceMs, this.batchSize)) {
+      const { value } = await this.o.host.transact((uow) =>
+        settleWaitingTask(uow, t.id, t.depCancelled),
+      );
+      if (value) settled++;
+    }
+    this.stats.waitingSettled += settled;
+    return settled;
   }
 
   /** A pending task older than the grace period may have missed its dispatch: wake claimers. */

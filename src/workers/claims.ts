@@ -221,7 +221,7 @@ export class ClaimService {
 }
 
 function toClaimed(applied: Applied): ClaimedTask {
-  const task = taskView(applied.snapshot, applied.version);
+  const task = taskView(applied.snapshot, applied.version, applied.feedback ?? null);
   const token = (applied.snapshot.context as { token: string }).token;
   return { task, token };
 }

@@ -12,8 +12,9 @@ import { ActorHost } from '../../src/actors/host.js';
 import { PHASES, type Phase } from '../../src/machines/phases.js';
 import type { Sql } from '../../src/persistence/db.js';
 import type { EventEntry } from '../../src/persistence/event-log.js';
+import { forwardTaskState } from '../../src/policies/index.js';
 import type { Transport } from '../../src/transport/index.js';
-import { forwardTaskState, taskStateReaction } from '../../src/transport/reactions.js';
+import { taskStateReaction } from '../../src/transport/reactions.js';
 import type { TransportNames } from '../../src/transport/subjects.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 import { TASK_DEFAULTS } from '../support/fixtures.js';
@@ -158,8 +159,8 @@ describe('seed regressions: events', () => {
             await Promise.all([
               runners[0]!.process(entry),
               runners[1]!.process(entry),
-              mine.host.transact((uow) => forwardTaskState(mine.host, uow, taskId)),
-              theirs.host.transact((uow) => forwardTaskState(theirs.host, uow, taskId)),
+              mine.host.transact((uow) => forwardTaskState(uow, taskId)),
+              theirs.host.transact((uow) => forwardTaskState(uow, taskId)),
             ]);
             handlerCalls += 4;
           }),

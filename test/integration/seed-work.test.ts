@@ -16,7 +16,7 @@ import {
 } from '../../src/persistence/claim-rows.js';
 import type { Tx } from '../../src/persistence/db.js';
 import { Queries } from '../../src/persistence/queries.js';
-import { OPEN_TASK_STATES } from '../../src/transport/reactions.js';
+import { OPEN_TASK_STATES } from '../../src/persistence/reaction-rows.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 import { ticketInput } from '../support/fixtures.js';
 import { type TestProcess, testProcess, until } from '../support/worker-process.js';

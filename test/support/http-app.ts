@@ -62,7 +62,9 @@ export async function createTestApp(label: string, options: TestAppOptions = {})
     host,
     commands,
     claims,
-    queries: new Queries(db.sql),
+    queries: new Queries(db.sql, (ref) =>
+      (options.services?.host ?? host).machineOf('ticket', ref),
+    ),
     machines: machineCatalog(),
     log: options.log ?? silentLogger(),
     config,

@@ -1,0 +1,46 @@
+/**
+ * Policies: the one home of the rules between actors ("when this happens to one actor, that
+ * happens to another"). Machines decide one actor's transitions; a policy reads what a
+ * transition emitted and sends or creates what follows.
+ *
+ * Each rule runs where it can:
+ * - in the transaction of the transition that triggers it, called by the actor host's unit
+ *   of work through `afterTransition` (the effect commits with its cause or not at all);
+ * - across transactions, for effects that must not lock the other actor in the triggering
+ *   transaction (`forwardTaskState`, `cancelOpenTasks`): called by the JetStream reactions
+ *   and, for what a lost message left undone, by the reconciler. Those are idempotent: they
+ *   read the truth from Postgres and the target machine refuses stale or repeated news.
+ *
+ * Layering (biome.json `noRestrictedImports`): policies import actors, machines, persistence
+ * and errors; the actor host and commands call them; transport calls them and owns no rule
+ * and no SQL; http and workers never call them directly. Their SQL lives in
+ * `src/persistence/`.
+ */
+import type { Applied, UnitOfWork } from '../actors/host.js';
+import { releaseDependents } from './dependencies.js';
+import {
+  advanceIfPhaseComplete,
+  cancelLeftPhase,
+  createTemplateTasks,
+  spawnDiagnostics,
+} from './phase-entered.js';
+
+export { releaseDependents, settleWaitingTask } from './dependencies.js';
+export { addTask, type TaskSpec } from './new-task.js';
+export { sendIfAccepted } from './send.js';
+export { type AddedTask, recordTaskAdded } from './task-added.js';
+export { forwardTaskState } from './task-state.js';
+export { cancelOpenTasks } from './ticket-cancelled.js';
+
+/** The same-transaction rules, run by the unit of work after each transition it records. */
+export async function afterTransition(uow: UnitOfWork, applied: Applied): Promise<void> {
+  if (applied.entityType === 'task') {
+    await releaseDependents(uow, applied);
+    return;
+  }
+  await spawnDiagnostics(uow, applied);
+  // The old round's tasks go before the new round's are created (a phase sent back to itself).
+  await cancelLeftPhase(uow, applied);
+  await createTemplateTasks(uow, applied);
+  await advanceIfPhaseComplete(uow, applied);
+}
