@@ -4,7 +4,7 @@
  * are strict (an unknown field is `validation_failed` naming it).
  */
 import { z } from 'zod';
-import { MAX_TIMER_MS, PHASES, TASK_STATES, TICKET_STATES } from './constants.js';
+import { MAX_TIMER_MS, TASK_STATES } from './constants.js';
 
 /** Components of the OpenAPI document: each schema registered here is named by its id. */
 export const components = z.registry<{ id: string; description?: string }>();
