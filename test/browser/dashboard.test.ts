@@ -393,7 +393,7 @@ describe('dashboard', () => {
           node.bottom <= box.bottom
         );
       });
-    expect(Number(await page.getAttribute('#chart', 'data-scale'))).toBeGreaterThanOrEqual(0.85);
+    expect(Number(await page.getAttribute('#chart', 'data-scale'))).toBeGreaterThanOrEqual(0.75);
     expect(await inView()).toBe(true);
     const fontPx = await page.$eval(
       '#chart svg g.current text',
@@ -404,7 +404,7 @@ describe('dashboard', () => {
     await page.screenshot({ path: 'test-results/dashboard-32-phases.png', fullPage: true });
     await page.click('#chart-fit');
     const fitted = Number(await page.getAttribute('#chart', 'data-scale'));
-    expect(fitted).toBeLessThan(0.85);
+    expect(fitted).toBeLessThan(0.75);
     await page.click('#chart-zoom-in');
     expect(Number(await page.getAttribute('#chart', 'data-scale'))).toBeCloseTo(fitted * 1.25, 1);
     await page.click('#chart-current');

@@ -685,7 +685,8 @@ function drawTicketChart(def, current, width) {
       edgesG.append(
         svgEl('path', { d: `M${x},${a.y + NODE_H} L${x},${b.y}`, class: 'edge forward' }),
       );
-      label(x + 8, (a.y + NODE_H + b.y) / 2 + 5, text, 'start');
+      // On the line itself (its halo hides the line): clear of the arcs that bend outwards.
+      label(x, (a.y + NODE_H + b.y) / 2 + 4, text);
     } else if (a.row === b.row) {
       // Above the row for a step back, below it for a jump forward.
       const up = step < 0;
@@ -753,7 +754,7 @@ function drawTicketChart(def, current, width) {
 // ---- zoom and pan -------------------------------------------------------------------
 
 // Below this scale a chart's text is too small to read: show part of it at full size instead.
-const READABLE_SCALE = 0.85;
+const READABLE_SCALE = 0.75;
 const ZOOM_MIN = 0.05;
 const ZOOM_MAX = 4;
 
@@ -891,8 +892,21 @@ const viewport = {
     const v = this.view;
     const inside = a.x >= v.x && a.y >= v.y && b.x <= v.x + v.w && b.y <= v.y + v.h;
     if (inside && !force) return;
-    this.view = { ...v, x: (a.x + b.x) / 2 - v.w / 2, y: (a.y + b.y) / 2 - v.h / 2 };
+    this.view = this.clamp({ ...v, x: (a.x + b.x) / 2 - v.w / 2, y: (a.y + b.y) / 2 - v.h / 2 });
     this.apply();
+  },
+
+  /** Keeps a view that is smaller than the chart on it, and centres one that is larger. */
+  clamp(v) {
+    const axis = (at, size, start, length) =>
+      size >= length
+        ? start - (size - length) / 2
+        : Math.min(Math.max(at, start), start + length - size);
+    return {
+      ...v,
+      x: axis(v.x, v.w, this.box.x, this.box.w),
+      y: axis(v.y, v.h, this.box.y, this.box.h),
+    };
   },
 };
 
