@@ -580,7 +580,10 @@ function ticketGraph(def) {
           if (to === from || !index.has(to)) continue;
           const key = `${from}>${to}`;
           const edge = edges.get(key) ?? { from, to, labels: [] };
-          const label = edgeLabel(event, index.get(to) < index.get(from));
+          const back = index.get(to) < index.get(from);
+          // ADVANCE says it; the legend says that done tasks send it too.
+          if (event === 'TASK_STATE' && !back && states[from].on?.ADVANCE) continue;
+          const label = edgeLabel(event, back);
           if (!edge.labels.includes(label)) edge.labels.push(label);
           edges.set(key, edge);
         }
@@ -589,6 +592,7 @@ function ticketGraph(def) {
   }
   const has = (event) => chain.some((n) => states[n].on?.[event]);
   const legend = [];
+  if (has('ADVANCE')) legend.push('ADVANCE: also taken when the phase’s tasks are done');
   if (side.includes('blocked')) {
     legend.push('blocked: from a phase on BLOCK, or when it cannot go on (a failure, a timeout)');
   }
