@@ -157,6 +157,11 @@ const ticketState = z.string().regex(/^[a-z][a-z0-9_]{0,39}$/, 'a ticket state')
 
 export const TicketListQuery = z.strictObject({
   state: ticketState.optional(),
+  /** `NAME` (every version) or `NAME@VERSION`: only the tickets that run it. */
+  workflow: z
+    .string()
+    .regex(/^[a-z][a-z0-9_-]{0,63}(@[1-9][0-9]{0,8})?$/, 'NAME or NAME@VERSION')
+    .optional(),
   limit: limit(50, PAGE_MAX),
   cursor,
 });

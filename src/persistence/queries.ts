@@ -56,6 +56,11 @@ export interface ListOptions {
   cursor?: string | undefined;
 }
 
+export interface TicketListOptions extends ListOptions {
+  /** `NAME` (every version) or `NAME@VERSION`. */
+  workflow?: string | undefined;
+}
+
 export interface TaskListOptions extends ListOptions {
   ticketId?: string | undefined;
 }
@@ -142,6 +147,13 @@ const withAllowed = <T extends object>(
   allowedEvents: allowedEvents(entityType, restore(entityType, s, entry), entry),
 });
 
+/** A ref matches itself; a bare name matches each of its versions. */
+function workflowFilter(db: Db, workflow: string | undefined) {
+  if (workflow === undefined) return db``;
+  if (workflow.includes('@')) return db`and workflow = ${workflow}`;
+  return db`and split_part(workflow, '@', 1) = ${workflow}`;
+}
+
 function page<R extends SnapshotRaw, T>(rows: R[], limit: number, view: (r: R) => T): Page<T> {
   const more = rows.length > limit;
   const kept = more ? rows.slice(0, limit) : rows;
@@ -227,7 +239,7 @@ export class Queries {
     return r ? withAllowed('task', r.snapshot, taskView(r.snapshot, r.version, r.feedback)) : null;
   }
 
-  async listTickets(o: ListOptions): Promise<Page<TicketView>> {
+  async listTickets(o: TicketListOptions): Promise<Page<TicketView>> {
     const db = this.db;
     if (o.state !== undefined && !(await this.isTicketState(o.state))) {
       throw new InvalidInput(`state ${o.state} is not a state of any registered workflow`, [
@@ -240,6 +252,7 @@ export class Queries {
       from tickets
       where true
         ${o.state ? db`and state = ${o.state}` : db``}
+        ${workflowFilter(db, o.workflow)}
         ${after ? db`and (created_at, id) < (${after.createdAt}, ${after.id})` : db``}
       order by created_at desc, id desc limit ${o.limit + 1}`;
     return page(rows, o.limit, (r) => ticketView(r.snapshot, r.version, r.workflow));

@@ -5,18 +5,26 @@
  * allowed-event button sends the event, a refused one shows its 409 plainly. Nothing is
  * fetched from outside. The screenshot is kept in test-results/.
  */
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, readFileSync } from 'node:fs';
 import type { AddressInfo } from 'node:net';
 import { serve } from '@hono/node-server';
 import { type Browser, chromium, type Page } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Commands } from '../../src/actors/commands.js';
+import { ActorHost } from '../../src/actors/host.js';
 import { TaskOutput } from '../../src/actors/output.js';
+import { workflowCompiler } from '../../src/actors/workflow-compiler.js';
+import { WorkflowRegistry } from '../../src/actors/workflow-registry.js';
 import type { Transport } from '../../src/transport/index.js';
 import type { TransportNames } from '../../src/transport/subjects.js';
+import { createTestDatabase } from '../support/database.js';
+import { TASK_DEFAULTS } from '../support/fixtures.js';
 import { createTestApp, type TestApp } from '../support/http-app.js';
 import { natsAdmin, startTransport, testNames } from '../support/transport.js';
 
 let t: TestApp;
+// The host that knows the registered workflows (the app's); every test acts through it.
+let host: ActorHost;
 let transport: Transport;
 let names: TransportNames;
 let server: ReturnType<typeof serve>;
@@ -27,11 +35,17 @@ let output: TaskOutput;
 const outside: string[] = [];
 
 beforeAll(async () => {
-  t = await createTestApp('http_browser');
+  const db = await createTestDatabase('http_browser');
+  const registry = new WorkflowRegistry(db.sql, workflowCompiler());
+  await registry.ensureBuiltIn();
+  host = new ActorHost(db.sql, { taskDefaults: TASK_DEFAULTS, workflows: registry });
+  const commands = new Commands(host, { stuckAfterMs: 3_600_000, diagnosticCooldownMs: 3_600_000 });
+  t = await createTestApp('unused', { db, services: { host, commands, workflows: registry } });
   names = testNames();
-  transport = await startTransport(t.db.sql, t.host, names, { reactions: () => [] });
+  // With the reactions: a completed task moves its workflow's ticket on.
+  transport = await startTransport(t.db.sql, host, names);
   t.services.events = transport;
-  output = new TaskOutput(t.db.sql, { maxBytes: 1_048_576, host: t.host });
+  output = new TaskOutput(t.db.sql, { maxBytes: 1_048_576, host });
   await output.start();
   t.services.output = output;
   server = serve({ fetch: t.app.fetch, port: 0, hostname: '127.0.0.1' });
@@ -68,6 +82,7 @@ afterAll(async () => {
   const admin = await natsAdmin();
   await admin.close([names]);
   await t?.close();
+  await t?.db.drop();
 });
 
 const ticketCard = (column: string, id: string) =>
@@ -143,7 +158,7 @@ describe('dashboard', () => {
   it("pages a ticket's tasks: the first hundred, then more on demand", async () => {
     const ticket = (await t.call('POST', '/tickets', { title: 'Many tasks' })).body.id as string;
     await t.call('POST', `/tickets/${ticket}/events`, { type: 'START' });
-    await t.host.transact(async (uow) => {
+    await host.transact(async (uow) => {
       for (let i = 0; i < 130; i++) {
         await t.services.commands.addTask(uow, ticket, { type: 'bulk', payload: { i } });
       }
@@ -174,7 +189,7 @@ describe('dashboard', () => {
     await t.call('POST', `/tickets/${ticket}/events`, { type: 'START' });
     const task = (await t.call('POST', `/tickets/${ticket}/tasks`, { type: 'agent_work' })).body
       .id as string;
-    const claimed = await t.host.send('task', task, { type: 'CLAIM', workerId: 'agent-b' });
+    const claimed = await host.send('task', task, { type: 'CLAIM', workerId: 'agent-b' });
     const token = (claimed.snapshot.context as { token: string }).token;
     await t.call('POST', `/tasks/${task}/events`, { type: 'START', token });
     const write = async (chunks: { stream: string; text: string }[]) => {
@@ -217,6 +232,182 @@ describe('dashboard', () => {
       { timeout: 5_000 },
     );
     await page.screenshot({ path: 'test-results/dashboard-output.png', fullPage: true });
+    expect(outside).toEqual([]);
+  });
+
+  it('runs a workflow ticket from the UI: gate Reject with a reason, rework feedback, Approve, waiting tasks', async () => {
+    const feature = JSON.parse(readFileSync('examples/workflows/feature.json', 'utf8'));
+    expect((await t.call('POST', '/workflows', feature)).status).toBe(201);
+    await page.goto(`${base}/`);
+    await page.selectOption('#new-ticket-workflow', 'feature');
+    await page.fill('#new-ticket-title', 'Feature ticket');
+    await page.click('#new-ticket button[type="submit"]');
+    await page.waitForSelector(
+      '#board[data-workflow="feature"] .column[data-state="plan_review"]',
+      {
+        timeout: 10_000,
+      },
+    );
+    const columns = await page.$$eval('#board .column', (cs) =>
+      cs.map((c) => c.getAttribute('data-state')),
+    );
+    expect(columns).toEqual([
+      'backlog',
+      'plan',
+      'plan_review',
+      'build',
+      'review',
+      'done',
+      'blocked',
+      'cancelled',
+    ]);
+    await page.waitForSelector('#chart-panel[data-state="backlog"]', { timeout: 10_000 });
+    const id = (await page.getAttribute('#chart-panel', 'data-entity')) as string;
+    expect((await t.call('GET', `/tickets/${id}`)).body.workflow).toBe('feature@1');
+    // The default board does not show it.
+    expect(await page.locator(ticketCard('backlog', id)).count()).toBe(1);
+
+    await page.click('#allowed button[data-event="START"]');
+    await page.waitForSelector('#tasks tr.task[data-type="write_spec"]', { timeout: 10_000 });
+    // The plan task is completed through the API: the ticket reaches its gate.
+    const completeOpen = async (type: string) => {
+      const tasks = (await t.call('GET', `/tickets/${id}/tasks?limit=200`)).body.items as {
+        id: string;
+        type: string;
+        state: string;
+      }[];
+      const task = tasks.find((x) => x.type === type && x.state === 'pending');
+      expect(task, type).toBeDefined();
+      const claimed = await host.send('task', task?.id as string, { type: 'CLAIM', workerId: 'w' });
+      const token = (claimed.snapshot.context as { token: string }).token;
+      await host.send('task', task?.id as string, { type: 'START', token });
+      await host.send('task', task?.id as string, { type: 'COMPLETE', token });
+    };
+    await completeOpen('write_spec');
+    await page.waitForSelector('#gate-panel:not([hidden]) #gate-approve', { timeout: 15_000 });
+    await page.waitForSelector(ticketCard('plan_review', id), { timeout: 5_000 });
+    await page.waitForSelector('#chart svg g.current[data-state="plan_review"]', {
+      timeout: 5_000,
+    });
+    const inView = async () =>
+      page.evaluate(() => {
+        const node = document.querySelector('#chart svg g.current')?.getBoundingClientRect();
+        const box = document.querySelector('#chart')?.getBoundingClientRect();
+        if (!node || !box) return false;
+        return (
+          node.left >= box.left &&
+          node.right <= box.right &&
+          node.top >= box.top &&
+          node.bottom <= box.bottom
+        );
+      });
+    expect(await page.$$eval('#chart svg g.current', (ns) => ns.map((n) => n.textContent))).toEqual(
+      ['plan_review'],
+    );
+    expect(await inView()).toBe(true);
+    mkdirSync('test-results', { recursive: true });
+    await page.screenshot({ path: 'test-results/dashboard-gate.png', fullPage: true });
+
+    // Reject needs a reason: without one it is refused on the page, with one it is sent.
+    await page.click('#gate-reject');
+    await page.click('#gate-reject-confirm');
+    expect(await page.textContent('#message')).toContain('needs a reason');
+    await page.fill('#gate-by', 'ann');
+    await page.fill('#gate-reason', 'the spec misses the error cases');
+    await page.click('#gate-reject-confirm');
+    await page.waitForSelector('#chart-panel[data-state="plan"]', { timeout: 10_000 });
+    await page.waitForSelector(
+      '#tasks tr.task[data-type="write_spec"][data-state="pending"] .feedback',
+      {
+        timeout: 10_000,
+      },
+    );
+    const feedback = await page.textContent('#tasks tr.task[data-state="pending"] .feedback');
+    expect(feedback).toContain('plan_review');
+    expect(feedback).toContain('loop 1');
+    expect(feedback).toContain('the spec misses the error cases');
+    const log = (await t.call('GET', `/tickets/${id}/events`)).body.events as {
+      type: string;
+      payload?: unknown;
+    }[];
+    expect(JSON.stringify(log)).toContain('ann');
+
+    await completeOpen('write_spec');
+    await page.waitForSelector('#gate-panel:not([hidden]) #gate-approve', { timeout: 15_000 });
+    await page.click('#gate-approve');
+    await page.waitForSelector('#chart-panel[data-state="build"]', { timeout: 10_000 });
+    await page.waitForSelector(
+      '#tasks tr.task[data-type="run_tests"][data-state="waiting"] .waits .dep',
+      {
+        timeout: 10_000,
+      },
+    );
+    const waits = await page.textContent('#tasks tr.task[data-type="run_tests"] .waits');
+    expect(waits).toContain('implement');
+    expect(
+      await page.getAttribute('#tasks tr.task[data-type="run_tests"] .dep', 'data-dep-state'),
+    ).toBe('pending');
+    expect(await page.locator('#gate-panel').isHidden()).toBe(true);
+    await page.waitForSelector('#chart svg g.current[data-state="build"]', { timeout: 5_000 });
+    expect(await inView()).toBe(true);
+    await page.screenshot({ path: 'test-results/dashboard-rework.png', fullPage: true });
+    expect(outside).toEqual([]);
+  });
+
+  it('keeps a 32-phase workflow readable: the current state at full size and in view, zoom and fit', async () => {
+    // Gates all through, so the ticket can be driven deep into it without tasks.
+    const phases = Array.from({ length: 32 }, (_, i) => ({
+      name: `review_step_${String(i + 1).padStart(2, '0')}`,
+      approval: {},
+    }));
+    const reg = await t.call('POST', '/workflows', { name: 'long', phases });
+    expect(reg.status).toBe(201);
+    const id = (await t.call('POST', '/tickets', { title: 'Long ride', workflow: 'long' })).body
+      .id as string;
+    await t.call('POST', `/tickets/${id}/events`, { type: 'START' });
+    for (let i = 0; i < 20; i++) {
+      const r = await t.call('POST', `/tickets/${id}/events`, { type: 'APPROVE', by: 'x' });
+      expect(r.status).toBe(200);
+    }
+    const at = (await t.call('GET', `/tickets/${id}`)).body.state as string;
+    expect(at).toBe('review_step_21');
+    await page.goto(`${base}/`);
+    await page.selectOption('#board-workflow', 'long');
+    await page.waitForSelector(ticketCard(at, id), { timeout: 10_000 });
+    expect(await page.locator('#board .column').count()).toBe(36);
+    await page.click(ticketCard(at, id));
+    await page.waitForSelector(`#chart svg g.current[data-state="${at}"]`, { timeout: 10_000 });
+    expect(await page.locator('#chart svg g.node').count()).toBe(36);
+    // Too big to fit legibly: shown at full size around the current state.
+    const inView = () =>
+      page.evaluate(() => {
+        const node = document.querySelector('#chart svg g.current')?.getBoundingClientRect();
+        const box = document.querySelector('#chart')?.getBoundingClientRect();
+        if (!node || !box) return false;
+        return (
+          node.left >= box.left &&
+          node.right <= box.right &&
+          node.top >= box.top &&
+          node.bottom <= box.bottom
+        );
+      });
+    expect(Number(await page.getAttribute('#chart', 'data-scale'))).toBeGreaterThanOrEqual(0.75);
+    expect(await inView()).toBe(true);
+    const fontPx = await page.$eval(
+      '#chart svg g.current text',
+      (n) => n.getBoundingClientRect().height,
+    );
+    expect(fontPx).toBeGreaterThanOrEqual(12);
+    await page.locator('#chart-panel').scrollIntoViewIfNeeded();
+    await page.screenshot({ path: 'test-results/dashboard-32-phases.png', fullPage: true });
+    await page.click('#chart-fit');
+    const fitted = Number(await page.getAttribute('#chart', 'data-scale'));
+    expect(fitted).toBeLessThan(0.75);
+    await page.click('#chart-zoom-in');
+    expect(Number(await page.getAttribute('#chart', 'data-scale'))).toBeCloseTo(fitted * 1.25, 1);
+    await page.click('#chart-current');
+    expect(await inView()).toBe(true);
+    await page.screenshot({ path: 'test-results/dashboard-32-phases-fit.png', fullPage: true });
     expect(outside).toEqual([]);
   });
 });
