@@ -61,6 +61,8 @@ export type DeadLetters = z.output<typeof DeadLetterList>;
 
 export interface TicketListQuery {
   state?: TicketState;
+  /** `NAME` (every version) or `NAME@VERSION`. */
+  workflow?: string;
   limit?: number;
   cursor?: string;
 }
