@@ -1,7 +1,8 @@
 /**
  * `npm run bench`: every figure beside its raw baseline from the same run.
  *
- * Sections (default all, in this order): host, relay, http, peers, growth, scrape, output. Choose with
+ * Sections (default all, in this order): host, relay, http, peers, growth, scrape, output,
+ * workflows. Choose with
  * `npm run bench -- --only relay,http` or BENCH_ONLY=relay,http. Each section creates its
  * own scratch database (and NATS streams) and drops them afterwards.
  *
@@ -24,8 +25,18 @@ import { relaySection } from './relay.js';
 import { scrapeSection } from './scrape.js';
 import { ADMIN_URL, NATS_URL, scratchDatabase } from './scratch.js';
 import { fmt, print } from './stats.js';
+import { workflowsSection } from './workflows.js';
 
-const SECTIONS = ['host', 'relay', 'http', 'peers', 'growth', 'scrape', 'output'] as const;
+const SECTIONS = [
+  'host',
+  'relay',
+  'http',
+  'peers',
+  'growth',
+  'scrape',
+  'output',
+  'workflows',
+] as const;
 type Section = (typeof SECTIONS)[number];
 
 const seconds = Number(process.env.BENCH_SECONDS ?? 3);
@@ -150,6 +161,7 @@ async function main(): Promise<void> {
       await growthSection({ seconds, tickets: growthTickets, cachedActors: 10_000 });
     if (s === 'scrape') await scrapeSection({ sizes: [1_000, scrapeTasks], reads: 200 });
     if (s === 'output') await outputSection({ seconds });
+    if (s === 'workflows') await workflowsSection({ seconds, concurrency: 8 });
     print(`\n(${s}: ${((performance.now() - t0) / 1000).toFixed(0)}s)`);
   }
   print(

@@ -14,11 +14,13 @@
  * postgres://postgres@127.0.0.1:5432/postgres.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { freePort } from '../src/infra/free-port.js';
+import { isGate, type WorkflowDefinition } from '../src/machines/workflow-definition.js';
 import { createSql } from '../src/persistence/db.js';
 import { migrate } from '../src/persistence/migrate.js';
 import { check, gather } from './chaos/check.js';
@@ -71,6 +73,10 @@ const adminUrl =
   process.env.CHAOS_DATABASE_URL ??
   process.env.TEST_DATABASE_URL ??
   'postgres://postgres@127.0.0.1:5432/postgres';
+
+const FEATURE_WORKFLOW = fileURLToPath(
+  new URL('../examples/workflows/feature.json', import.meta.url),
+);
 
 // ---- everything started here, for cleanup -------------------------------------------------
 
@@ -158,12 +164,28 @@ async function run(): Promise<number> {
     () => procs.filter((p) => p.url !== null).map((p) => p.url as string),
     apiToken,
   );
+  // The feature workflow is registered like a user would, and a share of the tickets run it.
+  const workflow = JSON.parse(await readFile(FEATURE_WORKFLOW, 'utf8')) as WorkflowDefinition;
+  const registered = await api.call<{ name: string; version: number }>(
+    'POST',
+    '/workflows',
+    workflow,
+  );
+  if (registered.status !== 201 && registered.status !== 200) {
+    throw new Error(`POST /workflows → ${registered.status} ${JSON.stringify(registered.body)}`);
+  }
+  note(`workflow ${registered.body.name}@${registered.body.version} registered`);
   const load = new Load(api, new Rng(seed ^ 0x5eed), {
     markerFile,
     rate,
     agents: 2,
     sseReaders: 2,
     cancelShare: 0.06,
+    workflowShare: 0.4,
+    workflow: workflow.name,
+    workflowPhases: workflow.phases.map((p) => p.name),
+    workflowGates: workflow.phases.filter(isGate).map((p) => p.name),
+    failType: 'code_review',
   });
   /** Samples: time, outbox rows, age of the oldest row (ms). */
   const outbox: [number, number, number][] = [];
@@ -216,7 +238,10 @@ async function run(): Promise<number> {
       const [r] = await sql<{ open: number; outbox: number }[]>`
         select
           (select count(*) from tickets where state not in ('done', 'cancelled'))::int
-          + (select count(*) from tasks where state not in ('completed', 'cancelled'))::int as open,
+          + (select count(*) from tasks t where state not in ('completed', 'cancelled')
+              -- a failed task a send-back left behind stays failed (checked as such)
+              and not (state = 'failed' and exists (select 1 from tickets k
+                where k.id = t.ticket_id and k.state in ('done', 'cancelled'))))::int as open,
           (select count(*) from outbox)::int as outbox`;
       return r?.open === 0 && r.outbox === 0;
     },

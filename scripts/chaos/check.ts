@@ -7,7 +7,13 @@
 import { readFile } from 'node:fs/promises';
 import { DeliverPolicy, jetstream, jetstreamManager } from '@nats-io/jetstream';
 import { connect } from '@nats-io/transport-node';
-import { nextPhaseState, PHASES, type Phase } from '../../src/machines/phases.js';
+import { templatesOf } from '../../src/machines/workflow.js';
+import {
+  DEFAULT_WORKFLOW,
+  isGate,
+  type LoopRule,
+  type WorkflowDefinition,
+} from '../../src/machines/workflow-definition.js';
 import type { Sql } from './cluster.js';
 import type { Fault } from './faults.js';
 import type { Accepted, SseRecord } from './load.js';
@@ -22,6 +28,9 @@ export const GUARANTEES = [
   ['7', 'durable time (dead claims reclaimed)'],
   ['8', 'atomic + stream (every event in JetStream once)'],
   ['sse', 'SSE resume (ordered, no dup, no gap)'],
+  ['loops', 'workflows: a rework never exceeds maxLoops'],
+  ['deps', 'workflows: a dependent ran after its dependencies completed'],
+  ['tpl', 'workflows: one task per template per phase entry'],
   ['proc', 'processes (no crash; SIGTERM → exit 0)'],
 ] as const;
 export type GuaranteeId = (typeof GUARANTEES)[number][0];
@@ -56,6 +65,8 @@ export interface EventRow {
 interface TaskRow {
   id: string;
   ticket_id: string;
+  type: string;
+  phase: string;
   state: string;
   attempt: number;
   seq: number;
@@ -67,6 +78,8 @@ interface TicketRow {
   id: string;
   state: string;
   seq: number;
+  /** `NAME@VERSION` of the workflow the ticket runs. */
+  workflow: string;
 }
 
 export interface StreamMessage {
@@ -93,6 +106,10 @@ export interface Evidence {
   deadLetters: number;
   stream: StreamMessage[];
   markers: MarkerLine[];
+  /** Every registered workflow version by `NAME@VERSION` (the built-in one included). */
+  workflows: Map<string, WorkflowDefinition>;
+  /** Task dependencies: (task, the task it waits for). */
+  dependencies: { task_id: string; depends_on: string }[];
 }
 
 export interface CheckFigures {
@@ -123,9 +140,13 @@ export async function gather(
     select pos, event_id, entity_type, entity_id, seq, type, data,
       (extract(epoch from at) * 1000)::float8 as at_ms, stream_seq
     from events order by entity_id, seq`;
-  const tickets = await sql<TicketRow[]>`select id, state, seq from tickets`;
+  const tickets = await sql<TicketRow[]>`select id, state, seq, workflow from tickets`;
   const tasks = await sql<TaskRow[]>`
-    select id, ticket_id, state, attempt, seq, worktree, executor from tasks`;
+    select id, ticket_id, type, phase, state, attempt, seq, worktree, executor from tasks`;
+  const workflows = await sql<{ ref: string; definition: WorkflowDefinition }[]>`
+    select name || '@' || version as ref, definition from workflows`;
+  const dependencies = await sql<{ task_id: string; depends_on: string }[]>`
+    select task_id, depends_on from task_dependencies`;
   const [outbox] = await sql<{ n: number }[]>`select count(*)::int as n from outbox`;
   const [dead] = await sql<{ n: number }[]>`select count(*)::int as n from dead_letters`;
   return {
@@ -136,6 +157,8 @@ export async function gather(
     deadLetters: dead?.n ?? -1,
     stream: await readStream(natsUrl, stream),
     markers: await readMarkers(markerFile),
+    workflows: new Map(workflows.map((w) => [w.ref, w.definition])),
+    dependencies: [...dependencies],
   };
 }
 
@@ -218,6 +241,7 @@ const LEAVES_ACTIVE = new Set([
 
 type TaskReplayState =
   | 'none'
+  | 'waiting'
   | 'pending'
   | 'claimed'
   | 'running'
@@ -229,7 +253,9 @@ type TaskReplayState =
 
 const TASK_MOVES: Record<TaskReplayState, Partial<Record<string, TaskReplayState>>> = {
   none: { 'task.created': 'pending' },
-  pending: { 'task.claimed': 'claimed', 'task.cancelled': 'cancelled' },
+  // A task created with an unfinished dependency goes on to `waiting` in the same transition.
+  pending: { 'task.claimed': 'claimed', 'task.cancelled': 'cancelled', 'task.waiting': 'waiting' },
+  waiting: { 'task.ready': 'pending', 'task.cancelled': 'cancelled' },
   claimed: {
     'task.started': 'running',
     'task.lease_expired': 'expiring',
@@ -377,16 +403,59 @@ export function check(
     }
   }
 
-  // (1) and (2) for tickets: phases in order, one ADVANCE each, nothing after a final state.
+  // (1) and (2) for tickets, replayed against each ticket's own workflow: phases in order,
+  // one ADVANCE per phase entry, gates decided once, send-backs only where the definition
+  // allows, nothing after a final state. And the workflow guarantees: (loops) a rule sends
+  // back at most maxLoops times, (tpl) each phase entry made one task per template.
+  const defOf = (t: TicketRow): WorkflowDefinition | null =>
+    ev.workflows.get(t.workflow) ?? (t.workflow === 'default@1' ? DEFAULT_WORKFLOW : null);
+  const tasksByTicket = new Map<string, TaskRow[]>();
+  for (const t of ev.tasks) {
+    const list = tasksByTicket.get(t.ticket_id);
+    if (list) list.push(t);
+    else tasksByTicket.set(t.ticket_id, [t]);
+  }
+  /** Failed tasks a send-back left behind on purpose (onFail): they stay `failed`. */
+  const sentBackOver = new Set<string>();
   for (const ticket of ev.tickets) {
     const list = byEntity.get(ticket.id) ?? [];
+    const def = defOf(ticket);
+    if (!def) {
+      cap('1', `${ticket.id}: runs workflow ${ticket.workflow}, which is not registered`);
+      continue;
+    }
+    const phases = def.phases.map((p) => p.name);
+    const index = new Map(phases.map((p, i) => [p, i]));
+    const isPhaseName = (x: unknown): x is string => typeof x === 'string' && index.has(x);
+    const phaseDef = (x: string) => def.phases[index.get(x) ?? -1];
+    const ruleOf = (x: string): LoopRule | undefined => {
+      const p = phaseDef(x);
+      return p ? (isGate(p) ? p.onReject : p.onFail) : undefined;
+    };
+    const nextOf = (x: string) => phases[(index.get(x) ?? -2) + 1] ?? 'done';
     let state = 'none';
-    let remembered: Phase | null = null;
-    const reached = new Map<string, number>();
+    let remembered: string | null = null;
+    /** A gate's decision that the next event must carry out. */
+    let decided: 'approved' | 'rejected' | null = null;
+    const entries = new Map<string, number>();
+    const sentBackInto = new Map<string, number>();
+    const loopsByRule = new Map<string, number>();
+    const sentBacks: EventRow[] = [];
+    /** Events that entered a phase (and so had to create its templates). */
+    const phaseEntries: { phase: string; seq: number }[] = [];
     for (const e of list) {
       const from = e.data.from;
       const to = e.data.to;
       let next: string | null = null;
+      if (decided !== null) {
+        // approved → forward; rejected → sent back or blocked; nothing else in between.
+        const ok =
+          decided === 'approved'
+            ? e.type === 'ticket.phase_changed' || e.type === 'ticket.done'
+            : e.type === 'ticket.sent_back' || e.type === 'ticket.blocked';
+        if (!ok) cap('1', `${ticket.id} seq ${e.seq}: ${e.type} right after ticket.${decided}`);
+        decided = null;
+      }
       if (e.type === 'ticket.created' && state === 'none') next = 'backlog';
       else if (
         e.type === 'ticket.cancelled' &&
@@ -396,25 +465,80 @@ export function check(
       ) {
         next = 'cancelled';
       } else if (e.type === 'ticket.phase_changed' || e.type === 'ticket.done') {
-        bump(reached, String(to));
-        if ((reached.get(String(to)) ?? 0) > 1) {
-          cap('2', `${ticket.id}: entered ${String(to)} ${reached.get(String(to))} times`);
-        }
         const expected =
-          state === 'backlog'
-            ? 'requirements'
-            : PHASES.includes(state as Phase)
-              ? nextPhaseState(state as Phase)
-              : null;
+          state === 'backlog' ? (phases[0] ?? 'done') : isPhaseName(state) ? nextOf(state) : null;
         const type = expected === 'done' ? 'ticket.done' : 'ticket.phase_changed';
-        if (expected !== null && from === state && to === expected && e.type === type)
+        if (expected !== null && from === state && to === expected && e.type === type) {
           next = expected;
+          // A phase is entered going forward once, and once more after each send-back to
+          // an earlier phase: more is a second ADVANCE of the same entry.
+          const n = (entries.get(expected) ?? 0) + 1;
+          entries.set(expected, n);
+          const allowed =
+            1 +
+            sentBacks.filter(
+              (b) => (index.get(String(b.data.to)) ?? 99) < (index.get(expected) ?? -1),
+            ).length;
+          if (expected !== 'done' && n > allowed) {
+            cap('2', `${ticket.id}: entered ${expected} ${n} times (${allowed} allowed)`);
+          }
+          if (expected !== 'done') phaseEntries.push({ phase: expected, seq: e.seq });
+        }
       } else if (
-        e.type === 'ticket.blocked' &&
-        PHASES.includes(state as Phase) &&
-        e.data.phase === state
+        (e.type === 'ticket.approved' || e.type === 'ticket.rejected') &&
+        isPhaseName(state) &&
+        e.data.phase === state &&
+        isGate(phaseDef(state) ?? { name: '' })
       ) {
-        remembered = state as Phase;
+        decided = e.type === 'ticket.approved' ? 'approved' : 'rejected';
+        next = state;
+      } else if (
+        e.type === 'ticket.sent_back' &&
+        isPhaseName(state) &&
+        from === state &&
+        isPhaseName(to) &&
+        (index.get(to) ?? 99) <= (index.get(state) ?? -1)
+      ) {
+        next = to;
+        sentBacks.push(e);
+        phaseEntries.push({ phase: to, seq: e.seq });
+        const into = (sentBackInto.get(to) ?? 0) + 1;
+        sentBackInto.set(to, into);
+        if (e.data.loop !== into) {
+          cap(
+            'loops',
+            `${ticket.id} seq ${e.seq}: sent back into ${to} with loop ${String(e.data.loop)}, the ${into}th time`,
+          );
+        }
+        if (e.data.cause !== 'operator') {
+          const rule = ruleOf(state);
+          const n = (loopsByRule.get(state) ?? 0) + 1;
+          loopsByRule.set(state, n);
+          if (!rule || rule.sendBackTo !== to) {
+            cap(
+              'loops',
+              `${ticket.id} seq ${e.seq}: ${String(e.data.cause)} sent it from ${state} to ${to}, the definition says ${rule ? rule.sendBackTo : 'block'}`,
+            );
+          } else if (n > rule.maxLoops) {
+            cap(
+              'loops',
+              `${ticket.id}: ${state}'s rule sent it back ${n} times (maxLoops ${rule.maxLoops})`,
+            );
+          }
+          if (e.data.cause === 'task_failed') {
+            const failed = taskRows.get(String(e.data.taskId));
+            if (!failed || failed.phase !== state || failed.state !== 'failed') {
+              cap(
+                '1',
+                `${ticket.id} seq ${e.seq}: sent back for task ${String(e.data.taskId)}, which is ${failed ? `${failed.state} in ${failed.phase}` : 'unknown'}`,
+              );
+            } else sentBackOver.add(failed.id);
+          } else if (e.data.cause === 'reject' && list[e.seq - 2]?.type !== 'ticket.rejected') {
+            cap('1', `${ticket.id} seq ${e.seq}: a reject send-back without ticket.rejected`);
+          }
+        }
+      } else if (e.type === 'ticket.blocked' && isPhaseName(state) && e.data.phase === state) {
+        remembered = state;
         next = 'blocked';
       } else if (
         e.type === 'ticket.unblocked' &&
@@ -422,7 +546,7 @@ export function check(
         e.data.phase === remembered
       ) {
         next = remembered;
-      } else if (e.type === 'ticket.diagnostic_spawned' && PHASES.includes(state as Phase)) {
+      } else if (e.type === 'ticket.diagnostic_spawned' && isPhaseName(state)) {
         next = state;
       }
       if (next === null) {
@@ -436,6 +560,29 @@ export function check(
     }
     if (state !== ticket.state) {
       cap('1', `${ticket.id}: stored state ${ticket.state}, its log replays to ${state}`);
+    }
+
+    // (tpl) every phase entry made exactly one task per template key, and no other does.
+    const own = tasksByTicket.get(ticket.id) ?? [];
+    const expected = new Map<string, string>();
+    for (const { phase, seq } of phaseEntries) {
+      for (const t of templatesOf(def, phase)) {
+        // The runtime derives a template task's id from the entry (policies/phase-entered).
+        expected.set(`${ticket.id}-${phase}-${seq}-${t.key}`, `${phase}/${t.type}`);
+      }
+    }
+    for (const [id, what] of expected) {
+      const row = taskRows.get(id);
+      if (!row) cap('tpl', `${ticket.id}: no task ${id} (${what}) for that phase entry`);
+      else if (`${row.phase}/${row.type}` !== what) {
+        cap('tpl', `${ticket.id}: task ${id} is ${row.phase}/${row.type}, its template ${what}`);
+      }
+    }
+    for (const t of own) {
+      const templated = templatesOf(def, t.phase).some((x) => x.type === t.type);
+      if (templated && !expected.has(t.id)) {
+        cap('tpl', `${ticket.id}: task ${t.id} (${t.phase}/${t.type}) belongs to no phase entry`);
+      }
     }
   }
 
@@ -580,8 +727,37 @@ export function check(
       cap('6', `ticket ${t.id} ended in ${t.state}`);
   }
   for (const t of ev.tasks) {
+    if (t.state === 'failed' && sentBackOver.has(t.id)) continue;
     if (t.state !== 'completed' && t.state !== 'cancelled')
       cap('6', `task ${t.id} ended in ${t.state}`);
+  }
+
+  // (deps) a dependent was never released, claimed or started before every dependency
+  // completed (global log position: the release commits with, or after, the completion).
+  const firstPos = (id: string, type: string) =>
+    (byEntity.get(id) ?? []).find((e) => e.type === type) ?? null;
+  for (const { task_id, depends_on } of ev.dependencies) {
+    const done = firstPos(depends_on, 'task.completed');
+    for (const e of byEntity.get(task_id) ?? []) {
+      if (e.type !== 'task.claimed' && e.type !== 'task.started' && e.type !== 'task.ready')
+        continue;
+      if (!done || done.pos > e.pos) {
+        cap(
+          'deps',
+          `${task_id}: ${e.type} (pos ${e.pos}) before ${depends_on} completed (${done ? `pos ${done.pos}` : 'never'})`,
+        );
+      } else if (done.at_ms > e.at_ms) {
+        cap(
+          'deps',
+          `${task_id}: ${e.type} at ${e.at_ms} before ${depends_on} completed at ${done.at_ms}`,
+        );
+      }
+    }
+    const created = firstPos(task_id, 'task.created');
+    const waited = firstPos(task_id, 'task.waiting');
+    if (created && !waited && (!done || done.pos > created.pos)) {
+      cap('deps', `${task_id}: created pending while ${depends_on} was not completed`);
+    }
   }
   if (ev.outbox !== 0) cap('6', `${ev.outbox} events still in the outbox`);
 

@@ -137,6 +137,11 @@ export interface Accepted {
 
 export interface LoadCounters {
   ticketsStarted: number;
+  /** Tickets of the feature workflow, and what the load did to them. */
+  workflowTickets: number;
+  gatesApproved: number;
+  gatesRejected: number;
+  reviewsFailed: number;
   ticketsDone: number;
   ticketsCancelled: number;
   ticketsUnblocked: number;
@@ -163,12 +168,15 @@ interface TicketJson {
   id: string;
   state: string;
   phase: Phase | null;
-  tasks?: { id: string; state: string }[];
+  tasks?: { id: string; state: string; phase?: string }[];
 }
 
 interface TaskJson {
   id: string;
   attempt: number;
+  ticketId?: string;
+  type?: string;
+  state?: string;
 }
 
 export interface LoadOptions {
@@ -179,6 +187,20 @@ export interface LoadOptions {
   sseReaders: number;
   /** Share of tickets cancelled on the way. */
   cancelShare: number;
+  /** Share of tickets that run the workflow `workflow` (registered before the load starts). */
+  workflowShare: number;
+  workflow: string;
+  /** The workflow's phases, and which of them are gates. */
+  workflowPhases: string[];
+  workflowGates: string[];
+  /** The task type agents fail (every attempt) for the tickets whose plan says so. */
+  failType: string;
+}
+
+/** What the load does to one workflow ticket: gate rejects to make, review rounds to fail. */
+interface WorkflowPlan {
+  rejectsLeft: number;
+  reviewFailsLeft: number;
 }
 
 const WORKTREES = ['wt-a', 'wt-b', 'wt-c', 'wt-d'];
@@ -187,6 +209,10 @@ export class Load {
   readonly accepted: Accepted = { tickets: new Set(), tasks: new Map(), events: [], claims: [] };
   readonly counters: LoadCounters = {
     ticketsStarted: 0,
+    workflowTickets: 0,
+    gatesApproved: 0,
+    gatesRejected: 0,
+    reviewsFailed: 0,
     ticketsDone: 0,
     ticketsCancelled: 0,
     ticketsUnblocked: 0,
@@ -209,6 +235,8 @@ export class Load {
   private readonly drivers = new Set<Promise<void>>();
   private readonly loops: Promise<void>[] = [];
   private openDrivers = 0;
+  /** Workflow tickets by id: what is left to do to them (agents read it too). */
+  private readonly plans = new Map<string, WorkflowPlan>();
 
   constructor(
     readonly api: Api,
@@ -260,7 +288,10 @@ export class Load {
     let n = 0;
     const gapMs = 1_000 / this.o.rate;
     while (this.creating && !this.stopped) {
-      const p = this.driveTicket(n++).catch((error: unknown) => {
+      const drive = this.rng.chance(this.o.workflowShare)
+        ? this.driveWorkflowTicket(n++)
+        : this.driveTicket(n++);
+      const p = drive.catch((error: unknown) => {
         this.counters.driverErrors++;
         if (this.driverErrors.length < 20) this.driverErrors.push(errorText(error));
       });
@@ -402,10 +433,119 @@ export class Load {
     }
   }
 
-  /** A ticket blocked by a task out of attempts: requeue its failed tasks, then unblock. */
-  private async unblock(t: TicketJson): Promise<void> {
+  /**
+   * A ticket of the workflow: its templates make its tasks (agents do them), the driver
+   * approves or rejects its gates (now and then more often than `onReject.maxLoops` allows,
+   * so it blocks), the agents fail some review rounds so work is sent back, and the build
+   * phase's `dependsOn` holds its tests until the code is done.
+   */
+  private async driveWorkflowTicket(n: number): Promise<void> {
+    const created = await this.api.call<TicketJson>(
+      'POST',
+      '/tickets',
+      {
+        title: `chaos workflow ticket ${n}`,
+        description: 'carried through a user workflow under faults',
+        workflow: this.o.workflow,
+      },
+      { stop: this.halt },
+    );
+    if (created.status !== 201) throw new Error(`create workflow ticket → ${created.status}`);
+    const id = created.body.id;
+    this.accepted.tickets.add(id);
+    this.accepted.events.push({ entityId: id, expect: 'ticket.created', what: 'create ticket' });
+    this.counters.workflowTickets++;
+    const r = this.rng.next();
+    const plan: WorkflowPlan = {
+      // 4 rejects is one more than feature's plan_review allows: the 4th blocks the ticket.
+      rejectsLeft: r < 0.5 ? 0 : r < 0.8 ? 1 : r < 0.9 ? 2 : 4,
+      reviewFailsLeft: this.rng.chance(0.25) ? 1 : 0,
+    };
+    this.plans.set(id, plan);
+    const phases = this.o.workflowPhases;
+    const cancelAt = this.rng.chance(this.o.cancelShare) ? this.rng.pick(phases) : null;
+    const started = await this.api.call(
+      'POST',
+      `/tickets/${id}/events`,
+      { type: 'START' },
+      { stop: this.halt },
+    );
+    if (started.status !== 200) throw new Error(`START → ${started.status}`);
+    this.accepted.events.push({ entityId: id, expect: 'ticket.phase_changed', what: 'START' });
+    this.counters.ticketsStarted++;
+    try {
+      for (;;) {
+        if (this.stopped) return;
+        const got = await this.api.call<TicketJson>('GET', `/tickets/${id}`, undefined, {
+          stop: this.halt,
+        });
+        if (got.status !== 200) throw new Error(`GET ticket → ${got.status}`);
+        const t = got.body;
+        if (t.state === 'done') {
+          this.counters.ticketsDone++;
+          return;
+        }
+        if (t.state === 'cancelled') return;
+        if (t.state === 'blocked') {
+          // Blocked at a gate: the rejects ran out; approve once it is back.
+          plan.rejectsLeft = 0;
+          await this.unblock(t, t.phase);
+          continue;
+        }
+        if (t.phase && t.state === t.phase && cancelAt === t.phase) {
+          await sleep(this.rng.between(0, 800));
+          const c = await this.api.call(
+            'POST',
+            `/tickets/${id}/events`,
+            { type: 'CANCEL', reason: 'chaos: cancelled on the way' },
+            { stop: this.halt },
+          );
+          if (c.status === 200) {
+            this.accepted.events.push({ entityId: id, expect: 'ticket.cancelled', what: 'CANCEL' });
+            this.counters.ticketsCancelled++;
+            return;
+          }
+        }
+        if (t.phase && t.state === t.phase && this.o.workflowGates.includes(t.phase)) {
+          await sleep(this.rng.between(0, 300));
+          const reject = plan.rejectsLeft > 0;
+          const g = await this.api.call(
+            'POST',
+            `/tickets/${id}/events`,
+            reject
+              ? { type: 'REJECT', by: 'chaos', reason: `chaos: rejected at ${t.phase}` }
+              : { type: 'APPROVE', by: 'chaos' },
+            { stop: this.halt },
+          );
+          if (g.status === 200) {
+            const expect = reject ? 'ticket.rejected' : 'ticket.approved';
+            this.accepted.events.push({
+              entityId: id,
+              expect,
+              what: reject ? 'REJECT' : 'APPROVE',
+            });
+            if (reject) {
+              plan.rejectsLeft--;
+              this.counters.gatesRejected++;
+            } else this.counters.gatesApproved++;
+          }
+          continue;
+        }
+        await sleep(250 + this.rng.int(250));
+      }
+    } finally {
+      this.plans.delete(id);
+    }
+  }
+
+  /**
+   * A ticket blocked by a task out of attempts: requeue its failed tasks (of `phase` only
+   * when given: a workflow ticket's older rounds stay as they ended), then unblock.
+   */
+  private async unblock(t: TicketJson, phase?: string | null): Promise<void> {
     for (const task of t.tasks ?? []) {
       if (task.state !== 'failed') continue;
+      if (phase !== undefined && task.phase !== phase) continue;
       const r = await this.api.call(
         'POST',
         `/tasks/${task.id}/events`,
@@ -474,6 +614,32 @@ export class Load {
           what: 'agent START',
         });
         await sleep(this.rng.between(50, 300));
+        const plan = task.ticketId ? this.plans.get(task.ticketId) : undefined;
+        if (task.type === this.o.failType && plan && plan.reviewFailsLeft > 0) {
+          // A review that fails every attempt: the phase's onFail sends the work back.
+          const x = await this.api.call<TaskJson>(
+            'POST',
+            `/tasks/${task.id}/events`,
+            { type: 'FAIL', token, error: 'chaos: the review found problems' },
+            { stop: this.halt },
+          );
+          if (x.status !== 200) {
+            this.counters.agentStale++;
+            continue;
+          }
+          const failed = x.body.state === 'failed';
+          if (failed) {
+            plan.reviewFailsLeft--;
+            this.counters.reviewsFailed++;
+          }
+          this.accepted.events.push({
+            entityId: task.id,
+            expect: failed ? 'task.failed' : 'task.retry_scheduled',
+            attempt: task.attempt,
+            what: 'agent FAIL',
+          });
+          continue;
+        }
         const c = await this.api.call(
           'POST',
           `/tasks/${task.id}/events`,

@@ -103,6 +103,10 @@ export function render(r: ReportInput): string {
           'tickets unblocked (after requeue)',
           `${l.ticketsUnblocked} (${l.tasksRequeued} tasks requeued)`,
         ],
+        [
+          'workflow tickets (gates approved / rejected, reviews failed)',
+          `${l.workflowTickets} (${l.gatesApproved} / ${l.gatesRejected}, ${l.reviewsFailed})`,
+        ],
         ['tasks added', l.tasksAdded],
         [
           'agent claims / completes / stale / abandoned',
