@@ -205,9 +205,10 @@ describe('state counts', () => {
     const old = await createTestDatabase('state_counts_init', { migrate: false });
     try {
       const all = await loadMigrations();
+      // Every other migration, so today's code can write rows; the counts come last.
       await migrate(
         old.sql,
-        all.filter((m) => m.name < '0005'),
+        all.filter((m) => m.name !== '0005-state-counts.sql'),
       );
       const p = testProcess(old.pool(4));
       try {
