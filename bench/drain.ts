@@ -42,10 +42,13 @@ export async function drainSection(o: { jobs: number }): Promise<void> {
   );
   const figures: Figure[] = [];
   figures.push(await ours(o.jobs));
-  figures.push(await graphile(o.jobs, 8));
-  figures.push(await graphile(o.jobs, 32));
-  figures.push(await pgBoss(o.jobs));
-  const g8 = figures[1] as Figure;
+  // BENCH_DRAIN_OURS=1: our worker alone, for before/after comparisons of it.
+  if (process.env.BENCH_DRAIN_OURS !== '1') {
+    figures.push(await graphile(o.jobs, 8));
+    figures.push(await graphile(o.jobs, 32));
+    figures.push(await pgBoss(o.jobs));
+  }
+  const g8 = (figures[1] ?? figures[0]) as Figure;
   print(
     table(
       ['queue', 'jobs', 'seconds', 'jobs/s', 'vs graphile-worker x8'],
@@ -126,9 +129,17 @@ async function ours(jobs: number): Promise<Figure> {
     const phases = await db.sql<{ phase: string }[]>`select distinct phase from tickets`;
     const phase = phases[0]?.phase;
     if (phases.length !== 1 || !phase) throw new Error('bench: tickets not in one phase');
+    await sleep(500);
+    await db.sql`select pg_stat_clear_snapshot()`;
+    const [st0] = await db.sql<{ c: number; r: number }[]>`
+      select xact_commit::int as c, xact_rollback::int as r
+      from pg_stat_database where datname = current_database()`;
+    const commitsBefore = st0?.c ?? 0;
+    const rollbacksBefore = st0?.r ?? 0;
     const bin = fileURLToPath(new URL('../bin/orchestrator', import.meta.url));
     const spawned = performance.now();
-    child = spawn(process.execPath, [bin, 'worker'], {
+    const nodeArgs = (process.env.BENCH_WORKER_NODE_ARGS ?? '').split(' ').filter(Boolean);
+    child = spawn(process.execPath, [...nodeArgs, bin, 'worker'], {
       env: {
         ...process.env,
         DATABASE_URL: db.url,
@@ -137,7 +148,6 @@ async function ours(jobs: number): Promise<Figure> {
         NATS_STREAM: names.stream,
         WORKER_CONCURRENCY: '8',
         LOG_LEVEL: process.env.BENCH_WORKER_LOG_LEVEL ?? 'warn',
-        NODE_OPTIONS: process.env.BENCH_WORKER_NODE_OPTIONS ?? '',
       },
       stdio: ['ignore', process.env.BENCH_DEBUG ? 'inherit' : 'ignore', 'inherit'],
     });
@@ -166,6 +176,27 @@ async function ours(jobs: number): Promise<Figure> {
         (select max(at) from events where type = 'ticket.phase_changed') as last,
         (select count(*)::int from events where type = 'task.claimed') as claims`;
     if (!span) throw new Error('bench: no events');
+    if (process.env.BENCH_DEBUG) {
+      const gaps = await db.sql`
+        with e as (
+          select entity_id, type, at, data->>'workerId' as w,
+            lag(at) over (partition by entity_id order by seq) as prev
+          from events where entity_type = 'task' and type like 'task.%')
+        select type, count(*)::int as n,
+          percentile_cont(0.5) within group (order by extract(epoch from at - prev) * 1000) as p50,
+          avg(extract(epoch from at - prev) * 1000) as avg
+        from e where prev is not null group by type`;
+      process.stderr.write(`${JSON.stringify(gaps)}\n`);
+      const tk = await db.sql`
+        select type, count(*)::int as n from events where entity_type = 'ticket' group by type`;
+      process.stderr.write(`${JSON.stringify(tk)}\n`);
+      await sleep(500);
+      await db.sql`select pg_stat_clear_snapshot()`;
+      const st = await db.sql`
+        select xact_commit - ${commitsBefore} as commits, xact_rollback - ${rollbacksBefore} as rollbacks
+        from pg_stat_database where datname = current_database()`;
+      process.stderr.write(`${JSON.stringify(st)}\n`);
+    }
     if (span.claims !== jobs) throw new Error(`bench: ${span.claims} claims for ${jobs} tasks`);
     const seconds = (span.last.getTime() - span.first.getTime()) / 1000;
     return {
