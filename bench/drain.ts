@@ -20,7 +20,7 @@ import { Commands } from '../src/actors/commands.js';
 import { ActorHost } from '../src/actors/host.js';
 import { silentLogger } from '../src/log.js';
 import { Transport } from '../src/transport/index.js';
-import { benchNames, dropStreams, NATS_URL, type Scratch, scratchDatabase } from './scratch.js';
+import { benchNames, dropStreams, NATS_URL, scratchDatabase } from './scratch.js';
 import { n0, pool, print, ratio, sleep, table, until } from './stats.js';
 
 const TASKS_PER_TICKET = 50;
