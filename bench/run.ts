@@ -1,21 +1,22 @@
 /**
  * `npm run bench`: every figure beside its raw baseline from the same run.
  *
- * Sections (default all, in this order): host, relay, http, peers, growth, scrape, output,
- * workflows. Choose with
+ * Sections (default all, in this order): host, relay, http, peers, drain, growth, scrape,
+ * output, workflows. Choose with
  * `npm run bench -- --only relay,http` or BENCH_ONLY=relay,http. Each section creates its
  * own scratch database (and NATS streams) and drops them afterwards.
  *
  * Environment: BENCH_DATABASE_URL (an admin URL of the server to use; default the local
  * PostgreSQL), BENCH_NATS_URL (default nats://127.0.0.1:4222), BENCH_SECONDS (duration of
  * each timed measurement, default 3), BENCH_CONCURRENCY (host section, default 1,8,64),
- * BENCH_JOBS (peers section, default 1000), BENCH_GROWTH_TICKETS (default 100000),
+ * BENCH_JOBS (peers section, default 1000), BENCH_PEER_JOBS (drain section, default 20000), BENCH_GROWTH_TICKETS (default 100000),
  * BENCH_SCRAPE_TASKS (tasks stored for the scrape section's second figure, default 100000).
  */
 import { readFileSync } from 'node:fs';
 import os from 'node:os';
 import { connect } from '@nats-io/transport-node';
 import postgres from 'postgres';
+import { drainSection } from './drain.js';
 import { growthSection } from './growth.js';
 import { benchHost, benchRaw, prepareHostBatched } from './host-vs-raw.js';
 import { httpSection } from './http.js';
@@ -32,6 +33,7 @@ const SECTIONS = [
   'relay',
   'http',
   'peers',
+  'drain',
   'growth',
   'scrape',
   'output',
@@ -42,6 +44,7 @@ type Section = (typeof SECTIONS)[number];
 const seconds = Number(process.env.BENCH_SECONDS ?? 3);
 const concurrencies = (process.env.BENCH_CONCURRENCY ?? '1,8,64').split(',').map(Number);
 const jobs = Number(process.env.BENCH_JOBS ?? 1000);
+const peerJobs = Number(process.env.BENCH_PEER_JOBS ?? 20_000);
 const growthTickets = Number(process.env.BENCH_GROWTH_TICKETS ?? 100_000);
 const scrapeTasks = Number(process.env.BENCH_SCRAPE_TASKS ?? 100_000);
 
@@ -157,6 +160,7 @@ async function main(): Promise<void> {
     }
     if (s === 'http') await httpSection({ seconds, sseClients: 100 });
     if (s === 'peers') await peersSection({ jobs, concurrency: 8 });
+    if (s === 'drain') await drainSection({ jobs: peerJobs });
     if (s === 'growth')
       await growthSection({ seconds, tickets: growthTickets, cachedActors: 10_000 });
     if (s === 'scrape') await scrapeSection({ sizes: [1_000, scrapeTasks], reads: 200 });

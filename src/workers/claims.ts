@@ -22,6 +22,12 @@ export interface ClaimRequest {
   waitMs?: number;
   /** Ends a long poll early (shutdown, a closed HTTP request); no claim is tried after it. */
   signal?: AbortSignal;
+  /**
+   * Also START the task, with the claim's token, in the claim's own transaction: for a
+   * claimer that begins work at once (the built-in workers), one commit instead of two. The
+   * task comes back `running`; an agent over HTTP claims without it and STARTs when ready.
+   */
+  start?: boolean;
 }
 
 export interface ClaimedTask {
@@ -184,7 +190,11 @@ export class ClaimService {
             capLocked = c.type;
             if (!(await belowCap(uow.tx, c.type, cap))) continue;
           }
-          const applied = await uow.send('task', c.id, { type: 'CLAIM', workerId: req.workerId });
+          let applied = await uow.send('task', c.id, { type: 'CLAIM', workerId: req.workerId });
+          if (req.start) {
+            const token = (applied.snapshot.context as { token: string }).token;
+            applied = await uow.send('task', c.id, { type: 'START', token });
+          }
           return { applied, next: candidates[i + 1] };
         }
         return null;

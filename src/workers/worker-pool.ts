@@ -1,6 +1,6 @@
 /**
- * The built-in workers of one process: `concurrency` slots, each a loop of claim (long poll),
- * START, run the executor while heartbeating, then COMPLETE or FAIL, every event carrying
+ * The built-in workers of one process: `concurrency` slots, each a loop of claim-and-START
+ * (long poll; one transaction), run the executor while heartbeating, then COMPLETE or FAIL, every event carrying
  * the claim's fencing token. A heartbeat refused as stale means the lease is gone: the
  * executor is aborted and its outcome dropped. `stop(graceMs)` stops claiming at once, lets
  * running tasks finish within the grace period, then aborts them and RELEASEs each so that
@@ -173,6 +173,7 @@ export class WorkerPool {
           types: this.options.types,
           waitMs: this.options.claimWaitMs ?? 30_000,
           signal: this.claimAbort.signal,
+          start: true,
         });
         failures = 0;
       } catch (error) {
@@ -211,10 +212,13 @@ export class WorkerPool {
         await this.release(exec, reason, log);
         return;
       }
-      const started = await this.report(exec, { type: 'START', token }, log);
-      if (started !== 'ok') {
-        if (started === 'stale') this.counters.leaseLosses++;
-        return;
+      // Claimed with `start`, the task is running already: one commit fewer per task.
+      if (task.state !== 'running') {
+        const started = await this.report(exec, { type: 'START', token }, log);
+        if (started !== 'ok') {
+          if (started === 'stale') this.counters.leaseLosses++;
+          return;
+        }
       }
       const outcome = await this.runWithHeartbeat(exec, executor, task, log);
       if (exec.abandoned) return;

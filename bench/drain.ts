@@ -1,0 +1,317 @@
+/**
+ * The peers as a user runs them: N no-op jobs waiting, then each queue's own worker drains
+ * them, on the same Postgres server (one scratch database each), all through TCP to
+ * 127.0.0.1.
+ *
+ * - ours: a real `bin/orchestrator worker` process (WORKER_CONCURRENCY=8, `sleep` tasks of
+ *   0 ms, tickets of 50 tasks each, every ticket started). Per task: CLAIM, START, COMPLETE
+ *   with its fencing token, the relay publishes the events and the task_state reaction tells
+ *   the ticket, which advances once its 50 tasks are complete. Counted from the first claim
+ *   to the last ticket's phase change (both from the event log), and until then nothing
+ *   else runs: the setup's events are relayed and reacted to before the worker starts.
+ * - graphile-worker: its runner, `run()` with default settings and concurrency 8 and 32.
+ * - pg-boss: 8 `work()` workers, each fetching a batch (see BATCH below), the shortest
+ *   polling interval it accepts.
+ */
+import { type ChildProcess, spawn } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { jetstreamManager } from '@nats-io/jetstream';
+import { Commands } from '../src/actors/commands.js';
+import { ActorHost } from '../src/actors/host.js';
+import { silentLogger } from '../src/log.js';
+import { Transport } from '../src/transport/index.js';
+import { benchNames, dropStreams, NATS_URL, scratchDatabase } from './scratch.js';
+import { n0, pool, print, ratio, sleep, table, until } from './stats.js';
+
+const TASKS_PER_TICKET = 50;
+/** pg-boss `work()` batch size: a batch is fetched and completed in one statement each. */
+const PG_BOSS_BATCH = 100;
+const PG_BOSS_WORKERS = 8;
+
+interface Figure {
+  name: string;
+  jobs: number;
+  seconds: number;
+  note: string;
+}
+
+export async function drainSection(o: { jobs: number }): Promise<void> {
+  print('## Draining N no-op jobs through each queue’s own worker');
+  print(
+    `\n${n0(o.jobs)} jobs waiting; each queue's own worker drains them; one scratch database each on the same server\n`,
+  );
+  const figures: Figure[] = [];
+  figures.push(await ours(o.jobs));
+  // BENCH_DRAIN_OURS=1: our worker alone, for before/after comparisons of it.
+  if (process.env.BENCH_DRAIN_OURS !== '1') {
+    figures.push(await graphile(o.jobs, 8));
+    figures.push(await graphile(o.jobs, 32));
+    figures.push(await pgBoss(o.jobs));
+  }
+  const g8 = (figures[1] ?? figures[0]) as Figure;
+  print(
+    table(
+      ['queue', 'jobs', 'seconds', 'jobs/s', 'vs graphile-worker x8'],
+      figures.map((f) => [
+        f.name,
+        n0(f.jobs),
+        f.seconds.toFixed(2),
+        n0(f.jobs / f.seconds),
+        ratio(f.jobs / f.seconds, g8.jobs / g8.seconds),
+      ]),
+    ),
+  );
+  print();
+  for (const f of figures) print(`- ${f.name}: ${f.note}`);
+}
+
+async function ours(jobs: number): Promise<Figure> {
+  const db = await scratchDatabase('drain_ours', { max: 8 });
+  const names = benchNames();
+  let child: ChildProcess | null = null;
+  try {
+    const tickets = Math.max(1, Math.ceil(jobs / TASKS_PER_TICKET));
+    const host = new ActorHost(db.sql, {
+      taskDefaults: { maxAttempts: 3, leaseMs: 30_000, retryBaseMs: 1_000 },
+    });
+    const commands = new Commands(host, {
+      stuckAfterMs: 3_600_000,
+      diagnosticCooldownMs: 3_600_000,
+    });
+    let left = jobs;
+    await pool(tickets, 4, async () => {
+      const n = Math.min(TASKS_PER_TICKET, left);
+      left -= n;
+      // Started first, so that its tasks belong to the phase it is in and complete it.
+      await host.transact(async (uow) => {
+        const t = await commands.createTicket(uow, { title: 'bench' });
+        await uow.send('ticket', t.id, { type: 'START' });
+        for (let i = 0; i < n; i++) {
+          await commands.addTask(uow, t.id, {
+            type: 'bench',
+            executor: 'sleep',
+            payload: { ms: 0 },
+          });
+        }
+      });
+    });
+    // Relay the setup's events and let every reaction settle before the worker starts.
+    const t = await Transport.start({
+      sql: db.sql,
+      host,
+      log: silentLogger(),
+      natsUrl: NATS_URL,
+      names,
+      reconcileMs: 600_000,
+      enableReconciler: false,
+      relay: { streamCheckMs: 0 },
+    });
+    try {
+      const jsm = await jetstreamManager(t.nc);
+      await until(
+        async () => {
+          const [r] = await db.sql<{ n: number }[]>`select count(*)::int as n from outbox`;
+          if ((r?.n ?? 1) > 0) return false;
+          for (const runner of t.runners) {
+            const info = await jsm.consumers.info(names.stream, runner.name);
+            if (info.num_pending + info.num_ack_pending > 0) return false;
+          }
+          return true;
+        },
+        300_000,
+        'the setup events to settle',
+        50,
+      );
+    } finally {
+      await t.stop();
+    }
+
+    const phases = await db.sql<{ phase: string }[]>`select distinct phase from tickets`;
+    const phase = phases[0]?.phase;
+    if (phases.length !== 1 || !phase) throw new Error('bench: tickets not in one phase');
+    await sleep(500);
+    await db.sql`select pg_stat_clear_snapshot()`;
+    const [st0] = await db.sql<{ c: number; r: number }[]>`
+      select xact_commit::int as c, xact_rollback::int as r
+      from pg_stat_database where datname = current_database()`;
+    const commitsBefore = st0?.c ?? 0;
+    const rollbacksBefore = st0?.r ?? 0;
+    const bin = fileURLToPath(new URL('../bin/orchestrator', import.meta.url));
+    const spawned = performance.now();
+    const nodeArgs = (process.env.BENCH_WORKER_NODE_ARGS ?? '').split(' ').filter(Boolean);
+    child = spawn(process.execPath, [...nodeArgs, bin, 'worker'], {
+      env: {
+        ...process.env,
+        DATABASE_URL: db.url,
+        NATS_URL,
+        NATS_PREFIX: names.prefix,
+        NATS_STREAM: names.stream,
+        WORKER_CONCURRENCY: '8',
+        LOG_LEVEL: process.env.BENCH_WORKER_LOG_LEVEL ?? 'warn',
+      },
+      stdio: ['ignore', process.env.BENCH_DEBUG ? 'inherit' : 'ignore', 'inherit'],
+    });
+    const exited = new Promise<number | null>((resolve) => child?.once('exit', resolve));
+    let dead = false;
+    void exited.then(() => {
+      dead = true;
+    });
+    await until(
+      async () => {
+        if (dead) throw new Error('bench: the worker process exited');
+        const [r] = await db.sql<{ tasks: number; tickets: number }[]>`
+          select (select count(*)::int from tasks where state <> 'completed') as tasks,
+            (select count(*)::int from tickets where phase = ${phase}) as tickets`;
+        return r?.tasks === 0 && r?.tickets === 0;
+      },
+      1_800_000,
+      'the worker to complete every task and every ticket to advance',
+      100,
+    );
+    const wall = (performance.now() - spawned) / 1000;
+    child.kill('SIGTERM');
+    await Promise.race([exited, sleep(15_000)]);
+    const [span] = await db.sql<{ first: Date; last: Date; claims: number }[]>`
+      select (select min(at) from events where type = 'task.claimed') as first,
+        (select max(at) from events where type = 'ticket.phase_changed') as last,
+        (select count(*)::int from events where type = 'task.claimed') as claims`;
+    if (!span) throw new Error('bench: no events');
+    if (process.env.BENCH_DEBUG) {
+      const gaps = await db.sql`
+        with e as (
+          select entity_id, type, at, data->>'workerId' as w,
+            lag(at) over (partition by entity_id order by seq) as prev
+          from events where entity_type = 'task' and type like 'task.%')
+        select type, count(*)::int as n,
+          percentile_cont(0.5) within group (order by extract(epoch from at - prev) * 1000) as p50,
+          avg(extract(epoch from at - prev) * 1000) as avg
+        from e where prev is not null group by type`;
+      process.stderr.write(`${JSON.stringify(gaps)}\n`);
+      const tk = await db.sql`
+        select type, count(*)::int as n from events where entity_type = 'ticket' group by type`;
+      process.stderr.write(`${JSON.stringify(tk)}\n`);
+      await sleep(500);
+      await db.sql`select pg_stat_clear_snapshot()`;
+      const st = await db.sql`
+        select xact_commit - ${commitsBefore} as commits, xact_rollback - ${rollbacksBefore} as rollbacks
+        from pg_stat_database where datname = current_database()`;
+      process.stderr.write(`${JSON.stringify(st)}\n`);
+    }
+    if (span.claims !== jobs) throw new Error(`bench: ${span.claims} claims for ${jobs} tasks`);
+    const seconds = (span.last.getTime() - span.first.getTime()) / 1000;
+    return {
+      name: 'ours (worker process x8)',
+      jobs,
+      seconds,
+      note: `a \`bin/orchestrator worker\` process, WORKER_CONCURRENCY=8, ${n0(tickets)} tickets of up to ${TASKS_PER_TICKET} \`sleep\` tasks (ms 0). Counted from the first claim to the last ticket's phase change (${wall.toFixed(1)} s from spawning the process, start-up included); ${n0(span.claims)} claims, one per task.`,
+    };
+  } finally {
+    if (child && child.exitCode === null) child.kill('SIGKILL');
+    await dropStreams(names).catch(() => {});
+    await db.drop();
+  }
+}
+
+async function graphile(jobs: number, concurrency: number): Promise<Figure> {
+  const db = await scratchDatabase(`drain_graphile${concurrency}`, {
+    max: 4,
+    migrate: false,
+  });
+  try {
+    const { Logger, makeWorkerUtils, run } = await import('graphile-worker');
+    const logger = new Logger(() => () => {});
+    const utils = await makeWorkerUtils({ connectionString: db.url, logger });
+    await utils.migrate();
+    // One statement for the backlog: its enqueue is not what is measured.
+    await db.sql`
+      select graphile_worker.add_jobs(
+        array(select row('bench', json_build_object('i', i), null, null, null, null, null, null)::graphile_worker.job_spec
+          from generate_series(1, ${jobs}) i))`;
+    await utils.release();
+    let done = 0;
+    const started = performance.now();
+    const runner = await run({
+      connectionString: db.url,
+      concurrency,
+      noHandleSignals: true,
+      logger,
+      taskList: {
+        bench: async () => {
+          done++;
+        },
+      },
+    });
+    await until(() => done >= jobs, 1_800_000, 'graphile-worker to run every job', 2);
+    await until(
+      async () => {
+        const [r] = await db.sql<{ n: number }[]>`
+          select count(*)::int as n from graphile_worker.jobs`;
+        return r?.n === 0;
+      },
+      60_000,
+      'graphile-worker to complete every job',
+      5,
+    );
+    const seconds = (performance.now() - started) / 1000;
+    await runner.stop();
+    return {
+      name: `graphile-worker run() x${concurrency}`,
+      jobs,
+      seconds,
+      note: `its runner, \`run({ concurrency: ${concurrency} })\`, every other setting default (pool size, poll interval, LISTEN/NOTIFY); counted from calling run() until its jobs table is empty.`,
+    };
+  } finally {
+    await db.drop();
+  }
+}
+
+async function pgBoss(jobs: number): Promise<Figure> {
+  const db = await scratchDatabase('drain_pgboss', { max: 4, migrate: false });
+  try {
+    const { default: PgBoss } = await import('pg-boss');
+    const boss = new PgBoss({
+      connectionString: db.url,
+      supervise: false,
+      schedule: false,
+    });
+    boss.on('error', () => {});
+    await boss.start();
+    await boss.createQueue('bench');
+    for (let i = 0; i < jobs; i += 1_000) {
+      await boss.insert(
+        Array.from({ length: Math.min(1_000, jobs - i) }, (_, k) => ({
+          name: 'bench',
+          data: { i: i + k },
+        })),
+      );
+    }
+    let done = 0;
+    const started = performance.now();
+    for (let w = 0; w < PG_BOSS_WORKERS; w++) {
+      await boss.work<{ i: number }>(
+        'bench',
+        { batchSize: PG_BOSS_BATCH, pollingIntervalSeconds: 0.5 },
+        async (batch) => {
+          done += batch.length;
+        },
+      );
+    }
+    const count = async () => {
+      const [r] = await db.sql<{ n: number }[]>`
+        select count(*)::int as n from pgboss.job where name = 'bench' and state = 'completed'`;
+      return r?.n ?? 0;
+    };
+    await until(() => done >= jobs, 1_800_000, 'pg-boss to run every job', 2);
+    await until(async () => (await count()) === jobs, 60_000, 'pg-boss to complete every job', 5);
+    const seconds = (performance.now() - started) / 1000;
+    await boss.stop({ graceful: false, close: true, wait: true });
+    return {
+      name: `pg-boss work() x${PG_BOSS_WORKERS}, batch ${PG_BOSS_BATCH}`,
+      jobs,
+      seconds,
+      note: `${PG_BOSS_WORKERS} \`work()\` workers, batchSize ${PG_BOSS_BATCH}, pollingIntervalSeconds 0.5 (its minimum; a worker sleeps the interval after every fetch, so batch size is its documented lever for throughput); the batch is completed in one statement; counted until every job is completed.`,
+    };
+  } finally {
+    await db.drop();
+  }
+}

@@ -1,0 +1,72 @@
+/**
+ * A claim with `start` (what the built-in workers ask for) CLAIMs and STARTs the task in one
+ * transaction: it comes back running under the claim's token, both events are committed
+ * together, the token still fences every later event, and a claim without `start` (agents
+ * over HTTP) still leaves the task claimed.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { StaleToken } from '../../src/errors.js';
+import { entityEvents } from '../../src/persistence/event-log.js';
+import { ClaimService } from '../../src/workers/claims.js';
+import { Wakeups } from '../../src/workers/wakeups.js';
+import { createTestApp, type TestApp } from '../support/http-app.js';
+
+let t: TestApp;
+let claims: ClaimService;
+
+beforeAll(async () => {
+  t = await createTestApp('claims_start');
+  claims = new ClaimService(t.host, new Wakeups(), { typeLimits: {}, maxWaitMs: 0 });
+});
+afterAll(async () => {
+  claims.close();
+  await t.close();
+});
+
+async function oneTask(executor: string): Promise<string> {
+  const { value } = await t.host.transact(async (u) => {
+    const ticket = await t.services.commands.createTicket(u, { title: 'claim start' });
+    await u.send('ticket', ticket.id, { type: 'START' });
+    return t.services.commands.addTask(u, ticket.id, { type: 'x', executor });
+  });
+  return value.id;
+}
+
+describe('claim with start', () => {
+  it('returns the task running under its token, claimed and started in one commit', async () => {
+    const id = await oneTask('start-a');
+    const got = await claims.claim({ workerId: 'w1', executors: ['start-a'], start: true });
+    expect(got?.task.id).toBe(id);
+    expect(got?.task.state).toBe('running');
+    const [row] = await t.db.sql<{ state: string; version: number }[]>`
+      select state, version from tasks where id = ${id}`;
+    expect(row?.state).toBe('running');
+    const events = await entityEvents(t.db.sql, id);
+    const claimed = events.find((e) => e.type === 'task.claimed');
+    const started = events.find((e) => e.type === 'task.started');
+    expect(claimed).toBeDefined();
+    expect(started).toBeDefined();
+    // One unit of work stamps one time on all its events, and they follow each other.
+    expect(started?.at).toBe(claimed?.at);
+    expect(started?.seq).toBe((claimed?.seq ?? 0) + 1);
+
+    // The fence holds: another token is refused, the claim's own completes the task.
+    await expect(
+      t.host.send('task', id, { type: 'COMPLETE', token: 'not-the-token', result: null }),
+    ).rejects.toBeInstanceOf(StaleToken);
+    const token = got?.token as string;
+    await t.host.send('task', id, { type: 'COMPLETE', token, result: null });
+    const [done] = await t.db.sql<{ state: string }[]>`select state from tasks where id = ${id}`;
+    expect(done?.state).toBe('completed');
+  });
+
+  it('without start the task stays claimed until its claimer STARTs it', async () => {
+    const id = await oneTask('start-b');
+    const got = await claims.claim({ workerId: 'w2', executors: ['start-b'] });
+    expect(got?.task.id).toBe(id);
+    expect(got?.task.state).toBe('claimed');
+    const types = (await entityEvents(t.db.sql, id)).map((e) => e.type);
+    expect(types).toContain('task.claimed');
+    expect(types).not.toContain('task.started');
+  });
+});
