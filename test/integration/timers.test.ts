@@ -108,11 +108,13 @@ describe('durable timers', () => {
   it('a heartbeat replaces the lease timer; the replaced one never fires', async () => {
     const p = processOn(db.pool(4), 20);
     const id = await newTask(p);
-    const claimed = await p.host.send('task', id, { type: 'CLAIM', workerId: 'w', leaseMs: 300 });
+    // Heartbeats for 1.5 s, longer than the 1 s lease: the first lease timer would have fired
+    // had a heartbeat not replaced it. The gap between heartbeats leaves room for a slow CI.
+    const claimed = await p.host.send('task', id, { type: 'CLAIM', workerId: 'w', leaseMs: 1_000 });
     const token = (claimed.snapshot.context as { token: string }).token;
     await p.poller.start();
     for (let i = 0; i < 6; i++) {
-      await new Promise((r) => setTimeout(r, 100));
+      await new Promise((r) => setTimeout(r, 250));
       await p.host.send('task', id, { type: 'HEARTBEAT', token });
     }
     await p.poller.stop();
