@@ -103,14 +103,18 @@ describe('worker processes', () => {
     const file = join(dir, 'ids.txt');
     const workers = ['p1', 'p2', 'p3', 'p4'].map((id) => worker(id));
     let took = 0;
-    const tickets = await Promise.all(Array.from({ length: 10 }, () => p.ticket()));
+    // A task's lease is set when it is created. Nothing here needs one to run out, so these
+    // get 10 s: a loaded machine cannot starve a heartbeat that long, and a second write can
+    // then only be a double claim.
+    const long = testProcess(db.pool(2), { taskDefaults: { leaseMs: 10_000, retryBaseMs: 50 } });
+    const tickets = await Promise.all(Array.from({ length: 10 }, () => long.ticket()));
     const ids = (
       await Promise.all(
         tickets.map(async (t) => {
           const mine: string[] = [];
           for (let i = 0; i < TASKS / 10; i++) {
             mine.push(
-              await p.task(t, {
+              await long.task(t, {
                 type: 'x',
                 executor: 'shell',
                 payload: { command: `echo $TASK_ID >> ${file}` },
@@ -140,6 +144,7 @@ describe('worker processes', () => {
       select count(distinct split_part(worker_id, '#', 1))::int as workers
       from tasks where id in ${db.sql(ids)}`;
     expect(by?.workers).toBe(4);
+    await long.close();
     console.log(`${TASKS} shell tasks, 4 worker processes x 2 slots: ${took} ms`);
   }, 180_000);
 
