@@ -1,13 +1,16 @@
 /**
- * A model-based run of a compiled workflow: XState's graph walker generates the shortest
- * path to every (state, transition) the machine can take under a generated event set, each
- * path is replayed through `decide()` (the server's own step, with the workflow's machine),
- * and every event a reached state does not take is sent to `decide()` and must be refused
- * with nothing changed. Used by `orchestrator workflow check` and by the tests.
+ * A model-based run of a compiled workflow: a breadth-first walk of the ticket machine under a
+ * generated event set, every step sent through `decide()` (the server's own step, with the
+ * workflow's machine) as well as the machine, and every event a reached state does not take
+ * sent to `decide()`, which must refuse it with nothing changed. Used by
+ * `orchestrator workflow check` and by the tests.
  *
- * To keep the graph finite and small, loop limits are walked with at most
- * `MODEL_MAX_LOOPS` (the transitions are the same for any limit; only the count differs),
- * an operator SEND_BACK is tried once per path, and each phase round gets one work task.
+ * The walk keys its vertices by an abstraction of the ticket (`abstractKey`), not by its full
+ * context: loop counters, task ids and sequence numbers would otherwise multiply into a graph
+ * that no 32-phase workflow can finish. Events stay concrete, taken from the first ticket that
+ * reached each vertex. Loop limits are walked with at most `MODEL_MAX_LOOPS` (the transitions
+ * are the same for any limit; only the count differs), an operator SEND_BACK is tried once per
+ * ticket, and each phase round gets one work task.
  */
 import {
   type AnyMachineSnapshot,
@@ -17,14 +20,12 @@ import {
   initialTransition,
   transition,
 } from 'xstate';
-import { getShortestPaths } from 'xstate/graph';
 import {
   type DecideEvent,
   type Decision,
   decide,
   decideInitial,
   type PersistedSnapshot,
-  restore,
 } from '../actors/decide.js';
 import { IllegalTransition } from '../errors.js';
 import { workflowMachineEntry } from '../machines/index.js';
@@ -41,22 +42,33 @@ import { isGate, type WorkflowDefinition } from '../machines/workflow-definition
 import type { Finding } from './definition.js';
 
 export const MODEL_MAX_LOOPS = 2;
-/** The graph walk stops (and says so) past this many vertices. */
-export const MODEL_MAX_VERTICES = 200_000;
+/**
+ * The walk stops past this many abstract vertices and reports itself inconclusive; a 32-phase
+ * workflow with loops everywhere needs a few thousand.
+ */
+export const MODEL_MAX_VERTICES = 100_000;
 const MAX_SEQ = 2;
 const NEWS: readonly TaskState[] = ['running', 'completed', 'failed', 'cancelled'];
+/** Task states the ticket's guards do not tell apart: not final. */
+const OPEN: readonly TaskState[] = ['waiting', 'pending', 'claimed', 'running', 'retry_wait'];
 
 export interface ModelRunReport {
   states: [number, number];
   transitions: [number, number];
-  paths: number;
-  /** Paths that are not the prefix of another. */
-  maximal: number;
+  /** Abstract vertices the walk reached. */
+  vertices: number;
+  /** Transitions replayed through decide() (every taken event from every vertex). */
+  steps: number;
+  /** The longest shortest path to a vertex, in events. */
+  depth: number;
   rejectedPairs: number;
   rejectionChecks: number;
   missingStates: string[];
   missingTransitions: string[];
+  /** Findings about the workflow (never about the walk itself). */
   findings: Finding[];
+  /** Set when the walk could not finish: the coverage above is then no verdict. */
+  inconclusive?: string;
 }
 
 const INPUT: TicketInput = {
@@ -130,8 +142,40 @@ function clone<T>(value: T): T {
   return JSON.parse(JSON.stringify(value)) as T;
 }
 
-/** Runs the model of `compiled` (its definition with loop limits clamped). */
-export function runWorkflowModel(compiled: CompiledWorkflow): ModelRunReport {
+export interface ModelRunOptions {
+  /** Stop (inconclusive) past this many abstract vertices; default MODEL_MAX_VERTICES. */
+  maxVertices?: number;
+}
+
+/** A loop rule of the definition: `phase` sends the ticket back to `to`. */
+interface Rule {
+  phase: string;
+  lo: number;
+  hi: number;
+}
+
+/** One vertex of the walk: an abstract state and the first concrete ticket that reached it. */
+interface Vertex {
+  key: string;
+  depth: number;
+  decision: PersistedSnapshot;
+  model: AnyMachineSnapshot;
+}
+
+/**
+ * Runs the model of `compiled` (its definition with loop limits clamped).
+ *
+ * The walk is a breadth-first search over abstract vertices (see `abstractKey`), each holding
+ * the first concrete ticket that reached it. From every vertex the generated concrete events
+ * go through the machine and through `decide()`, which must agree; an event the machine
+ * takes is a covered transition, one it does not take must be refused by `decide()` with
+ * nothing changed. A concrete successor whose abstraction is new becomes a vertex.
+ */
+export function runWorkflowModel(
+  compiled: CompiledWorkflow,
+  options: ModelRunOptions = {},
+): ModelRunReport {
+  const maxVertices = options.maxVertices ?? MODEL_MAX_VERTICES;
   const model = compileWorkflow(clampLoops(compiled.definition), compiled.version);
   const machine = model.machine as unknown as AnyStateMachine;
   const entry = workflowMachineEntry(model);
@@ -142,7 +186,24 @@ export function runWorkflowModel(compiled: CompiledWorkflow): ModelRunReport {
     .filter((p) => p.approval.timeoutMs !== undefined)
     .map((p) => p.name);
   const workPhases = phases.filter((p) => !gates.includes(p));
+  const rules: Rule[] = [];
+  for (const p of compiled.definition.phases) {
+    const rule = isGate(p) ? p.onReject : p.onFail;
+    if (rule) {
+      rules.push({
+        phase: p.name,
+        lo: phases.indexOf(rule.sendBackTo),
+        hi: phases.indexOf(p.name),
+      });
+    }
+  }
   const findings: Finding[] = [];
+
+  /** The rules whose rework span (their target up to their phase) holds the ticket's phase. */
+  const inSpan = (c: TicketContext): Rule[] => {
+    const at = c.phase === null ? -1 : phases.indexOf(c.phase);
+    return rules.filter((r) => r.lo <= at && at <= r.hi);
+  };
 
   const events = (s: AnyMachineSnapshot): DecideEvent[] => {
     if (s.status !== 'active') return [];
@@ -156,189 +217,215 @@ export function runWorkflowModel(compiled: CompiledWorkflow): ModelRunReport {
       { type: 'UNBLOCK' },
       { type: 'CANCEL', reason: 'model' },
       { type: 'APPROVE', by: 'model' },
-      { type: 'REJECT', by: 'model', reason: 'model' },
     ];
     if (!current.some(([, t]) => t.type !== DIAGNOSTIC_TASK_TYPE)) {
       const n = Object.values(c.tasks).filter((t) => t.phase === phase).length;
       out.push({ type: 'TASK_ADDED', taskId: `${phase}-${n}`, phase, taskType: 'work' });
     }
+    // One rule's rework at a time: a second rule may fire only on a ticket no other rule sent
+    // back, so counts never combine (each rule still fires up to its limit and then blocks).
+    const rule = rules.find((r) => r.phase === phase);
+    const otherFired = Object.entries(c.loops ?? {}).some(([p, n]) => p !== phase && n > 0);
+    const mayLoop = !(rule && otherFired && (c.loops?.[phase] ?? 0) < MODEL_MAX_LOOPS);
     for (const [taskId, task] of current) {
       out.push({ type: 'TASK_STATE', taskId, state: 'running', seq: task.seq });
-      if (task.seq >= MAX_SEQ) continue;
-      for (const state of NEWS) out.push({ type: 'TASK_STATE', taskId, state, seq: task.seq + 1 });
+      // A task in a final state has no news left, as in the runtime.
+      if (!OPEN.includes(task.state) || task.seq >= MAX_SEQ) continue;
+      for (const state of NEWS) {
+        if (state === 'failed' && !mayLoop) continue;
+        out.push({ type: 'TASK_STATE', taskId, state, seq: task.seq + 1 });
+      }
     }
-    if (c.returns === undefined && current.length === 0 && c.diagnostics === 0) {
+    // An operator SEND_BACK from a phase just entered: every branch is then reachable.
+    if (current.length === 0) {
       for (const p of phases) out.push({ type: 'SEND_BACK', toPhase: p, reason: 'model' });
     }
-    if (c.loops === undefined) {
-      for (const p of workPhases) out.push({ type: `xstate.after.stuckCheck.ticket.${p}` });
+    if (mayLoop) {
+      out.push({ type: 'REJECT', by: 'model', reason: 'model' });
+      // Timers of other phases are probed as bare events with the refusals.
+      if (timedGates.includes(phase)) {
+        out.push({ type: `xstate.after.${APPROVAL_TIMEOUT_DELAY}.ticket.${phase}` });
+      }
     }
-    for (const p of timedGates) {
-      out.push({ type: `xstate.after.${APPROVAL_TIMEOUT_DELAY}.ticket.${p}` });
+    // Stuck checks outside rework rounds only: the diagnostic then multiplies no loop counts.
+    if (workPhases.includes(phase) && inSpan(c).every((r) => (c.loops?.[r.phase] ?? 0) === 0)) {
+      out.push({ type: `xstate.after.stuckCheck.ticket.${phase}` });
     }
     return out;
   };
 
-  const core = (s: AnyMachineSnapshot): string => {
+  /**
+   * What the guards and the event generator read of a ticket, and nothing that only grows
+   * (task ids, `returns` counts, times): the state; the current (or blocked-from) phase; its
+   * current round's tasks by kind and state class (the final state, or open and whether more
+   * news may come: seq below MAX_SEQ); and the count of every loop rule whose rework span
+   * holds the phase. A rule's count matters again only once the ticket is back inside its
+   * span, so leaving the others out keeps the graph linear in the phases rather than
+   * exponential in the rules. A final state takes nothing: its context is left out.
+   *
+   * Two things guards read are left out on purpose: the diagnostic counter and a diagnostic
+   * open in another round. They only decide which branch of a stuck check is taken, both
+   * branches are reached in the round that spawned the diagnostic, and a ticket without
+   * them is always reached first (it needs fewer events), so merging loses no transition.
+   */
+  const abstractKey = (s: AnyMachineSnapshot): string => {
+    if (s.status !== 'active') return `${s.status}:${String(s.value)}`;
     const c = ctx(s);
     const phase = c.phase ?? phases[0]!;
-    const tasks = Object.entries(c.tasks)
-      .filter(([, t]) => t.phase === phase && !t.superseded)
-      .sort(([a], [b]) => a.localeCompare(b))
-      .map(([id, t]) => `${id}=${t.state}@${t.seq}`)
+    const tasks = Object.values(c.tasks)
+      .filter((t) => t.phase === phase && !t.superseded)
+      .map((t) => {
+        const kind = t.type === DIAGNOSTIC_TASK_TYPE ? 'd' : 'w';
+        if (!OPEN.includes(t.state)) return `${kind}:${t.state}`;
+        return `${kind}:open${t.seq < MAX_SEQ ? '+' : ''}`;
+      })
+      .sort()
       .join(',');
-    const openDiag = Object.values(c.tasks).some(
-      (t) => t.type === DIAGNOSTIC_TASK_TYPE && t.state !== 'completed' && t.state !== 'cancelled',
-    );
-    return `${String(s.value)} ${c.phase ?? '-'} d${c.diagnostics}${openDiag ? '!' : ''} L${JSON.stringify(c.loops ?? {})} ${c.returns ? 'R' : ''} [${tasks}]`;
+    const loops = inSpan(c)
+      .map((r) => `${r.phase}=${c.loops?.[r.phase] ?? 0}`)
+      .join(',');
+    return `${String(s.value)} ${c.phase ?? '-'} {${loops}} [${tasks}]`;
   };
 
-  const seen = new WeakMap<object, string>();
-  const serialize = (s: AnyMachineSnapshot, e?: EventObject, prev?: AnyMachineSnapshot) => {
-    const known = seen.get(s);
-    if (known !== undefined) return known;
-    const via = e && prev ? (taken(machine, prev, e)?.key ?? 'none') : 'init';
-    const out = `${core(s)} <- ${via}`;
-    seen.set(s, out);
-    return out;
-  };
-
-  let paths: ReturnType<typeof getShortestPaths>;
-  try {
-    paths = getShortestPaths(machine, {
-      events: events as never,
-      input: INPUT,
-      serializeState: serialize as never,
-      limit: MODEL_MAX_VERTICES,
-    });
-  } catch (error) {
-    findings.push({
-      path: '(model)',
-      message: `the model run did not finish: ${(error as Error).message}`,
-    });
-    paths = [];
-  }
-
-  const statesSeen = new Set<string>();
-  const transitionsSeen = new Set<string>();
-  const reachable = new Map<string, PersistedSnapshot>();
   const fail = (where: string, message: string) => {
     if (findings.length < 50) findings.push({ path: '(model)', message: `${where}: ${message}` });
   };
-  const keyOf = (steps: readonly { event: EventObject }[]) =>
-    steps.map((st) => JSON.stringify(st.event)).join(' > ');
-  const parents = new Set(paths.map((p) => keyOf(p.steps.slice(0, -1))));
-  const replayed = new Map<string, { decision: Decision; model: AnyMachineSnapshot }>();
-  let maximal = 0;
-  for (const path of [...paths].sort((a, b) => a.steps.length - b.steps.length)) {
-    const key = keyOf(path.steps);
-    if (!parents.has(key)) maximal++;
-    const step = path.steps.at(-1)!;
-    const graphState = step.state as AnyMachineSnapshot;
-    let r: { decision: Decision; model: AnyMachineSnapshot };
-    const where = path.steps.map((st) => st.event.type).join(' > ');
-    if (path.steps.length === 1) {
-      r = {
-        decision: decideInitial('ticket', INPUT, entry),
-        model: initialTransition(machine, INPUT)[0] as AnyMachineSnapshot,
-      };
-    } else {
-      const parent = replayed.get(keyOf(path.steps.slice(0, -1)));
-      if (!parent) {
-        fail(where, 'its parent path was not replayed');
-        continue;
-      }
-      const event = step.event as unknown as DecideEvent;
-      const ref = taken(machine, parent.model, event);
-      if (!ref) {
-        fail(where, 'a generated step is not a transition');
-        continue;
-      }
-      const before = clone(parent.decision.snapshot);
-      let decision: Decision;
+
+  const statesSeen = new Set<string>();
+  const transitionsSeen = new Set<string>();
+  const types = [...(machine as unknown as { events: string[] }).events].sort();
+  const handledBy = new Map<string, Set<string>>();
+  for (const node of Object.values(machine.root.states) as AnyStateNode[]) {
+    const own = new Set<string>();
+    for (let n: AnyStateNode | undefined = node; n; n = n.parent) {
+      for (const type of n.transitions.keys()) own.add(type);
+    }
+    handledBy.set(node.key, own);
+  }
+  const probed = new Set<string>();
+  const rejectedPairs = new Set<string>();
+  let rejectionChecks = 0;
+  let steps = 0;
+  let inconclusive: string | undefined;
+
+  const initial = decideInitial('ticket', INPUT, entry);
+  const start: Vertex = {
+    key: '',
+    depth: 0,
+    decision: initial.snapshot,
+    model: initialTransition(machine, INPUT)[0] as AnyMachineSnapshot,
+  };
+  start.key = abstractKey(start.model);
+  if (initial.state !== String(start.model.value)) {
+    fail(
+      '(initial)',
+      `decide() reached ${initial.state}, the machine ${String(start.model.value)}`,
+    );
+  }
+  const vertices = new Map<string, Vertex>([[start.key, start]]);
+  const queue: Vertex[] = [start];
+
+  // Breadth-first, so each vertex's representative is a ticket of a shortest path to it.
+  for (let head = 0; head < queue.length; head++) {
+    const v = queue[head]!;
+    statesSeen.add(String(v.model.value));
+    const value = String(v.model.value);
+    const generated = events(v.model);
+    const byType = new Set(generated.map((e) => e.type));
+    // decide() refuses an event type the state does not handle whatever the context, so those
+    // are probed on the first vertex of each state; the handled ones, whose guards read the
+    // context, on every vertex.
+    const handled = handledBy.get(value) ?? new Set<string>();
+    const probeAll = !probed.has(value);
+    probed.add(value);
+    const probes = types
+      .filter(
+        (t) => !byType.has(t) && (probeAll || (v.model.status === 'active' && handled.has(t))),
+      )
+      .map((type) => ({ type }));
+    const before = JSON.stringify(v.decision);
+    for (const event of [...generated, ...probes]) {
+      const where = `${v.key} + ${JSON.stringify(event)}`;
+      const ref = taken(machine, v.model, event);
+      let decision: Decision | undefined;
+      let error: unknown;
       try {
-        decision = decide('ticket', INPUT.id, parent.decision.snapshot, event, undefined, entry);
-      } catch (error) {
+        decision = decide('ticket', INPUT.id, v.decision, event, undefined, entry);
+      } catch (e) {
+        error = e;
+      }
+      if (ref === null) {
+        if (!(error instanceof IllegalTransition)) {
+          fail(where, 'an event the state does not take was not refused');
+        }
+        rejectedPairs.add(`${String(v.model.value)}|${event.type}`);
+        rejectionChecks++;
+        continue;
+      }
+      // An event type with no generated instance only probes the refusal; one the machine
+      // takes anyway is not part of the model.
+      if (!byType.has(event.type)) continue;
+      steps++;
+      if (!decision) {
         fail(where, `decide() refused a transition the machine takes: ${String(error)}`);
         continue;
       }
-      if (JSON.stringify(parent.decision.snapshot) !== JSON.stringify(before)) {
-        fail(where, 'decide() changed its input');
-      }
       transitionsSeen.add(ref.key);
-      r = {
-        decision,
-        model: transition(machine, parent.model as never, event as never)[0] as AnyMachineSnapshot,
-      };
-    }
-    if (r.decision.state !== String(graphState.value)) {
-      fail(where, `decide() reached ${r.decision.state}, the machine ${String(graphState.value)}`);
-    }
-    if (JSON.stringify(r.decision.snapshot.context) !== JSON.stringify(clone(r.model.context))) {
-      fail(where, 'decide() and the machine disagree on the context');
-    }
-    statesSeen.add(r.decision.state);
-    const c = core(graphState);
-    if (!reachable.has(c)) reachable.set(c, r.decision.snapshot);
-    replayed.set(key, r);
-  }
-
-  // The complement: every event a reachable state does not take is refused, nothing written.
-  const types = [...(machine as unknown as { events: string[] }).events].sort();
-  const rejectedPairs = new Set<string>();
-  let rejectionChecks = 0;
-  for (const [c, persisted] of reachable) {
-    const snapshot = restore('ticket', persisted, entry);
-    const generated = events(snapshot);
-    for (const type of types) {
-      const candidates = generated.filter((e) => e.type === type);
-      if (candidates.length === 0) candidates.push({ type });
-      for (const event of candidates) {
-        if (taken(machine, snapshot, event) !== null) continue;
-        const before = JSON.stringify(persisted);
-        let error: unknown;
-        try {
-          decide('ticket', INPUT.id, persisted, event, undefined, entry);
-        } catch (e) {
-          error = e;
-        }
-        if (!(error instanceof IllegalTransition)) {
-          fail(`${c} + ${type}`, 'an event the state does not take was not refused');
-        }
-        if (JSON.stringify(persisted) !== before) fail(`${c} + ${type}`, 'a refusal changed state');
-        rejectedPairs.add(`${String(snapshot.value)}|${type}`);
-        rejectionChecks++;
+      const next = transition(machine, v.model as never, event as never)[0] as AnyMachineSnapshot;
+      if (decision.state !== String(next.value)) {
+        fail(where, `decide() reached ${decision.state}, the machine ${String(next.value)}`);
       }
+      if (JSON.stringify(decision.snapshot.context) !== JSON.stringify(clone(next.context))) {
+        fail(where, 'decide() and the machine disagree on the context');
+      }
+      statesSeen.add(decision.state);
+      const key = abstractKey(next);
+      if (vertices.has(key)) continue;
+      if (vertices.size >= maxVertices) {
+        inconclusive = `the walk passed ${maxVertices} abstract vertices and stopped`;
+        break;
+      }
+      const w: Vertex = { key, depth: v.depth + 1, decision: decision.snapshot, model: next };
+      vertices.set(key, w);
+      queue.push(w);
     }
+    if (JSON.stringify(v.decision) !== before) fail(v.key, 'decide() changed its input');
+    if (inconclusive) break;
   }
 
   const allStates = Object.keys(machine.root.states);
   const allTransitions = definedTransitions(machine);
   const missingStates = allStates.filter((s) => !statesSeen.has(s));
   const missingTransitions = allTransitions.filter((t) => !transitionsSeen.has(t));
-  for (const s of missingStates) {
-    findings.push({ path: '(model)', message: `state ${s} was never reached` });
-  }
-  for (const t of missingTransitions) {
-    findings.push({ path: '(model)', message: `transition ${t} was never taken` });
+  // An unfinished walk says nothing about what it did not reach.
+  if (!inconclusive) {
+    for (const s of missingStates) {
+      findings.push({ path: '(model)', message: `state ${s} was never reached` });
+    }
+    for (const t of missingTransitions) {
+      findings.push({ path: '(model)', message: `transition ${t} was never taken` });
+    }
   }
   return {
     states: [allStates.length - missingStates.length, allStates.length],
     transitions: [allTransitions.length - missingTransitions.length, allTransitions.length],
-    paths: paths.length,
-    maximal,
+    vertices: vertices.size,
+    steps,
+    depth: queue.at(-1)?.depth ?? 0,
     rejectedPairs: rejectedPairs.size,
     rejectionChecks,
     missingStates,
     missingTransitions,
     findings,
+    ...(inconclusive ? { inconclusive } : {}),
   };
 }
 
 export function modelSummary(name: string, r: ModelRunReport): string {
   return (
     `${name} machine: ${r.states[0]}/${r.states[1]} states, ` +
-    `${r.transitions[0]}/${r.transitions[1]} transitions, ${r.paths} paths (${r.maximal} maximal), ` +
+    `${r.transitions[0]}/${r.transitions[1]} transitions, ${r.vertices} abstract vertices ` +
+    `(depth ${r.depth}), ${r.steps} transitions replayed, ` +
     `${r.rejectedPairs} rejected (state,event) pairs (${r.rejectionChecks} refusals checked)`
   );
 }
