@@ -7,6 +7,7 @@
  */
 import { spawn } from 'node:child_process';
 import { StringDecoder } from 'node:string_decoder';
+import { Tail } from '../workers/executors/tail.js';
 
 /**
  * A tiny sh in front of the command, then `exec "$@"` (the command keeps sh's pid, so it
@@ -138,28 +139,4 @@ export function startCommand(command: string, args: string[], o: CommandOptions)
       return exited;
     },
   };
-}
-
-/** The last `max` bytes written to it. */
-class Tail {
-  private chunks: Buffer[] = [];
-  private size = 0;
-
-  constructor(private readonly max: number) {}
-
-  push(chunk: Buffer): void {
-    this.chunks.push(chunk);
-    this.size += chunk.length;
-    while (this.chunks.length > 1 && this.size - (this.chunks[0]?.length ?? 0) >= this.max) {
-      this.size -= this.chunks.shift()?.length ?? 0;
-    }
-  }
-
-  text(): string {
-    const all = Buffer.concat(this.chunks);
-    // Cut on a character boundary: a tail that starts mid-character would show U+FFFD.
-    let start = Math.max(0, all.length - this.max);
-    while (start < all.length && start > 0 && ((all[start] ?? 0) & 0xc0) === 0x80) start++;
-    return all.subarray(start).toString('utf8');
-  }
 }

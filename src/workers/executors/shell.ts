@@ -18,6 +18,7 @@ import { isAbsolute, resolve, sep } from 'node:path';
 import { StringDecoder } from 'node:string_decoder';
 import type { TaskView } from '../../actors/views.js';
 import { type ExecutionContext, ExecutionFailed, type Executor, timerMs } from './executor.js';
+import { Tail } from './tail.js';
 
 export interface ShellExecutorOptions {
   /** Default time limit of one run (`SHELL_TIMEOUT_MS`). */
@@ -262,25 +263,4 @@ function runShell(
     });
     child.once('close', () => finish());
   });
-}
-
-/** The last `max` bytes written to it. */
-class Tail {
-  private chunks: Buffer[] = [];
-  private size = 0;
-
-  constructor(private readonly max: number) {}
-
-  push(chunk: Buffer): void {
-    this.chunks.push(chunk);
-    this.size += chunk.length;
-    while (this.chunks.length > 1 && this.size - (this.chunks[0]?.length ?? 0) >= this.max) {
-      this.size -= this.chunks.shift()?.length ?? 0;
-    }
-  }
-
-  text(): string {
-    const all = Buffer.concat(this.chunks);
-    return all.subarray(Math.max(0, all.length - this.max)).toString('utf8');
-  }
 }
