@@ -110,6 +110,7 @@ it(`${TASKS} tasks, 4 SDK agent processes, kill -9 and restarts, cancellations`,
     });
     ids.push(task.id);
   }
+  const long = new Set(ids.filter((_, i) => i % 10 === 0));
   let generation = 0;
   for (const n of [1, 2, 3, 4]) startAgent(`a${n}-${generation}`);
 
@@ -156,7 +157,9 @@ it(`${TASKS} tasks, 4 SDK agent processes, kill -9 and restarts, cancellations`,
           [...at.values()].filter((ms) => ms.length === 1).map((ms) => ({ task, at: ms[0]!.at })),
         )
         .sort((a, b) => a.at - b.at);
-      const id = rounds % 2 === 1 && running[0] ? running[0].task : pick(ids);
+      // Prefer a 3 s task: a short one may finish before the cancel reaches its agent.
+      const mid = running.find((r) => long.has(r.task)) ?? running[0];
+      const id = rounds % 2 === 1 && mid ? mid.task : pick(ids);
       try {
         await client.cancelTask(id, 'chaos');
         cancelled.add(id);
