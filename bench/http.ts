@@ -13,8 +13,7 @@
  *   function without HTTP, in the same child process.
  */
 import type { ChildProcess } from 'node:child_process';
-import type { AddressInfo } from 'node:net';
-import { serve } from '@hono/node-server';
+import type { serve } from '@hono/node-server';
 import { Commands } from '../src/actors/commands.js';
 import { ActorHost } from '../src/actors/host.js';
 import { configWith } from '../src/config.js';
@@ -25,6 +24,7 @@ import { Queries } from '../src/persistence/queries.js';
 import { Transport } from '../src/transport/index.js';
 import { ClaimService } from '../src/workers/claims.js';
 import { Wakeups } from '../src/workers/wakeups.js';
+import { listen, runningTasks } from './fixtures.js';
 import {
   benchNames,
   dropStreams,
@@ -89,26 +89,12 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
       ready: async () => ({ postgres: true, nats: true, migrations: true }),
       sse: { bufferLimit: 10_000 },
     });
-    server = serve({ fetch: app.fetch, port: 0, hostname: '127.0.0.1' });
-    const s = server;
-    await new Promise<void>((resolve, reject) => {
-      s.once('listening', () => resolve());
-      s.once('error', reject);
-    });
-    const url = `http://127.0.0.1:${(s.address() as AddressInfo).port}`;
+    const listening = await listen(app.fetch);
+    server = listening.server;
+    const url = listening.url;
 
     // One running task per client loop, with its token.
-    const tasks: { id: string; token: string }[] = [];
-    await pool(CONCURRENCY, 4, async () => {
-      const { value } = await host.transact(async (uow) => {
-        const t = await commands.createTicket(uow, { title: 'bench' });
-        return (await commands.addTask(uow, t.id, { type: 'bench' })).id;
-      });
-      const claimed = await host.send('task', value, { type: 'CLAIM', workerId: 'bench' });
-      const token = (claimed.snapshot.context as { token: string }).token;
-      await host.send('task', value, { type: 'START', token });
-      tasks.push({ id: value, token });
-    });
+    const tasks = await runningTasks(host, commands, CONCURRENCY);
 
     child = forkTs('./http-load.ts');
     const c = child;

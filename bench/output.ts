@@ -6,8 +6,7 @@
  * commit is shown as requests per transaction.
  */
 import type { ChildProcess } from 'node:child_process';
-import type { AddressInfo } from 'node:net';
-import { serve } from '@hono/node-server';
+import type { serve } from '@hono/node-server';
 import { Commands } from '../src/actors/commands.js';
 import { ActorHost } from '../src/actors/host.js';
 import { TaskOutput } from '../src/actors/output.js';
@@ -18,8 +17,9 @@ import { silentLogger } from '../src/log.js';
 import { Queries } from '../src/persistence/queries.js';
 import { ClaimService } from '../src/workers/claims.js';
 import { Wakeups } from '../src/workers/wakeups.js';
+import { listen, runningTasks } from './fixtures.js';
 import { forkTs, isType, nextMessage, scratchDatabase } from './scratch.js';
-import { type LatencyStats, ms, n0, pool, print, ratio, table } from './stats.js';
+import { type LatencyStats, ms, n0, print, ratio, table } from './stats.js';
 
 const WRITERS = 16;
 const TASK_DEFAULTS = { maxAttempts: 3, leaseMs: 600_000, retryBaseMs: 1_000 };
@@ -48,24 +48,10 @@ export async function outputSection(o: { seconds: number }): Promise<void> {
       output,
       ready: async () => ({ postgres: true, nats: true, migrations: true }),
     });
-    server = serve({ fetch: app.fetch, port: 0, hostname: '127.0.0.1' });
-    const s = server;
-    await new Promise<void>((resolve, reject) => {
-      s.once('listening', () => resolve());
-      s.once('error', reject);
-    });
-    const url = `http://127.0.0.1:${(s.address() as AddressInfo).port}`;
-    const tasks: { id: string; token: string }[] = [];
-    await pool(WRITERS, 4, async () => {
-      const { value } = await host.transact(async (uow) => {
-        const t = await commands.createTicket(uow, { title: 'bench' });
-        return (await commands.addTask(uow, t.id, { type: 'bench' })).id;
-      });
-      const claimed = await host.send('task', value, { type: 'CLAIM', workerId: 'bench' });
-      const token = (claimed.snapshot.context as { token: string }).token;
-      await host.send('task', value, { type: 'START', token });
-      tasks.push({ id: value, token });
-    });
+    const listening = await listen(app.fetch);
+    server = listening.server;
+    const url = listening.url;
+    const tasks = await runningTasks(host, commands, WRITERS);
 
     child = forkTs('./http-load.ts');
     const c = child;
