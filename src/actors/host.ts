@@ -404,7 +404,7 @@ export class UnitOfWork {
       entry,
     );
     // What the caller sees is the actor after everything this event set off in the same
-    // transaction (an automatic ADVANCE on entering a finished phase), not halfway.
+    // transaction (the TASK_ADDED of the templates of a phase it entered), not halfway.
     return this.latest(entityType, id) ?? applied;
   }
 

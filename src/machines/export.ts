@@ -15,19 +15,40 @@ interface StateNodeJson {
   type: string;
   initial?: { target?: string[] };
   on?: Record<string, TransitionJson[]>;
+  always?: TransitionJson[];
   states?: Record<string, StateNodeJson>;
+}
+
+/** The label an eventless transition is drawn with. */
+export const EVENTLESS_LABEL = 'always';
+
+/**
+ * A machine as plain JSON. XState's own JSON leaves out eventless transitions (the ticket's
+ * automatic advance, the task's move to `waiting`): they are added under `always`, as a
+ * machine config writes them.
+ */
+function definitionOf(machine: typeof MACHINES.ticket.machine): Record<string, unknown> {
+  const json = JSON.parse(JSON.stringify(machine)) as StateNodeJson;
+  for (const [key, node] of Object.entries(machine.root.states)) {
+    const always = (node as { always?: { toJSON(): unknown }[] }).always;
+    const state = json.states?.[key];
+    if (always && always.length > 0 && state) {
+      state.always = JSON.parse(JSON.stringify(always.map((t) => t.toJSON())));
+    }
+  }
+  return json as unknown as Record<string, unknown>;
 }
 
 /** A machine's definition as plain JSON, targets as `#id.state` strings (Stately format). */
 export function machineDefinition(name: EntityType): Record<string, unknown> {
-  return JSON.parse(JSON.stringify(MACHINES[name].machine)) as Record<string, unknown>;
+  return definitionOf(MACHINES[name].machine);
 }
 
 /**
  * A compiled workflow's machine as Stately-loadable JSON (`GET /machines/workflow:NAME@VERSION`).
  */
 export function workflowMachineDefinition(compiled: CompiledWorkflow): Record<string, unknown> {
-  return JSON.parse(JSON.stringify(compiled.machine)) as Record<string, unknown>;
+  return definitionOf(compiled.machine);
 }
 
 export function machineDefinitions(): Record<EntityType, Record<string, unknown>> {
@@ -81,7 +102,7 @@ export function toMermaid(
       }
     }
   };
-  for (const s of states) add(s.key, s.on ?? {});
+  for (const s of states) add(s.key, { ...(s.on ?? {}), [EVENTLESS_LABEL]: s.always ?? [] });
   for (const s of states) if (s.type !== 'final') add(s.key, def.on ?? {});
   for (const [key, labels] of edges) lines.push(`  ${key}: ${labels.join(', ')}`);
   for (const s of states) if (s.type === 'final') lines.push(`  ${s.key} --> [*]`);

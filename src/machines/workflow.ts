@@ -9,10 +9,22 @@
  * TASK_STATE), so its guards read only its own context, and it advances, sends itself back or
  * blocks in the same transition that records the task news that decides it.
  *
+ * The automatic advance is an eventless (`always`) transition of every work phase, guarded by
+ * `phaseComplete`: whatever made the phase complete (the last task's news, START or UNBLOCK
+ * into a phase whose tasks finished meanwhile, an entry into a phase whose tasks are done),
+ * the ticket leaves it in the same step, so a complete phase is never a resting state and
+ * the advance happens exactly once (the host's compare-and-set). A phase with templates is
+ * entered with `templatesPending` set, cleared by the first TASK_ADDED of the phase (the
+ * templates are created after the entering transition, in its transaction): until then the
+ * tasks of the phase that already exist cannot complete it. A manual ADVANCE keeps the same
+ * guard, so it is accepted only when the phase is complete, which no state at rest is: it is
+ * refused in practice (CONTRACT section 1's 409 `illegal_transition`).
+ *
  * Emitted domain events and what the runtime must do for each, in the transaction that
  * applies the transition:
  * - `ticket.phase_changed {from, to}` (START, ADVANCE, the automatic advance, APPROVE, a
- *   gate timeout with onTimeout `approve`): the ticket entered phase `to` going forward.
+ *   gate timeout with onTimeout `approve`): the ticket entered phase `to` going forward. One
+ *   event may carry several (the automatic advance runs after the event's own transition).
  *   Create one task per template of `to` (see `phaseEntry`, `templatesOf`), no feedback.
  * - `ticket.done {from, to: 'done'}`: the last phase completed. Nothing to create.
  * - `ticket.sent_back {from, to, reason, loop, cause, taskId?}`: the ticket went back from
@@ -28,8 +40,8 @@
  *   onTimeout `approve`); followed by `ticket.phase_changed` or `ticket.done`. Log only.
  * - `ticket.rejected {phase, by, reason}`: a gate was rejected; followed by
  *   `ticket.sent_back` (within onReject's maxLoops) or `ticket.blocked`. Log only.
- * - `ticket.blocked {phase, reason}`, `ticket.unblocked {phase}`: as before. On unblock the
- *   host advances a ticket whose phase is already complete (host `followUp`).
+ * - `ticket.blocked {phase, reason}`, `ticket.unblocked {phase}`: as before. An unblock into a
+ *   phase that is already complete is followed at once by the automatic advance.
  * - `ticket.cancelled {phase, reason}`: cancel every non-final task of the ticket.
  * - `ticket.diagnostic_spawned {taskId, phase, n}`: create the diagnostic task.
  *
@@ -93,6 +105,11 @@ export interface TicketContext {
   loops?: Record<string, number>;
   /** Times the ticket was sent back into each phase, by any cause (absent: none yet). */
   returns?: Record<string, number>;
+  /**
+   * Set by the transition entering a phase that has templates, cleared by the first
+   * TASK_ADDED of that phase: the phase cannot complete before its templates exist.
+   */
+  templatesPending?: true;
 }
 
 export type TicketEvent =
@@ -273,16 +290,20 @@ interface SendBackParams {
  * (`phase` is still the phase left), then the counters and superseded tasks are recorded;
  * the target's `enterPhase` runs after both.
  */
-function sendBackActions(to: string, cause: SendBackCause) {
+function sendBackActions(to: string, cause: SendBackCause, templates: boolean) {
   return [
     { type: 'emitSentBack' as const, params: { to, cause } },
     { type: 'recordSendBack' as const, params: { to, cause } },
+    ...(templates ? ['expectTemplates' as const] : []),
   ];
 }
 
 function buildMachine(def: WorkflowDefinition) {
   const order = def.phases.map((p) => p.name);
   const byName = new Map<string, PhaseDefinition>(def.phases.map((p) => [p.name, p]));
+  /** Entering `to` (forward or back): wait for its templates, if it has any. */
+  const awaitTemplates = (to: string) =>
+    templatesOf(def, to).length > 0 ? ['expectTemplates' as const] : [];
   const next = (phase: string): string => order[order.indexOf(phase) + 1] ?? 'done';
   const ruleOf = (phase: string): LoopRule | undefined => {
     const p = byName.get(phase);
@@ -303,8 +324,11 @@ function buildMachine(def: WorkflowDefinition) {
     event.state === 'failed' &&
     !ctx.tasks[event.taskId]?.superseded;
 
-  const forward = (to: string) =>
-    ['touch' as const, { type: 'emitPhaseChanged' as const, params: { to } }] as const;
+  const forward = (to: string) => [
+    'touch' as const,
+    { type: 'emitPhaseChanged' as const, params: { to } },
+    ...awaitTemplates(to),
+  ];
 
   const workState = (phase: string, onFail: LoopRule | undefined) => {
     const to = next(phase);
@@ -317,7 +341,11 @@ function buildMachine(def: WorkflowDefinition) {
             description: `A task of the phase failed: back to ${onFail.sendBackTo} (at most ${onFail.maxLoops} times).`,
             actions: [
               'recordTaskState' as const,
-              ...sendBackActions(onFail.sendBackTo, 'task_failed'),
+              ...sendBackActions(
+                onFail.sendBackTo,
+                'task_failed',
+                awaitTemplates(onFail.sendBackTo).length > 0,
+              ),
             ],
           },
         ]
@@ -341,22 +369,22 @@ function buildMachine(def: WorkflowDefinition) {
           },
         ],
       },
+      always: {
+        guard: 'phaseComplete' as const,
+        target: to,
+        description:
+          'Every current task of the phase is final, one completed, none failed: advance, exactly once.',
+        actions: forward(to),
+      },
       on: {
         ADVANCE: {
           guard: 'phaseComplete' as const,
           target: to,
+          description:
+            'Accepted only when the phase is complete, which the automatic advance never leaves it.',
           actions: forward(to),
         },
         TASK_STATE: [
-          {
-            guard: 'completesPhase' as const,
-            target: to,
-            description: 'The last open task of the phase completed: advance, exactly once.',
-            actions: [
-              'recordTaskState' as const,
-              { type: 'emitPhaseChanged' as const, params: { to } },
-            ],
-          },
           ...failBranches,
           {
             guard: 'taskFailedForGood' as const,
@@ -403,7 +431,11 @@ function buildMachine(def: WorkflowDefinition) {
               description: `Rejected: back to ${gate.onReject.sendBackTo} (at most ${gate.onReject.maxLoops} times).`,
               actions: [
                 { type: 'emitRejected' as const, params: { by } },
-                ...sendBackActions(gate.onReject.sendBackTo, 'reject'),
+                ...sendBackActions(
+                  gate.onReject.sendBackTo,
+                  'reject',
+                  awaitTemplates(gate.onReject.sendBackTo).length > 0,
+                ),
               ],
             },
           ]
@@ -424,6 +456,7 @@ function buildMachine(def: WorkflowDefinition) {
         'touch' as const,
         { type: 'emitApproved' as const, params: { by } },
         { type: 'emitPhaseChanged' as const, params: { to } },
+        ...awaitTemplates(to),
       ],
     });
     const onTimeout = gate.approval.onTimeout ?? 'block';
@@ -468,7 +501,7 @@ function buildMachine(def: WorkflowDefinition) {
         guard: { type: 'sendBackTo' as const, params: { to } },
         target: to,
         description: `An operator sends the ticket back to ${to}.`,
-        actions: sendBackActions(to, 'operator'),
+        actions: sendBackActions(to, 'operator', awaitTemplates(to).length > 0),
       })),
     };
   }
@@ -491,13 +524,9 @@ function buildMachine(def: WorkflowDefinition) {
     },
     guards: {
       phaseComplete: ({ context }) =>
-        context.phase !== null && phaseComplete(context.tasks, context.phase),
-      completesPhase: ({ context, event }) =>
-        event.type === 'TASK_STATE' &&
-        isNewer(context, event) &&
-        event.state === 'completed' &&
         context.phase !== null &&
-        phaseComplete(withTaskState(context, event), context.phase),
+        context.templatesPending !== true &&
+        phaseComplete(context.tasks, context.phase),
       failedWithLoopsLeft: ({ context, event }, params: { phase: string }) =>
         failedNews(context, event) &&
         context.tasks[event.taskId]?.phase === params.phase &&
@@ -533,8 +562,14 @@ function buildMachine(def: WorkflowDefinition) {
           state: 'pending',
           seq: 0,
         };
-        return { tasks: { ...context.tasks, [event.taskId]: task }, updatedAt: timeOf(event) };
+        const tasks = { ...context.tasks, [event.taskId]: task };
+        // The first template task of the phase entered: the phase may complete from now on.
+        if (context.templatesPending && event.phase === context.phase) {
+          return { tasks, templatesPending: undefined, updatedAt: timeOf(event) };
+        }
+        return { tasks, updatedAt: timeOf(event) };
       }),
+      expectTemplates: assign({ templatesPending: true as const }),
       recordTaskState: assign(({ context, event }) => {
         if (event.type !== 'TASK_STATE') return {};
         return { tasks: withTaskState(context, event), updatedAt: timeOf(event) };
@@ -662,7 +697,11 @@ function buildMachine(def: WorkflowDefinition) {
         on: {
           START: {
             target: first,
-            actions: ['touch', { type: 'emitPhaseChanged', params: { to: first } }],
+            actions: [
+              'touch',
+              { type: 'emitPhaseChanged', params: { to: first } },
+              ...awaitTemplates(first),
+            ],
           },
           TASK_ADDED: { guard: 'unknownTask', actions: 'recordTaskAdded' },
           TASK_STATE: { guard: 'newerTaskState', actions: 'recordTaskState' },

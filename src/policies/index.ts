@@ -18,12 +18,7 @@
  */
 import type { Applied, UnitOfWork } from '../actors/host.js';
 import { releaseDependents } from './dependencies.js';
-import {
-  advanceIfPhaseComplete,
-  cancelLeftPhase,
-  createTemplateTasks,
-  spawnDiagnostics,
-} from './phase-entered.js';
+import { cancelLeftPhase, createTemplateTasks, spawnDiagnostics } from './phase-entered.js';
 
 export { releaseDependents, settleWaitingTask } from './dependencies.js';
 export { addTask, type TaskSpec } from './new-task.js';
@@ -42,5 +37,4 @@ export async function afterTransition(uow: UnitOfWork, applied: Applied): Promis
   // The old round's tasks go before the new round's are created (a phase sent back to itself).
   await cancelLeftPhase(uow, applied);
   await createTemplateTasks(uow, applied);
-  await advanceIfPhaseComplete(uow, applied);
 }

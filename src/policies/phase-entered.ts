@@ -6,15 +6,17 @@
  *   with feedback on a re-entry. The phase change happens once (the host's compare-and-set),
  *   and these tasks are created only here, never by a reaction or the reconciler, so once per
  *   entry; their ids are derived from the entry's event seq, so a second creation could not
- *   commit anyway;
- * - a phase whose tasks already allow it to advance (they finished while the ticket was in
- *   backlog or blocked) advances now: no later task event would trigger the automatic
- *   ADVANCE, and it must not wait for a stuck check.
+ *   commit anyway. One transition may enter several phases (the machine's automatic advance
+ *   runs after the event's own transition): each entry's templates are created.
+ *
+ * A phase whose tasks already allow it to advance (they finished while the ticket was in
+ * backlog or blocked) needs no rule here: the machine's eventless transition leaves it in the
+ * same step that enters it.
  */
 import type { Applied, UnitOfWork } from '../actors/host.js';
 import type { DomainEvent } from '../machines/domain-events.js';
 import type { Phase } from '../machines/phases.js';
-import { DIAGNOSTIC_TASK_TYPE, phaseComplete, type TicketContext } from '../machines/ticket.js';
+import { DIAGNOSTIC_TASK_TYPE } from '../machines/ticket.js';
 import { phaseEntry, templatesOf } from '../machines/workflow.js';
 import type { TaskTemplate } from '../machines/workflow-definition.js';
 import { DEFAULT_WORKFLOW_REF } from '../persistence/actor-rows.js';
@@ -105,20 +107,4 @@ function dependencyOrder(templates: TaskTemplate[]): TaskTemplate[] {
   };
   for (const t of templates) visit(t);
   return out;
-}
-
-export async function advanceIfPhaseComplete(uow: UnitOfWork, ticket: Applied): Promise<void> {
-  const entered = ticket.events.some(
-    (e) =>
-      (e.type === 'ticket.phase_changed' && e.data.to !== 'done') ||
-      e.type === 'ticket.unblocked' ||
-      e.type === 'ticket.sent_back',
-  );
-  if (!entered) return;
-  // The ticket as this transaction left it: the templates just created count.
-  const row = await uow.load('ticket', ticket.id);
-  const ctx = row.snapshot.context as unknown as TicketContext;
-  if (ctx.phase !== null && phaseComplete(ctx.tasks, ctx.phase)) {
-    await uow.send('ticket', ticket.id, { type: 'ADVANCE' });
-  }
 }

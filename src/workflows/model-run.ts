@@ -17,6 +17,7 @@ import {
   type AnyStateMachine,
   type AnyStateNode,
   type EventObject,
+  getMicrosteps,
   initialTransition,
   transition,
 } from 'xstate';
@@ -54,7 +55,10 @@ const OPEN: readonly TaskState[] = ['waiting', 'pending', 'claimed', 'running', 
 
 export interface ModelRunReport {
   states: [number, number];
+  /** Taken of defined; the shadowed ones (`shadowedTransitions`) are not counted. */
   transitions: [number, number];
+  /** Transitions never enabled at rest, whose events the walk saw refused instead. */
+  shadowed: number;
   /** Abstract vertices the walk reached. */
   vertices: number;
   /** Transitions replayed through decide() (every taken event from every vertex). */
@@ -98,24 +102,69 @@ function clampLoops(def: WorkflowDefinition): WorkflowDefinition {
 interface TransitionRef {
   key: string;
   source: string;
+  /** The target state, or null for a transition that only runs actions. */
+  target: string | null;
 }
 
-function refOf(source: string, t: { source: AnyStateNode; eventType: string }): TransitionRef {
+function refOf(
+  source: string,
+  t: { source: AnyStateNode; eventType: string; target?: readonly AnyStateNode[] },
+): TransitionRef {
+  const target = t.target?.[0]?.key ?? null;
+  const always = t.source.always ?? [];
+  if (always.includes(t as never)) {
+    return { key: `${source}: always#${always.indexOf(t as never)}`, source, target };
+  }
   const branch = (t.source.transitions.get(t.eventType) ?? []).indexOf(t as never);
-  return { key: `${source}: ${t.eventType}#${branch}`, source };
+  return { key: `${source}: ${t.eventType}#${branch}`, source, target };
 }
 
-/** Every transition the definition offers, per non-final state (nearest handler wins). */
+const guardName = (g: unknown): string | undefined =>
+  typeof g === 'string' ? g : (g as { type?: string } | undefined)?.type;
+
+/**
+ * Transitions no ticket at rest can take, with their event type: an event's branch guarded by
+ * the guard of an eventless transition of the same state (the manual ADVANCE, guarded like
+ * the automatic advance). Guards read only the context and the eventless transition leaves
+ * the state in the step that makes that guard true, so the branch is never enabled at rest.
+ * They are not counted as transitions; the walk checks the event is refused instead.
+ */
+export function shadowedTransitions(machine: AnyStateMachine): Map<string, string> {
+  const out = new Map<string, string>();
+  for (const node of Object.values(machine.root.states) as AnyStateNode[]) {
+    const eventless = new Set((node.always ?? []).map((t) => guardName(t.guard)));
+    eventless.delete(undefined);
+    if (eventless.size === 0) continue;
+    for (const [eventType, defs] of node.transitions) {
+      for (const def of defs) {
+        if (eventless.has(guardName(def.guard))) {
+          out.set(refOf(node.key, def as never).key, eventType);
+        }
+      }
+    }
+  }
+  return out;
+}
+
+/**
+ * Every transition the definition offers, per non-final state (nearest handler wins), the
+ * eventless ones (`state: always#n`) included and the shadowed ones left out.
+ */
 export function definedTransitions(machine: AnyStateMachine): string[] {
   const out: string[] = [];
+  const shadowed = shadowedTransitions(machine);
   for (const node of Object.values(machine.root.states) as AnyStateNode[]) {
     if (node.type === 'final') continue;
+    for (const def of node.always ?? []) out.push(refOf(node.key, def as never).key);
     const seen = new Set<string>();
     for (let n: AnyStateNode | undefined = node; n; n = n.parent) {
       for (const [eventType, defs] of n.transitions) {
         if (seen.has(eventType)) continue;
         seen.add(eventType);
-        for (const def of defs) out.push(refOf(node.key, def as never).key);
+        for (const def of defs) {
+          const key = refOf(node.key, def as never).key;
+          if (!shadowed.has(key)) out.push(key);
+        }
       }
     }
   }
@@ -134,12 +183,45 @@ function taken(
   return data[0] ? refOf(String(snapshot.value), data[0] as never) : null;
 }
 
+/**
+ * The eventless transitions an event led to after its own (the automatic advance): each
+ * microstep after the first is one (the machine raises nothing); a state's eventless branch
+ * is the first whose target is where the step went.
+ */
+function eventlessAfter(
+  machine: AnyStateMachine,
+  snapshot: AnyMachineSnapshot,
+  event: EventObject,
+): TransitionRef[] {
+  const steps = getMicrosteps(machine, snapshot as never, event as never) as unknown as [
+    AnyMachineSnapshot,
+    unknown,
+  ][];
+  const out: TransitionRef[] = [];
+  for (let i = 1; i < steps.length; i++) {
+    const from = String(steps[i - 1]![0].value);
+    const to = String(steps[i]![0].value);
+    const defs = (machine.root.states[from] as AnyStateNode | undefined)?.always ?? [];
+    const def = defs.find((t) => t.target?.[0]?.key === to) ?? defs[0];
+    if (def) out.push(refOf(from, def as never));
+  }
+  return out;
+}
+
 function ctx(s: AnyMachineSnapshot): TicketContext {
   return s.context as TicketContext;
 }
 
-function clone<T>(value: T): T {
-  return JSON.parse(JSON.stringify(value)) as T;
+/**
+ * JSON with sorted keys: a context restored from JSON and the machine's own may hold the same
+ * fields in another order (a field cleared to undefined and set again).
+ */
+function canonical(value: unknown): string {
+  return JSON.stringify(value, (_, v: unknown) =>
+    v && typeof v === 'object' && !Array.isArray(v)
+      ? Object.fromEntries(Object.entries(v).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)))
+      : v,
+  );
 }
 
 export interface ModelRunOptions {
@@ -284,7 +366,9 @@ export function runWorkflowModel(
     const loops = inSpan(c)
       .map((r) => `${r.phase}=${c.loops?.[r.phase] ?? 0}`)
       .join(',');
-    return `${String(s.value)} ${c.phase ?? '-'} {${loops}} [${tasks}]`;
+    // The automatic advance's guard reads whether the phase's templates are still to come.
+    const pending = c.templatesPending ? ' t' : '';
+    return `${String(s.value)} ${c.phase ?? '-'} {${loops}} [${tasks}]${pending}`;
   };
 
   const fail = (where: string, message: string) => {
@@ -372,10 +456,15 @@ export function runWorkflowModel(
       }
       transitionsSeen.add(ref.key);
       const next = transition(machine, v.model as never, event as never)[0] as AnyMachineSnapshot;
+      // Ended elsewhere than the event's own target: eventless steps followed (the automatic
+      // advance only moves forward, so it never ends where it started).
+      if (String(next.value) !== (ref.target ?? ref.source)) {
+        for (const r of eventlessAfter(machine, v.model, event)) transitionsSeen.add(r.key);
+      }
       if (decision.state !== String(next.value)) {
         fail(where, `decide() reached ${decision.state}, the machine ${String(next.value)}`);
       }
-      if (JSON.stringify(decision.snapshot.context) !== JSON.stringify(clone(next.context))) {
+      if (canonical(decision.snapshot.context) !== canonical(next.context)) {
         fail(where, 'decide() and the machine disagree on the context');
       }
       statesSeen.add(decision.state);
@@ -393,6 +482,13 @@ export function runWorkflowModel(
     if (inconclusive) break;
   }
 
+  // A shadowed transition is never taken: its event must be refused wherever its state rests.
+  for (const [key, eventType] of shadowedTransitions(machine)) {
+    const state = key.slice(0, key.indexOf(':'));
+    if (statesSeen.has(state) && !rejectedPairs.has(`${state}|${eventType}`)) {
+      fail(key, `${eventType} was not refused in ${state}`);
+    }
+  }
   const allStates = Object.keys(machine.root.states);
   const allTransitions = definedTransitions(machine);
   const missingStates = allStates.filter((s) => !statesSeen.has(s));
@@ -409,6 +505,7 @@ export function runWorkflowModel(
   return {
     states: [allStates.length - missingStates.length, allStates.length],
     transitions: [allTransitions.length - missingTransitions.length, allTransitions.length],
+    shadowed: shadowedTransitions(machine).size,
     vertices: vertices.size,
     steps,
     depth: queue.at(-1)?.depth ?? 0,
@@ -426,6 +523,9 @@ export function modelSummary(name: string, r: ModelRunReport): string {
     `${name} machine: ${r.states[0]}/${r.states[1]} states, ` +
     `${r.transitions[0]}/${r.transitions[1]} transitions, ${r.vertices} abstract vertices ` +
     `(depth ${r.depth}), ${r.steps} transitions replayed, ` +
-    `${r.rejectedPairs} rejected (state,event) pairs (${r.rejectionChecks} refusals checked)`
+    `${r.rejectedPairs} rejected (state,event) pairs (${r.rejectionChecks} refusals checked)` +
+    (r.shadowed > 0
+      ? `; ${r.shadowed} manual ADVANCE transitions shadowed by the automatic advance (refused at rest, not counted)`
+      : '')
   );
 }

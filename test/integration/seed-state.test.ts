@@ -159,7 +159,7 @@ describe('seed regressions: state writes', () => {
    * Here ~300 conflicting writers hit one ticket from two processes at once: ADVANCE toward
    * done, BLOCK, UNBLOCK, the news that a phase's last task settled (duplicated, as several
    * handlers would send it), and CANCEL racing done. Every change that committed (the
-   * host's own follow-up ADVANCEs included) was decided on the state it replaced: versions
+   * automatic advances included) was decided on the state it replaced: versions
    * run base+1, base+2, ... without gap or repeat, each `from` is the previous state, and
    * each stored snapshot is what the pure machine makes of its predecessor and one of the
    * events sent. The log, replayed on its own, only takes legal steps and ends in the
@@ -168,8 +168,8 @@ describe('seed regressions: state writes', () => {
   it('unlocked status writes: conflicting writers from two pools never overwrite each other', async () => {
     const t = await hostA.create('ticket', ticketInput({ title: 'contended' }));
     // Each phase has a completed task and an open one; the news that the open one settled
-    // comes during the burst (completed: the ticket advances by itself; cancelled: it waits
-    // for an ADVANCE).
+    // (completed or cancelled) comes during the burst and advances the ticket by itself; the
+    // ADVANCEs are refused, as no state at rest is a complete phase.
     const news: DecideEvent[] = [];
     for (const [i, phase] of PHASES.entries()) {
       for (const suffix of ['done', 'open']) {

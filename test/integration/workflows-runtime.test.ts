@@ -358,6 +358,39 @@ describe('template tasks with two processes', () => {
   }, 60_000);
 });
 
+describe('the automatic advance', () => {
+  it('does not skip a phase with templates for its earlier, completed tasks', async () => {
+    const early = {
+      name: 'early',
+      phases: [
+        { name: 'first', tasks: [{ key: 'x', type: 'early_x' }] },
+        { name: 'second', tasks: [{ key: 'y', type: 'early_y' }] },
+      ],
+    };
+    expect((await t.call('POST', '/workflows', early)).status).toBe(201);
+    const id = (await t.call('POST', '/tickets', { title: 'early', workflow: 'early' })).body.id;
+    expect((await t.call('POST', `/tickets/${id}/events`, { type: 'START' })).status).toBe(200);
+    // A task of the second phase, added and completed while the ticket is in the first.
+    const added = await t.call('POST', `/tickets/${id}/tasks`, {
+      type: 'early_pre',
+      phase: 'second',
+    });
+    expect(added.status).toBe(201);
+    await completeOne('early_pre');
+    await completeOne('early_x');
+    // The first phase completes: the ticket enters the second, whose template task is new.
+    await waitState(id, 'second');
+    await eventually(async () => open(await tasksOf(id), 'early_y').length === 1, 15_000, 'y');
+    expect(await ticketState(id)).toBe('second');
+    await completeOne('early_y');
+    await waitState(id, 'done');
+    const changes = await db.sql<{ type: string; to: string }[]>`
+      select type, data ->> 'to' as to from events
+      where entity_id = ${id} and type in ('ticket.phase_changed', 'ticket.done') order by seq`;
+    expect(changes.map((c) => c.to)).toEqual(['first', 'second', 'done']);
+  }, 60_000);
+});
+
 describe('task dependencies over HTTP', () => {
   it('wait, release on completion, and cascade a cancellation', async () => {
     const id = (await t.call('POST', '/tickets', { title: 'deps' })).body.id;

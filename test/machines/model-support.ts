@@ -10,6 +10,8 @@ import {
   type AnyStateMachine,
   type AnyStateNode,
   type EventObject,
+  getInitialMicrosteps,
+  getMicrosteps,
   initialTransition,
   transition,
 } from 'xstate';
@@ -26,9 +28,12 @@ import { IllegalTransition, StaleToken } from '../../src/errors.js';
 import type { DomainEventType } from '../../src/machines/domain-events.js';
 import { type EntityType, MACHINES } from '../../src/machines/index.js';
 
-/** One transition of the definition: a state, an event descriptor and a guarded branch. */
+/**
+ * One transition of the definition: a state, an event descriptor and a guarded branch. An
+ * eventless (`always`) transition has the event type `always`.
+ */
 export interface TransitionRef {
-  /** `state: EVENT#branch`, e.g. `running: FAIL#1`. */
+  /** `state: EVENT#branch`, e.g. `running: FAIL#1`, `design: always#0`. */
   key: string;
   source: string;
   eventType: string;
@@ -45,12 +50,19 @@ interface TransitionDef {
   reenter: boolean;
 }
 
+/** The event type a model test names an eventless transition by. */
+export const ALWAYS = 'always';
+
 function refOf(sourceState: string, t: TransitionDef): TransitionRef {
-  const branch = (t.source.transitions.get(t.eventType) ?? []).indexOf(t as never);
+  const eventless = (t.source.always ?? []).includes(t as never);
+  const eventType = eventless ? ALWAYS : t.eventType;
+  const branch = eventless
+    ? (t.source.always ?? []).indexOf(t as never)
+    : (t.source.transitions.get(t.eventType) ?? []).indexOf(t as never);
   return {
-    key: `${sourceState}: ${t.eventType}#${branch}`,
+    key: `${sourceState}: ${eventType}#${branch}`,
     source: sourceState,
-    eventType: t.eventType,
+    eventType,
     branch,
     target: t.target?.[0]?.key ?? null,
     reenter: t.reenter,
@@ -71,12 +83,17 @@ export function finalStates(machine: AnyStateMachine): string[] {
 /**
  * Every transition the definition offers: for each non-final state, each event descriptor it
  * or an ancestor handles (the nearest handler wins, as in XState), each guarded branch of it.
- * `after` transitions appear under their `xstate.after.<delay>.<id>` descriptor.
+ * `after` transitions appear under their `xstate.after.<delay>.<id>` descriptor, eventless
+ * ones under `always`.
  */
 export function definedTransitions(machine: AnyStateMachine): Map<string, TransitionRef> {
   const out = new Map<string, TransitionRef>();
   for (const node of Object.values(machine.root.states)) {
     if (node.type === 'final') continue;
+    for (const def of node.always ?? []) {
+      const ref = refOf(node.key, def as unknown as TransitionDef);
+      out.set(ref.key, ref);
+    }
     const seen = new Set<string>();
     for (let n: AnyStateNode | undefined = node; n; n = n.parent) {
       for (const [eventType, defs] of n.transitions) {
@@ -90,6 +107,78 @@ export function definedTransitions(machine: AnyStateMachine): Map<string, Transi
     }
   }
   return out;
+}
+
+/**
+ * Transitions no state at rest can take: an event's branch guarded by the very guard of an
+ * eventless transition of the same state (the ticket's manual ADVANCE, guarded like the
+ * automatic advance). Guards read only the context, and the eventless transition leaves the
+ * state in the step that would make that guard true, so the branch is never enabled at rest;
+ * the model checks instead that the event is refused in every reached vertex of the state.
+ */
+export function shadowedTransitions(machine: AnyStateMachine): Map<string, TransitionRef> {
+  const out = new Map<string, TransitionRef>();
+  const guardName = (g: unknown): string | undefined =>
+    typeof g === 'string' ? g : (g as { type?: string } | undefined)?.type;
+  for (const node of Object.values(machine.root.states)) {
+    const eventless = new Set(
+      (node.always ?? []).map((t) => guardName(t.guard)).filter((g) => g !== undefined),
+    );
+    if (eventless.size === 0) continue;
+    for (const [eventType, defs] of node.transitions) {
+      for (const def of defs) {
+        if (!eventless.has(guardName(def.guard) ?? '')) continue;
+        const ref = refOf(node.key, def as unknown as TransitionDef);
+        out.set(ref.key, { ...ref, eventType });
+      }
+    }
+  }
+  return out;
+}
+
+/**
+ * The eventless transitions taken after an event's own microstep (or after creation), in
+ * order: each microstep after the first is one eventless step (the machines raise nothing).
+ * A state's eventless branch is the first whose target is where the step went.
+ */
+function eventlessTaken(
+  machine: AnyStateMachine,
+  microsteps: readonly [AnyMachineSnapshot, unknown][],
+): TransitionRef[] {
+  const out: TransitionRef[] = [];
+  for (let i = 1; i < microsteps.length; i++) {
+    const from = microsteps[i - 1]![0];
+    const to = String(microsteps[i]![0].value);
+    const node = machine.root.states[String(from.value)];
+    const defs = node?.always ?? [];
+    const def = defs.find((t) => t.target?.[0]?.key === to) ?? defs[0];
+    if (def) out.push(refOf(String(from.value), def as unknown as TransitionDef));
+  }
+  return out;
+}
+
+/** The eventless transitions creation takes (after entering the initial state). */
+export function initialEventless(machine: AnyStateMachine, input: unknown): TransitionRef[] {
+  const steps = getInitialMicrosteps(machine, input as never) as unknown as [
+    AnyMachineSnapshot,
+    unknown,
+  ][];
+  return eventlessTaken(machine, steps);
+}
+
+/** What an event sets off: its own transition, then every eventless one it leads to. */
+export function takenChain(
+  machine: AnyStateMachine,
+  snapshot: AnyMachineSnapshot,
+  event: EventObject,
+): TransitionRef[] {
+  const own = takenTransition(machine, snapshot, event);
+  if (own === null) return [];
+  const steps = getMicrosteps(machine, snapshot as never, event as never) as unknown as [
+    AnyMachineSnapshot,
+    unknown,
+  ][];
+  return [own, ...eventlessTaken(machine, steps)];
 }
 
 /** Every event type the machine knows, `xstate.after.*` included. */
@@ -155,8 +244,17 @@ export interface ModelSpec<T extends EntityType> {
   tokenEvents: readonly string[];
   /** What creation emits; `<entityType>.created` alone unless given. */
   initialEmits?: DomainEventType[];
-  /** Further checks of one step: `before` is the model's state before the event. */
-  check?: (ref: TransitionRef, event: DecideEvent, before: AnyMachineSnapshot, d: Decision) => void;
+  /**
+   * Further checks of one step: `before` is the model's state before the event, `chain` the
+   * event's transition followed by the eventless ones it led to.
+   */
+  check?: (
+    ref: TransitionRef,
+    event: DecideEvent,
+    before: AnyMachineSnapshot,
+    d: Decision,
+    chain: readonly TransitionRef[],
+  ) => void;
 }
 
 export interface ModelReport {
@@ -170,35 +268,49 @@ export interface ModelReport {
   staleChecks: number;
   missingStates: string[];
   missingTransitions: string[];
+  /** Transitions left out of the count as never enabled at rest (`shadowedTransitions`). */
+  shadowed: string[];
 }
 
 function timerKey(machine: AnyStateMachine, state: string, delay: string): string {
   return `xstate.after.${delay}.${machine.id}.${state}`;
 }
 
+/**
+ * The timers a chain of transitions leaves: each move cancels the timer of the state it
+ * leaves, then schedules the one of the state it enters (what `decide()` folds them into).
+ */
 function checkTimers<T extends EntityType>(
   spec: ModelSpec<T>,
   machine: AnyStateMachine,
-  ref: TransitionRef,
+  chain: readonly TransitionRef[],
   decision: Decision,
   where: string,
 ): void {
-  const moved = ref.target !== null && (ref.target !== ref.source || ref.reenter);
-  const entered = moved ? spec.timed[ref.target!] : undefined;
-  const left = moved ? spec.timed[ref.source] : undefined;
-  const schedule = entered
-    ? [
-        {
-          key: timerKey(machine, ref.target!, entered.delay),
-          event: { type: timerKey(machine, ref.target!, entered.delay) },
-          delayMs: entered.ms(decision.snapshot.context),
-        },
-      ]
-    : [];
-  const leftKey = left ? timerKey(machine, ref.source, left.delay) : undefined;
-  const cancel = leftKey && !schedule.some((t) => t.key === leftKey) ? [leftKey] : [];
-  expect(decision.schedule, `${where}: timers scheduled`).toEqual(schedule);
-  expect(decision.cancel, `${where}: timers cancelled`).toEqual(cancel);
+  const schedule = new Map<string, { key: string; event: { type: string }; delayMs: number }>();
+  const cancel = new Set<string>();
+  for (const ref of chain) {
+    const moved = ref.target !== null && (ref.target !== ref.source || ref.reenter);
+    if (!moved) continue;
+    const left = spec.timed[ref.source];
+    if (left) {
+      const key = timerKey(machine, ref.source, left.delay);
+      schedule.delete(key);
+      cancel.add(key);
+    }
+    const entered = spec.timed[ref.target!];
+    if (entered) {
+      const key = timerKey(machine, ref.target!, entered.delay);
+      schedule.set(key, {
+        key,
+        event: { type: key },
+        delayMs: entered.ms(decision.snapshot.context),
+      });
+      cancel.delete(key);
+    }
+  }
+  expect(decision.schedule, `${where}: timers scheduled`).toEqual([...schedule.values()]);
+  expect(decision.cancel, `${where}: timers cancelled`).toEqual([...cancel]);
 }
 
 function clone<T>(value: T): T {
@@ -268,6 +380,7 @@ export function runModel<T extends EntityType>(spec: ModelSpec<T>): ModelReport 
         spec.initialEmits ?? [`${spec.entityType}.created`],
       );
       expect(init.decision.schedule).toEqual([]);
+      for (const ref of initialEventless(machine, spec.input)) transitionsSeen.add(ref.key);
       replayed.set(key, init);
       continue;
     }
@@ -276,18 +389,26 @@ export function runModel<T extends EntityType>(spec: ModelSpec<T>): ModelReport 
     const { decision, model } = parent!;
     const event = step.event as unknown as DecideEvent;
     const where = path.steps.map((st) => st.event.type).join(' > ');
-    const ref = takenTransition(machine, model, event);
-    expect(ref, `${where}: a path step is a transition`).not.toBeNull();
+    const chain = takenChain(machine, model, event);
+    const ref = chain[0];
+    expect(ref, `${where}: a path step is a transition`).toBeDefined();
     const before = clone(decision.snapshot);
     const next = decide(spec.entityType, entityId, decision.snapshot, event);
     expect(decision.snapshot, `${where}: decide() does not mutate its input`).toEqual(before);
+    // Each eventless step's domain events follow the event's own, judged from the snapshot
+    // the step started from.
+    const steps = getMicrosteps(machine, model as never, event as never) as unknown as [
+      AnyMachineSnapshot,
+      unknown,
+    ][];
+    const expected = chain.flatMap((r, i) => spec.emits(r, i === 0 ? model : steps[i - 1]![0]));
     expect(
       next.emitted.map((e) => e.type),
       `${where}: emitted`,
-    ).toEqual(spec.emits(ref!, model));
-    checkTimers(spec, machine, ref!, next, where);
-    spec.check?.(ref!, event, model, next);
-    transitionsSeen.add(ref!.key);
+    ).toEqual(expected);
+    checkTimers(spec, machine, chain, next, where);
+    spec.check?.(ref!, event, model, next, chain);
+    for (const r of chain) transitionsSeen.add(r.key);
     const r: Replayed = {
       decision: next,
       model: transition(machine, model as never, event as never)[0] as AnyMachineSnapshot,
@@ -336,8 +457,16 @@ export function runModel<T extends EntityType>(spec: ModelSpec<T>): ModelReport 
     }
   }
 
+  // A shadowed transition is never taken; its event must have been refused in its state.
+  const shadowed = shadowedTransitions(machine);
+  for (const ref of shadowed.values()) {
+    if (!statesSeen.has(ref.source)) continue;
+    expect(rejectedPairs, `${ref.key}: refused at rest`).toContain(
+      `${ref.source}|${ref.eventType}`,
+    );
+  }
   const allStates = definedStates(machine);
-  const allTransitions = [...definedTransitions(machine).keys()];
+  const allTransitions = [...definedTransitions(machine).keys()].filter((t) => !shadowed.has(t));
   return {
     states: [allStates.filter((s) => statesSeen.has(s)).length, allStates.length],
     transitions: [
@@ -351,6 +480,7 @@ export function runModel<T extends EntityType>(spec: ModelSpec<T>): ModelReport 
     staleChecks,
     missingStates: allStates.filter((s) => !statesSeen.has(s)),
     missingTransitions: allTransitions.filter((t) => !transitionsSeen.has(t)),
+    shadowed: [...shadowed.keys()],
   };
 }
 
@@ -358,6 +488,9 @@ export function summary(name: string, r: ModelReport): string {
   return (
     `${name} machine: ${r.states[0]}/${r.states[1]} states, ` +
     `${r.transitions[0]}/${r.transitions[1]} transitions, ${r.paths} paths (${r.replayed} maximal), ` +
-    `${r.rejectedPairs} rejected (state,event) pairs (${r.rejectionChecks} refusals checked, ${r.staleChecks} with a stale token)`
+    `${r.rejectedPairs} rejected (state,event) pairs (${r.rejectionChecks} refusals checked, ${r.staleChecks} with a stale token)` +
+    (r.shadowed.length > 0
+      ? `; ${r.shadowed.length} transitions shadowed by an eventless one (not counted, refused at rest)`
+      : '')
   );
 }

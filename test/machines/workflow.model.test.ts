@@ -120,6 +120,61 @@ describe('gates and rework loops', () => {
     expect(types(d)).toEqual(['ticket.blocked']);
   });
 
+  it('a phase with templates is not skipped for its earlier, completed tasks', () => {
+    // A review task added and completed while the ticket was still in build.
+    let d = step(atGate(), { type: 'APPROVE', by: 'ann' });
+    d = step(d, { type: 'TASK_ADDED', taskId: 'early', phase: 'review', taskType: 'code_review' });
+    d = step(d, { type: 'TASK_STATE', taskId: 'early', state: 'completed', seq: 3 });
+    d = step(d, { type: 'TASK_ADDED', taskId: 'c1', phase: 'build', taskType: 'implement' });
+    d = step(d, { type: 'TASK_STATE', taskId: 'c1', state: 'completed', seq: 3 });
+    // build completed: the automatic advance enters review, whose templates are yet to come.
+    expect(d.state).toBe('review');
+    expect(types(d)).toEqual(['ticket.phase_changed']);
+    expect(d.snapshot.context.templatesPending).toBe(true);
+    expect(() => step(d, { type: 'ADVANCE' })).toThrow(/guard refused/);
+    // The first template task arrives: the phase waits for it.
+    d = step(d, { type: 'TASK_ADDED', taskId: 'r1', phase: 'review', taskType: 'code_review' });
+    expect(d.state).toBe('review');
+    expect(d.snapshot.context.templatesPending).toBeUndefined();
+    d = step(d, { type: 'TASK_STATE', taskId: 'r1', state: 'completed', seq: 3 });
+    expect(d.state).toBe('done');
+    expect(types(d)).toEqual(['ticket.done']);
+  });
+
+  it('START and UNBLOCK into a phase whose tasks finished meanwhile advance at once', () => {
+    let d = decideInitial('ticket', input, entry);
+    d = step(d, { type: 'TASK_ADDED', taskId: 's1', phase: 'plan', taskType: 'write_spec' });
+    d = step(d, { type: 'TASK_STATE', taskId: 's1', state: 'completed', seq: 3 });
+    expect(d.state).toBe('backlog');
+    d = step(d, { type: 'START' });
+    // plan has templates: START waits for them (the runtime creates them in this transaction).
+    expect(d.state).toBe('plan');
+    d = step(d, { type: 'TASK_ADDED', taskId: 's2', phase: 'plan', taskType: 'write_spec' });
+    d = step(d, { type: 'BLOCK', reason: 'hold' });
+    d = step(d, { type: 'TASK_STATE', taskId: 's2', state: 'completed', seq: 3 });
+    expect(d.state).toBe('blocked');
+    d = step(d, { type: 'UNBLOCK' });
+    expect(d.state).toBe('plan_review');
+    expect(types(d)).toEqual(['ticket.unblocked', 'ticket.phase_changed']);
+    expect(d.emitted[1]!.data).toEqual({ from: 'plan', to: 'plan_review' });
+
+    // The default workflow has no templates: START into a finished phase moves on at once.
+    let t = decideInitial('ticket', input);
+    const send = (x: Decision, e: { type: string; [k: string]: unknown }) =>
+      decide('ticket', 't1', x.snapshot, e);
+    t = send(t, { type: 'TASK_ADDED', taskId: 'q', phase: 'requirements', taskType: 'w' });
+    t = send(t, { type: 'TASK_STATE', taskId: 'q', state: 'completed', seq: 3 });
+    t = send(t, { type: 'START' });
+    expect(t.state).toBe('design');
+    expect(types(t)).toEqual(['ticket.phase_changed', 'ticket.phase_changed']);
+    expect(t.emitted.map((e) => e.data)).toEqual([
+      { from: 'backlog', to: 'requirements' },
+      { from: 'requirements', to: 'design' },
+    ]);
+    // requirements' stuck check was set and cleared in the same step: only design's remains.
+    expect(t.schedule.map((x) => x.key)).toEqual(['xstate.after.stuckCheck.ticket.design']);
+  });
+
   it('SEND_BACK goes to an earlier phase only', () => {
     const d = atGate();
     expect(() => step(d, { type: 'SEND_BACK', toPhase: 'build', reason: 'x' })).toThrow();
