@@ -1,5 +1,9 @@
 /**
- * Issue 8: how cost grows.
+ * How cost grows.
+ * - Tasks per ticket: adding a task to a ticket (its TASK_ADDED and the task's creation, one
+ *   transaction) and applying a task's news to it (TASK_STATE, `forwardTaskState`), on a
+ *   ticket with 10 tasks and on one with BENCH_GROWTH_TASKS (2,000): the cost must not grow
+ *   with the tasks the ticket holds.
  * - Command latency with 1,000 and then N (100,000) tickets stored: the tickets (and two
  *   event-log rows each) bulk-inserted with `insert ... select generate_series`, their
  *   snapshots copies of a real one. At each size, at concurrency 1: a transition on a cached
@@ -12,8 +16,10 @@
  *   together; beside the raw-SQL workload in as many processes.
  */
 import type { ChildProcess } from 'node:child_process';
+import { Commands } from '../src/actors/commands.js';
 import { ActorHost } from '../src/actors/host.js';
 import type { Sql } from '../src/persistence/db.js';
+import { forwardTaskState } from '../src/policies/index.js';
 import { prepareRaw } from './host-vs-raw.js';
 import {
   forkTs,
@@ -31,17 +37,82 @@ export interface GrowthOptions {
   seconds: number;
   tickets: number;
   cachedActors: number;
+  /** Tasks on the large ticket of the tasks-per-ticket figure. */
+  tasksPerTicket: number;
 }
 
 export async function growthSection(o: GrowthOptions): Promise<void> {
   print('## How cost grows (issue 8)');
   const db = await scratchDatabase('growth', { max: 12 });
   try {
+    await tasksPerTicket(db, o);
     await latencyBySize(db, o);
     await memoryPerActor(db, o);
     await processes(db, o);
   } finally {
     await db.drop();
+  }
+}
+
+/**
+ * One ticket with 10 tasks, one with `o.tasksPerTicket`: on each, SAMPLES times, a task added
+ * (timed), cancelled (untimed, its own transaction), and the news of it applied to the ticket
+ * (timed), as the reactions do. Both tickets are cached in the host, as a busy ticket is.
+ */
+async function tasksPerTicket(db: Scratch, o: GrowthOptions): Promise<void> {
+  const SAMPLES = 200;
+  const host = new ActorHost(db.sql, { taskDefaults: TASK_DEFAULTS });
+  const commands = new Commands(host, { stuckAfterMs: 3_600_000, diagnosticCooldownMs: 0 });
+  const rows: (string | number)[][] = [];
+  const medians: { add: number; news: number }[] = [];
+  for (const size of [10, o.tasksPerTicket]) {
+    const { value: ticket } = await host.transact((u) =>
+      commands.createTicket(u, { title: `tasks-${size}` }),
+    );
+    await host.send('ticket', ticket.id, { type: 'START' });
+    const t0 = performance.now();
+    // The first task stays open, so the phase never completes and the ticket stays put.
+    for (let i = 0; i < size; i++) {
+      await host.transact((u) => commands.addTask(u, ticket.id, { type: 'bench' }));
+    }
+    const fillSeconds = (performance.now() - t0) / 1000;
+    const add: number[] = [];
+    const news: number[] = [];
+    for (let i = 0; i < SAMPLES; i++) {
+      const a0 = performance.now();
+      const { value: task } = await host.transact((u) =>
+        commands.addTask(u, ticket.id, { type: 'bench' }),
+      );
+      add.push(performance.now() - a0);
+      await host.send('task', task.id, { type: 'CANCEL', reason: 'bench' });
+      const s0 = performance.now();
+      await host.transact((u) => forwardTaskState(u, task.id));
+      news.push(performance.now() - s0);
+    }
+    const a = summarize(add, 0);
+    const n = summarize(news, 0);
+    medians.push({ add: a.p50, news: n.p50 });
+    rows.push([n0(size), ms(a.p50), ms(a.p99), ms(n.p50), ms(n.p99), fillSeconds.toFixed(1)]);
+  }
+  const [small, large] = medians;
+  print(`\n### Tasks per ticket (${SAMPLES} adds and news on each ticket, concurrency 1)\n`);
+  print(
+    table(
+      [
+        'tasks on the ticket',
+        'add p50 ms',
+        'add p99 ms',
+        'news p50 ms',
+        'news p99 ms',
+        'filled in s',
+      ],
+      rows,
+    ),
+  );
+  if (small && large) {
+    print(
+      `\nlarge / small, p50: add ${ratio(large.add, small.add)}x, news ${ratio(large.news, small.news)}x`,
+    );
   }
 }
 

@@ -10,6 +10,7 @@
  * PostgreSQL), BENCH_NATS_URL (default nats://127.0.0.1:4222), BENCH_SECONDS (duration of
  * each timed measurement, default 3), BENCH_CONCURRENCY (host section, default 1,8,64),
  * BENCH_JOBS (peers section, default 1000), BENCH_PEER_JOBS (drain section, default 20000), BENCH_GROWTH_TICKETS (default 100000),
+ * BENCH_GROWTH_TASKS (tasks on the large ticket of the growth section, default 2000),
  * BENCH_SCRAPE_TASKS (tasks stored for the scrape section's second figure, default 100000).
  */
 import { readFileSync } from 'node:fs';
@@ -162,7 +163,12 @@ async function main(): Promise<void> {
     if (s === 'peers') await peersSection({ jobs, concurrency: 8 });
     if (s === 'drain') await drainSection({ jobs: peerJobs });
     if (s === 'growth')
-      await growthSection({ seconds, tickets: growthTickets, cachedActors: 10_000 });
+      await growthSection({
+        seconds,
+        tickets: growthTickets,
+        cachedActors: 10_000,
+        tasksPerTicket: Number(process.env.BENCH_GROWTH_TASKS ?? 2_000),
+      });
     if (s === 'scrape') await scrapeSection({ sizes: [1_000, scrapeTasks], reads: 200 });
     if (s === 'output') await outputSection({ seconds });
     if (s === 'workflows') await workflowsSection({ seconds, concurrency: 8 });
