@@ -55,10 +55,12 @@ export interface ConsumerSettings {
   /** Transactions (keys) this process runs at once. */
   concurrency: number;
   /**
-   * Most messages taken from the consumer at once, and in one transaction. This process
-   * holds at most twice as many unacknowledged (below the consumer's `max_ack_pending`).
+   * Most messages taken from the consumer at once. This process holds at most twice as many
+   * unacknowledged (below the consumer's `max_ack_pending`).
    */
   batchSize: number;
+  /** Most messages of one key applied in one transaction (at most `batchSize`). */
+  maxPerTransaction: number;
 }
 
 export const DEFAULT_CONSUMER_SETTINGS: ConsumerSettings = {
@@ -68,6 +70,7 @@ export const DEFAULT_CONSUMER_SETTINGS: ConsumerSettings = {
   maxRetryDelayMs: 60_000,
   concurrency: 8,
   batchSize: 200,
+  maxPerTransaction: 200,
 };
 
 /** The consumer's `max_ack_pending`; a process holds at most `2 × batchSize` of it. */
@@ -279,7 +282,8 @@ export class ConsumerRunner {
         const consumer = await this.o.js.consumers.get(this.o.names.stream, this.name);
         const s = this.o.settings;
         const messages = await consumer.consume({
-          max_messages: s.batchSize,
+          // The client pulls again below a quarter of this: keep that above zero.
+          max_messages: Math.max(8, s.batchSize),
           expires: 10_000,
           abort_on_missing_resource: true,
         });
@@ -456,7 +460,7 @@ export class ConsumerRunner {
     for (const [key, items] of this.queued) {
       if (this.busy.size >= s.concurrency) return;
       if (this.busy.has(key)) continue;
-      const taken = items.splice(0, s.batchSize);
+      const taken = items.splice(0, Math.max(1, s.maxPerTransaction));
       if (items.length === 0) this.queued.delete(key);
       this.busy.add(key);
       const p = this.runKey(taken).finally(() => {
