@@ -21,9 +21,12 @@ export async function recordInboxMany(
   eventIds: string[],
 ): Promise<Set<string>> {
   if (eventIds.length === 0) return new Set();
+  // In one order everywhere: two transactions inserting overlapping ids (a redelivery taken
+  // by another process) then wait for each other instead of deadlocking.
+  const sorted = [...eventIds].sort();
   const rows = await db<{ event_id: string }[]>`
     insert into inbox (consumer, event_id)
-    select ${consumer}, id from unnest(${eventIds}::uuid[]) as id
+    select ${consumer}, id from unnest(${sorted}::uuid[]) as id
     on conflict do nothing returning event_id`;
   return new Set(rows.map((r) => r.event_id));
 }
