@@ -463,10 +463,14 @@ export class ConsumerRunner {
       const taken = items.splice(0, Math.max(1, s.maxPerTransaction));
       if (items.length === 0) this.queued.delete(key);
       this.busy.add(key);
-      const p = this.runKey(taken).finally(() => {
-        this.busy.delete(key);
-        this.pump();
-      });
+      const p = this.runKey(taken)
+        .catch((error) => {
+          this.o.log.error({ err: error, consumer: this.name }, 'reaction batch not settled');
+        })
+        .finally(() => {
+          this.busy.delete(key);
+          this.pump();
+        });
       this.track(p);
     }
   }
@@ -603,9 +607,15 @@ export class ConsumerRunner {
 
   /** Settles a held delivery (ack, nak or term) and lets the reader take more. */
   private release(m: JsMsg, settle: () => void): void {
-    settle();
-    this.held.delete(m);
-    this.heldChanged?.();
+    try {
+      settle();
+    } catch (error) {
+      // A closed connection: unsettled, the server delivers it again after ack_wait.
+      this.o.log.warn({ err: error, consumer: this.name }, 'delivery not settled');
+    } finally {
+      this.held.delete(m);
+      this.heldChanged?.();
+    }
   }
 
   private track(p: Promise<void>): void {
