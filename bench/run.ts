@@ -1,8 +1,8 @@
 /**
  * `npm run bench`: every figure beside its raw baseline from the same run.
  *
- * Sections (default all, in this order): host, relay, http, peers, drain, growth, scrape,
- * output, workflows. Choose with
+ * Sections (default all, in this order): host, relay, reactions, http, peers, drain, growth,
+ * scrape, output, workflows. Choose with
  * `npm run bench -- --only relay,http` or BENCH_ONLY=relay,http. Each section creates its
  * own scratch database (and NATS streams) and drops them afterwards.
  *
@@ -11,7 +11,11 @@
  * each timed measurement, default 3), BENCH_CONCURRENCY (host section, default 1,8,64),
  * BENCH_JOBS (peers section, default 1000), BENCH_PEER_JOBS (drain section, default 20000), BENCH_GROWTH_TICKETS (default 100000),
  * BENCH_GROWTH_TASKS (tasks on the large ticket of the growth section, default 2000),
- * BENCH_SCRAPE_TASKS (tasks stored for the scrape section's second figure, default 100000).
+ * BENCH_SCRAPE_TASKS (tasks stored for the scrape section's second figure, default 100000),
+ * BENCH_REACTION_SECONDS (the reactions section's loaded run, default 60),
+ * BENCH_REACTION_CONCURRENCY (its COMPLETE loops, default 16), BENCH_REACTION_TASKS (tasks
+ * made ready for it, default 700 per second of the run), BENCH_REACTION_BASELINE=1 (run it
+ * again with one message per transaction).
  */
 import { readFileSync } from 'node:fs';
 import os from 'node:os';
@@ -23,6 +27,7 @@ import { benchHost, benchRaw, prepareHostBatched } from './host-vs-raw.js';
 import { httpSection } from './http.js';
 import { outputSection } from './output.js';
 import { peersSection } from './peers.js';
+import { reactionsSection } from './reactions.js';
 import { relaySection } from './relay.js';
 import { scrapeSection } from './scrape.js';
 import { ADMIN_URL, NATS_URL, scratchDatabase } from './scratch.js';
@@ -32,6 +37,7 @@ import { workflowsSection } from './workflows.js';
 const SECTIONS = [
   'host',
   'relay',
+  'reactions',
   'http',
   'peers',
   'drain',
@@ -48,6 +54,9 @@ const jobs = Number(process.env.BENCH_JOBS ?? 1000);
 const peerJobs = Number(process.env.BENCH_PEER_JOBS ?? 20_000);
 const growthTickets = Number(process.env.BENCH_GROWTH_TICKETS ?? 100_000);
 const scrapeTasks = Number(process.env.BENCH_SCRAPE_TASKS ?? 100_000);
+const reactionSeconds = Number(process.env.BENCH_REACTION_SECONDS ?? 60);
+const reactionConcurrency = Number(process.env.BENCH_REACTION_CONCURRENCY ?? 16);
+const reactionTasks = Number(process.env.BENCH_REACTION_TASKS ?? reactionSeconds * 700);
 
 function selected(): Section[] {
   const argv = process.argv.slice(2);
@@ -158,6 +167,14 @@ async function main(): Promise<void> {
     if (s === 'host') await hostSection();
     if (s === 'relay') {
       await relaySection({ seconds, events: 5_000, reactionsAlone: 100, reactionsLoaded: 400 });
+    }
+    if (s === 'reactions') {
+      await reactionsSection({
+        seconds: reactionSeconds,
+        concurrency: reactionConcurrency,
+        tasks: reactionTasks,
+        alone: 200,
+      });
     }
     if (s === 'http') await httpSection({ seconds, sseClients: 100 });
     if (s === 'peers') await peersSection({ jobs, concurrency: 8 });

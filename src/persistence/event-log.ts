@@ -97,3 +97,17 @@ export async function findEvent(db: Db, eventId: string): Promise<EventEntry | n
   const r = rows[0];
   return r ? toEntry(r) : null;
 }
+
+/**
+ * The stored entries with these event ids, by id (a made-up id has none). The ids must be
+ * UUIDs: they are compared as such.
+ */
+export async function findEvents(db: Db, eventIds: string[]): Promise<Map<string, EventEntry>> {
+  const found = new Map<string, EventEntry>();
+  if (eventIds.length === 0) return found;
+  const rows = await db<EventRaw[]>`
+    select pos, event_id, seq, entity_id, entity_type, type, data, at from events
+    where event_id = any(${eventIds}::uuid[])`;
+  for (const r of rows) found.set(r.event_id, toEntry(r));
+  return found;
+}

@@ -11,6 +11,26 @@ export async function recordInbox(db: Db, consumer: string, eventId: string): Pr
   return rows.length === 1;
 }
 
+/**
+ * Records several events for `consumer` at once; returns the ids handled for the first time
+ * (a repeated id, in the list or from an earlier transaction, is not among them).
+ */
+export async function recordInboxMany(
+  db: Db,
+  consumer: string,
+  eventIds: string[],
+): Promise<Set<string>> {
+  if (eventIds.length === 0) return new Set();
+  // In one order everywhere: two transactions inserting overlapping ids (a redelivery taken
+  // by another process) then wait for each other instead of deadlocking.
+  const sorted = [...eventIds].sort();
+  const rows = await db<{ event_id: string }[]>`
+    insert into inbox (consumer, event_id)
+    select ${consumer}, id from unnest(${sorted}::uuid[]) as id
+    on conflict do nothing returning event_id`;
+  return new Set(rows.map((r) => r.event_id));
+}
+
 export async function inboxHas(db: Db, consumer: string, eventId: string): Promise<boolean> {
   const rows = await db`select 1 from inbox where consumer = ${consumer} and event_id = ${eventId}`;
   return rows.length === 1;

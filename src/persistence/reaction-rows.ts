@@ -33,6 +33,31 @@ export async function taskProgress(db: Db, taskId: string): Promise<TaskProgress
   return r ? { ticketId: r.ticket_id, state: r.state, seq: r.seq, error: r.error } : null;
 }
 
+/** `taskProgress` of several tasks in one read, by task id (a missing task has none). */
+export async function tasksProgress(db: Db, taskIds: string[]): Promise<Map<string, TaskProgress>> {
+  const found = new Map<string, TaskProgress>();
+  if (taskIds.length === 0) return found;
+  const rows = await db<
+    { id: string; ticket_id: string; state: TaskState; seq: number; error: string | null }[]
+  >`
+    select id, ticket_id, state, seq, snapshot -> 'context' ->> 'error' as error
+    from tasks where id = any(${taskIds}::text[])`;
+  for (const r of rows) {
+    found.set(r.id, { ticketId: r.ticket_id, state: r.state, seq: r.seq, error: r.error });
+  }
+  return found;
+}
+
+/** The ticket of each of these tasks, by task id (a missing task has none). */
+export async function ticketIdsOfTasks(db: Db, taskIds: string[]): Promise<Map<string, string>> {
+  const found = new Map<string, string>();
+  if (taskIds.length === 0) return found;
+  const rows = await db<{ id: string; ticket_id: string }[]>`
+    select id, ticket_id from tasks where id = any(${taskIds}::text[])`;
+  for (const r of rows) found.set(r.id, r.ticket_id);
+  return found;
+}
+
 /** Open tasks of the ticket, only if the ticket really is cancelled (else none). */
 export async function openTasksOfCancelledTicket(db: Db, ticketId: string): Promise<string[]> {
   const rows = await db<{ id: string }[]>`

@@ -24,7 +24,7 @@ export { releaseDependents, settleWaitingTask } from './dependencies.js';
 export { addTask, type TaskSpec } from './new-task.js';
 export { sendIfAccepted } from './send.js';
 export { type AddedTask, recordTaskAdded } from './task-added.js';
-export { forwardTaskState } from './task-state.js';
+export { forwardTaskState, forwardTaskStates, ticketsOfTasks } from './task-state.js';
 export { cancelOpenTasks } from './ticket-cancelled.js';
 
 /** The same-transaction rules, run by the unit of work after each transition it records. */

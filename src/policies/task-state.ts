@@ -7,12 +7,53 @@
  * completions from queueing on their ticket.
  */
 import type { Applied, UnitOfWork } from '../actors/host.js';
-import { taskProgress } from '../persistence/reaction-rows.js';
+import type { Db } from '../persistence/db.js';
+import {
+  type TaskProgress,
+  taskProgress,
+  tasksProgress,
+  ticketIdsOfTasks,
+} from '../persistence/reaction-rows.js';
 import { sendIfAccepted } from './send.js';
 
 export async function forwardTaskState(uow: UnitOfWork, taskId: string): Promise<Applied | null> {
   const task = await taskProgress(uow.tx, taskId);
   if (!task) return null;
+  return tell(uow, taskId, task);
+}
+
+/**
+ * The news of several tasks (normally of one ticket, see `ticketsOfTasks`) in one unit of
+ * work: each task's state is read once, however many of its events are listed (the state
+ * read now is the latest, so older news of the same task adds nothing), and its ticket is
+ * told in the order the tasks are first listed. Same outcome as `forwardTaskState` per task,
+ * with one read and, for one ticket, one row lock instead of one per event.
+ */
+export async function forwardTaskStates(
+  uow: UnitOfWork,
+  taskIds: readonly string[],
+): Promise<Applied[]> {
+  const ids = [...new Set(taskIds)];
+  const progress = await tasksProgress(uow.tx, ids);
+  const out: Applied[] = [];
+  for (const id of ids) {
+    const task = progress.get(id);
+    if (!task) continue;
+    const applied = await tell(uow, id, task);
+    if (applied) out.push(applied);
+  }
+  return out;
+}
+
+/**
+ * The ticket each task reports to, by task id: the key the task_state reaction groups news
+ * by. A task never changes ticket, so the answer may be kept.
+ */
+export function ticketsOfTasks(db: Db, taskIds: string[]): Promise<Map<string, string>> {
+  return ticketIdsOfTasks(db, taskIds);
+}
+
+function tell(uow: UnitOfWork, taskId: string, task: TaskProgress): Promise<Applied | null> {
   return sendIfAccepted(uow, 'ticket', task.ticketId, {
     type: 'TASK_STATE',
     taskId,

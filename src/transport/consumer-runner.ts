@@ -7,6 +7,16 @@
  * A message whose every delivery timed out (a crashed handler) is dead-lettered from the
  * server's MAX_DELIVERIES advisory instead.
  *
+ * Messages are taken in batches: whatever has arrived, up to `batchSize`. A batch is checked
+ * against the event log in one query, then split by the reaction's key (the task_state
+ * reaction keys a task's news by its ticket): the messages of one key are applied in one
+ * transaction, keys in parallel (at most `concurrency` at once), and a key whose transaction
+ * is running collects what arrives for it meanwhile into its next one. So a burst of one
+ * ticket's news locks and writes the ticket once per transaction, not once per message.
+ * Acks follow the commit. When a key's transaction fails, its messages are tried again one
+ * transaction each, so only the message that fails is nak'ed (or dead-lettered); the other
+ * keys never notice.
+ *
  * Anyone allowed to publish on the stream's subjects can put a message there, so a message
  * is never trusted: its event must exist in the event log with that id, entity, seq and type,
  * published on that event's subject, and the reaction gets the stored entry, never the
@@ -27,9 +37,9 @@ import type { ActorHost } from '../actors/host.js';
 import type { Logger } from '../log.js';
 import type { Sql } from '../persistence/db.js';
 import { hasDeadLetter, insertDeadLetter } from '../persistence/dead-letter-rows.js';
-import { type EventEntry, findEvent } from '../persistence/event-log.js';
-import { recordInbox } from '../persistence/inbox-rows.js';
-import type { Reaction } from './reactions.js';
+import { type EventEntry, findEvent, findEvents } from '../persistence/event-log.js';
+import { recordInboxMany } from '../persistence/inbox-rows.js';
+import type { Reaction, TransactionalReaction } from './reactions.js';
 import { settleWithin } from './settle.js';
 import { isStreamNotFound } from './streams.js';
 import { dlqSubject, eventSubject, type TransportNames } from './subjects.js';
@@ -42,8 +52,15 @@ export interface ConsumerSettings {
   /** First nak delay; doubles with each delivery, capped at `maxRetryDelayMs`. */
   retryBaseMs: number;
   maxRetryDelayMs: number;
-  /** Messages handled at once by this process. */
+  /** Transactions (keys) this process runs at once. */
   concurrency: number;
+  /**
+   * Most messages taken from the consumer at once. This process holds at most twice as many
+   * unacknowledged (below the consumer's `max_ack_pending`).
+   */
+  batchSize: number;
+  /** Most messages of one key applied in one transaction (at most `batchSize`). */
+  maxPerTransaction: number;
 }
 
 export const DEFAULT_CONSUMER_SETTINGS: ConsumerSettings = {
@@ -52,7 +69,14 @@ export const DEFAULT_CONSUMER_SETTINGS: ConsumerSettings = {
   retryBaseMs: 1_000,
   maxRetryDelayMs: 60_000,
   concurrency: 8,
+  batchSize: 200,
+  maxPerTransaction: 200,
 };
+
+/** The consumer's `max_ack_pending`; a process holds at most `2 × batchSize` of it. */
+const MAX_ACK_PENDING = 1_000;
+/** Entities whose key this process remembers (a key never changes; this only bounds memory). */
+const KEY_CACHE_MAX = 20_000;
 
 export interface RunnerOptions {
   nc: NatsConnection;
@@ -79,7 +103,12 @@ export interface ReactionStats {
   failures: number;
   redeliveries: number;
   deadLettered: number;
+  /** Committed transactions of a transactional reaction (one may apply many messages). */
+  transactions: number;
 }
+
+/** Called after a commit with the entries it applied (first time in the inbox). */
+export type AppliedListener = (entries: EventEntry[]) => void;
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const ENTITY_TYPES: readonly string[] = ['ticket', 'task'];
@@ -112,6 +141,12 @@ export function parseEventMessage(raw: string): EventEntry | null {
   return ok ? (e as unknown as EventEntry) : null;
 }
 
+/** A delivery that passed the check, waiting for (or in) its key's transaction. */
+interface Held {
+  m: JsMsg;
+  entry: EventEntry;
+}
+
 export class ConsumerRunner {
   readonly stats: ReactionStats = {
     applied: 0,
@@ -121,6 +156,7 @@ export class ConsumerRunner {
     failures: 0,
     redeliveries: 0,
     deadLettered: 0,
+    transactions: 0,
   };
   readonly name: string;
   private running = false;
@@ -129,6 +165,16 @@ export class ConsumerRunner {
   private advisories: Subscription | null = null;
   private readonly inFlight = new Set<Promise<void>>();
   private restartTimer: { timer: NodeJS.Timeout; resolve: () => void } | null = null;
+  /** Checked deliveries by key, in arrival order, not yet in a transaction. */
+  private readonly queued = new Map<string, Held[]>();
+  /** Keys with a transaction running (a key runs one at a time). */
+  private readonly busy = new Set<string>();
+  /** Deliveries taken from the consumer and not yet acked, nak'ed or termed. */
+  private readonly held = new Set<JsMsg>();
+  private heldChanged: (() => void) | null = null;
+  private keepAlive: NodeJS.Timeout | null = null;
+  private readonly keys = new Map<string, string>();
+  private readonly appliedListeners = new Set<AppliedListener>();
 
   constructor(private readonly o: RunnerOptions) {
     this.name = o.reaction.name;
@@ -148,7 +194,7 @@ export class ConsumerRunner {
       ...(backoff.length > 0 ? { backoff } : {}),
       filter_subject: this.o.reaction.filterSubject(this.o.names),
       deliver_policy: DeliverPolicy.All,
-      max_ack_pending: 1_000,
+      max_ack_pending: MAX_ACK_PENDING,
     };
   }
 
@@ -173,6 +219,12 @@ export class ConsumerRunner {
     }
   }
 
+  /** Calls `listener` after each commit with the entries it applied; returns the unsubscribe. */
+  onApplied(listener: AppliedListener): () => void {
+    this.appliedListeners.add(listener);
+    return () => this.appliedListeners.delete(listener);
+  }
+
   async start(): Promise<void> {
     if (this.running) return;
     await this.ensureConsumer();
@@ -184,10 +236,17 @@ export class ConsumerRunner {
         callback: (err, msg) => {
           if (err) return;
           const p = this.onMaxDeliveries(msg.json<{ stream_seq: number; deliveries: number }>());
-          this.inFlight.add(p);
-          void p.finally(() => this.inFlight.delete(p));
+          this.track(p);
         },
       },
+    );
+    // Held deliveries wait for their key's turn: keep the server from redelivering them.
+    const s = this.o.settings;
+    this.keepAlive = setInterval(
+      () => {
+        for (const m of this.held) m.working();
+      },
+      Math.max(100, s.ackWaitMs / 2),
     );
     this.loop = this.run();
   }
@@ -200,11 +259,19 @@ export class ConsumerRunner {
       clearTimeout(this.restartTimer.timer);
       this.restartTimer.resolve();
     }
+    this.heldChanged?.();
     // With NATS down, close() waits for a server that is not there: bound it.
     if (this.messages) await settleWithin(this.messages.close(), 2_000);
     await this.loop;
     this.loop = null;
+    // What waits for a transaction goes back to the server at once, for any process to take.
+    for (const items of this.queued.values()) {
+      for (const h of items) this.release(h.m, () => h.m.nak());
+    }
+    this.queued.clear();
     await Promise.allSettled([...this.inFlight]);
+    if (this.keepAlive) clearInterval(this.keepAlive);
+    this.keepAlive = null;
   }
 
   private async run(): Promise<void> {
@@ -215,18 +282,45 @@ export class ConsumerRunner {
         const consumer = await this.o.js.consumers.get(this.o.names.stream, this.name);
         const s = this.o.settings;
         const messages = await consumer.consume({
-          max_messages: s.concurrency,
+          // The client pulls again below a quarter of this: keep that above zero.
+          max_messages: Math.max(8, s.batchSize),
           expires: 10_000,
           abort_on_missing_resource: true,
         });
         this.messages = messages;
         void this.watch(messages);
         if (!this.running) await messages.close();
-        for await (const m of messages) {
+        const it = messages[Symbol.asyncIterator]();
+        // A `next()` still waiting when a batch closes is the first message of the next one.
+        let next: Promise<IteratorResult<JsMsg>> | null = null;
+        const take = () => {
+          next ??= it.next();
+          return next;
+        };
+        for (;;) {
+          const first = await take();
+          next = null;
+          if (first.done) break;
           failures = 0;
-          while (this.inFlight.size >= s.concurrency) await Promise.race(this.inFlight);
-          const p = this.handleMessage(m).finally(() => this.inFlight.delete(p));
-          this.inFlight.add(p);
+          const batch: JsMsg[] = [first.value];
+          // Whatever else has arrived: buffered messages resolve within microtasks, so a
+          // `next()` that loses the race with setImmediate means nothing more is waiting.
+          while (batch.length < s.batchSize) {
+            const more = await Promise.race([take(), immediate()]);
+            if (more === null) break;
+            next = null;
+            if (more.done) break;
+            batch.push(more.value);
+          }
+          await this.intake(batch);
+          // Backpressure: take no more while twice a batch waits or runs.
+          while (this.running && this.held.size >= 2 * s.batchSize) {
+            await new Promise<void>((resolve) => {
+              this.heldChanged = resolve;
+            });
+            this.heldChanged = null;
+          }
+          if (!this.running) break;
         }
       } catch (error) {
         if (this.running) this.o.log.warn({ err: error, consumer: this.name }, 'consumer stopped');
@@ -261,47 +355,178 @@ export class ConsumerRunner {
     }
   }
 
-  /** Handles one delivery: process, then ack, nak with a delay, or dead-letter and term. */
-  async handleMessage(m: JsMsg): Promise<void> {
-    const deliveries = m.info.deliveryCount;
-    if (deliveries > 1) this.stats.redeliveries++;
-    let entry: EventEntry | null = null;
-    const s = this.o.settings;
-    const keepAlive = setInterval(() => m.working(), Math.max(100, s.ackWaitMs / 2));
-    try {
-      entry = parseEventMessage(m.string());
-      if (entry === null) this.forged(m.subject, null, 'not an event message');
-      else await this.process(entry, m.subject);
-      m.ack();
-    } catch (error) {
-      this.stats.failures++;
-      const message = error instanceof Error ? error.message : String(error);
-      if (deliveries >= s.maxDeliver) {
-        try {
-          await this.deadLetter(m.subject, entry, m.string(), message, deliveries);
-          m.term();
-        } catch (dlqError) {
-          // The MAX_DELIVERIES advisory will dead-letter it once the server gives up.
-          this.o.log.error({ err: dlqError, consumer: this.name }, 'dead-lettering failed');
-          m.nak(s.retryBaseMs);
-        }
+  /**
+   * Takes a batch: malformed, ignored and forged messages are acked at once; the others are
+   * checked against the event log in one query and queued by key (a direct reaction runs
+   * them here).
+   */
+  private async intake(batch: JsMsg[]): Promise<void> {
+    const r = this.o.reaction;
+    const claims: { m: JsMsg; claim: EventEntry }[] = [];
+    for (const m of batch) {
+      this.held.add(m);
+      if (m.info.deliveryCount > 1) this.stats.redeliveries++;
+      const claim = parseEventMessage(m.string());
+      if (claim === null) {
+        this.forged(m.subject, null, 'not an event message');
+        this.release(m, () => m.ack());
+      } else if (!r.accepts(claim)) {
+        this.stats.ignored++;
+        this.release(m, () => m.ack());
       } else {
-        const delay = Math.min(s.maxRetryDelayMs, s.retryBaseMs * 2 ** (deliveries - 1));
-        this.o.log.warn(
-          {
-            err: error,
-            consumer: this.name,
-            eventId: entry?.eventId,
-            deliveries,
-            retryInMs: delay,
-          },
-          'reaction failed; will retry',
-        );
-        m.nak(delay);
+        claims.push({ m, claim });
       }
-    } finally {
-      clearInterval(keepAlive);
     }
+    if (claims.length === 0) return;
+    let stored: Map<string, EventEntry>;
+    try {
+      stored = await findEvents(
+        this.o.sql,
+        claims.map((c) => c.claim.eventId.toLowerCase()),
+      );
+    } catch (error) {
+      for (const c of claims) await this.failed(c.m, c.claim, error);
+      return;
+    }
+    const checked: Held[] = [];
+    for (const { m, claim } of claims) {
+      const entry = stored.get(claim.eventId.toLowerCase()) ?? null;
+      const mismatch = this.mismatch(claim, entry, m.subject);
+      if (mismatch !== null || entry === null) {
+        this.forged(m.subject, claim, mismatch ?? 'no such event');
+        this.release(m, () => m.ack());
+      } else {
+        checked.push({ m, entry });
+      }
+    }
+    if (r.kind === 'direct') {
+      for (const { m, entry } of checked) {
+        try {
+          await r.run(entry);
+          this.stats.applied++;
+          this.release(m, () => m.ack());
+        } catch (error) {
+          await this.failed(m, entry, error);
+        }
+      }
+      return;
+    }
+    let keys: Map<string, string>;
+    try {
+      keys = await this.keysOf(
+        r,
+        checked.map((h) => h.entry.entityId),
+      );
+    } catch (error) {
+      for (const h of checked) await this.failed(h.m, h.entry, error);
+      return;
+    }
+    for (const h of checked) {
+      const key = keys.get(h.entry.entityId) ?? h.entry.entityId;
+      const list = this.queued.get(key);
+      if (list) list.push(h);
+      else this.queued.set(key, [h]);
+    }
+    this.pump();
+  }
+
+  /** The reaction's key of each entity, from memory or asked for the ones not known yet. */
+  private async keysOf(
+    r: TransactionalReaction,
+    entityIds: string[],
+  ): Promise<Map<string, string>> {
+    const out = new Map<string, string>();
+    if (!r.group) return out; // each entity is its own key
+    const unknown: string[] = [];
+    for (const id of new Set(entityIds)) {
+      const key = this.keys.get(id);
+      if (key === undefined) unknown.push(id);
+      else out.set(id, key);
+    }
+    if (unknown.length === 0) return out;
+    const found = await r.group.keysOf(this.o.sql, unknown);
+    if (this.keys.size + found.size > KEY_CACHE_MAX) this.keys.clear();
+    for (const [id, key] of found) {
+      this.keys.set(id, key);
+      out.set(id, key);
+    }
+    return out;
+  }
+
+  /** Starts a transaction for each key that waits and is not running, up to `concurrency`. */
+  private pump(): void {
+    const s = this.o.settings;
+    if (!this.running) return;
+    for (const [key, items] of this.queued) {
+      if (this.busy.size >= s.concurrency) return;
+      if (this.busy.has(key)) continue;
+      const taken = items.splice(0, Math.max(1, s.maxPerTransaction));
+      if (items.length === 0) this.queued.delete(key);
+      this.busy.add(key);
+      const p = this.runKey(taken)
+        .catch((error) => {
+          this.o.log.error({ err: error, consumer: this.name }, 'reaction batch not settled');
+        })
+        .finally(() => {
+          this.busy.delete(key);
+          this.pump();
+        });
+      this.track(p);
+    }
+  }
+
+  /** One key's deliveries: one transaction, then ack each; on failure one transaction each. */
+  private async runKey(items: Held[]): Promise<void> {
+    try {
+      await this.applyEntries(items.map((h) => h.entry));
+      for (const h of items) this.release(h.m, () => h.m.ack());
+      return;
+    } catch (error) {
+      const only = items.length === 1 ? items[0] : undefined;
+      if (only) {
+        await this.failed(only.m, only.entry, error);
+        return;
+      }
+      this.o.log.warn(
+        { err: error, consumer: this.name, messages: items.length },
+        'batch failed; applying its messages one by one',
+      );
+    }
+    for (const h of items) {
+      try {
+        await this.applyEntries([h.entry]);
+        this.release(h.m, () => h.m.ack());
+      } catch (error) {
+        await this.failed(h.m, h.entry, error);
+      }
+    }
+  }
+
+  /**
+   * The transactional reaction's effect for these stored entries, in one transaction with
+   * their inbox rows; an entry already in the inbox (a redelivery) changes nothing. Returns
+   * how many were applied.
+   */
+  private async applyEntries(entries: EventEntry[]): Promise<number> {
+    const r = this.o.reaction as TransactionalReaction;
+    const unique = [...new Map(entries.map((e) => [e.eventId, e])).values()];
+    const { value: fresh } = await this.o.host.transact(async (uow) => {
+      const fresh = await recordInboxMany(
+        uow.tx,
+        this.name,
+        unique.map((e) => e.eventId),
+      );
+      const todo = unique.filter((e) => fresh.has(e.eventId));
+      if (todo.length === 0) return todo;
+      if (r.group) await r.group.applyMany(uow, todo, this.o.host);
+      else for (const e of todo) await r.apply(uow, e, this.o.host);
+      return todo;
+    });
+    this.stats.transactions++;
+    this.stats.applied += fresh.length;
+    this.stats.duplicates += entries.length - fresh.length;
+    if (fresh.length > 0) for (const listener of this.appliedListeners) listener(fresh);
+    return fresh.length;
   }
 
   /**
@@ -318,18 +543,8 @@ export class ConsumerRunner {
       return 'ignored';
     }
     const entry = await findEvent(this.o.sql, claim.eventId);
-    const mismatch = !entry
-      ? 'no such event in the event log'
-      : entry.entityId !== claim.entityId ||
-          entry.entityType !== claim.entityType ||
-          entry.type !== claim.type ||
-          entry.seq !== claim.seq
-        ? 'does not match the stored event'
-        : subject !== undefined &&
-            subject !== eventSubject(this.o.names, entry.entityType, entry.entityId, entry.type)
-          ? 'published on another subject than its event'
-          : null;
-    if (mismatch || !entry) {
+    const mismatch = this.mismatch(claim, entry, subject);
+    if (mismatch !== null || !entry) {
       this.forged(subject, claim, mismatch ?? 'no such event');
       return 'forged';
     }
@@ -338,14 +553,74 @@ export class ConsumerRunner {
       this.stats.applied++;
       return 'applied';
     }
-    const { value } = await this.o.host.transact(async (uow) => {
-      if (!(await recordInbox(uow.tx, this.name, entry.eventId))) return 'duplicate' as const;
-      await r.apply(uow, entry, this.o.host);
-      return 'applied' as const;
-    });
-    if (value === 'duplicate') this.stats.duplicates++;
-    else this.stats.applied++;
-    return value;
+    return (await this.applyEntries([entry])) === 1 ? 'applied' : 'duplicate';
+  }
+
+  /** Why `claim` is not the stored event `entry` (published on its subject), or null. */
+  private mismatch(
+    claim: EventEntry,
+    entry: EventEntry | null,
+    subject: string | undefined,
+  ): string | null {
+    if (!entry) return 'no such event in the event log';
+    if (
+      entry.entityId !== claim.entityId ||
+      entry.entityType !== claim.entityType ||
+      entry.type !== claim.type ||
+      entry.seq !== claim.seq
+    ) {
+      return 'does not match the stored event';
+    }
+    if (
+      subject !== undefined &&
+      subject !== eventSubject(this.o.names, entry.entityType, entry.entityId, entry.type)
+    ) {
+      return 'published on another subject than its event';
+    }
+    return null;
+  }
+
+  /** A delivery whose handling threw: nak with a delay, or dead-letter and term the last. */
+  private async failed(m: JsMsg, entry: EventEntry | null, error: unknown): Promise<void> {
+    const s = this.o.settings;
+    const deliveries = m.info.deliveryCount;
+    this.stats.failures++;
+    const message = error instanceof Error ? error.message : String(error);
+    if (deliveries >= s.maxDeliver) {
+      try {
+        await this.deadLetter(m.subject, entry, m.string(), message, deliveries);
+        this.release(m, () => m.term());
+      } catch (dlqError) {
+        // The MAX_DELIVERIES advisory will dead-letter it once the server gives up.
+        this.o.log.error({ err: dlqError, consumer: this.name }, 'dead-lettering failed');
+        this.release(m, () => m.nak(s.retryBaseMs));
+      }
+      return;
+    }
+    const delay = Math.min(s.maxRetryDelayMs, s.retryBaseMs * 2 ** (deliveries - 1));
+    this.o.log.warn(
+      { err: error, consumer: this.name, eventId: entry?.eventId, deliveries, retryInMs: delay },
+      'reaction failed; will retry',
+    );
+    this.release(m, () => m.nak(delay));
+  }
+
+  /** Settles a held delivery (ack, nak or term) and lets the reader take more. */
+  private release(m: JsMsg, settle: () => void): void {
+    try {
+      settle();
+    } catch (error) {
+      // A closed connection: unsettled, the server delivers it again after ack_wait.
+      this.o.log.warn({ err: error, consumer: this.name }, 'delivery not settled');
+    } finally {
+      this.held.delete(m);
+      this.heldChanged?.();
+    }
+  }
+
+  private track(p: Promise<void>): void {
+    this.inFlight.add(p);
+    void p.finally(() => this.inFlight.delete(p));
   }
 
   private forged(subject: string | undefined, claim: EventEntry | null, why: string): void {
@@ -418,4 +693,9 @@ export class ConsumerRunner {
       this.o.log.error({ err: error, consumer: this.name }, 'max-deliveries advisory not handled');
     }
   }
+}
+
+/** Resolves null on the next turn of the event loop (after pending I/O callbacks). */
+function immediate(): Promise<null> {
+  return new Promise((resolve) => setImmediate(() => resolve(null)));
 }

@@ -4,15 +4,22 @@
  * message is only a pointer: the consumer runner looks its event up in Postgres and hands the
  * reaction the stored entry (a forged or unknown message never reaches one), and each policy
  * reads the state it acts on from Postgres too.
- * - `task_state`: a task changed state → the `task-state` policy (its ticket learns it).
+ * - `task_state`: a task changed state → the `task-state` policy (its ticket learns it). The
+ *   news of one ticket's tasks that arrive together is applied in one transaction.
  * - `ticket_cancel`: a ticket was cancelled → the `ticket-cancelled` policy.
  * - `dispatch`: a task became claimable → a core NATS message that wakes idle workers and
  *   long-polling claims. Only a latency optimisation: claimers poll as well.
  */
 import type { NatsConnection, Subscription } from '@nats-io/transport-node';
 import type { ActorHost, UnitOfWork } from '../actors/host.js';
+import type { Db } from '../persistence/db.js';
 import type { EventEntry } from '../persistence/event-log.js';
-import { cancelOpenTasks, forwardTaskState } from '../policies/index.js';
+import {
+  cancelOpenTasks,
+  forwardTaskState,
+  forwardTaskStates,
+  ticketsOfTasks,
+} from '../policies/index.js';
 import { dispatchSubject, type TransportNames, typeEventsSubject } from './subjects.js';
 
 interface ReactionBase {
@@ -27,6 +34,21 @@ interface ReactionBase {
 export interface TransactionalReaction extends ReactionBase {
   kind: 'transactional';
   apply: (uow: UnitOfWork, entry: EventEntry, host: ActorHost) => Promise<void>;
+  /**
+   * How messages that arrive together are applied together. The runner applies the entries
+   * that share a key in one unit of work (with their inbox rows), in arrival order, and
+   * entries of different keys in parallel. Without `group` the key is the event's entity
+   * and `apply` runs for each entry in turn.
+   */
+  group?: {
+    /**
+     * The key of each entity, by entity id (one missing is keyed by itself). An entity's key
+     * must never change: the runner keeps it.
+     */
+    keysOf: (db: Db, entityIds: string[]) => Promise<Map<string, string>>;
+    /** The effect of several entries of one key (each new to the inbox), in one unit of work. */
+    applyMany: (uow: UnitOfWork, entries: EventEntry[], host: ActorHost) => Promise<void>;
+  };
 }
 
 /** An effect outside Postgres that may repeat harmlessly (a wake-up). */
@@ -53,6 +75,16 @@ export const taskStateReaction: TransactionalReaction = {
   accepts: (e) => e.entityType === 'task' && e.type !== 'task.created',
   apply: async (uow, e) => {
     await forwardTaskState(uow, e.entityId);
+  },
+  // One ticket's news in one transaction: one lock of its row, each task's state read once.
+  group: {
+    keysOf: (db, taskIds) => ticketsOfTasks(db, taskIds),
+    applyMany: async (uow, entries) => {
+      await forwardTaskStates(
+        uow,
+        entries.map((e) => e.entityId),
+      );
+    },
   },
 };
 

@@ -1,0 +1,352 @@
+/**
+ * Reactions keeping up with completions: the task_state reaction (relay → JetStream →
+ * consumer → TASK_STATE to the ticket) against the highest completion rate this process
+ * sustains.
+ *
+ * Setup: tickets of TASKS_PER_TICKET tasks, every task claimed and started (one transaction
+ * per ticket), and the setup's news relayed and reacted to before anything is timed.
+ * - Alone: one COMPLETE at a time, each waiting for its reaction.
+ * - Under load: `concurrency` loops send COMPLETE back to back for `seconds`, taking the
+ *   tasks ticket by ticket (as a worker draining tickets does), without waiting for the
+ *   reactions. Completions/s and reactions/s over that window, their ratio, the backlog
+ *   (completions committed and not yet reacted to) at half time and at the end, and the
+ *   latency from the completion's commit (host.onCommit) to the commit of the reaction that
+ *   applied it (the runner's onApplied), until the backlog is gone.
+ * With BENCH_REACTION_BASELINE=1 the load runs a second time with batches of one message
+ * (each message its own transaction, as before batching) for a before/after figure.
+ */
+import { jetstreamManager } from '@nats-io/jetstream';
+import { Commands } from '../src/actors/commands.js';
+import { ActorHost } from '../src/actors/host.js';
+import { silentLogger } from '../src/log.js';
+import type { EventEntry } from '../src/persistence/event-log.js';
+import type { ConsumerRunner } from '../src/transport/consumer-runner.js';
+import { Transport } from '../src/transport/index.js';
+import { benchNames, dropStreams, NATS_URL, type Scratch, scratchDatabase } from './scratch.js';
+import { ms, n0, pool, print, ratio, summarize, table, until } from './stats.js';
+
+const TASK_DEFAULTS = { maxAttempts: 3, leaseMs: 3_600_000, retryBaseMs: 1_000 };
+const TASKS_PER_TICKET = 20;
+
+export interface ReactionsOptions {
+  seconds: number;
+  /** Loops sending COMPLETE at once. */
+  concurrency: number;
+  /** Tasks made ready for the loaded run (it ends early, and says so, if they run out). */
+  tasks: number;
+  /** Completions timed one at a time. */
+  alone: number;
+}
+
+interface Work {
+  taskId: string;
+  token: string;
+}
+
+interface Run {
+  label: string;
+  completions: number;
+  seconds: number;
+  reactions: number;
+  backlogHalf: number;
+  backlogEnd: number;
+  drainSeconds: number;
+  p50: number;
+  p99: number;
+  /** p50, p99 of commit → on the stream, and of on the stream → reaction committed. */
+  toStream: [number, number];
+  fromStream: [number, number];
+  transactions: number;
+  applied: number;
+  ranOut: boolean;
+}
+
+export async function reactionsSection(o: ReactionsOptions): Promise<void> {
+  print('## Reactions keeping up with completions');
+  const passes: { label: string; maxPerTransaction?: number }[] = [{ label: 'batched (default)' }];
+  if (process.env.BENCH_REACTION_BASELINE === '1') {
+    passes.push({ label: 'one message per transaction', maxPerTransaction: 1 });
+  }
+  let alone: ReturnType<typeof summarize> | null = null;
+  const runs: Run[] = [];
+  for (const pass of passes) {
+    const db = await scratchDatabase('reactions', { max: 24 });
+    const names = benchNames();
+    let t: Transport | null = null;
+    try {
+      const host = new ActorHost(db.sql, { taskDefaults: TASK_DEFAULTS });
+      const work = await prepare(host, o.tasks + o.alone);
+      t = await Transport.start({
+        sql: db.sql,
+        host,
+        log: silentLogger(),
+        natsUrl: NATS_URL,
+        names,
+        reconcileMs: 600_000,
+        enableReconciler: false,
+        relay: { streamCheckMs: 0 },
+        ...(pass.maxPerTransaction !== undefined
+          ? { consumer: { maxPerTransaction: pass.maxPerTransaction } }
+          : {}),
+      });
+      await settle(db, t, names.stream);
+      const runner = t.runners.find((r) => r.name === 'task_state') as ConsumerRunner;
+      alone ??= await timeAlone(host, runner, work.slice(o.tasks));
+      const onStream = `${names.prefix}.events.task.>`;
+      runs.push(await underLoad(pass.label, host, runner, t, onStream, work.slice(0, o.tasks), o));
+    } finally {
+      await t?.stop().catch(() => {});
+      await dropStreams(names).catch(() => {});
+      await db.drop();
+    }
+  }
+  print(
+    `\n${n0(o.tasks)} running tasks in tickets of ${TASKS_PER_TICKET}; ${o.concurrency} loops send COMPLETE for ${o.seconds}s, taking the tasks ticket by ticket; latency = completion's commit → commit of the TASK_STATE that applied it\n`,
+  );
+  const a = alone as ReturnType<typeof summarize>;
+  print(
+    table(
+      [
+        'run',
+        'completions/s',
+        'reactions/s',
+        'ratio',
+        'backlog at half',
+        'at end',
+        'drained in s',
+        'p50 ms',
+        'p99 ms',
+        'messages/tx',
+      ],
+      [
+        ...runs.map((r) => [
+          `${r.label}${r.ranOut ? ' (ran out of tasks)' : ''}`,
+          n0(r.completions / r.seconds),
+          n0(r.reactions / r.seconds),
+          ratio(r.reactions, r.completions),
+          n0(r.backlogHalf),
+          n0(r.backlogEnd),
+          r.drainSeconds.toFixed(1),
+          ms(r.p50),
+          ms(r.p99),
+          (r.applied / Math.max(1, r.transactions)).toFixed(1),
+        ]),
+        ['alone (one at a time)', '-', '-', '-', '-', '-', '-', ms(a.p50), ms(a.p99), '-'],
+      ],
+    ),
+  );
+  print('\nwhere the time goes under load (p50 / p99 ms):\n');
+  print(
+    table(
+      ['run', 'commit → on stream (relay)', 'on stream → reaction committed'],
+      runs.map((r) => [
+        r.label,
+        `${ms(r.toStream[0])} / ${ms(r.toStream[1])}`,
+        `${ms(r.fromStream[0])} / ${ms(r.fromStream[1])}`,
+      ]),
+    ),
+  );
+  print(
+    `\ntargets: reactions/s ≥ 0.95 × completions/s; backlog at end ≤ at half; p99 < 50 ms under load, < 10 ms alone`,
+  );
+}
+
+/** Tickets of TASKS_PER_TICKET tasks, started, every task claimed and started. */
+async function prepare(host: ActorHost, n: number): Promise<Work[]> {
+  const commands = new Commands(host, { stuckAfterMs: 3_600_000, diagnosticCooldownMs: 3_600_000 });
+  const tickets = Math.ceil(n / TASKS_PER_TICKET);
+  const byTicket: Work[][] = new Array(tickets);
+  await pool(tickets, 4, async (i) => {
+    const { value } = await host.transact(async (uow) => {
+      const t = await commands.createTicket(uow, { title: 'bench' });
+      const ids: string[] = [];
+      for (let k = 0; k < TASKS_PER_TICKET; k++) {
+        ids.push((await commands.addTask(uow, t.id, { type: 'bench' })).id);
+      }
+      await uow.send('ticket', t.id, { type: 'START' });
+      const out: Work[] = [];
+      for (const id of ids) {
+        const claimed = await uow.send('task', id, { type: 'CLAIM', workerId: 'bench' });
+        const token = (claimed.snapshot.context as { token: string }).token;
+        await uow.send('task', id, { type: 'START', token });
+        out.push({ taskId: id, token });
+      }
+      return out;
+    });
+    byTicket[i] = value;
+  });
+  return byTicket.flat().slice(0, n);
+}
+
+/** Waits until the relay has published everything and every consumer has acked it. */
+async function settle(db: Scratch, t: Transport, stream: string): Promise<void> {
+  const jsm = await jetstreamManager(t.nc);
+  await until(
+    async () => {
+      if ((await t.relay.lag()).count > 0) return false;
+      for (const r of t.runners) {
+        const info = await jsm.consumers.info(stream, r.name);
+        if (info.num_pending + info.num_ack_pending > 0) return false;
+      }
+      return true;
+    },
+    600_000,
+    `the setup's news to settle (${db.name})`,
+    100,
+  );
+}
+
+/** Reaction latency of completions sent one at a time. */
+async function timeAlone(
+  host: ActorHost,
+  runner: ConsumerRunner,
+  work: Work[],
+): Promise<ReturnType<typeof summarize>> {
+  const committedAt = new Map<string, { eventId: string; at: number }>();
+  const reactedAt = new Map<string, number>();
+  const waiters = new Map<string, () => void>();
+  const stopCommits = host.onCommit((applied) => {
+    const now = performance.now();
+    for (const a of applied) {
+      for (const e of a.events) {
+        if (e.type === 'task.completed') committedAt.set(a.id, { eventId: e.eventId, at: now });
+      }
+    }
+  });
+  const stopApplied = runner.onApplied((entries) => {
+    const now = performance.now();
+    for (const e of entries) {
+      if (e.type !== 'task.completed') continue;
+      reactedAt.set(e.eventId, now);
+      waiters.get(e.eventId)?.();
+    }
+  });
+  const samples: number[] = [];
+  try {
+    for (const w of work) {
+      await host.send('task', w.taskId, { type: 'COMPLETE', token: w.token });
+      const c = committedAt.get(w.taskId);
+      if (!c) throw new Error(`bench: no completion committed for ${w.taskId}`);
+      if (!reactedAt.has(c.eventId)) {
+        await new Promise<void>((resolve) => waiters.set(c.eventId, resolve));
+      }
+      samples.push((reactedAt.get(c.eventId) as number) - c.at);
+    }
+  } finally {
+    stopCommits();
+    stopApplied();
+  }
+  return summarize(samples, 0);
+}
+
+async function underLoad(
+  label: string,
+  host: ActorHost,
+  runner: ConsumerRunner,
+  t: Transport,
+  streamSubjects: string,
+  work: Work[],
+  o: ReactionsOptions,
+): Promise<Run> {
+  const committedAt = new Map<string, number>();
+  const latencies: number[] = [];
+  /** When each completion reached the stream (a core subscriber sees what the server took). */
+  const streamAt = new Map<string, number>();
+  const toStream: number[] = [];
+  const fromStream: number[] = [];
+  const sub = t.nc.subscribe(streamSubjects, {
+    callback: (_err, m) => {
+      if (!m.subject.endsWith('.completed')) return;
+      const id = (m.json() as { eventId: string }).eventId;
+      const at = committedAt.get(id);
+      if (at === undefined) return;
+      const now = performance.now();
+      streamAt.set(id, now);
+      toStream.push(now - at);
+    },
+  });
+  await t.nc.flush();
+  let completions = 0;
+  let reactions = 0;
+  let windowOpen = true;
+  let reactionsInWindow = 0;
+  const stopCommits = host.onCommit((applied) => {
+    const now = performance.now();
+    for (const a of applied) {
+      if (a.entityType !== 'task') continue;
+      for (const e of a.events) {
+        if (e.type !== 'task.completed') continue;
+        committedAt.set(e.eventId, now);
+        completions++;
+      }
+    }
+  });
+  const stopApplied = runner.onApplied((entries: EventEntry[]) => {
+    const now = performance.now();
+    for (const e of entries) {
+      const at = committedAt.get(e.eventId);
+      if (at === undefined) continue;
+      committedAt.delete(e.eventId);
+      latencies.push(now - at);
+      const seen = streamAt.get(e.eventId);
+      if (seen !== undefined) fromStream.push(now - seen);
+      streamAt.delete(e.eventId);
+      reactions++;
+      if (windowOpen) reactionsInWindow++;
+    }
+  });
+  const before = { ...runner.stats };
+  let next = 0;
+  let ranOut = false;
+  let backlogHalf = 0;
+  const started = performance.now();
+  const end = started + o.seconds * 1000;
+  const half = setTimeout(
+    () => {
+      backlogHalf = completions - reactions;
+    },
+    (o.seconds * 1000) / 2,
+  );
+  await Promise.all(
+    Array.from({ length: o.concurrency }, async () => {
+      while (performance.now() < end) {
+        const w = work[next++];
+        if (!w) {
+          ranOut = true;
+          return;
+        }
+        await host.send('task', w.taskId, { type: 'COMPLETE', token: w.token });
+      }
+    }),
+  );
+  clearTimeout(half);
+  windowOpen = false;
+  const seconds = (performance.now() - started) / 1000;
+  const completed = completions;
+  const backlogEnd = completions - reactions;
+  const drainStart = performance.now();
+  await until(() => committedAt.size === 0, 600_000, 'every completion reacted to', 10);
+  const drainSeconds = (performance.now() - drainStart) / 1000;
+  stopCommits();
+  stopApplied();
+  sub.unsubscribe();
+  const s = summarize(latencies, 0);
+  const a = summarize(toStream, 0);
+  const b = summarize(fromStream, 0);
+  return {
+    label,
+    completions: completed,
+    seconds,
+    reactions: reactionsInWindow,
+    backlogHalf,
+    backlogEnd,
+    drainSeconds,
+    p50: s.p50,
+    p99: s.p99,
+    toStream: [a.p50, a.p99],
+    fromStream: [b.p50, b.p99],
+    transactions: runner.stats.transactions - before.transactions,
+    applied: runner.stats.applied - before.applied,
+    ranOut,
+  };
+}

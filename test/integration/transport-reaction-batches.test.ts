@@ -1,0 +1,286 @@
+/**
+ * The task_state reaction in batches, against a real NATS and Postgres. Its consumer is
+ * stopped while the news piles up on the stream, then started, so one pull brings it all:
+ * many completions of one ticket's tasks advance it once in fewer transactions than
+ * messages; a ticket whose transaction fails (a trigger refuses its update) is retried while
+ * the other tickets of the same batch commit; a forged message inside a batch is acked,
+ * counted and never reaches the inbox.
+ */
+import { randomUUID } from 'node:crypto';
+import { jetstream } from '@nats-io/jetstream';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import type { Commands } from '../../src/actors/commands.js';
+import { ActorHost } from '../../src/actors/host.js';
+import type { Sql } from '../../src/persistence/db.js';
+import type { ConsumerRunner, ConsumerSettings } from '../../src/transport/consumer-runner.js';
+import type { Transport } from '../../src/transport/index.js';
+import { eventSubject, type TransportNames } from '../../src/transport/subjects.js';
+import { createTestDatabase, type TestDatabase } from '../support/database.js';
+import { TASK_DEFAULTS } from '../support/fixtures.js';
+import {
+  commandsFor,
+  eventually,
+  type NatsAdmin,
+  natsAdmin,
+  startTransport,
+  testNames,
+} from '../support/transport.js';
+
+let admin: NatsAdmin;
+const allNames: TransportNames[] = [];
+const dbs: TestDatabase[] = [];
+const transports: Transport[] = [];
+
+beforeAll(async () => {
+  admin = await natsAdmin();
+});
+afterEach(async () => {
+  await Promise.all(transports.splice(0).map((t) => t.stop()));
+  await Promise.all(dbs.splice(0).map((d) => d.drop()));
+});
+afterAll(async () => {
+  await admin.close(allNames);
+});
+
+interface Env {
+  sql: Sql;
+  host: ActorHost;
+  commands: Commands;
+  names: TransportNames;
+  transport: Transport;
+  /** The task_state runner, stopped: news waits on the stream until `runner.start()`. */
+  runner: ConsumerRunner;
+}
+
+async function env(label: string, consumer: Partial<ConsumerSettings> = {}): Promise<Env> {
+  const db = await createTestDatabase(label);
+  dbs.push(db);
+  const names = testNames();
+  allNames.push(names);
+  const sql = db.pool(8);
+  const host = new ActorHost(sql, { taskDefaults: { ...TASK_DEFAULTS, retryBaseMs: 20 } });
+  const transport = await startTransport(sql, host, names, {
+    enableReconciler: false,
+    consumer: {
+      ackWaitMs: 2_000,
+      maxDeliver: 3,
+      retryBaseMs: 50,
+      maxRetryDelayMs: 200,
+      ...consumer,
+    },
+  });
+  transports.push(transport);
+  const runner = transport.runners.find((r) => r.name === 'task_state')!;
+  await runner.stop();
+  return { sql, host, commands: commandsFor(host), names, transport, runner };
+}
+
+async function ticketWithTasks(
+  e: Env,
+  n: number,
+): Promise<{ ticketId: string; taskIds: string[] }> {
+  const { value } = await e.host.transact(async (uow) => {
+    const t = await e.commands.createTicket(uow, { title: 'batches' });
+    const taskIds: string[] = [];
+    for (let i = 0; i < n; i++) {
+      taskIds.push((await e.commands.addTask(uow, t.id, { type: 'build' })).id);
+    }
+    return { ticketId: t.id, taskIds };
+  });
+  await e.host.send('ticket', value.ticketId, { type: 'START' });
+  return value;
+}
+
+async function claimAndStart(host: ActorHost, taskId: string): Promise<string> {
+  const claimed = await host.send('task', taskId, { type: 'CLAIM', workerId: 'w1' });
+  const token = (claimed.snapshot.context as { token: string }).token;
+  await host.send('task', taskId, { type: 'START', token });
+  return token;
+}
+
+async function complete(host: ActorHost, taskId: string): Promise<void> {
+  const token = await claimAndStart(host, taskId);
+  await host.send('task', taskId, { type: 'COMPLETE', token });
+}
+
+/** Waits until every task event so far (plus `extra` messages) waits on the stopped consumer. */
+async function newsOnStream(e: Env, extra = 0): Promise<number> {
+  const [r] = await e.sql<{ n: number }[]>`
+    select count(*)::int as n from events where entity_type = 'task'`;
+  const expected = (r?.n ?? 0) + extra;
+  await eventually(
+    async () =>
+      (await e.transport.jsm.consumers.info(e.names.stream, 'task_state')).num_pending === expected,
+    15_000,
+    `${expected} messages waiting`,
+  );
+  return expected;
+}
+
+async function ticketState(sql: Sql, id: string): Promise<string> {
+  const rows = await sql<{ state: string }[]>`select state from tickets where id = ${id}`;
+  return rows[0]?.state ?? 'missing';
+}
+
+async function phaseChanges(sql: Sql, ticketId: string): Promise<number> {
+  const rows = await sql<{ n: number }[]>`
+    select count(*)::int as n from events
+    where entity_id = ${ticketId} and type = 'ticket.phase_changed'`;
+  return rows[0]?.n ?? 0;
+}
+
+/** Every delivery of the consumer settled (acked or termed), none waiting. */
+async function consumerSettled(e: Env): Promise<void> {
+  await eventually(
+    async () => {
+      const info = await e.transport.jsm.consumers.info(e.names.stream, 'task_state');
+      return info.num_pending === 0 && info.num_ack_pending === 0;
+    },
+    15_000,
+    'the consumer to settle',
+  );
+}
+
+describe('task_state reaction in batches', () => {
+  it("many completions of one ticket's tasks in one batch advance the ticket exactly once", async () => {
+    const e = await env('batches_one_ticket');
+    const { ticketId, taskIds } = await ticketWithTasks(e, 30);
+    await Promise.all(taskIds.map((id) => complete(e.host, id)));
+    const messages = await newsOnStream(e);
+
+    await e.runner.start();
+    await eventually(
+      async () => (await ticketState(e.sql, ticketId)) === 'design',
+      20_000,
+      'the ticket in design',
+    );
+    await consumerSettled(e);
+    expect(await phaseChanges(e.sql, ticketId)).toBe(2); // START and one ADVANCE
+    const s = e.runner.stats;
+    // created ×30 ignored; claimed, started, completed ×30 applied
+    expect(s.ignored + s.applied + s.duplicates).toBe(messages);
+    expect(s.applied).toBe(90);
+    expect(s.failures + s.forged).toBe(0);
+    // The point of batching: far fewer transactions than messages applied.
+    expect(s.transactions).toBeGreaterThan(0);
+    expect(s.transactions).toBeLessThan(s.applied / 3);
+    const inbox = await e.sql<{ n: number }[]>`
+      select count(*)::int as n from inbox where consumer = 'task_state'`;
+    expect(inbox[0]?.n).toBe(90);
+  });
+
+  it('a ticket whose transaction fails is redelivered while the other tickets of the batch commit', async () => {
+    // Enough deliveries that the failing ticket is not dead-lettered before the fault is gone.
+    const e = await env('batches_one_fails', {
+      maxDeliver: 50,
+      retryBaseMs: 100,
+      maxRetryDelayMs: 300,
+    });
+    const tickets = await Promise.all([0, 1, 2].map(() => ticketWithTasks(e, 3)));
+    const [bad, ...good] = tickets as [(typeof tickets)[0], ...typeof tickets];
+    for (const t of tickets) await Promise.all(t.taskIds.map((id) => complete(e.host, id)));
+    await newsOnStream(e);
+    // Postgres refuses any write to the bad ticket's row while the fault is in place.
+    await e.sql.unsafe(`
+      create function refuse_ticket() returns trigger language plpgsql as $$
+      begin raise exception 'injected fault for %', old.id; end $$;
+      create trigger refuse_ticket before update on tickets for each row
+        when (old.id = '${bad.ticketId}') execute function refuse_ticket();`);
+
+    await e.runner.start();
+    for (const t of good) {
+      await eventually(
+        async () => (await ticketState(e.sql, t.ticketId)) === 'design',
+        20_000,
+        'the good tickets in design',
+      );
+    }
+    // The bad ticket's news failed and came back (redelivered), and is still not applied.
+    await eventually(
+      () => e.runner.stats.redeliveries >= 2 && e.runner.stats.failures >= 4,
+      20_000,
+      'the failed messages redelivered',
+    );
+    expect(await ticketState(e.sql, bad.ticketId)).toBe('requirements');
+    const badInbox = await e.sql<{ n: number }[]>`
+      select count(*)::int as n from inbox i join events v on v.event_id = i.event_id
+      where i.consumer = 'task_state' and v.entity_id = any(${bad.taskIds}::text[])`;
+    expect(badInbox[0]?.n).toBe(0);
+
+    await e.sql.unsafe('drop trigger refuse_ticket on tickets');
+    await eventually(
+      async () => (await ticketState(e.sql, bad.ticketId)) === 'design',
+      20_000,
+      'the bad ticket in design once the fault is gone',
+    );
+    await consumerSettled(e);
+    for (const t of tickets) expect(await phaseChanges(e.sql, t.ticketId)).toBe(2);
+    expect(await e.transport.deadLetters(10)).toHaveLength(0);
+    const s = e.runner.stats;
+    expect(s.applied).toBe(27);
+    expect(s.transactions).toBeLessThan(s.applied);
+  });
+
+  it('a forged message inside a batch is acked and counted, and never applied', async () => {
+    const e = await env('batches_forged');
+    const { ticketId, taskIds } = await ticketWithTasks(e, 4);
+    const [running, first, ...rest] = taskIds as [string, string, ...string[]];
+    await claimAndStart(e.host, running);
+    await complete(e.host, first);
+    await newsOnStream(e);
+    // Between the genuine news: a made-up completion of the running task, and a genuine
+    // event id passed off as that completion.
+    const [claimed] = await e.sql<{ event_id: string; seq: number }[]>`
+      select event_id, seq from events where entity_id = ${running} and type = 'task.claimed'`;
+    const subject = eventSubject(e.names, 'task', running, 'task.completed');
+    const forgedIds = [randomUUID(), claimed!.event_id];
+    const js = jetstream(admin.nc);
+    for (const eventId of forgedIds) {
+      await js.publish(
+        subject,
+        JSON.stringify({
+          pos: 1,
+          eventId,
+          seq: 9,
+          entityId: running,
+          entityType: 'task',
+          type: 'task.completed',
+          data: { ticketId },
+          at: new Date().toISOString(),
+        }),
+      );
+    }
+    await Promise.all(rest.map((id) => complete(e.host, id)));
+    await newsOnStream(e, forgedIds.length);
+
+    await e.runner.start();
+    await consumerSettled(e);
+    const s = e.runner.stats;
+    expect(s.forged).toBe(2);
+    // running: claimed, started; three others: claimed, started, completed
+    expect(s.applied).toBe(2 + 3 * 3);
+    expect(s.transactions).toBeLessThan(s.applied);
+    expect(s.failures).toBe(0);
+    // The made-up id never reached the inbox; the genuine id passed off as a completion is
+    // there once, from its own message.
+    const inbox = async (id: string) =>
+      (await e.sql`select 1 from inbox where consumer = 'task_state' and event_id = ${id}`).length;
+    expect(await inbox(forgedIds[0]!)).toBe(0);
+    expect(await inbox(forgedIds[1]!)).toBe(1);
+    expect(await ticketState(e.sql, ticketId)).toBe('requirements');
+    expect(await e.transport.deadLetters(10)).toHaveLength(0);
+
+    // The genuine completion still advances the ticket, once.
+    const token = (
+      await e.sql<{ token: string }[]>`
+        select snapshot -> 'context' ->> 'token' as token from tasks where id = ${running}`
+    )[0]!.token;
+    await e.host.send('task', running, { type: 'COMPLETE', token });
+    await eventually(
+      async () => (await ticketState(e.sql, ticketId)) === 'design',
+      20_000,
+      'the ticket in design',
+    );
+    expect(await phaseChanges(e.sql, ticketId)).toBe(2);
+  });
+});
