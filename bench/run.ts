@@ -1,7 +1,7 @@
 /**
  * `npm run bench`: every figure beside its raw baseline from the same run.
  *
- * Sections (default all, in this order): host, relay, http, peers, drain, growth, scrape,
+ * Sections (default all, in this order): host, relay, http, sse, peers, drain, growth, scrape,
  * output, workflows. Choose with
  * `npm run bench -- --only relay,http` or BENCH_ONLY=relay,http. Each section creates its
  * own scratch database (and NATS streams) and drops them afterwards.
@@ -10,7 +10,8 @@
  * PostgreSQL), BENCH_NATS_URL (default nats://127.0.0.1:4222), BENCH_SECONDS (duration of
  * each timed measurement, default 3), BENCH_CONCURRENCY (host section, default 1,8,64),
  * BENCH_JOBS (peers section, default 1000), BENCH_PEER_JOBS (drain section, default 20000), BENCH_GROWTH_TICKETS (default 100000),
- * BENCH_SCRAPE_TASKS (tasks stored for the scrape section's second figure, default 100000).
+ * BENCH_SCRAPE_TASKS (tasks stored for the scrape section's second figure, default 100000),
+ * BENCH_SSE_CLIENTS (sse section, default 1000).
  */
 import { readFileSync } from 'node:fs';
 import os from 'node:os';
@@ -25,6 +26,7 @@ import { peersSection } from './peers.js';
 import { relaySection } from './relay.js';
 import { scrapeSection } from './scrape.js';
 import { ADMIN_URL, NATS_URL, scratchDatabase } from './scratch.js';
+import { sseSection } from './sse.js';
 import { fmt, print } from './stats.js';
 import { workflowsSection } from './workflows.js';
 
@@ -32,6 +34,7 @@ const SECTIONS = [
   'host',
   'relay',
   'http',
+  'sse',
   'peers',
   'drain',
   'growth',
@@ -47,6 +50,7 @@ const jobs = Number(process.env.BENCH_JOBS ?? 1000);
 const peerJobs = Number(process.env.BENCH_PEER_JOBS ?? 20_000);
 const growthTickets = Number(process.env.BENCH_GROWTH_TICKETS ?? 100_000);
 const scrapeTasks = Number(process.env.BENCH_SCRAPE_TASKS ?? 100_000);
+const sseClients = Number(process.env.BENCH_SSE_CLIENTS ?? 1_000);
 
 function selected(): Section[] {
   const argv = process.argv.slice(2);
@@ -159,6 +163,7 @@ async function main(): Promise<void> {
       await relaySection({ seconds, events: 5_000, reactionsAlone: 100, reactionsLoaded: 400 });
     }
     if (s === 'http') await httpSection({ seconds, sseClients: 100 });
+    if (s === 'sse') await sseSection({ clients: sseClients, samples: 100 });
     if (s === 'peers') await peersSection({ jobs, concurrency: 8 });
     if (s === 'drain') await drainSection({ jobs: peerJobs });
     if (s === 'growth')

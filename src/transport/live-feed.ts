@@ -238,17 +238,14 @@ export class LiveFeed {
           await this.catchUp(c, target);
           continue;
         }
-        const m = c.queue.shift();
-        if (!m) {
+        if (c.queue.length === 0) {
           await new Promise<void>((resolve) => {
             c.kick = resolve;
           });
           c.kick = null;
           continue;
         }
-        if (m.position <= c.lastSent) continue;
-        await c.onMessage(m);
-        c.lastSent = m.position;
+        await this.deliver(c, c.queue.splice(0));
       }
     } catch (error) {
       this.o.log.warn({ err: error, lastSent: c.lastSent }, 'live feed client ended');
@@ -258,15 +255,33 @@ export class LiveFeed {
   private async catchUp(c: Client, target: number): Promise<void> {
     while (!c.closed && this.running && c.lastSent < target) {
       const page = await readFeedRange(this.o.sql, c.lastSent, target, c.entityId, this.o.pageSize);
-      for (const entry of page) {
-        if (c.closed) return;
-        await c.onMessage({ position: entry.pos, entry });
-        c.lastSent = entry.pos;
-      }
+      if (c.closed) return;
+      await this.deliver(
+        c,
+        page.map((entry) => ({ position: entry.pos, entry })),
+      );
       if (page.length < this.o.pageSize) break;
     }
     // Whatever the filter left out up to the target is behind this client too.
     if (!c.closed) c.lastSent = Math.max(c.lastSent, target);
+  }
+
+  /**
+   * Hands `messages` to the client without waiting between them (its receiver may write them
+   * out together), at most its bound at a time, then waits for the last to settle.
+   */
+  private async deliver(c: Client, messages: LiveMessage[]): Promise<void> {
+    let pending: Promise<void> | undefined;
+    let n = 0;
+    for (const m of messages) {
+      if (c.closed) return;
+      if (m.position <= c.lastSent) continue;
+      const settled = c.onMessage(m);
+      if (settled) pending = settled;
+      c.lastSent = m.position;
+      if (++n % c.limit === 0) await pending;
+    }
+    await pending;
   }
 
   /** Advances the cursor over `entries` and queues them for every client, in one step. */

@@ -16,18 +16,22 @@ import { validate } from '../request.js';
 import type { AppEnv, AppServices, EventFeed, StreamMessage } from '../services.js';
 
 /**
- * The `data:` of an event's frame, serialised once per event however many clients receive it
- * (the live feed hands every client the same entry object).
+ * An event's SSE frame (the layout of hono's `writeSSE`), encoded once per event however
+ * many clients receive it: the live feed hands every client the same entry object.
  */
-const frames = new WeakMap<object, string>();
-function frameData(m: StreamMessage): string {
-  let data = frames.get(m.entry);
-  if (data === undefined) {
-    const { seq, entityId, entityType, type, data: d, at } = m.entry;
-    data = JSON.stringify({ seq, entityId, entityType, type, data: d, at });
-    frames.set(m.entry, data);
+const frames = new WeakMap<object, Uint8Array>();
+const encoder = new TextEncoder();
+function frame(m: StreamMessage): Uint8Array {
+  let bytes = frames.get(m.entry);
+  if (bytes === undefined) {
+    const { seq, entityId, entityType, type, data, at } = m.entry;
+    const json = JSON.stringify({ seq, entityId, entityType, type, data, at });
+    // Event types are machine-defined names; a line break would end the field early.
+    const event = type.replace(/[\r\n]/g, ' ');
+    bytes = encoder.encode(`event: ${event}\ndata: ${json}\nid: ${m.position}\n\n`);
+    frames.set(m.entry, bytes);
   }
-  return data;
+  return bytes;
 }
 
 export function streamRoutes(s: AppServices): Hono<AppEnv> {
@@ -109,26 +113,31 @@ export function streamRoutes(s: AppServices): Hono<AppEnv> {
         void feed.done?.then(finish, finish);
         await stream.write(': connected\n\n');
         while (!done) {
-          const next = queue.shift();
-          if (!next) {
+          if (queue.length === 0) {
             await new Promise<void>((resolve) => {
               wake = resolve;
             });
             wake = null;
             continue;
           }
-          const { m, written } = next;
+          // Everything queued goes out in one write: under a burst, one syscall per client
+          // per batch instead of per event.
+          const batch = queue.splice(0);
           try {
-            // A message the client already has (a source that repeats itself).
-            if (m.position <= lastSent) continue;
-            await stream.writeSSE({
-              id: String(m.position),
-              event: m.entry.type,
-              data: frameData(m),
-            });
-            lastSent = m.position;
+            const chunks: Uint8Array[] = [];
+            for (const { m } of batch) {
+              // A message the client already has (a source that repeats itself).
+              if (m.position <= lastSent) continue;
+              chunks.push(frame(m));
+              lastSent = m.position;
+            }
+            if (chunks.length > 0) {
+              await stream.write(
+                chunks.length === 1 ? (chunks[0] as Uint8Array) : Buffer.concat(chunks),
+              );
+            }
           } finally {
-            written();
+            for (const { written } of batch) written();
           }
         }
       } catch (error) {
