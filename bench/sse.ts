@@ -1,7 +1,7 @@
 /**
  * The live feed at scale: N SSE clients (default 1,000) of GET /events/stream on one process,
- * with the clients in a child process (http-load.ts) so the server's event loop does only
- * server work. Per event, commit → the last of the N clients got it (p50/p99), for commits of
+ * with the clients in a child process (http-load.ts, node:http readers) so the server's
+ * event loop does only server work. Per event, commit → the last of the N clients got it (p50/p99), for commits of
  * this process (the feed is woken in-process) and of another host (woken through the event
  * stream, after the relay published it); then a burst's deliveries/s. Beside it, the baseline:
  * one raw JetStream consumer of the event stream, commit → received, same commits. Also the
@@ -88,7 +88,7 @@ export async function sseSection(o: { clients: number; samples: number }): Promi
     const count = async () => {
       consumers = (await t.jsm.consumers.list(names.stream).next()).length;
     };
-    const sseOpen = { type: 'sse-open', url: listening.url, clients: o.clients };
+    const sseOpen = { type: 'sse-open-node', url: listening.url, clients: o.clients };
     const sse = await fanOut(child, host, mine, sseOpen, { samples: o.samples, whileOpen: count });
     const sseOther = await fanOut(child, other, theirs, sseOpen, { samples: o.samples });
     const feedOpen = { type: 'feed-open', natsUrl: NATS_URL, names, clients: 1 };
