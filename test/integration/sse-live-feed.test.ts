@@ -4,15 +4,19 @@
  * order; a transaction that commits late is delivered at its position and a rolled-back one
  * is skipped; a client resuming with `Last-Event-ID` while writers keep writing gets exactly
  * what followed, from Postgres then live; a client that stops reading holds up nobody and
- * later reads everything it missed.
+ * later reads everything it missed; with NATS down the feed goes on from Postgres.
  */
+import { type AddressInfo, createServer, connect as netConnect, type Socket } from 'node:net';
 import type { ConsumerInfo } from '@nats-io/jetstream';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import type { Transport } from '../../src/transport/index.js';
+import { ActorHost } from '../../src/actors/host.js';
+import type { LiveMessage, Transport } from '../../src/transport/index.js';
+import { deleteStreams } from '../../src/transport/streams.js';
 import type { TransportNames } from '../../src/transport/subjects.js';
 import { createTestApp, type TestApp } from '../support/http-app.js';
 import { type SseReader, sseReader } from '../support/sse.js';
 import {
+  commandsFor,
   eventually,
   type NatsAdmin,
   natsAdmin,
@@ -176,5 +180,76 @@ describe('one live feed per process', () => {
     const late = await readIds(stalled, (got) => got.length >= total);
     expect(late).toEqual(fastIds);
     await Promise.all([stalled.cancel(), fast.cancel()]);
+  });
+});
+
+/** A TCP proxy to the NATS server: closing it is NATS going down for whoever connects through it. */
+async function natsProxy(port = 0): Promise<{ port: number; close(): Promise<void> }> {
+  const sockets = new Set<Socket>();
+  const server = createServer((client) => {
+    const upstream = netConnect(4222, '127.0.0.1');
+    sockets.add(client);
+    sockets.add(upstream);
+    const drop = () => {
+      client.destroy();
+      upstream.destroy();
+    };
+    for (const s of [client, upstream]) {
+      s.on('error', drop);
+      s.on('close', drop);
+    }
+    client.pipe(upstream).pipe(client);
+  });
+  await new Promise<void>((resolve) => server.listen(port, '127.0.0.1', resolve));
+  return {
+    port: (server.address() as AddressInfo).port,
+    close: () =>
+      new Promise<void>((resolve) => {
+        server.close(() => resolve());
+        for (const s of sockets) s.destroy();
+      }),
+  };
+}
+
+describe('the live feed without NATS', () => {
+  it('goes on from Postgres while NATS is down, and after it is back', async () => {
+    const proxyNames = testNames();
+    let proxy = await natsProxy();
+    const feedTransport = await startTransport(t.db.sql, t.host, proxyNames, {
+      reactions: () => [],
+      natsUrl: `nats://127.0.0.1:${proxy.port}`,
+      liveFeed: { pollMs: 400 },
+    });
+    // Another process's writes: nothing wakes this feed but the stream and its poll.
+    const other = new ActorHost(t.db.sql, {
+      taskDefaults: { maxAttempts: 3, leaseMs: 60_000, retryBaseMs: 100 },
+    });
+    const otherCommands = commandsFor(other);
+    const writeOther = async (n: number) => {
+      for (let i = 0; i < n; i++) {
+        await other.transact((uow) => otherCommands.createTicket(uow, { title: `other ${i}` }));
+      }
+    };
+    try {
+      const start = await maxPos();
+      const got: number[] = [];
+      const sub = await feedTransport.subscribeEvents(start, undefined, (m: LiveMessage) => {
+        got.push(m.position);
+      });
+      await writeOther(5);
+      await eventually(() => got.length === 5, 15_000, 'events with NATS up');
+      await proxy.close();
+      await writeOther(10);
+      await eventually(() => got.length === 15, 15_000, 'events while NATS is down');
+      proxy = await natsProxy(proxy.port);
+      await writeOther(5);
+      await eventually(() => got.length === 20, 15_000, 'events after NATS is back');
+      expect(got).toEqual(await positionsAfter(start));
+      await sub.close();
+    } finally {
+      await feedTransport.stop();
+      await proxy.close();
+      await deleteStreams(admin.jsm, proxyNames);
+    }
   });
 });
