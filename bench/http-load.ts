@@ -2,12 +2,14 @@
  * The HTTP bench's client, in a process of its own so that the server's event loop does
  * only server work. Driven over IPC by http.ts:
  * - `load`: closed-loop requests (fetch, keep-alive) at a concurrency for some seconds.
- * - `sse-open` / `feed-open`: N SSE clients of GET /events/stream, or N ordered JetStream
+ * - `sse-open` / `sse-open-node` / `feed-open`: N SSE clients of GET /events/stream (fetch,
+ *   or node:http with a lighter parse), or N ordered JetStream
  *   consumers through the same feed function the route uses (the baseline without HTTP).
  *   Each event is keyed `entityId:seq`; when every client has it, the child reports the
  *   wall-clock time (ms, sub-ms precision) at which the last one got it.
  * - `close`: ends the clients.
  */
+import http from 'node:http';
 import { jetstream } from '@nats-io/jetstream';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
 import { subscribeEvents } from '../src/transport/event-feed.js';
@@ -25,6 +27,7 @@ type Msg =
       seconds: number;
     }
   | { type: 'sse-open'; url: string; clients: number }
+  | { type: 'sse-open-node'; url: string; clients: number }
   | { type: 'feed-open'; natsUrl: string; names: TransportNames; clients: number }
   | { type: 'close' };
 
@@ -110,6 +113,55 @@ async function openSse(url: string, clients: number): Promise<void> {
   });
 }
 
+/**
+ * The same clients over node:http (no fetch, no web streams), each frame keyed by a regular
+ * expression instead of JSON.parse: at 1,000 clients the client process's own parsing would
+ * otherwise be most of what is measured.
+ */
+async function openSseNode(url: string, clients: number): Promise<void> {
+  clientCount = clients;
+  const agent = new http.Agent({ keepAlive: false, maxSockets: Number.POSITIVE_INFINITY });
+  let ready = 0;
+  const key = /"seq":(\d+),"entityId":"([^"]+)"/;
+  await new Promise<void>((resolve, reject) => {
+    for (let c = 0; c < clients; c++) {
+      const req = http.get(
+        `${url}/events/stream?after=new`,
+        { agent, headers: { accept: 'text/event-stream' } },
+        (res) => {
+          if (res.statusCode !== 200) {
+            reject(new Error(`SSE answered ${res.statusCode}`));
+            return;
+          }
+          res.setEncoding('utf8');
+          let buffer = '';
+          res.on('data', (chunk: string) => {
+            buffer += chunk;
+            let cut = buffer.indexOf('\n\n');
+            while (cut >= 0) {
+              const block = buffer.slice(0, cut);
+              buffer = buffer.slice(cut + 2);
+              cut = buffer.indexOf('\n\n');
+              if (block.startsWith(': connected')) {
+                if (++ready === clients) resolve();
+                continue;
+              }
+              const m = key.exec(block);
+              if (m) arrived(`${m[2]}:${m[1]}`);
+            }
+          });
+        },
+      );
+      req.on('error', (error) => {
+        if (!req.destroyed) reject(error);
+      });
+      closers.push(async () => {
+        req.destroy();
+      });
+    }
+  });
+}
+
 let nc: NatsConnection | null = null;
 
 async function openFeeds(natsUrl: string, names: TransportNames, clients: number): Promise<void> {
@@ -129,6 +181,10 @@ process.on('message', (m: Msg) => {
     if (m.type === 'load') await load(m);
     if (m.type === 'sse-open') {
       await openSse(m.url, m.clients);
+      send({ type: 'ready' });
+    }
+    if (m.type === 'sse-open-node') {
+      await openSseNode(m.url, m.clients);
       send({ type: 'ready' });
     }
     if (m.type === 'feed-open') {

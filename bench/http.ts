@@ -254,23 +254,26 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
   }
 }
 
-/**
- * Opens the clients, sends 30 events one at a time (commit → the last client got it),
- * then a burst of 500 at concurrency 8 (deliveries/s until every client had every event).
- */
 /** Whether each SSE ticket is blocked now: the next event to send it is UNBLOCK. */
 const blocked = new Map<string, boolean>();
 
-async function fanOut(
+/**
+ * Opens the clients, sends `samples` events one at a time (commit → the last client got it),
+ * then a burst of 500 at concurrency 8 (deliveries/s until every client had every event).
+ * `whileOpen` runs once every client is connected (e.g. to count consumers).
+ */
+export async function fanOut(
   child: ChildProcess,
   host: ActorHost,
   tickets: string[],
   open: { type: string; clients: number; [k: string]: unknown },
+  o: { samples?: number; whileOpen?: () => Promise<void> } = {},
 ): Promise<{ alone: LatencyStats; deliveries: number; events: number }> {
   const wallNow = () => performance.timeOrigin + performance.now();
   child.send(open);
   await nextMessage(child, isType('ready'));
   await sleep(500);
+  await o.whileOpen?.();
   const arrivals = new Map<string, number>();
   const waiters = new Map<string, () => void>();
   const onAll = (m: unknown) => {
@@ -293,7 +296,7 @@ async function fanOut(
   };
   try {
     const alone: number[] = [];
-    for (let i = 0; i < 30; i++) {
+    for (let i = 0; i < (o.samples ?? 30); i++) {
       const id = tickets[0] as string;
       let resolveAll: () => void = () => {};
       const all = new Promise<void>((r) => {

@@ -1,8 +1,8 @@
 /**
  * `npm run bench`: every figure beside its raw baseline from the same run.
  *
- * Sections (default all, in this order): host, relay, reactions, http, peers, drain, growth,
- * scrape, output, workflows. Choose with
+ * Sections (default all, in this order): host, relay, reactions, http, sse, peers, drain,
+ * growth, scrape, output, workflows. Choose with
  * `npm run bench -- --only relay,http` or BENCH_ONLY=relay,http. Each section creates its
  * own scratch database (and NATS streams) and drops them afterwards.
  *
@@ -15,7 +15,7 @@
  * BENCH_REACTION_SECONDS (the reactions section's loaded run, default 60),
  * BENCH_REACTION_CONCURRENCY (its COMPLETE loops, default 16), BENCH_REACTION_TASKS (tasks
  * made ready for it, default 700 per second of the run), BENCH_REACTION_BASELINE=1 (run it
- * again with one message per transaction).
+ * again with one message per transaction), BENCH_SSE_CLIENTS (sse section, default 1000).
  */
 import { readFileSync } from 'node:fs';
 import os from 'node:os';
@@ -31,6 +31,7 @@ import { reactionsSection } from './reactions.js';
 import { relaySection } from './relay.js';
 import { scrapeSection } from './scrape.js';
 import { ADMIN_URL, NATS_URL, scratchDatabase } from './scratch.js';
+import { sseSection } from './sse.js';
 import { fmt, print } from './stats.js';
 import { workflowsSection } from './workflows.js';
 
@@ -39,6 +40,7 @@ const SECTIONS = [
   'relay',
   'reactions',
   'http',
+  'sse',
   'peers',
   'drain',
   'growth',
@@ -57,6 +59,7 @@ const scrapeTasks = Number(process.env.BENCH_SCRAPE_TASKS ?? 100_000);
 const reactionSeconds = Number(process.env.BENCH_REACTION_SECONDS ?? 60);
 const reactionConcurrency = Number(process.env.BENCH_REACTION_CONCURRENCY ?? 16);
 const reactionTasks = Number(process.env.BENCH_REACTION_TASKS ?? reactionSeconds * 700);
+const sseClients = Number(process.env.BENCH_SSE_CLIENTS ?? 1_000);
 
 function selected(): Section[] {
   const argv = process.argv.slice(2);
@@ -177,6 +180,7 @@ async function main(): Promise<void> {
       });
     }
     if (s === 'http') await httpSection({ seconds, sseClients: 100 });
+    if (s === 'sse') await sseSection({ clients: sseClients, samples: 100 });
     if (s === 'peers') await peersSection({ jobs, concurrency: 8 });
     if (s === 'drain') await drainSection({ jobs: peerJobs });
     if (s === 'growth')

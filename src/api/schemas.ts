@@ -205,7 +205,7 @@ export const DeadLetterList = z
   .register(components, { id: 'DeadLetterList' });
 
 export const StreamQuery = z.strictObject({
-  /** A JetStream stream sequence (stored as bigint); past 2^53 a number loses digits. */
+  /** An event-log position (`pos`, a bigint); past 2^53 a number loses digits. */
   after: z.union([z.literal('new'), queryInt(0, Number.MAX_SAFE_INTEGER)]).optional(),
   entityId: id.optional(),
 });

@@ -226,7 +226,7 @@ export class OrchestratorClient {
 
   /**
    * `GET /events/stream`: every domain event (or one entity's) as it happens, in order,
-   * from `after` (a stream position, or `'new'`: from now on). A dropped connection is
+   * from `after` (an event-log position, or `'new'`: from now on). A dropped connection is
    * resumed from the last position seen, so no event is missed or repeated; end it with
    * `signal` or by leaving the `for await`.
    */

@@ -130,7 +130,7 @@ export interface Workflow extends WorkflowDefinition {
 
 // ---- the live stream -------------------------------------------------------------------
 
-/** One Server-Sent Event of `GET /events/stream`: `id` is the stream position to resume from. */
+/** One Server-Sent Event of `GET /events/stream`: `id` is the event-log position to resume from. */
 export interface StreamEvent {
   id: string;
   type: string;

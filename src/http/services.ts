@@ -13,10 +13,13 @@ import type { Logger } from '../log.js';
 import type { Queries } from '../persistence/queries.js';
 import type { ClaimService } from '../workers/claims.js';
 
-/** One domain event as the ordered stream delivers it. */
+/** One domain event as the ordered feed delivers it. */
 export interface StreamMessage {
-  /** The event's position in the stream: the SSE `id:`, what `Last-Event-ID` resumes from. */
-  streamSeq: number;
+  /**
+   * The event's position in the event log (its `pos`): the SSE `id:`, what `Last-Event-ID`
+   * resumes after.
+   */
+  position: number;
   entry: {
     seq: number;
     entityId: string;
@@ -34,14 +37,16 @@ export interface EventFeed {
 }
 
 /**
- * The ordered event stream (the Transport): every event after a position ('new': from now
- * on), once, in order. `onMessage` is called one message at a time.
+ * The ordered event feed (the Transport's live feed): every event after a position ('new':
+ * from now on), once, in order. `onMessage` is called one message at a time: the next waits
+ * for the promise it returns. `bufferLimit` bounds what the source queues for this client.
  */
 export interface EventSource {
   subscribeEvents(
-    afterStreamSeq: number | 'new',
+    after: number | 'new',
     entityId: string | undefined,
     onMessage: (message: StreamMessage) => void | Promise<void>,
+    options?: { bufferLimit?: number },
   ): Promise<EventFeed>;
 }
 
@@ -95,7 +100,10 @@ export interface AppServices {
   sse?: {
     /** Keep-alive comment interval (default 15 s). */
     keepAliveMs?: number;
-    /** Events buffered for one client before it is disconnected (default 1000). */
+    /**
+     * Events queued for one client (default 1000). Past it the live feed sends the client
+     * back to read from Postgres; a source that does not wait for delivery disconnects it.
+     */
     bufferLimit?: number;
   };
 }

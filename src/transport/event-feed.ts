@@ -1,14 +1,14 @@
 /**
- * The live event feed for SSE: one consumer of the event stream per subscription, from a
- * start sequence, so a client resuming after stream sequence N receives every later event
- * exactly once and in stream order. The stream sequence is the position a client resumes from.
+ * A consumer of the event stream from a start sequence, delivering every later event exactly
+ * once and in stream order. The live feed (live-feed.ts) holds one per process, as its
+ * wake-up for other processes' commits; SSE clients no longer hold one each.
  *
  * The consumer is ours, not the client library's ordered consumer: that one recreates itself
  * with a five-minute `inactive_threshold` and is not deleted on close, so every hung-up SSE
  * client left a consumer on the server for minutes. Ours is deleted when the feed ends, and
  * one left behind (a killed process, NATS unreachable at close) expires after
- * `FEED_INACTIVE_MS`. Instead of recreating itself after a gap, the feed ends: its client
- * resumes from the last position it received, which is the same guarantee at no cost.
+ * `FEED_INACTIVE_MS`. Instead of recreating itself after a gap, the feed ends: its owner
+ * subscribes again, which is the same guarantee at no cost.
  */
 import { randomBytes } from 'node:crypto';
 import {

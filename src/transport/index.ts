@@ -26,7 +26,15 @@ import {
   DEFAULT_CONSUMER_SETTINGS,
   type ReactionStats,
 } from './consumer-runner.js';
-import { type EventSubscription, type FeedMessage, subscribeEvents } from './event-feed.js';
+import type { EventSubscription, FeedMessage } from './event-feed.js';
+import {
+  LiveFeed,
+  type LiveFeedOptions,
+  type LiveFeedStats,
+  type LiveMessage,
+  type LiveSubscription,
+  type SubscribeOptions,
+} from './live-feed.js';
 import { connectNats, type NatsAuthFiles } from './nats.js';
 import { OutboxRelay, type RelayOptions, type RelayStats } from './outbox-relay.js';
 import {
@@ -74,6 +82,10 @@ export interface TransportOptions {
   reactions?: (nc: NatsConnection, names: TransportNames) => Reaction[];
   /** How long `stop` waits for the connection to drain before closing it (default 5 s). */
   drainTimeoutMs?: number;
+  /** The live feed behind SSE (page size, per-client bound, poll intervals). */
+  liveFeed?: Partial<
+    Pick<LiveFeedOptions, 'pageSize' | 'bufferLimit' | 'pollMs' | 'gapRetryMs' | 'gapTimeoutMs'>
+  >;
   /** Turn parts off (tests, or a process that only publishes). All on by default. */
   enableRelay?: boolean;
   enableReconciler?: boolean;
@@ -87,6 +99,7 @@ export interface TransportMetrics {
   redeliveries: number;
   deadLetters: number;
   reconciler: ReconcilerStats;
+  liveFeed: LiveFeedStats;
 }
 
 export type {
@@ -94,6 +107,8 @@ export type {
   DispatchMessage,
   EventSubscription,
   FeedMessage,
+  LiveMessage,
+  LiveSubscription,
   NatsAuthFiles,
   TransportNames,
 };
@@ -103,7 +118,8 @@ export class Transport {
   readonly relay: OutboxRelay;
   readonly runners: ConsumerRunner[];
   readonly reconciler: Reconciler;
-  private readonly feeds = new Set<EventSubscription>();
+  /** The one live feed of this process, shared by every SSE client; started by the first. */
+  readonly liveFeed: LiveFeed;
   private readonly unsubscribeCommit: () => void;
   private stopped = false;
 
@@ -150,10 +166,21 @@ export class Transport {
       intervalMs: o.reconcileMs,
       ...(o.reconcileGraceMs !== undefined ? { graceMs: o.reconcileGraceMs } : {}),
     });
-    // A commit that wrote events wakes this process's relay at once (NOTIFY covers the
-    // other processes); a heartbeat writes none and must not start empty rounds.
+    this.liveFeed = new LiveFeed({
+      sql: o.sql,
+      js,
+      names: o.names,
+      log: o.log.child({ component: 'live-feed' }),
+      ...o.liveFeed,
+    });
+    // A commit that wrote events wakes this process's relay and live feed at once (NOTIFY
+    // and the stream cover the other processes); a heartbeat writes none and must not start
+    // empty rounds.
     this.unsubscribeCommit = o.host.onCommit((applied) => {
-      if (applied.some((a) => a.events.length > 0)) this.relay.wake();
+      if (applied.some((a) => a.events.length > 0)) {
+        this.relay.wake();
+        this.liveFeed.wake();
+      }
     });
   }
 
@@ -191,7 +218,7 @@ export class Transport {
     if (this.stopped) return;
     this.stopped = true;
     this.unsubscribeCommit();
-    await Promise.all([...this.feeds].map((f) => f.close()));
+    await this.liveFeed.stop();
     await this.reconciler.stop();
     await Promise.all(this.runners.map((r) => r.stop()));
     await this.relay.stop();
@@ -224,6 +251,7 @@ export class Transport {
       redeliveries,
       deadLetters,
       reconciler: { ...this.reconciler.stats },
+      liveFeed: { ...this.liveFeed.stats },
     };
   }
 
@@ -296,6 +324,19 @@ export class Transport {
       m.reconciler.ticketsFixed + m.reconciler.tasksCancelled,
       'counter',
     );
+    gauge('orch_live_feed_clients', "SSE clients on this process's live feed.", m.liveFeed.clients);
+    gauge(
+      'orch_live_feed_catchups_total',
+      'Live feed clients that read from Postgres (resumes, and queues dropped at their bound).',
+      m.liveFeed.catchUps,
+      'counter',
+    );
+    gauge(
+      'orch_live_feed_overflows_total',
+      'Live feed client queues dropped at their bound (slow clients).',
+      m.liveFeed.overflows,
+      'counter',
+    );
     return `${lines.join('\n')}\n`;
   }
 
@@ -305,25 +346,16 @@ export class Transport {
   }
 
   /**
-   * The live feed for SSE: every event after stream sequence `afterStreamSeq` ('new': only
-   * events from now on), optionally of one entity, each with its stream sequence.
+   * The live feed for SSE: every event after position `after` (an event-log `pos`; 'new':
+   * only events from now on), optionally of one entity, in `pos` order, once each.
    */
-  async subscribeEvents(
-    afterStreamSeq: number | 'new',
+  subscribeEvents(
+    after: number | 'new',
     filterEntityId: string | undefined,
-    onMessage: (m: FeedMessage) => void | Promise<void>,
-  ): Promise<EventSubscription> {
-    const sub = await subscribeEvents(
-      this.js,
-      this.o.names,
-      afterStreamSeq,
-      filterEntityId,
-      onMessage,
-      this.o.log,
-    );
-    this.feeds.add(sub);
-    void sub.done.then(() => this.feeds.delete(sub));
-    return sub;
+    onMessage: (m: LiveMessage) => void | Promise<void>,
+    options?: SubscribeOptions,
+  ): Promise<LiveSubscription> {
+    return this.liveFeed.subscribe(after, filterEntityId, onMessage, options);
   }
 
   /** Dispatch wake-ups from any process. */

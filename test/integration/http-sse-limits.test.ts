@@ -1,8 +1,9 @@
 /**
  * What live-stream clients cost the server, on a real port over the real Transport: at most
- * SSE_MAX_CLIENTS streams (503 `unavailable` with Retry-After beyond), each with one
- * JetStream consumer that is deleted as soon as its client hangs up and that the server
- * expires on its own if it is ever left behind; `HEAD` opens nothing.
+ * SSE_MAX_CLIENTS streams (503 `unavailable` with Retry-After beyond), all of them on the
+ * process's one live feed with its one JetStream consumer, which the server expires on its
+ * own if its process dies; a client's slot is free as soon as it hangs up; `HEAD` opens
+ * nothing.
  */
 import type { AddressInfo } from 'node:net';
 import { serve } from '@hono/node-server';
@@ -48,7 +49,7 @@ beforeAll(async () => {
 });
 afterEach(async () => {
   for (const c of open.splice(0)) c.abort.abort();
-  await eventually(async () => (await consumers()).length === 0, 10_000, 'no consumer left');
+  await eventually(() => transport.liveFeed.stats.clients === 0, 10_000, 'no client left');
 });
 afterAll(async () => {
   if (server) {
@@ -82,11 +83,25 @@ const createTicket = (title: string) =>
   t.host.transact((uow) => t.services.commands.createTicket(uow, { title }));
 
 describe('live stream limits', () => {
+  it('HEAD answers the headers of the stream and creates no consumer', async () => {
+    const res = await fetch(`${base}/events/stream`, { method: 'HEAD' });
+    expect(res.status).toBe(200);
+    expect(res.headers.get('content-type')).toContain('text/event-stream');
+    // Give a consumer that should not exist the time to appear.
+    await new Promise((r) => setTimeout(r, 500));
+    expect(await consumers()).toHaveLength(0);
+    // A HEAD holds no client slot: all of them are still free.
+    for (let i = 0; i < MAX_CLIENTS; i++) await connect();
+    expect((await fetch(`${base}/events/stream`, { method: 'HEAD' })).status).toBe(503);
+    expect(transport.liveFeed.stats.clients).toBe(MAX_CLIENTS);
+  });
+
   it(`SSE_MAX_CLIENTS=${MAX_CLIENTS}: the next client gets 503 with Retry-After, until one leaves`, async () => {
     const clients = [];
     for (let i = 0; i < MAX_CLIENTS; i++) clients.push(await connect());
+    // Every client shares the process's one consumer.
     const held = await consumers();
-    expect(held).toHaveLength(MAX_CLIENTS);
+    expect(held).toHaveLength(1);
 
     const refused = await fetch(`${base}/events/stream?after=new`);
     expect(refused.status).toBe(503);
@@ -94,24 +109,18 @@ describe('live stream limits', () => {
     const body = (await refused.json()) as { error: string; message: string };
     expect(body.error).toBe('unavailable');
     expect(body.message).toContain('SSE_MAX_CLIENTS');
-    // A refused client costs no consumer.
-    expect(await consumers()).toHaveLength(MAX_CLIENTS);
 
-    // One hangs up: its consumer is deleted at once, not left to expire.
+    // One hangs up: its slot is free at once; the feed and its consumer stay.
     const leaving = clients[0] as { abort: AbortController };
     const hungUpAt = Date.now();
     leaving.abort.abort();
-    const left = await eventually(
-      async () => {
-        const now = new Set((await consumers()).map((c) => c.name));
-        const gone = held.filter((c) => !now.has(c.config.name ?? c.name));
-        return gone.length === 1 && now.size === MAX_CLIENTS - 1 ? gone[0] : undefined;
-      },
+    await eventually(
+      () => transport.liveFeed.stats.clients === MAX_CLIENTS - 1,
       1_000,
-      'the hung-up client’s consumer deleted',
+      'the hung-up client gone from the feed',
     );
     expect(Date.now() - hungUpAt).toBeLessThan(1_000);
-    await expect(admin.jsm.consumers.info(names.stream, left.name)).rejects.toThrow(/not found/i);
+    expect((await consumers()).map((c) => c.name)).toEqual(held.map((c) => c.name));
 
     // There is room again, and every client still receives events.
     const late = await connect();
@@ -123,20 +132,7 @@ describe('live stream limits', () => {
     }
   });
 
-  it('HEAD answers the headers of the stream and creates no consumer', async () => {
-    const res = await fetch(`${base}/events/stream`, { method: 'HEAD' });
-    expect(res.status).toBe(200);
-    expect(res.headers.get('content-type')).toContain('text/event-stream');
-    // Give a consumer that should not exist the time to appear.
-    await new Promise((r) => setTimeout(r, 500));
-    expect(await consumers()).toHaveLength(0);
-    // A HEAD holds no client slot: all of them are still free.
-    for (let i = 0; i < MAX_CLIENTS; i++) await connect();
-    expect((await fetch(`${base}/events/stream`, { method: 'HEAD' })).status).toBe(503);
-    expect(await consumers()).toHaveLength(MAX_CLIENTS);
-  });
-
-  it('a consumer left behind expires within seconds; a live client’s stays while it idles', async () => {
+  it('the live feed’s consumer stays while it idles', async () => {
     const client = await connect();
     const [consumer] = await consumers();
     const threshold = consumer?.config.inactive_threshold ?? 0;
@@ -154,12 +150,17 @@ describe('live stream limits', () => {
   it('the consumer of a feed whose process died expires on the server within seconds', async () => {
     // A process of its own, killed before it could delete its consumer.
     const nc = await connectNats({ servers: NATS_URL });
+    const before = new Set((await consumers()).map((c) => c.name));
     await subscribeEvents(jetstream(nc), names, 'new', undefined, () => {});
-    const [orphan] = await consumers();
+    const orphan = (await consumers()).find((c) => !before.has(c.name));
     expect(orphan).toBeDefined();
     await nc.close();
     const diedAt = Date.now();
-    await eventually(async () => (await consumers()).length === 0, 15_000, 'the orphan expired');
+    await eventually(
+      async () => !(await consumers()).some((c) => c.name === orphan?.name),
+      15_000,
+      'the orphan expired',
+    );
     expect(Date.now() - diedAt).toBeLessThan(10_000);
   });
 });

@@ -20,7 +20,7 @@ class MemorySource implements EventSource {
 
   push(entityId: string, type: string): void {
     const m: StreamMessage = {
-      streamSeq: this.log.length + 1,
+      position: this.log.length + 1,
       entry: {
         seq: 1,
         entityId,
@@ -41,7 +41,7 @@ class MemorySource implements EventSource {
   ): Promise<EventFeed> {
     const from = after === 'new' ? this.log.length : after;
     const deliver = (m: StreamMessage) => {
-      if (m.streamSeq > from && (!entityId || m.entry.entityId === entityId)) onMessage(m);
+      if (m.position > from && (!entityId || m.entry.entityId === entityId)) onMessage(m);
     };
     for (const m of this.log) deliver(m);
     this.subs.add(deliver);

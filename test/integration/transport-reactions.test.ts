@@ -13,7 +13,7 @@ import type { Commands } from '../../src/actors/commands.js';
 import { ActorHost } from '../../src/actors/host.js';
 import type { Sql } from '../../src/persistence/db.js';
 import { toEntry } from '../../src/persistence/event-log.js';
-import type { FeedMessage, Transport } from '../../src/transport/index.js';
+import type { LiveMessage, Transport } from '../../src/transport/index.js';
 import {
   type DispatchMessage,
   type Reaction,
@@ -427,7 +427,7 @@ describe('reactions', () => {
     sub.unsubscribe();
   });
 
-  it('the event feed resumes after a stream sequence, optionally for one entity', async () => {
+  it('the event feed resumes after a log position, optionally for one entity', async () => {
     const e = await env('reactions_feed');
     const p = e.proc();
     const t = await e.start(p, { reactions: () => [], enableReconciler: false });
@@ -437,25 +437,26 @@ describe('reactions', () => {
       const r = await p.sql<{ n: number }[]>`select count(*)::int as n from outbox`;
       return r[0]?.n === 0;
     });
-    const all: FeedMessage[] = [];
+    const all: LiveMessage[] = [];
     const feed = await t.subscribeEvents(0, undefined, (m) => {
       all.push(m);
     });
     // ticket: created, task_added ×0 (no event), phase_changed, blocked; tasks: created ×2
     const total = (await p.sql<{ n: number }[]>`select count(*)::int as n from events`)[0]!.n;
     await eventually(() => all.length === total);
-    expect(all.map((m) => m.streamSeq)).toEqual(all.map((_, i) => i + 1));
+    expect(all.map((m) => m.position)).toEqual(all.map((_, i) => i + 1));
+    expect(all.map((m) => m.position)).toEqual(all.map((m) => m.entry.pos));
     await feed.close();
 
-    const mine: FeedMessage[] = [];
-    const afterFirst = all.find((m) => m.entry.entityId === ticketId)!.streamSeq;
+    const mine: LiveMessage[] = [];
+    const afterFirst = all.find((m) => m.entry.entityId === ticketId)!.position;
     const filtered = await t.subscribeEvents(afterFirst, ticketId, (m) => {
       mine.push(m);
     });
     const later = await p.sql<{ n: number }[]>`
       select count(*)::int as n from events where entity_id = ${ticketId} and seq > 1`;
     await eventually(() => mine.length === later[0]!.n);
-    expect(mine.every((m) => m.entry.entityId === ticketId && m.streamSeq > afterFirst)).toBe(true);
+    expect(mine.every((m) => m.entry.entityId === ticketId && m.position > afterFirst)).toBe(true);
     expect(mine.map((m) => m.entry.seq)).toEqual(mine.map((_, i) => i + 2));
     // live: a new event arrives on the open feed
     await p.host.send('ticket', ticketId, { type: 'UNBLOCK' });

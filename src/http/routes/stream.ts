@@ -1,12 +1,12 @@
 /**
- * `GET /events/stream`: Server-Sent Events of every domain event from the ordered stream.
- * `id:` is the stream sequence, `event:` the type, `data:` the log entry. `Last-Event-ID`
- * (or `?after=`) resumes after a position (`?after=new`: from now on); `?entityId=` filters. Each client has a bounded
- * buffer: one that cannot keep up is disconnected (it resumes from its last id) instead of
- * slowing the server or anyone else. A comment every keep-alive interval keeps proxies open.
- * At most SSE_MAX_CLIENTS streams are open per process: beyond, 503 `unavailable` with
- * `Retry-After` (each stream holds a JetStream consumer until its client goes). `HEAD`
- * answers the status and headers a `GET` would get now, without opening anything.
+ * `GET /events/stream`: Server-Sent Events of every domain event, in event-log order, from
+ * the process's one live feed. `id:` is the event's log position (`pos`), `event:` the type,
+ * `data:` the log entry. `Last-Event-ID` (or `?after=`) resumes after a position, exactly
+ * (`?after=new`: from now on); `?entityId=` filters. Each client has a bounded queue: one
+ * that cannot keep up reads from Postgres at its own pace instead of slowing the server or
+ * anyone else. A comment every keep-alive interval keeps proxies open. At most
+ * SSE_MAX_CLIENTS streams are open per process: beyond, 503 `unavailable` with `Retry-After`.
+ * `HEAD` answers the status and headers a `GET` would get now, without opening anything.
  */
 import { Hono } from 'hono';
 import { streamSSE } from 'hono/streaming';
@@ -14,6 +14,25 @@ import { StreamQuery } from '../../api/schemas.js';
 import { InvalidInput, Unavailable } from '../../errors.js';
 import { validate } from '../request.js';
 import type { AppEnv, AppServices, EventFeed, StreamMessage } from '../services.js';
+
+/**
+ * An event's SSE frame (the layout of hono's `writeSSE`), encoded once per event however
+ * many clients receive it: the live feed hands every client the same entry object.
+ */
+const frames = new WeakMap<object, Uint8Array>();
+const encoder = new TextEncoder();
+function frame(m: StreamMessage): Uint8Array {
+  let bytes = frames.get(m.entry);
+  if (bytes === undefined) {
+    const { seq, entityId, entityType, type, data, at } = m.entry;
+    const json = JSON.stringify({ seq, entityId, entityType, type, data, at });
+    // Event types are machine-defined names; a line break would end the field early.
+    const event = type.replace(/[\r\n]/g, ' ');
+    bytes = encoder.encode(`event: ${event}\ndata: ${json}\nid: ${m.position}\n\n`);
+    frames.set(m.entry, bytes);
+  }
+  return bytes;
+}
 
 export function streamRoutes(s: AppServices): Hono<AppEnv> {
   const app = new Hono<AppEnv>();
@@ -55,12 +74,15 @@ export function streamRoutes(s: AppServices): Hono<AppEnv> {
 
     clients++;
     return streamSSE(c, async (stream) => {
-      const queue: StreamMessage[] = [];
+      // Each queued message with the resolver of the promise its delivery waits on: a source
+      // that waits (the live feed) keeps this queue at one, and holds the backlog itself.
+      const queue: { m: StreamMessage; written: () => void }[] = [];
       let lastSent = after === 'new' ? 0 : after;
       let wake: (() => void) | null = null;
       let done = false;
       const finish = () => {
         done = true;
+        for (const q of queue.splice(0)) q.written();
         wake?.();
       };
       stream.onAbort(finish);
@@ -69,44 +91,61 @@ export function streamRoutes(s: AppServices): Hono<AppEnv> {
       let feed: EventFeed | null = null;
       const keepAlive = setInterval(() => void stream.write(': keep-alive\n\n'), keepAliveMs);
       try {
-        feed = await source.subscribeEvents(after, q.entityId, (m) => {
-          if (done) return;
-          if (queue.length >= bufferLimit) {
-            log.warn({ bufferLimit, lastSent }, 'slow SSE client disconnected');
-            finish();
-            stream.abort();
-            return;
-          }
-          queue.push(m);
-          wake?.();
-        });
-        // The feed ended on its own (NATS gone): end the response; the client resumes.
+        feed = await source.subscribeEvents(
+          after,
+          q.entityId,
+          (m) =>
+            new Promise<void>((written) => {
+              if (done) return written();
+              if (queue.length >= bufferLimit) {
+                log.warn({ bufferLimit, lastSent }, 'slow SSE client disconnected');
+                written();
+                finish();
+                stream.abort();
+                return;
+              }
+              queue.push({ m, written });
+              wake?.();
+            }),
+          { bufferLimit },
+        );
+        // The feed ended on its own (the process stops): end the response; the client resumes.
         void feed.done?.then(finish, finish);
         await stream.write(': connected\n\n');
         while (!done) {
-          const m = queue.shift();
-          if (!m) {
+          if (queue.length === 0) {
             await new Promise<void>((resolve) => {
               wake = resolve;
             });
             wake = null;
             continue;
           }
-          // A redelivery the subscription let through: the client already has it.
-          if (m.streamSeq <= lastSent) continue;
-          const { seq, entityId, entityType, type, data, at } = m.entry;
-          await stream.writeSSE({
-            id: String(m.streamSeq),
-            event: type,
-            data: JSON.stringify({ seq, entityId, entityType, type, data, at }),
-          });
-          lastSent = m.streamSeq;
+          // Everything queued goes out in one write: under a burst, one syscall per client
+          // per batch instead of per event.
+          const batch = queue.splice(0);
+          try {
+            const chunks: Uint8Array[] = [];
+            for (const { m } of batch) {
+              // A message the client already has (a source that repeats itself).
+              if (m.position <= lastSent) continue;
+              chunks.push(frame(m));
+              lastSent = m.position;
+            }
+            if (chunks.length > 0) {
+              await stream.write(
+                chunks.length === 1 ? (chunks[0] as Uint8Array) : Buffer.concat(chunks),
+              );
+            }
+          } finally {
+            for (const { written } of batch) written();
+          }
         }
       } catch (error) {
         log.error({ err: error }, 'SSE stream failed');
       } finally {
         clearInterval(keepAlive);
         c.req.raw.signal.removeEventListener('abort', finish);
+        finish();
         try {
           await feed?.close();
         } catch {
