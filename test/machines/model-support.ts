@@ -184,8 +184,19 @@ function checkTimers<T extends EntityType>(
   where: string,
 ): void {
   const moved = ref.target !== null && (ref.target !== ref.source || ref.reenter);
-  const entered = moved ? spec.timed[ref.target!] : undefined;
-  const left = moved ? spec.timed[ref.source] : undefined;
+  // The machine's deadline delay (a task's lease) is a column, not a timer row.
+  const deadlineDelay = MACHINES[spec.entityType].deadline?.delay;
+  const enteredAny = moved ? spec.timed[ref.target!] : undefined;
+  const leftAny = moved ? spec.timed[ref.source] : undefined;
+  const entered = enteredAny?.delay === deadlineDelay ? undefined : enteredAny;
+  const left = leftAny?.delay === deadlineDelay ? undefined : leftAny;
+  const deadline =
+    enteredAny && enteredAny.delay === deadlineDelay
+      ? enteredAny.ms(decision.snapshot.context)
+      : leftAny && leftAny.delay === deadlineDelay
+        ? null
+        : undefined;
+  expect(decision.deadline, `${where}: deadline`).toEqual(deadline);
   const schedule = entered
     ? [
         {
