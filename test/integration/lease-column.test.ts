@@ -12,6 +12,7 @@ import { TimerPoller } from '../../src/actors/timer-poller.js';
 import { silentLogger } from '../../src/log.js';
 import type { Sql } from '../../src/persistence/db.js';
 import { loadMigrations, migrate } from '../../src/persistence/migrate.js';
+import { TIMER_CHANNEL } from '../../src/persistence/timer-rows.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 
 let db: TestDatabase;
@@ -206,6 +207,38 @@ describe('task leases as a column', () => {
       await p.sql.end();
     } finally {
       await old.drop();
+    }
+  });
+
+  it('wakes pollers after the commit, and only for what falls due within the poll interval', async () => {
+    const heard: number[] = [];
+    const listener = await db.sql.listen(TIMER_CHANNEL, (payload) => {
+      heard.push(Number(payload));
+    });
+    // Pollers that would sleep a minute: only a wake makes the retry below happen in time.
+    const p = processOn(db.pool(4), 60_000);
+    const other = processOn(db.pool(4), 60_000);
+    await Promise.all([p.poller.start(), other.poller.start()]);
+    try {
+      const id = await newTask(p);
+      const claimed = await p.host.send('task', id, {
+        type: 'CLAIM',
+        workerId: 'w',
+        leaseMs: 120_000,
+      });
+      const token = tokenOf(claimed);
+      await p.host.send('task', id, { type: 'START', token });
+      await p.host.send('task', id, { type: 'HEARTBEAT', token });
+      // A lease two minutes out needs no wake; a retry backoff of ~20 ms does.
+      const failed = await p.host.send('task', id, { type: 'FAIL', token, error: 'x' });
+      const retryAt = failed.snapshot.context.retryAt as number;
+      await until(async () => (await count(db.sql, 'task.retried', [id])) === 1);
+      await until(async () => heard.length > 0);
+      expect(heard).toEqual([retryAt]);
+    } finally {
+      await Promise.all([p.poller.stop(), other.poller.stop()]);
+      await listener.unlisten();
+      await Promise.all([p.sql.end(), other.sql.end()]);
     }
   });
 });
