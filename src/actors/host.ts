@@ -3,8 +3,8 @@
  * bounded cache or Postgres), decides the event, and commits in ONE transaction the new
  * snapshot (compare-and-set on `version`) with its deadline column (a task's lease), its
  * event-log rows with the next `seq`, their outbox rows and the timers the transition set or
- * cleared. A lost compare-and-set drops
- * the cached actor and retries the whole unit of work with jittered backoff.
+ * cleared. A lost compare-and-set drops the cached actor and retries the whole unit of work
+ * with jittered backoff.
  *
  * Within a process, sends to one entity queue in one mailbox (no self-inflicted conflicts);
  * across processes, correctness rests on the compare-and-set alone.
@@ -24,6 +24,7 @@ import type { CompiledWorkflow } from '../machines/workflow.js';
 import {
   type ActorRow,
   DEFAULT_WORKFLOW_REF,
+  type Deadline,
   insertActorRow,
   loadActorRow,
   type TaskFeedback,
@@ -575,8 +576,8 @@ function stamp(event: DecideEvent, at: number): DecideEvent {
   return stamped;
 }
 
-/** The decision's deadline as a time (see `Deadline`): set, cleared (null) or untouched. */
-function deadlineAt(decision: Decision, at: number): number | null | undefined {
+/** The decision's deadline as a time: set, cleared (null) or untouched (undefined). */
+function deadlineAt(decision: Decision, at: number): Deadline {
   if (decision.deadline === undefined || decision.deadline === null) return decision.deadline;
   return at + decision.deadline;
 }

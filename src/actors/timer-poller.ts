@@ -64,7 +64,10 @@ export class TimerPoller {
     await this.unlisten?.().catch(() => {});
   }
 
-  /** After a commit: a timer or lease due within the poll interval needs a wake; later, the poll finds it. */
+  /**
+   * After a commit: a timer or lease due within the poll interval needs a wake (here, and in
+   * the other processes); one due later is found by the poll anyway.
+   */
   private committed(applied: Applied[]): void {
     let soonest = Number.POSITIVE_INFINITY;
     for (const a of applied) if (a.dueAt !== undefined && a.dueAt < soonest) soonest = a.dueAt;
