@@ -122,7 +122,8 @@ export async function prepareRaw(
             now() + interval '1 hour', ${randomUUID()})
           on conflict (entity_id, key) do update set event = excluded.event, due_at = excluded.due_at,
             token = excluded.token, locked_until = null`;
-          await tx`select pg_notify('orchestrator_timers', '0')`;
+          // No timer NOTIFY: the host sends one only after the commit, and only for a timer
+          // due within the poll interval (this one is an hour out).
         }
       });
       row.version++;

@@ -43,6 +43,12 @@ export interface Decision {
   schedule: TimerSpec[];
   /** Keys of timers this transition cancelled (it left the state that set them). */
   cancel: string[];
+  /**
+   * The machine's deadline delay (`MachineEntry.deadline`, kept in a column, never in
+   * `schedule`/`cancel`): milliseconds until due when this transition (re)set it, null when it
+   * cleared it, absent when it left it alone.
+   */
+  deadline?: number | null;
 }
 
 export type EntityInput<T extends EntityType> = T extends 'ticket' ? TicketInput : TaskInput;
@@ -199,6 +205,10 @@ function toDecision(
   const emitted: DomainEvent[] = [];
   const schedule = new Map<string, TimerSpec>();
   const cancel = new Set<string>();
+  let deadline: number | null | undefined;
+  // XState names an `after` delay's send id `xstate.after.<delay>.<state id>`.
+  const deadlinePrefix = entry.deadline ? `xstate.after.${entry.deadline.delay}.` : null;
+  const isDeadline = (id: string) => deadlinePrefix !== null && id.startsWith(deadlinePrefix);
   for (const action of actions) {
     if (action.type === 'xstate.emit') {
       emitted.push((action.params as { event: DomainEvent }).event);
@@ -207,10 +217,18 @@ function toDecision(
       if (p.delay === undefined || p.id === undefined) {
         throw new Error(`${entityType}: an immediate raise reached the runtime (${p.event.type})`);
       }
+      if (isDeadline(p.id)) {
+        deadline = p.delay;
+        continue;
+      }
       schedule.set(p.id, { key: p.id, event: p.event, delayMs: p.delay });
       cancel.delete(p.id);
     } else if (action.type === 'xstate.cancel') {
       const id = (action.params as { sendId: string }).sendId;
+      if (isDeadline(id)) {
+        deadline = null;
+        continue;
+      }
       schedule.delete(id);
       cancel.add(id);
     } else {
@@ -227,5 +245,6 @@ function toDecision(
     emitted,
     schedule: [...schedule.values()],
     cancel: [...cancel],
+    ...(deadline !== undefined ? { deadline } : {}),
   };
 }

@@ -1,9 +1,10 @@
 /**
  * The actor host: the only writer of actor state. `send` loads an actor's snapshot (from a
  * bounded cache or Postgres), decides the event, and commits in ONE transaction the new
- * snapshot (compare-and-set on `version`), its event-log rows with the next `seq`, their
- * outbox rows and the timers the transition set or cleared. A lost compare-and-set drops
- * the cached actor and retries the whole unit of work with jittered backoff.
+ * snapshot (compare-and-set on `version`) with its deadline column (a task's lease), its
+ * event-log rows with the next `seq`, their outbox rows and the timers the transition set or
+ * cleared. A lost compare-and-set drops the cached actor and retries the whole unit of work
+ * with jittered backoff.
  *
  * Within a process, sends to one entity queue in one mailbox (no self-inflicted conflicts);
  * across processes, correctness rests on the compare-and-set alone.
@@ -23,6 +24,7 @@ import type { CompiledWorkflow } from '../machines/workflow.js';
 import {
   type ActorRow,
   DEFAULT_WORKFLOW_REF,
+  type Deadline,
   insertActorRow,
   loadActorRow,
   type TaskFeedback,
@@ -31,6 +33,7 @@ import {
 } from '../persistence/actor-rows.js';
 import type { Sql, Tx } from '../persistence/db.js';
 import { appendEvents, type EventEntry } from '../persistence/event-log.js';
+import { clearLease, lockExpiredLease } from '../persistence/lease-rows.js';
 import {
   consumeTimer,
   deleteTimers,
@@ -94,6 +97,8 @@ export interface Applied {
   workflow?: string;
   /** Tasks: the feedback they were created with (null: none). */
   feedback?: TaskFeedback | null;
+  /** The soonest timer or deadline this change set (epoch ms), for pollers to wake for. */
+  dueAt?: number;
 }
 
 export interface CommandResult<T> {
@@ -310,6 +315,35 @@ export class ActorHost {
     });
   }
 
+  /**
+   * Fires a task's passed lease (its machine's deadline column): sends the deadline's event if
+   * the row still holds a passed deadline, under its lock, so a heartbeat that extended the
+   * lease meanwhile wins and another poller that got there first leaves nothing to fire.
+   */
+  async expireLease(id: string): Promise<Applied | null> {
+    const deadline = MACHINES.task.deadline;
+    if (!deadline) return null;
+    return this.inMailbox(`task:${id}`, async () => {
+      const { value } = await this.transact(async (uow) => {
+        if (!(await lockExpiredLease(uow.tx, id))) return null;
+        try {
+          return await uow.send('task', id, { type: deadline.event });
+        } catch (error) {
+          // As in fireTimer: a refusal decided on a cached row is decided again from Postgres.
+          if (error instanceof IllegalTransition && uow.usedCache) throw error;
+          if (error instanceof IllegalTransition) {
+            // A deadline its state does not take is moot; cleared, or every poll finds it.
+            await clearLease(uow.tx, id);
+            return null;
+          }
+          if (error instanceof NotFound) return null;
+          throw error;
+        }
+      });
+      return value;
+    });
+  }
+
   /** Drops cached actors (tests, and callers that know the cache is stale). */
   forget(entityType?: EntityType, id?: string): void {
     if (entityType && id) this.cache.delete(`${entityType}:${id}`);
@@ -389,7 +423,7 @@ export class UnitOfWork {
     };
     let bytes: number | null;
     try {
-      bytes = await updateActorRow(this.tx, next, row.version);
+      bytes = await updateActorRow(this.tx, next, row.version, deadlineAt(decision, this.at));
     } catch (error) {
       throw translateUnique(error, id);
     }
@@ -434,7 +468,7 @@ export class UnitOfWork {
     };
     let bytes: number;
     try {
-      bytes = await insertActorRow(this.tx, row, this.at);
+      bytes = await insertActorRow(this.tx, row, this.at, deadlineAt(decision, this.at) ?? null);
     } catch (error) {
       if (error instanceof UniqueViolation && error.constraint.endsWith('_pkey')) {
         throw new Conflict(`${entityType} ${input.id} already exists`);
@@ -502,17 +536,18 @@ export class UnitOfWork {
       })),
     );
     await deleteTimers(this.tx, after.id, decision.cancel);
-    await upsertTimers(
-      this.tx,
-      decision.schedule.map((t) => ({
-        entityType: after.entityType,
-        entityId: after.id,
-        key: t.key,
-        event: t.event,
-        dueAt: this.at + t.delayMs,
-        token: randomUUID(),
-      })),
-    );
+    const timers = decision.schedule.map((t) => ({
+      entityType: after.entityType,
+      entityId: after.id,
+      key: t.key,
+      event: t.event,
+      dueAt: this.at + t.delayMs,
+      token: randomUUID(),
+    }));
+    await upsertTimers(this.tx, timers);
+    const deadline = deadlineAt(decision, this.at);
+    const dues = timers.map((t) => t.dueAt);
+    if (typeof deadline === 'number') dues.push(deadline);
     const applied: Applied = {
       entityType: after.entityType,
       id: after.id,
@@ -525,6 +560,7 @@ export class UnitOfWork {
       machine,
       ...(after.workflow !== undefined ? { workflow: after.workflow } : {}),
       ...(after.entityType === 'task' ? { feedback: after.feedback ?? null } : {}),
+      ...(dues.length > 0 ? { dueAt: Math.min(...dues) } : {}),
     };
     this.results.push(applied);
     // What follows on other actors in the same transaction: src/policies owns those rules.
@@ -538,6 +574,12 @@ function stamp(event: DecideEvent, at: number): DecideEvent {
   const stamped: DecideEvent = { ...event, at };
   if (event.type === 'CLAIM' && typeof event.token !== 'string') stamped.token = randomUUID();
   return stamped;
+}
+
+/** The decision's deadline as a time: set, cleared (null) or untouched (undefined). */
+function deadlineAt(decision: Decision, at: number): Deadline {
+  if (decision.deadline === undefined || decision.deadline === null) return decision.deadline;
+  return at + decision.deadline;
 }
 
 function translateUnique(error: unknown, id: string): unknown {

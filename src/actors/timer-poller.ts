@@ -1,13 +1,22 @@
 /**
  * The durable timer poller: one per process. It claims due timer rows with
- * `FOR UPDATE SKIP LOCKED` (so each fires once across all processes), fires each through the
- * host, and sleeps until the next due time, `TIMER_POLL_MS` at most, or until a NOTIFY says
- * a sooner timer was written. Timers outlive any process: they are rows, not setTimeouts.
+ * `FOR UPDATE SKIP LOCKED` (so each fires once across all processes) and finds passed task
+ * leases by their column, fires each through the host, and sleeps until the next due time,
+ * `TIMER_POLL_MS` at most. A commit of this process that sets something due sooner than
+ * that wakes it at once and, after the commit, NOTIFYs the other processes' pollers (one
+ * NOTIFY in flight at a time; what arrives meanwhile is folded into the next). Timers outlive
+ * any process: they are rows, not setTimeouts.
  */
 import type { Logger } from '../log.js';
 import type { Sql } from '../persistence/db.js';
-import { claimDueTimers, nextTimerDelay, TIMER_CHANNEL } from '../persistence/timer-rows.js';
-import type { ActorHost } from './host.js';
+import { dueLeases, nextLeaseDelay } from '../persistence/lease-rows.js';
+import {
+  claimDueTimers,
+  nextTimerDelay,
+  notifyTimer,
+  TIMER_CHANNEL,
+} from '../persistence/timer-rows.js';
+import type { ActorHost, Applied } from './host.js';
 
 export interface TimerPollerOptions {
   pollMs: number;
@@ -21,6 +30,10 @@ export class TimerPoller {
   private wake: (() => void) | null = null;
   private loop: Promise<void> | null = null;
   private unlisten: (() => Promise<void>) | null = null;
+  private offCommit: (() => void) | null = null;
+  /** The soonest due time still to NOTIFY, and whether a NOTIFY is in flight. */
+  private notifyDue: number | null = null;
+  private notifying = false;
   fired = 0;
 
   constructor(
@@ -38,31 +51,80 @@ export class TimerPoller {
       if (!Number.isFinite(due) || due - Date.now() < this.options.pollMs) this.wake?.();
     });
     this.unlisten = listener.unlisten;
+    this.offCommit = this.host.onCommit((applied) => this.committed(applied));
     this.loop = this.run();
   }
 
   async stop(): Promise<void> {
     this.running = false;
+    this.offCommit?.();
+    this.offCommit = null;
     this.wake?.();
     await this.loop;
     await this.unlisten?.().catch(() => {});
   }
 
-  /** Fires every timer that is due now; returns how many fired (used by tests and the loop). */
+  /**
+   * After a commit: a timer or lease due within the poll interval needs a wake (here, and in
+   * the other processes); one due later is found by the poll anyway.
+   */
+  private committed(applied: Applied[]): void {
+    let soonest = Number.POSITIVE_INFINITY;
+    for (const a of applied) if (a.dueAt !== undefined && a.dueAt < soonest) soonest = a.dueAt;
+    if (soonest - Date.now() >= this.options.pollMs) return;
+    this.wake?.();
+    this.notifyDue = Math.min(this.notifyDue ?? soonest, soonest);
+    if (!this.notifying) void this.notifyAll();
+  }
+
+  private async notifyAll(): Promise<void> {
+    this.notifying = true;
+    try {
+      while (this.notifyDue !== null) {
+        const due = this.notifyDue;
+        this.notifyDue = null;
+        // Best effort: a poller that misses it still finds the timer by its next poll.
+        await notifyTimer(this.sql, due).catch((err: unknown) =>
+          this.log.warn({ err }, 'timer notify failed'),
+        );
+      }
+    } finally {
+      this.notifying = false;
+    }
+  }
+
+  /**
+   * Fires every timer and lease that is due now; returns how many it found (used by tests and
+   * the loop).
+   */
   async tick(): Promise<number> {
     const batch = this.options.batch ?? 100;
-    const due = await claimDueTimers(this.sql, batch, this.options.claimLeaseMs ?? 30_000);
-    const results = await Promise.allSettled(due.map((t) => this.host.fireTimer(t)));
-    results.forEach((r, i) => {
+    const [due, leases] = await Promise.all([
+      claimDueTimers(this.sql, batch, this.options.claimLeaseMs ?? 30_000),
+      dueLeases(this.sql, batch),
+    ]);
+    const [timerResults, leaseResults] = await Promise.all([
+      Promise.allSettled(due.map((t) => this.host.fireTimer(t))),
+      Promise.allSettled(leases.map((id) => this.host.expireLease(id))),
+    ]);
+    timerResults.forEach((r, i) => {
       if (r.status === 'rejected') {
         const t = due[i];
         // The row stays claimed until its lease passes, then another poll retries it.
         this.log.warn({ err: r.reason, entityId: t?.entityId, timer: t?.key }, 'timer failed');
       }
     });
-    const fired = results.filter((r) => r.status === 'fulfilled' && r.value !== null).length;
+    leaseResults.forEach((r, i) => {
+      // The deadline stays in its column: the next poll tries again.
+      if (r.status === 'rejected') {
+        this.log.warn({ err: r.reason, entityId: leases[i] }, 'lease expiry failed');
+      }
+    });
+    const fired = [...timerResults, ...leaseResults].filter(
+      (r) => r.status === 'fulfilled' && r.value !== null,
+    ).length;
     this.fired += fired;
-    return due.length;
+    return Math.max(due.length, leases.length);
   }
 
   private async run(): Promise<void> {
@@ -73,8 +135,10 @@ export class TimerPoller {
         const claimed = await this.tick();
         failures = 0;
         if (claimed >= (this.options.batch ?? 100)) continue;
-        const next = await nextTimerDelay(this.sql);
-        if (next !== null) sleepMs = Math.min(sleepMs, Math.ceil(next) + 1);
+        const nexts = await Promise.all([nextTimerDelay(this.sql), nextLeaseDelay(this.sql)]);
+        for (const next of nexts) {
+          if (next !== null) sleepMs = Math.min(sleepMs, Math.ceil(next) + 1);
+        }
       } catch (error) {
         failures++;
         sleepMs = Math.min(5_000, this.options.pollMs * 2 ** Math.min(failures, 5));

@@ -16,6 +16,12 @@ export interface MachineEntry {
   systemEvents: readonly string[];
   /** Events that carry a fencing token checked against `context.token`. */
   tokenEvents: readonly string[];
+  /**
+   * The `after` delay kept as a deadline column of the actor's row (found by an index, written
+   * by the same update as the snapshot) instead of a timer row, and the event the runtime
+   * sends once it passes. Tasks: the lease, set on every claim and heartbeat.
+   */
+  deadline?: { delay: string; event: string };
 }
 
 export const MACHINES: Record<EntityType, MachineEntry> = {
@@ -30,6 +36,7 @@ export const MACHINES: Record<EntityType, MachineEntry> = {
     version: 1,
     systemEvents: TASK_SYSTEM_EVENTS,
     tokenEvents: TASK_TOKEN_EVENTS,
+    deadline: { delay: 'lease', event: 'LEASE_EXPIRED' },
   },
 };
 

@@ -70,8 +70,6 @@ export async function loadActorRow(
   return r ? toRow(entityType, r) : null;
 }
 
-const ms = (v: unknown): Date | null => (typeof v === 'number' ? new Date(v) : null);
-
 /** The projected columns of a ticket or task row, read from the snapshot's context. */
 function ticketColumns(s: PersistedSnapshot) {
   const c = s.context as {
@@ -93,7 +91,6 @@ function taskColumns(s: PersistedSnapshot) {
     priority: number;
     attempt: number;
     workerId: string | null;
-    leaseExpiresAt: number | null;
     updatedAt: number;
   };
   return {
@@ -104,7 +101,6 @@ function taskColumns(s: PersistedSnapshot) {
     priority: c.priority,
     attempt: c.attempt,
     worker_id: c.workerId,
-    lease_expires_at: ms(c.leaseExpiresAt),
     updated_at: new Date(c.updatedAt),
   };
 }
@@ -142,8 +138,19 @@ function snapshotJson(s: PersistedSnapshot): { json: string; bytes: number } {
   return { json, bytes: Buffer.byteLength(json) };
 }
 
+/**
+ * The machine's deadline (`MachineEntry.deadline`, epoch ms): a number sets it, null clears
+ * it, undefined leaves it as it is. Only tasks have one: `tasks.lease_expires_at`.
+ */
+export type Deadline = number | null | undefined;
+
 /** Inserts the row; returns the byte length of its snapshot JSON. */
-export async function insertActorRow(db: Db, row: ActorRow, createdAt: number): Promise<number> {
+export async function insertActorRow(
+  db: Db,
+  row: ActorRow,
+  createdAt: number,
+  deadline: Deadline = null,
+): Promise<number> {
   const s = row.snapshot;
   const { json, bytes } = snapshotJson(s);
   await guardUnique(async () => {
@@ -161,7 +168,8 @@ export async function insertActorRow(db: Db, row: ActorRow, createdAt: number): 
         attempt, worker_id, lease_expires_at, machine_version, snapshot, version, seq,
         created_at, updated_at, feedback)
         values (${row.id}, ${c.ticketId}, ${c.type}, ${p.phase}, ${p.state}, ${p.executor},
-          ${p.worktree}, ${p.priority}, ${p.attempt}, ${p.worker_id}, ${p.lease_expires_at},
+          ${p.worktree}, ${p.priority}, ${p.attempt}, ${p.worker_id},
+          ${deadline == null ? null : new Date(deadline)},
           ${row.machineVersion}, ${json}::text::jsonb, ${row.version}, ${row.seq},
           ${new Date(createdAt)}, ${p.updated_at},
           ${row.feedback ? db.json(row.feedback as never) : null})`;
@@ -173,11 +181,13 @@ export async function insertActorRow(db: Db, row: ActorRow, createdAt: number): 
 /**
  * Compare-and-set: writes only if the row is still at `expectedVersion`. Returns the byte
  * length of the snapshot JSON written, or null when the row had moved on (nothing written).
+ * The deadline rides in the same statement, so a claim or heartbeat costs no extra write.
  */
 export async function updateActorRow(
   db: Db,
   row: ActorRow,
   expectedVersion: number,
+  deadline?: Deadline,
 ): Promise<number | null> {
   const s = row.snapshot;
   const { json, bytes } = snapshotJson(s);
@@ -193,7 +203,8 @@ export async function updateActorRow(
     const p = taskColumns(s);
     const r = await db`update tasks set state = ${p.state}, phase = ${p.phase},
       executor = ${p.executor}, worktree = ${p.worktree}, priority = ${p.priority},
-      attempt = ${p.attempt}, worker_id = ${p.worker_id}, lease_expires_at = ${p.lease_expires_at},
+      attempt = ${p.attempt}, worker_id = ${p.worker_id},
+      ${deadline === undefined ? db`` : db`lease_expires_at = ${deadline === null ? null : new Date(deadline)},`}
       snapshot = ${json}::text::jsonb, version = ${row.version}, seq = ${row.seq},
       updated_at = ${p.updated_at}
       where id = ${row.id} and version = ${expectedVersion}`;

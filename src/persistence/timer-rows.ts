@@ -30,8 +30,15 @@ export async function upsertTimers(db: Db, timers: TimerRow[]): Promise<void> {
   await db`insert into timers ${db(rows as never, 'entity_type', 'entity_id', 'key', 'event', 'due_at', 'token')}
     on conflict (entity_id, key) do update set event = excluded.event, due_at = excluded.due_at,
       token = excluded.token, locked_until = null`;
-  const soonest = Math.min(...timers.map((t) => t.dueAt));
-  await db`select pg_notify(${TIMER_CHANNEL}, ${String(soonest)})`;
+}
+
+/**
+ * Tells every process's poller that a timer falls due at `dueAt`. Sent after the commit, in a
+ * statement of its own: a NOTIFY inside a write transaction would take Postgres's
+ * database-wide notify lock at its commit and serialize every writer behind it.
+ */
+export async function notifyTimer(db: Db, dueAt: number): Promise<void> {
+  await db`select pg_notify(${TIMER_CHANNEL}, ${String(dueAt)})`;
 }
 
 export async function deleteTimers(db: Db, entityId: string, keys: string[]): Promise<void> {

@@ -20,7 +20,6 @@ import { Conflict, IllegalTransition, NotFound, StaleToken } from '../../src/err
 import { silentLogger } from '../../src/log.js';
 import { isPhase, nextPhaseState, PHASES } from '../../src/machines/phases.js';
 import { recordInbox } from '../../src/persistence/inbox-rows.js';
-import type { TimerRow } from '../../src/persistence/timer-rows.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 import { TASK_DEFAULTS, ticketInput } from '../support/fixtures.js';
 
@@ -277,12 +276,12 @@ describe('seed regressions: state writes', () => {
    *
    * Here 16 tasks complete on their second attempt; afterwards everything an idle monitor or
    * a stale worker could send arrives at once from two processes and two timer pollers: the
-   * lease timers of both attempts (as claimed before the completion, and resurrected as due
-   * rows), LEASE_EXPIRED, the first worker's FAIL/START with its stale token, the live
+   * lease expiry (as found passed before the completion, and resurrected as a passed
+   * deadline), LEASE_EXPIRED, the first worker's FAIL/START with its stale token, the live
    * token's FAIL/HEARTBEAT/RELEASE, CANCEL, RETRY, CLAIM. Each task stays completed with one
    * task.completed event and its version untouched.
    */
-  it('completed marked failed: late lease timers, LEASE_EXPIRED and stale FAILs leave a completed task completed', async () => {
+  it('completed marked failed: late lease expiries, LEASE_EXPIRED and stale FAILs leave a completed task completed', async () => {
     const { value: ticketId } = await hostA.transact(async (uow) => {
       const t = await commandsA.createTicket(uow, { title: 'idle monitor' });
       return t.id;
@@ -295,11 +294,11 @@ describe('seed regressions: state writes', () => {
         return value.id;
       }),
     );
-    const timerOf = async (id: string): Promise<TimerRow> => {
-      const [r] = await db.sql<{ key: string; token: string; event: { type: string } }[]>`
-        select key, token, event from timers where entity_id = ${id} and key like '%lease%'`;
-      if (!r) throw new Error(`no lease timer for ${id}`);
-      return { entityType: 'task', entityId: id, ...r, dueAt: Date.now() };
+    const leaseOf = async (id: string): Promise<Date> => {
+      const [r] = await db.sql<{ lease: Date | null }[]>`
+        select lease_expires_at as lease from tasks where id = ${id}`;
+      if (!r?.lease) throw new Error(`no lease for ${id}`);
+      return r.lease;
     };
     const tokenOf = (a: Applied) => (a.snapshot.context as { token: string }).token;
     const histories = await Promise.all(
@@ -308,18 +307,23 @@ describe('seed regressions: state writes', () => {
         // Attempt 1: its worker goes quiet and the lease expires (the monitor is right here).
         const t1 = tokenOf(await host.send('task', id, { type: 'CLAIM', workerId: 'old' }));
         await host.send('task', id, { type: 'START', token: t1 });
-        const lease1 = await timerOf(id);
-        expect(await host.fireTimer(lease1)).not.toBeNull();
+        await leaseOf(id);
+        await db.sql`update tasks set lease_expires_at = now() - interval '1 second'
+          where id = ${id}`;
+        expect(await host.expireLease(id)).not.toBeNull();
         await host.send('task', id, { type: 'RETRY' });
         // Attempt 2 completes.
         const t2 = tokenOf(await host.send('task', id, { type: 'CLAIM', workerId: 'new' }));
         await host.send('task', id, { type: 'START', token: t2 });
-        const lease2 = await timerOf(id);
+        await leaseOf(id);
         const done = await host.send('task', id, { type: 'COMPLETE', token: t2, result: 'ok' });
-        return { id, t1, t2, lease1, lease2, version: done.version };
+        return { id, t1, t2, version: done.version };
       }),
     );
     expect(await db.sql`select 1 from timers where entity_id in ${db.sql(ids)}`).toHaveLength(0);
+    expect(
+      await db.sql`select 1 from tasks where id in ${db.sql(ids)} and lease_expires_at is not null`,
+    ).toHaveLength(0);
 
     // Afterwards, the late arrivals, all at once.
     const late: Promise<unknown>[] = [];
@@ -339,26 +343,15 @@ describe('seed regressions: state writes', () => {
       events.forEach((e, j) => {
         refusals.push(write(i + j, 'task', h.id, e));
       });
-      for (const [j, host] of hosts().entries()) {
-        late.push(host.fireTimer(j ? h.lease1 : h.lease2));
-      }
+      for (const host of hosts()) late.push(host.expireLease(h.id));
     });
     const refusedAll = Promise.allSettled(refusals);
     const lateAll = Promise.allSettled(late);
-    // The lease timers come back as due rows, and two pollers fire them.
-    await db.sql`insert into timers ${db.sql(
-      histories.map((h) => ({
-        entity_type: 'task',
-        entity_id: h.id,
-        key: h.lease2.key,
-        event: h.lease2.event,
-        due_at: new Date(Date.now() - 1_000),
-        token: randomUUID(),
-      })) as never,
-    )}`;
+    // The leases come back as passed deadlines, and two pollers fire them.
+    await db.sql`update tasks set lease_expires_at = now() - interval '1 second'
+      where id in ${db.sql(ids)}`;
     const pollers = hosts().map((h) => new TimerPoller(h, h.sql, silentLogger(), { pollMs: 10 }));
-    const ticks = await Promise.all(pollers.map((p) => p.tick()));
-    expect(ticks.reduce((n, k) => n + k, 0)).toBe(histories.length);
+    await Promise.all(pollers.map((p) => p.tick()));
 
     const refused = await refusedAll;
     for (const r of refused) {
@@ -389,6 +382,10 @@ describe('seed regressions: state writes', () => {
       expect(log.map((e) => e.type)).not.toContain('task.failed');
     }
     expect(await db.sql`select 1 from timers where entity_id in ${db.sql(ids)}`).toHaveLength(0);
+    // Each refused deadline was cleared, so no poll finds it again.
+    expect(
+      await db.sql`select 1 from tasks where id in ${db.sql(ids)} and lease_expires_at is not null`,
+    ).toHaveLength(0);
     await expectIntactLog(ids);
   });
 

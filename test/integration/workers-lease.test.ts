@@ -1,12 +1,11 @@
 /**
- * Leases and fencing: a worker that stops heartbeating loses its task to the durable lease
+ * Leases and fencing: a worker that stops heartbeating loses its task to its durable lease
  * timer and to another worker, and its late COMPLETE is `stale_token` and changes nothing;
  * a completed task stays completed whatever its old lease timer does (seed 003); a pool
  * whose heartbeat is refused aborts its executor; heartbeats keep a long task alive.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { IllegalTransition, StaleToken } from '../../src/errors.js';
-import type { TimerRow } from '../../src/persistence/timer-rows.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 import {
   eventTypes,
@@ -74,35 +73,32 @@ describe('leases', () => {
     ]);
   });
 
-  it('a completed task is never failed later by its old lease timer', async () => {
+  it('a completed task is never failed later by its old lease', async () => {
     const ticket = await p.ticket();
     const id = await p.task(ticket, { type: 'x', executor: 'sleep', maxAttempts: 1 });
     const claimed = await p.host.send('task', id, { type: 'CLAIM', workerId: 'w#1' });
     const token = tokenOf(claimed);
     await p.host.send('task', id, { type: 'START', token });
-    const [timer] = await db.sql<{ key: string; token: string; event: { type: string } }[]>`
-      select key, token, event from timers where entity_id = ${id}`;
-    expect(timer).toBeDefined();
+    const [held] = await db.sql<{ lease: Date | null }[]>`
+      select lease_expires_at as lease from tasks where id = ${id}`;
+    expect(held?.lease).toBeInstanceOf(Date);
     await p.host.send('task', id, { type: 'COMPLETE', token });
+    const [done] = await db.sql<{ lease: Date | null }[]>`
+      select lease_expires_at as lease from tasks where id = ${id}`;
+    expect(done?.lease).toBeNull();
 
-    // The timer a monitor claimed before the completion fires late: nothing happens.
-    const stale: TimerRow = {
-      entityType: 'task',
-      entityId: id,
-      key: timer!.key,
-      event: timer!.event,
-      dueAt: Date.now(),
-      token: timer!.token,
-    };
-    expect(await p.host.fireTimer(stale)).toBeNull();
-    // Even resurrected as a due row and fired by the poller: the completed state refuses it.
-    await db.sql`insert into timers (entity_type, entity_id, key, event, due_at, token)
-      values ('task', ${id}, ${timer!.key}, ${db.sql.json(timer!.event)}, now(), ${timer!.token})`;
+    // A poller that found the lease passed before the completion fires late: nothing happens.
+    expect(await p.host.expireLease(id)).toBeNull();
+    // Even resurrected as a passed deadline and fired by the poller: the completed state
+    // refuses it, and the moot deadline is cleared rather than found by every poll.
+    await db.sql`update tasks set lease_expires_at = now() - interval '1 second' where id = ${id}`;
     await p.poller.tick();
     await expect(p.host.send('task', id, { type: 'LEASE_EXPIRED' })).rejects.toBeInstanceOf(
       IllegalTransition,
     );
-    expect((await taskRow(db.sql, id)).state).toBe('completed');
+    const [row] = await db.sql<{ state: string; lease: Date | null }[]>`
+      select state, lease_expires_at as lease from tasks where id = ${id}`;
+    expect(row).toEqual({ state: 'completed', lease: null });
     expect(await eventTypes(db.sql, id)).toEqual([
       'task.created',
       'task.claimed',

@@ -289,26 +289,38 @@ function checkTimers<T extends EntityType>(
 ): void {
   const schedule = new Map<string, { key: string; event: { type: string }; delayMs: number }>();
   const cancel = new Set<string>();
+  // The machine's deadline delay (a task's lease) is a column, not a timer row.
+  const deadlineDelay = MACHINES[spec.entityType].deadline?.delay;
+  let deadline: number | null | undefined;
   for (const ref of chain) {
     const moved = ref.target !== null && (ref.target !== ref.source || ref.reenter);
     if (!moved) continue;
     const left = spec.timed[ref.source];
     if (left) {
-      const key = timerKey(machine, ref.source, left.delay);
-      schedule.delete(key);
-      cancel.add(key);
+      if (left.delay === deadlineDelay) {
+        deadline = null;
+      } else {
+        const key = timerKey(machine, ref.source, left.delay);
+        schedule.delete(key);
+        cancel.add(key);
+      }
     }
     const entered = spec.timed[ref.target!];
     if (entered) {
-      const key = timerKey(machine, ref.target!, entered.delay);
-      schedule.set(key, {
-        key,
-        event: { type: key },
-        delayMs: entered.ms(decision.snapshot.context),
-      });
-      cancel.delete(key);
+      if (entered.delay === deadlineDelay) {
+        deadline = entered.ms(decision.snapshot.context);
+      } else {
+        const key = timerKey(machine, ref.target!, entered.delay);
+        schedule.set(key, {
+          key,
+          event: { type: key },
+          delayMs: entered.ms(decision.snapshot.context),
+        });
+        cancel.delete(key);
+      }
     }
   }
+  expect(decision.deadline, `${where}: deadline`).toEqual(deadline);
   expect(decision.schedule, `${where}: timers scheduled`).toEqual([...schedule.values()]);
   expect(decision.cancel, `${where}: timers cancelled`).toEqual([...cancel]);
 }
