@@ -25,7 +25,13 @@ import { Commands } from '../src/actors/commands.js';
 import { ActorHost } from '../src/actors/host.js';
 import { silentLogger } from '../src/log.js';
 import { Transport } from '../src/transport/index.js';
-import { benchNames, dropStreams, NATS_URL, scratchDatabase } from './scratch.js';
+import {
+  benchNames,
+  dropStreams,
+  NATS_URL,
+  scratchDatabase,
+  waitForConnections,
+} from './scratch.js';
 import { n0, pool, print, ratio, sleep, table, until } from './stats.js';
 
 const TASKS_PER_TICKET = 50;
@@ -154,6 +160,8 @@ async function ours(jobs: number): Promise<Figure> {
       from pg_stat_database where datname = current_database()`;
     const commitsBefore = st0?.c ?? 0;
     const rollbacksBefore = st0?.r ?? 0;
+    // Its pool comes on top of ours: a shared server may not have the room at once.
+    await waitForConnections(POOL_MAX + 10, 'drain_ours worker');
     const bin = fileURLToPath(new URL('../bin/orchestrator', import.meta.url));
     const spawned = performance.now();
     const nodeArgs = (process.env.BENCH_WORKER_NODE_ARGS ?? '').split(' ').filter(Boolean);
@@ -268,6 +276,7 @@ async function graphile(jobs: number, concurrency: number): Promise<Figure> {
           from generate_series(1, ${jobs}) i))`;
     await utils.release();
     let done = 0;
+    await waitForConnections(POOL_MAX + 10, `drain_graphile${concurrency} runner`);
     const started = performance.now();
     const runner = await run({
       connectionString: db.url,
@@ -309,6 +318,7 @@ async function pgBoss(jobs: number): Promise<Figure> {
   const db = await scratchDatabase('drain_pgboss', { max: 4, migrate: false });
   try {
     const { default: PgBoss } = await import('pg-boss');
+    await waitForConnections(POOL_MAX + 10, 'drain_pgboss');
     const boss = new PgBoss({
       connectionString: db.url,
       max: POOL_MAX,
