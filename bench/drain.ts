@@ -360,7 +360,7 @@ async function pgBoss(jobs: number): Promise<Figure> {
       name: `pg-boss work() x${PG_BOSS_WORKERS}, batch ${PG_BOSS_BATCH}`,
       jobs,
       seconds,
-      note: `${PG_BOSS_WORKERS} \`work()\` workers, batchSize ${PG_BOSS_BATCH}, pollingIntervalSeconds 0.5 (its minimum; a worker sleeps what is left of the interval after every batch, so it runs at most ${n0((PG_BOSS_WORKERS * PG_BOSS_BATCH) / 0.5)} jobs/s; its docs recommend no batch size), pool max ${POOL_MAX}; the batch is completed in one statement; counted until every job is completed.`,
+      note: `${PG_BOSS_WORKERS} \`work()\` workers, batchSize ${PG_BOSS_BATCH}, pollingIntervalSeconds 0.5 (its minimum; a worker sleeps what is left of the interval after every batch, so past its first batches, which come at once, it runs at most ${n0((PG_BOSS_WORKERS * PG_BOSS_BATCH) / 0.5)} jobs/s; its docs recommend no batch size), pool max ${POOL_MAX}; the batch is completed in one statement; counted until every job is completed.`,
     };
   } finally {
     await db.drop();
