@@ -234,6 +234,14 @@ async function ours(jobs: number): Promise<Figure> {
           count(distinct w)::int as slots
         from s`;
       process.stderr.write(`${JSON.stringify(slots)}\n`);
+      // Whether the worker or the ticket's reactions set the figure: the worker is done at
+      // its last completion; the count ends when the last ticket has heard of it.
+      const ends = await db.sql`
+        select extract(epoch from (select max(at) from events where type = 'task.completed')
+            - (select min(at) from events where type = 'task.claimed')) as worker_seconds,
+          extract(epoch from (select max(at) from events where type = 'ticket.phase_changed')
+            - (select max(at) from events where type = 'task.completed')) as reactions_behind_seconds`;
+      process.stderr.write(`${JSON.stringify(ends)}\n`);
       const tk = await db.sql`
         select type, count(*)::int as n from events where entity_type = 'ticket' group by type`;
       process.stderr.write(`${JSON.stringify(tk)}\n`);
