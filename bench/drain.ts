@@ -10,8 +10,13 @@
  *   to the last ticket's phase change (both from the event log), and until then nothing
  *   else runs: the setup's events are relayed and reacted to before the worker starts.
  * - graphile-worker: its runner, `run()` with default settings and concurrency 8 and 32.
- * - pg-boss: 8 `work()` workers, each fetching a batch (see BATCH below), the shortest
- *   polling interval it accepts.
+ * - pg-boss: 8 `work()` workers, each fetching a batch (see PG_BOSS_BATCH below), the
+ *   shortest polling interval it accepts.
+ *
+ * The same connection type and pool size for all three: TCP to 127.0.0.1 (BENCH_DATABASE_URL),
+ * at most POOL_MAX connections each. That is graphile-worker's default `maxPoolSize`,
+ * node-postgres's default pool `max` (pg-boss's), and our `DB_POOL_MAX` default, all 10;
+ * it is still passed explicitly to the two that take it, so that a changed default shows.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
@@ -20,11 +25,30 @@ import { Commands } from '../src/actors/commands.js';
 import { ActorHost } from '../src/actors/host.js';
 import { silentLogger } from '../src/log.js';
 import { Transport } from '../src/transport/index.js';
-import { benchNames, dropStreams, NATS_URL, scratchDatabase } from './scratch.js';
+import {
+  benchNames,
+  dropStreams,
+  NATS_URL,
+  scratchDatabase,
+  waitForConnections,
+} from './scratch.js';
 import { n0, pool, print, ratio, sleep, table, until } from './stats.js';
 
 const TASKS_PER_TICKET = 50;
-/** pg-boss `work()` batch size: a batch is fetched and completed in one statement each. */
+const POOL_MAX = 10;
+/**
+ * pg-boss `work()` batch size. pg-boss 10.4.2 ships no docs in its package (the README
+ * points at its site); its docs for 10.x (docs/readme.md, `work()`) say only "The default
+ * options for `work()` is 1 job every 2 seconds" and give `batchSize` (default 1, "Same as
+ * in fetch()") and `pollingIntervalSeconds` (default 2, at least 0.5) as the two knobs; no
+ * number is recommended. Its source shows what bounds throughput: `src/worker.js` fetches,
+ * awaits the handler, then sleeps `interval - duration` whenever more than 100 ms of the
+ * interval is left, so one worker runs at most `batchSize` jobs per interval; `src/manager.js`
+ * (`watch`) completes the whole batch in one `complete(name, jobIds)`. The only batch size
+ * pg-boss itself passes to `work()` is 50 (its cron worker, `src/timekeeper.js`). 100 at the
+ * 0.5 s minimum lets 8 workers reach 1,600 jobs/s, above graphile-worker's figures here,
+ * so the polling ceiling is not what this figure measures.
+ */
 const PG_BOSS_BATCH = 100;
 const PG_BOSS_WORKERS = 8;
 
@@ -66,7 +90,7 @@ export async function drainSection(o: { jobs: number }): Promise<void> {
 }
 
 async function ours(jobs: number): Promise<Figure> {
-  const db = await scratchDatabase('drain_ours', { max: 8 });
+  const db = await scratchDatabase('drain_ours', { max: POOL_MAX });
   const names = benchNames();
   let child: ChildProcess | null = null;
   try {
@@ -136,6 +160,8 @@ async function ours(jobs: number): Promise<Figure> {
       from pg_stat_database where datname = current_database()`;
     const commitsBefore = st0?.c ?? 0;
     const rollbacksBefore = st0?.r ?? 0;
+    // Its pool comes on top of ours: a shared server may not have the room at once.
+    await waitForConnections(POOL_MAX + 10, 'drain_ours worker');
     const bin = fileURLToPath(new URL('../bin/orchestrator', import.meta.url));
     const spawned = performance.now();
     const nodeArgs = (process.env.BENCH_WORKER_NODE_ARGS ?? '').split(' ').filter(Boolean);
@@ -147,6 +173,7 @@ async function ours(jobs: number): Promise<Figure> {
         NATS_PREFIX: names.prefix,
         NATS_STREAM: names.stream,
         WORKER_CONCURRENCY: '8',
+        DB_POOL_MAX: String(POOL_MAX),
         LOG_LEVEL: process.env.BENCH_WORKER_LOG_LEVEL ?? 'warn',
       },
       stdio: ['ignore', process.env.BENCH_DEBUG ? 'inherit' : 'ignore', 'inherit'],
@@ -187,6 +214,34 @@ async function ours(jobs: number): Promise<Figure> {
           avg(extract(epoch from at - prev) * 1000) as avg
         from e where prev is not null group by type`;
       process.stderr.write(`${JSON.stringify(gaps)}\n`);
+      // Per slot: a task's claim to its completion, and the slot's last completion to its
+      // next claim (time spent between tasks: the COMPLETE's commit to the next claim's).
+      const slots = await db.sql`
+        with c as (
+          select e.entity_id, e.data->>'workerId' as w, e.at as claimed,
+            (select d.at from events d where d.entity_id = e.entity_id
+              and d.type = 'task.completed') as completed
+          from events e where e.type = 'task.claimed'),
+        s as (
+          select w, claimed, completed,
+            lag(completed) over (partition by w order by claimed) as prev_done
+          from c)
+        select
+          percentile_cont(0.5) within group (order by extract(epoch from completed - claimed) * 1000) as claim_to_done_p50,
+          avg(extract(epoch from completed - claimed) * 1000) as claim_to_done_avg,
+          percentile_cont(0.5) within group (order by extract(epoch from claimed - prev_done) * 1000) as done_to_next_claim_p50,
+          avg(extract(epoch from claimed - prev_done) * 1000) as done_to_next_claim_avg,
+          count(distinct w)::int as slots
+        from s`;
+      process.stderr.write(`${JSON.stringify(slots)}\n`);
+      // Whether the worker or the ticket's reactions set the figure: the worker is done at
+      // its last completion; the count ends when the last ticket has heard of it.
+      const ends = await db.sql`
+        select extract(epoch from (select max(at) from events where type = 'task.completed')
+            - (select min(at) from events where type = 'task.claimed')) as worker_seconds,
+          extract(epoch from (select max(at) from events where type = 'ticket.phase_changed')
+            - (select max(at) from events where type = 'task.completed')) as reactions_behind_seconds`;
+      process.stderr.write(`${JSON.stringify(ends)}\n`);
       const tk = await db.sql`
         select type, count(*)::int as n from events where entity_type = 'ticket' group by type`;
       process.stderr.write(`${JSON.stringify(tk)}\n`);
@@ -229,10 +284,12 @@ async function graphile(jobs: number, concurrency: number): Promise<Figure> {
           from generate_series(1, ${jobs}) i))`;
     await utils.release();
     let done = 0;
+    await waitForConnections(POOL_MAX + 10, `drain_graphile${concurrency} runner`);
     const started = performance.now();
     const runner = await run({
       connectionString: db.url,
       concurrency,
+      maxPoolSize: POOL_MAX,
       noHandleSignals: true,
       logger,
       taskList: {
@@ -258,7 +315,7 @@ async function graphile(jobs: number, concurrency: number): Promise<Figure> {
       name: `graphile-worker run() x${concurrency}`,
       jobs,
       seconds,
-      note: `its runner, \`run({ concurrency: ${concurrency} })\`, every other setting default (pool size, poll interval, LISTEN/NOTIFY); counted from calling run() until its jobs table is empty.`,
+      note: `its runner, \`run({ concurrency: ${concurrency} })\`, \`maxPoolSize\` ${POOL_MAX} (its default), every other setting default (poll interval, LISTEN/NOTIFY); counted from calling run() until its jobs table is empty.`,
     };
   } finally {
     await db.drop();
@@ -269,8 +326,10 @@ async function pgBoss(jobs: number): Promise<Figure> {
   const db = await scratchDatabase('drain_pgboss', { max: 4, migrate: false });
   try {
     const { default: PgBoss } = await import('pg-boss');
+    await waitForConnections(POOL_MAX + 10, 'drain_pgboss');
     const boss = new PgBoss({
       connectionString: db.url,
+      max: POOL_MAX,
       supervise: false,
       schedule: false,
     });
@@ -309,7 +368,7 @@ async function pgBoss(jobs: number): Promise<Figure> {
       name: `pg-boss work() x${PG_BOSS_WORKERS}, batch ${PG_BOSS_BATCH}`,
       jobs,
       seconds,
-      note: `${PG_BOSS_WORKERS} \`work()\` workers, batchSize ${PG_BOSS_BATCH}, pollingIntervalSeconds 0.5 (its minimum; a worker sleeps the interval after every fetch, so batch size is its documented lever for throughput); the batch is completed in one statement; counted until every job is completed.`,
+      note: `${PG_BOSS_WORKERS} \`work()\` workers, batchSize ${PG_BOSS_BATCH}, pollingIntervalSeconds 0.5 (its minimum; a worker sleeps what is left of the interval after every batch, so past its first batches, which come at once, it runs at most ${n0((PG_BOSS_WORKERS * PG_BOSS_BATCH) / 0.5)} jobs/s; its docs recommend no batch size), pool max ${POOL_MAX}; the batch is completed in one statement; counted until every job is completed.`,
     };
   } finally {
     await db.drop();

@@ -51,6 +51,20 @@ const CONCURRENCY = 16;
 const TASK_DEFAULTS = { maxAttempts: 3, leaseMs: 600_000, retryBaseMs: 1_000 };
 
 type Loaded = LatencyStats & { type: 'loaded'; errors: number };
+
+/**
+ * `run`, and the CPU time this process spent meanwhile per operation (µs): for a request,
+ * what the server side costs, whatever the load of the machine (the client is another
+ * process); for the in-process call, the same call without HTTP.
+ */
+async function withCpu<T extends LatencyStats>(
+  run: () => Promise<T>,
+): Promise<T & { cpuUs: number }> {
+  const before = process.cpuUsage();
+  const r = await run();
+  const used = process.cpuUsage(before);
+  return { ...r, cpuUs: (used.user + used.system) / Math.max(1, r.count) };
+}
 type All = { type: 'all'; key: string; at: number };
 
 export async function httpSection(o: { seconds: number; sseClients: number }): Promise<void> {
@@ -114,24 +128,32 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
     };
     const ms1000 = o.seconds * 1000;
     const queries = new Queries(db.sql);
-    const getIn = await loop(CONCURRENCY, ms1000, async (w) => {
-      await queries.getTask((tasks[w % tasks.length] as { id: string }).id);
-    });
-    const postIn = await loop(CONCURRENCY, ms1000, async (w) => {
-      const t = tasks[w % tasks.length] as { id: string; token: string };
-      await host.transact((uow) =>
-        commands.sendPublic(uow, 'task', t.id, { type: 'HEARTBEAT', token: t.token }),
-      );
-    });
-    const health = await load('GET', ['/healthz']);
-    const get = await load(
-      'GET',
-      tasks.map((t) => `/tasks/${t.id}`),
+    const getIn = await withCpu(() =>
+      loop(CONCURRENCY, ms1000, async (w) => {
+        await queries.getTask((tasks[w % tasks.length] as { id: string }).id);
+      }),
     );
-    const post = await load(
-      'POST',
-      tasks.map((t) => `/tasks/${t.id}/events`),
-      tasks.map((t) => JSON.stringify({ type: 'HEARTBEAT', token: t.token })),
+    const postIn = await withCpu(() =>
+      loop(CONCURRENCY, ms1000, async (w) => {
+        const t = tasks[w % tasks.length] as { id: string; token: string };
+        await host.transact((uow) =>
+          commands.sendPublic(uow, 'task', t.id, { type: 'HEARTBEAT', token: t.token }),
+        );
+      }),
+    );
+    const health = await withCpu(() => load('GET', ['/healthz']));
+    const get = await withCpu(() =>
+      load(
+        'GET',
+        tasks.map((t) => `/tasks/${t.id}`),
+      ),
+    );
+    const post = await withCpu(() =>
+      load(
+        'POST',
+        tasks.map((t) => `/tasks/${t.id}/events`),
+        tasks.map((t) => JSON.stringify({ type: 'HEARTBEAT', token: t.token })),
+      ),
     );
     print(
       `\n### Requests at concurrency ${CONCURRENCY} (client in another process, fetch with keep-alive)\n`,
@@ -147,6 +169,8 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
           'p50 ms',
           'p99 ms',
           'HTTP / in-process',
+          'server CPU µs/req',
+          'in-process CPU µs/call',
         ],
         [
           [
@@ -158,6 +182,8 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
             '-',
             '-',
             '-',
+            n0(health.cpuUs),
+            '-',
           ],
           [
             'GET /tasks/:id vs queries.getTask',
@@ -168,6 +194,8 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
             ms(getIn.p50),
             ms(getIn.p99),
             ratio(get.perSecond, getIn.perSecond),
+            n0(get.cpuUs),
+            n0(getIn.cpuUs),
           ],
           [
             'POST /tasks/:id/events HEARTBEAT vs host',
@@ -178,6 +206,8 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
             ms(postIn.p50),
             ms(postIn.p99),
             ratio(post.perSecond, postIn.perSecond),
+            n0(post.cpuUs),
+            n0(postIn.cpuUs),
           ],
         ],
       ),

@@ -5,11 +5,17 @@
  * processes. A task whose worktree is held, or whose type is at its cluster-wide cap,
  * is skipped and stays pending.
  */
-import type { ActorHost, Applied } from '../actors/host.js';
+import type { ActorHost, Applied, UnitOfWork } from '../actors/host.js';
 import { type TaskView, taskView } from '../actors/views.js';
 import { Unavailable } from '../errors.js';
 import { ACTIVE_TASK_STATES, type TaskContext, type TaskState } from '../machines/task.js';
-import { belowCap, lockCandidates, typesAtCap, worktreeFree } from '../persistence/claim-rows.js';
+import {
+  belowCap,
+  type Candidate,
+  lockCandidates,
+  typesAtCap,
+  worktreeFree,
+} from '../persistence/claim-rows.js';
 import { sqlState } from '../persistence/db.js';
 import type { Freed, Wakeups } from './wakeups.js';
 
@@ -53,8 +59,9 @@ export interface Dispatch {
 }
 
 /**
- * Rows locked per attempt. Small, so that concurrent claimers each lock different rows
- * (SKIP LOCKED) instead of one claimer holding the whole head of the queue.
+ * Rows locked per attempt for one claimer (one more per further claimer of a batch). Small,
+ * so that concurrent claimers each lock different rows (SKIP LOCKED) instead of one claimer
+ * holding the whole head of the queue.
  */
 const CANDIDATES_PER_TRY = 2;
 const DEADLOCK_DETECTED = '40P01';
@@ -123,6 +130,27 @@ export class ClaimService {
    * exceed CLAIM_MAX_WAITERS (a claimer that finds a task at once never counts).
    */
   async claim(req: ClaimRequest): Promise<ClaimedTask | null> {
+    const [claimed] = await this.poll(req, () => [req.workerId]);
+    return claimed ?? null;
+  }
+
+  /**
+   * Like `claim`, for several claimers of one process at once (a worker pool's idle slots):
+   * each attempt claims up to one task per id `claimers()` returns at that moment, in ONE
+   * transaction, the i-th task claimed in the name of the i-th claimer. Resolves with what
+   * one attempt claimed (in that order), or nothing when the wait ran out.
+   */
+  async claimMany(
+    req: Omit<ClaimRequest, 'workerId'>,
+    claimers: () => string[],
+  ): Promise<ClaimedTask[]> {
+    return this.poll(req, claimers);
+  }
+
+  private async poll(
+    req: Omit<ClaimRequest, 'workerId'>,
+    claimers: () => string[],
+  ): Promise<ClaimedTask[]> {
     const deadline = Date.now() + Math.min(req.waitMs ?? 0, this.options.maxWaitMs);
     const filter = { executors: req.executors ?? ['external'], types: req.types };
     let admitted = false;
@@ -133,16 +161,22 @@ export class ClaimService {
     let look = true;
     try {
       for (;;) {
-        if (req.signal?.aborted) return null;
+        if (req.signal?.aborted) return [];
         const generation = this.wakeups.generation;
         if (look) {
-          const claimed = await this.claimOnce(req);
+          const ids = claimers();
+          const claimed =
+            ids.length === 1
+              ? [await this.claimOnce({ ...req, workerId: ids[0] as string })].filter(
+                  (c): c is ClaimedTask => c !== null,
+                )
+              : await this.claimFor(req, ids);
           unused = null;
-          if (claimed) return claimed;
+          if (claimed.length > 0) return claimed;
         }
         look = true;
         const left = deadline - Date.now();
-        if (left <= 0) return null;
+        if (left <= 0) return [];
         // Something changed while we looked: look again before sleeping.
         if (this.wakeups.generation !== generation) continue;
         if (!admitted) {
@@ -166,52 +200,99 @@ export class ClaimService {
     }
   }
 
+  /** One claim attempt for one claimer, no waiting (every single claim's attempt). */
   async claimOnce(req: ClaimRequest): Promise<ClaimedTask | null> {
-    const executors = req.executors ?? ['external'];
-    if (executors.length === 0) return null;
-    const limits = this.options.typeLimits;
-    this.attempts++;
+    const [claimed] = await this.claimFor(req, [req.workerId]);
+    return claimed ?? null;
+  }
+
+  /** One attempt for several claimers: at most one task each, in one transaction. */
+  private async claimFor(
+    req: Omit<ClaimRequest, 'workerId'>,
+    claimers: string[],
+  ): Promise<ClaimedTask[]> {
     try {
-      const { value } = await this.host.transact(async (uow) => {
-        const excludeTypes = await typesAtCap(uow.tx, limits);
-        const candidates = await lockCandidates(
-          uow.tx,
-          { executors, types: req.types, excludeTypes },
-          CANDIDATES_PER_TRY,
-        );
-        // At most one cap lock per transaction: the only lock a claim waits for, so two
-        // claims never wait for each other in a cycle.
-        let capLocked: string | null = null;
-        for (const [i, c] of candidates.entries()) {
-          if (c.worktree !== null && !(await worktreeFree(uow.tx, c.worktree))) continue;
-          const cap = limits[c.type];
-          if (cap !== undefined) {
-            if (capLocked !== null && capLocked !== c.type) continue;
-            capLocked = c.type;
-            if (!(await belowCap(uow.tx, c.type, cap))) continue;
-          }
-          let applied = await uow.send('task', c.id, { type: 'CLAIM', workerId: req.workerId });
-          if (req.start) {
-            const token = (applied.snapshot.context as { token: string }).token;
-            applied = await uow.send('task', c.id, { type: 'START', token });
-          }
-          return { applied, next: candidates[i + 1] };
-        }
-        return null;
-      });
-      if (!value) return null;
-      this.claims++;
-      // More work is queued behind this task: wake the next claimer now rather than on
-      // its fallback poll (a single wake-up may stand for several freed tasks).
-      if (value.next) {
-        this.wakeups.notify([{ executor: value.next.executor, type: value.next.type }]);
-      }
-      return toClaimed(value.applied);
+      const { value } = await this.host.transact((uow) => this.claimIn(uow, req, claimers));
+      return this.claimed(value);
     } catch (error) {
-      // Not expected (see above), but a deadlock costs a retry, never a failed claim.
-      if (sqlState(error) === DEADLOCK_DETECTED) return null;
+      // Not expected (see claimIn), but a deadlock costs a retry, never a failed claim.
+      if (sqlState(error) === DEADLOCK_DETECTED) return [];
       throw error;
     }
+  }
+
+  /**
+   * `first` (a worker's COMPLETE or FAIL of the task it ran), then a claim attempt for
+   * `claimers`, in ONE transaction: a worker that settles a task and takes the next pays
+   * one commit for both. Whatever `first` throws (a refusal, a stale token) aborts the
+   * whole transaction, claims included; the caller then settles alone.
+   */
+  async settleAndClaim(
+    req: Omit<ClaimRequest, 'workerId'>,
+    claimers: string[],
+    first: (uow: UnitOfWork) => Promise<unknown>,
+  ): Promise<ClaimedTask[]> {
+    const { value } = await this.host.transact(async (uow) => {
+      await first(uow);
+      return this.claimIn(uow, req, claimers);
+    });
+    return this.claimed(value);
+  }
+
+  private claimed(value: { applied: Applied[]; next: Candidate | undefined }): ClaimedTask[] {
+    this.claims += value.applied.length;
+    // More work is queued behind these tasks: wake the next claimer now rather than on its
+    // fallback poll (a single wake-up may stand for several freed tasks).
+    if (value.next) {
+      this.wakeups.notify([{ executor: value.next.executor, type: value.next.type }]);
+    }
+    return value.applied.map(toClaimed);
+  }
+
+  /**
+   * Claims (and with `start`, STARTs) up to one task per claimer within `uow`: the best
+   * candidates, locked with SKIP LOCKED, each sent CLAIM through its actor. At most one cap
+   * lock per transaction: the only lock a claim waits for, so two claims never wait for
+   * each other in a cycle.
+   */
+  private async claimIn(
+    uow: UnitOfWork,
+    req: Omit<ClaimRequest, 'workerId'>,
+    claimers: string[],
+  ): Promise<{ applied: Applied[]; next: Candidate | undefined }> {
+    const executors = req.executors ?? ['external'];
+    const applied: Applied[] = [];
+    if (executors.length === 0 || claimers.length === 0) return { applied, next: undefined };
+    const limits = this.options.typeLimits;
+    this.attempts++;
+    const excludeTypes = await typesAtCap(uow.tx, limits);
+    const candidates = await lockCandidates(
+      uow.tx,
+      { executors, types: req.types, excludeTypes },
+      claimers.length + CANDIDATES_PER_TRY - 1,
+    );
+    let capLocked: string | null = null;
+    for (const [i, c] of candidates.entries()) {
+      const workerId = claimers[applied.length];
+      if (workerId === undefined) return { applied, next: c };
+      // Both checks see this transaction's own claims: a second task of a worktree or of a
+      // type at its cap is skipped like one held elsewhere.
+      if (c.worktree !== null && !(await worktreeFree(uow.tx, c.worktree))) continue;
+      const cap = limits[c.type];
+      if (cap !== undefined) {
+        if (capLocked !== null && capLocked !== c.type) continue;
+        capLocked = c.type;
+        if (!(await belowCap(uow.tx, c.type, cap))) continue;
+      }
+      let a = await uow.send('task', c.id, { type: 'CLAIM', workerId });
+      if (req.start) {
+        const token = (a.snapshot.context as { token: string }).token;
+        a = await uow.send('task', c.id, { type: 'START', token });
+      }
+      applied.push(a);
+      if (applied.length === claimers.length) return { applied, next: candidates[i + 1] };
+    }
+    return { applied, next: undefined };
   }
 
   private rememberLocalWake(taskId: string): void {

@@ -1,7 +1,10 @@
 /**
- * The built-in workers of one process: `concurrency` slots, each a loop of claim-and-START
- * (long poll; one transaction), run the executor while heartbeating, then COMPLETE or FAIL, every event carrying
- * the claim's fencing token. A heartbeat refused as stale means the lease is gone: the
+ * The built-in workers of one process: `concurrency` slots, each a loop of claim-and-START,
+ * run the executor while heartbeating, then COMPLETE or FAIL, every event carrying the
+ * claim's fencing token. Claims are shared so that a task costs the worker one commit, not
+ * two: a slot that settles a task claims its next one (and one for each idle slot) in the
+ * same transaction, and of the idle slots only one long-polls, claiming for all of them
+ * at once when work turns up. A heartbeat refused as stale means the lease is gone: the
  * executor is aborted and its outcome dropped. `stop(graceMs)` stops claiming at once, lets
  * running tasks finish within the grace period, then aborts them and RELEASEs each so that
  * another worker can claim it at once instead of after a full lease.
@@ -103,6 +106,14 @@ export class WorkerPool {
   private loops: Promise<void>[] = [];
   private stopping = false;
   private claimAbort = new AbortController();
+  /** Whether one idle slot is in the claim long poll (it claims for every idle slot). */
+  private polling = false;
+  /**
+   * Idle slots waiting for the polling slot to claim a task for them, by slot id, in
+   * arrival order; `poll` hands the first the long poll when the polling slot leaves it.
+   * Only the polling slot claims for them, so no two claims are ever made for one slot.
+   */
+  private readonly idle = new Map<string, (next: ClaimedTask | 'poll' | null) => void>();
 
   constructor(
     private readonly host: ActorHost,
@@ -139,6 +150,10 @@ export class WorkerPool {
   async stop(graceMs: number): Promise<void> {
     this.stopping = true;
     this.claimAbort.abort('worker pool stopping');
+    for (const [id, hand] of [...this.idle]) {
+      this.idle.delete(id);
+      hand(null);
+    }
     const idle = Promise.all(this.loops);
     if (!(await settlesWithin(idle, graceMs))) {
       for (const e of this.executions) {
@@ -162,47 +177,107 @@ export class WorkerPool {
   private async slotLoop(workerId: string): Promise<void> {
     const log = this.log.child({ workerId });
     let failures = 0;
-    while (!this.stopping) {
-      let claimed: ClaimedTask | null;
-      const generation = this.claims.wakeups.generation;
-      const asked = Date.now();
-      try {
-        claimed = await this.claims.claim({
-          workerId,
-          executors: this.executors.names(),
-          types: this.options.types,
-          waitMs: this.options.claimWaitMs ?? 30_000,
-          signal: this.claimAbort.signal,
-          start: true,
-        });
-        failures = 0;
-      } catch (error) {
-        failures++;
-        log.warn({ err: error }, 'claim failed; trying again');
-        await delay(Math.min(5_000, 100 * 2 ** Math.min(failures, 6)), this.claimAbort.signal);
-        continue;
-      }
+    // The task claimed in the same transaction that settled this slot's last one.
+    let carried: ClaimedTask | null = null;
+    while (!this.stopping || carried) {
+      let claimed = carried;
+      carried = null;
       if (!claimed) {
-        // A service that does not long-poll (CLAIM_MAX_WAIT_MS=0) must not make this a busy loop.
-        if (Date.now() - asked < IDLE_POLL_MS && this.claims.wakeups.generation === generation) {
-          await this.claims.wakeups.wait(IDLE_POLL_MS, this.claimAbort.signal);
+        const generation = this.claims.wakeups.generation;
+        const asked = Date.now();
+        try {
+          claimed = await this.next(workerId);
+          failures = 0;
+        } catch (error) {
+          failures++;
+          log.warn({ err: error }, 'claim failed; trying again');
+          await delay(Math.min(5_000, 100 * 2 ** Math.min(failures, 6)), this.claimAbort.signal);
+          continue;
         }
-        continue;
+        if (!claimed) {
+          // A service that does not long-poll (CLAIM_MAX_WAIT_MS=0) must not make this a busy loop.
+          if (
+            !this.stopping &&
+            Date.now() - asked < IDLE_POLL_MS &&
+            this.claims.wakeups.generation === generation
+          ) {
+            await this.claims.wakeups.wait(IDLE_POLL_MS, this.claimAbort.signal);
+          }
+          continue;
+        }
       }
       this.counters.claims++;
-      await this.execute(claimed, log);
+      carried = await this.execute(claimed, workerId, log);
     }
   }
 
-  private async execute({ task, token }: ClaimedTask, slotLog: Logger): Promise<void> {
-    const log = slotLog.child({ taskId: task.id, attempt: task.attempt });
-    const exec: Execution = {
-      taskId: task.id,
-      token,
-      abort: new AbortController(),
-      cause: null,
-      abandoned: false,
+  /**
+   * The next task for an idle slot: while another idle slot long-polls, wait for it to
+   * claim one for this slot too; else long-poll for every idle slot.
+   */
+  private async next(workerId: string): Promise<ClaimedTask | null> {
+    for (;;) {
+      if (this.stopping) return null;
+      if (!this.polling) return this.poll(workerId);
+      const got = await new Promise<ClaimedTask | 'poll' | null>((resolve) =>
+        this.idle.set(workerId, resolve),
+      );
+      if (got !== 'poll') return got;
+    }
+  }
+
+  /** The long poll of the idle slots: each attempt claims one task per slot idle then. */
+  private async poll(workerId: string): Promise<ClaimedTask | null> {
+    this.polling = true;
+    try {
+      const claimed = await this.claims.claimMany(this.claimRequest(), () => [
+        workerId,
+        ...this.idle.keys(),
+      ]);
+      let mine: ClaimedTask | null = null;
+      for (const c of claimed) {
+        const slot = c.task.workerId ?? '';
+        const hand = this.idle.get(slot);
+        if (slot === workerId) mine = c;
+        else if (hand) {
+          this.idle.delete(slot);
+          hand(c);
+        } else {
+          // Its slot stopped waiting (the pool is stopping): nobody here will run it.
+          await this.release(this.execution(c), 'worker shutting down', this.log);
+        }
+      }
+      return mine;
+    } finally {
+      this.polling = false;
+      // Someone must go on polling for the slots still idle.
+      const [first] = this.idle;
+      if (first) {
+        this.idle.delete(first[0]);
+        first[1]('poll');
+      }
+    }
+  }
+
+  private claimRequest() {
+    return {
+      executors: this.executors.names(),
+      types: this.options.types,
+      waitMs: this.options.claimWaitMs ?? 30_000,
+      signal: this.claimAbort.signal,
+      start: true,
     };
+  }
+
+  /** Runs one claimed task to its end; returns the task claimed along with settling it. */
+  private async execute(
+    claimed: ClaimedTask,
+    workerId: string,
+    slotLog: Logger,
+  ): Promise<ClaimedTask | null> {
+    const { task, token } = claimed;
+    const log = slotLog.child({ taskId: task.id, attempt: task.attempt });
+    const exec = this.execution(claimed);
     const executor = this.executors.get(task.executor);
     this.executions.add(exec);
     try {
@@ -210,22 +285,26 @@ export class WorkerPool {
         // Claimed as the pool began to stop (or, impossibly, for an unknown executor).
         const reason = executor ? 'worker shutting down' : `no executor ${task.executor}`;
         await this.release(exec, reason, log);
-        return;
+        return null;
       }
       // Claimed with `start`, the task is running already: one commit fewer per task.
       if (task.state !== 'running') {
         const started = await this.report(exec, { type: 'START', token }, log);
         if (started !== 'ok') {
           if (started === 'stale') this.counters.leaseLosses++;
-          return;
+          return null;
         }
       }
       const outcome = await this.runWithHeartbeat(exec, executor, task, log);
-      if (exec.abandoned) return;
-      await this.settle(exec, outcome, log);
+      if (exec.abandoned) return null;
+      return await this.settle(exec, outcome, workerId, log);
     } finally {
       this.executions.delete(exec);
     }
+  }
+
+  private execution({ task, token }: ClaimedTask): Execution {
+    return { taskId: task.id, token, abort: new AbortController(), cause: null, abandoned: false };
   }
 
   private async runWithHeartbeat(
@@ -259,30 +338,64 @@ export class WorkerPool {
   private async settle(
     exec: Execution,
     outcome: { ok: true; result: Json } | { ok: false; error: unknown },
+    workerId: string,
     log: Logger,
-  ): Promise<void> {
+  ): Promise<ClaimedTask | null> {
     const { token } = exec;
     if (outcome.ok) {
       // Even after a lost lease: the token decides, and a stale one changes nothing.
-      const r = await this.report(exec, { type: 'COMPLETE', token, result: outcome.result }, log);
+      const event: DecideEvent = { type: 'COMPLETE', token, result: outcome.result };
+      const { report: r, next } = await this.settleAndClaim(exec, event, workerId, log);
       if (r === 'ok') this.counters.completions++;
       else if (r === 'stale' || exec.cause === 'lease') this.counters.leaseLosses++;
-      return;
+      return next;
     }
     if (exec.cause === 'lease') {
       this.counters.leaseLosses++;
       log.warn('lease lost: the task was aborted and belongs to no one here any more');
-      return;
+      return null;
     }
     if (exec.cause === 'shutdown') {
       await this.release(exec, 'worker shutting down', log);
-      return;
+      return null;
     }
     const error = failureText(outcome.error);
     log.info({ error }, 'task failed');
-    const r = await this.report(exec, { type: 'FAIL', token, error }, log);
+    const { report: r, next } = await this.settleAndClaim(
+      exec,
+      { type: 'FAIL', token, error },
+      workerId,
+      log,
+    );
     if (r === 'ok') this.counters.failures++;
     if (r === 'stale') this.counters.leaseLosses++;
+    return next;
+  }
+
+  /**
+   * Settles the task and, in the same transaction, claims this slot's next task. If that
+   * transaction fails for any reason (a refusal, a lost connection), none of it happened:
+   * the event is then reported alone, as `report` does it, and the slot claims as usual.
+   */
+  private async settleAndClaim(
+    exec: Execution,
+    event: DecideEvent,
+    workerId: string,
+    log: Logger,
+  ): Promise<{ report: Report; next: ClaimedTask | null }> {
+    if (!this.stopping && !exec.abandoned) {
+      try {
+        const [next] = await this.claims.settleAndClaim(this.claimRequest(), [workerId], (uow) =>
+          uow.send('task', exec.taskId, event),
+        );
+        return { report: 'ok', next: next ?? null };
+      } catch (error) {
+        if (!isRefusal(error)) {
+          log.warn({ err: error, event: event.type }, `${event.type} with the next claim failed`);
+        }
+      }
+    }
+    return { report: await this.report(exec, event, log), next: null };
   }
 
   private async release(exec: Execution, reason: string, log: Logger): Promise<void> {
