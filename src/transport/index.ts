@@ -38,7 +38,7 @@ import {
 import { Reconciler, type ReconcilerStats } from './reconciler.js';
 import { settleWithin } from './settle.js';
 import { ensureStreams, type StreamOptions } from './streams.js';
-import type { TransportNames } from './subjects.js';
+import { relayWakeSubject, type TransportNames } from './subjects.js';
 
 export interface TransportOptions {
   sql: Sql;
@@ -59,7 +59,7 @@ export interface TransportOptions {
     Pick<
       RelayOptions,
       | 'batchSize'
-      | 'leaseMs'
+      | 'pipelineDepth'
       | 'pollMs'
       | 'publishTimeoutMs'
       | 'streamCheckMs'
@@ -74,7 +74,10 @@ export interface TransportOptions {
   reactions?: (nc: NatsConnection, names: TransportNames) => Reaction[];
   /** How long `stop` waits for the connection to drain before closing it (default 5 s). */
   drainTimeoutMs?: number;
-  /** Turn parts off (tests, or a process that only publishes). All on by default. */
+  /**
+   * Turn parts off (tests, or a process that only publishes). All on by default. A process
+   * without a relay wakes the relays of the others after its commits (over NATS).
+   */
   enableRelay?: boolean;
   enableReconciler?: boolean;
 }
@@ -105,6 +108,9 @@ export class Transport {
   readonly reconciler: Reconciler;
   private readonly feeds = new Set<EventSubscription>();
   private readonly unsubscribeCommit: () => void;
+  private wakeSub: Subscription | null = null;
+  /** A wake-up for the other processes' relays is due (coalesced: one per turn of the loop). */
+  private wakePending = false;
   private stopped = false;
 
   private constructor(
@@ -150,10 +156,35 @@ export class Transport {
       intervalMs: o.reconcileMs,
       ...(o.reconcileGraceMs !== undefined ? { graceMs: o.reconcileGraceMs } : {}),
     });
-    // A commit that wrote events wakes this process's relay at once (NOTIFY covers the
-    // other processes); a heartbeat writes none and must not start empty rounds.
+    // A commit that wrote events wakes this process's relay at once; a heartbeat writes none
+    // and must not start empty rounds. Nothing is sent from inside the write transaction: a
+    // NOTIFY there would take Postgres's global notify lock at commit and serialise every
+    // writer of the database.
     this.unsubscribeCommit = o.host.onCommit((applied) => {
-      if (applied.some((a) => a.events.length > 0)) this.relay.wake();
+      if (!applied.some((a) => a.events.length > 0)) return;
+      if (o.enableRelay !== false) this.relay.wake();
+      else this.wakeOthers();
+    });
+  }
+
+  /**
+   * A process without a relay: after its commits, one core NATS message (however many
+   * commits arrived in this turn of the event loop) wakes the relays of the other processes,
+   * so its events go out within a round trip rather than a poll interval. NATS rather than a
+   * NOTIFY after commit: no Postgres round trip or notify-queue lock, and the relays already
+   * hold the connection. Lost (NATS down), it costs a poll interval, no event.
+   */
+  private wakeOthers(): void {
+    if (this.wakePending || this.stopped) return;
+    this.wakePending = true;
+    setImmediate(() => {
+      this.wakePending = false;
+      if (this.stopped || this.nc.isClosed()) return;
+      try {
+        this.nc.publish(relayWakeSubject(this.o.names));
+      } catch {
+        // Closed or draining: the relays' poll finds the events.
+      }
     });
   }
 
@@ -181,7 +212,12 @@ export class Transport {
   }
 
   private async startParts(): Promise<void> {
-    if (this.o.enableRelay !== false) await this.relay.start();
+    if (this.o.enableRelay !== false) {
+      await this.relay.start();
+      this.wakeSub = this.nc.subscribe(relayWakeSubject(this.o.names), {
+        callback: () => this.relay.wake(),
+      });
+    }
     for (const r of this.runners) await r.start();
     if (this.o.enableReconciler !== false) this.reconciler.start();
   }
@@ -191,6 +227,7 @@ export class Transport {
     if (this.stopped) return;
     this.stopped = true;
     this.unsubscribeCommit();
+    this.wakeSub?.unsubscribe();
     await Promise.all([...this.feeds].map((f) => f.close()));
     await this.reconciler.stop();
     await Promise.all(this.runners.map((r) => r.stop()));
