@@ -134,7 +134,9 @@ async function ours(jobs: number): Promise<Figure> {
       const jsm = await jetstreamManager(t.nc);
       await until(
         async () => {
-          const [r] = await db.sql<{ n: number }[]>`select count(*)::int as n from outbox`;
+          const [r] = await db.sql<
+            { n: number }[]
+          >`select count(*)::int as n from events where stream_seq is null`;
           if ((r?.n ?? 1) > 0) return false;
           for (const runner of t.runners) {
             const info = await jsm.consumers.info(names.stream, runner.name);

@@ -4,8 +4,8 @@
  * decide step, cache and bookkeeping cost.
  *
  * The workload: each of N concurrent entities (tickets in a phase) alternates BLOCK and
- * UNBLOCK. Each transition writes the snapshot (compare-and-set), one event-log row, one
- * outbox row, a NOTIFY, and deletes or re-arms the stuck-check timer, exactly as below.
+ * UNBLOCK. Each transition writes the snapshot (compare-and-set), one event-log row (the
+ * event log is the outbox), and deletes or re-arms the stuck-check timer, exactly as below.
  */
 import { randomUUID } from 'node:crypto';
 import { decide, decideInitial } from '../src/actors/decide.js';
@@ -105,14 +105,10 @@ export async function prepareRaw(
         snapshot = ${tx.json(snapshot as never)}, version = ${row.version + 1}, seq = ${row.seq + 1},
         updated_at = now() where id = ${row.id} and version = ${row.version}`;
         if (r.count !== 1) throw new Error('conflict');
-        const [e] = await tx<
-          { pos: number }[]
-        >`insert into events (event_id, entity_type, entity_id, seq, type, data, at)
+        await tx`insert into events (event_id, entity_type, entity_id, seq, type, data, at)
         values (${randomUUID()}, 'ticket', ${row.id}, ${row.seq + 1},
           ${blocking ? 'ticket.blocked' : 'ticket.unblocked'}, ${tx.json({ phase: 'requirements' })}, now())
         returning pos, event_id, seq, entity_id, entity_type, type, data, at`;
-        await tx`insert into outbox (pos, entity_id) values (${e?.pos ?? 0}, ${row.id})`;
-        await tx`select pg_notify('orchestrator_outbox', '')`;
         if (blocking) {
           await tx`delete from timers where entity_id = ${row.id} and key in ('xstate.after.stuckCheck.ticket.requirements')`;
         } else {

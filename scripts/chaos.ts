@@ -195,8 +195,9 @@ async function run(): Promise<number> {
     while (sampling) {
       try {
         const [row] = await sql<{ n: number; c: number; age: number | null }[]>`
-          select (select count(*) from outbox)::int as n,
-            (select (extract(epoch from now() - min(created_at)) * 1000)::float8 from outbox) as age,
+          select (select count(*) from events where stream_seq is null)::int as n,
+            (select (extract(epoch from now() - min(at)) * 1000)::float8 from events
+              where stream_seq is null) as age,
             (select count(*) from pg_stat_activity where datname = current_database())::int as c`;
         outbox.push([Date.now(), row?.n ?? 0, row?.age ?? 0]);
         peakConnections = Math.max(peakConnections, row?.c ?? 0);
@@ -242,7 +243,7 @@ async function run(): Promise<number> {
               -- a failed task a send-back left behind stays failed (checked as such)
               and not (state = 'failed' and exists (select 1 from tickets k
                 where k.id = t.ticket_id and k.state in ('done', 'cancelled'))))::int as open,
-          (select count(*) from outbox)::int as outbox`;
+          (select count(*) from events where stream_seq is null)::int as outbox`;
       return r?.open === 0 && r.outbox === 0;
     },
     Math.max(1_000, settleDeadline - Date.now()),

@@ -147,7 +147,9 @@ export async function gather(
     select name || '@' || version as ref, definition from workflows`;
   const dependencies = await sql<{ task_id: string; depends_on: string }[]>`
     select task_id, depends_on from task_dependencies`;
-  const [outbox] = await sql<{ n: number }[]>`select count(*)::int as n from outbox`;
+  const [outbox] = await sql<
+    { n: number }[]
+  >`select count(*)::int as n from events where stream_seq is null`;
   const [dead] = await sql<{ n: number }[]>`select count(*)::int as n from dead_letters`;
   return {
     events: [...events],
@@ -759,7 +761,7 @@ export function check(
       cap('deps', `${task_id}: created pending while ${depends_on} was not completed`);
     }
   }
-  if (ev.outbox !== 0) cap('6', `${ev.outbox} events still in the outbox`);
+  if (ev.outbox !== 0) cap('6', `${ev.outbox} events still unpublished (the outbox)`);
 
   // (7) durable time: claims of killed or frozen workers end, by lease expiry if need be.
   for (const fault of faults) {

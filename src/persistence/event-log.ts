@@ -1,11 +1,13 @@
 /**
- * The per-entity event log and the outbox. Both are written in the transition's own
- * transaction; a NOTIFY (delivered at commit) wakes the outbox relay.
+ * The per-entity event log, written in the transition's own transaction. It is also the
+ * outbox: an event is unpublished while its `stream_seq` is null, and the relay finds it
+ * through a partial index (outbox-rows.ts), so a transition writes no row for the relay and
+ * sends no NOTIFY. A NOTIFY in the write transaction would take Postgres's global notify
+ * lock at commit and serialise every writer; the relay is woken after commit instead
+ * (in-process, or over NATS by a process that runs none: transport/index.ts).
  */
 import type { EntityType } from '../machines/index.js';
 import type { Db } from './db.js';
-
-export const OUTBOX_CHANNEL = 'orchestrator_outbox';
 
 export interface EventEntry {
   /** Global position, assigned at insert (used by the stream and the relay). */
@@ -53,7 +55,7 @@ export function toEntry(r: EventRaw): EventEntry {
   };
 }
 
-/** Appends events and their outbox rows; returns the stored entries. */
+/** Appends events (unpublished until the relay records their stream sequence); returns the stored entries. */
 export async function appendEvents(db: Db, events: NewEvent[]): Promise<EventEntry[]> {
   if (events.length === 0) return [];
   const rows = events.map((e) => ({
@@ -68,12 +70,6 @@ export async function appendEvents(db: Db, events: NewEvent[]): Promise<EventEnt
   const inserted = await db<EventRaw[]>`
     insert into events ${db(rows as never, 'event_id', 'entity_type', 'entity_id', 'seq', 'type', 'data', 'at')}
     returning pos, event_id, seq, entity_id, entity_type, type, data, at`;
-  await db`insert into outbox ${db(
-    inserted.map((r) => ({ pos: r.pos, entity_id: r.entity_id })) as never,
-    'pos',
-    'entity_id',
-  )}`;
-  await db`select pg_notify(${OUTBOX_CHANNEL}, '')`;
   return inserted.map(toEntry).sort((a, b) => a.seq - b.seq);
 }
 

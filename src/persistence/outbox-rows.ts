@@ -1,13 +1,17 @@
 /**
- * SQL for the outbox relay: claim rows under a lease in per-entity order, record the stream
- * sequence JetStream acknowledged, and put events back in the outbox when the stream turns
- * out to have lost them (guarantee 8).
+ * SQL for the outbox relay. The event log is the outbox: an event whose `stream_seq` is null
+ * is unpublished, found through a partial index. A relay round runs in one transaction: it
+ * locks the events it will publish (`FOR UPDATE SKIP LOCKED`), publishes them, records the
+ * stream sequences JetStream acknowledged and commits. The row locks are the claim: another
+ * relay skips them, and a relay that dies releases them with its connection, so its events
+ * are published again at once (deduplicated by JetStream on the event id). Events the stream
+ * turns out to have lost go back to unpublished (guarantee 8).
  */
 import type { EntityType } from '../machines/index.js';
-import { type Db, type Sql, sqlState, UNIQUE_VIOLATION } from './db.js';
+import { type Db, sqlState, type Tx, UNIQUE_VIOLATION } from './db.js';
 
-/** Serialises claims across processes, so none takes an entity's later row while another holds its earlier one. */
-const CLAIM_LOCK_ID = 7_402_615_002;
+/** Serialises requeues (rare: the stream lost events), so two cannot deadlock. */
+const REQUEUE_LOCK_ID = 7_402_615_002;
 
 export interface OutboxItem {
   pos: number;
@@ -18,9 +22,9 @@ export interface OutboxItem {
   type: string;
   data: Record<string, unknown>;
   at: Date;
-  /** Claims of this row so far, this one included. */
+  /** Attempts to publish this event so far, this one included. */
   attempts: number;
-  /** Publishes of this row the server refused. */
+  /** Publishes of this event the server refused. */
   rejections: number;
 }
 
@@ -38,35 +42,49 @@ interface OutboxRaw {
 }
 
 /**
- * Leases up to `limit` rows, oldest first. A row is skipped while an earlier row of its
- * entity is leased by someone else, so each entity's events are published by one relay at a
- * time, in `pos` order. Returned in `pos` order.
+ * Locks up to `limit` unpublished events, oldest first, in the caller's transaction, and
+ * returns those it may publish, in `pos` order. Per-entity order: an entity's events are
+ * returned only as a prefix of its unpublished events, so an event waits while an earlier
+ * one of its entity is held by another relay (or another round of this one), or backs off
+ * after a failed publish. Events of `exceptEntities` (the round still in flight) are not even
+ * locked. Locked events that are not returned stay unpublished; the commit releases them.
  */
-export async function claimOutbox(sql: Sql, limit: number, leaseMs: number): Promise<OutboxItem[]> {
-  const rows = await sql.begin(async (tx) => {
-    await tx`select pg_advisory_xact_lock(${CLAIM_LOCK_ID})`;
-    return tx<OutboxRaw[]>`
-      with picked as (
-        select o.pos from outbox o
-        where (o.locked_until is null or o.locked_until < now())
-          and not exists (
-            select 1 from outbox p
-            where p.entity_id = o.entity_id and p.pos < o.pos and p.locked_until >= now())
-        order by o.pos
-        limit ${limit}
-        for update skip locked
-      ), claimed as (
-        update outbox o
-        set locked_until = now() + make_interval(secs => ${leaseMs / 1000}),
-            attempts = o.attempts + 1
-        from picked where o.pos = picked.pos
-        returning o.pos, o.attempts, o.rejections
-      )
+export async function claimUnpublished(
+  tx: Tx,
+  limit: number,
+  exceptEntities: readonly string[] = [],
+): Promise<OutboxItem[]> {
+  const rows = await tx<OutboxRaw[]>`
+    with cand as materialized (
       select e.pos, e.event_id, e.entity_type, e.entity_id, e.seq, e.type, e.data, e.at,
-        c.attempts, c.rejections
-      from claimed c join events e on e.pos = c.pos
-      order by e.pos`;
-  });
+        coalesce(r.attempts, 0) + 1 as attempts, coalesce(r.rejections, 0) as rejections
+      from events e
+      left join relay_retries r on r.pos = e.pos
+      where e.stream_seq is null
+        and e.entity_id <> all(${exceptEntities as string[]}::text[])
+        and (r.retry_at is null or r.retry_at <= now())
+      order by e.pos
+      limit ${limit}
+      for update of e skip locked
+    ), w as (
+      select c.*,
+        min(c.pos) over (partition by c.entity_id) as first,
+        max(c.pos) over (partition by c.entity_id) as last,
+        count(*) over (partition by c.entity_id) as n
+      from cand c
+    )
+    select w.pos, w.event_id, w.entity_type, w.entity_id, w.seq, w.type, w.data, w.at,
+      w.attempts, w.rejections
+    from w
+    -- The entity's earliest unpublished event is ours, and nothing unpublished of it lies
+    -- between ours (held elsewhere, or backing off): then ours are a prefix.
+    where not exists (
+        select 1 from events p
+        where p.entity_id = w.entity_id and p.stream_seq is null and p.pos < w.first)
+      and (w.n = 1 or (select count(*) from events p
+        where p.entity_id = w.entity_id and p.stream_seq is null
+          and p.pos between w.first and w.last) = w.n)
+    order by w.pos`;
   return rows.map((r) => ({
     pos: r.pos,
     eventId: r.event_id,
@@ -84,85 +102,83 @@ export async function claimOutbox(sql: Sql, limit: number, leaseMs: number): Pro
 export interface Ack {
   pos: number;
   streamSeq: number;
+  /** The event had failed before: its backoff row goes. */
+  retried?: boolean;
 }
 
 /**
- * Records the acknowledged stream sequences and deletes the rows. Returns how many events
- * were put back in the outbox because another event already held an acknowledged
+ * Records the acknowledged stream sequences in the round's transaction. Returns how many
+ * events were set back to unpublished because another event already held an acknowledged
  * sequence (the stream lost it).
  */
-export async function markPublished(sql: Sql, acks: Ack[]): Promise<number> {
+export async function markPublished(tx: Tx, acks: Ack[]): Promise<number> {
   if (acks.length === 0) return 0;
+  const retried = acks.filter((a) => a.retried).map((a) => a.pos);
+  if (retried.length > 0) {
+    await tx`delete from relay_retries where pos = any(${retried}::bigint[])`;
+  }
   try {
-    await sql.begin(async (tx) => {
-      await tx`update events e set stream_seq = a.seq
+    // A savepoint: a reused sequence must not abort the round's transaction (and with it
+    // every other ack and backoff it records).
+    await tx.savepoint(
+      (sp) => sp`update events e set stream_seq = a.seq
         from unnest(${acks.map((a) => a.pos)}::bigint[], ${acks.map((a) => a.streamSeq)}::bigint[])
           as a(pos, seq)
-        where e.pos = a.pos`;
-      await tx`delete from outbox where pos = any(${acks.map((a) => a.pos)}::bigint[])`;
-    });
+        where e.pos = a.pos`,
+    );
     return 0;
   } catch (error) {
     if (sqlState(error) !== UNIQUE_VIOLATION) throw error;
   }
   let requeued = 0;
-  for (const ack of acks) requeued += await markOne(sql, ack);
+  for (const ack of [...acks].sort((a, b) => a.streamSeq - b.streamSeq)) {
+    const taken = await tx<{ pos: number }[]>`
+      select pos from events where stream_seq = ${ack.streamSeq} and pos <> ${ack.pos}`;
+    // Another event holds this sequence: the stream lost it and every event recorded after it.
+    if (taken.length > 0) requeued += await requeue(tx, ack.streamSeq - 1, ack.pos);
+    await tx`update events set stream_seq = ${ack.streamSeq} where pos = ${ack.pos}`;
+  }
   return requeued;
 }
 
-async function markOne(sql: Sql, ack: Ack): Promise<number> {
-  return sql.begin(async (tx) => {
-    const taken = await tx<{ pos: number }[]>`
-      select pos from events where stream_seq = ${ack.streamSeq} and pos <> ${ack.pos}`;
-    let requeued = 0;
-    // Another event holds this sequence: the stream lost it and every event recorded after it.
-    if (taken.length > 0) requeued = await requeue(tx, ack.streamSeq - 1, ack.pos);
-    await tx`update events set stream_seq = ${ack.streamSeq} where pos = ${ack.pos}`;
-    await tx`delete from outbox where pos = ${ack.pos}`;
-    return requeued;
-  });
-}
-
 /**
- * Puts every event recorded at a stream sequence above `afterStreamSeq` back in the outbox
- * and forgets its sequence. Set-based and atomic: each lost event is queued once.
+ * Sets every event recorded at a stream sequence above `afterStreamSeq` back to unpublished
+ * (the relay publishes it again). Set-based and atomic: each lost event is queued once.
  */
 export async function requeue(db: Db, afterStreamSeq: number, exceptPos = -1): Promise<number> {
-  const rows = await db<{ pos: number }[]>`
-    with lost as (
+  const run = async (tx: Tx) => {
+    await tx`select pg_advisory_xact_lock(${REQUEUE_LOCK_ID})`;
+    const rows = await tx<{ pos: number }[]>`
       update events set stream_seq = null
       where stream_seq > ${afterStreamSeq} and pos <> ${exceptPos}
-      returning pos, entity_id
-    )
-    insert into outbox (pos, entity_id) select pos, entity_id from lost
-    on conflict (pos) do nothing
-    returning pos`;
-  return rows.length;
-}
-
-/** Gives leased rows back after a failed publish, with the error, for the next attempt. */
-export async function releaseOutbox(db: Db, positions: number[], error: string): Promise<void> {
-  if (positions.length === 0) return;
-  await db`update outbox set locked_until = null, last_error = ${error.slice(0, 2000)}
-    where pos = any(${positions}::bigint[])`;
+      returning pos`;
+    return rows.length;
+  };
+  // In a transaction already (a relay round), or one of its own.
+  if ('savepoint' in db) return run(db);
+  return db.begin(run);
 }
 
 /**
- * A failed publish of one row: it (and, through the claim's per-entity rule, every later row
- * of its entity) waits `delayMs` before the next attempt; other entities are not held.
+ * A failed publish of one event: it (and, through the claim's per-entity rule, every later
+ * event of its entity) waits `delayMs` before the next attempt; other entities are not held.
  */
-export async function backOffOutbox(
+export async function backOffEvent(
   db: Db,
   pos: number,
   delayMs: number,
   error: string,
   rejected: boolean,
 ): Promise<void> {
-  await db`update outbox
-    set locked_until = now() + make_interval(secs => ${Math.max(0, delayMs) / 1000}),
-      last_error = ${error.slice(0, 2000)},
-      rejections = rejections + ${rejected ? 1 : 0}
-    where pos = ${pos}`;
+  const rejections = rejected ? 1 : 0;
+  await db`insert into relay_retries as r (pos, attempts, rejections, retry_at, last_error)
+    values (${pos}, 1, ${rejections},
+      now() + make_interval(secs => ${Math.max(0, delayMs) / 1000}), ${error.slice(0, 2000)})
+    on conflict (pos) do update set
+      attempts = r.attempts + 1,
+      rejections = r.rejections + excluded.rejections,
+      retry_at = excluded.retry_at,
+      last_error = excluded.last_error`;
 }
 
 /** The highest stream sequence any event recorded (0 when none). */
@@ -172,17 +188,17 @@ export async function maxStreamSeq(db: Db): Promise<number> {
 }
 
 export interface OutboxLag {
-  /** Rows committed but not yet acknowledged by JetStream. */
+  /** Events committed but not yet acknowledged by JetStream. */
   count: number;
-  /** Age of the oldest such row in ms (0 when empty). */
+  /** Age of the oldest such event in ms (0 when none). */
   oldestMs: number;
 }
 
 export async function outboxLag(db: Db): Promise<OutboxLag> {
   const rows = await db<{ n: number; age: number | null }[]>`
     select count(*)::int as n,
-      (extract(epoch from now() - min(created_at)) * 1000)::float8 as age
-    from outbox`;
+      (extract(epoch from now() - min(at)) * 1000)::float8 as age
+    from events where stream_seq is null`;
   const r = rows[0];
   return { count: r?.n ?? 0, oldestMs: Math.max(0, Math.round(r?.age ?? 0)) };
 }

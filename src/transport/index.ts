@@ -46,7 +46,7 @@ import {
 import { Reconciler, type ReconcilerStats } from './reconciler.js';
 import { settleWithin } from './settle.js';
 import { ensureStreams, type StreamOptions } from './streams.js';
-import type { TransportNames } from './subjects.js';
+import { relayWakeSubject, type TransportNames } from './subjects.js';
 
 export interface TransportOptions {
   sql: Sql;
@@ -67,7 +67,7 @@ export interface TransportOptions {
     Pick<
       RelayOptions,
       | 'batchSize'
-      | 'leaseMs'
+      | 'pipelineDepth'
       | 'pollMs'
       | 'publishTimeoutMs'
       | 'streamCheckMs'
@@ -86,7 +86,10 @@ export interface TransportOptions {
   liveFeed?: Partial<
     Pick<LiveFeedOptions, 'pageSize' | 'bufferLimit' | 'pollMs' | 'gapRetryMs' | 'gapTimeoutMs'>
   >;
-  /** Turn parts off (tests, or a process that only publishes). All on by default. */
+  /**
+   * Turn parts off (tests, or a process that only publishes). All on by default. A process
+   * without a relay wakes the relays of the others after its commits (over NATS).
+   */
   enableRelay?: boolean;
   enableReconciler?: boolean;
 }
@@ -121,6 +124,9 @@ export class Transport {
   /** The one live feed of this process, shared by every SSE client; started by the first. */
   readonly liveFeed: LiveFeed;
   private readonly unsubscribeCommit: () => void;
+  private wakeSub: Subscription | null = null;
+  /** A wake-up for the other processes' relays is due (coalesced: one per turn of the loop). */
+  private wakePending = false;
   private stopped = false;
 
   private constructor(
@@ -173,13 +179,35 @@ export class Transport {
       log: o.log.child({ component: 'live-feed' }),
       ...o.liveFeed,
     });
-    // A commit that wrote events wakes this process's relay and live feed at once (NOTIFY
-    // and the stream cover the other processes); a heartbeat writes none and must not start
-    // empty rounds.
+    // A commit that wrote events wakes this process's relay and live feed at once (the stream
+    // wakes the other processes' feeds); a heartbeat writes none and must not start empty
+    // rounds. Nothing is sent from inside the write transaction: a NOTIFY there would take
+    // Postgres's global notify lock at commit and serialise every writer of the database.
     this.unsubscribeCommit = o.host.onCommit((applied) => {
-      if (applied.some((a) => a.events.length > 0)) {
-        this.relay.wake();
-        this.liveFeed.wake();
+      if (!applied.some((a) => a.events.length > 0)) return;
+      this.liveFeed.wake();
+      if (o.enableRelay !== false) this.relay.wake();
+      else this.wakeOthers();
+    });
+  }
+
+  /**
+   * A process without a relay: after its commits, one core NATS message (however many
+   * commits arrived in this turn of the event loop) wakes the relays of the other processes,
+   * so its events go out within a round trip rather than a poll interval. NATS rather than a
+   * NOTIFY after commit: no Postgres round trip or notify-queue lock, and the relays already
+   * hold the connection. Lost (NATS down), it costs a poll interval, no event.
+   */
+  private wakeOthers(): void {
+    if (this.wakePending || this.stopped) return;
+    this.wakePending = true;
+    setImmediate(() => {
+      this.wakePending = false;
+      if (this.stopped || this.nc.isClosed()) return;
+      try {
+        this.nc.publish(relayWakeSubject(this.o.names));
+      } catch {
+        // Closed or draining: the relays' poll finds the events.
       }
     });
   }
@@ -208,7 +236,12 @@ export class Transport {
   }
 
   private async startParts(): Promise<void> {
-    if (this.o.enableRelay !== false) await this.relay.start();
+    if (this.o.enableRelay !== false) {
+      await this.relay.start();
+      this.wakeSub = this.nc.subscribe(relayWakeSubject(this.o.names), {
+        callback: () => this.relay.wake(),
+      });
+    }
     for (const r of this.runners) await r.start();
     if (this.o.enableReconciler !== false) this.reconciler.start();
   }
@@ -218,6 +251,7 @@ export class Transport {
     if (this.stopped) return;
     this.stopped = true;
     this.unsubscribeCommit();
+    this.wakeSub?.unsubscribe();
     await this.liveFeed.stop();
     await this.reconciler.stop();
     await Promise.all(this.runners.map((r) => r.stop()));

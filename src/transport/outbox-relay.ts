@@ -1,30 +1,35 @@
 /**
  * The outbox relay: publishes committed events to JetStream, in order per entity, with
- * `Nats-Msg-Id` = the event id, and only after the ack records the stream sequence and
- * deletes the outbox row. Woken by LISTEN/NOTIFY, with a polling fallback; any number of
- * relays may run (claims are leased and serialised, and the duplicate window absorbs a
- * crash between publish and mark). A row whose publish fails backs off on its own (jittered,
- * exponential), holding back only the later events of its entity; while NATS is down every
- * row simply waits. An event the server cannot take (larger than `max_payload`, or refused
+ * `Nats-Msg-Id` = the event id, and records the stream sequence of each ack. The event log is
+ * the outbox (an event is unpublished while its `stream_seq` is null). Each round is one
+ * transaction: lock unpublished events (SKIP LOCKED), publish them, record the acks, commit;
+ * the row locks keep other relays (any number may run) off them, and a relay that dies
+ * releases them with its connection (the duplicate window absorbs the repeated publish).
+ * Rounds overlap: the next batch is claimed and published while the previous one's acks are
+ * still arriving and being recorded; the next batch leaves out the entities still in flight,
+ * and the claim's per-entity rule holds back any event whose predecessor is unpublished.
+ *
+ * Woken in-process by commits, over NATS by processes that run no relay, with a polling
+ * fallback. An event whose publish fails backs off on its own (jittered, exponential),
+ * holding back only the later events of its entity; while NATS is down every event simply
+ * waits. An event the server cannot take (larger than `max_payload`, or refused
  * `maxRejections` times) is published in a reduced form rather than retried forever. A
- * periodic stream check compares the stream's last sequence with the highest one
- * Postgres recorded and publishes again whatever the stream lost (guarantee 8).
+ * periodic stream check compares the stream's last sequence with the highest one Postgres
+ * recorded and publishes again whatever the stream lost (guarantee 8).
  */
 import { JetStreamApiError, type JetStreamClient, type JetStreamManager } from '@nats-io/jetstream';
 import { InvalidArgumentError } from '@nats-io/transport-node';
 import type { Logger } from '../log.js';
-import type { Sql } from '../persistence/db.js';
-import { OUTBOX_CHANNEL } from '../persistence/event-log.js';
+import type { Sql, Tx } from '../persistence/db.js';
 import {
   type Ack,
-  backOffOutbox,
-  claimOutbox,
+  backOffEvent,
+  claimUnpublished,
   markPublished,
   maxStreamSeq,
   type OutboxItem,
   type OutboxLag,
   outboxLag,
-  releaseOutbox,
   requeue,
 } from '../persistence/outbox-rows.js';
 import { ensureStreams, isStreamNotFound, type StreamOptions } from './streams.js';
@@ -37,11 +42,15 @@ export interface RelayOptions {
   names: TransportNames;
   log: Logger;
   streamOptions?: StreamOptions;
-  /** Rows claimed per round. */
+  /** Events claimed per round. */
   batchSize?: number;
-  /** How long a claim holds its rows before another relay may take them. */
-  leaseMs?: number;
-  /** Polling fallback when no NOTIFY arrives. */
+  /**
+   * Rounds in flight at once (each a transaction, so a connection): the next batch is
+   * claimed and published while the earlier ones' acks are awaited and recorded. 1 turns
+   * pipelining off.
+   */
+  pipelineDepth?: number;
+  /** Polling fallback when no wake-up arrives. */
   pollMs?: number;
   publishTimeoutMs?: number;
   /** Interval of the stream check (guarantee 8); 0 disables the timer. */
@@ -57,8 +66,6 @@ export interface RelayOptions {
   maxRejections?: number;
   /** The server's `max_payload` (bytes), read at each publish: it can change on reconnect. */
   maxPayload?: () => number | undefined;
-  /** Subscribe to OUTBOX_CHANNEL (default true). */
-  listen?: boolean;
   /** Called after the stream had to be created again (consumers must be recreated). */
   onStreamRecreated?: () => void;
 }
@@ -67,7 +74,7 @@ export interface RelayStats {
   published: number;
   duplicates: number;
   failures: number;
-  /** Events put back in the outbox because the stream lost them. */
+  /** Events set back to unpublished because the stream lost them. */
   republished: number;
   streamChecks: number;
   /** Events published in reduced form (too large, or refused too often). */
@@ -158,7 +165,6 @@ export class OutboxRelay {
   private loop: Promise<void> | null = null;
   private wakeUp: (() => void) | null = null;
   private woken = false;
-  private unlisten: (() => Promise<void>) | null = null;
   private checkTimer: NodeJS.Timeout | null = null;
   private checking: Promise<number> | null = null;
   private consecutiveFailures = 0;
@@ -168,14 +174,13 @@ export class OutboxRelay {
   constructor(options: RelayOptions) {
     this.o = {
       batchSize: 256,
-      leaseMs: 10_000,
+      pipelineDepth: 2,
       pollMs: 1_000,
       publishTimeoutMs: 5_000,
       streamCheckMs: 30_000,
       retryBaseMs: 200,
       maxBackoffMs: 5_000,
       maxRejections: 5,
-      listen: true,
       ...options,
     };
   }
@@ -183,10 +188,6 @@ export class OutboxRelay {
   async start(): Promise<void> {
     if (this.running) return;
     this.running = true;
-    if (this.o.listen) {
-      const req = await this.o.sql.listen(OUTBOX_CHANNEL, () => this.wake());
-      this.unlisten = () => req.unlisten();
-    }
     if (this.o.streamCheckMs > 0) {
       this.checkTimer = setInterval(() => {
         void this.checkStream().catch((error) =>
@@ -210,8 +211,6 @@ export class OutboxRelay {
     await this.loop;
     this.loop = null;
     await this.checking?.catch(() => 0);
-    if (this.unlisten) await this.unlisten().catch(() => {});
-    this.unlisten = null;
   }
 
   /** Asks for a round now (a commit happened). */
@@ -225,13 +224,43 @@ export class OutboxRelay {
   }
 
   /**
-   * One round: claim, publish per entity in order, record the acks. Returns the number of
-   * rows published. A row whose publish failed backs off alone (its entity's later rows wait
-   * behind it); the round throws only when Postgres failed.
+   * One round on its own (no overlap): claim, publish per entity in order, record the acks.
+   * Returns the number of events published.
    */
-  async drainOnce(): Promise<number> {
-    const items = await claimOutbox(this.o.sql, this.o.batchSize, this.o.leaseMs);
-    if (items.length === 0) return 0;
+  drainOnce(): Promise<number> {
+    return this.round([]).done;
+  }
+
+  /**
+   * Starts a round in a transaction of its own. `claimed` resolves with the events it locked
+   * (so the caller can claim the next batch meanwhile); `done` with the number published,
+   * once the acks are recorded and committed. An event whose publish failed backs off alone
+   * (its entity's later events wait behind it); `done` rejects only when Postgres failed,
+   * and then the rollback releases every event of the round, unpublished.
+   */
+  private round(exceptEntities: readonly string[]): {
+    claimed: Promise<OutboxItem[]>;
+    done: Promise<number>;
+  } {
+    let onClaimed: (items: OutboxItem[]) => void = () => {};
+    let onFailed: (error: unknown) => void = () => {};
+    const claimed = new Promise<OutboxItem[]>((resolve, reject) => {
+      onClaimed = resolve;
+      onFailed = reject;
+    });
+    const done = this.o.sql.begin(async (tx) => {
+      const items = await claimUnpublished(tx, this.o.batchSize, exceptEntities);
+      onClaimed(items);
+      return items.length === 0 ? 0 : this.publishAndRecord(tx, items);
+    });
+    // A failed claim rejects `claimed` too; after the claim this does nothing. `claimed` is
+    // marked handled: a caller that awaits only `done` (drainOnce) still sees the error there.
+    done.catch(onFailed);
+    claimed.catch(() => {});
+    return { claimed, done };
+  }
+
+  private async publishAndRecord(tx: Tx, items: OutboxItem[]): Promise<number> {
     const byEntity = new Map<string, OutboxItem[]>();
     for (const item of items) {
       const list = byEntity.get(item.entityId);
@@ -240,39 +269,26 @@ export class OutboxRelay {
     }
     const acks: Ack[] = [];
     const failed: { item: OutboxItem; error: unknown }[] = [];
-    const waiting: number[] = [];
     await Promise.all(
       [...byEntity.values()].map(async (rows) => {
-        for (let i = 0; i < rows.length; i++) {
-          const item = rows[i] as OutboxItem;
+        for (const item of rows) {
           try {
-            acks.push({ pos: item.pos, streamSeq: await this.publish(item) });
+            acks.push({
+              pos: item.pos,
+              streamSeq: await this.publish(item),
+              retried: item.attempts > 1,
+            });
           } catch (error) {
+            // Later events of this entity stay unpublished: the claim keeps them back while
+            // this one backs off.
             failed.push({ item, error });
-            // Later events of this entity wait behind this one (the claim keeps them back
-            // while it backs off).
-            for (const rest of rows.slice(i + 1)) waiting.push(rest.pos);
             return;
           }
         }
       }),
     );
-    let requeued: number;
-    try {
-      requeued = await markPublished(this.o.sql, acks);
-      await releaseOutbox(this.o.sql, waiting, 'an earlier event of its entity failed');
-      for (const f of failed) await this.backOff(f.item, f.error);
-    } catch (error) {
-      // Recording the acks failed (e.g. the backend was killed): give every claimed row back
-      // at once rather than letting the lease hold this entity's later events. Publishing
-      // them again is deduplicated by JetStream on the event id.
-      await releaseOutbox(
-        this.o.sql,
-        items.map((i) => i.pos),
-        String(error),
-      ).catch(() => {});
-      throw error;
-    }
+    const requeued = await markPublished(tx, acks);
+    for (const f of failed) await this.backOff(tx, f.item, f.error);
     if (requeued > 0) this.noteRequeued(requeued, 'an acknowledged sequence was reused');
     // A publish that found no stream may mean the stream was deleted: check it, now and then.
     if (failed.some((f) => !isRejection(f.error)) && Date.now() >= this.nextFailureCheck) {
@@ -282,7 +298,7 @@ export class OutboxRelay {
     return acks.length;
   }
 
-  private async backOff(item: OutboxItem, error: unknown): Promise<void> {
+  private async backOff(tx: Tx, item: OutboxItem, error: unknown): Promise<void> {
     const rejected = isRejection(error);
     const ceiling = Math.min(
       this.o.maxBackoffMs,
@@ -291,7 +307,7 @@ export class OutboxRelay {
     const delay = ceiling / 2 + Math.random() * (ceiling / 2);
     const message = error instanceof Error ? error.message : String(error);
     this.stats.failures++;
-    await backOffOutbox(this.o.sql, item.pos, delay, message, rejected);
+    await backOffEvent(tx, item.pos, delay, message, rejected);
     this.o.log.warn(
       {
         err: error,
@@ -308,7 +324,7 @@ export class OutboxRelay {
   /**
    * Guarantee 8: reads the highest stream sequence Postgres recorded, then the stream's last
    * sequence (in that order, so a concurrent publish cannot look like a loss). When the
-   * stream is behind, every event recorded after its last sequence goes back to the outbox.
+   * stream is behind, every event recorded after its last sequence is unpublished again.
    * A missing stream is created again. Returns the number of events re-queued.
    */
   checkStream(): Promise<number> {
@@ -383,14 +399,36 @@ export class OutboxRelay {
   }
 
   private async run(): Promise<void> {
+    // Rounds whose acks are still being awaited or recorded, oldest first.
+    const inflight: { entities: string[]; done: Promise<number> }[] = [];
     while (this.running) {
       this.woken = false;
       let delay = this.o.pollMs;
       try {
-        const n = await this.drainOnce();
+        const next = this.round(inflight.flatMap((r) => r.entities));
+        const items = await next.claimed;
+        if (items.length > 0) {
+          inflight.push({ entities: [...new Set(items.map((i) => i.entityId))], done: next.done });
+          // At most `pipelineDepth` rounds at once: wait for the oldest before claiming again.
+          // The claim after it comes after its commit, and may take its entities' later events.
+          if (inflight.length >= this.o.pipelineDepth) {
+            await inflight[0]?.done;
+            inflight.shift();
+          }
+          this.consecutiveFailures = 0;
+          continue;
+        }
+        await next.done;
+        if (inflight.length > 0) {
+          // Nothing else to take meanwhile; what is left may be held back behind the oldest.
+          await inflight[0]?.done;
+          inflight.shift();
+          this.consecutiveFailures = 0;
+          continue;
+        }
         this.consecutiveFailures = 0;
-        if (n > 0) continue;
       } catch (error) {
+        for (const r of inflight.splice(0)) await r.done.catch(() => 0);
         this.consecutiveFailures++;
         delay = Math.min(this.o.maxBackoffMs, 100 * 2 ** Math.min(this.consecutiveFailures, 10));
         delay = delay / 2 + Math.random() * (delay / 2);
@@ -413,5 +451,6 @@ export class OutboxRelay {
       });
       this.wakeUp = null;
     }
+    for (const r of inflight.splice(0)) await r.done.catch(() => 0);
   }
 }

@@ -51,3 +51,8 @@ export const typeEventsSubject = (n: TransportNames, entityType: string, event =
 export const dlqSubject = (n: TransportNames, consumer: string) => `${n.prefix}.dlq.${consumer}`;
 /** Core NATS (not JetStream): a wake-up for idle workers and long-polling claims. */
 export const dispatchSubject = (n: TransportNames) => `${n.prefix}.dispatch`;
+/**
+ * Core NATS: "events were committed", from a process that runs no relay of its own to the
+ * relays of the others (outside the stream; a lost one costs at most a poll interval).
+ */
+export const relayWakeSubject = (n: TransportNames) => `${n.prefix}.relay.wake`;

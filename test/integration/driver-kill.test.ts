@@ -56,18 +56,18 @@ it('a host transition whose backend is killed leaves nothing and the host carrie
   const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
   const t = await host.create('ticket', ticketInput());
   await db.sql.unsafe(`
-    create function slow_outbox() returns trigger language plpgsql as $$
+    create function slow_event() returns trigger language plpgsql as $$
     begin
       if current_setting('application_name') = 'victim-host' then perform pg_sleep(10); end if;
       return new;
     end $$;
-    create trigger outbox_slow before insert on outbox for each row execute function slow_outbox();`);
+    create trigger event_slow before insert on events for each row execute function slow_event();`);
   const start = host.send('ticket', t.id, { type: 'START' });
   await killWhenWaiting('victim-host');
   await expect(start).rejects.toThrow();
   const [row] = await db.sql`select state, version from tickets where id = ${t.id}`;
   expect(row).toEqual({ state: 'backlog', version: 1 });
-  await db.sql.unsafe('drop trigger outbox_slow on outbox');
+  await db.sql.unsafe('drop trigger event_slow on events');
   const applied = await host.send('ticket', t.id, { type: 'START' });
   expect(applied.state).toBe('requirements');
   await sql.end({ timeout: 1 });

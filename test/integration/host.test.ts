@@ -120,30 +120,31 @@ describe('concurrent writers', () => {
 
 describe('atomicity', () => {
   beforeAll(async () => {
-    // Fault injection: an outbox insert for a listed entity fails inside the transaction,
-    // after the snapshot and the event log rows were written.
+    // Fault injection: an event-log row for a listed entity fails inside the transaction,
+    // after the snapshot and the row itself were written.
     await db.sql.unsafe(`
       create table fault_injection (entity_id text primary key);
-      create function fail_outbox() returns trigger language plpgsql as $$
+      create function fail_event() returns trigger language plpgsql as $$
       begin
         if exists (select 1 from fault_injection where entity_id = new.entity_id) then
           raise exception 'injected fault for %', new.entity_id;
         end if;
         return new;
       end $$;
-      create trigger outbox_fault before insert on outbox for each row execute function fail_outbox();`);
+      create trigger event_fault after insert on events for each row execute function fail_event();`);
   });
 
-  it('a transaction failing between snapshot and outbox leaves nothing', async () => {
+  it('a transaction failing after the snapshot and its event row leaves nothing', async () => {
     const t = await hostA.create('ticket', ticketInput());
     await db.sql`insert into fault_injection values (${t.id})`;
     await expect(hostA.send('ticket', t.id, { type: 'START' })).rejects.toThrow(/injected fault/);
     const [row] = await db.sql`select state, version, seq from tickets where id = ${t.id}`;
     expect(row).toEqual({ state: 'backlog', version: 1, seq: 1 });
     expect(await seqsOf(t.id)).toEqual([1]);
-    const outbox = await db.sql`select count(*)::int as n from outbox o join events e using (pos)
-      where e.entity_id = ${t.id}`;
-    expect(outbox[0]?.n).toBe(1);
+    // Only the creation's event waits for the relay.
+    const unpublished = await db.sql`select count(*)::int as n from events
+      where entity_id = ${t.id} and stream_seq is null`;
+    expect(unpublished[0]?.n).toBe(1);
     // The cache did not keep the failed state: once the fault is gone, START applies.
     await db.sql`delete from fault_injection where entity_id = ${t.id}`;
     const applied = await hostA.send('ticket', t.id, { type: 'START' });
@@ -151,7 +152,7 @@ describe('atomicity', () => {
     expect(await seqsOf(t.id)).toEqual([1, 2]);
   });
 
-  it('a creation that fails at the outbox leaves no row, no event, no timer', async () => {
+  it('a creation that fails at its event row leaves no row, no event, no timer', async () => {
     const input = ticketInput();
     await db.sql`insert into fault_injection values (${input.id})`;
     await expect(hostA.create('ticket', input)).rejects.toThrow(/injected fault/);

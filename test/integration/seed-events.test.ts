@@ -177,7 +177,9 @@ describe('seed regressions: events', () => {
     // Late redeliveries and sweeps, if they were to double anything, would land by now.
     await Promise.all([ta.reconciler.runOnce(), tb.reconciler.runOnce()]);
     await eventually(async () => {
-      const [r] = await a.sql<{ n: number }[]>`select count(*)::int as n from outbox`;
+      const [r] = await a.sql<
+        { n: number }[]
+      >`select count(*)::int as n from events where stream_seq is null`;
       return r?.n === 0;
     });
 
@@ -221,7 +223,9 @@ describe('seed regressions: events', () => {
       tickets.flatMap((t) => t.tasks.requirements.map((id) => complete(p.host, id))),
     );
     const published = await eventually(async () => {
-      const [r] = await p.sql<{ n: number }[]>`select count(*)::int as n from outbox`;
+      const [r] = await p.sql<
+        { n: number }[]
+      >`select count(*)::int as n from events where stream_seq is null`;
       if (r?.n !== 0) return false;
       return (await admin.jsm.streams.info(e.names.stream)).state.messages;
     });
@@ -245,7 +249,9 @@ describe('seed regressions: events', () => {
     await t1.stop();
     await Promise.all(tickets.flatMap((t) => t.tasks.design.map((id) => complete(p.host, id))));
     await eventually(async () => {
-      const [r] = await p.sql<{ n: number }[]>`select count(*)::int as n from outbox`;
+      const [r] = await p.sql<
+        { n: number }[]
+      >`select count(*)::int as n from events where stream_seq is null`;
       return r?.n === 0;
     });
     const waiting = await admin.jsm.consumers.info(e.names.stream, 'task_state');

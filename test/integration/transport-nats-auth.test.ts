@@ -104,7 +104,11 @@ describe('NATS credentials', () => {
         const deadline = Date.now() + 10_000;
         let left = 1;
         while (left > 0 && Date.now() < deadline) {
-          left = (await db.sql<{ n: number }[]>`select count(*)::int as n from outbox`)[0]!.n;
+          left = (
+            await db.sql<
+              { n: number }[]
+            >`select count(*)::int as n from events where stream_seq is null`
+          )[0]!.n;
           await new Promise((r) => setTimeout(r, 50));
         }
         expect(left).toBe(0);

@@ -273,7 +273,9 @@ describe('reactions', () => {
     const sub = t.subscribeDispatch((m) => dispatched.push(m));
     await t.nc.flush();
     await eventually(async () => {
-      const r = await p.sql<{ n: number }[]>`select count(*)::int as n from outbox`;
+      const r = await p.sql<
+        { n: number }[]
+      >`select count(*)::int as n from events where stream_seq is null`;
       return r[0]?.n === 0;
     });
     const forged = () => Object.fromEntries(t.runners.map((r) => [r.name, r.stats.forged]));
@@ -434,7 +436,9 @@ describe('reactions', () => {
     const { ticketId } = await ticketWithTasks(p, 2);
     await p.host.send('ticket', ticketId, { type: 'BLOCK', reason: 'x' });
     await eventually(async () => {
-      const r = await p.sql<{ n: number }[]>`select count(*)::int as n from outbox`;
+      const r = await p.sql<
+        { n: number }[]
+      >`select count(*)::int as n from events where stream_seq is null`;
       return r[0]?.n === 0;
     });
     const all: LiveMessage[] = [];

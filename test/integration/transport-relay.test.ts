@@ -82,7 +82,9 @@ async function makeEvents(host: ActorHost, tickets: number, pairs: number): Prom
 }
 
 async function outboxCount(sql: Sql): Promise<number> {
-  const rows = await sql<{ n: number }[]>`select count(*)::int as n from outbox`;
+  const rows = await sql<
+    { n: number }[]
+  >`select count(*)::int as n from events where stream_seq is null`;
   return rows[0]?.n ?? 0;
 }
 
@@ -210,8 +212,7 @@ describe('outbox relay', () => {
     // The "crashed" relay: published the row, never marked it.
     const row = (
       await sql<{ event_id: string; type: string }[]>`
-        select e.event_id, e.type from outbox o join events e on e.pos = o.pos
-        where e.entity_id = ${t.id}`
+        select event_id, type from events where entity_id = ${t.id} and stream_seq is null`
     )[0]!;
     const js = jetstream(admin.nc);
     const first = await js.publish(eventSubject(n, 'ticket', t.id, row.type), '{}', {
@@ -408,8 +409,10 @@ describe('outbox relay', () => {
     try {
       const pending = async () =>
         sql<{ type: string; rejections: number; backing_off: boolean; last_error: string }[]>`
-          select e.type, o.rejections, o.locked_until > now() as backing_off, o.last_error
-          from outbox o join events e on e.pos = o.pos order by o.pos`;
+          select e.type, coalesce(r.rejections, 0)::int as rejections,
+            coalesce(r.retry_at > now(), false) as backing_off, r.last_error
+          from events e left join relay_retries r on r.pos = e.pos
+          where e.stream_seq is null order by e.pos`;
       // The refused row backs off; its entity's later event waits behind it; the others are out.
       const first = await eventually(
         async () => {

@@ -1,0 +1,329 @@
+/**
+ * The event log is the outbox: an event is unpublished while its stream sequence is unknown,
+ * and no outbox row or NOTIFY is written with it. Against a real Postgres and NATS: a relay
+ * process killed between publish and record leaves its events to the next relay, which
+ * publishes each once (JetStream deduplicates on the event id); two relays on one database
+ * under concurrent writers publish every event exactly once in per-entity order; a database
+ * upgraded with events pending in the old outbox publishes them (their backoff carried over);
+ * and a process without a relay gets its commits published promptly by another process's
+ * relay without any NOTIFY.
+ */
+import { type ChildProcess, spawn } from 'node:child_process';
+import { jetstream } from '@nats-io/jetstream';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { ActorHost } from '../../src/actors/host.js';
+import { silentLogger } from '../../src/log.js';
+import type { Sql } from '../../src/persistence/db.js';
+import { loadMigrations, migrate } from '../../src/persistence/migrate.js';
+import type { Transport } from '../../src/transport/index.js';
+import { OutboxRelay } from '../../src/transport/outbox-relay.js';
+import { ensureStreams } from '../../src/transport/streams.js';
+import type { TransportNames } from '../../src/transport/subjects.js';
+import { createTestDatabase, type TestDatabase } from '../support/database.js';
+import { TASK_DEFAULTS, ticketInput } from '../support/fixtures.js';
+import {
+  eventually,
+  NATS_URL,
+  type NatsAdmin,
+  natsAdmin,
+  startTransport,
+  testNames,
+} from '../support/transport.js';
+
+const RELAY_PROCESS = new URL('../support/relay-process.ts', import.meta.url).pathname;
+
+let admin: NatsAdmin;
+const allNames: TransportNames[] = [];
+const dbs: TestDatabase[] = [];
+const transports: Transport[] = [];
+const relays: OutboxRelay[] = [];
+const children: ChildProcess[] = [];
+
+beforeAll(async () => {
+  admin = await natsAdmin();
+});
+afterEach(async () => {
+  for (const c of children.splice(0)) if (c.exitCode === null) c.kill('SIGKILL');
+  await Promise.all(relays.splice(0).map((r) => r.stop()));
+  await Promise.all(transports.splice(0).map((t) => t.stop()));
+  await Promise.all(dbs.splice(0).map((d) => d.drop()));
+});
+afterAll(async () => {
+  await admin.close(allNames);
+});
+
+async function database(label: string, options: { migrate?: boolean } = {}) {
+  const db = await createTestDatabase(label, options);
+  dbs.push(db);
+  return db;
+}
+
+function names(): TransportNames {
+  const n = testNames();
+  allNames.push(n);
+  return n;
+}
+
+function relay(
+  sql: Sql,
+  n: TransportNames,
+  over: Partial<ConstructorParameters<typeof OutboxRelay>[0]> = {},
+) {
+  const r = new OutboxRelay({
+    sql,
+    js: jetstream(admin.nc),
+    jsm: admin.jsm,
+    names: n,
+    log: silentLogger(),
+    pollMs: 20,
+    streamCheckMs: 0,
+    ...over,
+  });
+  relays.push(r);
+  return r;
+}
+
+async function unpublished(sql: Sql): Promise<number> {
+  const rows = await sql<{ n: number }[]>`
+    select count(*)::int as n from events where stream_seq is null`;
+  return rows[0]?.n ?? 0;
+}
+
+interface StreamMsg {
+  seq: number;
+  msgId: string;
+  entry: {
+    eventId: string;
+    entityId: string;
+    seq: number;
+    type: string;
+    data: Record<string, unknown>;
+  };
+}
+
+async function streamMessages(n: TransportNames): Promise<StreamMsg[]> {
+  const info = await admin.jsm.streams.info(n.stream);
+  const out: StreamMsg[] = [];
+  for (
+    let seq = info.state.first_seq;
+    seq <= info.state.last_seq && info.state.messages > 0;
+    seq++
+  ) {
+    const m = await admin.jsm.streams.getMessage(n.stream, { seq });
+    if (m) out.push({ seq, msgId: m.header.get('Nats-Msg-Id'), entry: m.json() });
+  }
+  return out;
+}
+
+/** Every event of the database on the stream exactly once, each entity's in seq order. */
+async function expectExactlyOnceInOrder(sql: Sql, n: TransportNames): Promise<StreamMsg[]> {
+  const msgs = await streamMessages(n);
+  const events = await sql<{ event_id: string; stream_seq: number }[]>`
+    select event_id, stream_seq from events`;
+  expect(msgs).toHaveLength(events.length);
+  expect(new Set(msgs.map((m) => m.msgId)).size).toBe(events.length);
+  const recorded = new Map(events.map((e) => [e.event_id, e.stream_seq]));
+  const last = new Map<string, number>();
+  for (const m of msgs) {
+    expect(m.msgId).toBe(m.entry.eventId);
+    expect(recorded.get(m.entry.eventId)).toBe(m.seq);
+    expect(m.entry.seq).toBe((last.get(m.entry.entityId) ?? 0) + 1);
+    last.set(m.entry.entityId, m.entry.seq);
+  }
+  return msgs;
+}
+
+/** Tickets with several events each: created, phase_changed, then BLOCK/UNBLOCK pairs. */
+async function makeEvents(host: ActorHost, tickets: number, pairs: number): Promise<string[]> {
+  return Promise.all(
+    Array.from({ length: tickets }, async () => {
+      const t = await host.create('ticket', ticketInput());
+      await host.send('ticket', t.id, { type: 'START' });
+      for (let i = 0; i < pairs; i++) {
+        await host.send('ticket', t.id, { type: 'BLOCK', reason: `r${i}` });
+        await host.send('ticket', t.id, { type: 'UNBLOCK' });
+      }
+      return t.id;
+    }),
+  );
+}
+
+describe('the event log as the outbox', () => {
+  it('a transition writes no outbox row; events of a relay process killed between publish and record are published once by the next relay', {
+    timeout: 90_000,
+  }, async () => {
+    const db = await database('elo_crash');
+    const n = names();
+    await ensureStreams(admin.jsm, n);
+    const host = new ActorHost(db.sql, { taskDefaults: TASK_DEFAULTS });
+    await makeEvents(host, 4, 1); // 16 events
+    expect(await unpublished(db.sql)).toBe(16);
+    const outbox = await db.sql<{ n: number }[]>`select count(*)::int as n from outbox`;
+    expect(outbox[0]?.n).toBe(0);
+
+    // The relay process's record of the acks blocks (a trigger of the test's own), so it is
+    // killed after JetStream stored the messages and before Postgres learnt their sequences.
+    await db.sql.unsafe(`
+      create function hold_relay() returns trigger language plpgsql as $$
+      begin
+        if current_setting('application_name') = 'relay-victim' then perform pg_sleep(60); end if;
+        return new;
+      end $$;
+      create trigger relay_hold before update on events for each row execute function hold_relay();`);
+    const child = spawn(
+      process.execPath,
+      ['--import', 'tsx', RELAY_PROCESS, db.url, NATS_URL, n.prefix, n.stream],
+      { stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    children.push(child);
+    const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+    const victims = await eventually(
+      async () => {
+        const rows = await db.sql<{ pid: number }[]>`select pid from pg_stat_activity
+          where application_name = 'relay-victim' and wait_event = 'PgSleep'`;
+        return rows.length > 0 && rows;
+      },
+      60_000,
+      'the relay process to publish and start recording',
+    );
+    expect((await admin.jsm.streams.info(n.stream)).state.messages).toBe(16);
+    child.kill('SIGKILL');
+    await exited;
+    // The dead client's session: Postgres ends it once it next talks to the client (here it
+    // sits in the test's pg_sleep, so the test ends it), rolling back the round.
+    for (const v of victims) await db.sql`select pg_terminate_backend(${v.pid})`;
+    await db.sql.unsafe('drop trigger relay_hold on events');
+    await eventually(
+      async () => {
+        const rows = await db.sql`select 1 from pg_stat_activity
+          where application_name = 'relay-victim' and state <> 'idle'`;
+        return rows.length === 0;
+      },
+      10_000,
+      'the killed round to roll back',
+    );
+    expect(await unpublished(db.sql)).toBe(16);
+
+    const next = relay(db.sql, n);
+    await next.start();
+    await eventually(async () => (await unpublished(db.sql)) === 0, 20_000, 'all published');
+    expect(next.stats.duplicates).toBe(16);
+    expect(next.stats.published).toBe(0);
+    await expectExactlyOnceInOrder(db.sql, n);
+  });
+
+  it('two relays on one database under concurrent writers publish every event exactly once, in per-entity order', {
+    timeout: 120_000,
+  }, async () => {
+    const db = await database('elo_two_relays');
+    const n = names();
+    await ensureStreams(admin.jsm, n);
+    const sqlA = db.sql;
+    const sqlB = db.pool(6);
+    const a = relay(sqlA, n, { batchSize: 16 });
+    const b = relay(sqlB, n, { batchSize: 16 });
+    await Promise.all([a.start(), b.start()]);
+    // Writers in two "processes" at once, interleaving transitions of many entities.
+    const hostA = new ActorHost(sqlA, { taskDefaults: TASK_DEFAULTS });
+    const hostB = new ActorHost(sqlB, { taskDefaults: TASK_DEFAULTS });
+    const ids = (await Promise.all([makeEvents(hostA, 30, 4), makeEvents(hostB, 30, 4)])).flat();
+    // And both write to the same entities too (each transition a compare-and-set).
+    await Promise.all(
+      ids.slice(0, 20).map(async (id, i) => {
+        const h = i % 2 === 0 ? hostA : hostB;
+        await h.send('ticket', id, { type: 'BLOCK', reason: 'shared' });
+        await (i % 2 === 0 ? hostB : hostA).send('ticket', id, { type: 'UNBLOCK' });
+      }),
+    );
+    const total = 60 * 10 + 20 * 2;
+    await eventually(async () => (await unpublished(sqlA)) === 0, 60_000, 'all published');
+    expect(a.stats.published + b.stats.published).toBe(total);
+    expect(a.stats.duplicates + b.stats.duplicates).toBe(0);
+    expect(a.stats.published).toBeGreaterThan(0);
+    expect(b.stats.published).toBeGreaterThan(0);
+    await expectExactlyOnceInOrder(sqlA, n);
+  });
+
+  it('a database upgraded with events pending in the old outbox publishes them, their backoff carried over', {
+    timeout: 60_000,
+  }, async () => {
+    const db = await database('elo_upgrade', { migrate: false });
+    const n = names();
+    const all = await loadMigrations();
+    const cut = all.findIndex((m) => m.name.startsWith('0009-'));
+    expect(cut).toBeGreaterThan(0);
+    await migrate(db.sql, all.slice(0, cut));
+    // What the previous version left: events of three tickets, all still in the outbox; one
+    // refused twice by the server and backing off.
+    await db.sql`insert into events (event_id, entity_type, entity_id, seq, type, data, at)
+      select gen_random_uuid(), 'ticket', 'old-' || (i % 3), i / 3 + 1,
+        case when i / 3 = 0 then 'ticket.created' else 'ticket.blocked' end,
+        jsonb_build_object('reason', 'before the upgrade', 'n', i), now()
+      from generate_series(0, 8) as i`;
+    await db.sql`insert into outbox (pos, entity_id) select pos, entity_id from events order by pos`;
+    await db.sql`update outbox set rejections = 2, attempts = 2, last_error = 'refused',
+      locked_until = now() - interval '1 second'
+      where pos = (select pos from events where entity_id = 'old-1' and seq = 2)`;
+
+    expect(await migrate(db.sql)).toContain('0009-event-log-outbox.sql');
+    const carried = await db.sql<{ rejections: number; attempts: number; last_error: string }[]>`
+      select rejections, attempts, last_error from relay_retries`;
+    expect(carried).toEqual([{ rejections: 2, attempts: 2, last_error: 'refused' }]);
+    expect(await unpublished(db.sql)).toBe(9);
+    const left = await db.sql<{ n: number }[]>`select count(*)::int as n from outbox`;
+    expect(left[0]?.n).toBe(0);
+
+    const r = relay(db.sql, n, { maxRejections: 2 });
+    await ensureStreams(admin.jsm, n);
+    await r.start();
+    await eventually(async () => (await unpublished(db.sql)) === 0, 20_000, 'all published');
+    const msgs = await expectExactlyOnceInOrder(db.sql, n);
+    // Its two refusals counted: the event went out in reduced form, the others whole.
+    const reduced = msgs.filter((m) => m.entry.data.truncated === true);
+    expect(reduced.map((m) => [m.entry.entityId, m.entry.seq])).toEqual([['old-1', 2]]);
+    expect(reduced[0]?.entry.data.reason).toBe('refused by NATS 2 times');
+    expect(await db.sql`select 1 from relay_retries`).toHaveLength(0);
+  });
+
+  it('commits of a process without a relay are published by another process at once, with no NOTIFY', {
+    timeout: 60_000,
+  }, async () => {
+    const db = await database('elo_wake');
+    const n = names();
+    const notified: string[] = [];
+    const listening = await db.sql.listen('orchestrator_outbox', (p) => notified.push(p));
+    try {
+      // The process with the relay polls only once a minute: only a wake-up can be prompt.
+      const relayHost = new ActorHost(db.sql, { taskDefaults: TASK_DEFAULTS });
+      const withRelay = await startTransport(db.sql, relayHost, n, {
+        reactions: () => [],
+        enableReconciler: false,
+        relay: { pollMs: 60_000, streamCheckMs: 0, publishTimeoutMs: 1_000 },
+      });
+      transports.push(withRelay);
+      await eventually(async () => (await unpublished(db.sql)) === 0, 10_000, 'first round');
+      const writerSql = db.pool(4);
+      const writerHost = new ActorHost(writerSql, { taskDefaults: TASK_DEFAULTS });
+      const writer = await startTransport(writerSql, writerHost, n, {
+        reactions: () => [],
+        enableReconciler: false,
+        enableRelay: false,
+      });
+      transports.push(writer);
+      for (let round = 0; round < 3; round++) {
+        const ids = await makeEvents(writerHost, 5, 1);
+        expect(ids).toHaveLength(5);
+        await eventually(
+          async () => (await unpublished(db.sql)) === 0,
+          15_000,
+          "the writer process's events published",
+        );
+      }
+      expect(withRelay.relay.stats.published).toBe(60);
+      await expectExactlyOnceInOrder(db.sql, n);
+      expect(notified).toEqual([]);
+    } finally {
+      await listening.unlisten();
+    }
+  });
+});
