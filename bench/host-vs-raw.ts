@@ -26,6 +26,14 @@ export async function benchHost(
   return (await prepareHost(sql, concurrency))(durationMs);
 }
 
+export async function benchRawMinimal(
+  sql: Sql,
+  concurrency: number,
+  durationMs: number,
+): Promise<LatencyStats> {
+  return (await prepareRawMinimal(sql, concurrency))(durationMs);
+}
+
 export async function benchRaw(
   sql: Sql,
   concurrency: number,
@@ -124,6 +132,53 @@ export async function prepareRaw(
             token = excluded.token, locked_until = null`;
           await tx`select pg_notify('orchestrator_timers', '0')`;
         }
+      });
+      row.version++;
+      row.seq++;
+    });
+}
+
+/**
+ * The minimal transition: the snapshot compare-and-set and the event insert, one transaction
+ * per transition, nothing else (no outbox, NOTIFY or timer). The floor any host could reach
+ * without batching; the host's target is measured against it.
+ */
+export async function prepareRawMinimal(
+  sql: Sql,
+  concurrency: number,
+): Promise<(durationMs: number) => Promise<LatencyStats & { samples: number[] }>> {
+  const rows: { id: string; version: number; seq: number; snapshot: object }[] = [];
+  for (let w = 0; w < concurrency; w++) {
+    const id = `bench-min-${randomUUID()}`;
+    const initial = decideInitial('ticket', {
+      id,
+      title: 'bench',
+      stuckAfterMs: 3_600_000,
+      diagnosticCooldownMs: 0,
+      at: Date.now(),
+    });
+    const snapshot = decide('ticket', id, initial.snapshot, {
+      type: 'START',
+      at: Date.now(),
+    }).snapshot;
+    await sql`insert into tickets (id, state, phase, title, machine_version, snapshot, version, seq, created_at, updated_at)
+      values (${id}, 'requirements', 'requirements', 'bench', 1, ${sql.json(snapshot as never)}, 1, 0, now(), now())`;
+    rows.push({ id, version: 1, seq: 0, snapshot });
+  }
+  return (durationMs) =>
+    loop(concurrency, durationMs, async (w) => {
+      const row = rows[w] as (typeof rows)[number];
+      const blocking = row.seq % 2 === 0;
+      const state = blocking ? 'blocked' : 'requirements';
+      const snapshot = { ...row.snapshot, value: state };
+      await sql.begin(async (tx) => {
+        const r = await tx`update tickets set state = ${state}, phase = 'requirements',
+        snapshot = ${tx.json(snapshot as never)}, version = ${row.version + 1}, seq = ${row.seq + 1},
+        updated_at = now() where id = ${row.id} and version = ${row.version}`;
+        if (r.count !== 1) throw new Error('conflict');
+        await tx`insert into events (event_id, entity_type, entity_id, seq, type, data, at)
+        values (${randomUUID()}, 'ticket', ${row.id}, ${row.seq + 1},
+          ${blocking ? 'ticket.blocked' : 'ticket.unblocked'}, ${tx.json({ phase: 'requirements' })}, now())`;
       });
       row.version++;
       row.seq++;

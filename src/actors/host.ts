@@ -3,7 +3,12 @@
  * bounded cache or Postgres), decides the event, and commits in ONE transaction the new
  * snapshot (compare-and-set on `version`), its event-log rows with the next `seq`, their
  * outbox rows and the timers the transition set or cleared. A lost compare-and-set drops
- * the cached actor and retries the whole unit of work with jittered backoff.
+ * the cached actor and retries that unit of work with jittered backoff.
+ *
+ * Units of work that arrive while the host's transactions are in flight commit together
+ * (group-commit.ts): each in its own savepoint, each answered with its own result after the
+ * shared commit. A later unit of a batch sees the rows its earlier units wrote, so two units
+ * touching one actor follow each other instead of conflicting.
  *
  * Within a process, sends to one entity queue in one mailbox (no self-inflicted conflicts);
  * across processes, correctness rests on the compare-and-set alone.
@@ -29,7 +34,7 @@ import {
   UniqueViolation,
   updateActorRow,
 } from '../persistence/actor-rows.js';
-import type { Sql, Tx } from '../persistence/db.js';
+import { type Sql, sqlState, type Tx } from '../persistence/db.js';
 import { appendEvents, type EventEntry } from '../persistence/event-log.js';
 import {
   consumeTimer,
@@ -47,6 +52,7 @@ import {
   type EntityInput,
   type PersistedSnapshot,
 } from './decide.js';
+import { GroupCommit } from './group-commit.js';
 
 export interface TaskDefaults {
   maxAttempts: number;
@@ -68,6 +74,10 @@ export interface HostOptions {
   diagnosticExecutor?: string;
   /** Finds a ticket's workflow machine by its ref; without it only `default@1` runs. */
   workflows?: WorkflowSource;
+  /** Units of work committed in one transaction at most (COMMIT_BATCH_MAX); 1 turns group commit off. */
+  commitBatchMax?: number;
+  /** Write transactions in flight at once (COMMIT_LANES); units queue while all are busy. */
+  commitLanes?: number;
 }
 
 /** Where the host finds compiled workflows (the registry). */
@@ -121,6 +131,13 @@ export interface StoredResponse {
 
 const IDEMPOTENCY_LOCK_NS = 7_402_615;
 const DEFAULT_CACHE_MAX_BYTES = 64 * 1024 * 1024;
+export const DEFAULT_COMMIT_BATCH_MAX = 32;
+export const DEFAULT_COMMIT_LANES = 4;
+/** SQLSTATE of a deadlock: Postgres rolled the victim back, so it may run again. */
+const DEADLOCK_DETECTED = '40P01';
+
+/** Rows the earlier units of one batch wrote or locked, by `type:id`. */
+type BatchRows = Map<string, ActorRow>;
 
 export class ActorHost {
   readonly sql: Sql;
@@ -134,6 +151,8 @@ export class ActorHost {
   private readonly workflows: WorkflowSource | undefined;
   private readonly entries = new WeakMap<CompiledWorkflow, MachineEntry>();
   private readonly listeners = new Set<CommitListener>();
+  /** Batches units of work into shared transactions. */
+  readonly commits: GroupCommit<BatchRows>;
   /** Counters for /metrics: transitions and refusals by entity type and event. */
   readonly stats = {
     transitions: new Map<string, number>(),
@@ -152,6 +171,14 @@ export class ActorHost {
     this.taskDefaults = options.taskDefaults;
     this.diagnosticExecutor = options.diagnosticExecutor ?? 'external';
     this.workflows = options.workflows;
+    this.commits = new GroupCommit(
+      sql,
+      {
+        maxUnits: options.commitBatchMax ?? DEFAULT_COMMIT_BATCH_MAX,
+        lanes: options.commitLanes ?? DEFAULT_COMMIT_LANES,
+      },
+      () => new Map(),
+    );
   }
 
   /** The compiled workflow a ref names (`NAME` = its latest version). */
@@ -208,7 +235,8 @@ export class ActorHost {
   }
 
   /**
-   * Runs `work` in one transaction and commits everything it sent or created together.
+   * Runs `work` as one unit of work and commits everything it sent or created together, in a
+   * transaction it may share with other units (group commit; each unit in its own savepoint).
    * `work` may run more than once (a lost compare-and-set retries it), so it must do all its
    * writes through the unit of work or `uow.tx`.
    */
@@ -216,15 +244,12 @@ export class ActorHost {
     for (let attempt = 1; ; attempt++) {
       const uow = new UnitOfWork(this, this.clock());
       try {
-        const value = await this.sql.begin((tx) => uow.run(tx as unknown as Tx, work));
-        for (const { row, bytes } of uow.touched()) this.cache.set(row, bytes);
-        const applied = uow.applied();
-        for (const a of applied) {
-          const key = `${a.entityType}:${a.event}:${a.from ?? 'new'}->${a.state}`;
-          this.stats.transitions.set(key, (this.stats.transitions.get(key) ?? 0) + 1);
-        }
-        for (const listener of this.listeners) listener(applied);
-        return { value: value as T, applied };
+        const value = await this.commits.submit<T>({
+          run: (tx, batch) => uow.run(tx, work, batch),
+          kept: (_, batch) => uow.share(batch),
+          committed: () => this.committed(uow),
+        });
+        return { value, applied: uow.applied() };
       } catch (error) {
         for (const key of uow.loadedKeys()) this.cache.delete(key);
         if (error instanceof IllegalTransition) {
@@ -236,7 +261,10 @@ export class ActorHost {
         const staleCache =
           uow.usedCache && (error instanceof IllegalTransition || error instanceof StaleToken);
         if (staleCache && attempt < this.maxAttempts) continue;
-        if (!(error instanceof VersionConflict) || attempt >= this.maxAttempts) throw error;
+        // A deadlock victim was rolled back whole (its savepoint or its transaction): a
+        // shared transaction holds several units' locks, so this is a lost race, not a fault.
+        const lostRace = error instanceof VersionConflict || sqlState(error) === DEADLOCK_DETECTED;
+        if (!lostRace || attempt >= this.maxAttempts) throw error;
         this.stats.conflicts++;
         await sleep(Math.random() * Math.min(50, 2 * attempt));
       }
@@ -310,6 +338,17 @@ export class ActorHost {
     });
   }
 
+  /** After the commit of `uow`'s batch: cache, counters and listeners see what it applied. */
+  private committed(uow: UnitOfWork): void {
+    for (const { row, bytes } of uow.touched()) this.cache.set(row, bytes);
+    const applied = uow.applied();
+    for (const a of applied) {
+      const key = `${a.entityType}:${a.event}:${a.from ?? 'new'}->${a.state}`;
+      this.stats.transitions.set(key, (this.stats.transitions.get(key) ?? 0) + 1);
+    }
+    for (const listener of this.listeners) listener(applied);
+  }
+
   /** Drops cached actors (tests, and callers that know the cache is stale). */
   forget(entityType?: EntityType, id?: string): void {
     if (entityType && id) this.cache.delete(`${entityType}:${id}`);
@@ -344,6 +383,10 @@ export class UnitOfWork {
   /** Byte length of each written row's snapshot JSON, for the cache's byte bound. */
   private readonly sizes = new Map<string, number>();
   private readonly results: Applied[] = [];
+  /** Keys of rows read from Postgres in this transaction (current, and locked). */
+  private readonly fresh = new Set<string>();
+  /** Rows the earlier units of the same batch wrote or locked (none when alone). */
+  private batch: BatchRows | undefined;
   /** @internal true once a row came from the process cache rather than this transaction */
   usedCache = false;
 
@@ -355,9 +398,18 @@ export class UnitOfWork {
   ) {}
 
   /** @internal */
-  async run<T>(tx: Tx, work: (uow: UnitOfWork) => Promise<T>): Promise<T> {
+  async run<T>(tx: Tx, work: (uow: UnitOfWork) => Promise<T>, batch?: BatchRows): Promise<T> {
     this.tx = tx;
+    this.batch = batch;
     return work(this);
+  }
+
+  /** @internal its savepoint held: the rows it wrote or locked are the batch's current ones */
+  share(batch: BatchRows): void {
+    for (const key of new Set([...this.dirty, ...this.fresh])) {
+      const row = this.rows.get(key);
+      if (row) batch.set(key, row);
+    }
   }
 
   /** The actor's current row within this transaction (NotFound if there is none). */
@@ -365,12 +417,21 @@ export class UnitOfWork {
     const key = `${entityType}:${id}`;
     let row = this.rows.get(key);
     if (!row) {
+      // An earlier unit of this transaction wrote or locked it: that row is the truth here
+      // (the process cache would still hold the version before it).
+      row = this.batch?.get(key);
+      if (row) this.fresh.add(key);
+    }
+    if (!row) {
       row = this.host.cached(key);
       if (row) this.usedCache = true;
     }
-    // Locking on a cache miss costs nothing extra (the update would take the lock anyway) and
-    // turns concurrent writers into a queue instead of a retry storm.
-    row ??= (await loadActorRow(this.tx, entityType, id, { forUpdate: true })) ?? undefined;
+    if (!row) {
+      // Locking on a cache miss costs nothing extra (the update would take the lock anyway)
+      // and turns concurrent writers into a queue instead of a retry storm.
+      row = (await loadActorRow(this.tx, entityType, id, { forUpdate: true })) ?? undefined;
+      if (row) this.fresh.add(key);
+    }
     if (!row) throw new NotFound(entityType, id);
     this.rows.set(key, row);
     return row;
