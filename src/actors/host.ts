@@ -448,17 +448,19 @@ export class UnitOfWork {
       version: row.version + 1,
       seq: row.seq + decision.emitted.length,
     };
-    let bytes: number | null;
-    try {
-      bytes = await updateActorRow(this.tx, next, row.version);
-    } catch (error) {
-      throw translateUnique(error, id);
-    }
-    if (bytes === null) throw new VersionConflict(id, row.version);
+    const written = updateActorRow(this.tx, next, row.version).then(
+      (bytes) => {
+        if (bytes === null) throw new VersionConflict(id, row.version);
+        return bytes;
+      },
+      (error) => {
+        throw translateUnique(error, id);
+      },
+    );
     const applied = await this.record(
       row,
       next,
-      bytes,
+      written,
       decision,
       String(row.snapshot.value),
       event.type,
@@ -493,17 +495,14 @@ export class UnitOfWork {
       version: 1,
       seq: decision.emitted.length,
     };
-    let bytes: number;
-    try {
-      bytes = await insertActorRow(this.tx, row, this.at);
-    } catch (error) {
+    const written = insertActorRow(this.tx, row, this.at).catch((error) => {
       if (error instanceof UniqueViolation && error.constraint.endsWith('_pkey')) {
         throw new Conflict(`${entityType} ${input.id} already exists`);
       }
       throw translateUnique(error, input.id);
-    }
+    });
     const base: ActorRow = { ...row, version: 0, seq: 0 };
-    return this.record(base, row, bytes, decision, null, 'create', entry);
+    return this.record(base, row, written, decision, null, 'create', entry);
   }
 
   /** The last change to one actor in this unit of work. */
@@ -539,18 +538,20 @@ export class UnitOfWork {
   private async record(
     before: ActorRow,
     after: ActorRow,
-    /** Byte length of `after`'s snapshot JSON as written. */
-    bytes: number,
+    /**
+     * The row's write (compare-and-set or insert), already sent: the byte length of `after`'s
+     * snapshot JSON, or its failure (VersionConflict, Conflict, ...).
+     */
+    written: Promise<number>,
     decision: Decision,
     from: string | null,
     event: string,
     machine: MachineEntry,
   ): Promise<Applied> {
-    const key = `${after.entityType}:${after.id}`;
-    this.rows.set(key, after);
-    this.sizes.set(key, bytes);
-    this.dirty.add(key);
-    const events = await appendEvents(
+    // The row's write and the rows that follow it go out together: postgres.js pipelines
+    // them on the transaction's connection (one round trip, not one per statement). If the
+    // write lost, the others are rolled back with the unit and its own error is the answer.
+    const events = appendEvents(
       this.tx,
       decision.emitted.map((e, i) => ({
         eventId: randomUUID(),
@@ -562,8 +563,8 @@ export class UnitOfWork {
         at: this.at,
       })),
     );
-    await deleteTimers(this.tx, after.id, decision.cancel);
-    await upsertTimers(
+    const cancelled = deleteTimers(this.tx, after.id, decision.cancel);
+    const scheduled = upsertTimers(
       this.tx,
       decision.schedule.map((t) => ({
         entityType: after.entityType,
@@ -574,6 +575,11 @@ export class UnitOfWork {
         token: randomUUID(),
       })),
     );
+    const [bytes, entries] = await firstFailure(written, events, cancelled, scheduled);
+    const key = `${after.entityType}:${after.id}`;
+    this.rows.set(key, after);
+    this.sizes.set(key, bytes);
+    this.dirty.add(key);
     const applied: Applied = {
       entityType: after.entityType,
       id: after.id,
@@ -582,7 +588,7 @@ export class UnitOfWork {
       state: decision.state,
       snapshot: after.snapshot,
       version: after.version,
-      events,
+      events: entries,
       machine,
       ...(after.workflow !== undefined ? { workflow: after.workflow } : {}),
       ...(after.entityType === 'task' ? { feedback: after.feedback ?? null } : {}),
@@ -606,6 +612,23 @@ function translateUnique(error: unknown, id: string): unknown {
     return new Conflict(`task ${id}: its worktree is held by another claimed or running task`);
   }
   return error;
+}
+
+/**
+ * Awaits a row's write and the writes pipelined behind it. If the row's write failed, that is
+ * the error (the others may fail only because of it: a lost compare-and-set's stale `seq`
+ * collides in the event log); otherwise the first other failure.
+ */
+async function firstFailure<A, B>(
+  first: Promise<A>,
+  second: Promise<B>,
+  ...rest: Promise<unknown>[]
+): Promise<[A, B]> {
+  const [a, b, ...others] = await Promise.allSettled([first, second, ...rest]);
+  for (const r of [a, b, ...others]) {
+    if (r?.status === 'rejected') throw r.reason;
+  }
+  return [(a as PromiseFulfilledResult<A>).value, (b as PromiseFulfilledResult<B>).value];
 }
 
 function sleep(ms: number): Promise<void> {
