@@ -132,7 +132,7 @@ export interface StoredResponse {
 const IDEMPOTENCY_LOCK_NS = 7_402_615;
 const DEFAULT_CACHE_MAX_BYTES = 64 * 1024 * 1024;
 export const DEFAULT_COMMIT_BATCH_MAX = 32;
-export const DEFAULT_COMMIT_LANES = 4;
+export const DEFAULT_COMMIT_LANES = 8;
 /** SQLSTATE of a deadlock: Postgres rolled the victim back, so it may run again. */
 const DEADLOCK_DETECTED = '40P01';
 
