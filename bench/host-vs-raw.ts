@@ -9,7 +9,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import { decide, decideInitial } from '../src/actors/decide.js';
-import { ActorHost } from '../src/actors/host.js';
+import { ActorHost, type HostOptions } from '../src/actors/host.js';
 import type { Sql } from '../src/persistence/db.js';
 import { type LatencyStats, loop } from './stats.js';
 
@@ -22,8 +22,9 @@ export async function benchHost(
   sql: Sql,
   concurrency: number,
   durationMs: number,
+  options: Partial<HostOptions> = {},
 ): Promise<LatencyStats> {
-  return (await prepareHost(sql, concurrency))(durationMs);
+  return (await prepareHost(sql, concurrency, options))(durationMs);
 }
 
 export async function benchRawMinimal(
@@ -62,9 +63,12 @@ async function startedTickets(host: ActorHost, n: number, prefix: string): Promi
 export async function prepareHost(
   sql: Sql,
   concurrency: number,
+  /** Host settings (group commit's `commitLanes`, `commitBatchMax`); defaults otherwise. */
+  options: Partial<HostOptions> = {},
 ): Promise<(durationMs: number) => Promise<LatencyStats & { samples: number[] }>> {
   const host = new ActorHost(sql, {
     taskDefaults: { maxAttempts: 3, leaseMs: 30_000, retryBaseMs: 1_000 },
+    ...options,
   });
   const ids = await startedTickets(host, concurrency, 'bench-host');
   return (durationMs) =>

@@ -137,6 +137,14 @@ async function hostSection(): Promise<void> {
       if (c === 64) raw64 = raw.perSecond;
     }
     if (raw64 !== null) {
+      // The same host with group commit off (a transaction per unit, as many as the callers).
+      const alone = await benchHost(db.sql, 64, seconds * 1000, {
+        commitLanes: 64,
+        commitBatchMax: 1,
+      });
+      print(
+        `64, no group | ${fmt(alone.perSecond, 0)}  | ${fmt(raw64, 0)}  | ${(alone.perSecond / raw64).toFixed(2).padStart(6)} |        - |      - | ${fmt(alone.p50, 2)}   |          - |          - | ${fmt(alone.p99, 2)}   |          - |          -`,
+      );
       // Issue 3's experiment: 64 entities, 8 of them per transaction (p50/p99 per transaction).
       const batched = await (await prepareHostBatched(db.sql, 64, 8))(seconds * 1000);
       print(
