@@ -16,7 +16,17 @@ export interface GroupCommitOptions {
   maxUnits: number;
   /** Transactions in flight at once; units queue only while every lane is busy. */
   lanes: number;
+  /**
+   * How long a unit of a shared batch waits for a lock before it is rolled back to its
+   * savepoint with SQLSTATE 55P03 (the caller retries it). A waiting unit stalls the whole
+   * batch, and two batches that lock the same rows in opposite orders would otherwise wait
+   * for Postgres's deadlock check (deadlock_timeout, 1 s by default).
+   */
+  lockTimeoutMs?: number;
 }
+
+/** Default of `lockTimeoutMs`. */
+export const BATCH_LOCK_TIMEOUT_MS = 100;
 
 /** One unit of work as the committer runs it. */
 export interface GroupUnit<T, B> {
@@ -120,6 +130,11 @@ export class GroupCommit<B> {
           }
           return;
         }
+        const lockTimeout = Math.max(
+          1,
+          Math.floor(this.options.lockTimeoutMs ?? BATCH_LOCK_TIMEOUT_MS),
+        );
+        await tx.unsafe(`set local lock_timeout = ${lockTimeout}`);
         for (const q of units) {
           try {
             const value = await tx.savepoint((sp) => q.unit.run(sp as unknown as Tx, batch));

@@ -133,8 +133,11 @@ const IDEMPOTENCY_LOCK_NS = 7_402_615;
 const DEFAULT_CACHE_MAX_BYTES = 64 * 1024 * 1024;
 export const DEFAULT_COMMIT_BATCH_MAX = 32;
 export const DEFAULT_COMMIT_LANES = 8;
-/** SQLSTATE of a deadlock: Postgres rolled the victim back, so it may run again. */
-const DEADLOCK_DETECTED = '40P01';
+/**
+ * SQLSTATEs of a lost lock race: a deadlock victim, or a unit of a shared batch that waited too
+ * long for a lock (group-commit.ts). Either was rolled back whole, so it may run again.
+ */
+const LOCK_RACES = new Set(['40P01', '55P03']);
 
 /** Rows the earlier units of one batch wrote or locked, by `type:id`. */
 type BatchRows = Map<string, ActorRow>;
@@ -261,9 +264,9 @@ export class ActorHost {
         const staleCache =
           uow.usedCache && (error instanceof IllegalTransition || error instanceof StaleToken);
         if (staleCache && attempt < this.maxAttempts) continue;
-        // A deadlock victim was rolled back whole (its savepoint or its transaction): a
-        // shared transaction holds several units' locks, so this is a lost race, not a fault.
-        const lostRace = error instanceof VersionConflict || sqlState(error) === DEADLOCK_DETECTED;
+        // A shared transaction holds several units' locks, so a lock race is lost more often:
+        // the unit was rolled back whole (its savepoint or its transaction), not a fault.
+        const lostRace = error instanceof VersionConflict || LOCK_RACES.has(sqlState(error) ?? '');
         if (!lostRace || attempt >= this.maxAttempts) throw error;
         this.stats.conflicts++;
         await sleep(Math.random() * Math.min(50, 2 * attempt));
