@@ -9,7 +9,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import { decide, decideInitial } from '../src/actors/decide.js';
-import { ActorHost } from '../src/actors/host.js';
+import { ActorHost, type HostOptions } from '../src/actors/host.js';
 import type { Sql } from '../src/persistence/db.js';
 import { type LatencyStats, loop } from './stats.js';
 
@@ -22,8 +22,17 @@ export async function benchHost(
   sql: Sql,
   concurrency: number,
   durationMs: number,
+  options: Partial<HostOptions> = {},
 ): Promise<LatencyStats> {
-  return (await prepareHost(sql, concurrency))(durationMs);
+  return (await prepareHost(sql, concurrency, options))(durationMs);
+}
+
+export async function benchRawMinimal(
+  sql: Sql,
+  concurrency: number,
+  durationMs: number,
+): Promise<LatencyStats> {
+  return (await prepareRawMinimal(sql, concurrency))(durationMs);
 }
 
 export async function benchRaw(
@@ -54,9 +63,12 @@ async function startedTickets(host: ActorHost, n: number, prefix: string): Promi
 export async function prepareHost(
   sql: Sql,
   concurrency: number,
+  /** Host settings (group commit's `commitLanes`, `commitBatchMax`); defaults otherwise. */
+  options: Partial<HostOptions> = {},
 ): Promise<(durationMs: number) => Promise<LatencyStats & { samples: number[] }>> {
   const host = new ActorHost(sql, {
     taskDefaults: { maxAttempts: 3, leaseMs: 30_000, retryBaseMs: 1_000 },
+    ...options,
   });
   const ids = await startedTickets(host, concurrency, 'bench-host');
   return (durationMs) =>
@@ -121,6 +133,53 @@ export async function prepareRaw(
           // No timer NOTIFY: the host sends one only after the commit, and only for a timer
           // due within the poll interval (this one is an hour out).
         }
+      });
+      row.version++;
+      row.seq++;
+    });
+}
+
+/**
+ * The minimal transition: the snapshot compare-and-set and the event insert, one transaction
+ * per transition, nothing else (no outbox, NOTIFY or timer). The floor any host could reach
+ * without batching; the host's target is measured against it.
+ */
+export async function prepareRawMinimal(
+  sql: Sql,
+  concurrency: number,
+): Promise<(durationMs: number) => Promise<LatencyStats & { samples: number[] }>> {
+  const rows: { id: string; version: number; seq: number; snapshot: object }[] = [];
+  for (let w = 0; w < concurrency; w++) {
+    const id = `bench-min-${randomUUID()}`;
+    const initial = decideInitial('ticket', {
+      id,
+      title: 'bench',
+      stuckAfterMs: 3_600_000,
+      diagnosticCooldownMs: 0,
+      at: Date.now(),
+    });
+    const snapshot = decide('ticket', id, initial.snapshot, {
+      type: 'START',
+      at: Date.now(),
+    }).snapshot;
+    await sql`insert into tickets (id, state, phase, title, machine_version, snapshot, version, seq, created_at, updated_at)
+      values (${id}, 'requirements', 'requirements', 'bench', 1, ${sql.json(snapshot as never)}, 1, 0, now(), now())`;
+    rows.push({ id, version: 1, seq: 0, snapshot });
+  }
+  return (durationMs) =>
+    loop(concurrency, durationMs, async (w) => {
+      const row = rows[w] as (typeof rows)[number];
+      const blocking = row.seq % 2 === 0;
+      const state = blocking ? 'blocked' : 'requirements';
+      const snapshot = { ...row.snapshot, value: state };
+      await sql.begin(async (tx) => {
+        const r = await tx`update tickets set state = ${state}, phase = 'requirements',
+        snapshot = ${tx.json(snapshot as never)}, version = ${row.version + 1}, seq = ${row.seq + 1},
+        updated_at = now() where id = ${row.id} and version = ${row.version}`;
+        if (r.count !== 1) throw new Error('conflict');
+        await tx`insert into events (event_id, entity_type, entity_id, seq, type, data, at)
+        values (${randomUUID()}, 'ticket', ${row.id}, ${row.seq + 1},
+          ${blocking ? 'ticket.blocked' : 'ticket.unblocked'}, ${tx.json({ phase: 'requirements' })}, now())`;
       });
       row.version++;
       row.seq++;

@@ -23,7 +23,7 @@ import { connect } from '@nats-io/transport-node';
 import postgres from 'postgres';
 import { drainSection } from './drain.js';
 import { growthSection } from './growth.js';
-import { benchHost, benchRaw, prepareHostBatched } from './host-vs-raw.js';
+import { benchHost, benchRaw, benchRawMinimal, prepareHostBatched } from './host-vs-raw.js';
 import { httpSection } from './http.js';
 import { outputSection } from './output.js';
 import { peersSection } from './peers.js';
@@ -129,30 +129,39 @@ async function machine(): Promise<void> {
 async function hostSection(): Promise<void> {
   print('## Actor host vs raw SQL (issue 3)');
   print(
-    'entities alternate BLOCK/UNBLOCK (1 event, outbox, timer per transition); raw = the same statements by hand\n',
+    'entities alternate BLOCK/UNBLOCK (1 event, outbox, timer per transition); raw = the same statements by hand; min = only the snapshot compare-and-set and the event insert\n',
   );
   const db = await scratchDatabase('host', { max: 70 });
   try {
     print(
-      'concurrency |  host tx/s |   raw tx/s |  ratio | host p50 ms | raw p50 ms | host p99 ms | raw p99 ms',
+      'concurrency |  host tx/s |   raw tx/s |  ratio | min tx/s | vs min | host p50 ms | raw p50 ms | min p50 ms | host p99 ms | raw p99 ms | min p99 ms',
     );
     print(
-      '------------|------------|------------|--------|-------------|------------|-------------|-----------',
+      '------------|------------|------------|--------|----------|--------|-------------|------------|------------|-------------|------------|-----------',
     );
     let raw64: number | null = null;
     for (const c of concurrencies) {
       const raw = await benchRaw(db.sql, c, seconds * 1000);
+      const min = await benchRawMinimal(db.sql, c, seconds * 1000);
       const host = await benchHost(db.sql, c, seconds * 1000);
       print(
-        `${String(c).padStart(11)} | ${fmt(host.perSecond, 0)}  | ${fmt(raw.perSecond, 0)}  | ${(host.perSecond / raw.perSecond).toFixed(2).padStart(6)} | ${fmt(host.p50, 2)}   | ${fmt(raw.p50, 2)}  | ${fmt(host.p99, 2)}   | ${fmt(raw.p99, 2)}`,
+        `${String(c).padStart(11)} | ${fmt(host.perSecond, 0)}  | ${fmt(raw.perSecond, 0)}  | ${(host.perSecond / raw.perSecond).toFixed(2).padStart(6)} | ${fmt(min.perSecond, 0).padStart(8)} | ${(host.perSecond / min.perSecond).toFixed(2).padStart(6)} | ${fmt(host.p50, 2)}   | ${fmt(raw.p50, 2)}  | ${fmt(min.p50, 2)}  | ${fmt(host.p99, 2)}   | ${fmt(raw.p99, 2)}  | ${fmt(min.p99, 2)}`,
       );
       if (c === 64) raw64 = raw.perSecond;
     }
     if (raw64 !== null) {
+      // The same host with group commit off (a transaction per unit, as many as the callers).
+      const alone = await benchHost(db.sql, 64, seconds * 1000, {
+        commitLanes: 64,
+        commitBatchMax: 1,
+      });
+      print(
+        `64, no group | ${fmt(alone.perSecond, 0)}  | ${fmt(raw64, 0)}  | ${(alone.perSecond / raw64).toFixed(2).padStart(6)} |        - |      - | ${fmt(alone.p50, 2)}   |          - |          - | ${fmt(alone.p99, 2)}   |          - |          -`,
+      );
       // Issue 3's experiment: 64 entities, 8 of them per transaction (p50/p99 per transaction).
       const batched = await (await prepareHostBatched(db.sql, 64, 8))(seconds * 1000);
       print(
-        `   64, 8/tx | ${fmt(batched.perSecond, 0)}  | ${fmt(raw64, 0)}  | ${(batched.perSecond / raw64).toFixed(2).padStart(6)} | ${fmt(batched.p50, 2)}   |          - | ${fmt(batched.p99, 2)}   |          -`,
+        `   64, 8/tx | ${fmt(batched.perSecond, 0)}  | ${fmt(raw64, 0)}  | ${(batched.perSecond / raw64).toFixed(2).padStart(6)} |        - |      - | ${fmt(batched.p50, 2)}   |          - |          - | ${fmt(batched.p99, 2)}   |          - |          -`,
       );
     }
   } finally {

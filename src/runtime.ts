@@ -94,6 +94,8 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
     const host = new ActorHost(sql, {
       workflows,
       cacheMaxBytes: config.ACTOR_CACHE_MAX_BYTES,
+      commitBatchMax: config.COMMIT_BATCH_MAX,
+      commitLanes: config.COMMIT_LANES,
       taskDefaults: {
         maxAttempts: config.MAX_ATTEMPTS,
         leaseMs: config.LEASE_MS,

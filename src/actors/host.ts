@@ -2,9 +2,14 @@
  * The actor host: the only writer of actor state. `send` loads an actor's snapshot (from a
  * bounded cache or Postgres), decides the event, and commits in ONE transaction the new
  * snapshot (compare-and-set on `version`) with its deadline column (a task's lease), its
- * event-log rows with the next `seq`, their outbox rows and the timers the transition set or
- * cleared. A lost compare-and-set drops the cached actor and retries the whole unit of work
- * with jittered backoff.
+ * event-log rows with the next `seq` (the event log is the outbox: unpublished until the relay
+ * records their stream sequence) and the timers the transition set or cleared. A lost
+ * compare-and-set drops the cached actor and retries that unit of work with jittered backoff.
+ *
+ * Units of work that arrive while the host's transactions are in flight commit together
+ * (group-commit.ts): each in its own savepoint, each answered with its own result after the
+ * shared commit. A later unit of a batch sees the rows its earlier units wrote, so two units
+ * touching one actor follow each other instead of conflicting.
  *
  * Within a process, sends to one entity queue in one mailbox (no self-inflicted conflicts);
  * across processes, correctness rests on the compare-and-set alone.
@@ -31,7 +36,7 @@ import {
   UniqueViolation,
   updateActorRow,
 } from '../persistence/actor-rows.js';
-import type { Sql, Tx } from '../persistence/db.js';
+import { type Sql, sqlState, type Tx } from '../persistence/db.js';
 import { appendEvents, type EventEntry } from '../persistence/event-log.js';
 import { clearLease, lockExpiredLease } from '../persistence/lease-rows.js';
 import {
@@ -50,6 +55,7 @@ import {
   type EntityInput,
   type PersistedSnapshot,
 } from './decide.js';
+import { GroupCommit } from './group-commit.js';
 
 export interface TaskDefaults {
   maxAttempts: number;
@@ -71,6 +77,10 @@ export interface HostOptions {
   diagnosticExecutor?: string;
   /** Finds a ticket's workflow machine by its ref; without it only `default@1` runs. */
   workflows?: WorkflowSource;
+  /** Units of work committed in one transaction at most (COMMIT_BATCH_MAX); 1 turns group commit off. */
+  commitBatchMax?: number;
+  /** Write transactions in flight at once (COMMIT_LANES); units queue while all are busy. */
+  commitLanes?: number;
 }
 
 /** Where the host finds compiled workflows (the registry). */
@@ -126,6 +136,16 @@ export interface StoredResponse {
 
 const IDEMPOTENCY_LOCK_NS = 7_402_615;
 const DEFAULT_CACHE_MAX_BYTES = 64 * 1024 * 1024;
+export const DEFAULT_COMMIT_BATCH_MAX = 32;
+export const DEFAULT_COMMIT_LANES = 8;
+/**
+ * SQLSTATEs of a lost lock race: a deadlock victim, or a unit of a shared batch that waited too
+ * long for a lock (group-commit.ts). Either was rolled back whole, so it may run again.
+ */
+const LOCK_RACES = new Set(['40P01', '55P03']);
+
+/** Rows the earlier units of one batch wrote or locked, by `type:id`. */
+type BatchRows = Map<string, ActorRow>;
 
 export class ActorHost {
   readonly sql: Sql;
@@ -139,6 +159,8 @@ export class ActorHost {
   private readonly workflows: WorkflowSource | undefined;
   private readonly entries = new WeakMap<CompiledWorkflow, MachineEntry>();
   private readonly listeners = new Set<CommitListener>();
+  /** Batches units of work into shared transactions. */
+  readonly commits: GroupCommit<BatchRows>;
   /** Counters for /metrics: transitions and refusals by entity type and event. */
   readonly stats = {
     transitions: new Map<string, number>(),
@@ -157,6 +179,14 @@ export class ActorHost {
     this.taskDefaults = options.taskDefaults;
     this.diagnosticExecutor = options.diagnosticExecutor ?? 'external';
     this.workflows = options.workflows;
+    this.commits = new GroupCommit(
+      sql,
+      {
+        maxUnits: options.commitBatchMax ?? DEFAULT_COMMIT_BATCH_MAX,
+        lanes: options.commitLanes ?? DEFAULT_COMMIT_LANES,
+      },
+      () => new Map(),
+    );
   }
 
   /** The compiled workflow a ref names (`NAME` = its latest version). */
@@ -213,7 +243,8 @@ export class ActorHost {
   }
 
   /**
-   * Runs `work` in one transaction and commits everything it sent or created together.
+   * Runs `work` as one unit of work and commits everything it sent or created together, in a
+   * transaction it may share with other units (group commit; each unit in its own savepoint).
    * `work` may run more than once (a lost compare-and-set retries it), so it must do all its
    * writes through the unit of work or `uow.tx`.
    */
@@ -221,15 +252,12 @@ export class ActorHost {
     for (let attempt = 1; ; attempt++) {
       const uow = new UnitOfWork(this, this.clock());
       try {
-        const value = await this.sql.begin((tx) => uow.run(tx as unknown as Tx, work));
-        for (const { row, bytes } of uow.touched()) this.cache.set(row, bytes);
-        const applied = uow.applied();
-        for (const a of applied) {
-          const key = `${a.entityType}:${a.event}:${a.from ?? 'new'}->${a.state}`;
-          this.stats.transitions.set(key, (this.stats.transitions.get(key) ?? 0) + 1);
-        }
-        for (const listener of this.listeners) listener(applied);
-        return { value: value as T, applied };
+        const value = await this.commits.submit<T>({
+          run: (tx, batch) => uow.run(tx, work, batch),
+          kept: (_, batch) => uow.share(batch),
+          committed: () => this.committed(uow),
+        });
+        return { value, applied: uow.applied() };
       } catch (error) {
         for (const key of uow.loadedKeys()) this.cache.delete(key);
         if (error instanceof IllegalTransition) {
@@ -241,7 +269,10 @@ export class ActorHost {
         const staleCache =
           uow.usedCache && (error instanceof IllegalTransition || error instanceof StaleToken);
         if (staleCache && attempt < this.maxAttempts) continue;
-        if (!(error instanceof VersionConflict) || attempt >= this.maxAttempts) throw error;
+        // A shared transaction holds several units' locks, so a lock race is lost more often:
+        // the unit was rolled back whole (its savepoint or its transaction), not a fault.
+        const lostRace = error instanceof VersionConflict || LOCK_RACES.has(sqlState(error) ?? '');
+        if (!lostRace || attempt >= this.maxAttempts) throw error;
         this.stats.conflicts++;
         await sleep(Math.random() * Math.min(50, 2 * attempt));
       }
@@ -344,6 +375,17 @@ export class ActorHost {
     });
   }
 
+  /** After the commit of `uow`'s batch: cache, counters and listeners see what it applied. */
+  private committed(uow: UnitOfWork): void {
+    for (const { row, bytes } of uow.touched()) this.cache.set(row, bytes);
+    const applied = uow.applied();
+    for (const a of applied) {
+      const key = `${a.entityType}:${a.event}:${a.from ?? 'new'}->${a.state}`;
+      this.stats.transitions.set(key, (this.stats.transitions.get(key) ?? 0) + 1);
+    }
+    for (const listener of this.listeners) listener(applied);
+  }
+
   /** Drops cached actors (tests, and callers that know the cache is stale). */
   forget(entityType?: EntityType, id?: string): void {
     if (entityType && id) this.cache.delete(`${entityType}:${id}`);
@@ -378,6 +420,10 @@ export class UnitOfWork {
   /** Byte length of each written row's snapshot JSON, for the cache's byte bound. */
   private readonly sizes = new Map<string, number>();
   private readonly results: Applied[] = [];
+  /** Keys of rows read from Postgres in this transaction (current, and locked). */
+  private readonly fresh = new Set<string>();
+  /** Rows the earlier units of the same batch wrote or locked (none when alone). */
+  private batch: BatchRows | undefined;
   /** @internal true once a row came from the process cache rather than this transaction */
   usedCache = false;
 
@@ -389,9 +435,18 @@ export class UnitOfWork {
   ) {}
 
   /** @internal */
-  async run<T>(tx: Tx, work: (uow: UnitOfWork) => Promise<T>): Promise<T> {
+  async run<T>(tx: Tx, work: (uow: UnitOfWork) => Promise<T>, batch?: BatchRows): Promise<T> {
     this.tx = tx;
+    this.batch = batch;
     return work(this);
+  }
+
+  /** @internal its savepoint held: the rows it wrote or locked are the batch's current ones */
+  share(batch: BatchRows): void {
+    for (const key of new Set([...this.dirty, ...this.fresh])) {
+      const row = this.rows.get(key);
+      if (row) batch.set(key, row);
+    }
   }
 
   /** The actor's current row within this transaction (NotFound if there is none). */
@@ -399,12 +454,21 @@ export class UnitOfWork {
     const key = `${entityType}:${id}`;
     let row = this.rows.get(key);
     if (!row) {
+      // An earlier unit of this transaction wrote or locked it: that row is the truth here
+      // (the process cache would still hold the version before it).
+      row = this.batch?.get(key);
+      if (row) this.fresh.add(key);
+    }
+    if (!row) {
       row = this.host.cached(key);
       if (row) this.usedCache = true;
     }
-    // Locking on a cache miss costs nothing extra (the update would take the lock anyway) and
-    // turns concurrent writers into a queue instead of a retry storm.
-    row ??= (await loadActorRow(this.tx, entityType, id, { forUpdate: true })) ?? undefined;
+    if (!row) {
+      // Locking on a cache miss costs nothing extra (the update would take the lock anyway)
+      // and turns concurrent writers into a queue instead of a retry storm.
+      row = (await loadActorRow(this.tx, entityType, id, { forUpdate: true })) ?? undefined;
+      if (row) this.fresh.add(key);
+    }
     if (!row) throw new NotFound(entityType, id);
     this.rows.set(key, row);
     return row;
@@ -421,17 +485,19 @@ export class UnitOfWork {
       version: row.version + 1,
       seq: row.seq + decision.emitted.length,
     };
-    let bytes: number | null;
-    try {
-      bytes = await updateActorRow(this.tx, next, row.version, deadlineAt(decision, this.at));
-    } catch (error) {
-      throw translateUnique(error, id);
-    }
-    if (bytes === null) throw new VersionConflict(id, row.version);
+    const written = updateActorRow(this.tx, next, row.version, deadlineAt(decision, this.at)).then(
+      (bytes) => {
+        if (bytes === null) throw new VersionConflict(id, row.version);
+        return bytes;
+      },
+      (error) => {
+        throw translateUnique(error, id);
+      },
+    );
     const applied = await this.record(
       row,
       next,
-      bytes,
+      written,
       decision,
       String(row.snapshot.value),
       event.type,
@@ -466,17 +532,19 @@ export class UnitOfWork {
       version: 1,
       seq: decision.emitted.length,
     };
-    let bytes: number;
-    try {
-      bytes = await insertActorRow(this.tx, row, this.at, deadlineAt(decision, this.at) ?? null);
-    } catch (error) {
+    const written = insertActorRow(
+      this.tx,
+      row,
+      this.at,
+      deadlineAt(decision, this.at) ?? null,
+    ).catch((error) => {
       if (error instanceof UniqueViolation && error.constraint.endsWith('_pkey')) {
         throw new Conflict(`${entityType} ${input.id} already exists`);
       }
       throw translateUnique(error, input.id);
-    }
+    });
     const base: ActorRow = { ...row, version: 0, seq: 0 };
-    return this.record(base, row, bytes, decision, null, 'create', entry);
+    return this.record(base, row, written, decision, null, 'create', entry);
   }
 
   /** The last change to one actor in this unit of work. */
@@ -512,18 +580,20 @@ export class UnitOfWork {
   private async record(
     before: ActorRow,
     after: ActorRow,
-    /** Byte length of `after`'s snapshot JSON as written. */
-    bytes: number,
+    /**
+     * The row's write (compare-and-set or insert), already sent: the byte length of `after`'s
+     * snapshot JSON, or its failure (VersionConflict, Conflict, ...).
+     */
+    written: Promise<number>,
     decision: Decision,
     from: string | null,
     event: string,
     machine: MachineEntry,
   ): Promise<Applied> {
-    const key = `${after.entityType}:${after.id}`;
-    this.rows.set(key, after);
-    this.sizes.set(key, bytes);
-    this.dirty.add(key);
-    const events = await appendEvents(
+    // The row's write and the rows that follow it go out together: postgres.js pipelines
+    // them on the transaction's connection (one round trip, not one per statement). If the
+    // write lost, the others are rolled back with the unit and its own error is the answer.
+    const events = appendEvents(
       this.tx,
       decision.emitted.map((e, i) => ({
         eventId: randomUUID(),
@@ -535,7 +605,7 @@ export class UnitOfWork {
         at: this.at,
       })),
     );
-    await deleteTimers(this.tx, after.id, decision.cancel);
+    const cancelled = deleteTimers(this.tx, after.id, decision.cancel);
     const timers = decision.schedule.map((t) => ({
       entityType: after.entityType,
       entityId: after.id,
@@ -544,7 +614,12 @@ export class UnitOfWork {
       dueAt: this.at + t.delayMs,
       token: randomUUID(),
     }));
-    await upsertTimers(this.tx, timers);
+    const scheduled = upsertTimers(this.tx, timers);
+    const [bytes, entries] = await firstFailure(written, events, cancelled, scheduled);
+    const key = `${after.entityType}:${after.id}`;
+    this.rows.set(key, after);
+    this.sizes.set(key, bytes);
+    this.dirty.add(key);
     const deadline = deadlineAt(decision, this.at);
     const dues = timers.map((t) => t.dueAt);
     if (typeof deadline === 'number') dues.push(deadline);
@@ -556,7 +631,7 @@ export class UnitOfWork {
       state: decision.state,
       snapshot: after.snapshot,
       version: after.version,
-      events,
+      events: entries,
       machine,
       ...(after.workflow !== undefined ? { workflow: after.workflow } : {}),
       ...(after.entityType === 'task' ? { feedback: after.feedback ?? null } : {}),
@@ -587,6 +662,23 @@ function translateUnique(error: unknown, id: string): unknown {
     return new Conflict(`task ${id}: its worktree is held by another claimed or running task`);
   }
   return error;
+}
+
+/**
+ * Awaits a row's write and the writes pipelined behind it. If the row's write failed, that is
+ * the error (the others may fail only because of it: a lost compare-and-set's stale `seq`
+ * collides in the event log); otherwise the first other failure.
+ */
+async function firstFailure<A, B>(
+  first: Promise<A>,
+  second: Promise<B>,
+  ...rest: Promise<unknown>[]
+): Promise<[A, B]> {
+  const [a, b, ...others] = await Promise.allSettled([first, second, ...rest]);
+  for (const r of [a, b, ...others]) {
+    if (r?.status === 'rejected') throw r.reason;
+  }
+  return [(a as PromiseFulfilledResult<A>).value, (b as PromiseFulfilledResult<B>).value];
 }
 
 function sleep(ms: number): Promise<void> {

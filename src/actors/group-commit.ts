@@ -1,0 +1,188 @@
+/**
+ * Group commit: units of work that arrive while the host's transactions are in flight queue,
+ * and the next free lane commits up to `maxUnits` of them in ONE Postgres transaction (one
+ * commit, one WAL flush), answering each with its own result once that commit is done.
+ *
+ * A batch forms only from what queued meanwhile: a unit that finds a lane free starts at once,
+ * alone, without a savepoint (no added latency or statements at low load). In a batch of
+ * several, each unit runs in its own savepoint, one after another: a unit that throws is rolled
+ * back to its savepoint and answered with its error right away, and the others go on. A failed
+ * commit answers every unit still waiting with that failure; none is answered as a success.
+ */
+import type { Sql, Tx } from '../persistence/db.js';
+
+export interface GroupCommitOptions {
+  /** Units committed together at most (1: each unit in a transaction of its own). */
+  maxUnits: number;
+  /** Transactions in flight at once; units queue only while every lane is busy. */
+  lanes: number;
+  /**
+   * How long a unit of a shared batch waits for a lock before it is rolled back to its
+   * savepoint with SQLSTATE 55P03 (the caller retries it). A waiting unit stalls the whole
+   * batch, and two batches that lock the same rows in opposite orders would otherwise wait
+   * for Postgres's deadlock check (deadlock_timeout, 1 s by default).
+   */
+  lockTimeoutMs?: number;
+}
+
+/** Default of `lockTimeoutMs`. */
+export const BATCH_LOCK_TIMEOUT_MS = 100;
+
+/** One unit of work as the committer runs it. */
+export interface GroupUnit<T, B> {
+  /** The unit's statements; `tx` is its own savepoint when it shares the transaction. */
+  run(tx: Tx, batch: B): Promise<T>;
+  /** Its savepoint held: later units of the same batch may build on its writes. */
+  kept?(value: T, batch: B): void;
+  /**
+   * The batch committed. Called synchronously, in the batch's order, before the unit's promise
+   * resolves and before this lane starts another batch (the cache is updated here).
+   */
+  committed?(value: T): void;
+}
+
+export interface GroupCommitStats {
+  /** Transactions committed. */
+  commits: number;
+  /** Units answered with success (committed). */
+  units: number;
+  /** Transactions whose commit (or BEGIN) failed. */
+  failedCommits: number;
+  /** The largest batch committed so far. */
+  largestBatch: number;
+}
+
+interface Queued<B> {
+  unit: GroupUnit<unknown, B>;
+  resolve: (value: unknown) => void;
+  reject: (error: unknown) => void;
+  settled: boolean;
+}
+
+export class GroupCommit<B> {
+  readonly stats: GroupCommitStats = { commits: 0, units: 0, failedCommits: 0, largestBatch: 0 };
+  private readonly queue: Queued<B>[] = [];
+  private busy = 0;
+  private scheduled = false;
+
+  constructor(
+    private readonly sql: Sql,
+    private readonly options: GroupCommitOptions,
+    /** State shared by the units of one batch (the rows its earlier units wrote). */
+    private readonly newBatch: () => B,
+  ) {}
+
+  /** Units waiting for a lane. */
+  get waiting(): number {
+    return this.queue.length;
+  }
+
+  /** Runs `unit` in the next transaction a lane commits; resolves after that commit. */
+  submit<T>(unit: GroupUnit<T, B>): Promise<T> {
+    return new Promise<T>((resolve, reject) => {
+      this.queue.push({
+        unit: unit as GroupUnit<unknown, B>,
+        resolve: resolve as (value: unknown) => void,
+        reject,
+        settled: false,
+      });
+      // Units submitted in the same turn of the event loop (a burst) share a batch rather than
+      // each taking a lane: the pump waits one microtask, never a timer.
+      if (!this.scheduled) {
+        this.scheduled = true;
+        queueMicrotask(() => {
+          this.scheduled = false;
+          this.pump();
+        });
+      }
+    });
+  }
+
+  private pump(): void {
+    const lanes = Math.max(1, this.options.lanes);
+    const max = Math.max(1, this.options.maxUnits);
+    while (this.busy < lanes && this.queue.length > 0) {
+      // Spread what waits over the free lanes, up to `maxUnits` each.
+      const share = Math.min(max, Math.ceil(this.queue.length / (lanes - this.busy)));
+      const units = this.queue.splice(0, share);
+      this.busy++;
+      void this.commit(units).finally(() => {
+        this.busy--;
+        this.pump();
+      });
+    }
+  }
+
+  private async commit(units: Queued<B>[]): Promise<void> {
+    const batch = this.newBatch();
+    const kept: { q: Queued<B>; value: unknown }[] = [];
+    try {
+      await this.sql.begin(async (t) => {
+        const tx = t as unknown as Tx;
+        const [only] = units;
+        if (units.length === 1 && only) {
+          // Alone: the transaction is the unit's; its error rolls all of it back.
+          try {
+            kept.push({ q: only, value: await only.unit.run(tx, batch) });
+          } catch (error) {
+            settle(only, error);
+            throw error;
+          }
+          return;
+        }
+        const lockTimeout = Math.max(
+          1,
+          Math.floor(this.options.lockTimeoutMs ?? BATCH_LOCK_TIMEOUT_MS),
+        );
+        await tx.unsafe(`set local lock_timeout = ${lockTimeout}`);
+        for (const q of units) {
+          try {
+            const value = await tx.savepoint((sp) => q.unit.run(sp as unknown as Tx, batch));
+            q.unit.kept?.(value, batch);
+            kept.push({ q, value });
+          } catch (error) {
+            // Rolled back to its savepoint: only this unit's writes are gone.
+            settle(q, error);
+            if (brokenConnection(error)) throw error;
+          }
+        }
+      });
+    } catch (error) {
+      // Every unit answered already (a lone unit's own error) is no failed commit.
+      if (units.some((q) => !q.settled)) this.stats.failedCommits++;
+      for (const q of units) settle(q, error);
+      return;
+    }
+    this.stats.commits++;
+    this.stats.units += kept.length;
+    this.stats.largestBatch = Math.max(this.stats.largestBatch, units.length);
+    for (const { q, value } of kept) {
+      if (q.settled) continue;
+      try {
+        q.unit.committed?.(value);
+      } catch (error) {
+        // A listener's failure is the caller's to see; the commit stands.
+        settle(q, error);
+        continue;
+      }
+      q.settled = true;
+      q.resolve(value);
+    }
+  }
+}
+
+function settle<B>(q: Queued<B>, error: unknown): void {
+  if (q.settled) return;
+  q.settled = true;
+  q.reject(error);
+}
+
+/** postgres.js's own codes for a connection that is gone: the transaction is lost with it. */
+const CONNECTION_LOST = new Set(['CONNECTION_CLOSED', 'CONNECTION_ENDED', 'CONNECTION_DESTROYED']);
+
+function brokenConnection(error: unknown): boolean {
+  const code = (error as { code?: unknown } | null)?.code;
+  if (typeof code !== 'string') return false;
+  // 57P01..57P05: the backend was terminated; 08xxx: connection exceptions.
+  return CONNECTION_LOST.has(code) || code.startsWith('57P') || code.startsWith('08');
+}

@@ -1,0 +1,241 @@
+/**
+ * Group commit in the actor host against a real Postgres: units of work that queue while a
+ * transaction is in flight commit together (counted by the transaction ids of their event
+ * rows), each answered with its own result; a refusal, a lost compare-and-set or a SQL fault
+ * concerns only its own unit; a failed commit answers no unit as a success.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ActorHost, type ActorHost as Host } from '../../src/actors/host.js';
+import { IllegalTransition, VersionConflict } from '../../src/errors.js';
+import { createTestDatabase, type TestDatabase } from '../support/database.js';
+import { TASK_DEFAULTS, ticketInput } from '../support/fixtures.js';
+
+let db: TestDatabase;
+
+beforeAll(async () => {
+  db = await createTestDatabase('group_commit');
+  // Which top-level transaction wrote each event: txid_current() is the transaction's own id
+  // even inside a savepoint, where a row's xmin would be the savepoint's.
+  await db.sql.unsafe(`
+    create table commit_probe (n bigserial primary key, entity_id text not null, xid bigint not null);
+    create function probe_event() returns trigger language plpgsql as $$
+    begin
+      insert into commit_probe (entity_id, xid) values (new.entity_id, txid_current());
+      return new;
+    end $$;
+    create trigger commit_probe after insert on events for each row execute function probe_event();`);
+});
+afterAll(() => db.drop());
+
+/** The transactions that wrote these entities' events, since `mark` (a probe count). */
+async function xidsOf(ids: string[], mark: Mark): Promise<Set<number>> {
+  const rows = await db.sql<{ xid: number }[]>`
+    select xid from commit_probe where entity_id in ${db.sql(ids)} and n > ${mark}`;
+  return new Set(rows.map((r) => r.xid));
+}
+
+type Mark = number;
+async function mark(): Promise<Mark> {
+  const [row] = await db.sql<
+    { n: number }[]
+  >`select coalesce(max(n), 0)::int as n from commit_probe`;
+  return row?.n ?? 0;
+}
+
+async function seqsOf(id: string): Promise<number[]> {
+  const rows = await db.sql<{ seq: number }[]>`
+    select seq from events where entity_id = ${id} order by seq`;
+  return rows.map((r) => r.seq);
+}
+
+/** `n` tickets in their first phase (2 events each: created, started). */
+async function startedTickets(host: Host, n: number): Promise<string[]> {
+  const ids: string[] = [];
+  for (let i = 0; i < n; i++) {
+    const t = await host.create('ticket', ticketInput());
+    await host.send('ticket', t.id, { type: 'START' });
+    ids.push(t.id);
+  }
+  return ids;
+}
+
+/**
+ * Holds the host's only lane with a transaction of its own until `release` is called, so that
+ * what is submitted meanwhile queues and forms one batch.
+ */
+async function holdLane(host: Host): Promise<{ release: () => void; done: Promise<unknown> }> {
+  let release!: () => void;
+  const released = new Promise<void>((r) => {
+    release = r;
+  });
+  let started!: () => void;
+  const running = new Promise<void>((r) => {
+    started = r;
+  });
+  const done = host.transact(async (uow) => {
+    await uow.tx`select 1`;
+    started();
+    await released;
+  });
+  await running;
+  return { release, done };
+}
+
+const oneLane = (max = 64) =>
+  new ActorHost(db.pool(4), { taskDefaults: TASK_DEFAULTS, commitLanes: 1, commitBatchMax: max });
+
+describe('group commit', () => {
+  it('64 concurrent sends to different tickets commit in fewer transactions, each answered', async () => {
+    const host = new ActorHost(db.pool(8), { taskDefaults: TASK_DEFAULTS });
+    const ids = await startedTickets(host, 64);
+    const before = host.commits.stats.commits;
+    const m = await mark();
+    const results = await Promise.all(
+      ids.map((id) => host.send('ticket', id, { type: 'BLOCK', reason: id })),
+    );
+    results.forEach((r, i) => {
+      expect(r.id).toBe(ids[i]);
+      expect(r.state).toBe('blocked');
+      expect(r.version).toBe(3);
+      expect(r.events.map((e) => [e.entityId, e.seq, e.type])).toEqual([
+        [ids[i], 3, 'ticket.blocked'],
+      ]);
+    });
+    const xids = await xidsOf(ids, m);
+    expect(xids.size).toBeLessThan(64);
+    expect(host.commits.stats.commits - before).toBe(xids.size);
+    const rows = await db.sql<{ state: string; version: number }[]>`
+      select distinct state, version from tickets where id in ${db.sql(ids)}`;
+    expect(rows).toEqual([{ state: 'blocked', version: 3 }]);
+  });
+
+  it('two units of one batch on the same ticket follow each other without a conflict', async () => {
+    const host = oneLane();
+    const [id] = (await startedTickets(host, 1)) as [string];
+    const m = await mark();
+    const lane = await holdLane(host);
+    const a = host.transact((uow) => uow.send('ticket', id, { type: 'BLOCK', reason: 'a' }));
+    const b = host.transact((uow) => uow.send('ticket', id, { type: 'UNBLOCK' }));
+    lane.release();
+    const [ra, rb] = await Promise.all([a, b]);
+    expect(ra.value.state).toBe('blocked');
+    expect(rb.value.state).toBe('requirements');
+    expect(host.stats.conflicts).toBe(0);
+    expect((await xidsOf([id], m)).size).toBe(1);
+    expect(await seqsOf(id)).toEqual([1, 2, 3, 4]);
+    // The cache holds the committed end state: the next event is decided on it.
+    expect((await host.send('ticket', id, { type: 'BLOCK', reason: 'c' })).version).toBe(5);
+  });
+
+  it('a refused event in a batch leaves the others committed', async () => {
+    const host = oneLane();
+    const ids = await startedTickets(host, 5);
+    const [bad] = (await startedTickets(host, 1)) as [string];
+    host.forget(); // decided from Postgres, inside the batch
+    const m = await mark();
+    const lane = await holdLane(host);
+    const good = ids.map((id) => host.send('ticket', id, { type: 'BLOCK', reason: 'ok' }));
+    const refused = host.send('ticket', bad, { type: 'UNBLOCK' });
+    lane.release();
+    await expect(refused).rejects.toBeInstanceOf(IllegalTransition);
+    const results = await Promise.all(good);
+    expect(results.map((r) => r.state)).toEqual(ids.map(() => 'blocked'));
+    expect((await xidsOf(ids, m)).size).toBe(1);
+    expect(await seqsOf(bad)).toEqual([1, 2]);
+  });
+
+  it('a lost compare-and-set in a batch retries only its own unit', async () => {
+    const host = oneLane();
+    const other = new ActorHost(db.pool(2), { taskDefaults: TASK_DEFAULTS });
+    const ids = await startedTickets(host, 5);
+    const [contested] = (await startedTickets(host, 1)) as [string];
+    // Another process moves the contested ticket on and back: this host's cached row is
+    // stale, though BLOCK is legal in both (so it is the compare-and-set that loses).
+    await other.send('ticket', contested, { type: 'BLOCK', reason: 'elsewhere' });
+    await other.send('ticket', contested, { type: 'UNBLOCK' });
+    const m = await mark();
+    const lane = await holdLane(host);
+    const before = host.stats.conflicts;
+    const good = ids.map((id) => host.send('ticket', id, { type: 'BLOCK', reason: 'ok' }));
+    const retried = host.send('ticket', contested, { type: 'BLOCK', reason: 'late' });
+    lane.release();
+    expect((await retried).state).toBe('blocked');
+    expect((await Promise.all(good)).map((r) => r.state)).toEqual(ids.map(() => 'blocked'));
+    expect(host.stats.conflicts - before).toBe(1);
+    const batch = await xidsOf(ids, m);
+    expect(batch.size).toBe(1);
+    const own = await xidsOf([contested], m);
+    expect(own.size).toBe(1);
+    expect([...own][0]).not.toBe([...batch][0]);
+    expect(await seqsOf(contested)).toEqual([1, 2, 3, 4, 5]);
+  });
+
+  it('a SQL fault in one unit fails only that unit, and its writes are gone', async () => {
+    const host = oneLane();
+    const ids = await startedTickets(host, 4);
+    const [faulty] = (await startedTickets(host, 1)) as [string];
+    await db.sql`insert into idempotency_keys (scope, key, request_hash, status, body)
+      values ('test', ${faulty}, 'h', 200, '{}')`;
+    const m = await mark();
+    const lane = await holdLane(host);
+    const good = ids.map((id) => host.send('ticket', id, { type: 'BLOCK', reason: 'ok' }));
+    const failing = host.transact(async (uow) => {
+      await uow.send('ticket', faulty, { type: 'BLOCK', reason: 'doomed' });
+      // A unique violation after the unit's transition.
+      await uow.tx`insert into idempotency_keys (scope, key, request_hash, status, body)
+        values ('test', ${faulty}, 'h', 200, '{}')`;
+    });
+    lane.release();
+    await expect(failing).rejects.toMatchObject({ code: '23505' });
+    expect((await Promise.all(good)).map((r) => r.state)).toEqual(ids.map(() => 'blocked'));
+    expect((await xidsOf(ids, m)).size).toBe(1);
+    expect(await seqsOf(faulty)).toEqual([1, 2]);
+    const [row] = await db.sql`select state, version from tickets where id = ${faulty}`;
+    expect(row).toEqual({ state: 'requirements', version: 2 });
+    // Nothing of the rolled-back unit stayed in the cache: BLOCK applies on the stored row.
+    expect((await host.send('ticket', faulty, { type: 'BLOCK', reason: 'now' })).version).toBe(3);
+  });
+
+  it('a failed commit answers no unit as a success and leaves nothing half-committed', async () => {
+    const host = oneLane();
+    const ids = await startedTickets(host, 4);
+    const [first, second, third, fourth] = ids as [string, string, string, string];
+    const m = await mark();
+    const lane = await holdLane(host);
+    let pid!: (n: number) => void;
+    const backend = new Promise<number>((r) => {
+      pid = r;
+    });
+    const units = [
+      host.send('ticket', first, { type: 'BLOCK', reason: 'x' }),
+      host.send('ticket', second, { type: 'BLOCK', reason: 'x' }),
+      host.transact(async (uow) => {
+        await uow.send('ticket', third, { type: 'BLOCK', reason: 'x' });
+        const [row] = await uow.tx<{ pid: number }[]>`select pg_backend_pid() as pid`;
+        pid(row?.pid ?? 0);
+        await uow.tx`select pg_sleep(30)`;
+      }),
+      host.send('ticket', fourth, { type: 'BLOCK', reason: 'x' }),
+    ];
+    lane.release();
+    await db.sql`select pg_terminate_backend(${await backend})`;
+    const settled = await Promise.allSettled(units);
+    expect(settled.map((s) => s.status)).toEqual(units.map(() => 'rejected'));
+    for (const s of settled) {
+      expect((s as PromiseRejectedResult).reason).not.toBeInstanceOf(VersionConflict);
+    }
+    expect(host.commits.stats.failedCommits).toBeGreaterThanOrEqual(1);
+    expect(await xidsOf(ids, m)).toEqual(new Set());
+    expect(
+      await db.sql`select 1 from events where entity_id in ${db.sql(ids)} and seq > 2`,
+    ).toEqual([]);
+    const rows = await db.sql<{ state: string; version: number }[]>`
+      select distinct state, version from tickets where id in ${db.sql(ids)}`;
+    expect(rows).toEqual([{ state: 'requirements', version: 2 }]);
+    // The host goes on (a new connection) and its cache kept nothing of the lost batch.
+    const again = await Promise.all(
+      ids.map((id) => host.send('ticket', id, { type: 'BLOCK', reason: 'y' })),
+    );
+    expect(again.map((a) => a.version)).toEqual(ids.map(() => 3));
+  });
+});
