@@ -5,7 +5,7 @@
  *
  * - ours: `commands.addTask` (the ticket learns of the task in the same transaction), then
  *   `ClaimService.claimOnce` + START + COMPLETE through the actor host: three transitions,
- *   each with its snapshot CAS, event-log row, outbox row, NOTIFY and timer write.
+ *   each with its snapshot CAS (carrying the lease deadline) and event-log row.
  * - graphile-worker: `addJob`, then its runner (`run`, concurrency 8): get_job + complete.
  * - pg-boss: `send`, then 8 loops of `fetch` (batch 1) + `complete`. pg-boss's own `work()`
  *   sleeps its polling interval (>= 0.5 s) between fetches, so it is driven directly here.
@@ -197,7 +197,7 @@ const ours: Runner = async (db, o, measure) => {
   return {
     enqueue,
     work,
-    note: 'enqueue = one transaction: TASK_ADDED on the ticket (snapshot CAS, event, outbox) + the task row, its task.created event and outbox row. Per job then CLAIM, START, COMPLETE: three transactions, each a snapshot CAS, an event-log row, an outbox row, a NOTIFY and a lease-timer upsert or delete. Nothing is ever deleted here (the relay would delete outbox rows).',
+    note: 'enqueue = one transaction: TASK_ADDED on the ticket (snapshot CAS, event) + the task row and its task.created event. Per job then CLAIM, START, COMPLETE: three transactions, each a snapshot CAS (the lease deadline is a column of it) and an event-log row (the event log is the outbox). Nothing is ever deleted here.',
   };
 };
 

@@ -129,7 +129,7 @@ async function machine(): Promise<void> {
 async function hostSection(): Promise<void> {
   print('## Actor host vs raw SQL (issue 3)');
   print(
-    'entities alternate BLOCK/UNBLOCK (1 event, outbox, timer per transition); raw = the same statements by hand; min = only the snapshot compare-and-set and the event insert\n',
+    'entities alternate BLOCK/UNBLOCK (1 event-log row and a timer upsert or delete per transition); raw = the same statements by hand; min = only the snapshot compare-and-set and the event insert\n',
   );
   const db = await scratchDatabase('host', { max: 70 });
   try {
