@@ -197,7 +197,7 @@ const ours: Runner = async (db, o, measure) => {
   return {
     enqueue,
     work,
-    note: 'enqueue = one transaction: TASK_ADDED on the ticket (snapshot CAS, event, outbox) + the task row, its task.created event and outbox row. Per job then CLAIM, START, COMPLETE: three transactions, each a snapshot CAS, an event-log row, an outbox row, a NOTIFY and a lease-timer upsert or delete. Nothing is ever deleted here (the relay would delete outbox rows).',
+    note: 'enqueue = one transaction: TASK_ADDED on the ticket (snapshot CAS, event, outbox) + its ticket_tasks row + the task row, its task.created event and outbox row. Per job then CLAIM, START, COMPLETE: three transactions, each a snapshot CAS, an event-log row, an outbox row, a NOTIFY and a lease-timer upsert or delete. Nothing is ever deleted here (the relay would delete outbox rows).',
   };
 };
 
