@@ -197,7 +197,7 @@ const ours: Runner = async (db, o, measure) => {
   return {
     enqueue,
     work,
-    note: 'enqueue = one transaction: TASK_ADDED on the ticket (snapshot CAS, event) + the task row and its task.created event. Per job then CLAIM, START, COMPLETE: three transactions, each a snapshot CAS (the lease deadline is a column of it) and an event-log row (the event log is the outbox). Nothing is ever deleted here.',
+    note: 'enqueue = one transaction: TASK_ADDED on the ticket (snapshot CAS, event) + its ticket_tasks row + the task row and its task.created event. Per job then CLAIM, START, COMPLETE: three transactions, each a snapshot CAS (the lease deadline is a column of it) and an event-log row (the event log is the outbox). Nothing is ever deleted here.',
   };
 };
 

@@ -24,7 +24,7 @@ import {
   VersionConflict,
 } from '../errors.js';
 import type { EntityType } from '../machines/index.js';
-import { MACHINES, type MachineEntry } from '../machines/index.js';
+import { MACHINES, type MachineEntry, upgradeSnapshot } from '../machines/index.js';
 import type { CompiledWorkflow } from '../machines/workflow.js';
 import {
   type ActorRow,
@@ -470,6 +470,13 @@ export class UnitOfWork {
       if (row) this.fresh.add(key);
     }
     if (!row) throw new NotFound(entityType, id);
+    // A snapshot an older machine version stored is upgraded here, once, and written back
+    // with the current version by the next update.
+    const current = MACHINES[entityType].version;
+    if (row.machineVersion !== current) {
+      const upgraded = upgradeSnapshot(entityType, row.machineVersion, row.snapshot);
+      if (upgraded) row = { ...row, snapshot: upgraded, machineVersion: current };
+    }
     this.rows.set(key, row);
     return row;
   }

@@ -4,7 +4,7 @@
  */
 import { TASK_SYSTEM_EVENTS, TASK_TOKEN_EVENTS, type TaskEvent, taskMachine } from './task.js';
 import { TICKET_SYSTEM_EVENTS, type TicketEvent, ticketMachine } from './ticket.js';
-import type { CompiledWorkflow } from './workflow.js';
+import { type CompiledWorkflow, upgradeTicketContext } from './workflow.js';
 
 export type EntityType = 'ticket' | 'task';
 export const ENTITY_TYPES: readonly EntityType[] = ['ticket', 'task'];
@@ -27,7 +27,9 @@ export interface MachineEntry {
 export const MACHINES: Record<EntityType, MachineEntry> = {
   ticket: {
     machine: ticketMachine,
-    version: 1,
+    // 2: the context counts tasks per phase and state (`counts`, `rounds`, `openDiagnostics`)
+    // instead of listing them (`tasks`); version-1 snapshots are upgraded on load.
+    version: 2,
     systemEvents: TICKET_SYSTEM_EVENTS,
     tokenEvents: [],
   },
@@ -39,6 +41,27 @@ export const MACHINES: Record<EntityType, MachineEntry> = {
     deadline: { delay: 'lease', event: 'LEASE_EXPIRED' },
   },
 };
+
+/** A persisted snapshot, as far as an upgrade reads it. */
+export interface StoredSnapshot {
+  context: Record<string, unknown>;
+  [key: string]: unknown;
+}
+
+/**
+ * A snapshot stored by an older version of the entity's machine, as the current version's,
+ * or null when no upgrade from that version exists. Pure.
+ */
+export function upgradeSnapshot<S extends StoredSnapshot>(
+  entityType: EntityType,
+  from: number,
+  snapshot: S,
+): S | null {
+  if (entityType === 'ticket' && from === 1 && MACHINES.ticket.version === 2) {
+    return { ...snapshot, context: upgradeTicketContext(snapshot.context) };
+  }
+  return null;
+}
 
 /** The registry entry of a compiled workflow's ticket machine, for `decide(..., entry)`. */
 export function workflowMachineEntry(compiled: CompiledWorkflow): MachineEntry {

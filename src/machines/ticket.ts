@@ -5,8 +5,8 @@
 import type { Phase } from './phases.js';
 import {
   compileWorkflow,
+  type PhaseCounts,
   type TicketContext as WorkflowTicketContext,
-  type TicketTask as WorkflowTicketTask,
 } from './workflow.js';
 import { DEFAULT_WORKFLOW } from './workflow-definition.js';
 
@@ -14,17 +14,16 @@ export {
   DIAGNOSTIC_TASK_TYPE,
   diagnosticTaskId,
   phaseComplete,
+  roundOf,
   TICKET_SYSTEM_EVENTS,
   type TicketEvent,
   type TicketInput,
 } from './workflow.js';
 
-/** A task record of a default-workflow ticket: its phase is one of the four. */
-export type TicketTask = Omit<WorkflowTicketTask, 'phase'> & { phase: Phase };
 /** The context of a default-workflow ticket (a user workflow's is `WorkflowTicketContext`). */
-export type TicketContext = Omit<WorkflowTicketContext, 'phase' | 'tasks'> & {
+export type TicketContext = Omit<WorkflowTicketContext, 'phase' | 'counts'> & {
   phase: Phase | null;
-  tasks: Record<string, TicketTask>;
+  counts: Partial<Record<Phase, PhaseCounts>>;
 };
 
 /** The default workflow's states; a user workflow has its own phases in their place. */

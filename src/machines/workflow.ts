@@ -34,8 +34,8 @@
  *   this ticket was sent back into `to`, this one included (1, 2, ...). The runtime must
  *   cancel every open task (waiting, pending, claimed, running, retry_wait) of phase `from`,
  *   and create one task per template of `to` carrying `feedback {fromPhase: from, reason,
- *   loop}`. The machine has already set those old tasks aside (`superseded`), so the
- *   phase's new round is judged on its new tasks only.
+ *   loop}`. The machine has already started a new round of every phase the send-back
+ *   crossed (`rounds`), so the phase's new round is judged on its new tasks only.
  * - `ticket.approved {phase, by, comment}`: a gate was approved (by `timeout` on an
  *   onTimeout `approve`); followed by `ticket.phase_changed` or `ticket.done`. Log only.
  * - `ticket.rejected {phase, by, reason}`: a gate was rejected; followed by
@@ -63,17 +63,22 @@ import {
 /** The task type the stuck check spawns. */
 export const DIAGNOSTIC_TASK_TYPE = 'diagnostic';
 
-/** What a ticket knows of one of its tasks: enough for the ADVANCE guard and the stuck check. */
-export interface TicketTask {
+/** Whether a task is a diagnostic (the stuck check's) or work that can finish a phase. */
+export type TaskKind = 'work' | 'diagnostic';
+/** Tasks by state; a state with none is absent, so equal counts are equal JSON. */
+export type TaskCounts = Partial<Record<TaskState, number>>;
+/** The current round's tasks of one phase, by kind and state. */
+export type PhaseCounts = Partial<Record<TaskKind, TaskCounts>>;
+
+/**
+ * A version-1 ticket's record of one task (the whole list lived in its snapshot). Read only
+ * by `upgradeTicketContext`; the runtime now keeps one row per task beside the ticket.
+ */
+export interface LegacyTicketTask {
   phase: string;
   type: string;
   state: TaskState;
-  /** The task's event-log seq this record reflects; older news is refused. */
   seq: number;
-  /**
-   * Set when the ticket was sent back over the task's phase: the task belongs to an earlier
-   * round of that phase and no longer counts for it (absent = current).
-   */
   superseded?: true;
 }
 
@@ -92,7 +97,19 @@ export interface TicketContext {
   description: string | null;
   /** The current phase; while blocked, the phase to return to. Null in backlog. */
   phase: string | null;
-  tasks: Record<string, TicketTask>;
+  /**
+   * The current round's tasks of each phase, by kind and state: what the automatic advance
+   * and the failure rules read. The snapshot stays this size however many tasks the ticket
+   * has; each task's own state and seq live in a row beside the ticket (the runtime's).
+   */
+  counts: Record<string, PhaseCounts>;
+  /**
+   * The current round of each phase (absent: 0): a send-back starts a new round of every
+   * phase it crosses, and news of a task of an older round changes no count.
+   */
+  rounds?: Record<string, number>;
+  /** Diagnostic tasks not yet final, of any phase and round: the stuck check waits for them. */
+  openDiagnostics: number;
   blockedReason: string | null;
   cancelReason: string | null;
   stuckAfterMs: number;
@@ -121,12 +138,23 @@ export type TicketEvent =
   | { type: 'APPROVE'; by: string; comment?: string; at?: number }
   | { type: 'REJECT'; by: string; reason: string; at?: number }
   | { type: 'SEND_BACK'; toPhase: string; reason: string; at?: number }
-  /** System: a task was created for this ticket (same transaction as the task's creation). */
+  /**
+   * System: a task was created for this ticket (same transaction as the task's creation). It
+   * joins the current round of its phase, pending.
+   */
   | { type: 'TASK_ADDED'; taskId: string; phase: string; taskType: string; at?: number }
-  /** System: a task of this ticket changed state; `seq` orders news that may arrive late. */
+  /**
+   * System: a task of this ticket went from `from` to `state`. The runtime sends it only for
+   * news newer than what it recorded of the task (`seq`), exactly once per change, with the
+   * phase, round and type it recorded: the machine trusts it and only counts.
+   */
   | {
       type: 'TASK_STATE';
       taskId: string;
+      phase: string;
+      round: number;
+      taskType: string;
+      from: TaskState;
       state: TaskState;
       seq: number;
       /** The task's error when it failed: becomes the feedback of an onFail send-back. */
@@ -163,15 +191,70 @@ const OPEN_TASK_STATES: readonly TaskState[] = [
   'retry_wait',
 ];
 
+const UNSETTLED_TASK_STATES: readonly TaskState[] = [...OPEN_TASK_STATES, 'failed'];
+
+export function kindOf(taskType: string): TaskKind {
+  return taskType === DIAGNOSTIC_TASK_TYPE ? 'diagnostic' : 'work';
+}
+
 /**
  * Every current task of `phase` is final, none is failed, and at least one non-diagnostic
  * task completed. A diagnostic task must be settled like any other, but cannot finish a phase
- * alone. Tasks of an earlier round of the phase (`superseded`) do not count.
+ * alone. Tasks of an earlier round of the phase are not counted.
  */
-export function phaseComplete(tasks: Record<string, TicketTask>, phase: string): boolean {
-  const inPhase = Object.values(tasks).filter((t) => t.phase === phase && !t.superseded);
-  if (inPhase.some((t) => t.state !== 'completed' && t.state !== 'cancelled')) return false;
-  return inPhase.some((t) => t.state === 'completed' && t.type !== DIAGNOSTIC_TASK_TYPE);
+export function phaseComplete(ctx: Pick<TicketContext, 'counts'>, phase: string): boolean {
+  const c = ctx.counts[phase];
+  if (!c) return false;
+  for (const kind of ['work', 'diagnostic'] as const) {
+    for (const s of UNSETTLED_TASK_STATES) if ((c[kind]?.[s] ?? 0) > 0) return false;
+  }
+  return (c.work?.completed ?? 0) > 0;
+}
+
+/** The current round of `phase`. */
+export function roundOf(ctx: Pick<TicketContext, 'rounds'>, phase: string): number {
+  return ctx.rounds?.[phase] ?? 0;
+}
+
+/** `counts` with `delta` added to one (phase, kind, state), zero counts dropped. */
+function bump(
+  counts: Record<string, PhaseCounts>,
+  phase: string,
+  kind: TaskKind,
+  state: TaskState,
+  delta: number,
+): Record<string, PhaseCounts> {
+  const byKind = { ...counts[phase]?.[kind] };
+  const n = (byKind[state] ?? 0) + delta;
+  if (n === 0) delete byKind[state];
+  else byKind[state] = n;
+  const phaseCounts: PhaseCounts = { ...counts[phase] };
+  if (Object.keys(byKind).length === 0) delete phaseCounts[kind];
+  else phaseCounts[kind] = byKind;
+  const out = { ...counts };
+  if (Object.keys(phaseCounts).length === 0) delete out[phase];
+  else out[phase] = phaseCounts;
+  return out;
+}
+
+const isOpen = (state: TaskState): boolean => OPEN_TASK_STATES.includes(state);
+
+/**
+ * A version-1 context (every task in `tasks`) as this version's: the counts of each phase's
+ * current tasks, the open diagnostics of any round. Version 1 marked an earlier round's tasks
+ * `superseded`; their rows get round -1 (migration 0008), below every current round, so no
+ * round is recorded here. Pure.
+ */
+export function upgradeTicketContext(old: Record<string, unknown>): Record<string, unknown> {
+  const { tasks, ...rest } = old as { tasks?: Record<string, LegacyTicketTask> };
+  let counts: Record<string, PhaseCounts> = {};
+  let openDiagnostics = 0;
+  for (const t of Object.values(tasks ?? {})) {
+    const kind = kindOf(t.type);
+    if (kind === 'diagnostic' && isOpen(t.state)) openDiagnostics++;
+    if (!t.superseded) counts = bump(counts, t.phase, kind, t.state, 1);
+  }
+  return { ...rest, counts, openDiagnostics };
 }
 
 export function diagnosticTaskId(ticketId: string, n: number): string {
@@ -209,38 +292,47 @@ export function templatesOf(def: WorkflowDefinition, phase: string): TaskTemplat
   return p && !isGate(p) ? (p.tasks ?? []) : [];
 }
 
+/** Whether news is about a task of its phase's current round (older rounds count nothing). */
+function ofCurrentRound(ctx: TicketContext, event: { phase: string; round: number }): boolean {
+  return event.round === roundOf(ctx, event.phase);
+}
+
 function withTaskState(
   ctx: TicketContext,
   event: Extract<TicketEvent, { type: 'TASK_STATE' }>,
-): Record<string, TicketTask> {
-  const known = ctx.tasks[event.taskId];
-  if (!known) return ctx.tasks;
-  return { ...ctx.tasks, [event.taskId]: { ...known, state: event.state, seq: event.seq } };
+): Pick<TicketContext, 'counts' | 'openDiagnostics'> {
+  const kind = kindOf(event.taskType);
+  const openDiagnostics =
+    kind === 'diagnostic'
+      ? ctx.openDiagnostics + (isOpen(event.state) ? 1 : 0) - (isOpen(event.from) ? 1 : 0)
+      : ctx.openDiagnostics;
+  if (!ofCurrentRound(ctx, event)) return { counts: ctx.counts, openDiagnostics };
+  const less = bump(ctx.counts, event.phase, kind, event.from, -1);
+  return { counts: bump(less, event.phase, kind, event.state, 1), openDiagnostics };
 }
 
-function isNewer(ctx: TicketContext, event: { taskId: string; seq: number }): boolean {
-  const known = ctx.tasks[event.taskId];
-  return known !== undefined && event.seq > known.seq;
-}
-
-/** A send-back: the counters it bumps and the tasks it sets aside. Pure helper of `sendBack`. */
+/**
+ * A send-back: the counters it bumps, and a new round of every phase it crosses (their tasks
+ * so far no longer count). Pure helper of `recordSendBack`.
+ */
 function sentBack(
   ctx: TicketContext,
   order: readonly string[],
   to: string,
   rule: boolean,
-): Pick<TicketContext, 'tasks' | 'loops' | 'returns'> {
+): Pick<TicketContext, 'counts' | 'rounds' | 'loops' | 'returns'> {
   const from = ctx.phase ?? order[0]!;
   const lo = order.indexOf(to);
   const hi = order.indexOf(from);
-  const over = new Set(order.slice(lo, hi + 1));
-  const tasks: Record<string, TicketTask> = {};
-  for (const [id, t] of Object.entries(ctx.tasks)) {
-    tasks[id] = over.has(t.phase) && !t.superseded ? { ...t, superseded: true } : t;
+  const counts = { ...ctx.counts };
+  const rounds = { ...ctx.rounds };
+  for (const p of order.slice(lo, hi + 1)) {
+    delete counts[p];
+    rounds[p] = roundOf(ctx, p) + 1;
   }
   const loops = rule ? { ...ctx.loops, [from]: (ctx.loops?.[from] ?? 0) + 1 } : ctx.loops;
   const returns = { ...ctx.returns, [to]: (ctx.returns?.[to] ?? 0) + 1 };
-  return loops === undefined ? { tasks, returns } : { tasks, loops, returns };
+  return loops === undefined ? { counts, rounds, returns } : { counts, rounds, loops, returns };
 }
 
 export interface CompiledWorkflow {
@@ -287,7 +379,7 @@ interface SendBackParams {
 
 /**
  * A send-back's actions: `ticket.sent_back` is emitted from the context before the move
- * (`phase` is still the phase left), then the counters and superseded tasks are recorded;
+ * (`phase` is still the phase left), then the counters and the crossed phases' new rounds;
  * the target's `enterPhase` runs after both.
  */
 function sendBackActions(to: string, cause: SendBackCause, templates: boolean) {
@@ -319,10 +411,7 @@ function buildMachine(def: WorkflowDefinition) {
     return p && isGate(p) ? (p.approval.timeoutMs ?? 0) : 0;
   };
   const failedNews = (ctx: TicketContext, event: TicketEvent): event is TaskStateEvent =>
-    event.type === 'TASK_STATE' &&
-    isNewer(ctx, event) &&
-    event.state === 'failed' &&
-    !ctx.tasks[event.taskId]?.superseded;
+    event.type === 'TASK_STATE' && event.state === 'failed' && ofCurrentRound(ctx, event);
 
   const forward = (to: string) => [
     'touch' as const,
@@ -397,7 +486,6 @@ function buildMachine(def: WorkflowDefinition) {
             ],
           },
           {
-            guard: 'newerTaskState' as const,
             target: phase,
             reenter: true,
             description: 'A task made progress: record it; the stuck check starts over.',
@@ -405,7 +493,6 @@ function buildMachine(def: WorkflowDefinition) {
           },
         ],
         TASK_ADDED: {
-          guard: 'unknownTask' as const,
           target: phase,
           reenter: true,
           actions: 'recordTaskAdded' as const,
@@ -481,8 +568,8 @@ function buildMachine(def: WorkflowDefinition) {
       on: {
         APPROVE: { ...approve('event'), description: 'Approved: on to the next phase.' },
         REJECT: rejectBranches('event'),
-        TASK_ADDED: { guard: 'unknownTask' as const, actions: 'recordTaskAdded' as const },
-        TASK_STATE: { guard: 'newerTaskState' as const, actions: 'recordTaskState' as const },
+        TASK_ADDED: { actions: 'recordTaskAdded' as const },
+        TASK_STATE: { actions: 'recordTaskState' as const },
         BLOCK: {
           target: 'blocked' as const,
           actions: ['recordBlock' as const, 'emitBlocked' as const],
@@ -526,24 +613,17 @@ function buildMachine(def: WorkflowDefinition) {
       phaseComplete: ({ context }) =>
         context.phase !== null &&
         context.templatesPending !== true &&
-        phaseComplete(context.tasks, context.phase),
+        phaseComplete(context, context.phase),
       failedWithLoopsLeft: ({ context, event }, params: { phase: string }) =>
         failedNews(context, event) &&
-        context.tasks[event.taskId]?.phase === params.phase &&
+        event.phase === params.phase &&
         loopsLeft(context, params.phase),
       taskFailedForGood: ({ context, event }) => failedNews(context, event),
       loopsLeft: ({ context }, params: { phase: string }) => loopsLeft(context, params.phase),
-      newerTaskState: ({ context, event }) =>
-        event.type === 'TASK_STATE' && isNewer(context, event),
-      unknownTask: ({ context, event }) =>
-        event.type === 'TASK_ADDED' && context.tasks[event.taskId] === undefined,
       sendBackTo: ({ event }, params: { to: string }) =>
         event.type === 'SEND_BACK' && event.toPhase === params.to,
       mayDiagnose: ({ context, event }) => {
-        const open = Object.values(context.tasks).some(
-          (t) => t.type === DIAGNOSTIC_TASK_TYPE && OPEN_TASK_STATES.includes(t.state),
-        );
-        if (open) return false;
+        if (context.openDiagnostics > 0) return false;
         return (
           context.lastDiagnosticAt === null ||
           timeOf(event) - context.lastDiagnosticAt >= context.diagnosticCooldownMs
@@ -556,23 +636,19 @@ function buildMachine(def: WorkflowDefinition) {
       enterPhase: assign((_, params: { phase: string }) => ({ phase: params.phase })),
       recordTaskAdded: assign(({ context, event }) => {
         if (event.type !== 'TASK_ADDED') return {};
-        const task: TicketTask = {
-          phase: event.phase,
-          type: event.taskType,
-          state: 'pending',
-          seq: 0,
-        };
-        const tasks = { ...context.tasks, [event.taskId]: task };
+        const kind = kindOf(event.taskType);
+        const counts = bump(context.counts, event.phase, kind, 'pending', 1);
+        const openDiagnostics = context.openDiagnostics + (kind === 'diagnostic' ? 1 : 0);
         // The first template task of the phase entered: the phase may complete from now on.
         if (context.templatesPending && event.phase === context.phase) {
-          return { tasks, templatesPending: undefined, updatedAt: timeOf(event) };
+          return { counts, openDiagnostics, templatesPending: undefined, updatedAt: timeOf(event) };
         }
-        return { tasks, updatedAt: timeOf(event) };
+        return { counts, openDiagnostics, updatedAt: timeOf(event) };
       }),
       expectTemplates: assign({ templatesPending: true as const }),
       recordTaskState: assign(({ context, event }) => {
         if (event.type !== 'TASK_STATE') return {};
-        return { tasks: withTaskState(context, event), updatedAt: timeOf(event) };
+        return { ...withTaskState(context, event), updatedAt: timeOf(event) };
       }),
       recordBlock: assign(({ event }) => ({
         blockedReason: event.type === 'BLOCK' ? event.reason : null,
@@ -600,11 +676,11 @@ function buildMachine(def: WorkflowDefinition) {
       recordDiagnostic: assign(({ context, event }) => {
         const n = context.diagnostics + 1;
         const phase = context.phase ?? first;
-        const task: TicketTask = { phase, type: DIAGNOSTIC_TASK_TYPE, state: 'pending', seq: 0 };
         return {
           diagnostics: n,
           lastDiagnosticAt: timeOf(event),
-          tasks: { ...context.tasks, [diagnosticTaskId(context.id, n)]: task },
+          counts: bump(context.counts, phase, 'diagnostic', 'pending', 1),
+          openDiagnostics: context.openDiagnostics + 1,
           updatedAt: timeOf(event),
         };
       }),
@@ -676,7 +752,8 @@ function buildMachine(def: WorkflowDefinition) {
       title: input.title,
       description: input.description ?? null,
       phase: null,
-      tasks: {},
+      counts: {},
+      openDiagnostics: 0,
       blockedReason: null,
       cancelReason: null,
       stuckAfterMs: input.stuckAfterMs,
@@ -703,8 +780,8 @@ function buildMachine(def: WorkflowDefinition) {
               ...awaitTemplates(first),
             ],
           },
-          TASK_ADDED: { guard: 'unknownTask', actions: 'recordTaskAdded' },
-          TASK_STATE: { guard: 'newerTaskState', actions: 'recordTaskState' },
+          TASK_ADDED: { actions: 'recordTaskAdded' },
+          TASK_STATE: { actions: 'recordTaskState' },
         },
       },
       ...(phaseStates as Record<string, ReturnType<typeof workState>>),
@@ -717,8 +794,8 @@ function buildMachine(def: WorkflowDefinition) {
             target: phase,
             actions: ['recordUnblock' as const, 'emitUnblocked' as const],
           })),
-          TASK_ADDED: { guard: 'unknownTask', actions: 'recordTaskAdded' },
-          TASK_STATE: { guard: 'newerTaskState', actions: 'recordTaskState' },
+          TASK_ADDED: { actions: 'recordTaskAdded' },
+          TASK_STATE: { actions: 'recordTaskState' },
         },
       },
       cancelled: { type: 'final', description: 'Cancelled; its open tasks are cancelled too.' },

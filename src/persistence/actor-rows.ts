@@ -195,6 +195,7 @@ export async function updateActorRow(
     if (row.entityType === 'ticket') {
       const p = ticketColumns(s);
       const r = await db`update tickets set state = ${p.state}, phase = ${p.phase},
+        machine_version = ${row.machineVersion},
         snapshot = ${json}::text::jsonb, version = ${row.version}, seq = ${row.seq},
         updated_at = ${p.updated_at}
         where id = ${row.id} and version = ${expectedVersion}`;

@@ -88,12 +88,12 @@ export async function driftedTasks(
   const rows = await db<{ task_id: string }[]>`
     select t.id as task_id
     from tickets k join tasks t on t.ticket_id = k.id
+      join ticket_tasks r on r.task_id = t.id
     where k.id = any(${ticketIds}::text[])
       and k.state not in ('done', 'cancelled')
       and t.updated_at < now() - make_interval(secs => ${graceMs / 1000})
-      and k.snapshot -> 'context' -> 'tasks' -> t.id is not null
-      and (k.snapshot -> 'context' -> 'tasks' -> t.id ->> 'seq')::int < t.seq
-      and (k.snapshot -> 'context' -> 'tasks' -> t.id ->> 'state') is distinct from t.state`;
+      and r.seq < t.seq
+      and r.state is distinct from t.state`;
   return rows.map((r) => r.task_id);
 }
 

@@ -1,6 +1,6 @@
 /**
  * Rules on a ticket entering a phase, in the same transaction as the phase change:
- * - a diagnostic the stuck check asked for is created;
+ * - a diagnostic the stuck check asked for is created, with its row beside the ticket;
  * - a send-back cancels the open tasks of the phase it leaves;
  * - entering a work phase (forward or sent back) creates one task per template of the phase,
  *   with feedback on a re-entry. The phase change happens once (the host's compare-and-set),
@@ -17,11 +17,12 @@ import type { Applied, UnitOfWork } from '../actors/host.js';
 import type { DomainEvent } from '../machines/domain-events.js';
 import type { Phase } from '../machines/phases.js';
 import { DIAGNOSTIC_TASK_TYPE } from '../machines/ticket.js';
-import { phaseEntry, templatesOf } from '../machines/workflow.js';
+import { phaseEntry, roundOf, type TicketContext, templatesOf } from '../machines/workflow.js';
 import type { TaskTemplate } from '../machines/workflow-definition.js';
 import { DEFAULT_WORKFLOW_REF } from '../persistence/actor-rows.js';
 import { openTasksOfPhase } from '../persistence/dependency-rows.js';
 import { OPEN_TASK_STATES } from '../persistence/reaction-rows.js';
+import { insertTicketTask } from '../persistence/ticket-task-rows.js';
 import { addTask } from './new-task.js';
 import { sendIfAccepted } from './send.js';
 
@@ -39,6 +40,15 @@ export async function spawnDiagnostics(uow: UnitOfWork, ticket: Applied): Promis
       payload: { reason: 'no task of the phase changed state within STUCK_AFTER_MS' },
       priority: 10,
       ...taskDefaults,
+    });
+    // The transition counted it in the current round of the phase: its row says so.
+    const context = ticket.snapshot.context as unknown as TicketContext;
+    await insertTicketTask(uow.tx, {
+      taskId,
+      ticketId: ticket.id,
+      phase,
+      round: roundOf(context, phase),
+      type: DIAGNOSTIC_TASK_TYPE,
     });
   }
 }

@@ -1,12 +1,14 @@
 /**
  * Rule: a task changed state → its ticket learns the task's state and seq (`TASK_STATE`),
- * read from Postgres at that moment (never a state a message claims). The ticket refuses
- * news older than what it knows, so redeliveries, reordering and the reconciler never
- * double-count; its own guards advance or block it, exactly once. Across transactions only:
- * the ticket's row is not locked by the task's transition, which keeps claims and
- * completions from queueing on their ticket.
+ * read from Postgres at that moment (never a state a message claims). News is sent only when
+ * it is newer than what the ticket was told (its `ticket_tasks` row, updated in the same
+ * transaction), so redeliveries, reordering and the reconciler never double-count; the
+ * ticket's own guards advance or block it, exactly once. Across transactions only: the
+ * ticket's row is not locked by the task's transition, which keeps claims and completions
+ * from queueing on their ticket.
  */
 import type { Applied, UnitOfWork } from '../actors/host.js';
+import { NotFound } from '../errors.js';
 import type { Db } from '../persistence/db.js';
 import {
   type TaskProgress,
@@ -14,6 +16,7 @@ import {
   tasksProgress,
   ticketIdsOfTasks,
 } from '../persistence/reaction-rows.js';
+import { recordTaskNews } from '../persistence/ticket-task-rows.js';
 import { sendIfAccepted } from './send.js';
 
 export async function forwardTaskState(uow: UnitOfWork, taskId: string): Promise<Applied | null> {
@@ -53,10 +56,26 @@ export function ticketsOfTasks(db: Db, taskIds: string[]): Promise<Map<string, s
   return ticketIdsOfTasks(db, taskIds);
 }
 
-function tell(uow: UnitOfWork, taskId: string, task: TaskProgress): Promise<Applied | null> {
+async function tell(uow: UnitOfWork, taskId: string, task: TaskProgress): Promise<Applied | null> {
+  // The ticket's row first (loaded for update, never from the cache), then the task's row
+  // beside it: every writer takes them in that order, so two never wait on each other.
+  uow.host.forget('ticket', task.ticketId);
+  try {
+    await uow.load('ticket', task.ticketId);
+  } catch (error) {
+    if (error instanceof NotFound) return null;
+    throw error;
+  }
+  const news = await recordTaskNews(uow.tx, taskId, task.state, task.seq);
+  // Stale or repeated news: the ticket already counts it.
+  if (!news) return null;
   return sendIfAccepted(uow, 'ticket', task.ticketId, {
     type: 'TASK_STATE',
     taskId,
+    phase: news.phase,
+    round: news.round,
+    taskType: news.type,
+    from: news.from,
     state: task.state,
     seq: task.seq,
     // A failure's reason is what an onFail send-back hands the phase's next tasks.

@@ -36,6 +36,8 @@ import {
   type CompiledWorkflow,
   compileWorkflow,
   DIAGNOSTIC_TASK_TYPE,
+  roundOf,
+  type TaskKind,
   type TicketContext,
   type TicketInput,
 } from '../machines/workflow.js';
@@ -48,10 +50,10 @@ export const MODEL_MAX_LOOPS = 2;
  * workflow with loops everywhere needs a few thousand.
  */
 export const MODEL_MAX_VERTICES = 100_000;
-const MAX_SEQ = 2;
 const NEWS: readonly TaskState[] = ['running', 'completed', 'failed', 'cancelled'];
 /** Task states the ticket's guards do not tell apart: not final. */
 const OPEN: readonly TaskState[] = ['waiting', 'pending', 'claimed', 'running', 'retry_wait'];
+const KINDS: readonly TaskKind[] = ['work', 'diagnostic'];
 
 export interface ModelRunReport {
   states: [number, number];
@@ -291,7 +293,8 @@ export function runWorkflowModel(
     if (s.status !== 'active') return [];
     const c = ctx(s);
     const phase = c.phase ?? phases[0]!;
-    const current = Object.entries(c.tasks).filter(([, t]) => t.phase === phase && !t.superseded);
+    const current = c.counts[phase] ?? {};
+    const round = roundOf(c, phase);
     const out: DecideEvent[] = [
       { type: 'START' },
       { type: 'ADVANCE' },
@@ -300,26 +303,29 @@ export function runWorkflowModel(
       { type: 'CANCEL', reason: 'model' },
       { type: 'APPROVE', by: 'model' },
     ];
-    if (!current.some(([, t]) => t.type !== DIAGNOSTIC_TASK_TYPE)) {
-      const n = Object.values(c.tasks).filter((t) => t.phase === phase).length;
-      out.push({ type: 'TASK_ADDED', taskId: `${phase}-${n}`, phase, taskType: 'work' });
+    if (current.work === undefined) {
+      out.push({ type: 'TASK_ADDED', taskId: `${phase}-${round}`, phase, taskType: 'work' });
     }
     // One rule's rework at a time: a second rule may fire only on a ticket no other rule sent
     // back, so counts never combine (each rule still fires up to its limit and then blocks).
     const rule = rules.find((r) => r.phase === phase);
     const otherFired = Object.entries(c.loops ?? {}).some(([p, n]) => p !== phase && n > 0);
     const mayLoop = !(rule && otherFired && (c.loops?.[phase] ?? 0) < MODEL_MAX_LOOPS);
-    for (const [taskId, task] of current) {
-      out.push({ type: 'TASK_STATE', taskId, state: 'running', seq: task.seq });
-      // A task in a final state has no news left, as in the runtime.
-      if (!OPEN.includes(task.state) || task.seq >= MAX_SEQ) continue;
-      for (const state of NEWS) {
-        if (state === 'failed' && !mayLoop) continue;
-        out.push({ type: 'TASK_STATE', taskId, state, seq: task.seq + 1 });
+    // News of an open task of the current round, as the runtime sends it (once per change of
+    // the task's recorded state; a task in a final state has no news left).
+    for (const kind of KINDS) {
+      for (const from of OPEN) {
+        if ((current[kind]?.[from] ?? 0) === 0) continue;
+        const taskType = kind === 'work' ? 'work' : DIAGNOSTIC_TASK_TYPE;
+        for (const state of NEWS) {
+          if (state === 'failed' && !mayLoop) continue;
+          const taskId = `${phase}-${round}-${kind}`;
+          out.push({ type: 'TASK_STATE', taskId, phase, round, taskType, from, state, seq: 1 });
+        }
       }
     }
     // An operator SEND_BACK from a phase just entered: every branch is then reachable.
-    if (current.length === 0) {
+    if (Object.keys(current).length === 0) {
       for (const p of phases) out.push({ type: 'SEND_BACK', toPhase: p, reason: 'model' });
     }
     if (mayLoop) {
@@ -339,8 +345,8 @@ export function runWorkflowModel(
   /**
    * What the guards and the event generator read of a ticket, and nothing that only grows
    * (task ids, `returns` counts, times): the state; the current (or blocked-from) phase; its
-   * current round's tasks by kind and state class (the final state, or open and whether more
-   * news may come: seq below MAX_SEQ); and the count of every loop rule whose rework span
+   * current round's task counts by kind and state class (the final state, or open); and the
+   * count of every loop rule whose rework span
    * holds the phase. A rule's count matters again only once the ticket is back inside its
    * span, so leaving the others out keeps the graph linear in the phases rather than
    * exponential in the rules. A final state takes nothing: its context is left out.
@@ -354,13 +360,13 @@ export function runWorkflowModel(
     if (s.status !== 'active') return `${s.status}:${String(s.value)}`;
     const c = ctx(s);
     const phase = c.phase ?? phases[0]!;
-    const tasks = Object.values(c.tasks)
-      .filter((t) => t.phase === phase && !t.superseded)
-      .map((t) => {
-        const kind = t.type === DIAGNOSTIC_TASK_TYPE ? 'd' : 'w';
-        if (!OPEN.includes(t.state)) return `${kind}:${t.state}`;
-        return `${kind}:open${t.seq < MAX_SEQ ? '+' : ''}`;
-      })
+    const counts = c.counts[phase] ?? {};
+    const tasks = KINDS.flatMap((kind) =>
+      Object.entries(counts[kind] ?? {}).flatMap(([state, n]) => {
+        const cls = OPEN.includes(state as TaskState) ? 'open' : state;
+        return Array.from({ length: n ?? 0 }, () => `${kind[0]}:${cls}`);
+      }),
+    )
       .sort()
       .join(',');
     const loops = inSpan(c)

@@ -17,6 +17,7 @@ import {
 import type { Tx } from '../../src/persistence/db.js';
 import { Queries } from '../../src/persistence/queries.js';
 import { OPEN_TASK_STATES } from '../../src/persistence/reaction-rows.js';
+import { forwardTaskState } from '../../src/policies/index.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 import { ticketInput } from '../support/fixtures.js';
 import { type TestProcess, testProcess, until } from '../support/worker-process.js';
@@ -86,13 +87,8 @@ describe('seed regressions: work', () => {
       const claimed = await p.host.send('task', open.id, { type: 'CLAIM', workerId: 'agent' });
       const token = (claimed.snapshot.context as { token: string }).token;
       await p.host.send('task', open.id, { type: 'START', token });
-      const done = await p.host.send('task', open.id, { type: 'COMPLETE', token });
-      await p.host.send('ticket', id, {
-        type: 'TASK_STATE',
-        taskId: open.id,
-        state: 'completed',
-        seq: done.events.at(-1)?.seq ?? 0,
-      });
+      await p.host.send('task', open.id, { type: 'COMPLETE', token });
+      await p.host.transact((uow) => forwardTaskState(uow, open.id));
       return true;
     };
 

@@ -130,7 +130,7 @@ describe('reactions', () => {
     const p = e.proc();
     // No relay: nothing reaches the consumers, the test drives the handler itself.
     const t = await e.start(p, { enableRelay: false, enableReconciler: false });
-    const { ticketId, taskIds } = await ticketWithTasks(p, 1);
+    const { taskIds } = await ticketWithTasks(p, 1);
     const taskId = taskIds[0]!;
     const token = await claimAndStart(p.host, taskId);
     await p.host.send('task', taskId, { type: 'FAIL', token, error: 'x' }); // retry_wait
@@ -142,11 +142,9 @@ describe('reactions', () => {
 
     expect(await runner.process(entry)).toBe('applied');
     expect(await runner.process(entry)).toBe('duplicate');
-    const ticket = await p.sql<
-      { snapshot: { context: { tasks: Record<string, { state: string }> } } }[]
-    >`
-      select snapshot from tickets where id = ${ticketId}`;
-    expect(ticket[0]?.snapshot.context.tasks[taskId]?.state).toBe('retry_wait');
+    const told = await p.sql<{ state: string }[]>`
+      select state from ticket_tasks where task_id = ${taskId}`;
+    expect(told[0]?.state).toBe('retry_wait');
     const inbox = await p.sql`select 1 from inbox where event_id = ${entry.eventId}`;
     expect(inbox).toHaveLength(1);
   });
@@ -371,10 +369,9 @@ describe('reactions', () => {
     expect(await stateOf(p.sql, 'tickets', ticketId)).toBe('requirements');
     expect(await stateOf(p.sql, 'tasks', running)).toBe('running');
     expect(await stateOf(p.sql, 'tasks', taskIds[1]!)).toBe('pending');
-    const ticket = await p.sql<
-      { snapshot: { context: { tasks: Record<string, { state: string }> } } }[]
-    >`select snapshot from tickets where id = ${ticketId}`;
-    expect(ticket[0]?.snapshot.context.tasks[running]?.state).not.toBe('completed');
+    const told = await p.sql<{ state: string }[]>`
+      select state from ticket_tasks where task_id = ${running}`;
+    expect(told[0]?.state).not.toBe('completed');
     expect(dispatched.some((m) => m.taskId === ghost)).toBe(false);
     expect(await t.deadLetters(10)).toHaveLength(0);
     expect(await p.sql`select 1 from tasks where id = ${ghost}`).toHaveLength(0);

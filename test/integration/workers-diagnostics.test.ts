@@ -7,6 +7,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { diagnosticTaskId } from '../../src/machines/ticket.js';
+import { forwardTaskState } from '../../src/policies/index.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 import {
   type ProcessOptions,
@@ -49,14 +50,8 @@ async function completeDiagnostic(p: TestProcess, ticketId: string, n: number): 
   const claimed = await p.host.send('task', id, { type: 'CLAIM', workerId: 'agent' });
   const token = (claimed.snapshot.context as { token: string }).token;
   await p.host.send('task', id, { type: 'START', token });
-  const done = await p.host.send('task', id, { type: 'COMPLETE', token });
-  const seq = done.events.at(-1)?.seq ?? 0;
-  await p.host.send('ticket', ticketId, {
-    type: 'TASK_STATE',
-    taskId: id,
-    state: 'completed',
-    seq,
-  });
+  await p.host.send('task', id, { type: 'COMPLETE', token });
+  await p.host.transact((uow) => forwardTaskState(uow, id));
 }
 
 async function stuckTicket(p: TestProcess): Promise<string> {

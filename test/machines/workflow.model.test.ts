@@ -16,6 +16,11 @@ import { compileWorkflow } from '../../src/machines/workflow.js';
 import { DEFAULT_WORKFLOW, parseWorkflowJson } from '../../src/workflows/definition.js';
 import { modelSummary, runWorkflowModel } from '../../src/workflows/model-run.js';
 
+/** A task's news as the runtime sends it: from pending (its recorded state) to `state`. */
+function news(taskId: string, phase: string, taskType: string, state: string, round = 0) {
+  return { type: 'TASK_STATE', taskId, phase, round, taskType, from: 'pending', state, seq: 1 };
+}
+
 function example(name: string) {
   const r = parseWorkflowJson(readFileSync(`examples/workflows/${name}.json`, 'utf8'));
   if (!r.ok) throw new Error(JSON.stringify(r.findings));
@@ -55,7 +60,7 @@ describe('gates and rework loops', () => {
     let d = decideInitial('ticket', input, entry);
     d = step(d, { type: 'START' });
     d = step(d, { type: 'TASK_ADDED', taskId: 's1', phase: 'plan', taskType: 'write_spec' });
-    d = step(d, { type: 'TASK_STATE', taskId: 's1', state: 'completed', seq: 1 });
+    d = step(d, news('s1', 'plan', 'write_spec', 'completed'));
     expect(d.state).toBe('plan_review');
     return d;
   }
@@ -90,7 +95,7 @@ describe('gates and rework loops', () => {
       // The old round's completed task no longer completes the phase.
       expect(() => step(d, { type: 'ADVANCE' })).toThrow();
       d = step(d, { type: 'TASK_ADDED', taskId: `s${loop + 1}`, phase: 'plan', taskType: 'w' });
-      d = step(d, { type: 'TASK_STATE', taskId: `s${loop + 1}`, state: 'completed', seq: 1 });
+      d = step(d, news(`s${loop + 1}`, 'plan', 'w', 'completed', loop));
       expect(d.state).toBe('plan_review');
     }
     d = step(d, { type: 'REJECT', by: 'ann', reason: 'enough' });
@@ -103,7 +108,7 @@ describe('gates and rework loops', () => {
     for (let loop = 1; loop <= 3; loop++) {
       const id = `c${loop}`;
       d = step(d, { type: 'TASK_ADDED', taskId: id, phase: 'build', taskType: 'implement' });
-      d = step(d, { type: 'TASK_STATE', taskId: id, state: 'failed', seq: 1, error: 'red' });
+      d = step(d, { ...news(id, 'build', 'implement', 'failed', loop - 1), error: 'red' });
       if (loop <= 2) {
         expect(d.state).toBe('build');
         expect(types(d)).toEqual(['ticket.sent_back']);
@@ -124,9 +129,9 @@ describe('gates and rework loops', () => {
     // A review task added and completed while the ticket was still in build.
     let d = step(atGate(), { type: 'APPROVE', by: 'ann' });
     d = step(d, { type: 'TASK_ADDED', taskId: 'early', phase: 'review', taskType: 'code_review' });
-    d = step(d, { type: 'TASK_STATE', taskId: 'early', state: 'completed', seq: 3 });
+    d = step(d, news('early', 'review', 'code_review', 'completed'));
     d = step(d, { type: 'TASK_ADDED', taskId: 'c1', phase: 'build', taskType: 'implement' });
-    d = step(d, { type: 'TASK_STATE', taskId: 'c1', state: 'completed', seq: 3 });
+    d = step(d, news('c1', 'build', 'implement', 'completed'));
     // build completed: the automatic advance enters review, whose templates are yet to come.
     expect(d.state).toBe('review');
     expect(types(d)).toEqual(['ticket.phase_changed']);
@@ -136,7 +141,7 @@ describe('gates and rework loops', () => {
     d = step(d, { type: 'TASK_ADDED', taskId: 'r1', phase: 'review', taskType: 'code_review' });
     expect(d.state).toBe('review');
     expect(d.snapshot.context.templatesPending).toBeUndefined();
-    d = step(d, { type: 'TASK_STATE', taskId: 'r1', state: 'completed', seq: 3 });
+    d = step(d, news('r1', 'review', 'code_review', 'completed'));
     expect(d.state).toBe('done');
     expect(types(d)).toEqual(['ticket.done']);
   });
@@ -144,14 +149,14 @@ describe('gates and rework loops', () => {
   it('START and UNBLOCK into a phase whose tasks finished meanwhile advance at once', () => {
     let d = decideInitial('ticket', input, entry);
     d = step(d, { type: 'TASK_ADDED', taskId: 's1', phase: 'plan', taskType: 'write_spec' });
-    d = step(d, { type: 'TASK_STATE', taskId: 's1', state: 'completed', seq: 3 });
+    d = step(d, news('s1', 'plan', 'write_spec', 'completed'));
     expect(d.state).toBe('backlog');
     d = step(d, { type: 'START' });
     // plan has templates: START waits for them (the runtime creates them in this transaction).
     expect(d.state).toBe('plan');
     d = step(d, { type: 'TASK_ADDED', taskId: 's2', phase: 'plan', taskType: 'write_spec' });
     d = step(d, { type: 'BLOCK', reason: 'hold' });
-    d = step(d, { type: 'TASK_STATE', taskId: 's2', state: 'completed', seq: 3 });
+    d = step(d, news('s2', 'plan', 'write_spec', 'completed'));
     expect(d.state).toBe('blocked');
     d = step(d, { type: 'UNBLOCK' });
     expect(d.state).toBe('plan_review');
@@ -163,7 +168,7 @@ describe('gates and rework loops', () => {
     const send = (x: Decision, e: { type: string; [k: string]: unknown }) =>
       decide('ticket', 't1', x.snapshot, e);
     t = send(t, { type: 'TASK_ADDED', taskId: 'q', phase: 'requirements', taskType: 'w' });
-    t = send(t, { type: 'TASK_STATE', taskId: 'q', state: 'completed', seq: 3 });
+    t = send(t, news('q', 'requirements', 'w', 'completed'));
     t = send(t, { type: 'START' });
     expect(t.state).toBe('design');
     expect(types(t)).toEqual(['ticket.phase_changed', 'ticket.phase_changed']);
@@ -187,6 +192,21 @@ describe('gates and rework loops', () => {
       loop: 1,
       cause: 'operator',
     });
+  });
+
+  it('news of a task of an older round counts for nothing, a failure included', () => {
+    let d = step(atGate(), { type: 'REJECT', by: 'ann', reason: 'again' });
+    expect(d.state).toBe('plan');
+    expect(d.snapshot.context.rounds).toEqual({ plan: 1, plan_review: 1 });
+    expect(d.snapshot.context.counts).toEqual({});
+    d = step(d, { type: 'TASK_ADDED', taskId: 's2', phase: 'plan', taskType: 'write_spec' });
+    // s1 belongs to plan's round 0: its late failure neither blocks nor sends back.
+    d = step(d, { ...news('s1', 'plan', 'write_spec', 'failed'), from: 'completed' });
+    expect(d.state).toBe('plan');
+    expect(types(d)).toEqual([]);
+    expect(d.snapshot.context.counts).toEqual({ plan: { work: { pending: 1 } } });
+    d = step(d, news('s2', 'plan', 'write_spec', 'completed', 1));
+    expect(d.state).toBe('plan_review');
   });
 });
 

@@ -1,0 +1,52 @@
+/**
+ * What a ticket knows of each of its tasks (`ticket_tasks`, migration 0008): one row per task,
+ * written in the ticket's transaction, so the ticket's snapshot carries counts only. The row
+ * is where late or repeated news is recognised: a task's news is sent to its ticket only when
+ * its seq is above the row's, and the row remembers the state the counts hold for the task.
+ */
+import type { TaskState } from '../machines/task.js';
+import type { Db } from './db.js';
+
+export interface TicketTaskRow {
+  taskId: string;
+  ticketId: string;
+  phase: string;
+  /** The round of the phase the task was added in (the ticket's `rounds[phase]` then). */
+  round: number;
+  type: string;
+}
+
+/** A new task of the ticket, pending and told nothing yet (seq 0). */
+export async function insertTicketTask(db: Db, row: TicketTaskRow): Promise<void> {
+  await db`insert into ticket_tasks (task_id, ticket_id, phase, round, type, state, seq)
+    values (${row.taskId}, ${row.ticketId}, ${row.phase}, ${row.round}, ${row.type},
+      'pending', 0)`;
+}
+
+export interface TaskNews {
+  phase: string;
+  round: number;
+  type: string;
+  /** The state the ticket's counts held for the task before this news. */
+  from: TaskState;
+}
+
+/**
+ * Records that the ticket is told the task is in `state` as of `seq`, only if that is newer
+ * than what it was told: returns the row's previous state (and its phase, round and type), or
+ * null when the news is stale or the task has no row (nothing is to be sent). The row is
+ * locked until commit, so two transactions never both take the same news.
+ */
+export async function recordTaskNews(
+  db: Db,
+  taskId: string,
+  state: TaskState,
+  seq: number,
+): Promise<TaskNews | null> {
+  const rows = await db<{ phase: string; round: number; type: string; from: TaskState }[]>`
+    update ticket_tasks t set state = ${state}, seq = ${seq}
+    from (select task_id, state from ticket_tasks where task_id = ${taskId} for update) old
+    where t.task_id = old.task_id and t.seq < ${seq}
+    returning t.phase, t.round, t.type, old.state as "from"`;
+  return rows[0] ?? null;
+}
