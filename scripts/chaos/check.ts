@@ -27,7 +27,7 @@ export const GUARANTEES = [
   ['6', 'nothing lost (accepted → present, all done)'],
   ['7', 'durable time (dead claims reclaimed)'],
   ['8', 'atomic + stream (every event in JetStream once)'],
-  ['sse', 'SSE resume (ordered, no dup, no gap)'],
+  ['sse', 'SSE resume (log order, no dup, no gap)'],
   ['loops', 'workflows: a rework never exceeds maxLoops'],
   ['deps', 'workflows: a dependent ran after its dependencies completed'],
   ['tpl', 'workflows: one task per template per phase entry'],
@@ -843,7 +843,10 @@ export function check(
     }
   }
 
-  // SSE: each reader, across its reconnects, saw every stream position once and in order.
+  // SSE: each reader, across its reconnects, saw every event-log position once and in order
+  // (an SSE id is the event's `pos`; the live feed serves the log, not stream positions).
+  const eventByPos = new Map(ev.events.map((e) => [Number(e.pos), e]));
+  const positions = ev.events.map((e) => Number(e.pos)).sort((a, b) => a - b);
   for (const r of sse) {
     for (const d of r.disorder.slice(0, 20)) cap('sse', `reader ${r.reader}: ${d}`);
     const seen = new Set<number>();
@@ -852,28 +855,28 @@ export function check(
       if (seen.has(fr.id)) continue;
       seen.add(fr.id);
       max = Math.max(max, fr.id);
-      const m = streamBySeq.get(fr.id);
-      if (!m) cap('sse', `reader ${r.reader}: id ${fr.id} is not in the stream`);
-      else if (m.entityId !== fr.entityId || m.entitySeq !== fr.seq) {
+      const e = eventByPos.get(fr.id);
+      if (!e) cap('sse', `reader ${r.reader}: id ${fr.id} is not a position of the event log`);
+      else if (e.entity_id !== fr.entityId || e.seq !== fr.seq) {
         cap(
           'sse',
-          `reader ${r.reader}: id ${fr.id} was ${fr.entityId}#${fr.seq}, the stream holds ${m.entityId}#${m.entitySeq}`,
+          `reader ${r.reader}: id ${fr.id} was ${fr.entityId}#${fr.seq}, the log holds ${e.entity_id}#${e.seq}`,
         );
       }
     }
     let missing = 0;
     let firstMissing = 0;
-    for (const m of ev.stream) {
-      if (m.seq > max) break;
-      if (!seen.has(m.seq)) {
+    for (const pos of positions) {
+      if (pos > max) break;
+      if (!seen.has(pos)) {
         missing++;
-        firstMissing ||= m.seq;
+        firstMissing ||= pos;
       }
     }
     if (missing > 0) {
       cap(
         'sse',
-        `reader ${r.reader}: ${missing} stream positions ≤ ${max} never delivered (first ${firstMissing})`,
+        `reader ${r.reader}: ${missing} log positions ≤ ${max} never delivered (first ${firstMissing})`,
       );
     }
   }

@@ -77,7 +77,14 @@ export interface LiveFeedOptions {
   pollMs?: number;
   /** Re-read interval while a position is in flight (default 20 ms). */
   gapRetryMs?: number;
-  /** A position missing for longer than this is skipped whatever holds it (default 10 s). */
+  /**
+   * A position missing for longer than this is skipped whatever holds it (default 5 min).
+   * Only a transaction of this database that has run since the gap was seen can hold it up
+   * (the feed skips a rolled-back position as soon as those end), so this fires only beside a
+   * transaction left open that long, such as a session idle in a transaction: the feed then
+   * goes on rather than stall for good. Skipping sooner would drop events of ordinary slow
+   * transactions (a process frozen for seconds, a loaded machine) from every live client.
+   */
   gapTimeoutMs?: number;
 }
 
@@ -139,7 +146,7 @@ export class LiveFeed {
       bufferLimit: 1_000,
       pollMs: 1_000,
       gapRetryMs: 20,
-      gapTimeoutMs: 10_000,
+      gapTimeoutMs: 300_000,
       ...options,
     };
   }
@@ -157,7 +164,9 @@ export class LiveFeed {
     const head = await feedHead(this.o.sql);
     // Positions below the head may still be in flight: wait for them, so that everything at
     // or below the cursor is committed or gone (what every catch-up relies on).
-    const deadline = Date.now() + this.o.gapTimeoutMs;
+    // A first client should not wait minutes for an unrelated long transaction: those
+    // positions predate every client of this feed anyway.
+    const deadline = Date.now() + Math.min(this.o.gapTimeoutMs, 10_000);
     while ((await runningUpTo(this.o.sql, head.horizon)) && Date.now() < deadline) await sleep(5);
     this.cursor = head.pos;
     this.stats.cursor = head.pos;

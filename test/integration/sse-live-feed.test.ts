@@ -112,12 +112,17 @@ describe('one live feed per process', () => {
     const gate = new Promise<void>((r) => {
       commitLate = r;
     });
-    const late = t.host.transact(async (uow) => {
+    // On a host of their own: the main host's group commit could put the held transaction
+    // in one batch with the writes below, which would then wait for it.
+    const side = new ActorHost(t.db.sql, {
+      taskDefaults: { maxAttempts: 3, leaseMs: 60_000, retryBaseMs: 100 },
+    });
+    const late = side.transact(async (uow) => {
       const r = await t.services.commands.createTicket(uow, { title: 'late' });
       await gate;
       return r;
     });
-    const rolledBack = t.host
+    const rolledBack = side
       .transact(async (uow) => {
         await t.services.commands.createTicket(uow, { title: 'rolled back' });
         throw new Error('roll back');
