@@ -83,13 +83,33 @@ export async function prepareHost(
 }
 
 /** The same statements, hand-written: what a careful raw-SQL implementation would issue. */
-export async function prepareRaw(
+export function prepareRaw(
   sql: Sql,
   concurrency: number,
 ): Promise<(durationMs: number) => Promise<LatencyStats & { samples: number[] }>> {
+  return prepareRawTransitions(sql, concurrency, { timers: true });
+}
+
+/**
+ * The minimal transition: the snapshot compare-and-set and the event insert, one transaction
+ * per transition, nothing else (no timer). The floor any host could reach without batching;
+ * the host's target is measured against it.
+ */
+export function prepareRawMinimal(
+  sql: Sql,
+  concurrency: number,
+): Promise<(durationMs: number) => Promise<LatencyStats & { samples: number[] }>> {
+  return prepareRawTransitions(sql, concurrency, { timers: false });
+}
+
+async function prepareRawTransitions(
+  sql: Sql,
+  concurrency: number,
+  o: { timers: boolean },
+): Promise<(durationMs: number) => Promise<LatencyStats & { samples: number[] }>> {
   const rows: { id: string; version: number; seq: number; snapshot: object }[] = [];
   for (let w = 0; w < concurrency; w++) {
-    const id = `bench-raw-${randomUUID()}`;
+    const id = `bench-${o.timers ? 'raw' : 'min'}-${randomUUID()}`;
     // The same snapshot the host stores, so both sides write the same bytes.
     const initial = decideInitial('ticket', {
       id,
@@ -121,6 +141,7 @@ export async function prepareRaw(
         values (${randomUUID()}, 'ticket', ${row.id}, ${row.seq + 1},
           ${blocking ? 'ticket.blocked' : 'ticket.unblocked'}, ${tx.json({ phase: 'requirements' })}, now())
         returning pos, event_id, seq, entity_id, entity_type, type, data, at`;
+        if (!o.timers) return;
         if (blocking) {
           await tx`delete from timers where entity_id = ${row.id} and key in ('xstate.after.stuckCheck.ticket.requirements')`;
         } else {
@@ -133,53 +154,6 @@ export async function prepareRaw(
           // No timer NOTIFY: the host sends one only after the commit, and only for a timer
           // due within the poll interval (this one is an hour out).
         }
-      });
-      row.version++;
-      row.seq++;
-    });
-}
-
-/**
- * The minimal transition: the snapshot compare-and-set and the event insert, one transaction
- * per transition, nothing else (no outbox, NOTIFY or timer). The floor any host could reach
- * without batching; the host's target is measured against it.
- */
-export async function prepareRawMinimal(
-  sql: Sql,
-  concurrency: number,
-): Promise<(durationMs: number) => Promise<LatencyStats & { samples: number[] }>> {
-  const rows: { id: string; version: number; seq: number; snapshot: object }[] = [];
-  for (let w = 0; w < concurrency; w++) {
-    const id = `bench-min-${randomUUID()}`;
-    const initial = decideInitial('ticket', {
-      id,
-      title: 'bench',
-      stuckAfterMs: 3_600_000,
-      diagnosticCooldownMs: 0,
-      at: Date.now(),
-    });
-    const snapshot = decide('ticket', id, initial.snapshot, {
-      type: 'START',
-      at: Date.now(),
-    }).snapshot;
-    await sql`insert into tickets (id, state, phase, title, machine_version, snapshot, version, seq, created_at, updated_at)
-      values (${id}, 'requirements', 'requirements', 'bench', 1, ${sql.json(snapshot as never)}, 1, 0, now(), now())`;
-    rows.push({ id, version: 1, seq: 0, snapshot });
-  }
-  return (durationMs) =>
-    loop(concurrency, durationMs, async (w) => {
-      const row = rows[w] as (typeof rows)[number];
-      const blocking = row.seq % 2 === 0;
-      const state = blocking ? 'blocked' : 'requirements';
-      const snapshot = { ...row.snapshot, value: state };
-      await sql.begin(async (tx) => {
-        const r = await tx`update tickets set state = ${state}, phase = 'requirements',
-        snapshot = ${tx.json(snapshot as never)}, version = ${row.version + 1}, seq = ${row.seq + 1},
-        updated_at = now() where id = ${row.id} and version = ${row.version}`;
-        if (r.count !== 1) throw new Error('conflict');
-        await tx`insert into events (event_id, entity_type, entity_id, seq, type, data, at)
-        values (${randomUUID()}, 'ticket', ${row.id}, ${row.seq + 1},
-          ${blocking ? 'ticket.blocked' : 'ticket.unblocked'}, ${tx.json({ phase: 'requirements' })}, now())`;
       });
       row.version++;
       row.seq++;
