@@ -4,6 +4,7 @@
  * claim services here poll every 30 s, so any claim attempt within a test comes from a
  * wake-up; attempts are counted at `claimOnce`, the one place a claim transaction starts.
  */
+import { setMaxListeners } from 'node:events';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { NewTask } from '../../src/actors/commands.js';
 import { type ClaimedTask, type ClaimRequest, ClaimService } from '../../src/workers/claims.js';
@@ -67,6 +68,8 @@ function service(pollMs = 30_000): Counted {
 async function waiters(c: Counted, n: number, prefix: string, executors = ['external']) {
   const { svc, ended } = c;
   const abort = new AbortController();
+  // One signal for all n waiters, as a worker pool shares one: each holds a listener on it.
+  setMaxListeners(0, abort.signal);
   aborts.push(abort);
   const results: (ClaimedTask | null)[] = [];
   const done: Promise<ClaimedTask | null>[] = [];
