@@ -79,7 +79,10 @@ function marks(): Map<string, Map<number, Mark[]>> {
   for (const f of readdirSync(dir)) {
     const m = /^(.+)\.(\d+)$/.exec(f);
     if (!m) continue;
-    const lines = readFileSync(join(dir, f), 'utf8').trim().split('\n');
+    // Only whole lines: read while the run goes on, a file may have been created by an
+    // agent's append and not written yet (each mark is one write, so a line is never torn).
+    const lines = readFileSync(join(dir, f), 'utf8').split('\n').slice(0, -1);
+    if (lines.length === 0) continue;
     const attempts = byTask.get(m[1]!) ?? new Map<number, Mark[]>();
     attempts.set(
       Number(m[2]),
