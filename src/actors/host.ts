@@ -327,10 +327,22 @@ export class ActorHost {
    * event, in one transaction. A timer whose state was left meanwhile does nothing.
    */
   async fireTimer(timer: TimerRow): Promise<Applied | null> {
-    return this.fireDelayed(timer.entityType, timer.entityId, timer.event, {
-      // The row is consumed either way: a delayed event its state no longer takes is moot.
-      claim: (tx) => consumeTimer(tx, timer.entityId, timer.key, timer.token),
-      refused: async () => {},
+    return this.inMailbox(`${timer.entityType}:${timer.entityId}`, async () => {
+      const { value } = await this.transact(async (uow) => {
+        if (!(await consumeTimer(uow.tx, timer.entityId, timer.key, timer.token))) return null;
+        try {
+          return await uow.send(timer.entityType, timer.entityId, timer.event);
+        } catch (error) {
+          // A refusal decided on a cached row may come from a stale cache (another process
+          // moved the actor on): let transact() decide again from Postgres, or the timer
+          // would be consumed unfired (a task left in retry_wait or past its lease for good).
+          if (error instanceof IllegalTransition && uow.usedCache) throw error;
+          // The row is consumed either way: a delayed event its state no longer takes is moot.
+          if (error instanceof IllegalTransition || error instanceof NotFound) return null;
+          throw error;
+        }
+      });
+      return value;
     });
   }
 
@@ -342,40 +354,17 @@ export class ActorHost {
   async expireLease(id: string): Promise<Applied | null> {
     const deadline = MACHINES.task.deadline;
     if (!deadline) return null;
-    return this.fireDelayed(
-      'task',
-      id,
-      { type: deadline.event },
-      {
-        claim: (tx) => lockExpiredLease(tx, id),
-        // A deadline its state does not take is moot; cleared, or every poll finds it.
-        refused: (tx) => clearLease(tx, id),
-      },
-    );
-  }
-
-  /**
-   * A delayed event, in one transaction: `claim` takes what is due (false: nothing to fire
-   * any more), then the event is sent. A refusal decided on a cached row may come from a stale
-   * cache (another process moved the actor on): transact() decides it again from Postgres, or
-   * the delay would be spent unfired (a task left in retry_wait or past its lease for good).
-   * A refusal from Postgres is final: `refused` tidies up and nothing is sent.
-   */
-  private fireDelayed(
-    entityType: EntityType,
-    id: string,
-    event: DecideEvent,
-    o: { claim: (tx: Tx) => Promise<boolean>; refused: (tx: Tx) => Promise<void> },
-  ): Promise<Applied | null> {
-    return this.inMailbox(`${entityType}:${id}`, async () => {
+    return this.inMailbox(`task:${id}`, async () => {
       const { value } = await this.transact(async (uow) => {
-        if (!(await o.claim(uow.tx))) return null;
+        if (!(await lockExpiredLease(uow.tx, id))) return null;
         try {
-          return await uow.send(entityType, id, event);
+          return await uow.send('task', id, { type: deadline.event });
         } catch (error) {
+          // As in fireTimer: a refusal decided on a cached row is decided again from Postgres.
           if (error instanceof IllegalTransition && uow.usedCache) throw error;
           if (error instanceof IllegalTransition) {
-            await o.refused(uow.tx);
+            // A deadline its state does not take is moot; cleared, or every poll finds it.
+            await clearLease(uow.tx, id);
             return null;
           }
           if (error instanceof NotFound) return null;

@@ -12,6 +12,7 @@ import { NotFound } from '../errors.js';
 import type { Db } from '../persistence/db.js';
 import {
   type TaskProgress,
+  taskProgress,
   tasksProgress,
   ticketIdsOfTasks,
 } from '../persistence/reaction-rows.js';
@@ -19,8 +20,9 @@ import { recordTaskNews } from '../persistence/ticket-task-rows.js';
 import { sendIfAccepted } from './send.js';
 
 export async function forwardTaskState(uow: UnitOfWork, taskId: string): Promise<Applied | null> {
-  const task = (await tasksProgress(uow.tx, [taskId])).get(taskId);
-  return task ? tell(uow, taskId, task) : null;
+  const task = await taskProgress(uow.tx, taskId);
+  if (!task) return null;
+  return tell(uow, taskId, task);
 }
 
 /**
