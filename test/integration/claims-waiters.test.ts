@@ -187,9 +187,11 @@ describe('long-poll claim waiters', () => {
     await new Promise((r) => setTimeout(r, 500));
     expect(new Set(w.results.map((r) => r?.task.id))).toEqual(new Set(ids));
     expect(await claimedEvents(ids)).toBe(5);
-    // One wake-up per task, plus at most one hand-on per claim that saw more work queued.
+    // One wake-up per task, plus at most one hand-on per claim that saw more work queued,
+    // plus a second look by a woken waiter that found the rows locked by the others' claims
+    // while a wake-up went out meanwhile. Far from one try per waiter (50).
     expect(tried.length).toBeGreaterThanOrEqual(5);
-    expect(tried.length).toBeLessThanOrEqual(10);
+    expect(tried.length).toBeLessThanOrEqual(15);
   });
 
   it('five tasks in five commits: each wakes one waiter, and all five are claimed', async () => {

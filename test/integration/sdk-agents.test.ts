@@ -154,14 +154,20 @@ it(`${TASKS} tasks, 4 SDK agent processes, kill -9 and restarts, cancellations`,
       }
     }
     if (cancelled.size < 20) {
-      // Every other one while an agent runs it, so the abort has to reach the agent.
+      // Every other one while an agent runs it, so the abort has to reach the agent. An
+      // attempt of a killed agent never gets its end marker: only live agents' count.
+      const killed = new Set(kills.map((k) => k.id));
+      const now = Date.now();
       const running = [...marks().entries()]
         .flatMap(([task, at]) =>
-          [...at.values()].filter((ms) => ms.length === 1).map((ms) => ({ task, at: ms[0]!.at })),
+          [...at.values()]
+            .filter((ms) => ms.length === 1 && !killed.has(ms[0]!.workerId))
+            .map((ms) => ({ task, at: ms[0]!.at })),
         )
-        .sort((a, b) => a.at - b.at);
-      // Prefer a 3 s task: a short one may finish before the cancel reaches its agent.
-      const mid = running.find((r) => long.has(r.task)) ?? running[0];
+        .sort((a, b) => b.at - a.at);
+      // Prefer a 3 s task started lately: a short one, or one near its end, may finish before
+      // the cancel reaches its agent.
+      const mid = running.find((r) => long.has(r.task) && now - r.at < 1_500) ?? running[0];
       const id = rounds % 2 === 1 && mid ? mid.task : pick(ids);
       try {
         await client.cancelTask(id, 'chaos');
