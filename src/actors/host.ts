@@ -54,6 +54,7 @@ import {
   decideInitial,
   type EntityInput,
   type PersistedSnapshot,
+  type TimerSpec,
 } from './decide.js';
 import { GroupCommit } from './group-commit.js';
 
@@ -470,11 +471,27 @@ export class UnitOfWork {
       if (row) this.fresh.add(key);
     }
     if (!row) throw new NotFound(entityType, id);
+    return this.keep(key, row);
+  }
+
+  /**
+   * A row this transaction just read under its lock (a claim's candidate): the current one,
+   * so the next `send` to it decides on it without reading it again.
+   */
+  adopt(row: ActorRow): void {
+    const key = `${row.entityType}:${row.id}`;
+    if (this.rows.has(key)) return;
+    this.fresh.add(key);
+    this.keep(key, row);
+  }
+
+  private keep(key: string, stored: ActorRow): ActorRow {
+    let row = stored;
     // A snapshot an older machine version stored is upgraded here, once, and written back
     // with the current version by the next update.
-    const current = MACHINES[entityType].version;
+    const current = MACHINES[row.entityType].version;
     if (row.machineVersion !== current) {
-      const upgraded = upgradeSnapshot(entityType, row.machineVersion, row.snapshot);
+      const upgraded = upgradeSnapshot(row.entityType, row.machineVersion, row.snapshot);
       if (upgraded) row = { ...row, snapshot: upgraded, machineVersion: current };
     }
     this.rows.set(key, row);
@@ -482,17 +499,41 @@ export class UnitOfWork {
   }
 
   async send(entityType: EntityType, id: string, event: DecideEvent): Promise<Applied> {
+    return this.sendEach(entityType, id, [() => event]);
+  }
+
+  /**
+   * Applies several events to one actor in turn, each built from the snapshot the one before
+   * left (a claim's START takes the CLAIM's token), and writes the row ONCE: one
+   * compare-and-set and one event insert for all of them. Each event is decided, answered
+   * and counted as if sent alone; the same-transaction policies run after the row is written,
+   * for each event in order. Any refusal refuses them all.
+   */
+  async sendEach(
+    entityType: EntityType,
+    id: string,
+    events: ((snapshot: PersistedSnapshot) => DecideEvent)[],
+  ): Promise<Applied> {
     const row = await this.load(entityType, id);
-    const stamped = stamp(event, this.at);
     const entry = await this.host.machineOf(entityType, row.workflow);
-    const decision = decide(entityType, id, row.snapshot, stamped, row.machineVersion, entry);
+    const steps: Step[] = [];
+    let snapshot = row.snapshot;
+    for (const make of events) {
+      const event = make(snapshot);
+      const stamped = stamp(event, this.at);
+      const decision = decide(entityType, id, snapshot, stamped, row.machineVersion, entry);
+      steps.push({ decision, from: String(snapshot.value), event: event.type });
+      snapshot = decision.snapshot;
+    }
+    const emitted = steps.reduce((n, step) => n + step.decision.emitted.length, 0);
     const next: ActorRow = {
       ...row,
-      snapshot: decision.snapshot,
-      version: row.version + 1,
-      seq: row.seq + decision.emitted.length,
+      snapshot,
+      version: row.version + steps.length,
+      seq: row.seq + emitted,
     };
-    const written = updateActorRow(this.tx, next, row.version, deadlineAt(decision, this.at)).then(
+    const effects = combine(steps.map((step) => step.decision));
+    const written = updateActorRow(this.tx, next, row.version, deadlineAt(effects, this.at)).then(
       (bytes) => {
         if (bytes === null) throw new VersionConflict(id, row.version);
         return bytes;
@@ -501,15 +542,7 @@ export class UnitOfWork {
         throw translateUnique(error, id);
       },
     );
-    const applied = await this.record(
-      row,
-      next,
-      written,
-      decision,
-      String(row.snapshot.value),
-      event.type,
-      entry,
-    );
+    const applied = await this.record(row, next, written, steps, effects, entry);
     // What the caller sees is the actor after everything this event set off in the same
     // transaction (the TASK_ADDED of the templates of a phase it entered), not halfway.
     return this.latest(entityType, id) ?? applied;
@@ -551,7 +584,8 @@ export class UnitOfWork {
       throw translateUnique(error, input.id);
     });
     const base: ActorRow = { ...row, version: 0, seq: 0 };
-    return this.record(base, row, written, decision, null, 'create', entry);
+    const steps = [{ decision, from: null, event: 'create' }];
+    return this.record(base, row, written, steps, combine([decision]), entry);
   }
 
   /** The last change to one actor in this unit of work. */
@@ -592,9 +626,10 @@ export class UnitOfWork {
      * snapshot JSON, or its failure (VersionConflict, Conflict, ...).
      */
     written: Promise<number>,
-    decision: Decision,
-    from: string | null,
-    event: string,
+    /** The events applied, in order; `after` is the row after the last. */
+    steps: Step[],
+    /** The timers and deadline of all of them together. */
+    effects: Effects,
     machine: MachineEntry,
   ): Promise<Applied> {
     // The row's write and the rows that follow it go out together: postgres.js pipelines
@@ -602,18 +637,20 @@ export class UnitOfWork {
     // write lost, the others are rolled back with the unit and its own error is the answer.
     const events = appendEvents(
       this.tx,
-      decision.emitted.map((e, i) => ({
-        eventId: randomUUID(),
-        seq: before.seq + i + 1,
-        entityId: after.id,
-        entityType: after.entityType,
-        type: e.type,
-        data: e.data,
-        at: this.at,
-      })),
+      steps
+        .flatMap((step) => step.decision.emitted)
+        .map((e, i) => ({
+          eventId: randomUUID(),
+          seq: before.seq + i + 1,
+          entityId: after.id,
+          entityType: after.entityType,
+          type: e.type,
+          data: e.data,
+          at: this.at,
+        })),
     );
-    const cancelled = deleteTimers(this.tx, after.id, decision.cancel);
-    const timers = decision.schedule.map((t) => ({
+    const cancelled = deleteTimers(this.tx, after.id, effects.cancel);
+    const timers = effects.schedule.map((t) => ({
       entityType: after.entityType,
       entityId: after.id,
       key: t.key,
@@ -627,28 +664,74 @@ export class UnitOfWork {
     this.rows.set(key, after);
     this.sizes.set(key, bytes);
     this.dirty.add(key);
-    const deadline = deadlineAt(decision, this.at);
+    const deadline = deadlineAt(effects, this.at);
     const dues = timers.map((t) => t.dueAt);
     if (typeof deadline === 'number') dues.push(deadline);
-    const applied: Applied = {
-      entityType: after.entityType,
-      id: after.id,
-      event,
-      from,
-      state: decision.state,
-      snapshot: after.snapshot,
-      version: after.version,
-      events: entries,
-      machine,
-      ...(after.workflow !== undefined ? { workflow: after.workflow } : {}),
-      ...(after.entityType === 'task' ? { feedback: after.feedback ?? null } : {}),
-      ...(dues.length > 0 ? { dueAt: Math.min(...dues) } : {}),
-    };
-    this.results.push(applied);
+    const results: Applied[] = [];
+    let from = 0;
+    for (const [i, step] of steps.entries()) {
+      const last = i === steps.length - 1;
+      const n = step.decision.emitted.length;
+      results.push({
+        entityType: after.entityType,
+        id: after.id,
+        event: step.event,
+        from: step.from,
+        state: step.decision.state,
+        snapshot: step.decision.snapshot,
+        version: before.version + i + 1,
+        events: entries.slice(from, from + n),
+        machine,
+        ...(after.workflow !== undefined ? { workflow: after.workflow } : {}),
+        ...(after.entityType === 'task' ? { feedback: after.feedback ?? null } : {}),
+        ...(last && dues.length > 0 ? { dueAt: Math.min(...dues) } : {}),
+      });
+      from += n;
+    }
+    this.results.push(...results);
     // What follows on other actors in the same transaction: src/policies owns those rules.
-    await afterTransition(this, applied);
-    return applied;
+    for (const applied of results) await afterTransition(this, applied);
+    return results[results.length - 1] as Applied;
   }
+}
+
+/** One event applied by `sendEach` (or a creation). */
+interface Step {
+  decision: Decision;
+  /** State before it; null for a creation. */
+  from: string | null;
+  event: string;
+}
+
+/** The timers and deadline of several decisions applied in turn, as one write sets them. */
+interface Effects {
+  schedule: TimerSpec[];
+  cancel: string[];
+  deadline?: number | null;
+}
+
+function combine(decisions: Decision[]): Effects {
+  const [only] = decisions;
+  if (decisions.length === 1 && only) return only;
+  const schedule = new Map<string, TimerSpec>();
+  const cancel = new Set<string>();
+  let deadline: number | null | undefined;
+  for (const d of decisions) {
+    for (const key of d.cancel) {
+      schedule.delete(key);
+      cancel.add(key);
+    }
+    for (const t of d.schedule) {
+      schedule.set(t.key, t);
+      cancel.delete(t.key);
+    }
+    if (d.deadline !== undefined) deadline = d.deadline;
+  }
+  return {
+    schedule: [...schedule.values()],
+    cancel: [...cancel],
+    ...(deadline !== undefined ? { deadline } : {}),
+  };
 }
 
 /** The host, not the caller, decides when an event happened; a CLAIM gets a fresh token. */
@@ -658,10 +741,10 @@ function stamp(event: DecideEvent, at: number): DecideEvent {
   return stamped;
 }
 
-/** The decision's deadline as a time: set, cleared (null) or untouched (undefined). */
-function deadlineAt(decision: Decision, at: number): Deadline {
-  if (decision.deadline === undefined || decision.deadline === null) return decision.deadline;
-  return at + decision.deadline;
+/** The deadline as a time: set, cleared (null) or untouched (undefined). */
+function deadlineAt(effects: Effects, at: number): Deadline {
+  if (effects.deadline === undefined || effects.deadline === null) return effects.deadline;
+  return at + effects.deadline;
 }
 
 function translateUnique(error: unknown, id: string): unknown {

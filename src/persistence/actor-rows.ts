@@ -30,7 +30,8 @@ export interface TaskFeedback {
 /** The workflow of tickets stored before workflows existed, and of the built-in machine. */
 export const DEFAULT_WORKFLOW_REF = 'default@1';
 
-interface RawRow {
+/** An actor row's columns as selected (`select id, machine_version, snapshot, ...`). */
+export interface RawRow {
   id: string;
   machine_version: number;
   snapshot: PersistedSnapshot;
@@ -40,7 +41,7 @@ interface RawRow {
   feedback?: TaskFeedback | null;
 }
 
-function toRow(entityType: EntityType, r: RawRow): ActorRow {
+export function toRow(entityType: EntityType, r: RawRow): ActorRow {
   return {
     ...(r.workflow !== undefined ? { workflow: r.workflow } : {}),
     ...(r.feedback !== undefined ? { feedback: r.feedback } : {}),

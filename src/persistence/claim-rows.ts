@@ -4,6 +4,7 @@
  * worktree or a capped task type is serialised with a transaction-scoped advisory lock
  * before it is checked, so the check holds until the claim commits, in every process.
  */
+import { type ActorRow, type RawRow, toRow } from './actor-rows.js';
 import type { Tx } from './db.js';
 
 export interface ClaimFilter {
@@ -19,7 +20,14 @@ export interface Candidate {
   type: string;
   executor: string;
   worktree: string | null;
+  /**
+   * The task's whole row, read under the candidate's lock: current within the transaction, so
+   * the claim decides on it without reading the row a second time.
+   */
+  row: ActorRow;
 }
+
+type CandidateRaw = RawRow & Omit<Candidate, 'row'>;
 
 const LOCK_NS_WORKTREE = 7_402_616;
 const LOCK_NS_TYPE_CAP = 7_402_617;
@@ -30,8 +38,9 @@ export async function lockCandidates(
   limit: number,
 ): Promise<Candidate[]> {
   const types = filter.types && filter.types.length > 0 ? filter.types : null;
-  return tx<Candidate[]>`
-    select id, type, executor, worktree from tasks
+  const rows = await tx<CandidateRaw[]>`
+    select id, type, executor, worktree, machine_version, snapshot, version, seq, feedback
+    from tasks
     where state = 'pending' and executor in ${tx(filter.executors)}
       ${types ? tx`and type in ${tx(types)}` : tx``}
       ${filter.excludeTypes?.length ? tx`and type not in ${tx(filter.excludeTypes)}` : tx``}
@@ -41,6 +50,13 @@ export async function lockCandidates(
     order by priority desc, created_at, id
     limit ${limit}
     for update skip locked`;
+  return rows.map((r) => ({
+    id: r.id,
+    type: r.type,
+    executor: r.executor,
+    worktree: r.worktree,
+    row: toRow('task', r),
+  }));
 }
 
 /**

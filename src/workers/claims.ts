@@ -284,11 +284,15 @@ export class ClaimService {
         capLocked = c.type;
         if (!(await belowCap(uow.tx, c.type, cap))) continue;
       }
-      let a = await uow.send('task', c.id, { type: 'CLAIM', workerId });
-      if (req.start) {
-        const token = (a.snapshot.context as { token: string }).token;
-        a = await uow.send('task', c.id, { type: 'START', token });
-      }
+      uow.adopt(c.row);
+      const claim = () => ({ type: 'CLAIM', workerId });
+      // With `start`, CLAIM and START write the row and their events once, not twice.
+      const a = req.start
+        ? await uow.sendEach('task', c.id, [
+            claim,
+            (s) => ({ type: 'START', token: (s.context as { token: string }).token }),
+          ])
+        : await uow.send('task', c.id, claim());
       applied.push(a);
       if (applied.length === claimers.length) return { applied, next: candidates[i + 1] };
     }

@@ -4,8 +4,11 @@
  * together, the token still fences every later event, and a claim without `start` (agents
  * over HTTP) still leaves the task claimed.
  */
+import postgres from 'postgres';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ActorHost } from '../../src/actors/host.js';
 import { StaleToken } from '../../src/errors.js';
+import type { Sql } from '../../src/persistence/db.js';
 import { entityEvents } from '../../src/persistence/event-log.js';
 import { ClaimService } from '../../src/workers/claims.js';
 import { Wakeups } from '../../src/workers/wakeups.js';
@@ -58,6 +61,52 @@ describe('claim with start', () => {
     await t.host.send('task', id, { type: 'COMPLETE', token, result: null });
     const [done] = await t.db.sql<{ state: string }[]>`select state from tasks where id = ${id}`;
     expect(done?.state).toBe('completed');
+  });
+
+  it('writes the task row once and reads it once, in the candidate query, on a cold cache', async () => {
+    const id = await oneTask('start-c');
+    await t.db.sql.unsafe(`
+      create table task_writes (id text not null, version int not null);
+      create function count_task_write() returns trigger language plpgsql as $$
+      begin insert into task_writes values (new.id, new.version); return new; end $$;
+      create trigger count_task_write after update on tasks
+        for each row execute function count_task_write();`);
+    // A second process: its cache has never seen the task. Its statements are counted.
+    const statements: string[] = [];
+    const sql = postgres(t.db.url, {
+      max: 2,
+      onnotice: () => {},
+      types: {
+        bigint: { to: 20, from: [20], serialize: String, parse: Number },
+      },
+      debug: (_connection, query) => {
+        statements.push(query);
+      },
+    }) as unknown as Sql;
+    try {
+      const host = new ActorHost(sql, {
+        taskDefaults: { maxAttempts: 3, leaseMs: 60_000, retryBaseMs: 1_000 },
+      });
+      const other = new ClaimService(host, new Wakeups(), { typeLimits: {}, maxWaitMs: 0 });
+      const got = await other.claim({ workerId: 'w3', executors: ['start-c'], start: true });
+      other.close();
+      expect(got?.task.state).toBe('running');
+      const writes = await t.db.sql<{ version: number }[]>`
+        select version from task_writes where id = ${id}`;
+      // Version 1 (created) to 3 (claimed, started) in ONE compare-and-set.
+      expect(writes.map((w) => w.version)).toEqual([3]);
+      const reads = statements.filter((q) => /^\s*select\b[\s\S]*\bfrom tasks\b/i.test(q));
+      expect(reads).toHaveLength(1);
+      const events = await entityEvents(t.db.sql, id);
+      expect(events.map((e) => [e.type, e.seq])).toEqual([
+        ['task.created', 1],
+        ['task.claimed', 2],
+        ['task.started', 3],
+      ]);
+    } finally {
+      await sql.end({ timeout: 1 });
+      await t.db.sql.unsafe('drop trigger count_task_write on tasks');
+    }
   });
 
   it('without start the task stays claimed until its claimer STARTs it', async () => {

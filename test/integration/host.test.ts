@@ -172,6 +172,29 @@ describe('atomicity', () => {
     const [row] = await db.sql`select state, version from tickets where id = ${t.id}`;
     expect(row).toEqual({ state: 'backlog', version: 1 });
   });
+
+  it('events sent in turn to one actor: a refusal of the last writes none of them', async () => {
+    const t = await hostA.create('ticket', ticketInput());
+    await expect(
+      hostA.transact((uow) =>
+        uow.sendEach('ticket', t.id, [() => ({ type: 'START' }), () => ({ type: 'START' })]),
+      ),
+    ).rejects.toBeInstanceOf(IllegalTransition);
+    const [row] = await db.sql`select state, version, seq from tickets where id = ${t.id}`;
+    expect(row).toEqual({ state: 'backlog', version: 1, seq: 1 });
+    expect(await seqsOf(t.id)).toEqual([1]);
+    // Accepted, each counts as a transition of its own: versions and seqs follow each other.
+    const { applied } = await hostA.transact((uow) =>
+      uow.sendEach('ticket', t.id, [() => ({ type: 'START' }), () => ({ type: 'BLOCK' })]),
+    );
+    expect(applied.map((a) => [a.event, a.from, a.state, a.version])).toEqual([
+      ['START', 'backlog', 'requirements', 2],
+      ['BLOCK', 'requirements', 'blocked', 3],
+    ]);
+    expect(applied.map((a) => a.events.map((e) => e.seq))).toEqual([[2], [3]]);
+    const [after] = await db.sql`select state, version, seq from tickets where id = ${t.id}`;
+    expect(after).toEqual({ state: 'blocked', version: 3, seq: 3 });
+  });
 });
 
 describe('caches across processes', () => {
