@@ -525,27 +525,75 @@ export class UnitOfWork {
       steps.push({ decision, from: String(snapshot.value), event: event.type });
       snapshot = decision.snapshot;
     }
+    const applied = await this.write(row, steps, entry);
+    // What the caller sees is the actor after everything this event set off in the same
+    // transaction (the TASK_ADDED of the templates of a phase it entered), not halfway.
+    return this.latest(entityType, id) ?? (applied[applied.length - 1] as Applied);
+  }
+
+  /**
+   * News for one actor, as a rule sends it (see policies/send.ts): each event its state
+   * refuses is left out, the others are applied in turn and the row is written once for
+   * them. It stops after the first event that changes the actor's state, so that what the
+   * rules do on that change happens before the next event, as if each were sent alone.
+   * Returns what was applied and how many of `events` it took (refused ones included).
+   */
+  async sendAccepted(
+    entityType: EntityType,
+    id: string,
+    events: readonly DecideEvent[],
+  ): Promise<{ applied: Applied[]; taken: number }> {
+    const row = await this.load(entityType, id);
+    const entry = await this.host.machineOf(entityType, row.workflow);
+    const steps: Step[] = [];
+    let snapshot = row.snapshot;
+    let taken = 0;
+    for (const event of events) {
+      taken++;
+      const from = String(snapshot.value);
+      let decision: Decision;
+      try {
+        decision = decide(
+          entityType,
+          id,
+          snapshot,
+          stamp(event, this.at),
+          row.machineVersion,
+          entry,
+        );
+      } catch (error) {
+        if (error instanceof IllegalTransition) continue;
+        throw error;
+      }
+      steps.push({ decision, from, event: event.type });
+      snapshot = decision.snapshot;
+      if (decision.state !== from) break;
+    }
+    if (steps.length === 0) return { applied: [], taken };
+    return { applied: await this.write(row, steps, entry), taken };
+  }
+
+  /** Writes `row` after `steps` (one compare-and-set) and records them. */
+  private async write(row: ActorRow, steps: Step[], entry: MachineEntry): Promise<Applied[]> {
+    const last = steps[steps.length - 1] as Step;
     const emitted = steps.reduce((n, step) => n + step.decision.emitted.length, 0);
     const next: ActorRow = {
       ...row,
-      snapshot,
+      snapshot: last.decision.snapshot,
       version: row.version + steps.length,
       seq: row.seq + emitted,
     };
     const effects = combine(steps.map((step) => step.decision));
     const written = updateActorRow(this.tx, next, row.version, deadlineAt(effects, this.at)).then(
       (bytes) => {
-        if (bytes === null) throw new VersionConflict(id, row.version);
+        if (bytes === null) throw new VersionConflict(row.id, row.version);
         return bytes;
       },
       (error) => {
-        throw translateUnique(error, id);
+        throw translateUnique(error, row.id);
       },
     );
-    const applied = await this.record(row, next, written, steps, effects, entry);
-    // What the caller sees is the actor after everything this event set off in the same
-    // transaction (the TASK_ADDED of the templates of a phase it entered), not halfway.
-    return this.latest(entityType, id) ?? applied;
+    return this.record(row, next, written, steps, effects, entry);
   }
 
   async create<T extends EntityType>(
@@ -585,7 +633,8 @@ export class UnitOfWork {
     });
     const base: ActorRow = { ...row, version: 0, seq: 0 };
     const steps = [{ decision, from: null, event: 'create' }];
-    return this.record(base, row, written, steps, combine([decision]), entry);
+    const [applied] = await this.record(base, row, written, steps, combine([decision]), entry);
+    return applied as Applied;
   }
 
   /** The last change to one actor in this unit of work. */
@@ -631,7 +680,7 @@ export class UnitOfWork {
     /** The timers and deadline of all of them together. */
     effects: Effects,
     machine: MachineEntry,
-  ): Promise<Applied> {
+  ): Promise<Applied[]> {
     // The row's write and the rows that follow it go out together: postgres.js pipelines
     // them on the transaction's connection (one round trip, not one per statement). If the
     // write lost, the others are rolled back with the unit and its own error is the answer.
@@ -691,7 +740,7 @@ export class UnitOfWork {
     this.results.push(...results);
     // What follows on other actors in the same transaction: src/policies owns those rules.
     for (const applied of results) await afterTransition(this, applied);
-    return results[results.length - 1] as Applied;
+    return results;
   }
 }
 

@@ -7,6 +7,7 @@
  * ticket's row is not locked by the task's transition, which keeps claims and completions
  * from queueing on their ticket.
  */
+import type { DecideEvent } from '../actors/decide.js';
 import type { Applied, UnitOfWork } from '../actors/host.js';
 import { NotFound } from '../errors.js';
 import type { Db } from '../persistence/db.js';
@@ -16,7 +17,7 @@ import {
   tasksProgress,
   ticketIdsOfTasks,
 } from '../persistence/reaction-rows.js';
-import { recordTaskNews } from '../persistence/ticket-task-rows.js';
+import { recordTaskNews, recordTasksNews, type TaskNews } from '../persistence/ticket-task-rows.js';
 import { sendIfAccepted } from './send.js';
 
 export async function forwardTaskState(uow: UnitOfWork, taskId: string): Promise<Applied | null> {
@@ -38,12 +39,55 @@ export async function forwardTaskStates(
 ): Promise<Applied[]> {
   const ids = [...new Set(taskIds)];
   const progress = await tasksProgress(uow.tx, ids);
-  const out: Applied[] = [];
+  // By ticket, in the order its tasks are first listed.
+  const byTicket = new Map<string, { id: string; task: TaskProgress }[]>();
   for (const id of ids) {
     const task = progress.get(id);
     if (!task) continue;
-    const applied = await tell(uow, id, task);
-    if (applied) out.push(applied);
+    const news = byTicket.get(task.ticketId) ?? [];
+    news.push({ id, task });
+    byTicket.set(task.ticketId, news);
+  }
+  const out: Applied[] = [];
+  for (const [ticketId, tasks] of byTicket) out.push(...(await tellMany(uow, ticketId, tasks)));
+  return out;
+}
+
+/**
+ * One ticket told the news of several tasks: one statement records it all, and the news that
+ * is new reaches the ticket as runs of events written once each (`sendAccepted`).
+ */
+async function tellMany(
+  uow: UnitOfWork,
+  ticketId: string,
+  tasks: { id: string; task: TaskProgress }[],
+): Promise<Applied[]> {
+  const [only] = tasks;
+  if (tasks.length === 1 && only) {
+    const applied = await tell(uow, only.id, only.task);
+    return applied ? [applied] : [];
+  }
+  if (!(await lockTicket(uow, ticketId))) return [];
+  const recorded = await recordTasksNews(
+    uow.tx,
+    tasks.map(({ id, task }) => ({ taskId: id, state: task.state, seq: task.seq })),
+  );
+  const events: DecideEvent[] = [];
+  for (const { id, task } of tasks) {
+    const news = recorded.get(id);
+    if (news) events.push(taskStateEvent(id, task, news));
+  }
+  const out: Applied[] = [];
+  while (events.length > 0) {
+    let sent: { applied: Applied[]; taken: number };
+    try {
+      sent = await uow.sendAccepted('ticket', ticketId, events);
+    } catch (error) {
+      if (error instanceof NotFound) return out;
+      throw error;
+    }
+    out.push(...sent.applied);
+    events.splice(0, sent.taken);
   }
   return out;
 }
@@ -57,19 +101,31 @@ export function ticketsOfTasks(db: Db, taskIds: string[]): Promise<Map<string, s
 }
 
 async function tell(uow: UnitOfWork, taskId: string, task: TaskProgress): Promise<Applied | null> {
-  // The ticket's row first (loaded for update, never from the cache), then the task's row
-  // beside it: every writer takes them in that order, so two never wait on each other.
-  uow.host.forget('ticket', task.ticketId);
-  try {
-    await uow.load('ticket', task.ticketId);
-  } catch (error) {
-    if (error instanceof NotFound) return null;
-    throw error;
-  }
+  if (!(await lockTicket(uow, task.ticketId))) return null;
   const news = await recordTaskNews(uow.tx, taskId, task.state, task.seq);
   // Stale or repeated news: the ticket already counts it.
   if (!news) return null;
-  return sendIfAccepted(uow, 'ticket', task.ticketId, {
+  return sendIfAccepted(uow, 'ticket', task.ticketId, taskStateEvent(taskId, task, news));
+}
+
+/**
+ * The ticket's row first (loaded for update, never from the cache), then its tasks' rows
+ * beside it: every writer takes them in that order, so two never wait on each other. False
+ * when the ticket does not exist.
+ */
+async function lockTicket(uow: UnitOfWork, ticketId: string): Promise<boolean> {
+  uow.host.forget('ticket', ticketId);
+  try {
+    await uow.load('ticket', ticketId);
+    return true;
+  } catch (error) {
+    if (error instanceof NotFound) return false;
+    throw error;
+  }
+}
+
+function taskStateEvent(taskId: string, task: TaskProgress, news: TaskNews): DecideEvent {
+  return {
     type: 'TASK_STATE',
     taskId,
     phase: news.phase,
@@ -80,5 +136,5 @@ async function tell(uow: UnitOfWork, taskId: string, task: TaskProgress): Promis
     seq: task.seq,
     // A failure's reason is what an onFail send-back hands the phase's next tasks.
     ...(task.state === 'failed' && task.error !== null ? { error: task.error } : {}),
-  });
+  };
 }
