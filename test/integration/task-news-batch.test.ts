@@ -70,7 +70,9 @@ describe('news of many tasks for one ticket', () => {
     expect(applied.map((a) => a.version)).toEqual(
       applied.map((_, i) => (applied[0]?.version ?? 0) + i),
     );
-    const [row] = await db.sql<{ state: string }[]>`select state from tickets where id = ${ticketId}`;
+    const [row] = await db.sql<
+      { state: string }[]
+    >`select state from tickets where id = ${ticketId}`;
     expect(row?.state).toBe('design');
     const changes = await db.sql`select 1 from events
       where entity_id = ${ticketId} and type = 'ticket.phase_changed'`;
