@@ -328,22 +328,10 @@ export class ActorHost {
    * event, in one transaction. A timer whose state was left meanwhile does nothing.
    */
   async fireTimer(timer: TimerRow): Promise<Applied | null> {
-    return this.inMailbox(`${timer.entityType}:${timer.entityId}`, async () => {
-      const { value } = await this.transact(async (uow) => {
-        if (!(await consumeTimer(uow.tx, timer.entityId, timer.key, timer.token))) return null;
-        try {
-          return await uow.send(timer.entityType, timer.entityId, timer.event);
-        } catch (error) {
-          // A refusal decided on a cached row may come from a stale cache (another process
-          // moved the actor on): let transact() decide again from Postgres, or the timer
-          // would be consumed unfired (a task left in retry_wait or past its lease for good).
-          if (error instanceof IllegalTransition && uow.usedCache) throw error;
-          // The row is consumed either way: a delayed event its state no longer takes is moot.
-          if (error instanceof IllegalTransition || error instanceof NotFound) return null;
-          throw error;
-        }
-      });
-      return value;
+    return this.fireDelayed(timer.entityType, timer.entityId, timer.event, {
+      // The row is consumed either way: a delayed event its state no longer takes is moot.
+      claim: (tx) => consumeTimer(tx, timer.entityId, timer.key, timer.token),
+      refused: async () => {},
     });
   }
 
@@ -355,17 +343,40 @@ export class ActorHost {
   async expireLease(id: string): Promise<Applied | null> {
     const deadline = MACHINES.task.deadline;
     if (!deadline) return null;
-    return this.inMailbox(`task:${id}`, async () => {
+    return this.fireDelayed(
+      'task',
+      id,
+      { type: deadline.event },
+      {
+        claim: (tx) => lockExpiredLease(tx, id),
+        // A deadline its state does not take is moot; cleared, or every poll finds it.
+        refused: (tx) => clearLease(tx, id),
+      },
+    );
+  }
+
+  /**
+   * A delayed event, in one transaction: `claim` takes what is due (false: nothing to fire
+   * any more), then the event is sent. A refusal decided on a cached row may come from a stale
+   * cache (another process moved the actor on): transact() decides it again from Postgres, or
+   * the delay would be spent unfired (a task left in retry_wait or past its lease for good).
+   * A refusal from Postgres is final: `refused` tidies up and nothing is sent.
+   */
+  private fireDelayed(
+    entityType: EntityType,
+    id: string,
+    event: DecideEvent,
+    o: { claim: (tx: Tx) => Promise<boolean>; refused: (tx: Tx) => Promise<void> },
+  ): Promise<Applied | null> {
+    return this.inMailbox(`${entityType}:${id}`, async () => {
       const { value } = await this.transact(async (uow) => {
-        if (!(await lockExpiredLease(uow.tx, id))) return null;
+        if (!(await o.claim(uow.tx))) return null;
         try {
-          return await uow.send('task', id, { type: deadline.event });
+          return await uow.send(entityType, id, event);
         } catch (error) {
-          // As in fireTimer: a refusal decided on a cached row is decided again from Postgres.
           if (error instanceof IllegalTransition && uow.usedCache) throw error;
           if (error instanceof IllegalTransition) {
-            // A deadline its state does not take is moot; cleared, or every poll finds it.
-            await clearLease(uow.tx, id);
+            await o.refused(uow.tx);
             return null;
           }
           if (error instanceof NotFound) return null;

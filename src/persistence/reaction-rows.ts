@@ -22,18 +22,10 @@ export interface TaskProgress {
   error: string | null;
 }
 
-/** The task's ticket, current state and the seq of its last event (null when no such task). */
-export async function taskProgress(db: Db, taskId: string): Promise<TaskProgress | null> {
-  const rows = await db<
-    { ticket_id: string; state: TaskState; seq: number; error: string | null }[]
-  >`
-    select ticket_id, state, seq, snapshot -> 'context' ->> 'error' as error
-    from tasks where id = ${taskId}`;
-  const r = rows[0];
-  return r ? { ticketId: r.ticket_id, state: r.state, seq: r.seq, error: r.error } : null;
-}
-
-/** `taskProgress` of several tasks in one read, by task id (a missing task has none). */
+/**
+ * Each task's ticket, current state and the seq of its last event, in one read, by task id (a
+ * missing task has none).
+ */
 export async function tasksProgress(db: Db, taskIds: string[]): Promise<Map<string, TaskProgress>> {
   const found = new Map<string, TaskProgress>();
   if (taskIds.length === 0) return found;

@@ -13,7 +13,6 @@ import { NotFound } from '../errors.js';
 import type { Db } from '../persistence/db.js';
 import {
   type TaskProgress,
-  taskProgress,
   tasksProgress,
   ticketIdsOfTasks,
 } from '../persistence/reaction-rows.js';
@@ -21,9 +20,8 @@ import { recordTaskNews, recordTasksNews, type TaskNews } from '../persistence/t
 import { sendIfAccepted } from './send.js';
 
 export async function forwardTaskState(uow: UnitOfWork, taskId: string): Promise<Applied | null> {
-  const task = await taskProgress(uow.tx, taskId);
-  if (!task) return null;
-  return tell(uow, taskId, task);
+  const task = (await tasksProgress(uow.tx, [taskId])).get(taskId);
+  return task ? tell(uow, taskId, task) : null;
 }
 
 /**
