@@ -6,9 +6,7 @@ import type { Db } from './db.js';
 
 /** True when this is the first time `consumer` handles `eventId`. */
 export async function recordInbox(db: Db, consumer: string, eventId: string): Promise<boolean> {
-  const rows = await db`insert into inbox (consumer, event_id) values (${consumer}, ${eventId})
-    on conflict do nothing returning 1`;
-  return rows.length === 1;
+  return (await recordInboxMany(db, consumer, [eventId])).size === 1;
 }
 
 /**
@@ -29,9 +27,4 @@ export async function recordInboxMany(
     select ${consumer}, id from unnest(${sorted}::uuid[]) as id
     on conflict do nothing returning event_id`;
   return new Set(rows.map((r) => r.event_id));
-}
-
-export async function inboxHas(db: Db, consumer: string, eventId: string): Promise<boolean> {
-  const rows = await db`select 1 from inbox where consumer = ${consumer} and event_id = ${eventId}`;
-  return rows.length === 1;
 }
