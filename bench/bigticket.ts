@@ -43,6 +43,8 @@ interface Kind {
   pageSize: number;
   /** Largest response body seen, in bytes. */
   bytes: number;
+  /** When each sample was taken, in seconds since the reads began (BENCH_DEBUG). */
+  at: number[];
 }
 
 interface Reads {
@@ -52,13 +54,16 @@ interface Reads {
 }
 
 export async function bigTicketSection(o: { tasks: number; seconds: number }): Promise<void> {
+  // BENCH_BIG_TICKET_SPLIT=1: an `api` process serves the reads and a `worker` process
+  // drains, to tell the HTTP server's own share of the latency from the shared event loop's.
+  const split = process.env.BENCH_BIG_TICKET_SPLIT === '1';
   print('## A ticket with N tasks read page by page while it drains');
   print(
-    `\none ticket of ${n0(o.tasks)} \`sleep\` tasks (0 ms) drained by a \`bin/orchestrator all\` process (WORKER_CONCURRENCY=8) while this process reads it over HTTP, one request at a time\n`,
+    `\none ticket of ${n0(o.tasks)} \`sleep\` tasks (0 ms) drained by ${split ? 'a `bin/orchestrator worker` process (WORKER_CONCURRENCY=8) while this process reads it over HTTP from a `bin/orchestrator api` process' : 'a `bin/orchestrator all` process (WORKER_CONCURRENCY=8) while this process reads it over HTTP from the same process'}, one request at a time\n`,
   );
   const db = await scratchDatabase('bigticket', { max: POOL_MAX });
   const names = benchNames();
-  let child: ChildProcess | null = null;
+  const children: ChildProcess[] = [];
   try {
     const host = new ActorHost(db.sql, {
       taskDefaults: { maxAttempts: 3, leaseMs: 30_000, retryBaseMs: 1_000 },
@@ -138,35 +143,43 @@ export async function bigTicketSection(o: { tasks: number; seconds: number }): P
       throw new Error('bench: the big ticket does not hold its tasks, all pending');
     }
 
-    await waitForConnections(POOL_MAX + 10, 'bigticket process');
+    const roles = split ? (['api', 'worker'] as const) : (['all'] as const);
+    await waitForConnections((POOL_MAX + 10) * roles.length, 'bigticket process');
     const port = await freePort();
     const base = `http://127.0.0.1:${port}`;
     const bin = fileURLToPath(new URL('../bin/orchestrator', import.meta.url));
     const nodeArgs = (process.env.BENCH_WORKER_NODE_ARGS ?? '').split(' ').filter(Boolean);
-    child = spawn(process.execPath, [...nodeArgs, bin, 'all'], {
-      env: {
-        ...process.env,
-        DATABASE_URL: db.url,
-        NATS_URL,
-        NATS_PREFIX: names.prefix,
-        NATS_STREAM: names.stream,
-        HOST: '127.0.0.1',
-        PORT: String(port),
-        API_TOKEN: '',
-        WORKFLOWS_DIR: '',
-        WORKER_CONCURRENCY: '8',
-        DB_POOL_MAX: String(POOL_MAX),
-        LOG_LEVEL: process.env.BENCH_WORKER_LOG_LEVEL ?? 'warn',
-      },
-      stdio: ['ignore', process.env.BENCH_DEBUG ? 'inherit' : 'ignore', 'inherit'],
-    });
-    const exited = new Promise<number | null>((resolve) => child?.once('exit', resolve));
     let dead = false;
-    void exited.then(() => {
-      dead = true;
-    });
+    const exits: Promise<unknown>[] = [];
+    for (const role of roles) {
+      const c = spawn(process.execPath, [...nodeArgs, bin, role], {
+        env: {
+          ...process.env,
+          DATABASE_URL: db.url,
+          NATS_URL,
+          NATS_PREFIX: names.prefix,
+          NATS_STREAM: names.stream,
+          HOST: '127.0.0.1',
+          PORT: String(port),
+          API_TOKEN: '',
+          WORKFLOWS_DIR: '',
+          WORKER_CONCURRENCY: '8',
+          DB_POOL_MAX: String(POOL_MAX),
+          LOG_LEVEL: process.env.BENCH_WORKER_LOG_LEVEL ?? 'warn',
+        },
+        stdio: ['ignore', process.env.BENCH_DEBUG ? 'inherit' : 'ignore', 'inherit'],
+      });
+      children.push(c);
+      exits.push(
+        new Promise((resolve) => c.once('exit', resolve)).then((code) => {
+          dead = true;
+          return code;
+        }),
+      );
+    }
+    const exited = Promise.all(exits);
     const alive = () => {
-      if (dead) throw new Error('bench: the orchestrator process exited');
+      if (dead) throw new Error('bench: an orchestrator process exited');
     };
     const spawned = performance.now();
     await until(
@@ -193,8 +206,8 @@ export async function bigTicketSection(o: { tasks: number; seconds: number }): P
     /** Reads `id` round after round until `done()` is true (checked between rounds). */
     const readWhile = async (id: string, done: () => boolean): Promise<Reads> => {
       const reads: Reads = {
-        ticket: { samples: [], pageSize: 0, bytes: 0 },
-        page: { samples: [], pageSize: 0, bytes: 0 },
+        ticket: { samples: [], pageSize: 0, bytes: 0, at: [] },
+        page: { samples: [], pageSize: 0, bytes: 0, at: [] },
         seconds: 0,
       };
       const started = performance.now();
@@ -207,6 +220,7 @@ export async function bigTicketSection(o: { tasks: number; seconds: number }): P
           tasksNext: string | null;
         };
         reads.ticket.samples.push(performance.now() - t0);
+        reads.ticket.at.push((t0 - started) / 1000);
         reads.ticket.pageSize = Math.max(reads.ticket.pageSize, ticket.tasks.length);
         cursor ??= ticket.tasksNext;
         if (!cursor) continue; // one page holds every task: nothing further to walk
@@ -219,6 +233,7 @@ export async function bigTicketSection(o: { tasks: number; seconds: number }): P
           nextCursor: string | null;
         };
         reads.page.samples.push(performance.now() - t0);
+        reads.page.at.push((t0 - started) / 1000);
         reads.page.pageSize = Math.max(reads.page.pageSize, page.items.length);
         cursor = page.nextCursor;
       }
@@ -269,9 +284,22 @@ export async function bigTicketSection(o: { tasks: number; seconds: number }): P
     const bigIdle = await readWhile(big, timed(o.seconds));
     const smallIdle = await readWhile(small, timed(o.seconds));
 
-    child.kill('SIGTERM');
-    const code = await Promise.race([exited, sleep(15_000).then(() => 'timeout' as const)]);
+    for (const c of children) c.kill('SIGTERM');
+    const codes = await Promise.race([exited, sleep(15_000).then(() => 'timeout' as const)]);
 
+    if (process.env.BENCH_DEBUG) {
+      for (const [kind, k] of [
+        ['ticket', whileDraining.ticket],
+        ['page', whileDraining.page],
+      ] as const) {
+        const slowest = k.samples
+          .map((v, i) => [v, k.at[i] ?? 0] as const)
+          .sort((a, b) => b[0] - a[0])
+          .slice(0, 15)
+          .map(([v, at]) => `${ms(v)} ms at ${at.toFixed(1)} s`);
+        process.stderr.write(`slowest ${kind} reads while draining: ${slowest.join(', ')}\n`);
+      }
+    }
     const rows: (string | number)[][] = [];
     const row = (label: string, loaded: Kind, idle: Kind, seconds: number) => {
       const l = summarize(loaded.samples, whileDraining.seconds);
@@ -336,10 +364,10 @@ export async function bigTicketSection(o: { tasks: number; seconds: number }): P
       `- response bodies, largest: GET /tickets/:id ${n0(whileDraining.ticket.bytes)} bytes (${n0(bigIdle.ticket.bytes)} idle, ${n0(smallIdle.ticket.bytes)} for the ${SMALL_TASKS}-task ticket, whose page holds ${smallIdle.ticket.pageSize} tasks: that row compares pages of different sizes as well), a tasks page ${n0(Math.max(whileDraining.page.bytes, bigIdle.page.bytes))} bytes.`,
     );
     print(
-      `- idle: after every task completed and both tickets advanced, ${o.seconds} s each on the ${n0(o.tasks)}-task ticket and on a ${SMALL_TASKS}-task ticket (its GET /tickets/:id/tasks reads: none, one page holds it). Setup: ${setupSeconds.toFixed(1)} s to add the tasks, ${ADDS_PER_TRANSACTION} per transaction; the process exited with ${String(code)} on SIGTERM.`,
+      `- idle: after every task completed and both tickets advanced, ${o.seconds} s each on the ${n0(o.tasks)}-task ticket and on a ${SMALL_TASKS}-task ticket (its GET /tickets/:id/tasks reads: none, one page holds it). Setup: ${setupSeconds.toFixed(1)} s to add the tasks, ${ADDS_PER_TRANSACTION} per transaction; ${split ? 'the processes' : 'the process'} exited with ${String(codes)} on SIGTERM.`,
     );
   } finally {
-    if (child && child.exitCode === null) child.kill('SIGKILL');
+    for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
     await dropStreams(names).catch(() => {});
     await db.drop();
   }
