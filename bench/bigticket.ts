@@ -14,6 +14,10 @@
  *
  * Baselines from the same process and run, once every task is complete and the tickets
  * have advanced: the same reads on the big ticket, idle, and on the 10-task ticket, idle.
+ *
+ * BENCH_BIG_TICKET_SPLIT=1 runs an `api` process for the reads and a `worker` process for the
+ * draining instead of one `all` process; BENCH_DEBUG=1 also lists the slowest reads while
+ * draining with when they happened (start-up or steady state).
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
@@ -242,18 +246,21 @@ export async function bigTicketSection(o: { tasks: number; seconds: number }): P
     };
 
     // While draining: the reads stop when the big ticket has no task left not completed.
-    let left = o.tasks;
     let draining = true;
     const leftAtStart = await notCompleted(big);
     const watchStarted = performance.now();
     const watcher = (async () => {
-      while (draining) {
-        alive();
-        left = await notCompleted(big);
-        if (left === 0) draining = false;
-        else if (performance.now() - watchStarted > 1_800_000) {
-          throw new Error('bench: timed out waiting for the big ticket to drain');
-        } else await sleep(100);
+      try {
+        while (draining) {
+          alive();
+          if ((await notCompleted(big)) === 0) return;
+          if (performance.now() - watchStarted > 1_800_000) {
+            throw new Error('bench: timed out waiting for the big ticket to drain');
+          }
+          await sleep(100);
+        }
+      } finally {
+        draining = false; // the reads stop too, whether it drained or failed
       }
     })();
     const whileDraining = await readWhile(big, () => !draining).finally(() => {

@@ -17,7 +17,8 @@
  * made ready for it, default 700 per second of the run), BENCH_REACTION_BASELINE=1 (run it
  * again with one message per transaction), BENCH_SSE_CLIENTS (sse section, default 1000),
  * BENCH_BIG_TICKET_TASKS (tasks of the ticket the bigticket section reads while it drains,
- * default 5000).
+ * default 5000), BENCH_BIG_TICKET_SPLIT=1 (its reads from an `api` process, its draining in a
+ * `worker` process, instead of one `all` process).
  */
 import { readFileSync } from 'node:fs';
 import os from 'node:os';
