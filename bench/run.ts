@@ -2,7 +2,7 @@
  * `npm run bench`: every figure beside its raw baseline from the same run.
  *
  * Sections (default all, in this order): host, relay, reactions, http, sse, peers, drain,
- * growth, scrape, output, workflows. Choose with
+ * bigticket, growth, scrape, output, workflows. Choose with
  * `npm run bench -- --only relay,http` or BENCH_ONLY=relay,http. Each section creates its
  * own scratch database (and NATS streams) and drops them afterwards.
  *
@@ -15,12 +15,16 @@
  * BENCH_REACTION_SECONDS (the reactions section's loaded run, default 60),
  * BENCH_REACTION_CONCURRENCY (its COMPLETE loops, default 16), BENCH_REACTION_TASKS (tasks
  * made ready for it, default 700 per second of the run), BENCH_REACTION_BASELINE=1 (run it
- * again with one message per transaction), BENCH_SSE_CLIENTS (sse section, default 1000).
+ * again with one message per transaction), BENCH_SSE_CLIENTS (sse section, default 1000),
+ * BENCH_BIG_TICKET_TASKS (tasks of the ticket the bigticket section reads while it drains,
+ * default 5000), BENCH_BIG_TICKET_SPLIT=1 (its reads from an `api` process, its draining in a
+ * `worker` process, instead of one `all` process).
  */
 import { readFileSync } from 'node:fs';
 import os from 'node:os';
 import { connect } from '@nats-io/transport-node';
 import postgres from 'postgres';
+import { bigTicketSection } from './bigticket.js';
 import { drainSection } from './drain.js';
 import { growthSection } from './growth.js';
 import { benchHost, benchRaw, benchRawMinimal, prepareHostBatched } from './host-vs-raw.js';
@@ -43,6 +47,7 @@ const SECTIONS = [
   'sse',
   'peers',
   'drain',
+  'bigticket',
   'growth',
   'scrape',
   'output',
@@ -60,6 +65,7 @@ const reactionSeconds = Number(process.env.BENCH_REACTION_SECONDS ?? 60);
 const reactionConcurrency = Number(process.env.BENCH_REACTION_CONCURRENCY ?? 16);
 const reactionTasks = Number(process.env.BENCH_REACTION_TASKS ?? reactionSeconds * 700);
 const sseClients = Number(process.env.BENCH_SSE_CLIENTS ?? 1_000);
+const bigTicketTasks = Number(process.env.BENCH_BIG_TICKET_TASKS ?? 5_000);
 
 function selected(): Section[] {
   const argv = process.argv.slice(2);
@@ -192,6 +198,7 @@ async function main(): Promise<void> {
     if (s === 'sse') await sseSection({ clients: sseClients, samples: 100 });
     if (s === 'peers') await peersSection({ jobs, concurrency: 8 });
     if (s === 'drain') await drainSection({ jobs: peerJobs });
+    if (s === 'bigticket') await bigTicketSection({ tasks: bigTicketTasks, seconds });
     if (s === 'growth')
       await growthSection({
         seconds,

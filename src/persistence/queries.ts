@@ -7,6 +7,7 @@
  * snapshots Postgres strips of a task's `payload` and `result` (and a ticket of its task
  * table) before they leave it; only `getTask` returns a whole task.
  */
+import type postgres from 'postgres';
 import { allowedEvents, type PersistedSnapshot, restore } from '../actors/decide.js';
 import {
   type TaskSummary,
@@ -164,6 +165,31 @@ function page<R extends SnapshotRaw, T>(rows: R[], limit: number, view: (r: R) =
   };
 }
 
+/**
+ * Up to `limit` of a ticket's tasks after `after`, oldest first, their snapshots without
+ * `payload` and `result`. The snapshots are trimmed above the limit, for the page's rows
+ * only: under a plan that sorts the ticket's remaining tasks (the one Postgres picks while
+ * its statistics do not yet know the ticket is large), trimming below it would parse and
+ * rewrite every one of those snapshots, some 5 µs each, to keep `limit` of them.
+ */
+export function ticketTaskPageRows(
+  db: Db,
+  ticketId: string,
+  after: Cursor | null,
+  limit: number,
+): postgres.PendingQuery<TaskRaw[]> {
+  return db<TaskRaw[]>`
+    select id, snapshot #- '{context,payload}' #- '{context,result}' as snapshot, version,
+      created_at, feedback
+    from (
+      select id, snapshot, version, created_at, feedback
+      from tasks
+      where ticket_id = ${ticketId}
+        ${after ? db`and (created_at, id) > (${after.createdAt}, ${after.id})` : db``}
+      order by created_at, id limit ${limit}) page
+    order by created_at, id`;
+}
+
 export class Queries {
   constructor(
     private readonly db: Db,
@@ -222,15 +248,8 @@ export class Queries {
     ticketId: string,
     o: Omit<ListOptions, 'state'>,
   ): Promise<Page<TicketTask>> {
-    const db = this.db;
     const after = o.cursor ? decodeCursor(o.cursor) : null;
-    const rows = await db<TaskRaw[]>`
-      select id, snapshot #- '{context,payload}' #- '{context,result}' as snapshot, version,
-        created_at, feedback
-      from tasks
-      where ticket_id = ${ticketId}
-        ${after ? db`and (created_at, id) > (${after.createdAt}, ${after.id})` : db``}
-      order by created_at, id limit ${o.limit + 1}`;
+    const rows = await ticketTaskPageRows(this.db, ticketId, after, o.limit + 1);
     return page(rows, o.limit, (t) =>
       withAllowed('task', t.snapshot, taskSummary(t.snapshot, t.version, t.feedback)),
     );
