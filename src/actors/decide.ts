@@ -187,6 +187,35 @@ export function allowedEvents(
     .sort();
 }
 
+/** Allowed events by machine, then by state: they depend on the state alone (guards aside). */
+const allowedByState = new WeakMap<object, Map<string, readonly string[]>>();
+
+/**
+ * `allowedEvents` of a persisted snapshot, without rebuilding it: the events a state takes
+ * are those of its state nodes, whatever the context, so they are computed once per machine
+ * and state and then looked up (a page of 100 tasks, or every command's response).
+ */
+export function allowedEventsOf(
+  entityType: EntityType,
+  persisted: PersistedSnapshot,
+  entry: MachineEntry = MACHINES[entityType],
+): string[] {
+  if (persisted.status !== 'active') return [];
+  const key =
+    typeof persisted.value === 'string' ? persisted.value : JSON.stringify(persisted.value);
+  let byState = allowedByState.get(entry.machine);
+  if (!byState) {
+    byState = new Map();
+    allowedByState.set(entry.machine, byState);
+  }
+  let allowed = byState.get(key);
+  if (!allowed) {
+    allowed = allowedEvents(entityType, restore(entityType, persisted, entry), entry);
+    byState.set(key, allowed);
+  }
+  return [...allowed];
+}
+
 function stateOf(snapshot: AnyMachineSnapshot): string {
   return String(snapshot.value);
 }

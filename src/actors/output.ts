@@ -24,7 +24,7 @@ import {
   readOutput,
   trimOutput,
 } from '../persistence/output-rows.js';
-import { allowedEvents, type PersistedSnapshot, restore } from './decide.js';
+import { allowedEventsOf, type PersistedSnapshot } from './decide.js';
 import type { ActorHost } from './host.js';
 
 export type { OutputChunk, OutputHead, OutputStream };
@@ -313,7 +313,7 @@ function refusal(p: Pending, fence: OutputFence | undefined): Error | null {
       : new StaleToken(p.taskId, fence.attempt);
   }
   const allowed = fence.snapshot
-    ? allowedEvents('task', restore('task', fence.snapshot as PersistedSnapshot))
+    ? allowedEventsOf('task', fence.snapshot as PersistedSnapshot)
     : [];
   return new IllegalTransition(p.taskId, fence.state, 'OUTPUT', allowed, false, 'task');
 }

@@ -8,7 +8,7 @@
  * table) before they leave it; only `getTask` returns a whole task.
  */
 import type postgres from 'postgres';
-import { allowedEvents, type PersistedSnapshot, restore } from '../actors/decide.js';
+import { allowedEventsOf, type PersistedSnapshot } from '../actors/decide.js';
 import {
   type TaskSummary,
   type TaskView,
@@ -145,7 +145,7 @@ const withAllowed = <T extends object>(
   entry: MachineEntry = MACHINES[entityType],
 ) => ({
   ...view,
-  allowedEvents: allowedEvents(entityType, restore(entityType, s, entry), entry),
+  allowedEvents: allowedEventsOf(entityType, s, entry),
 });
 
 /** A ref matches itself; a bare name matches each of its versions. */

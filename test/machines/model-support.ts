@@ -16,6 +16,8 @@ import {
   transition,
 } from 'xstate';
 import {
+  allowedEvents,
+  allowedEventsOf,
   type DecideEvent,
   type Decision,
   decide,
@@ -436,6 +438,11 @@ export function runModel<T extends EntityType>(spec: ModelSpec<T>): ModelReport 
   let staleChecks = 0;
   for (const [core, persisted] of reachable) {
     const snapshot = restore(spec.entityType, persisted);
+    // The allowed events looked up by state are those of the rebuilt snapshot, whatever its
+    // context (the lookup is filled by the first snapshot of each state).
+    expect(allowedEventsOf(spec.entityType, persisted), `${core}: allowed events`).toEqual(
+      allowedEvents(spec.entityType, snapshot),
+    );
     const generated = spec.events(snapshot);
     const claimLive = spec.tokenEvents.some((t) =>
       definedTransitions(machine).has(`${String(snapshot.value)}: ${t}#0`),
