@@ -19,13 +19,19 @@ import {
   type DeadLetter,
   listDeadLetters,
 } from '../persistence/dead-letter-rows.js';
-import type { OutboxLag } from '../persistence/outbox-rows.js';
+import type { OutboxItem, OutboxLag } from '../persistence/outbox-rows.js';
 import {
   ConsumerRunner,
   type ConsumerSettings,
   DEFAULT_CONSUMER_SETTINGS,
   type ReactionStats,
 } from './consumer-runner.js';
+import {
+  type DispatchMessage,
+  dispatchOf,
+  publishDispatch,
+  subscribeDispatch,
+} from './dispatch.js';
 import type { EventSubscription, FeedMessage } from './event-feed.js';
 import {
   LiveFeed,
@@ -37,12 +43,7 @@ import {
 } from './live-feed.js';
 import { connectNats, type NatsAuthFiles } from './nats.js';
 import { OutboxRelay, type RelayOptions, type RelayStats } from './outbox-relay.js';
-import {
-  type DispatchMessage,
-  defaultReactions,
-  type Reaction,
-  subscribeDispatch,
-} from './reactions.js';
+import { defaultReactions, OBSOLETE_CONSUMERS, type Reaction } from './reactions.js';
 import { Reconciler, type ReconcilerStats } from './reconciler.js';
 import { settleWithin } from './settle.js';
 import { ensureStreams, type StreamOptions } from './streams.js';
@@ -144,6 +145,7 @@ export class Transport {
       log: o.log.child({ component: 'outbox-relay' }),
       maxPayload: () => nc.info?.max_payload,
       ...(o.streamOptions ? { streamOptions: o.streamOptions } : {}),
+      onPublished: (item) => this.dispatch(item),
       ...o.relay,
     });
     const settings: ConsumerSettings = { ...DEFAULT_CONSUMER_SETTINGS, ...o.consumer };
@@ -212,6 +214,17 @@ export class Transport {
     });
   }
 
+  /** The wake-up of an event the relay just published, if it calls for one. */
+  private dispatch(item: OutboxItem): void {
+    const msg = dispatchOf(item);
+    if (!msg || this.stopped || this.nc.isClosed()) return;
+    try {
+      publishDispatch(this.nc, this.o.names, msg);
+    } catch {
+      // Closed or draining: claimers' polls find the task.
+    }
+  }
+
   /**
    * Connects (failing with `Unavailable` naming the URL if NATS does not answer in time),
    * ensures the streams and starts every part.
@@ -241,6 +254,9 @@ export class Transport {
       this.wakeSub = this.nc.subscribe(relayWakeSubject(this.o.names), {
         callback: () => this.relay.wake(),
       });
+    }
+    for (const name of OBSOLETE_CONSUMERS) {
+      await this.jsm.consumers.delete(this.o.names.stream, name).catch(() => false);
     }
     for (const r of this.runners) await r.start();
     if (this.o.enableReconciler !== false) this.reconciler.start();

@@ -68,6 +68,11 @@ export interface RelayOptions {
   maxPayload?: () => number | undefined;
   /** Called after the stream had to be created again (consumers must be recreated). */
   onStreamRecreated?: () => void;
+  /**
+   * Called once the stream took an event for the first time (not for a duplicate of one it
+   * had), as it stands in the event log: the dispatch wake-up goes out here.
+   */
+  onPublished?: (item: OutboxItem) => void;
 }
 
 export interface RelayStats {
@@ -158,9 +163,9 @@ export class OutboxRelay {
     reduced: 0,
   };
   private readonly o: Required<
-    Omit<RelayOptions, 'onStreamRecreated' | 'streamOptions' | 'maxPayload'>
+    Omit<RelayOptions, 'onStreamRecreated' | 'streamOptions' | 'maxPayload' | 'onPublished'>
   > &
-    Pick<RelayOptions, 'onStreamRecreated' | 'streamOptions' | 'maxPayload'>;
+    Pick<RelayOptions, 'onStreamRecreated' | 'streamOptions' | 'maxPayload' | 'onPublished'>;
   private running = false;
   private loop: Promise<void> | null = null;
   private wakeUp: (() => void) | null = null;
@@ -387,7 +392,10 @@ export class OutboxRelay {
       },
     );
     if (ack.duplicate) this.stats.duplicates++;
-    else this.stats.published++;
+    else {
+      this.stats.published++;
+      this.o.onPublished?.(item);
+    }
     if (reason) {
       this.stats.reduced++;
       this.o.log.warn(

@@ -7,10 +7,10 @@
  * - `task_state`: a task changed state → the `task-state` policy (its ticket learns it). The
  *   news of one ticket's tasks that arrive together is applied in one transaction.
  * - `ticket_cancel`: a ticket was cancelled → the `ticket-cancelled` policy.
- * - `dispatch`: a task became claimable → a core NATS message that wakes idle workers and
- *   long-polling claims. Only a latency optimisation: claimers poll as well.
+ * A task that became claimable wakes claimers without a consumer: the relay sends the
+ * wake-up (dispatch.ts).
  */
-import type { NatsConnection, Subscription } from '@nats-io/transport-node';
+import type { NatsConnection } from '@nats-io/transport-node';
 import type { ActorHost, UnitOfWork } from '../actors/host.js';
 import type { Db } from '../persistence/db.js';
 import type { EventEntry } from '../persistence/event-log.js';
@@ -20,7 +20,7 @@ import {
   forwardTaskStates,
   ticketsOfTasks,
 } from '../policies/index.js';
-import { dispatchSubject, type TransportNames, typeEventsSubject } from './subjects.js';
+import { type TransportNames, typeEventsSubject } from './subjects.js';
 
 interface ReactionBase {
   /** The durable consumer's name, shared by every process. */
@@ -59,15 +59,6 @@ export interface DirectReaction extends ReactionBase {
 
 export type Reaction = TransactionalReaction | DirectReaction;
 
-/** Task events after which the task may be claimable. */
-export const DISPATCH_EVENTS: readonly string[] = [
-  'task.created',
-  'task.retried',
-  'task.requeued',
-  'task.released',
-  'task.ready',
-];
-
 export const taskStateReaction: TransactionalReaction = {
   kind: 'transactional',
   name: 'task_state',
@@ -98,61 +89,12 @@ export const ticketCancelReaction: TransactionalReaction = {
   },
 };
 
-export interface DispatchMessage {
-  taskId: string;
-  event: string;
-  executor?: string;
-  type?: string;
-}
-
-export function dispatchReaction(nc: NatsConnection, names: TransportNames): DirectReaction {
-  return {
-    kind: 'direct',
-    name: 'dispatch',
-    filterSubject: (n) => typeEventsSubject(n, 'task'),
-    accepts: (e) => DISPATCH_EVENTS.includes(e.type),
-    run: async (e) => {
-      publishDispatch(nc, names, {
-        taskId: e.entityId,
-        event: e.type,
-        ...(typeof e.data.executor === 'string' ? { executor: e.data.executor } : {}),
-        ...(typeof e.data.type === 'string' ? { type: e.data.type } : {}),
-      });
-    },
-  };
-}
-
-export function publishDispatch(
-  nc: NatsConnection,
-  names: TransportNames,
-  msg: DispatchMessage,
-): void {
-  nc.publish(dispatchSubject(names), JSON.stringify(msg));
+export function defaultReactions(_nc: NatsConnection, _names: TransportNames): Reaction[] {
+  return [taskStateReaction, ticketCancelReaction];
 }
 
 /**
- * Calls `onWake` for every dispatch message (any process may publish them). Returns the
- * subscription; `unsubscribe()` ends it.
+ * Consumers earlier versions ran and this one does not: deleted at start, so the stream does
+ * not keep counting messages for them. (`dispatch`: wake-ups now come from the relay.)
  */
-export function subscribeDispatch(
-  nc: NatsConnection,
-  names: TransportNames,
-  onWake: (msg: DispatchMessage) => void,
-): Subscription {
-  return nc.subscribe(dispatchSubject(names), {
-    callback: (err, msg) => {
-      if (err) return;
-      let parsed: DispatchMessage;
-      try {
-        parsed = msg.json<DispatchMessage>();
-      } catch {
-        parsed = { taskId: '', event: 'unknown' };
-      }
-      onWake(parsed);
-    },
-  });
-}
-
-export function defaultReactions(nc: NatsConnection, names: TransportNames): Reaction[] {
-  return [taskStateReaction, ticketCancelReaction, dispatchReaction(nc, names)];
-}
+export const OBSOLETE_CONSUMERS: readonly string[] = ['dispatch'];

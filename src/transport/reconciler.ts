@@ -24,7 +24,7 @@ import {
   stalePendingTask,
 } from '../persistence/reaction-rows.js';
 import { cancelOpenTasks, forwardTaskState, settleWaitingTask } from '../policies/index.js';
-import { publishDispatch } from './reactions.js';
+import { publishDispatch } from './dispatch.js';
 import type { TransportNames } from './subjects.js';
 
 export interface ReconcilerOptions {

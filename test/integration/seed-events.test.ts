@@ -281,7 +281,11 @@ describe('seed regressions: events', () => {
     const e = await env('seed_late_worker');
     const p = e.proc();
     const t = await e.start(p, { enableReconciler: false });
-    const dispatch = t.runners.find((r) => r.name === 'dispatch')!;
+    let wakes = 0;
+    const heard = t.subscribeDispatch(() => {
+      wakes++;
+    });
+    await t.nc.flush();
     const { value } = await p.host.transact(async (uow) => {
       const ticket = await p.commands.createTicket(uow, { title: 'late worker' });
       const ids: string[] = [];
@@ -295,8 +299,9 @@ describe('seed regressions: events', () => {
       }
       return ids;
     });
-    // Every task.created went out as a wake-up, heard by no one.
-    await eventually(() => dispatch.stats.applied >= value.length, 15_000, 'wake-ups sent');
+    // Every task.created went out as a wake-up, heard by no claimer.
+    await eventually(() => wakes >= value.length, 15_000, 'wake-ups sent');
+    heard.unsubscribe();
     const pending = async () => {
       const [r] = await p.sql<{ n: number }[]>`select count(*)::int as n from tasks
         where id in ${p.sql(value)} and state = 'pending'`;

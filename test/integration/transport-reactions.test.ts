@@ -7,18 +7,16 @@
  * not events of the event log (acked, counted as forged, never acted on).
  */
 import { randomUUID } from 'node:crypto';
-import { jetstream } from '@nats-io/jetstream';
+import { AckPolicy, jetstream } from '@nats-io/jetstream';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { Commands } from '../../src/actors/commands.js';
 import { ActorHost } from '../../src/actors/host.js';
 import type { Sql } from '../../src/persistence/db.js';
 import { toEntry } from '../../src/persistence/event-log.js';
+import type { DispatchMessage } from '../../src/transport/dispatch.js';
 import type { LiveMessage, Transport } from '../../src/transport/index.js';
-import {
-  type DispatchMessage,
-  type Reaction,
-  taskStateReaction,
-} from '../../src/transport/reactions.js';
+import { type Reaction, taskStateReaction } from '../../src/transport/reactions.js';
+import { ensureStreams } from '../../src/transport/streams.js';
 import { eventSubject, type TransportNames } from '../../src/transport/subjects.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 import { TASK_DEFAULTS } from '../support/fixtures.js';
@@ -329,7 +327,7 @@ describe('reactions', () => {
           at,
         },
       ],
-      // A task that does not exist "created" (a dispatch wake-up).
+      // A task that does not exist "created" (no consumer turns it into a wake-up).
       [
         eventSubject(e.names, 'task', ghost, 'task.created'),
         {
@@ -352,14 +350,13 @@ describe('reactions', () => {
       await js.publish(subject, typeof body === 'string' ? body : JSON.stringify(body));
     }
     // ticket_cancel: two cancellations and the bad JSON; task_state: the completion and the
-    // null; dispatch: the ghost's creation and the null (it ignores task.completed).
+    // null (it ignores task.created: the ghost's creation is acked untouched).
     await eventually(
       () => {
         const now = forged();
         return (
           now.ticket_cancel! - before.ticket_cancel! === 3 &&
-          now.task_state! - before.task_state! === 2 &&
-          now.dispatch! - before.dispatch! === 2
+          now.task_state! - before.task_state! === 2
         );
       },
       10_000,
@@ -414,16 +411,42 @@ describe('reactions', () => {
     expect(again.ticketsFixed + again.tasksCancelled).toBe(0);
   });
 
-  it('a created task is dispatched to every subscriber', async () => {
+  it('a created task is dispatched to every subscriber by the relay, with no consumer of its own', async () => {
     const e = await env('reactions_dispatch');
     const p = e.proc();
+    // A stream that an earlier version ran a `dispatch` consumer on: it is gone after start.
+    await ensureStreams(admin.jsm, e.names);
+    await admin.jsm.consumers.add(e.names.stream, {
+      durable_name: 'dispatch',
+      ack_policy: AckPolicy.Explicit,
+      filter_subject: `${e.names.prefix}.events.task.*.*`,
+    });
     const t = await e.start(p, { enableReconciler: false });
+    const names = (await admin.jsm.consumers.list(e.names.stream).next()).map((c) => c.name);
+    expect(names.sort()).toEqual(['task_state', 'ticket_cancel']);
     const got: DispatchMessage[] = [];
+    const other: DispatchMessage[] = [];
     const sub = t.subscribeDispatch((m) => got.push(m));
+    const sub2 = t.subscribeDispatch((m) => other.push(m));
     await t.nc.flush();
-    const { taskIds } = await ticketWithTasks(p, 1);
-    await eventually(() => got.some((m) => m.taskId === taskIds[0] && m.event === 'task.created'));
+    const { ticketId, taskIds } = await ticketWithTasks(p, 1);
+    const created = (m: DispatchMessage) => m.taskId === taskIds[0] && m.event === 'task.created';
+    await eventually(() => got.some(created) && other.some(created));
+    // Exactly one wake-up per claimable event, and none for the ticket's or a claim's events.
+    await claimAndStart(p.host, taskIds[0]!);
+    await eventually(async () => {
+      const r = await p.sql<
+        { n: number }[]
+      >`select count(*)::int as n from events where stream_seq is null`;
+      return r[0]?.n === 0;
+    });
+    await t.nc.flush();
+    await new Promise((r) => setTimeout(r, 200));
+    expect(got.filter(created)).toHaveLength(1);
+    expect(got.map((m) => m.event)).toEqual(['task.created']);
+    expect(got.some((m) => m.taskId === ticketId)).toBe(false);
     sub.unsubscribe();
+    sub2.unsubscribe();
   });
 
   it('the event feed resumes after a log position, optionally for one entity', async () => {
