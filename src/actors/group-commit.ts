@@ -8,17 +8,8 @@
  * several, each unit runs in its own savepoint, one after another: a unit that throws is rolled
  * back to its savepoint and answered with its error right away, and the others go on. A failed
  * commit answers every unit still waiting with that failure; none is answered as a success.
- *
- * A batch runs on a connection reserved from the pool, not in `sql.begin`, which waits for
- * BEGIN's reply before the first statement: here BEGIN (and SET LOCAL, and each SAVEPOINT)
- * is sent without waiting and travels with the statement after it, one round trip less.
  */
-import { poolEnding, type Sql, type Tx } from '../persistence/db.js';
-import {
-  brokenConnection,
-  connectionEnded,
-  Transaction,
-} from '../persistence/pipelined-transaction.js';
+import type { Sql, Tx } from '../persistence/db.js';
 
 export interface GroupCommitOptions {
   /** Units committed together at most (1: each unit in a transaction of its own). */
@@ -125,24 +116,43 @@ export class GroupCommit<B> {
   private async commit(units: Queued<B>[]): Promise<void> {
     const batch = this.newBatch();
     const kept: { q: Queued<B>; value: unknown }[] = [];
-    let t: Transaction | undefined;
     try {
-      // An ended pool answers CONNECTION_ENDED, as `sql.begin` does (its reserve() would
-      // open a connection again).
-      if (poolEnding(this.sql)) throw connectionEnded();
-      t = new Transaction(await this.sql.reserve());
-      const [only] = units;
-      if (units.length === 1 && only) await this.runAlone(t, only, batch, kept);
-      else await this.runShared(t, units, batch, kept);
-      await t.commit();
+      await this.sql.begin(async (t) => {
+        const tx = t as unknown as Tx;
+        const [only] = units;
+        if (units.length === 1 && only) {
+          // Alone: the transaction is the unit's; its error rolls all of it back.
+          try {
+            kept.push({ q: only, value: await only.unit.run(tx, batch) });
+          } catch (error) {
+            settle(only, error);
+            throw error;
+          }
+          return;
+        }
+        const lockTimeout = Math.max(
+          1,
+          Math.floor(this.options.lockTimeoutMs ?? BATCH_LOCK_TIMEOUT_MS),
+        );
+        await tx.unsafe(`set local lock_timeout = ${lockTimeout}`);
+        for (const q of units) {
+          try {
+            const value = await tx.savepoint((sp) => q.unit.run(sp as unknown as Tx, batch));
+            q.unit.kept?.(value, batch);
+            kept.push({ q, value });
+          } catch (error) {
+            // Rolled back to its savepoint: only this unit's writes are gone.
+            settle(q, error);
+            if (brokenConnection(error)) throw error;
+          }
+        }
+      });
     } catch (error) {
-      await t?.end(false, poolEnding(this.sql));
       // Every unit answered already (a lone unit's own error) is no failed commit.
       if (units.some((q) => !q.settled)) this.stats.failedCommits++;
       for (const q of units) settle(q, error);
       return;
     }
-    await t.end(true, poolEnding(this.sql));
     this.stats.commits++;
     this.stats.units += kept.length;
     this.stats.largestBatch = Math.max(this.stats.largestBatch, units.length);
@@ -159,69 +169,20 @@ export class GroupCommit<B> {
       q.resolve(value);
     }
   }
-
-  /** Alone: the transaction is the unit's; its error rolls all of it back. */
-  private async runAlone(
-    t: Transaction,
-    q: Queued<B>,
-    batch: B,
-    kept: { q: Queued<B>; value: unknown }[],
-  ): Promise<void> {
-    t.sendAhead('begin');
-    const scope = t.scope();
-    try {
-      const value = await t.run(() => q.unit.run(scope.tx, batch));
-      scope.check();
-      kept.push({ q, value });
-    } catch (error) {
-      // BEGIN's failure or the connection's is the batch's, not the unit's own.
-      await t.check();
-      const own = scope.cause(error);
-      settle(q, own);
-      throw own;
-    }
-  }
-
-  /** Several: each unit in its own savepoint, one after another. */
-  private async runShared(
-    t: Transaction,
-    units: Queued<B>[],
-    batch: B,
-    kept: { q: Queued<B>; value: unknown }[],
-  ): Promise<void> {
-    const lockTimeout = Math.max(
-      1,
-      Math.floor(this.options.lockTimeoutMs ?? BATCH_LOCK_TIMEOUT_MS),
-    );
-    t.sendAhead('begin');
-    t.sendAhead(`set local lock_timeout = ${lockTimeout}`);
-    for (const [i, q] of units.entries()) {
-      // The transaction is sound here (the unit before held or was rolled back to its
-      // savepoint), so this SAVEPOINT fails only with the connection or BEGIN, which fail the
-      // batch: it can go out with the unit's first statement.
-      t.sendAhead(`savepoint s${i}`);
-      const scope = t.scope();
-      try {
-        const value = await t.run(() => q.unit.run(scope.tx, batch));
-        scope.check();
-        await t.check();
-        q.unit.kept?.(value, batch);
-        kept.push({ q, value });
-      } catch (error) {
-        await t.check();
-        // Rolled back to its savepoint: only this unit's writes are gone.
-        const own = scope.cause(error);
-        if (brokenConnection(own)) throw own;
-        // A unit that sent no statement left its savepoint empty.
-        if (scope.sent > 0) await t.statement(`rollback to savepoint s${i}`);
-        settle(q, own);
-      }
-    }
-  }
 }
 
 function settle<B>(q: Queued<B>, error: unknown): void {
   if (q.settled) return;
   q.settled = true;
   q.reject(error);
+}
+
+/** postgres.js's own codes for a connection that is gone: the transaction is lost with it. */
+const CONNECTION_LOST = new Set(['CONNECTION_CLOSED', 'CONNECTION_ENDED', 'CONNECTION_DESTROYED']);
+
+function brokenConnection(error: unknown): boolean {
+  const code = (error as { code?: unknown } | null)?.code;
+  if (typeof code !== 'string') return false;
+  // 57P01..57P05: the backend was terminated; 08xxx: connection exceptions.
+  return CONNECTION_LOST.has(code) || code.startsWith('57P') || code.startsWith('08');
 }

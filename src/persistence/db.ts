@@ -17,7 +17,7 @@ export interface DbOptions {
 }
 
 export function createSql(url: string, options: DbOptions = {}): Sql {
-  const sql = postgres(url, {
+  return postgres(url, {
     max: options.max ?? 10,
     connect_timeout: options.connectTimeoutSec ?? 10,
     idle_timeout: 30,
@@ -33,23 +33,6 @@ export function createSql(url: string, options: DbOptions = {}): Sql {
       },
     },
   }) as unknown as Sql;
-  const end = sql.end.bind(sql);
-  sql.end = (o?: { timeout?: number | undefined }) => {
-    ending.add(sql);
-    return end(o);
-  };
-  return sql;
-}
-
-const ending = new WeakSet<Sql>();
-
-/**
- * `end()` was called on this pool (one made by `createSql`). postgres.js 3.4.9 does not say so,
- * and its `reserve()` opens a connection of an ended pool again; a connection reserved while it
- * ends is not to be handed back either, or `end()` waits for it forever.
- */
-export function poolEnding(sql: Sql): boolean {
-  return ending.has(sql);
 }
 
 /** SQLSTATE of a Postgres error, if it is one. */
