@@ -53,7 +53,11 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
   const closers: Closer[] = [];
   const stopAll = async () => {
     for (const c of closers.reverse()) {
+      // Each part's stop is logged, so a shutdown that hangs names the part it hangs in.
+      const started = performance.now();
+      log.debug({ part: c.name }, 'stopping');
       await c.close().catch((err: unknown) => log.warn({ err, part: c.name }, 'stop failed'));
+      log.debug({ part: c.name, ms: Math.round(performance.now() - started) }, 'stopped');
     }
     closers.length = 0;
   };
