@@ -21,13 +21,11 @@
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { jetstreamManager } from '@nats-io/jetstream';
 import { Commands } from '../src/actors/commands.js';
 import { ActorHost } from '../src/actors/host.js';
 import { freePort } from '../src/infra/free-port.js';
-import { silentLogger } from '../src/log.js';
 import { TICKET_TASKS_PAGE } from '../src/persistence/queries.js';
-import { Transport } from '../src/transport/index.js';
+import { settleSetup } from './fixtures.js';
 import {
   benchNames,
   dropStreams,
@@ -103,37 +101,7 @@ export async function bigTicketSection(o: { tasks: number; seconds: number }): P
     const setupSeconds = (performance.now() - setupStarted) / 1000;
 
     // Relay the setup's events and let every reaction settle before the process starts.
-    const t = await Transport.start({
-      sql: db.sql,
-      host,
-      log: silentLogger(),
-      natsUrl: NATS_URL,
-      names,
-      reconcileMs: 600_000,
-      enableReconciler: false,
-      relay: { streamCheckMs: 0 },
-    });
-    try {
-      const jsm = await jetstreamManager(t.nc);
-      await until(
-        async () => {
-          const [r] = await db.sql<
-            { n: number }[]
-          >`select count(*)::int as n from events where stream_seq is null`;
-          if ((r?.n ?? 1) > 0) return false;
-          for (const runner of t.runners) {
-            const info = await jsm.consumers.info(names.stream, runner.name);
-            if (info.num_pending + info.num_ack_pending > 0) return false;
-          }
-          return true;
-        },
-        300_000,
-        'the setup events to settle',
-        50,
-      );
-    } finally {
-      await t.stop();
-    }
+    await settleSetup(db.sql, host, names);
     const [p] = await db.sql<{ phase: string }[]>`select phase from tickets where id = ${big}`;
     const phase = p?.phase;
     if (!phase) throw new Error('bench: the big ticket has no phase');

@@ -1,9 +1,14 @@
 /** Setup shared by the HTTP sections: a listening app, and running tasks with their tokens. */
 import type { AddressInfo } from 'node:net';
 import { type ServerType, serve } from '@hono/node-server';
+import { jetstreamManager } from '@nats-io/jetstream';
 import type { Commands } from '../src/actors/commands.js';
 import type { ActorHost } from '../src/actors/host.js';
-import { pool } from './stats.js';
+import { silentLogger } from '../src/log.js';
+import type { Sql } from '../src/persistence/db.js';
+import { Transport, type TransportNames, type TransportOptions } from '../src/transport/index.js';
+import { NATS_URL } from './scratch.js';
+import { pool, until } from './stats.js';
 
 /** Serves `fetch` on a free loopback port. */
 export async function listen(
@@ -35,4 +40,53 @@ export async function runningTasks(
     tasks.push({ id: value, token });
   });
   return tasks;
+}
+
+/** A bench process's own transport: no reconciler, no stream check; `over` adds the rest. */
+export function benchTransportOptions(
+  sql: Sql,
+  host: ActorHost,
+  names: TransportNames,
+  over: Partial<TransportOptions> = {},
+): TransportOptions {
+  return {
+    sql,
+    host,
+    log: silentLogger(),
+    natsUrl: NATS_URL,
+    names,
+    reconcileMs: 600_000,
+    enableReconciler: false,
+    relay: { streamCheckMs: 0 },
+    ...over,
+  };
+}
+
+/**
+ * Relays a setup's events and lets every reaction to them settle (nothing unpublished, no
+ * consumer with messages pending), with a transport of its own that is stopped afterwards.
+ */
+export async function settleSetup(sql: Sql, host: ActorHost, names: TransportNames): Promise<void> {
+  const t = await Transport.start(benchTransportOptions(sql, host, names));
+  try {
+    const jsm = await jetstreamManager(t.nc);
+    await until(
+      async () => {
+        const [r] = await sql<
+          { n: number }[]
+        >`select count(*)::int as n from events where stream_seq is null`;
+        if ((r?.n ?? 1) > 0) return false;
+        for (const runner of t.runners) {
+          const info = await jsm.consumers.info(names.stream, runner.name);
+          if (info.num_pending + info.num_ack_pending > 0) return false;
+        }
+        return true;
+      },
+      300_000,
+      'the setup events to settle',
+      50,
+    );
+  } finally {
+    await t.stop();
+  }
 }

@@ -24,7 +24,7 @@ import { Queries } from '../src/persistence/queries.js';
 import { Transport } from '../src/transport/index.js';
 import { ClaimService } from '../src/workers/claims.js';
 import { Wakeups } from '../src/workers/wakeups.js';
-import { listen, runningTasks } from './fixtures.js';
+import { benchTransportOptions, listen, runningTasks } from './fixtures.js';
 import {
   benchNames,
   dropStreams,
@@ -80,17 +80,9 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
   let server: ReturnType<typeof serve> | null = null;
   try {
     // The relay feeds the stream SSE reads; no reactions (HEARTBEAT writes no event anyway).
-    transport = await Transport.start({
-      sql: db.sql,
-      host,
-      log: silentLogger(),
-      natsUrl: NATS_URL,
-      names,
-      reconcileMs: 600_000,
-      enableReconciler: false,
-      reactions: () => [],
-      relay: { streamCheckMs: 0 },
-    });
+    transport = await Transport.start(
+      benchTransportOptions(db.sql, host, names, { reactions: () => [] }),
+    );
     const app = createApp({
       host,
       commands,

@@ -18,11 +18,11 @@
 import { jetstreamManager } from '@nats-io/jetstream';
 import { Commands } from '../src/actors/commands.js';
 import { ActorHost } from '../src/actors/host.js';
-import { silentLogger } from '../src/log.js';
 import type { EventEntry } from '../src/persistence/event-log.js';
 import type { ConsumerRunner } from '../src/transport/consumer-runner.js';
 import { Transport } from '../src/transport/index.js';
-import { benchNames, dropStreams, NATS_URL, type Scratch, scratchDatabase } from './scratch.js';
+import { benchTransportOptions } from './fixtures.js';
+import { benchNames, dropStreams, type Scratch, scratchDatabase } from './scratch.js';
 import { ms, n0, pool, print, ratio, summarize, table, until } from './stats.js';
 
 const TASK_DEFAULTS = { maxAttempts: 3, leaseMs: 3_600_000, retryBaseMs: 1_000 };
@@ -76,19 +76,16 @@ export async function reactionsSection(o: ReactionsOptions): Promise<void> {
     try {
       const host = new ActorHost(db.sql, { taskDefaults: TASK_DEFAULTS });
       const work = await prepare(host, o.tasks + o.alone);
-      t = await Transport.start({
-        sql: db.sql,
-        host,
-        log: silentLogger(),
-        natsUrl: NATS_URL,
-        names,
-        reconcileMs: 600_000,
-        enableReconciler: false,
-        relay: { streamCheckMs: 0 },
-        ...(pass.maxPerTransaction !== undefined
-          ? { consumer: { maxPerTransaction: pass.maxPerTransaction } }
-          : {}),
-      });
+      t = await Transport.start(
+        benchTransportOptions(
+          db.sql,
+          host,
+          names,
+          pass.maxPerTransaction !== undefined
+            ? { consumer: { maxPerTransaction: pass.maxPerTransaction } }
+            : {},
+        ),
+      );
       await settle(db, t, names.stream);
       const runner = t.runners.find((r) => r.name === 'task_state') as ConsumerRunner;
       alone ??= await timeAlone(host, runner, work.slice(o.tasks));

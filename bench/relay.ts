@@ -17,10 +17,10 @@ import { randomUUID } from 'node:crypto';
 import { jetstreamManager } from '@nats-io/jetstream';
 import { Commands } from '../src/actors/commands.js';
 import { ActorHost } from '../src/actors/host.js';
-import { silentLogger } from '../src/log.js';
-import { Transport, type TransportOptions } from '../src/transport/index.js';
+import { Transport } from '../src/transport/index.js';
 import type { TransportNames } from '../src/transport/subjects.js';
-import { benchNames, dropStreams, NATS_URL, type Scratch, scratchDatabase } from './scratch.js';
+import { benchTransportOptions } from './fixtures.js';
+import { benchNames, dropStreams, type Scratch, scratchDatabase } from './scratch.js';
 import { ms, n0, pool, print, ratio, summarize, table, until } from './stats.js';
 
 const TASK_DEFAULTS = { maxAttempts: 3, leaseMs: 600_000, retryBaseMs: 1_000 };
@@ -50,25 +50,6 @@ export async function relaySection(o: RelayOptions): Promise<void> {
   }
 }
 
-function transportOptions(
-  db: Scratch,
-  host: ActorHost,
-  names: TransportNames,
-  over: Partial<TransportOptions>,
-): TransportOptions {
-  return {
-    sql: db.sql,
-    host,
-    log: silentLogger(),
-    natsUrl: NATS_URL,
-    names,
-    reconcileMs: 600_000,
-    enableReconciler: false,
-    relay: { streamCheckMs: 0 },
-    ...over,
-  };
-}
-
 async function outboxCount(db: Scratch): Promise<number> {
   const [r] = await db.sql<
     { n: number }[]
@@ -85,7 +66,7 @@ async function backlogAndRaw(
   const host = new ActorHost(db.sql, { taskDefaults: TASK_DEFAULTS });
   // A transport whose relay we start by hand once the backlog is in place; no reactions.
   const t = await Transport.start(
-    transportOptions(db, host, names, { enableRelay: false, reactions: () => [] }),
+    benchTransportOptions(db.sql, host, names, { enableRelay: false, reactions: () => [] }),
   );
   transports.push(t);
   const entities = 500;
@@ -151,7 +132,9 @@ async function steadyState(
   transports: Transport[],
 ): Promise<void> {
   const host = new ActorHost(db.sql, { taskDefaults: TASK_DEFAULTS });
-  const t = await Transport.start(transportOptions(db, host, names, { reactions: () => [] }));
+  const t = await Transport.start(
+    benchTransportOptions(db.sql, host, names, { reactions: () => [] }),
+  );
   transports.push(t);
   const concurrency = 8;
   const ids: string[] = [];
@@ -259,7 +242,7 @@ async function reactions(
     await host.send('task', value.taskId, { type: 'START', token });
     work.push({ ...value, token });
   });
-  const t = await Transport.start(transportOptions(db, host, names, {}));
+  const t = await Transport.start(benchTransportOptions(db.sql, host, names, {}));
   transports.push(t);
   // Let the setup's events go through the relay and every reaction first.
   const jsm = await jetstreamManager(t.nc);

@@ -19,7 +19,7 @@ import { Queries } from '../src/persistence/queries.js';
 import { Transport } from '../src/transport/index.js';
 import { ClaimService } from '../src/workers/claims.js';
 import { Wakeups } from '../src/workers/wakeups.js';
-import { listen } from './fixtures.js';
+import { benchTransportOptions, listen } from './fixtures.js';
 import { fanOut } from './http.js';
 import { benchNames, dropStreams, forkTs, NATS_URL, scratchDatabase } from './scratch.js';
 import { ms, n0, print, sleep, table } from './stats.js';
@@ -39,17 +39,9 @@ export async function sseSection(o: { clients: number; samples: number }): Promi
   let child: ChildProcess | null = null;
   let server: ReturnType<typeof serve> | null = null;
   try {
-    transport = await Transport.start({
-      sql: db.sql,
-      host,
-      log: silentLogger(),
-      natsUrl: NATS_URL,
-      names,
-      reconcileMs: 600_000,
-      enableReconciler: false,
-      reactions: () => [],
-      relay: { streamCheckMs: 0 },
-    });
+    transport = await Transport.start(
+      benchTransportOptions(db.sql, host, names, { reactions: () => [] }),
+    );
     const t = transport;
     const app = createApp({
       host,
