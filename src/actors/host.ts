@@ -527,15 +527,7 @@ export class UnitOfWork {
   ): Promise<Applied> {
     const row = await this.load(entityType, id);
     const entry = await this.host.machineOf(entityType, row.workflow);
-    const steps: Step[] = [];
-    let snapshot = row.snapshot;
-    for (const make of events) {
-      const event = make(snapshot);
-      const stamped = stamp(event, this.at);
-      const decision = decide(entityType, id, snapshot, stamped, row.machineVersion, entry);
-      steps.push({ decision, from: String(snapshot.value), event: event.type });
-      snapshot = decision.snapshot;
-    }
+    const { steps } = this.decideSteps(row, entry, events, false);
     const applied = await this.write(row, steps, entry);
     // What the caller sees is the actor after everything this event set off in the same
     // transaction (the TASK_ADDED of the templates of a phase it entered), not halfway.
@@ -556,32 +548,53 @@ export class UnitOfWork {
   ): Promise<{ applied: Applied[]; taken: number }> {
     const row = await this.load(entityType, id);
     const entry = await this.host.machineOf(entityType, row.workflow);
+    const asNews = events.map((event) => () => event);
+    const { steps, taken } = this.decideSteps(row, entry, asNews, true);
+    if (steps.length === 0) return { applied: [], taken };
+    const applied = await this.write(row, steps, entry);
+    // As in sendEach: the last answer is the actor after what its event set off.
+    const last = this.latest(entityType, id);
+    if (last) applied[applied.length - 1] = last;
+    return { applied, taken };
+  }
+
+  /**
+   * Decides `events` in turn on `row`, each built from the snapshot the one before left. As
+   * news (`sendAccepted`), a refused event is left out and the run ends after the first event
+   * that changes the state; otherwise any refusal throws. `taken`: events looked at.
+   */
+  private decideSteps(
+    row: ActorRow,
+    entry: MachineEntry,
+    events: readonly ((snapshot: PersistedSnapshot) => DecideEvent)[],
+    asNews: boolean,
+  ): { steps: Step[]; taken: number } {
     const steps: Step[] = [];
     let snapshot = row.snapshot;
     let taken = 0;
-    for (const event of events) {
+    for (const make of events) {
       taken++;
       const from = String(snapshot.value);
+      const event = make(snapshot);
       let decision: Decision;
       try {
         decision = decide(
-          entityType,
-          id,
+          row.entityType,
+          row.id,
           snapshot,
           stamp(event, this.at),
           row.machineVersion,
           entry,
         );
       } catch (error) {
-        if (error instanceof IllegalTransition) continue;
+        if (asNews && error instanceof IllegalTransition) continue;
         throw error;
       }
       steps.push({ decision, from, event: event.type });
       snapshot = decision.snapshot;
-      if (decision.state !== from) break;
+      if (asNews && decision.state !== from) break;
     }
-    if (steps.length === 0) return { applied: [], taken };
-    return { applied: await this.write(row, steps, entry), taken };
+    return { steps, taken };
   }
 
   /** Writes `row` after `steps` (one compare-and-set) and records them. */
@@ -728,7 +741,7 @@ export class UnitOfWork {
     const dues = timers.map((t) => t.dueAt);
     if (typeof deadline === 'number') dues.push(deadline);
     const results: Applied[] = [];
-    let from = 0;
+    let offset = 0;
     for (const [i, step] of steps.entries()) {
       const last = i === steps.length - 1;
       const n = step.decision.emitted.length;
@@ -740,13 +753,13 @@ export class UnitOfWork {
         state: step.decision.state,
         snapshot: step.decision.snapshot,
         version: before.version + i + 1,
-        events: entries.slice(from, from + n),
+        events: entries.slice(offset, offset + n),
         machine,
         ...(after.workflow !== undefined ? { workflow: after.workflow } : {}),
         ...(after.entityType === 'task' ? { feedback: after.feedback ?? null } : {}),
         ...(last && dues.length > 0 ? { dueAt: Math.min(...dues) } : {}),
       });
-      from += n;
+      offset += n;
     }
     this.results.push(...results);
     // What follows on other actors in the same transaction: src/policies owns those rules.

@@ -31,26 +31,6 @@ export interface TaskNews {
   from: TaskState;
 }
 
-/**
- * Records that the ticket is told the task is in `state` as of `seq`, only if that is newer
- * than what it was told: returns the row's previous state (and its phase, round and type), or
- * null when the news is stale or the task has no row (nothing is to be sent). The row is
- * locked until commit, so two transactions never both take the same news.
- */
-export async function recordTaskNews(
-  db: Db,
-  taskId: string,
-  state: TaskState,
-  seq: number,
-): Promise<TaskNews | null> {
-  const rows = await db<{ phase: string; round: number; type: string; from: TaskState }[]>`
-    update ticket_tasks t set state = ${state}, seq = ${seq}
-    from (select task_id, state from ticket_tasks where task_id = ${taskId} for update) old
-    where t.task_id = old.task_id and t.seq < ${seq}
-    returning t.phase, t.round, t.type, old.state as "from"`;
-  return rows[0] ?? null;
-}
-
 /** One task's news, for `recordTasksNews`. */
 export interface NewsItem {
   taskId: string;
@@ -59,9 +39,11 @@ export interface NewsItem {
 }
 
 /**
- * `recordTaskNews` for several tasks in one statement: the news that is newer than what the
- * ticket was told, by task id (stale news and tasks without a row are absent). Rows are
- * locked in task id order, so two transactions never wait on each other in a cycle.
+ * Records that the ticket is told each task is in `state` as of `seq`, only where that is
+ * newer than what it was told, in one statement: by task id, the row's previous state (and
+ * its phase, round and type); stale news and tasks without a row are absent (nothing is to be
+ * sent for them). The rows are locked until commit, in task id order, so two transactions
+ * never both take the same news nor wait on each other in a cycle.
  */
 export async function recordTasksNews(
   db: Db,

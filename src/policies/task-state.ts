@@ -16,19 +16,18 @@ import {
   tasksProgress,
   ticketIdsOfTasks,
 } from '../persistence/reaction-rows.js';
-import { recordTaskNews, recordTasksNews, type TaskNews } from '../persistence/ticket-task-rows.js';
-import { sendIfAccepted } from './send.js';
+import { recordTasksNews, type TaskNews } from '../persistence/ticket-task-rows.js';
 
 export async function forwardTaskState(uow: UnitOfWork, taskId: string): Promise<Applied | null> {
-  const task = (await tasksProgress(uow.tx, [taskId])).get(taskId);
-  return task ? tell(uow, taskId, task) : null;
+  const [applied] = await forwardTaskStates(uow, [taskId]);
+  return applied ?? null;
 }
 
 /**
  * The news of several tasks (normally of one ticket, see `ticketsOfTasks`) in one unit of
  * work: each task's state is read once, however many of its events are listed (the state
  * read now is the latest, so older news of the same task adds nothing), and its ticket is
- * told in the order the tasks are first listed. Same outcome as `forwardTaskState` per task,
+ * told in the order the tasks are first listed. Same outcome as each task's news told alone,
  * with one read and, for one ticket, one row lock instead of one per event.
  */
 export async function forwardTaskStates(
@@ -60,11 +59,6 @@ async function tellMany(
   ticketId: string,
   tasks: { id: string; task: TaskProgress }[],
 ): Promise<Applied[]> {
-  const [only] = tasks;
-  if (tasks.length === 1 && only) {
-    const applied = await tell(uow, only.id, only.task);
-    return applied ? [applied] : [];
-  }
   if (!(await lockTicket(uow, ticketId))) return [];
   const recorded = await recordTasksNews(
     uow.tx,
@@ -96,14 +90,6 @@ async function tellMany(
  */
 export function ticketsOfTasks(db: Db, taskIds: string[]): Promise<Map<string, string>> {
   return ticketIdsOfTasks(db, taskIds);
-}
-
-async function tell(uow: UnitOfWork, taskId: string, task: TaskProgress): Promise<Applied | null> {
-  if (!(await lockTicket(uow, task.ticketId))) return null;
-  const news = await recordTaskNews(uow.tx, taskId, task.state, task.seq);
-  // Stale or repeated news: the ticket already counts it.
-  if (!news) return null;
-  return sendIfAccepted(uow, 'ticket', task.ticketId, taskStateEvent(taskId, task, news));
 }
 
 /**
