@@ -233,8 +233,18 @@ export class ClaimService {
     first: (uow: UnitOfWork) => Promise<unknown>,
   ): Promise<ClaimedTask[]> {
     const { value } = await this.host.transact(async (uow) => {
+      // Without type caps the candidates do not depend on `first` (they are pending, the
+      // settled task is not): their lookup goes out beside `first`'s writes, one round trip
+      // for both. With caps, the count must see the settled task leave its type's slots.
+      if (Object.keys(this.options.typeLimits).length > 0) {
+        await first(uow);
+        return this.claimIn(uow, req, claimers);
+      }
+      const locked = this.lockFor(uow, req, claimers);
+      // If `first` throws, the transaction rolls back with these locks; nobody awaits them.
+      locked.catch(() => {});
       await first(uow);
-      return this.claimIn(uow, req, claimers);
+      return this.claimFrom(uow, req, claimers, await locked);
     });
     return this.claimed(value);
   }
@@ -260,17 +270,35 @@ export class ClaimService {
     req: Omit<ClaimRequest, 'workerId'>,
     claimers: string[],
   ): Promise<{ applied: Applied[]; next: Candidate | undefined }> {
+    return this.claimFrom(uow, req, claimers, await this.lockFor(uow, req, claimers));
+  }
+
+  /** The best candidates for `claimers`, locked with SKIP LOCKED (none for no executor). */
+  private async lockFor(
+    uow: UnitOfWork,
+    req: Omit<ClaimRequest, 'workerId'>,
+    claimers: string[],
+  ): Promise<Candidate[]> {
     const executors = req.executors ?? ['external'];
-    const applied: Applied[] = [];
-    if (executors.length === 0 || claimers.length === 0) return { applied, next: undefined };
-    const limits = this.options.typeLimits;
+    if (executors.length === 0 || claimers.length === 0) return [];
     this.attempts++;
-    const excludeTypes = await typesAtCap(uow.tx, limits);
-    const candidates = await lockCandidates(
+    const excludeTypes = await typesAtCap(uow.tx, this.options.typeLimits);
+    return lockCandidates(
       uow.tx,
       { executors, types: req.types, excludeTypes },
       claimers.length + CANDIDATES_PER_TRY - 1,
     );
+  }
+
+  /** Sends CLAIM (and START) to the locked `candidates`, at most one per claimer. */
+  private async claimFrom(
+    uow: UnitOfWork,
+    req: Omit<ClaimRequest, 'workerId'>,
+    claimers: string[],
+    candidates: Candidate[],
+  ): Promise<{ applied: Applied[]; next: Candidate | undefined }> {
+    const applied: Applied[] = [];
+    const limits = this.options.typeLimits;
     let capLocked: string | null = null;
     for (const [i, c] of candidates.entries()) {
       const workerId = claimers[applied.length];

@@ -109,6 +109,56 @@ describe('claim with start', () => {
     }
   });
 
+  it('settling a task sends the candidate lookup of its next claim beside its writes', async () => {
+    const done = await oneTask('start-d');
+    const next = await oneTask('start-d');
+    // Statements in the order postgres.js puts them on the wire.
+    const statements: string[] = [];
+    const sql = postgres(t.db.url, {
+      max: 2,
+      onnotice: () => {},
+      types: { bigint: { to: 20, from: [20], serialize: String, parse: Number } },
+      debug: (_connection, query) => {
+        statements.push(query);
+      },
+    }) as unknown as Sql;
+    try {
+      const host = new ActorHost(sql, {
+        taskDefaults: { maxAttempts: 3, leaseMs: 60_000, retryBaseMs: 1_000 },
+      });
+      const worker = new ClaimService(host, new Wakeups(), { typeLimits: {}, maxWaitMs: 0 });
+      // Claim one of the two (in creation order, the first), then settle it and claim on.
+      const first = await worker.claim({ workerId: 'w4', executors: ['start-d'], start: true });
+      expect(first?.task.id).toBe(done);
+      statements.length = 0;
+      let sentWhenSettled = -1;
+      const [claimed] = await worker.settleAndClaim(
+        { executors: ['start-d'], start: true },
+        ['w4'],
+        async (uow) => {
+          await uow.send('task', done, {
+            type: 'COMPLETE',
+            token: first?.token as string,
+            result: null,
+          });
+          sentWhenSettled = statements.length;
+        },
+      );
+      worker.close();
+      expect(claimed?.task.id).toBe(next);
+      expect(claimed?.task.state).toBe('running');
+      // By the time the COMPLETE's writes were answered, the candidate lookup had been sent
+      // with them: one round trip for both, not one after the other.
+      const lookup = statements.findIndex((q) => /for update skip locked/i.test(q));
+      expect(lookup).toBeGreaterThanOrEqual(0);
+      expect(lookup).toBeLessThan(sentWhenSettled);
+      const [row] = await t.db.sql<{ state: string }[]>`select state from tasks where id = ${done}`;
+      expect(row?.state).toBe('completed');
+    } finally {
+      await sql.end({ timeout: 1 });
+    }
+  });
+
   it('without start the task stays claimed until its claimer STARTs it', async () => {
     const id = await oneTask('start-b');
     const got = await claims.claim({ workerId: 'w2', executors: ['start-b'] });
