@@ -134,7 +134,8 @@ export class GroupCommit<B> {
           1,
           Math.floor(this.options.lockTimeoutMs ?? BATCH_LOCK_TIMEOUT_MS),
         );
-        await tx.unsafe(`set local lock_timeout = ${lockTimeout}`);
+        // Not awaited: it goes out ahead of the first unit's statements, in the same write.
+        void tx.unsafe(`set local lock_timeout = ${lockTimeout}`).execute();
         for (const q of units) {
           try {
             const value = await tx.savepoint((sp) => q.unit.run(sp as unknown as Tx, batch));
