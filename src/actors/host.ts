@@ -45,7 +45,7 @@ import {
   type TimerRow,
   upsertTimers,
 } from '../persistence/timer-rows.js';
-import { afterTransition } from '../policies/index.js';
+import { afterTransition, readAheadFor } from '../policies/index.js';
 import { ActorCache } from './actor-cache.js';
 import {
   type DecideEvent,
@@ -732,6 +732,12 @@ export class UnitOfWork {
       token: randomUUID(),
     }));
     const scheduled = upsertTimers(this.tx, timers);
+    readAheadFor(
+      this,
+      after.entityType,
+      after.id,
+      steps.flatMap((step) => step.decision.emitted.map((e) => e.type)),
+    );
     const [bytes, entries] = await firstFailure(written, events, cancelled, scheduled);
     const key = `${after.entityType}:${after.id}`;
     this.rows.set(key, after);

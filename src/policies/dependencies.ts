@@ -9,14 +9,50 @@
  * the task machine refuses a repeated DEPS_MET or CANCEL.
  */
 import type { Applied, UnitOfWork } from '../actors/host.js';
-import { waitingDependents } from '../persistence/dependency-rows.js';
+import { type Dependent, waitingDependents } from '../persistence/dependency-rows.js';
 import { sendIfAccepted } from './send.js';
+
+/** Dependents read ahead, by unit of work and task id (see `prefetchDependents`). */
+const readAhead = new WeakMap<UnitOfWork, Map<string, Promise<Dependent[]>>>();
+
+const settles = (types: readonly string[]) =>
+  types.includes('task.completed') || types.includes('task.cancelled');
+
+/**
+ * Sends the read `releaseDependents` will make right behind the task's writes, before they
+ * are answered: Postgres runs it after them (one connection runs its statements in order),
+ * so it sees the task settled, and both share one round trip. If a write before it fails,
+ * the unit of work fails with that error and this read is never used.
+ */
+export function prefetchDependents(
+  uow: UnitOfWork,
+  taskId: string,
+  emitted: readonly string[],
+): void {
+  if (!settles(emitted)) return;
+  const read = waitingDependents(uow.tx, taskId);
+  read.catch(() => {});
+  let byTask = readAhead.get(uow);
+  if (!byTask) {
+    byTask = new Map();
+    readAhead.set(uow, byTask);
+  }
+  byTask.set(taskId, read);
+}
+
+function dependentsOf(uow: UnitOfWork, taskId: string): Promise<Dependent[]> {
+  const byTask = readAhead.get(uow);
+  const read = byTask?.get(taskId);
+  if (!read) return waitingDependents(uow.tx, taskId);
+  byTask?.delete(taskId);
+  return read;
+}
 
 export async function releaseDependents(uow: UnitOfWork, task: Applied): Promise<void> {
   const completed = task.events.some((e) => e.type === 'task.completed');
   const cancelled = task.events.some((e) => e.type === 'task.cancelled');
   if (!completed && !cancelled) return;
-  for (const dep of await waitingDependents(uow.tx, task.id)) {
+  for (const dep of await dependentsOf(uow, task.id)) {
     if (cancelled) {
       await sendIfAccepted(uow, 'task', dep.id, {
         type: 'CANCEL',

@@ -17,7 +17,8 @@
  * `src/persistence/`.
  */
 import type { Applied, UnitOfWork } from '../actors/host.js';
-import { releaseDependents } from './dependencies.js';
+import type { EntityType } from '../machines/index.js';
+import { prefetchDependents, releaseDependents } from './dependencies.js';
 import { cancelLeftPhase, createTemplateTasks, spawnDiagnostics } from './phase-entered.js';
 
 export { releaseDependents, settleWaitingTask } from './dependencies.js';
@@ -26,6 +27,20 @@ export { sendIfAccepted } from './send.js';
 export { type AddedTask, recordTaskAdded } from './task-added.js';
 export { forwardTaskState, forwardTaskStates, ticketsOfTasks } from './task-state.js';
 export { cancelOpenTasks } from './ticket-cancelled.js';
+
+/**
+ * The reads the same-transaction rules of a write will make, sent by the unit of work right
+ * behind the write's statements (before they are answered), so that they share its round
+ * trip. `emitted`: the types of the events the write records.
+ */
+export function readAheadFor(
+  uow: UnitOfWork,
+  entityType: EntityType,
+  id: string,
+  emitted: readonly string[],
+): void {
+  if (entityType === 'task') prefetchDependents(uow, id, emitted);
+}
 
 /** The same-transaction rules, run by the unit of work after each transition it records. */
 export async function afterTransition(uow: UnitOfWork, applied: Applied): Promise<void> {
