@@ -50,7 +50,10 @@ import {
 const CONCURRENCY = 16;
 const TASK_DEFAULTS = { maxAttempts: 3, leaseMs: 600_000, retryBaseMs: 1_000 };
 
-type Loaded = LatencyStats & { type: 'loaded'; errors: number };
+type Loaded = LatencyStats & { type: 'loaded'; errors: number; clientCpuUs: number };
+
+/** Untimed runs before the timed ones, so that neither side is measured while it warms up. */
+const WARM_UP_SECONDS = 1;
 
 /**
  * `run`, and the CPU time this process spent meanwhile per operation (µs): for a request,
@@ -104,7 +107,12 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
 
     child = forkTs('./http-load.ts');
     const c = child;
-    const load = async (method: 'GET' | 'POST', paths: string[], bodies?: string[]) => {
+    const load = async (
+      method: 'GET' | 'POST',
+      paths: string[],
+      bodies?: string[],
+      seconds = o.seconds,
+    ) => {
       c.send({
         type: 'load',
         url,
@@ -112,7 +120,7 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
         paths,
         bodies,
         concurrency: CONCURRENCY,
-        seconds: o.seconds,
+        seconds,
       });
       const r = await nextMessage<Loaded>(c, isType<Loaded>('loaded'));
       if (r.errors > 0) print(`!! ${r.errors} non-2xx answers to ${method} ${paths[0]}`);
@@ -120,35 +128,32 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
     };
     const ms1000 = o.seconds * 1000;
     const queries = new Queries(db.sql);
-    const getIn = await withCpu(() =>
-      loop(CONCURRENCY, ms1000, async (w) => {
+    const getInProcess = (durationMs: number) =>
+      loop(CONCURRENCY, durationMs, async (w) => {
         await queries.getTask((tasks[w % tasks.length] as { id: string }).id);
-      }),
-    );
-    const postIn = await withCpu(() =>
-      loop(CONCURRENCY, ms1000, async (w) => {
+      });
+    const postInProcess = (durationMs: number) =>
+      loop(CONCURRENCY, durationMs, async (w) => {
         const t = tasks[w % tasks.length] as { id: string; token: string };
         await host.transact((uow) =>
           commands.sendPublic(uow, 'task', t.id, { type: 'HEARTBEAT', token: t.token }),
         );
-      }),
-    );
+      });
+    const getPaths = tasks.map((t) => `/tasks/${t.id}`);
+    const postPaths = tasks.map((t) => `/tasks/${t.id}/events`);
+    const postBodies = tasks.map((t) => JSON.stringify({ type: 'HEARTBEAT', token: t.token }));
+    await getInProcess(WARM_UP_SECONDS * 1000);
+    await postInProcess(WARM_UP_SECONDS * 1000);
+    await load('GET', ['/healthz'], undefined, WARM_UP_SECONDS);
+    await load('GET', getPaths, undefined, WARM_UP_SECONDS);
+    await load('POST', postPaths, postBodies, WARM_UP_SECONDS);
+    const getIn = await withCpu(() => getInProcess(ms1000));
+    const postIn = await withCpu(() => postInProcess(ms1000));
     const health = await withCpu(() => load('GET', ['/healthz']));
-    const get = await withCpu(() =>
-      load(
-        'GET',
-        tasks.map((t) => `/tasks/${t.id}`),
-      ),
-    );
-    const post = await withCpu(() =>
-      load(
-        'POST',
-        tasks.map((t) => `/tasks/${t.id}/events`),
-        tasks.map((t) => JSON.stringify({ type: 'HEARTBEAT', token: t.token })),
-      ),
-    );
+    const get = await withCpu(() => load('GET', getPaths));
+    const post = await withCpu(() => load('POST', postPaths, postBodies));
     print(
-      `\n### Requests at concurrency ${CONCURRENCY} (client in another process, fetch with keep-alive)\n`,
+      `\n### Requests at concurrency ${CONCURRENCY} (client in another process, node:http with keep-alive)\n`,
     );
     print(
       table(
@@ -163,6 +168,7 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
           'HTTP / in-process',
           'server CPU µs/req',
           'in-process CPU µs/call',
+          'client CPU µs/req',
         ],
         [
           [
@@ -176,6 +182,7 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
             '-',
             n0(health.cpuUs),
             '-',
+            n0(health.clientCpuUs),
           ],
           [
             'GET /tasks/:id vs queries.getTask',
@@ -188,6 +195,7 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
             ratio(get.perSecond, getIn.perSecond),
             n0(get.cpuUs),
             n0(getIn.cpuUs),
+            n0(get.clientCpuUs),
           ],
           [
             'POST /tasks/:id/events HEARTBEAT vs host',
@@ -200,6 +208,7 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
             ratio(post.perSecond, postIn.perSecond),
             n0(post.cpuUs),
             n0(postIn.cpuUs),
+            n0(post.clientCpuUs),
           ],
         ],
       ),
