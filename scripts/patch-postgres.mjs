@@ -41,6 +41,7 @@ const patches = [
     files: ['src/index.js', 'cjs/src/index.js'],
     edits: (mark) => [
       [
+        // biome-ignore lint/suspicious/noTemplateCurlyInString: the driver's source, matched as text
         '      name && await sql`savepoint ${ sql(name) }`\n',
         `      ${mark}\n      const saved = name && sql\`savepoint \${ sql(name) }\`.execute()\n`,
       ],

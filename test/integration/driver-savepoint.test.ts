@@ -60,10 +60,12 @@ describe('savepoints on the patched driver', () => {
       sql.begin(async (tx) => {
         // The transaction is aborted: the SAVEPOINT itself is refused (25P02).
         await tx`select 1/0`.catch(() => {});
-        savepoint = await tx.savepoint(async () => 'nothing').then(
-          () => 'kept' as const,
-          () => 'refused' as const,
-        );
+        savepoint = await tx
+          .savepoint(async () => 'nothing')
+          .then(
+            () => 'kept' as const,
+            () => 'refused' as const,
+          );
       }),
     ).rejects.toThrow();
     expect(savepoint).toBe('refused');
