@@ -378,6 +378,17 @@ export class ConsumerRunner {
       }
     }
     if (claims.length === 0) return;
+    // The keys are looked up beside the events, not after them (one round trip less per
+    // batch of new entities): by the ids the messages claim, which a checked message shares
+    // with its stored event. A forged one costs a read of a key nobody uses.
+    const keysRead =
+      r.kind === 'transactional'
+        ? this.keysOf(
+            r,
+            claims.map((c) => c.claim.entityId),
+          )
+        : null;
+    keysRead?.catch(() => {});
     let stored: Map<string, EventEntry>;
     try {
       stored = await findEvents(
@@ -413,10 +424,7 @@ export class ConsumerRunner {
     }
     let keys: Map<string, string>;
     try {
-      keys = await this.keysOf(
-        r,
-        checked.map((h) => h.entry.entityId),
-      );
+      keys = (await keysRead) ?? new Map();
     } catch (error) {
       for (const h of checked) await this.failed(h.m, h.entry, error);
       return;

@@ -8,6 +8,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import { jetstream } from '@nats-io/jetstream';
+import postgres from 'postgres';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { Commands } from '../../src/actors/commands.js';
 import { ActorHost } from '../../src/actors/host.js';
@@ -52,12 +53,17 @@ interface Env {
   runner: ConsumerRunner;
 }
 
-async function env(label: string, consumer: Partial<ConsumerSettings> = {}): Promise<Env> {
+async function env(
+  label: string,
+  consumer: Partial<ConsumerSettings> = {},
+  /** The pool everything runs on (default: 8 connections to the test database). */
+  pool: (db: TestDatabase) => Sql = (db) => db.pool(8),
+): Promise<Env> {
   const db = await createTestDatabase(label);
   dbs.push(db);
   const names = testNames();
   allNames.push(names);
-  const sql = db.pool(8);
+  const sql = pool(db);
   const host = new ActorHost(sql, { taskDefaults: { ...TASK_DEFAULTS, retryBaseMs: 20 } });
   const transport = await startTransport(sql, host, names, {
     enableReconciler: false,
@@ -167,6 +173,57 @@ describe('task_state reaction in batches', () => {
     const inbox = await e.sql<{ n: number }[]>`
       select count(*)::int as n from inbox where consumer = 'task_state'`;
     expect(inbox[0]?.n).toBe(90);
+  });
+
+  it("looks up a batch's keys beside its events, not after them", async () => {
+    // Each statement with the event-loop turn it was handed to a connection in: a query
+    // sent after another was answered is sent in a later turn.
+    const sent: { query: string; turn: number }[] = [];
+    let turn = 0;
+    let ticking = false;
+    const pools: Sql[] = [];
+    const e = await env('batches_keys_beside', {}, (db) => {
+      const sql = postgres(db.url, {
+        max: 8,
+        onnotice: () => {},
+        types: { bigint: { to: 20, from: [20], serialize: String, parse: Number } },
+        debug: (_connection, query) => {
+          sent.push({ query, turn });
+          if (ticking) return;
+          ticking = true;
+          setImmediate(() => {
+            turn++;
+            ticking = false;
+          });
+        },
+      }) as unknown as Sql;
+      pools.push(sql);
+      return sql;
+    });
+    try {
+      const { ticketId, taskIds } = await ticketWithTasks(e, 3);
+      await Promise.all(taskIds.map((id) => complete(e.host, id)));
+      await newsOnStream(e);
+      sent.length = 0;
+      await e.runner.start();
+      await eventually(
+        async () => (await ticketState(e.sql, ticketId)) === 'design',
+        20_000,
+        'the ticket in design',
+      );
+      // The runner has never seen these tasks: their keys (tickets) are read from Postgres.
+      const events = sent.find((s) => /from events\s+where event_id = any/i.test(s.query));
+      const keys = sent.find((s) =>
+        /select id, ticket_id from tasks where id = any/i.test(s.query),
+      );
+      expect(events).toBeDefined();
+      expect(keys).toBeDefined();
+      expect(keys?.turn).toBe(events?.turn);
+    } finally {
+      await e.runner.stop();
+      await Promise.all(transports.splice(0).map((t) => t.stop()));
+      await Promise.all(pools.map((p) => p.end({ timeout: 1 })));
+    }
   });
 
   it('a ticket whose transaction fails is redelivered while the other tickets of the batch commit', async () => {
