@@ -285,7 +285,14 @@ async function run(): Promise<number> {
     else findings.add('proc', what);
   }
   for (const [workerId, code] of exitCodes) {
-    if (code !== 0) findings.add('proc', `${workerId} exited ${code} on SIGTERM`);
+    if (code === 0) continue;
+    // The runtime warns of each part still stopping after a few seconds: name them.
+    const proc = procs.find((p) => p.workerId === workerId);
+    const hung = [
+      ...(proc?.logTail(0, 200_000) ?? '').matchAll(/"part":"([^"]+)"[^\n]*"still stopping"/g),
+    ].map((m) => m[1]);
+    const where = hung.length > 0 ? `; still stopping: ${[...new Set(hung)].join(', ')}` : '';
+    findings.add('proc', `${workerId} exited ${code} on SIGTERM${where}`);
   }
   if (settleMs === null) {
     findings.add(

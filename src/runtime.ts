@@ -48,6 +48,9 @@ export interface Runtime {
 
 type Closer = { name: string; close: () => Promise<unknown> };
 
+/** A part still stopping after this long is named in a warning. */
+const SLOW_STOP_MS = 5_000;
+
 export async function startRuntime(config: Config, role: Role, log: Logger): Promise<Runtime> {
   // Closers run in reverse order of start; a failure half-way still stops what started.
   const closers: Closer[] = [];
@@ -56,7 +59,13 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
       // Each part's stop is logged, so a shutdown that hangs names the part it hangs in.
       const started = performance.now();
       log.debug({ part: c.name }, 'stopping');
+      // At the default level too: a stop that outlasts a supervisor's grace names its part.
+      const slow = setTimeout(
+        () => log.warn({ part: c.name, ms: SLOW_STOP_MS }, 'still stopping'),
+        SLOW_STOP_MS,
+      );
       await c.close().catch((err: unknown) => log.warn({ err, part: c.name }, 'stop failed'));
+      clearTimeout(slow);
       log.debug({ part: c.name, ms: Math.round(performance.now() - started) }, 'stopped');
     }
     closers.length = 0;
