@@ -57,6 +57,10 @@ export async function connectNats(
       maxReconnectAttempts: -1,
       reconnectTimeWait: 500,
       pingInterval: 10_000,
+      // Every JetStream publish is a request, and by default each request captures a stack
+      // at its start (an Error for the request, another for its timeout) in case it fails:
+      // the relay paid that for every event. A failure keeps its class and its cause.
+      noAsyncTraces: true,
       ...(user !== undefined ? { user, pass: pass ?? '' } : {}),
       ...(token !== undefined ? { token } : {}),
       ...auth,
