@@ -4,15 +4,14 @@
  * together, the token still fences every later event, and a claim without `start` (agents
  * over HTTP) still leaves the task claimed.
  */
-import postgres from 'postgres';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ActorHost } from '../../src/actors/host.js';
 import { StaleToken } from '../../src/errors.js';
-import type { Sql } from '../../src/persistence/db.js';
 import { entityEvents } from '../../src/persistence/event-log.js';
 import { ClaimService } from '../../src/workers/claims.js';
 import { Wakeups } from '../../src/workers/wakeups.js';
 import { createTestApp, type TestApp } from '../support/http-app.js';
+import { recordingSql } from '../support/statement-log.js';
 
 let t: TestApp;
 let claims: ClaimService;
@@ -72,17 +71,7 @@ describe('claim with start', () => {
       create trigger count_task_write after update on tasks
         for each row execute function count_task_write();`);
     // A second process: its cache has never seen the task. Its statements are counted.
-    const statements: string[] = [];
-    const sql = postgres(t.db.url, {
-      max: 2,
-      onnotice: () => {},
-      types: {
-        bigint: { to: 20, from: [20], serialize: String, parse: Number },
-      },
-      debug: (_connection, query) => {
-        statements.push(query);
-      },
-    }) as unknown as Sql;
+    const { sql, sent } = recordingSql(t.db.url, 2);
     try {
       const host = new ActorHost(sql, {
         taskDefaults: { maxAttempts: 3, leaseMs: 60_000, retryBaseMs: 1_000 },
@@ -95,7 +84,7 @@ describe('claim with start', () => {
         select version from task_writes where id = ${id}`;
       // Version 1 (created) to 3 (claimed, started) in ONE compare-and-set.
       expect(writes.map((w) => w.version)).toEqual([3]);
-      const reads = statements.filter((q) => /^\s*select\b[\s\S]*\bfrom tasks\b/i.test(q));
+      const reads = sent.filter((s) => /^\s*select\b[\s\S]*\bfrom tasks\b/i.test(s.query));
       expect(reads).toHaveLength(1);
       const events = await entityEvents(t.db.sql, id);
       expect(events.map((e) => [e.type, e.seq])).toEqual([
@@ -113,15 +102,7 @@ describe('claim with start', () => {
     const done = await oneTask('start-d');
     const next = await oneTask('start-d');
     // Statements in the order postgres.js puts them on the wire.
-    const statements: string[] = [];
-    const sql = postgres(t.db.url, {
-      max: 2,
-      onnotice: () => {},
-      types: { bigint: { to: 20, from: [20], serialize: String, parse: Number } },
-      debug: (_connection, query) => {
-        statements.push(query);
-      },
-    }) as unknown as Sql;
+    const { sql, sent } = recordingSql(t.db.url, 2);
     try {
       const host = new ActorHost(sql, {
         taskDefaults: { maxAttempts: 3, leaseMs: 60_000, retryBaseMs: 1_000 },
@@ -130,7 +111,7 @@ describe('claim with start', () => {
       // Claim one of the two (in creation order, the first), then settle it and claim on.
       const first = await worker.claim({ workerId: 'w4', executors: ['start-d'], start: true });
       expect(first?.task.id).toBe(done);
-      statements.length = 0;
+      sent.length = 0;
       let sentWhenSettled = -1;
       const [claimed] = await worker.settleAndClaim(
         { executors: ['start-d'], start: true },
@@ -141,7 +122,7 @@ describe('claim with start', () => {
             token: first?.token as string,
             result: null,
           });
-          sentWhenSettled = statements.length;
+          sentWhenSettled = sent.length;
         },
       );
       worker.close();
@@ -149,7 +130,7 @@ describe('claim with start', () => {
       expect(claimed?.task.state).toBe('running');
       // By the time the COMPLETE's writes were answered, the candidate lookup had been sent
       // with them: one round trip for both, not one after the other.
-      const lookup = statements.findIndex((q) => /for update skip locked/i.test(q));
+      const lookup = sent.findIndex((s) => /for update skip locked/i.test(s.query));
       expect(lookup).toBeGreaterThanOrEqual(0);
       expect(lookup).toBeLessThan(sentWhenSettled);
       const [row] = await t.db.sql<{ state: string }[]>`select state from tasks where id = ${done}`;

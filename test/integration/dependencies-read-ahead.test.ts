@@ -3,13 +3,12 @@
  * those dependents goes out right behind the task's own writes, in the same round trip, and
  * still sees the task settled (Postgres runs one connection's statements in order).
  */
-import postgres from 'postgres';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { ActorHost } from '../../src/actors/host.js';
-import type { Sql } from '../../src/persistence/db.js';
 import { ClaimService } from '../../src/workers/claims.js';
 import { Wakeups } from '../../src/workers/wakeups.js';
 import { createTestApp, type TestApp } from '../support/http-app.js';
+import { recordingSql } from '../support/statement-log.js';
 
 let t: TestApp;
 beforeAll(async () => {
@@ -34,25 +33,8 @@ async function pair(executor: string): Promise<{ first: string; waiting: string 
 }
 
 it('reads the dependents of a completed task in the round trip of its writes', async () => {
-  // Each statement with the event-loop turn it was handed to the connection in: a read sent
-  // after the writes were answered is sent in a later turn than they are.
-  const sent: { query: string; turn: number }[] = [];
-  let turn = 0;
-  let ticking = false;
-  const sql = postgres(t.db.url, {
-    max: 1, // one connection: its statements are prepared by the first round
-    onnotice: () => {},
-    types: { bigint: { to: 20, from: [20], serialize: String, parse: Number } },
-    debug: (_connection, query) => {
-      sent.push({ query, turn });
-      if (ticking) return;
-      ticking = true;
-      setImmediate(() => {
-        turn++;
-        ticking = false;
-      });
-    },
-  }) as unknown as Sql;
+  // One connection: its statements are prepared by the first round.
+  const { sql, sent } = recordingSql(t.db.url, 1);
   try {
     const host = new ActorHost(sql, {
       taskDefaults: { maxAttempts: 3, leaseMs: 60_000, retryBaseMs: 1_000 },

@@ -8,7 +8,6 @@
  */
 import { randomUUID } from 'node:crypto';
 import { jetstream } from '@nats-io/jetstream';
-import postgres from 'postgres';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { Commands } from '../../src/actors/commands.js';
 import { ActorHost } from '../../src/actors/host.js';
@@ -18,6 +17,7 @@ import type { Transport } from '../../src/transport/index.js';
 import { eventSubject, type TransportNames } from '../../src/transport/subjects.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 import { TASK_DEFAULTS } from '../support/fixtures.js';
+import { recordingSql, type Sent } from '../support/statement-log.js';
 import {
   commandsFor,
   eventually,
@@ -176,29 +176,13 @@ describe('task_state reaction in batches', () => {
   });
 
   it("looks up a batch's keys beside its events, not after them", async () => {
-    // Each statement with the event-loop turn it was handed to a connection in: a query
-    // sent after another was answered is sent in a later turn.
-    const sent: { query: string; turn: number }[] = [];
-    let turn = 0;
-    let ticking = false;
     const pools: Sql[] = [];
+    let sent: Sent[] = [];
     const e = await env('batches_keys_beside', {}, (db) => {
-      const sql = postgres(db.url, {
-        max: 8,
-        onnotice: () => {},
-        types: { bigint: { to: 20, from: [20], serialize: String, parse: Number } },
-        debug: (_connection, query) => {
-          sent.push({ query, turn });
-          if (ticking) return;
-          ticking = true;
-          setImmediate(() => {
-            turn++;
-            ticking = false;
-          });
-        },
-      }) as unknown as Sql;
-      pools.push(sql);
-      return sql;
+      const recording = recordingSql(db.url, 8);
+      pools.push(recording.sql);
+      sent = recording.sent;
+      return recording.sql;
     });
     try {
       const { ticketId, taskIds } = await ticketWithTasks(e, 3);
