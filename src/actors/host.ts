@@ -708,19 +708,18 @@ export class UnitOfWork {
     // The row's write and the rows that follow it go out together: postgres.js pipelines
     // them on the transaction's connection (one round trip, not one per statement). If the
     // write lost, the others are rolled back with the unit and its own error is the answer.
+    const emitted = steps.flatMap((step) => step.decision.emitted);
     const events = appendEvents(
       this.tx,
-      steps
-        .flatMap((step) => step.decision.emitted)
-        .map((e, i) => ({
-          eventId: randomUUID(),
-          seq: before.seq + i + 1,
-          entityId: after.id,
-          entityType: after.entityType,
-          type: e.type,
-          data: e.data,
-          at: this.at,
-        })),
+      emitted.map((e, i) => ({
+        eventId: randomUUID(),
+        seq: before.seq + i + 1,
+        entityId: after.id,
+        entityType: after.entityType,
+        type: e.type,
+        data: e.data,
+        at: this.at,
+      })),
     );
     const cancelled = deleteTimers(this.tx, after.id, effects.cancel);
     const timers = effects.schedule.map((t) => ({
@@ -736,7 +735,7 @@ export class UnitOfWork {
       this,
       after.entityType,
       after.id,
-      steps.flatMap((step) => step.decision.emitted.map((e) => e.type)),
+      emitted.map((e) => e.type),
     );
     const [bytes, entries] = await firstFailure(written, events, cancelled, scheduled);
     const key = `${after.entityType}:${after.id}`;

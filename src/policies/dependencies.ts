@@ -43,15 +43,16 @@ export function prefetchDependents(
 function dependentsOf(uow: UnitOfWork, taskId: string): Promise<Dependent[]> {
   const byTask = readAhead.get(uow);
   const read = byTask?.get(taskId);
-  if (!read) return waitingDependents(uow.tx, taskId);
-  byTask?.delete(taskId);
+  if (!byTask || !read) return waitingDependents(uow.tx, taskId);
+  byTask.delete(taskId);
   return read;
 }
 
 export async function releaseDependents(uow: UnitOfWork, task: Applied): Promise<void> {
-  const completed = task.events.some((e) => e.type === 'task.completed');
-  const cancelled = task.events.some((e) => e.type === 'task.cancelled');
-  if (!completed && !cancelled) return;
+  // The same test as the read-ahead's: a read sent ahead is a read this rule makes.
+  const types = task.events.map((e) => e.type);
+  if (!settles(types)) return;
+  const cancelled = types.includes('task.cancelled');
   for (const dep of await dependentsOf(uow, task.id)) {
     if (cancelled) {
       await sendIfAccepted(uow, 'task', dep.id, {
