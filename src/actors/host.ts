@@ -251,7 +251,7 @@ export class ActorHost {
    */
   async transact<T>(work: (uow: UnitOfWork) => Promise<T>): Promise<CommandResult<T>> {
     for (let attempt = 1; ; attempt++) {
-      const uow = new UnitOfWork(this, this.clock());
+      const uow = new UnitOfWork(this);
       try {
         const value = await this.commits.submit<T>({
           run: (tx, batch) => uow.run(tx, work, batch),
@@ -442,14 +442,21 @@ export class UnitOfWork {
   constructor(
     /** The host this unit of work writes through (its cache, its task settings). */
     readonly host: ActorHost,
-    /** The time stamped on every event of this unit of work. */
-    readonly at: number,
   ) {}
+
+  /**
+   * The time stamped on every event of this unit of work: when it started to run in its
+   * transaction, not when it was submitted. A unit that waited for a lane would otherwise
+   * stamp its events earlier than those of a transaction that committed before it ran (a
+   * claim stamped before the completion that made its task claimable).
+   */
+  at = 0;
 
   /** @internal */
   async run<T>(tx: Tx, work: (uow: UnitOfWork) => Promise<T>, batch?: BatchRows): Promise<T> {
     this.tx = tx;
     this.batch = batch;
+    this.at = this.host.clock();
     return work(this);
   }
 
