@@ -261,8 +261,13 @@ async function clusterHome(
   await mkdir(home);
   created.push(home);
   await chmod(home, 0o755);
+  // Written whole, then linked into place: a process starting beside this one must never
+  // read the pointer created but still empty (link, unlike rename, fails if it exists).
+  const scratch = `${pointer}.${process.pid}.tmp`;
   try {
-    await writeFile(pointer, `${home}\n`, { flag: 'wx', mode: 0o644 });
+    await rm(scratch, { force: true });
+    await writeFile(scratch, `${home}\n`, { flag: 'wx', mode: 0o644 });
+    await link(scratch, pointer);
   } catch (error) {
     // Another process starting in this DATA_DIR recorded its home first: use that one.
     await rm(home, { recursive: true, force: true });
@@ -270,6 +275,8 @@ async function clusterHome(
     if ((error as NodeJS.ErrnoException).code === 'EEXIST')
       return clusterHome(dataRoot, user, created, log);
     throw error;
+  } finally {
+    await rm(scratch, { force: true });
   }
   created.push(pointer);
   log.info(
