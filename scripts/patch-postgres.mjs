@@ -12,6 +12,18 @@
 //    in the same write, and the scope awaits its answer before it returns: if it failed, the
 //    scope rolls back and throws as before. Group commit runs every unit of a shared
 //    transaction in a savepoint, so this saves a round trip per unit.
+// 3. pipelined-begin: `sql.begin(fn)` awaited its BEGIN before running `fn`, the same round
+//    trip for nothing, once per transaction. For a plain `begin` (no options) the scope now
+//    starts as soon as a connection has taken the BEGIN, so `fn`'s first statements go out
+//    behind it in the same write, and the scope awaits the BEGIN's answer before it commits.
+//    A plain BEGIN on a live, idle connection cannot fail (a dead connection fails every
+//    statement behind it too), so no statement runs outside the transaction. With options
+//    (an isolation level, which the server may refuse), BEGIN is still awaited first.
+// 4. coalesced-writes: the driver wrote a query's messages to the socket at once when its
+//    buffer reached 1 KiB, else at the end of the turn; a snapshot's statement is above
+//    1 KiB, so the statements a transaction sends together went out in separate writes (a
+//    system call and a wake-up of the server each). Now only a buffer of 64 KiB is written
+//    early; below that, one write per connection per turn.
 import { readFileSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
@@ -48,6 +60,34 @@ const patches = [
       [
         '        })\n\n        if (uncaughtError)\n          throw uncaughtError\n',
         '        })\n\n        saved && await saved\n        if (uncaughtError)\n          throw uncaughtError\n',
+      ],
+    ],
+  },
+  {
+    mark: '/* orchestrator-patch: pipelined-begin */',
+    files: ['src/index.js', 'cjs/src/index.js'],
+    edits: (mark) => [
+      [
+        "      await sql.unsafe('begin ' + options.replace(/[^a-z ]/ig, ''), [], { onexecute }).execute()\n",
+        `      ${mark}\n      const mode = options.replace(/[^a-z ]/ig, '')\n      let taken\n      const took = new Promise(r => taken = r)\n      began = sql.unsafe('begin ' + mode, [], { onexecute: c => (onexecute(c), taken()) }).execute()\n      began.catch(() => {})\n      mode.trim() ? await began : await Promise.race([took, began])\n      // The pool marks a connection full once it took the BEGIN; reserved, the scope's\n      // statements are written behind it rather than queued until it is answered.\n      connection.queue === queues.full && move(connection, reserved)\n`,
+      ],
+      [
+        '    let savepoints = 0\n      , connection\n',
+        '    let savepoints = 0\n      , connection\n      , began = null\n',
+      ],
+      [
+        '        saved && await saved\n',
+        '        saved && await saved\n        !name && began && await began\n',
+      ],
+    ],
+  },
+  {
+    mark: '/* orchestrator-patch: coalesced-writes */',
+    files: ['src/connection.js', 'cjs/src/connection.js'],
+    edits: (mark) => [
+      [
+        '    if (fn || chunk.length >= 1024)\n',
+        `    ${mark}\n    if (fn || chunk.length >= 65536)\n`,
       ],
     ],
   },
