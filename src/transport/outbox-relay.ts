@@ -419,12 +419,7 @@ export class OutboxRelay {
           inflight.push({ entities: [...new Set(items.map((i) => i.entityId))], done: next.done });
           // At most `pipelineDepth` rounds at once: wait for the oldest before claiming again.
           // The claim after it comes after its commit, and may take its entities' later events.
-          // A round that took less than a batch took all there was: the next waits for it, so
-          // what commits meanwhile goes out in one round, not in many small ones back to back
-          // (each round costs a transaction and a claim whatever its size). Rounds overlap
-          // only while a backlog fills them.
-          const short = items.length < this.o.batchSize;
-          while (inflight.length > 0 && (short || inflight.length >= this.o.pipelineDepth)) {
+          if (inflight.length >= this.o.pipelineDepth) {
             await inflight[0]?.done;
             inflight.shift();
           }
