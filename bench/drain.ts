@@ -22,6 +22,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { Commands } from '../src/actors/commands.js';
 import { ActorHost } from '../src/actors/host.js';
+import type { Sql } from '../src/persistence/db.js';
 import { settleSetup } from './fixtures.js';
 import {
   benchNames,
@@ -129,7 +130,8 @@ async function ours(jobs: number): Promise<Figure> {
       select xact_commit::int as c, xact_rollback::int as r
       from pg_stat_database where datname = current_database()`;
     const commitsBefore = st0?.c ?? 0;
-    const rowsBefore = await tableRows(db.sql);
+    // Only BENCH_DEBUG reports rows per task: the plain run reads no table statistics.
+    const rowsBefore: Rows = process.env.BENCH_DEBUG ? await tableRows(db.sql) : {};
     const rollbacksBefore = st0?.r ?? 0;
     // Its pool comes on top of ours: a shared server may not have the room at once.
     await waitForConnections(POOL_MAX + 10, 'drain_ours worker');
@@ -253,7 +255,7 @@ async function ours(jobs: number): Promise<Figure> {
 
 type Rows = Record<string, { ins: number; upd: number; hot: number; del: number }>;
 
-async function tableRows(sql: Awaited<ReturnType<typeof scratchDatabase>>['sql']): Promise<Rows> {
+async function tableRows(sql: Sql): Promise<Rows> {
   await sql`select pg_stat_clear_snapshot()`;
   const rows = await sql<{ t: string; ins: number; upd: number; hot: number; del: number }[]>`
     select relname as t, n_tup_ins::int as ins, n_tup_upd::int as upd,

@@ -2,7 +2,7 @@
  * A Postgres backend killed in the middle of a transaction (pg_terminate_backend, a server
  * restart, a failover) must fail that transaction and leave the process and its pool
  * working. postgres.js 3.4.9 crashed the process instead (porsager/postgres#1154); our
- * postinstall patch (scripts/patch-postgres.mjs) fixes it, and this test fails without it.
+ * postinstall patch (scripts/patch-deps.mjs) fixes it, and this test fails without it.
  */
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { ActorHost } from '../../src/actors/host.js';

@@ -2,7 +2,7 @@
  * Every transaction begins with BEGIN, and group commit runs each unit of a shared
  * transaction in a savepoint. postgres.js 3.4.9
  * awaited every BEGIN and SAVEPOINT before running the body, a round trip that carries
- * nothing back; our postinstall patch (scripts/patch-postgres.mjs) sends each ahead of the
+ * nothing back; our postinstall patch (scripts/patch-deps.mjs) sends each ahead of the
  * body's first statements instead. These tests hold the patch to that, and to what a
  * transaction and a savepoint mean: a failed body is rolled back alone, a savepoint that
  * cannot be taken still fails, and the body's statements never run outside the transaction.

@@ -674,7 +674,7 @@ describe('seed regressions: split transactions', () => {
   // Found by the test above when the victim ran in the test process: postgres.js 3.4.9
   // answered a backend killed inside `sql.begin` with an uncaught TypeError from the
   // ROLLBACK it wrote to the closed socket (porsager/postgres#1154, #1208). Fixed by the
-  // install-time patch scripts/patch-postgres.mjs; test/integration/driver-kill.test.ts
+  // install-time patch scripts/patch-deps.mjs; test/integration/driver-kill.test.ts
   // keeps the process alive through repeated kills.
 });
 

@@ -1,5 +1,8 @@
-// Patches postgres.js 3.4.9. Idempotent; run by `postinstall`, so `npm ci` always yields a
-// patched driver.
+// Patches two dependencies in node_modules. Idempotent; run by `postinstall`, so `npm ci`
+// always yields patched copies. A patch whose expected code is missing fails the install at
+// the version it was written for, and is skipped (with a message) at any other.
+//
+// postgres.js 3.4.9:
 //
 // 1. closed-socket (porsager/postgres#1154, #1208; the fix proposed in #1209): when the server
 //    kills a backend inside a transaction, the driver writes the ROLLBACK to a socket that is
@@ -24,16 +27,21 @@
 //    1 KiB, so the statements a transaction sends together went out in separate writes (a
 //    system call and a wake-up of the server each). Now only a buffer of 64 KiB is written
 //    early; below that, one write per connection per turn.
+//
+// @nats-io/nats-core 3.3.1:
+//
+// 5. answered-request: a request (every JetStream publish is one) that got its answer
+//    called `cancel()` to unregister itself, and `cancel()` built a
+//    `RequestError("cancelled")` to reject the promise that had just been resolved: an Error
+//    and its stack trace per publish, for nothing (1.6% of a draining worker's CPU). An
+//    answered request now unregisters without building one; `cancel()` itself is unchanged.
 import { readFileSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 
 const require = createRequire(import.meta.url);
-// The package's exports hide package.json: resolve its CommonJS entry and walk up to the root.
-const root = join(dirname(require.resolve('postgres')), '..', '..');
-const { version } = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8'));
 
-const patches = [
+const postgresPatches = [
   {
     mark: '/* orchestrator-patch: closed-socket */',
     files: ['src/connection.js', 'cjs/src/connection.js'],
@@ -93,23 +101,55 @@ const patches = [
   },
 ];
 
-let patched = 0;
-for (const patch of patches) {
-  for (const file of patch.files) {
-    const path = join(root, file);
-    let text = readFileSync(path, 'utf8');
-    if (text.includes(patch.mark)) continue;
-    for (const [from, to] of patch.edits(patch.mark)) {
-      if (!text.includes(from)) {
-        process.stderr.write(
-          `patch-postgres: postgres ${version} ${file} does not contain the expected code; not patched\n`,
-        );
-        process.exit(version === '3.4.9' ? 1 : 0);
+const natsPatches = [
+  {
+    mark: '/* orchestrator-patch: answered-request */',
+    files: ['lib/request.js'],
+    edits: (mark) => [
+      [
+        '            this.deferred.resolve(msg);\n        }\n        this.cancel();\n    }\n    cancel(err) {',
+        `            this.deferred.resolve(msg);\n        }\n        ${mark}\n        this.mux.cancel(this);\n    }\n    cancel(err) {`,
+      ],
+    ],
+  },
+];
+
+// Both packages' exports hide package.json: resolve the entry and walk up to the root.
+const packages = [
+  {
+    name: 'postgres',
+    expected: '3.4.9',
+    root: join(dirname(require.resolve('postgres')), '..', '..'),
+    patches: postgresPatches,
+  },
+  {
+    name: '@nats-io/nats-core',
+    expected: '3.3.1',
+    root: join(dirname(require.resolve('@nats-io/nats-core')), '..'),
+    patches: natsPatches,
+  },
+];
+
+for (const pkg of packages) {
+  const { version } = JSON.parse(readFileSync(join(pkg.root, 'package.json'), 'utf8'));
+  let patched = 0;
+  for (const patch of pkg.patches) {
+    for (const file of patch.files) {
+      const path = join(pkg.root, file);
+      let text = readFileSync(path, 'utf8');
+      if (text.includes(patch.mark)) continue;
+      for (const [from, to] of patch.edits(patch.mark)) {
+        if (!text.includes(from)) {
+          process.stderr.write(
+            `patch-deps: ${pkg.name} ${version} ${file} does not contain the expected code; not patched\n`,
+          );
+          process.exit(version === pkg.expected ? 1 : 0);
+        }
+        text = text.replace(from, to);
       }
-      text = text.replace(from, to);
+      writeFileSync(path, text);
+      patched++;
     }
-    writeFileSync(path, text);
-    patched++;
   }
+  process.stdout.write(`patch-deps: ${pkg.name} ${version}: ${patched} file(s) patched\n`);
 }
-process.stdout.write(`patch-postgres: postgres ${version}: ${patched} file(s) patched\n`);
