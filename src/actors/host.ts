@@ -7,9 +7,10 @@
  * compare-and-set drops the cached actor and retries that unit of work with jittered backoff.
  *
  * Units of work that arrive while the host's transactions are in flight commit together
- * (group-commit.ts): each in its own savepoint, each answered with its own result after the
- * shared commit. A later unit of a batch sees the rows its earlier units wrote, so two units
- * touching one actor follow each other instead of conflicting.
+ * (group-commit.ts), each answered with its own result after the shared commit; a unit that
+ * fails rolls its batch back, and the batch's other units run again. A later unit of a batch
+ * sees the rows its earlier units wrote, so two units touching one actor follow each other
+ * instead of conflicting.
  *
  * Within a process, sends to one entity queue in one mailbox (no self-inflicted conflicts);
  * across processes, correctness rests on the compare-and-set alone.
@@ -245,16 +246,20 @@ export class ActorHost {
 
   /**
    * Runs `work` as one unit of work and commits everything it sent or created together, in a
-   * transaction it may share with other units (group commit; each unit in its own savepoint).
-   * `work` may run more than once (a lost compare-and-set retries it), so it must do all its
-   * writes through the unit of work or `uow.tx`.
+   * transaction it may share with other units (group commit). `work` may run more than once
+   * (a lost compare-and-set retries it; another unit's failure rolls back the transaction
+   * they shared), so it must do all its writes through the unit of work or `uow.tx`.
    */
   async transact<T>(work: (uow: UnitOfWork) => Promise<T>): Promise<CommandResult<T>> {
     for (let attempt = 1; ; attempt++) {
-      const uow = new UnitOfWork(this);
+      let uow = new UnitOfWork(this);
       try {
         const value = await this.commits.submit<T>({
-          run: (tx, batch) => uow.run(tx, work, batch),
+          // Each run starts from nothing: a rolled-back run's rows are not the truth.
+          run: (tx, batch) => {
+            uow = new UnitOfWork(this);
+            return uow.run(tx, work, batch);
+          },
           kept: (_, batch) => uow.share(batch),
           committed: () => this.committed(uow),
         });
@@ -271,7 +276,7 @@ export class ActorHost {
           uow.usedCache && (error instanceof IllegalTransition || error instanceof StaleToken);
         if (staleCache && attempt < this.maxAttempts) continue;
         // A shared transaction holds several units' locks, so a lock race is lost more often:
-        // the unit was rolled back whole (its savepoint or its transaction), not a fault.
+        // the unit was rolled back with its transaction, not a fault.
         const lostRace = error instanceof VersionConflict || LOCK_RACES.has(sqlState(error) ?? '');
         if (!lostRace || attempt >= this.maxAttempts) throw error;
         this.stats.conflicts++;
@@ -460,7 +465,7 @@ export class UnitOfWork {
     return work(this);
   }
 
-  /** @internal its savepoint held: the rows it wrote or locked are the batch's current ones */
+  /** @internal it ran in a shared batch: the rows it wrote or locked are the batch's current ones */
   share(batch: BatchRows): void {
     for (const key of new Set([...this.dirty, ...this.fresh])) {
       const row = this.rows.get(key);

@@ -136,12 +136,17 @@ describe('group commit', () => {
     const lane = await holdLane(host);
     const good = ids.map((id) => host.send('ticket', id, { type: 'BLOCK', reason: 'ok' }));
     const refused = host.send('ticket', bad, { type: 'UNBLOCK' });
+    const reruns = host.commits.stats.reruns;
     lane.release();
     await expect(refused).rejects.toBeInstanceOf(IllegalTransition);
     const results = await Promise.all(good);
     expect(results.map((r) => r.state)).toEqual(ids.map(() => 'blocked'));
+    expect(results.map((r) => r.version)).toEqual(ids.map(() => 3));
     expect((await xidsOf(ids, m)).size).toBe(1);
     expect(await seqsOf(bad)).toEqual([1, 2]);
+    // The refusal came last: the five before it ran again, and each wrote its event once.
+    expect(host.commits.stats.reruns - reruns).toBe(5);
+    for (const id of ids) expect(await seqsOf(id)).toEqual([1, 2, 3]);
   });
 
   it('a lost compare-and-set in a batch retries only its own unit', async () => {
@@ -189,11 +194,42 @@ describe('group commit', () => {
     await expect(failing).rejects.toMatchObject({ code: '23505' });
     expect((await Promise.all(good)).map((r) => r.state)).toEqual(ids.map(() => 'blocked'));
     expect((await xidsOf(ids, m)).size).toBe(1);
+    for (const id of ids) expect(await seqsOf(id)).toEqual([1, 2, 3]);
     expect(await seqsOf(faulty)).toEqual([1, 2]);
     const [row] = await db.sql`select state, version from tickets where id = ${faulty}`;
     expect(row).toEqual({ state: 'requirements', version: 2 });
     // Nothing of the rolled-back unit stayed in the cache: BLOCK applies on the stored row.
     expect((await host.send('ticket', faulty, { type: 'BLOCK', reason: 'now' })).version).toBe(3);
+  });
+
+  it('units after a failed one in the batch run once, units before it run again with fresh state', async () => {
+    const host = oneLane();
+    const ids = await startedTickets(host, 6);
+    const runs = new Map<string, number>();
+    const m = await mark();
+    const lane = await holdLane(host);
+    const unit = (id: string, fail: boolean) =>
+      host.transact(async (uow) => {
+        runs.set(id, (runs.get(id) ?? 0) + 1);
+        // Each run reads the row afresh: a rolled-back run's version is never built on.
+        const applied = await uow.send('ticket', id, { type: 'BLOCK', reason: 'r' });
+        if (fail) throw new Error(`unit ${id} gives up`);
+        return applied.version;
+      });
+    const [a, b, c, bad, d, e] = ids as [string, string, string, string, string, string];
+    const before = [a, b, c].map((id) => unit(id, false));
+    const failing = unit(bad, true);
+    const after = [d, e].map((id) => unit(id, false));
+    lane.release();
+    await expect(failing).rejects.toThrow(`unit ${bad} gives up`);
+    const versions = await Promise.all([...before, ...after]);
+    expect(versions.map((v) => v.value)).toEqual([3, 3, 3, 3, 3]);
+    expect([a, b, c].map((id) => runs.get(id))).toEqual([2, 2, 2]);
+    expect([d, e].map((id) => runs.get(id))).toEqual([1, 1]);
+    expect(runs.get(bad)).toBe(1);
+    expect((await xidsOf([a, b, c, d, e], m)).size).toBe(1);
+    for (const id of [a, b, c, d, e]) expect(await seqsOf(id)).toEqual([1, 2, 3]);
+    expect(await seqsOf(bad)).toEqual([1, 2]);
   });
 
   it('a failed commit answers no unit as a success and leaves nothing half-committed', async () => {
