@@ -31,8 +31,10 @@ export async function sseSection(o: { clients: number; samples: number }): Promi
   const db = await scratchDatabase('sse', { max: 20 });
   const names = benchNames();
   const host = new ActorHost(db.sql, { taskDefaults: TASK_DEFAULTS });
-  // Another writer: its commits do not wake this process's feed, only the stream does.
+  // Another writer, as another process is: its own relay publishes its commits, and they
+  // reach this process's feed only through the event stream.
   const other = new ActorHost(db.sql, { taskDefaults: TASK_DEFAULTS });
+  let otherTransport: Transport | null = null;
   const commands = new Commands(host, { stuckAfterMs: 3_600_000, diagnosticCooldownMs: 3_600_000 });
   const claims = new ClaimService(host, new Wakeups(), { typeLimits: {}, maxWaitMs: 0 });
   let transport: Transport | null = null;
@@ -43,6 +45,9 @@ export async function sseSection(o: { clients: number; samples: number }): Promi
       benchTransportOptions(db.sql, host, names, { reactions: () => [] }),
     );
     const t = transport;
+    otherTransport = await Transport.start(
+      benchTransportOptions(db.sql, other, names, { reactions: () => [] }),
+    );
     const app = createApp({
       host,
       commands,
@@ -107,7 +112,7 @@ export async function sseSection(o: { clients: number; samples: number }): Promi
             String(consumers),
           ],
           [
-            `${n0(o.clients)} SSE clients, commits of another host`,
+            `${n0(o.clients)} SSE clients, commits of another host (its own relay)`,
             ms(sseOther.alone.p50),
             ms(sseOther.alone.p99),
             n0(sseOther.deliveries),
@@ -131,6 +136,7 @@ export async function sseSection(o: { clients: number; samples: number }): Promi
     );
   } finally {
     child?.disconnect();
+    await otherTransport?.stop().catch(() => {});
     claims.close();
     if (server) {
       const s = server;
