@@ -473,6 +473,15 @@ describe('operations and inspection', () => {
       /orch_illegal_transitions_total\{entity="ticket",state="backlog",event="ADVANCE"\} \d+/,
     );
     expect(m.text).toMatch(/orch_claims_total \d+/);
+    // This app's host committed the tickets the earlier tests created: at least one unit each.
+    const counter = (name: string) => Number(new RegExp(`^${name} (\\d+)$`, 'm').exec(m.text)?.[1]);
+    expect(counter('orch_commits_total')).toBeGreaterThan(0);
+    expect(counter('orch_commit_units_total')).toBeGreaterThanOrEqual(
+      counter('orch_commits_total'),
+    );
+    expect(counter('orch_commit_reruns_total')).toBeGreaterThanOrEqual(0);
+    expect(counter('orch_commit_failures_total')).toBeGreaterThanOrEqual(0);
+    expect(m.text).toMatch(/^orch_commit_waiting \d+$/m);
     expect(m.text).toMatch(/orch_outbox_pending \d+/);
     expect(m.text).toMatch(/orch_dead_letters 0/);
     expect(m.text).toMatch(/orch_entities\{entity="ticket",state="backlog"\} \d+/);

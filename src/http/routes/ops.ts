@@ -99,6 +99,26 @@ function hostMetrics(s: AppServices): string {
     family('orch_version_conflicts_total', 'counter', 'Lost compare-and-sets (retried).', [
       { value: s.host.stats.conflicts },
     ]),
+    // Group commit: units per commit is the batching; reruns are units whose batch another
+    // unit's failure rolled back.
+    family('orch_commits_total', 'counter', 'Write transactions the host committed.', [
+      { value: s.host.commits.stats.commits },
+    ]),
+    family('orch_commit_units_total', 'counter', 'Units of work those transactions held.', [
+      { value: s.host.commits.stats.units },
+    ]),
+    family(
+      'orch_commit_reruns_total',
+      'counter',
+      'Units run again after another unit of their batch failed.',
+      [{ value: s.host.commits.stats.reruns }],
+    ),
+    family('orch_commit_failures_total', 'counter', 'Write transactions whose commit failed.', [
+      { value: s.host.commits.stats.failedCommits },
+    ]),
+    family('orch_commit_waiting', 'gauge', 'Units of work waiting for a free commit lane.', [
+      { value: s.host.commits.waiting },
+    ]),
     family('orch_claims_total', 'counter', 'Tasks claimed through this process.', [
       { value: s.claims.claims },
     ]),
