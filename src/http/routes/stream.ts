@@ -214,6 +214,8 @@ export function streamRoutes(s: AppServices): Hono<AppEnv> {
       void pump(direct, () => {
         if (!outgoing.writableEnded) outgoing.end();
       });
+      // @hono/node-server's marker: it writes nothing more. (A header the app's middleware
+      // sets on it afterwards, X-Request-Id, is ignored; the head above carries it.)
       return RESPONSE_ALREADY_SENT;
     }
     return streamSSE(c, (stream) =>
