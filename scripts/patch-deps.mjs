@@ -13,8 +13,8 @@
 //    round trip per savepoint that carries nothing back. Queries on one connection run in
 //    the order they are sent, so the SAVEPOINT now goes out ahead of `fn`'s first statements,
 //    in the same write, and the scope awaits its answer before it returns: if it failed, the
-//    scope rolls back and throws as before. Group commit runs every unit of a shared
-//    transaction in a savepoint, so this saves a round trip per unit.
+//    scope rolls back and throws as before. The relay records a round's acks in a
+//    savepoint, so this saves a round trip per relay round.
 // 3. pipelined-begin: `sql.begin(fn)` awaited its BEGIN before running `fn`, the same round
 //    trip for nothing, once per transaction. For a plain `begin` (no options) the scope now
 //    starts as soon as a connection has taken the BEGIN, so `fn`'s first statements go out
