@@ -25,6 +25,8 @@ interface SseSink {
   onAbort(listener: () => void): void;
   /** Cuts the response off (a client that cannot keep up). */
   abort(): void;
+  /** Ends the response once the client's stream is over. */
+  end(): void;
 }
 
 const SSE_HEADERS = {
@@ -63,6 +65,9 @@ function nodeSink(c: Context<AppEnv>): SseSink | null {
     },
     abort: () => {
       outgoing.destroy();
+    },
+    end: () => {
+      if (!outgoing.writableEnded) outgoing.end();
     },
   };
 }
@@ -125,7 +130,7 @@ export function streamRoutes(s: AppServices): Hono<AppEnv> {
     const log = s.log.child({ requestId: c.get('requestId'), route: 'sse' });
 
     clients++;
-    const pump = async (stream: SseSink, end: () => void) => {
+    const pump = async (stream: SseSink) => {
       // Each queued message with the resolver of the promise its delivery waits on: a source
       // that waits (the live feed) keeps this queue at one, and holds the backlog itself.
       const queue: { m: StreamMessage; written: () => void }[] = [];
@@ -198,7 +203,7 @@ export function streamRoutes(s: AppServices): Hono<AppEnv> {
         clearInterval(keepAlive);
         c.req.raw.signal.removeEventListener('abort', finish);
         finish();
-        end();
+        stream.end();
         try {
           await feed?.close();
         } catch {
@@ -210,23 +215,19 @@ export function streamRoutes(s: AppServices): Hono<AppEnv> {
     };
     const direct = nodeSink(c);
     if (direct) {
-      const outgoing = (c.env as { outgoing: ServerResponse }).outgoing;
-      void pump(direct, () => {
-        if (!outgoing.writableEnded) outgoing.end();
-      });
+      void pump(direct);
       // @hono/node-server's marker: it writes nothing more. (A header the app's middleware
       // sets on it afterwards, X-Request-Id, is ignored; the head above carries it.)
       return RESPONSE_ALREADY_SENT;
     }
+    // streamSSE ends the response itself when the callback returns.
     return streamSSE(c, (stream) =>
-      pump(
-        {
-          write: (bytes) => stream.write(bytes),
-          onAbort: (listener) => stream.onAbort(listener),
-          abort: () => stream.abort(),
-        },
-        () => {},
-      ),
+      pump({
+        write: (bytes) => stream.write(bytes),
+        onAbort: (listener) => stream.onAbort(listener),
+        abort: () => stream.abort(),
+        end: () => {},
+      }),
     );
   });
 
