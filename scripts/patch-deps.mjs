@@ -27,10 +27,19 @@
 //    1 KiB, so the statements a transaction sends together went out in separate writes (a
 //    system call and a wake-up of the server each). Now only a buffer of 64 KiB is written
 //    early; below that, one write per connection per turn.
+// 5. closed-forgets-queries: a connection that closed kept its in-flight query as the
+//    current one (and, when the socket closed with an error, the queries pipelined behind it
+//    unsettled). A statement sent on the connection after it closed (a transaction's
+//    ROLLBACK) or after it reconnected then queued behind that stale query, and every answer
+//    went to the query before its own: results shifted by one statement, the last query of
+//    the connection waited forever, and `sql.end()` waited out its timeout. Now a closing
+//    connection settles every query it still holds with CONNECTION_CLOSED and forgets them,
+//    and a write that finds the socket gone does the same; either way a pending `end()` of
+//    that connection is answered at once instead of when its timeout destroys it.
 //
 // @nats-io/nats-core 3.3.1:
 //
-// 5. answered-request: a request (every JetStream publish is one) that got its answer
+// 6. answered-request: a request (every JetStream publish is one) that got its answer
 //    called `cancel()` to unregister itself, and `cancel()` built a
 //    `RequestError("cancelled")` to reject the promise that had just been resolved: an Error
 //    and its stack trace per publish, for nothing (1.6% of a draining worker's CPU). An
@@ -53,6 +62,20 @@ const postgresPatches = [
       [
         '    remaining = 0\n    incomings = null\n    clearImmediate(nextWriteTimer)\n',
         '    remaining = 0\n    incomings = null\n    clearImmediate(nextWriteTimer)\n    nextWriteTimer = null\n    chunk = null\n',
+      ],
+    ],
+  },
+  {
+    mark: '/* orchestrator-patch: closed-forgets-queries */',
+    files: ['src/connection.js', 'cjs/src/connection.js'],
+    edits: (mark) => [
+      [
+        "    !hadError && (query || sent.length) && error(Errors.connection('CONNECTION_CLOSED', options, socket))\n",
+        `    ${mark}\n    ;(query || sent.length) && error(Errors.connection('CONNECTION_CLOSED', options, socket))\n    query = results = errorResponse = null\n    result = new Result()\n    ended && terminate()\n`,
+      ],
+      [
+        "      chunk = nextWriteTimer = null\n      error(Errors.connection('CONNECTION_CLOSED', options))\n      return false\n",
+        "      chunk = nextWriteTimer = null\n      error(Errors.connection('CONNECTION_CLOSED', options))\n      query = results = errorResponse = null\n      result = new Result()\n      ended && terminate()\n      return false\n",
       ],
     ],
   },

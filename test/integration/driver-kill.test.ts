@@ -72,3 +72,44 @@ it('a host transition whose backend is killed leaves nothing and the host carrie
   expect(applied.state).toBe('requirements');
   await sql.end({ timeout: 1 });
 });
+
+it('a connection killed mid-transaction forgets its queries: later answers are not shifted and end() is prompt', async () => {
+  const { createSql } = await import('../../src/persistence/db.js');
+  // One connection, so every query after the kill runs on the one that died.
+  const victim = createSql(db.url, { max: 1, applicationName: 'victim-stale' });
+  const tx = victim.begin(async (t) => {
+    // Statements pipelined behind the one the kill interrupts: all of them must settle.
+    const behind = [t`select 2 as n`, t`select 3 as n`];
+    await t`select pg_sleep(10)`;
+    await Promise.all(behind);
+  });
+  await killWhenWaiting('victim-stale');
+  await expect(tx).rejects.toThrow();
+  // The unpatched driver kept the killed query (or the ROLLBACK sent after the close) as the
+  // connection's current one, and end() waited for its answer until the timeout.
+  const started = performance.now();
+  await victim.end({ timeout: 5 });
+  expect(performance.now() - started).toBeLessThan(2_000);
+
+  const again = createSql(db.url, { max: 1, applicationName: 'victim-stale' });
+  const tx2 = again.begin(async (t) => {
+    await t`select pg_sleep(10)`;
+  });
+  await killWhenWaiting('victim-stale');
+  await expect(tx2).rejects.toThrow();
+  const answers: unknown[] = [];
+  for (let i = 0; i < 6; i++) {
+    answers.push(
+      await again`select ${i}::int as n`.then(
+        ([r]) => r?.n,
+        (e: { code?: string }) => String(e.code),
+      ),
+    );
+  }
+  // At most the first may still see the dead session's error; each other gets its own answer
+  // (a stale current query would take the next answer, and every later query the one after).
+  expect(answers.slice(1)).toEqual([1, 2, 3, 4, 5]);
+  const ended = performance.now();
+  await again.end({ timeout: 5 });
+  expect(performance.now() - ended).toBeLessThan(2_000);
+});
