@@ -100,6 +100,10 @@ export const configSchema = z.object({
   CLAIM_MAX_WAIT_MS: ms(30_000, 0),
   BODY_LIMIT_BYTES: int(1_048_576, 1),
   RECONCILE_MS: ms(30_000, 100),
+  /** How often each process checks the queue tables for dead rows (0: never; autovacuum only). */
+  VACUUM_INTERVAL_MS: ms(30_000, 0),
+  /** Dead rows that make a queue table (events, tasks, timers) due for a vacuum. */
+  VACUUM_DEAD_ROWS: int(10_000, 100),
   /** Postgres connections per process (plus one for LISTEN). */
   DB_POOL_MAX: int(10, 2).pipe(z.number().max(1_000)),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),

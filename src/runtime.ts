@@ -21,6 +21,7 @@ import type { Logger } from './log.js';
 import { createSql, type Sql } from './persistence/db.js';
 import { migrate, migrationsApplied } from './persistence/migrate.js';
 import { Queries } from './persistence/queries.js';
+import { QueueVacuum } from './persistence/queue-vacuum.js';
 import { StateCountFolder } from './persistence/state-counts.js';
 import { Transport } from './transport/index.js';
 import { transportNames } from './transport/subjects.js';
@@ -129,6 +130,13 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
     const folder = new StateCountFolder(sql, log.child({ component: 'state-counts' }));
     folder.start();
     closers.push({ name: 'state-counts', close: () => folder.stop() });
+
+    const vacuum = new QueueVacuum(sql, log.child({ component: 'vacuum' }), {
+      intervalMs: config.VACUUM_INTERVAL_MS,
+      deadRows: config.VACUUM_DEAD_ROWS,
+    });
+    vacuum.start();
+    closers.push({ name: 'vacuum', close: () => vacuum.stop() });
 
     const poller = new TimerPoller(host, sql, log.child({ component: 'timers' }), {
       pollMs: config.TIMER_POLL_MS,

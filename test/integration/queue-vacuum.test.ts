@@ -1,0 +1,94 @@
+/**
+ * The queue vacuum: a burst of published events leaves dead entries at the start of the
+ * relay's index of unpublished events, and every relay claim walks them until a vacuum.
+ * `vacuumQueueTables` removes them once a table has enough dead rows, one process at a time.
+ */
+import { afterAll, beforeAll, expect, it } from 'vitest';
+import type { Sql } from '../../src/persistence/db.js';
+import { deadRows, vacuumQueueTables } from '../../src/persistence/queue-vacuum.js';
+import { createTestDatabase, type TestDatabase } from '../support/database.js';
+
+let db: TestDatabase;
+beforeAll(async () => {
+  db = await createTestDatabase('queue_vacuum');
+});
+afterAll(() => db.drop());
+
+/** `n` events published (as the relay marks them) and 10 left unpublished. */
+async function burst(sql: Sql, n: number, prefix: string): Promise<void> {
+  const conn = await sql.reserve();
+  try {
+    await conn`insert into events (event_id, entity_type, entity_id, seq, type, data, at)
+      select gen_random_uuid(), 'task', ${prefix} || (i % 500), i / 500 + 1, 'task.x', '{}', now()
+      from generate_series(0, ${n + 9}) i`;
+    await conn`update events set stream_seq = pos where pos <= (select max(pos) - 10 from events)`;
+    // The statistics reach the shared view at the session's next report.
+    await conn`select pg_stat_force_next_flush()`;
+    await conn`select 1`;
+  } finally {
+    conn.release();
+  }
+}
+
+/** Buffers the relay's scan (oldest unpublished first) reads. */
+async function scanBuffers(sql: Sql): Promise<number> {
+  const rows = await sql.unsafe<{ 'QUERY PLAN': string }[]>(
+    `explain (analyze, buffers, timing off)
+     select pos from events where stream_seq is null order by pos limit 10`,
+  );
+  const plan = rows.map((r) => r['QUERY PLAN']).join('\n');
+  return Number(/Buffers: shared hit=(\d+)/.exec(plan)?.[1] ?? 0);
+}
+
+async function eventually<T>(read: () => Promise<T>, ok: (v: T) => boolean): Promise<T> {
+  for (let i = 0; ; i++) {
+    const v = await read();
+    if (ok(v) || i >= 50) return v;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+it('leaves a table below the threshold alone, then vacuums it and the scan stops walking the dead', async () => {
+  await burst(db.sql, 20_000, 'a-');
+  const dead = await eventually(
+    () => deadRows(db.sql),
+    (d) => (d.get('events') ?? 0) >= 20_000,
+  );
+  expect(dead.get('events')).toBeGreaterThanOrEqual(20_000);
+
+  const below = await vacuumQueueTables(db.sql, 50_000);
+  expect(below).toEqual({ vacuumed: [], ran: true });
+  // Walked twice: the first walk marks the dead entries, which later scans still read.
+  await scanBuffers(db.sql);
+  const before = await scanBuffers(db.sql);
+  expect(before).toBeGreaterThan(30);
+
+  const run = await vacuumQueueTables(db.sql, 10_000);
+  expect(run).toEqual({ vacuumed: ['events'], ran: true });
+  expect((await deadRows(db.sql)).get('events') ?? 0).toBeLessThan(1_000);
+  const after = await scanBuffers(db.sql);
+  expect(after).toBeLessThan(10);
+  // The unpublished events are all still there for the relay.
+  const [left] = await db.sql<{ n: number }[]>`
+    select count(*)::int as n from events where stream_seq is null`;
+  expect(left?.n).toBe(10);
+});
+
+it('one process at a time: while another holds the lock, a run does nothing', async () => {
+  const other = db.pool(1);
+  const holder = await other.reserve();
+  try {
+    await holder`select pg_advisory_lock(7402615011)`;
+    await burst(db.sql, 12_000, 'b-');
+    await eventually(
+      () => deadRows(db.sql),
+      (d) => (d.get('events') ?? 0) >= 12_000,
+    );
+    expect(await vacuumQueueTables(db.sql, 10_000)).toEqual({ vacuumed: [], ran: false });
+    await holder`select pg_advisory_unlock(7402615011)`;
+    expect(await vacuumQueueTables(db.sql, 10_000)).toEqual({ vacuumed: ['events'], ran: true });
+  } finally {
+    holder.release();
+    await other.end({ timeout: 1 });
+  }
+});
