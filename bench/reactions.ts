@@ -18,11 +18,11 @@
 import { jetstreamManager } from '@nats-io/jetstream';
 import { Commands } from '../src/actors/commands.js';
 import { ActorHost } from '../src/actors/host.js';
-import type { EventEntry } from '../src/persistence/event-log.js';
-import type { ConsumerRunner } from '../src/transport/consumer-runner.js';
 import { configWith } from '../src/config.js';
 import { silentLogger } from '../src/log.js';
+import type { EventEntry } from '../src/persistence/event-log.js';
 import { QueueVacuum } from '../src/persistence/queue-vacuum.js';
+import type { ConsumerRunner } from '../src/transport/consumer-runner.js';
 import { Transport } from '../src/transport/index.js';
 import { benchTransportOptions } from './fixtures.js';
 import { benchNames, dropStreams, type Scratch, scratchDatabase } from './scratch.js';
