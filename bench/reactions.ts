@@ -30,8 +30,10 @@ import { ms, n0, pool, print, ratio, summarize, table, until } from './stats.js'
 
 const TASK_DEFAULTS = { maxAttempts: 3, leaseMs: 3_600_000, retryBaseMs: 1_000 };
 const TASKS_PER_TICKET = 20;
-/** The runtime's defaults (VACUUM_INTERVAL_MS, VACUUM_DEAD_ROWS). */
-const config = configWith({});
+/** The runtime's defaults (VACUUM_INTERVAL_MS, VACUUM_DEAD_ROWS; VACUUM_INTERVAL_MS=0 turns it off). */
+const config = configWith(
+  process.env.VACUUM_INTERVAL_MS ? { VACUUM_INTERVAL_MS: process.env.VACUUM_INTERVAL_MS } : {},
+);
 
 export interface ReactionsOptions {
   seconds: number;

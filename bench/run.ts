@@ -15,7 +15,8 @@
  * BENCH_REACTION_SECONDS (the reactions section's loaded run, default 60),
  * BENCH_REACTION_CONCURRENCY (its COMPLETE loops, default 16), BENCH_REACTION_TASKS (tasks
  * made ready for it, default 700 per second of the run), BENCH_REACTION_BASELINE=1 (run it
- * again with one message per transaction), BENCH_SSE_CLIENTS (sse section, default 1000),
+ * again with one message per transaction), VACUUM_INTERVAL_MS (the queue vacuum beside the
+ * reactions section's host, as in the runtime; 0 turns it off), BENCH_SSE_CLIENTS (sse section, default 1000),
  * BENCH_BIG_TICKET_TASKS (tasks of the ticket the bigticket section reads while it drains,
  * default 5000), BENCH_BIG_TICKET_SPLIT=1 (its reads from an `api` process, its draining in a
  * `worker` process, instead of one `all` process).
