@@ -9,6 +9,7 @@
  */
 import type { Logger } from '../log.js';
 import type { Sql } from './db.js';
+import { Periodic } from './periodic.js';
 
 /** The tables with hot scans over rows that die as work flows. */
 export const QUEUE_TABLES = ['events', 'tasks', 'timers'] as const;
@@ -67,51 +68,34 @@ export async function vacuumQueueTables(
   }
 }
 
-/** Runs `vacuumQueueTables` every `intervalMs` in the background. */
+/** Runs `vacuumQueueTables` every `intervalMs` in the background (0: never). */
 export class QueueVacuum {
-  private timer: NodeJS.Timeout | null = null;
-  private running: Promise<unknown> = Promise.resolve();
+  private readonly periodic: Periodic;
   private current: { cancel(): void } | null = null;
-  private stopped = false;
 
-  constructor(
-    private readonly sql: Sql,
-    private readonly log: Logger,
-    private readonly options: { intervalMs: number; deadRows: number },
-  ) {}
+  constructor(sql: Sql, log: Logger, options: { intervalMs: number; deadRows: number }) {
+    this.periodic = new Periodic(options.intervalMs, async () => {
+      try {
+        const r = await vacuumQueueTables(sql, options.deadRows, (q) => {
+          this.current = q;
+        });
+        if (r.vacuumed.length > 0) log.debug({ tables: r.vacuumed }, 'vacuumed');
+      } catch (err) {
+        if (!this.periodic.stopping) log.warn({ err }, 'queue vacuum failed; retrying');
+      } finally {
+        this.current = null;
+      }
+    });
+  }
 
   start(): void {
-    if (this.options.intervalMs <= 0) return;
-    this.stopped = false;
-    this.schedule();
+    this.periodic.start();
   }
 
   /** Cancels a VACUUM under way (it leaves nothing half-done) and waits for the run to end. */
   async stop(): Promise<void> {
-    this.stopped = true;
-    if (this.timer) clearTimeout(this.timer);
-    this.timer = null;
+    const stopped = this.periodic.stop();
     this.current?.cancel();
-    await this.running;
-  }
-
-  private schedule(): void {
-    if (this.stopped) return;
-    this.timer = setTimeout(() => {
-      this.running = vacuumQueueTables(this.sql, this.options.deadRows, (q) => {
-        this.current = q;
-      })
-        .then((r) => {
-          if (r.vacuumed.length > 0) this.log.debug({ tables: r.vacuumed }, 'vacuumed');
-        })
-        .catch((err: unknown) => {
-          if (!this.stopped) this.log.warn({ err }, 'queue vacuum failed; retrying');
-        })
-        .finally(() => {
-          this.current = null;
-          this.schedule();
-        });
-    }, this.options.intervalMs);
-    this.timer.unref();
+    await stopped;
   }
 }

@@ -3,9 +3,11 @@
  * appends one delta row per change in the writing transaction; this module reads the
  * totals plus the pending deltas, and folds the deltas into the totals, from any process.
  */
+
 import type { Logger } from '../log.js';
 import type { EntityType } from '../machines/index.js';
 import type { Db, Sql, Tx } from './db.js';
+import { Periodic } from './periodic.js';
 
 export interface StateCount {
   entityType: EntityType;
@@ -87,35 +89,21 @@ export async function foldBatch(tx: Tx, batch = FOLD_BATCH): Promise<number | nu
 
 /** Folds every `intervalMs` in the background; every process runs one (they take turns). */
 export class StateCountFolder {
-  private timer: NodeJS.Timeout | null = null;
-  private running: Promise<unknown> = Promise.resolve();
-  private stopped = false;
+  private readonly periodic: Periodic;
 
-  constructor(
-    private readonly sql: Sql,
-    private readonly log: Logger,
-    private readonly intervalMs = 2_000,
-  ) {}
+  constructor(sql: Sql, log: Logger, intervalMs = 2_000) {
+    this.periodic = new Periodic(intervalMs, () =>
+      foldStateCounts(sql).catch((err: unknown) =>
+        log.warn({ err }, 'state count fold failed; retrying'),
+      ),
+    );
+  }
 
   start(): void {
-    this.stopped = false;
-    this.schedule();
+    this.periodic.start();
   }
 
-  async stop(): Promise<void> {
-    this.stopped = true;
-    if (this.timer) clearTimeout(this.timer);
-    this.timer = null;
-    await this.running;
-  }
-
-  private schedule(): void {
-    if (this.stopped) return;
-    this.timer = setTimeout(() => {
-      this.running = foldStateCounts(this.sql)
-        .catch((err: unknown) => this.log.warn({ err }, 'state count fold failed; retrying'))
-        .finally(() => this.schedule());
-    }, this.intervalMs);
-    this.timer.unref();
+  stop(): Promise<void> {
+    return this.periodic.stop();
   }
 }

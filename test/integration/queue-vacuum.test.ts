@@ -4,8 +4,9 @@
  * `vacuumQueueTables` removes them once a table has enough dead rows, one process at a time.
  */
 import { afterAll, beforeAll, expect, it } from 'vitest';
+import { silentLogger } from '../../src/log.js';
 import type { Sql } from '../../src/persistence/db.js';
-import { deadRows, vacuumQueueTables } from '../../src/persistence/queue-vacuum.js';
+import { deadRows, QueueVacuum, vacuumQueueTables } from '../../src/persistence/queue-vacuum.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 
 let db: TestDatabase;
@@ -90,5 +91,32 @@ it('one process at a time: while another holds the lock, a run does nothing', as
   } finally {
     holder.release();
     await other.end({ timeout: 1 });
+  }
+});
+
+it('the background job vacuums on its own, and an interval of 0 turns it off', async () => {
+  const off = new QueueVacuum(db.sql, silentLogger(), { intervalMs: 0, deadRows: 100 });
+  off.start();
+  await burst(db.sql, 11_000, 'c-');
+  await eventually(
+    () => deadRows(db.sql),
+    (d) => (d.get('events') ?? 0) >= 11_000,
+  );
+  await new Promise((r) => setTimeout(r, 300));
+  expect((await deadRows(db.sql)).get('events')).toBeGreaterThanOrEqual(11_000);
+  await off.stop();
+
+  const job = new QueueVacuum(db.sql, silentLogger(), { intervalMs: 50, deadRows: 10_000 });
+  job.start();
+  try {
+    const after = await eventually(
+      () => deadRows(db.sql),
+      (d) => (d.get('events') ?? 0) < 1_000,
+    );
+    expect(after.get('events')).toBeLessThan(1_000);
+  } finally {
+    const started = performance.now();
+    await job.stop();
+    expect(performance.now() - started).toBeLessThan(2_000);
   }
 });
