@@ -30,9 +30,10 @@
 // 5. closed-forgets-queries: a connection that closed kept its in-flight query as the
 //    current one (and, when the socket closed with an error, the queries pipelined behind it
 //    unsettled). A statement sent on the connection after it closed (a transaction's
-//    ROLLBACK) or after it reconnected then queued behind that stale query, and every answer
-//    went to the query before its own: results shifted by one statement, the last query of
-//    the connection waited forever, and `sql.end()` waited out its timeout. Now a closing
+//    ROLLBACK) or after it reconnected then queued behind that stale query, whose answer
+//    never comes: `sql.end()` waited out its timeout (seen at shutdown after backends were
+//    terminated), and after a reconnect an answer could go to the stale query instead of its
+//    own, leaving the last query of the connection waiting forever. Now a closing
 //    connection settles every query it still holds with CONNECTION_CLOSED and forgets them,
 //    and a write that finds the socket gone does the same; either way a pending `end()` of
 //    that connection is answered at once instead of when its timeout destroys it.
