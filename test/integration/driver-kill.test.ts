@@ -77,14 +77,21 @@ it('a connection killed mid-transaction forgets its queries: later answers are n
   const { createSql } = await import('../../src/persistence/db.js');
   // One connection, so every query after the kill runs on the one that died.
   const victim = createSql(db.url, { max: 1, applicationName: 'victim-stale' });
+  // Statements pipelined behind the one the kill interrupts: all of them must settle.
+  let behind: Promise<unknown>[] = [];
   const tx = victim.begin(async (t) => {
-    // Statements pipelined behind the one the kill interrupts: all of them must settle.
-    const behind = [t`select 2 as n`, t`select 3 as n`];
-    await t`select pg_sleep(10)`;
+    // A query is sent when first awaited or handled: the sleep goes out first.
+    const sleeping = t`select pg_sleep(10)`;
+    sleeping.catch(() => {});
+    behind = [t`select 2 as n`, t`select 3 as n`];
+    // Handled here: the scope stops at the killed statement and never awaits them.
+    for (const b of behind) b.catch(() => {});
+    await sleeping;
     await Promise.all(behind);
   });
   await killWhenWaiting('victim-stale');
   await expect(tx).rejects.toThrow();
+  for (const b of behind) await expect(b).rejects.toThrow();
   // The unpatched driver kept the killed query (or the ROLLBACK sent after the close) as the
   // connection's current one, and end() waited for its answer until the timeout.
   const started = performance.now();
