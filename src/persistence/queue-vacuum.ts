@@ -15,7 +15,7 @@ import { Periodic } from './periodic.js';
 export const QUEUE_TABLES = ['events', 'tasks', 'timers'] as const;
 
 /** Arbitrary, fixed: identifies "the queue vacuum" among advisory locks. */
-const VACUUM_LOCK_ID = 7_402_615_011;
+export const VACUUM_LOCK_ID = 7_402_615_011;
 
 /** Dead rows per queue table of the current schema, as the statistics last reported them. */
 export async function deadRows(sql: Sql): Promise<Map<string, number>> {

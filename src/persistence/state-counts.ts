@@ -3,7 +3,6 @@
  * appends one delta row per change in the writing transaction; this module reads the
  * totals plus the pending deltas, and folds the deltas into the totals, from any process.
  */
-
 import type { Logger } from '../log.js';
 import type { EntityType } from '../machines/index.js';
 import type { Db, Sql, Tx } from './db.js';

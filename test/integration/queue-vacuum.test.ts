@@ -6,8 +6,14 @@
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { silentLogger } from '../../src/log.js';
 import type { Sql } from '../../src/persistence/db.js';
-import { deadRows, QueueVacuum, vacuumQueueTables } from '../../src/persistence/queue-vacuum.js';
+import {
+  deadRows,
+  QueueVacuum,
+  VACUUM_LOCK_ID,
+  vacuumQueueTables,
+} from '../../src/persistence/queue-vacuum.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
+import { eventually } from '../support/transport.js';
 
 let db: TestDatabase;
 beforeAll(async () => {
@@ -41,20 +47,21 @@ async function scanBuffers(sql: Sql): Promise<number> {
   return Number(/Buffers: shared hit=(\d+)/.exec(plan)?.[1] ?? 0);
 }
 
-async function eventually<T>(read: () => Promise<T>, ok: (v: T) => boolean): Promise<T> {
-  for (let i = 0; ; i++) {
-    const v = await read();
-    if (ok(v) || i >= 50) return v;
-    await new Promise((r) => setTimeout(r, 100));
-  }
+/** The dead-row statistics once the events' count satisfies `ok` (they are reported late). */
+function deadEvents(ok: (dead: number) => boolean): Promise<Map<string, number>> {
+  return eventually(
+    async () => {
+      const d = await deadRows(db.sql);
+      return ok(d.get('events') ?? 0) && d;
+    },
+    5_000,
+    'the dead rows of events',
+  );
 }
 
 it('leaves a table below the threshold alone, then vacuums it and the scan stops walking the dead', async () => {
   await burst(db.sql, 20_000, 'a-');
-  const dead = await eventually(
-    () => deadRows(db.sql),
-    (d) => (d.get('events') ?? 0) >= 20_000,
-  );
+  const dead = await deadEvents((n) => n >= 20_000);
   expect(dead.get('events')).toBeGreaterThanOrEqual(20_000);
 
   const below = await vacuumQueueTables(db.sql, 50_000);
@@ -79,14 +86,11 @@ it('one process at a time: while another holds the lock, a run does nothing', as
   const other = db.pool(1);
   const holder = await other.reserve();
   try {
-    await holder`select pg_advisory_lock(7402615011)`;
+    await holder`select pg_advisory_lock(${VACUUM_LOCK_ID})`;
     await burst(db.sql, 12_000, 'b-');
-    await eventually(
-      () => deadRows(db.sql),
-      (d) => (d.get('events') ?? 0) >= 12_000,
-    );
+    await deadEvents((n) => n >= 12_000);
     expect(await vacuumQueueTables(db.sql, 10_000)).toEqual({ vacuumed: [], ran: false });
-    await holder`select pg_advisory_unlock(7402615011)`;
+    await holder`select pg_advisory_unlock(${VACUUM_LOCK_ID})`;
     expect(await vacuumQueueTables(db.sql, 10_000)).toEqual({ vacuumed: ['events'], ran: true });
   } finally {
     holder.release();
@@ -98,10 +102,7 @@ it('the background job vacuums on its own, and an interval of 0 turns it off', a
   const off = new QueueVacuum(db.sql, silentLogger(), { intervalMs: 0, deadRows: 100 });
   off.start();
   await burst(db.sql, 11_000, 'c-');
-  await eventually(
-    () => deadRows(db.sql),
-    (d) => (d.get('events') ?? 0) >= 11_000,
-  );
+  await deadEvents((n) => n >= 11_000);
   await new Promise((r) => setTimeout(r, 300));
   expect((await deadRows(db.sql)).get('events')).toBeGreaterThanOrEqual(11_000);
   await off.stop();
@@ -109,10 +110,7 @@ it('the background job vacuums on its own, and an interval of 0 turns it off', a
   const job = new QueueVacuum(db.sql, silentLogger(), { intervalMs: 50, deadRows: 10_000 });
   job.start();
   try {
-    const after = await eventually(
-      () => deadRows(db.sql),
-      (d) => (d.get('events') ?? 0) < 1_000,
-    );
+    const after = await deadEvents((n) => n < 1_000);
     expect(after.get('events')).toBeLessThan(1_000);
   } finally {
     const started = performance.now();
