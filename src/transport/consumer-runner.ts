@@ -107,7 +107,7 @@ export interface ReactionStats {
   transactions: number;
 }
 
-/** Called after a commit with the entries it applied (first time in the inbox). */
+/** Called after a commit with the entries it applied (first time in the inbox, if it keeps one). */
 export type AppliedListener = (entries: EventEntry[]) => void;
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
@@ -513,18 +513,20 @@ export class ConsumerRunner {
   /**
    * The transactional reaction's effect for these stored entries, in one transaction with
    * their inbox rows; an entry already in the inbox (a redelivery) changes nothing. Returns
-   * how many were applied.
+   * how many were applied (for an idempotent reaction, every entry: it keeps no inbox).
    */
   private async applyEntries(entries: EventEntry[]): Promise<number> {
     const r = this.o.reaction as TransactionalReaction;
     const unique = [...new Map(entries.map((e) => [e.eventId, e])).values()];
     const { value: fresh } = await this.o.host.transact(async (uow) => {
-      const fresh = await recordInboxMany(
-        uow.tx,
-        this.name,
-        unique.map((e) => e.eventId),
-      );
-      const todo = unique.filter((e) => fresh.has(e.eventId));
+      // An idempotent reaction keeps no inbox row: a repeat of its effect changes nothing.
+      const todo = r.idempotent
+        ? unique
+        : await recordInboxMany(
+            uow.tx,
+            this.name,
+            unique.map((e) => e.eventId),
+          ).then((ids) => unique.filter((e) => ids.has(e.eventId)));
       if (todo.length === 0) return todo;
       if (r.group) await r.group.applyMany(uow, todo, this.o.host);
       else for (const e of todo) await r.apply(uow, e, this.o.host);

@@ -35,6 +35,12 @@ export interface TransactionalReaction extends ReactionBase {
   kind: 'transactional';
   apply: (uow: UnitOfWork, entry: EventEntry, host: ActorHost) => Promise<void>;
   /**
+   * The effect itself changes nothing when repeated (it checks Postgres for what it already
+   * did), so the runner records no inbox row for it: one row per event, kept forever, would
+   * be most of what the reaction writes. A redelivery is then answered `applied` again.
+   */
+  idempotent?: boolean;
+  /**
    * How messages that arrive together are applied together. The runner applies the entries
    * that share a key in one unit of work (with their inbox rows), in arrival order, and
    * entries of different keys in parallel. Without `group` the key is the event's entity
@@ -64,6 +70,9 @@ export const taskStateReaction: TransactionalReaction = {
   name: 'task_state',
   filterSubject: (n) => typeEventsSubject(n, 'task'),
   accepts: (e) => e.entityType === 'task' && e.type !== 'task.created',
+  // The policy tells the ticket only news newer than its ticket_tasks row (by the task's
+  // seq), in the same transaction: a redelivery, or the reconciler's sweep, finds it told.
+  idempotent: true,
   apply: async (uow, e) => {
     await forwardTaskState(uow, e.entityId);
   },

@@ -195,9 +195,10 @@ describe('seed regressions: events', () => {
       expect(mine.map((c) => c.to).sort()).toEqual([...PHASES, 'done'].sort());
     }
     expect(handlerCalls).toBe(ids.length * PHASES.length * 2 * 4);
-    // The inbox turned the second delivery of the same event into a no-op.
-    const dupes = runners.reduce((n, r) => n + r.stats.duplicates, 0);
-    expect(dupes).toBeGreaterThanOrEqual(ids.length * PHASES.length * 2);
+    // Every handler ran on every completion (no inbox stood between them: the policy's own
+    // check of what the ticket was told turned each repeat into a no-op).
+    const ran = runners.reduce((n, r) => n + r.stats.applied, 0);
+    expect(ran).toBeGreaterThanOrEqual(ids.length * PHASES.length * 2 * 2);
     // And nothing a handler did failed or ended in the dead letters.
     expect(await ta.deadLetters(10)).toEqual([]);
   });

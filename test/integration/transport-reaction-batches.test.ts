@@ -170,9 +170,10 @@ describe('task_state reaction in batches', () => {
     // The point of batching: far fewer transactions than messages applied.
     expect(s.transactions).toBeGreaterThan(0);
     expect(s.transactions).toBeLessThan(s.applied / 3);
+    // The policy's own check makes repeats harmless: no inbox row per event piles up.
     const inbox = await e.sql<{ n: number }[]>`
       select count(*)::int as n from inbox where consumer = 'task_state'`;
-    expect(inbox[0]?.n).toBe(90);
+    expect(inbox[0]?.n).toBe(0);
   });
 
   it("looks up a batch's keys beside its events, not after them", async () => {
@@ -243,10 +244,11 @@ describe('task_state reaction in batches', () => {
       'the failed messages redelivered',
     );
     expect(await ticketState(e.sql, bad.ticketId)).toBe('requirements');
-    const badInbox = await e.sql<{ n: number }[]>`
-      select count(*)::int as n from inbox i join events v on v.event_id = i.event_id
-      where i.consumer = 'task_state' and v.entity_id = any(${bad.taskIds}::text[])`;
-    expect(badInbox[0]?.n).toBe(0);
+    // Its failed transactions left nothing behind: the ticket was told none of the news.
+    const badTold = await e.sql<{ n: number }[]>`
+      select count(*)::int as n from ticket_tasks
+      where task_id = any(${bad.taskIds}::text[]) and state <> 'pending'`;
+    expect(badTold[0]?.n).toBe(0);
 
     await e.sql.unsafe('drop trigger refuse_ticket on tickets');
     await eventually(
@@ -302,12 +304,10 @@ describe('task_state reaction in batches', () => {
     expect(s.applied).toBe(2 + 3 * 3);
     expect(s.transactions).toBeLessThan(s.applied);
     expect(s.failures).toBe(0);
-    // The made-up id never reached the inbox; the genuine id passed off as a completion is
-    // there once, from its own message.
-    const inbox = async (id: string) =>
-      (await e.sql`select 1 from inbox where consumer = 'task_state' and event_id = ${id}`).length;
-    expect(await inbox(forgedIds[0]!)).toBe(0);
-    expect(await inbox(forgedIds[1]!)).toBe(1);
+    // Neither forgery told the ticket a completion: it knows the task as running.
+    const told = await e.sql<{ state: string }[]>`
+      select state from ticket_tasks where task_id = ${running}`;
+    expect(told[0]?.state).toBe('running');
     expect(await ticketState(e.sql, ticketId)).toBe('requirements');
     expect(await e.transport.deadLetters(10)).toHaveLength(0);
 

@@ -128,7 +128,7 @@ describe('reactions', () => {
     const p = e.proc();
     // No relay: nothing reaches the consumers, the test drives the handler itself.
     const t = await e.start(p, { enableRelay: false, enableReconciler: false });
-    const { taskIds } = await ticketWithTasks(p, 1);
+    const { ticketId, taskIds } = await ticketWithTasks(p, 1);
     const taskId = taskIds[0]!;
     const token = await claimAndStart(p.host, taskId);
     await p.host.send('task', taskId, { type: 'FAIL', token, error: 'x' }); // retry_wait
@@ -138,11 +138,39 @@ describe('reactions', () => {
     const entry = toEntry(rows[0]!);
     const runner = t.runners.find((r) => r.name === taskStateReaction.name)!;
 
+    const ticketRow = async () =>
+      (
+        await p.sql<{ version: number; seq: number }[]>`
+          select version, seq from tickets where id = ${ticketId}`
+      )[0];
+    expect(await runner.process(entry)).toBe('applied');
+    const once = await ticketRow();
+    // The policy finds the ticket told already: the repeat writes nothing.
+    expect(await runner.process(entry)).toBe('applied');
+    expect(await ticketRow()).toEqual(once);
+    const told = await p.sql<{ state: string; seq: number }[]>`
+      select state, seq from ticket_tasks where task_id = ${taskId}`;
+    expect(told[0]).toEqual({ state: 'retry_wait', seq: entry.seq });
+    // No inbox row: a task's every event would otherwise leave one for good.
+    const inbox = await p.sql`select 1 from inbox where event_id = ${entry.eventId}`;
+    expect(inbox).toHaveLength(0);
+  });
+
+  it('a reaction with an inbox applies a redelivered event once', async () => {
+    const e = await env('reactions_dup_inbox');
+    const p = e.proc();
+    const t = await e.start(p, { enableRelay: false, enableReconciler: false });
+    const { ticketId, taskIds } = await ticketWithTasks(p, 2);
+    await p.host.send('ticket', ticketId, { type: 'CANCEL', reason: 'x' });
+    const rows = await p.sql<Parameters<typeof toEntry>[0][]>`
+      select pos, event_id, seq, entity_id, entity_type, type, data, at from events
+      where entity_id = ${ticketId} and type = 'ticket.cancelled'`;
+    const entry = toEntry(rows[0]!);
+    const runner = t.runners.find((r) => r.name === 'ticket_cancel')!;
+
     expect(await runner.process(entry)).toBe('applied');
     expect(await runner.process(entry)).toBe('duplicate');
-    const told = await p.sql<{ state: string }[]>`
-      select state from ticket_tasks where task_id = ${taskId}`;
-    expect(told[0]?.state).toBe('retry_wait');
+    for (const id of taskIds) expect(await stateOf(p.sql, 'tasks', id)).toBe('cancelled');
     const inbox = await p.sql`select 1 from inbox where event_id = ${entry.eventId}`;
     expect(inbox).toHaveLength(1);
   });
