@@ -2,7 +2,7 @@
  * Runs one reaction as a durable pull consumer shared by every process: explicit ack,
  * `ack_wait`, `max_deliver` and backoff. A transactional reaction records (consumer, event
  * id) in the inbox in the same transaction as its effect and acks after commit, so a
- * redelivery changes nothing. A failure is nak'ed with an exponential delay; the last allowed
+ * redelivery changes nothing (one that is idempotent by itself keeps no inbox). A failure is nak'ed with an exponential delay; the last allowed
  * delivery that fails goes to `dead_letters` and the DLQ stream with its error, then `term()`.
  * A message whose every delivery timed out (a crashed handler) is dead-lettered from the
  * server's MAX_DELIVERIES advisory instead.

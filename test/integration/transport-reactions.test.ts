@@ -13,6 +13,8 @@ import type { Commands } from '../../src/actors/commands.js';
 import { ActorHost } from '../../src/actors/host.js';
 import type { Sql } from '../../src/persistence/db.js';
 import { toEntry } from '../../src/persistence/event-log.js';
+import { recordInboxMany } from '../../src/persistence/inbox-rows.js';
+import { loadMigrations, migrate } from '../../src/persistence/migrate.js';
 import type { DispatchMessage } from '../../src/transport/dispatch.js';
 import type { LiveMessage, Transport } from '../../src/transport/index.js';
 import { type Reaction, taskStateReaction } from '../../src/transport/reactions.js';
@@ -154,6 +156,28 @@ describe('reactions', () => {
     // No inbox row: a task's every event would otherwise leave one for good.
     const inbox = await p.sql`select 1 from inbox where event_id = ${entry.eventId}`;
     expect(inbox).toHaveLength(0);
+  });
+
+  it('the upgrade deletes the task news inbox rows earlier versions left, and no others', async () => {
+    const old = await createTestDatabase('reactions_inbox_upgrade', { migrate: false });
+    try {
+      const all = await loadMigrations();
+      await migrate(
+        old.sql,
+        all.filter((m) => m.name < '0012'),
+      );
+      const kept = [randomUUID(), randomUUID()];
+      await recordInboxMany(old.sql, 'task_state', [randomUUID(), randomUUID(), randomUUID()]);
+      await recordInboxMany(old.sql, 'ticket_cancel', kept);
+      expect(await migrate(old.sql)).toContain('0012-task-news-inbox.sql');
+      const rows = await old.sql<{ consumer: string; event_id: string }[]>`
+        select consumer, event_id from inbox order by event_id`;
+      expect(rows).toEqual(
+        [...kept].sort().map((id) => ({ consumer: 'ticket_cancel', event_id: id })),
+      );
+    } finally {
+      await old.drop();
+    }
   });
 
   it('a reaction with an inbox applies a redelivered event once', async () => {
