@@ -23,6 +23,7 @@ import { fileURLToPath } from 'node:url';
 import { Commands } from '../src/actors/commands.js';
 import { ActorHost } from '../src/actors/host.js';
 import type { Sql } from '../src/persistence/db.js';
+import { cpuSince, readCpu } from './cpu.js';
 import { settleSetup } from './fixtures.js';
 import {
   benchNames,
@@ -56,6 +57,25 @@ interface Figure {
   jobs: number;
   seconds: number;
   note: string;
+  /** CPU ms per job of the queue's own process (its worker) and of Postgres; null: unknown. */
+  cpu: { queue: number; postgres: number } | null;
+}
+
+/**
+ * CPU seconds this (the bench's) process used since `since`: where graphile-worker and
+ * pg-boss run their workers. Its own polling for the end is in it too (a count every few ms).
+ */
+function ownSeconds(since: NodeJS.CpuUsage): number {
+  const u = process.cpuUsage(since);
+  return (u.user + u.system) / 1e6;
+}
+
+/** CPU ms per job from a measured window, or null when /proc was not readable. */
+function perJob(used: Record<string, number>, queueKey: string, jobs: number): Figure['cpu'] {
+  const queue = used[queueKey];
+  const postgres = used.postgres;
+  if (queue === undefined || postgres === undefined) return null;
+  return { queue: (queue * 1000) / jobs, postgres: (postgres * 1000) / jobs };
 }
 
 export async function drainSection(o: { jobs: number }): Promise<void> {
@@ -74,17 +94,30 @@ export async function drainSection(o: { jobs: number }): Promise<void> {
   const g8 = (figures[1] ?? figures[0]) as Figure;
   print(
     table(
-      ['queue', 'jobs', 'seconds', 'jobs/s', 'vs graphile-worker x8'],
+      [
+        'queue',
+        'jobs',
+        'seconds',
+        'jobs/s',
+        'vs graphile-worker x8',
+        'CPU ms/job: its process',
+        'CPU ms/job: Postgres',
+      ],
       figures.map((f) => [
         f.name,
         n0(f.jobs),
         f.seconds.toFixed(2),
         n0(f.jobs / f.seconds),
         ratio(f.jobs / f.seconds, g8.jobs / g8.seconds),
+        f.cpu ? f.cpu.queue.toFixed(2) : '-',
+        f.cpu ? f.cpu.postgres.toFixed(2) : '-',
       ]),
     ),
   );
   print();
+  print(
+    'CPU ms/job: user + system CPU time (from /proc) of the process that runs the jobs and of every Postgres process, over the drain, divided by the jobs; two cores serve all of them.\n',
+  );
   for (const f of figures) print(`- ${f.name}: ${f.note}`);
 }
 
@@ -156,6 +189,18 @@ async function ours(jobs: number): Promise<Figure> {
     void exited.then(() => {
       dead = true;
     });
+    const pid = child.pid as number;
+    // CPU from the first claim on: the process's start-up is not a job's cost.
+    await until(
+      async () => {
+        if (dead) throw new Error('bench: the worker process exited');
+        return (await db.sql`select 1 from tasks where state <> 'pending' limit 1`).length > 0;
+      },
+      120_000,
+      'the worker to claim its first task',
+      10,
+    );
+    const cpu0 = readCpu(pid);
     // Polls the tickets only (a few hundred rows): a ticket leaves its phase once all its
     // tasks are complete. Counting the tasks (a scan of all of them, 8 ms at 10,000) every
     // 100 ms took a tenth of a core from the server the worker was measured on.
@@ -170,6 +215,7 @@ async function ours(jobs: number): Promise<Figure> {
       'the worker to complete every task and every ticket to advance',
       100,
     );
+    const used = cpuSince(cpu0, readCpu(pid));
     const wall = (performance.now() - spawned) / 1000;
     const [open] = await db.sql<{ n: number }[]>`
       select count(*)::int as n from tasks where state <> 'completed'`;
@@ -244,6 +290,7 @@ async function ours(jobs: number): Promise<Figure> {
       name: 'ours (worker process x8)',
       jobs,
       seconds,
+      cpu: perJob(used, `pid:${pid}`, jobs),
       note: `a \`bin/orchestrator worker\` process, WORKER_CONCURRENCY=8, ${n0(tickets)} tickets of up to ${TASKS_PER_TICKET} \`sleep\` tasks (ms 0). Counted from the first claim to the last ticket's phase change (${wall.toFixed(1)} s from spawning the process, start-up included); ${n0(span.claims)} claims, one per task.`,
     };
   } finally {
@@ -283,6 +330,8 @@ async function graphile(jobs: number, concurrency: number): Promise<Figure> {
     let done = 0;
     await waitForConnections(POOL_MAX + 10, `drain_graphile${concurrency} runner`);
     const started = performance.now();
+    const cpu0 = readCpu();
+    const own0 = process.cpuUsage();
     const runner = await run({
       connectionString: db.url,
       concurrency,
@@ -307,11 +356,13 @@ async function graphile(jobs: number, concurrency: number): Promise<Figure> {
       5,
     );
     const seconds = (performance.now() - started) / 1000;
+    const used = { ...cpuSince(cpu0, readCpu()), own: ownSeconds(own0) };
     await runner.stop();
     return {
       name: `graphile-worker run() x${concurrency}`,
       jobs,
       seconds,
+      cpu: perJob(used, 'own', jobs),
       note: `its runner, \`run({ concurrency: ${concurrency} })\`, \`maxPoolSize\` ${POOL_MAX} (its default), every other setting default (poll interval, LISTEN/NOTIFY); counted from calling run() until its jobs table is empty.`,
     };
   } finally {
@@ -343,6 +394,8 @@ async function pgBoss(jobs: number): Promise<Figure> {
     }
     let done = 0;
     const started = performance.now();
+    const cpu0 = readCpu();
+    const own0 = process.cpuUsage();
     for (let w = 0; w < PG_BOSS_WORKERS; w++) {
       await boss.work<{ i: number }>(
         'bench',
@@ -360,11 +413,13 @@ async function pgBoss(jobs: number): Promise<Figure> {
     await until(() => done >= jobs, 1_800_000, 'pg-boss to run every job', 2);
     await until(async () => (await count()) === jobs, 60_000, 'pg-boss to complete every job', 5);
     const seconds = (performance.now() - started) / 1000;
+    const used = { ...cpuSince(cpu0, readCpu()), own: ownSeconds(own0) };
     await boss.stop({ graceful: false, close: true, wait: true });
     return {
       name: `pg-boss work() x${PG_BOSS_WORKERS}, batch ${PG_BOSS_BATCH}`,
       jobs,
       seconds,
+      cpu: perJob(used, 'own', jobs),
       note: `${PG_BOSS_WORKERS} \`work()\` workers, batchSize ${PG_BOSS_BATCH}, pollingIntervalSeconds 0.5 (its minimum; a worker sleeps what is left of the interval after every batch, so past its first batches, which come at once, it runs at most ${n0((PG_BOSS_WORKERS * PG_BOSS_BATCH) / 0.5)} jobs/s; its docs recommend no batch size), pool max ${POOL_MAX}; the batch is completed in one statement; counted until every job is completed.`,
     };
   } finally {
