@@ -38,14 +38,9 @@ import {
   updateActorRow,
 } from '../persistence/actor-rows.js';
 import { type Sql, sqlState, type Tx } from '../persistence/db.js';
-import { appendEvents, type EventEntry } from '../persistence/event-log.js';
+import { appendEvents, type EventEntry, type NewEvent } from '../persistence/event-log.js';
 import { clearLease, lockExpiredLease } from '../persistence/lease-rows.js';
-import {
-  consumeTimer,
-  deleteTimers,
-  type TimerRow,
-  upsertTimers,
-} from '../persistence/timer-rows.js';
+import { consumeTimer, type TimerRow, upsertTimers } from '../persistence/timer-rows.js';
 import { afterTransition, readAheadFor } from '../policies/index.js';
 import { ActorCache } from './actor-cache.js';
 import {
@@ -620,16 +615,53 @@ export class UnitOfWork {
       seq: row.seq + emitted,
     };
     const effects = combine(steps.map((step) => step.decision));
-    const written = updateActorRow(this.tx, next, row.version, deadlineAt(effects, this.at)).then(
-      (bytes) => {
-        if (bytes === null) throw new VersionConflict(row.id, row.version);
-        return bytes;
+    const timers = this.timerRows(next, effects);
+    const written = updateActorRow(this.tx, next, row.version, {
+      deadline: deadlineAt(effects, this.at),
+      events: this.newEvents(row, next, steps),
+      cancelTimers: effects.cancel,
+      timers,
+    }).then(
+      (w) => {
+        if (w === null) throw new VersionConflict(row.id, row.version);
+        return w;
       },
       (error) => {
         throw translateUnique(error, row.id);
       },
     );
-    return this.record(row, next, written, steps, effects, entry);
+    return this.record(row, next, written, steps, effects, timers, entry);
+  }
+
+  /** The rows of the timers `effects` schedules for `row`'s entity, due from now. */
+  private timerRows(row: ActorRow, effects: Effects): TimerRow[] {
+    return effects.schedule.map((t) => ({
+      entityType: row.entityType,
+      entityId: row.id,
+      key: t.key,
+      event: t.event,
+      dueAt: this.at + t.delayMs,
+      token: randomUUID(),
+    }));
+  }
+
+  /** The events `steps` emitted, as the event log stores them after `before`'s last seq. */
+  private newEvents(before: ActorRow, after: ActorRow, steps: Step[]): NewEvent[] {
+    const out: NewEvent[] = [];
+    for (const step of steps) {
+      for (const e of step.decision.emitted) {
+        out.push({
+          eventId: randomUUID(),
+          seq: before.seq + out.length + 1,
+          entityId: after.id,
+          entityType: after.entityType,
+          type: e.type,
+          data: e.data,
+          at: this.at,
+        });
+      }
+    }
+    return out;
   }
 
   async create<T extends EntityType>(
@@ -669,7 +701,17 @@ export class UnitOfWork {
     });
     const base: ActorRow = { ...row, version: 0, seq: 0 };
     const steps = [{ decision, from: null, event: 'create' }];
-    const [applied] = await this.record(base, row, written, steps, combine([decision]), entry);
+    // The row and its events go out together: postgres.js pipelines them on the
+    // transaction's connection. If the insert lost, its own error is the answer.
+    const effects = combine([decision]);
+    const timers = this.timerRows(row, effects);
+    const events = appendEvents(this.tx, this.newEvents(base, row, steps));
+    const scheduled = upsertTimers(this.tx, timers);
+    const both = firstFailure(written, events, scheduled).then(([bytes, entries]) => ({
+      bytes,
+      entries,
+    }));
+    const [applied] = await this.record(base, row, both, steps, effects, timers, entry);
     return applied as Applied;
   }
 
@@ -707,49 +749,21 @@ export class UnitOfWork {
     before: ActorRow,
     after: ActorRow,
     /**
-     * The row's write (compare-and-set or insert), already sent: the byte length of `after`'s
-     * snapshot JSON, or its failure (VersionConflict, Conflict, ...).
+     * The row's write (compare-and-set or insert) with its events, already sent: the byte
+     * length of `after`'s snapshot JSON and the stored events, or its failure
+     * (VersionConflict, Conflict, ...).
      */
-    written: Promise<number>,
+    written: Promise<{ bytes: number; entries: EventEntry[] }>,
     /** The events applied, in order; `after` is the row after the last. */
     steps: Step[],
     /** The timers and deadline of all of them together. */
     effects: Effects,
+    /** The timer rows written with the row. */
+    timers: TimerRow[],
     machine: MachineEntry,
   ): Promise<Applied[]> {
-    // The row's write and the rows that follow it go out together: postgres.js pipelines
-    // them on the transaction's connection (one round trip, not one per statement). If the
-    // write lost, the others are rolled back with the unit and its own error is the answer.
-    const emitted = steps.flatMap((step) => step.decision.emitted);
-    const events = appendEvents(
-      this.tx,
-      emitted.map((e, i) => ({
-        eventId: randomUUID(),
-        seq: before.seq + i + 1,
-        entityId: after.id,
-        entityType: after.entityType,
-        type: e.type,
-        data: e.data,
-        at: this.at,
-      })),
-    );
-    const cancelled = deleteTimers(this.tx, after.id, effects.cancel);
-    const timers = effects.schedule.map((t) => ({
-      entityType: after.entityType,
-      entityId: after.id,
-      key: t.key,
-      event: t.event,
-      dueAt: this.at + t.delayMs,
-      token: randomUUID(),
-    }));
-    const scheduled = upsertTimers(this.tx, timers);
-    readAheadFor(
-      this,
-      after.entityType,
-      after.id,
-      emitted.map((e) => e.type),
-    );
-    const [bytes, entries] = await firstFailure(written, events, cancelled, scheduled);
+    readAheadFor(this, after.entityType, after.id, emittedTypes(steps));
+    const { bytes, entries } = await written;
     const key = `${after.entityType}:${after.id}`;
     this.rows.set(key, after);
     this.sizes.set(key, bytes);
@@ -783,6 +797,12 @@ export class UnitOfWork {
     for (const applied of results) await afterTransition(this, applied);
     return results;
   }
+}
+
+function emittedTypes(steps: Step[]): string[] {
+  const out: string[] = [];
+  for (const step of steps) for (const e of step.decision.emitted) out.push(e.type);
+  return out;
 }
 
 /** One event applied by `sendEach` (or a creation). */

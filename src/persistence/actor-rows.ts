@@ -6,6 +6,8 @@
 import type { PersistedSnapshot } from '../actors/decide.js';
 import type { EntityType } from '../machines/index.js';
 import { type Db, sqlState, UNIQUE_VIOLATION } from './db.js';
+import { type EventEntry, eventsParam, type NewEvent, writtenEntry } from './event-log.js';
+import { type TimerRow, timerWriteParts } from './timer-rows.js';
 
 export interface ActorRow {
   entityType: EntityType;
@@ -179,38 +181,87 @@ export async function insertActorRow(
   return bytes;
 }
 
+/** What one write of an actor's row carries besides the row itself. */
+export interface RowWrite {
+  /** The machine's deadline: set (epoch ms), cleared (null) or left alone (undefined). */
+  deadline: Deadline;
+  /** Events to append, all of this row's entity. */
+  events: NewEvent[];
+  /** This entity's timers to delete, by key. */
+  cancelTimers: string[];
+  /** Timers to upsert (new token each). */
+  timers: TimerRow[];
+}
+
 /**
- * Compare-and-set: writes only if the row is still at `expectedVersion`. Returns the byte
- * length of the snapshot JSON written, or null when the row had moved on (nothing written).
- * The deadline rides in the same statement, so a claim or heartbeat costs no extra write.
+ * Compare-and-set: writes only if the row is still at `expectedVersion`, and in the same
+ * statement appends its events and changes its timers, only if the row was written: one
+ * statement per transition, where it used to be one per table. Returns the byte length of
+ * the snapshot JSON written and the stored events in seq order, or null when the row had
+ * moved on (nothing written).
  */
 export async function updateActorRow(
   db: Db,
   row: ActorRow,
   expectedVersion: number,
-  deadline?: Deadline,
-): Promise<number | null> {
+  write: RowWrite,
+): Promise<{ bytes: number; entries: EventEntry[] } | null> {
   const s = row.snapshot;
   const { json, bytes } = snapshotJson(s);
-  const written = await guardUnique(async () => {
-    if (row.entityType === 'ticket') {
-      const p = ticketColumns(s);
-      const r = await db`update tickets set state = ${p.state}, phase = ${p.phase},
-        machine_version = ${row.machineVersion},
-        snapshot = ${json}::text::jsonb, version = ${row.version}, seq = ${row.seq},
-        updated_at = ${p.updated_at}
+  const set =
+    row.entityType === 'ticket'
+      ? ticketSet(db, row, s, json)
+      : taskSet(db, row, s, json, write.deadline);
+  const table = row.entityType === 'ticket' ? db`tickets` : db`tasks`;
+  const { events } = write;
+  const written = db`exists (select 1 from w)`;
+  const parts = timerWriteParts(db, row.id, write.cancelTimers, write.timers, written);
+  const pos = await guardUnique(async () => {
+    if (events.length === 0 && parts.length === 0) {
+      const r = await db`update ${table} set ${set}
         where id = ${row.id} and version = ${expectedVersion}`;
-      return r.count === 1;
+      return r.count === 1 ? [] : null;
     }
-    const p = taskColumns(s);
-    const r = await db`update tasks set state = ${p.state}, phase = ${p.phase},
-      executor = ${p.executor}, worktree = ${p.worktree}, priority = ${p.priority},
-      attempt = ${p.attempt}, worker_id = ${p.worker_id},
-      ${deadline === undefined ? db`` : db`lease_expires_at = ${deadline === null ? null : new Date(deadline)},`}
-      snapshot = ${json}::text::jsonb, version = ${row.version}, seq = ${row.seq},
-      updated_at = ${p.updated_at}
-      where id = ${row.id} and version = ${expectedVersion}`;
-    return r.count === 1;
+    if (events.length > 0) {
+      const at = new Date((events[0] as NewEvent).at);
+      parts.unshift(db`e as (
+        insert into events (event_id, entity_type, entity_id, seq, type, data, at)
+        select x.event_id, ${row.entityType}, ${row.id}, x.seq, x.type, x.data, ${at}
+        from jsonb_to_recordset(${eventsParam(events)}::text::jsonb)
+          as x(event_id uuid, seq int, type text, data jsonb)
+        where ${written}
+        returning pos, seq)`);
+    }
+    const rest = parts.reduce((all, part) => db`${all}, ${part}`);
+    const r = await db<{ written: number; pos: number[] }[]>`
+      with w as (
+        update ${table} set ${set}
+        where id = ${row.id} and version = ${expectedVersion}
+        returning 1
+      ), ${rest}
+      select (select count(*) from w)::int as written,
+        ${events.length > 0 ? db`array(select pos from e order by seq)` : db`'{}'::bigint[]`} as pos`;
+    const out = r[0];
+    return out && out.written === 1 ? out.pos : null;
   });
-  return written ? bytes : null;
+  if (pos === null) return null;
+  const sorted = [...events].sort((a, b) => a.seq - b.seq);
+  return { bytes, entries: sorted.map((e, i) => writtenEntry(e, Number(pos[i]))) };
+}
+
+function ticketSet(db: Db, row: ActorRow, s: PersistedSnapshot, json: string) {
+  const p = ticketColumns(s);
+  return db`state = ${p.state}, phase = ${p.phase}, machine_version = ${row.machineVersion},
+    snapshot = ${json}::text::jsonb, version = ${row.version}, seq = ${row.seq},
+    updated_at = ${p.updated_at}`;
+}
+
+function taskSet(db: Db, row: ActorRow, s: PersistedSnapshot, json: string, deadline: Deadline) {
+  const p = taskColumns(s);
+  return db`state = ${p.state}, phase = ${p.phase},
+    executor = ${p.executor}, worktree = ${p.worktree}, priority = ${p.priority},
+    attempt = ${p.attempt}, worker_id = ${p.worker_id},
+    ${deadline === undefined ? db`` : db`lease_expires_at = ${deadline === null ? null : new Date(deadline)},`}
+    snapshot = ${json}::text::jsonb, version = ${row.version}, seq = ${row.seq},
+    updated_at = ${p.updated_at}`;
 }

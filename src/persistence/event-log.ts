@@ -55,6 +55,33 @@ export function toEntry(r: EventRaw): EventEntry {
   };
 }
 
+/**
+ * The stored entry of an event just written at position `pos`: what a read of the row would
+ * return, built from what was sent instead of parsed back from Postgres.
+ */
+export function writtenEntry(e: NewEvent, pos: number): EventEntry {
+  return {
+    pos,
+    eventId: e.eventId,
+    seq: e.seq,
+    entityId: e.entityId,
+    entityType: e.entityType,
+    type: e.type,
+    data: e.data,
+    at: new Date(e.at).toISOString(),
+  };
+}
+
+/**
+ * The events of one entity as one JSON parameter, for an insert from `jsonb_to_recordset`
+ * in the statement that writes the entity's row (actor-rows.ts): one statement, not two.
+ */
+export function eventsParam(events: NewEvent[]): string {
+  return JSON.stringify(
+    events.map((e) => ({ event_id: e.eventId, seq: e.seq, type: e.type, data: e.data })),
+  );
+}
+
 /** Appends events (unpublished until the relay records their stream sequence); returns the stored entries. */
 export async function appendEvents(db: Db, events: NewEvent[]): Promise<EventEntry[]> {
   if (events.length === 0) return [];
@@ -67,10 +94,11 @@ export async function appendEvents(db: Db, events: NewEvent[]): Promise<EventEnt
     data: e.data,
     at: new Date(e.at),
   }));
-  const inserted = await db<EventRaw[]>`
+  const inserted = await db<{ pos: number; seq: number }[]>`
     insert into events ${db(rows as never, 'event_id', 'entity_type', 'entity_id', 'seq', 'type', 'data', 'at')}
-    returning pos, event_id, seq, entity_id, entity_type, type, data, at`;
-  return inserted.map(toEntry).sort((a, b) => a.seq - b.seq);
+    returning pos, seq`;
+  const pos = new Map(inserted.map((r) => [r.seq, r.pos]));
+  return events.map((e) => writtenEntry(e, pos.get(e.seq) as number)).sort((a, b) => a.seq - b.seq);
 }
 
 export async function entityEvents(

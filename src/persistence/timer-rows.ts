@@ -3,6 +3,8 @@
  * token; cancelling deletes it; firing deletes it only if the token is still the one the
  * poller claimed, so a timer that was replaced or cancelled meanwhile does nothing.
  */
+
+import type postgres from 'postgres';
 import type { EntityType } from '../machines/index.js';
 import type { Db } from './db.js';
 
@@ -41,9 +43,46 @@ export async function notifyTimer(db: Db, dueAt: number): Promise<void> {
   await db`select pg_notify(${TIMER_CHANNEL}, ${String(dueAt)})`;
 }
 
-export async function deleteTimers(db: Db, entityId: string, keys: string[]): Promise<void> {
-  if (keys.length === 0) return;
-  await db`delete from timers where entity_id = ${entityId} and key in ${db(keys)}`;
+/**
+ * The timer changes of one transition as parts of the statement that writes the entity's
+ * row (actor-rows.ts), each run only when `written` (an SQL condition) holds: `cancel`
+ * deletes this entity's timers by key, `schedule` upserts timers with new tokens. Empty
+ * when there is nothing to change.
+ */
+export function timerWriteParts(
+  db: Db,
+  entityId: string,
+  cancel: string[],
+  schedule: TimerRow[],
+  written: postgres.Fragment,
+): postgres.Fragment[] {
+  const parts: postgres.Fragment[] = [];
+  if (cancel.length > 0) {
+    parts.push(db`cancelled as (
+      delete from timers where entity_id = ${entityId} and key = any(${cancel}::text[])
+        and ${written})`);
+  }
+  if (schedule.length > 0) {
+    const rows = JSON.stringify(
+      schedule.map((t) => ({
+        entity_type: t.entityType,
+        entity_id: t.entityId,
+        key: t.key,
+        event: t.event,
+        due_at: new Date(t.dueAt).toISOString(),
+        token: t.token,
+      })),
+    );
+    parts.push(db`scheduled as (
+      insert into timers (entity_type, entity_id, key, event, due_at, token)
+      select x.entity_type, x.entity_id, x.key, x.event, x.due_at, x.token
+      from jsonb_to_recordset(${rows}::text::jsonb)
+        as x(entity_type text, entity_id text, key text, event jsonb, due_at timestamptz, token uuid)
+      where ${written}
+      on conflict (entity_id, key) do update set event = excluded.event, due_at = excluded.due_at,
+        token = excluded.token, locked_until = null)`);
+  }
+  return parts;
 }
 
 /**

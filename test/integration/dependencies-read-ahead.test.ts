@@ -59,7 +59,7 @@ it('reads the dependents of a completed task in the round trip of its writes', a
         select state from tasks where id = ${waiting}`;
       expect(row?.state).toBe('pending');
       if (round === 1) continue; // statements prepared; the second round is the one measured
-      const write = sent.find((s) => /^\s*update tasks\b/i.test(s.query));
+      const write = sent.find((s) => /^\s*with w as \(\s*update tasks\b/i.test(s.query));
       const read = sent.find((s) => /from task_dependencies td join tasks/i.test(s.query));
       expect(write).toBeDefined();
       expect(read).toBeDefined();
