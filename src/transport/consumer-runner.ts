@@ -378,17 +378,6 @@ export class ConsumerRunner {
       }
     }
     if (claims.length === 0) return;
-    // The keys are looked up beside the events, not after them (one round trip less per
-    // batch of new entities): by the ids the messages claim, which a checked message shares
-    // with its stored event. A forged one costs a read of a key nobody uses.
-    const keysRead =
-      r.kind === 'transactional'
-        ? this.keysOf(
-            r,
-            claims.map((c) => c.claim.entityId),
-          )
-        : null;
-    keysRead?.catch(() => {});
     let stored: Map<string, EventEntry>;
     try {
       stored = await findEvents(
@@ -424,7 +413,10 @@ export class ConsumerRunner {
     }
     let keys: Map<string, string>;
     try {
-      keys = (await keysRead) ?? new Map();
+      keys = await this.keysOf(
+        r,
+        checked.map((h) => h.entry),
+      );
     } catch (error) {
       for (const h of checked) await this.failed(h.m, h.entry, error);
       return;
@@ -441,12 +433,17 @@ export class ConsumerRunner {
   /** The reaction's key of each entity, from memory or asked for the ones not known yet. */
   private async keysOf(
     r: TransactionalReaction,
-    entityIds: string[],
+    entries: EventEntry[],
   ): Promise<Map<string, string>> {
     const out = new Map<string, string>();
     if (!r.group) return out; // each entity is its own key
     const unknown: string[] = [];
-    for (const id of new Set(entityIds)) {
+    for (const e of entries) {
+      const stated = r.group.keyOf?.(e);
+      if (stated !== undefined) out.set(e.entityId, stated);
+    }
+    for (const id of new Set(entries.map((e) => e.entityId))) {
+      if (out.has(id)) continue;
       const key = this.keys.get(id);
       if (key === undefined) unknown.push(id);
       else out.set(id, key);

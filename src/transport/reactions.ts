@@ -52,6 +52,11 @@ export interface TransactionalReaction extends ReactionBase {
      * must never change: the runner keeps it.
      */
     keysOf: (db: Db, entityIds: string[]) => Promise<Map<string, string>>;
+    /**
+     * The key as the stored entry states it, or undefined to look it up with `keysOf`. The
+     * entry is the event log's (never a message body), so what it states is the truth.
+     */
+    keyOf?: (entry: EventEntry) => string | undefined;
     /** The effect of several entries of one key (each new to the inbox), in one unit of work. */
     applyMany: (uow: UnitOfWork, entries: EventEntry[], host: ActorHost) => Promise<void>;
   };
@@ -79,6 +84,8 @@ export const taskStateReaction: TransactionalReaction = {
   // One ticket's news in one transaction: one lock of its row, each task's state read once.
   group: {
     keysOf: (db, taskIds) => ticketsOfTasks(db, taskIds),
+    // Every task event carries its ticket (the task machine's context, fixed at creation).
+    keyOf: (e) => (typeof e.data.ticketId === 'string' ? e.data.ticketId : undefined),
     applyMany: async (uow, entries) => {
       await forwardTaskStates(
         uow,
