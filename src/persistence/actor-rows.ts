@@ -185,7 +185,7 @@ export async function insertActorRow(
 export interface RowWrite {
   /** The machine's deadline: set (epoch ms), cleared (null) or left alone (undefined). */
   deadline: Deadline;
-  /** Events to append, all of this row's entity. */
+  /** Events to append, all of this row's entity and of one moment (the first's `at`). */
   events: NewEvent[];
   /** This entity's timers to delete, by key. */
   cancelTimers: string[];

@@ -3,7 +3,6 @@
  * token; cancelling deletes it; firing deletes it only if the token is still the one the
  * poller claimed, so a timer that was replaced or cancelled meanwhile does nothing.
  */
-
 import type postgres from 'postgres';
 import type { EntityType } from '../machines/index.js';
 import type { Db } from './db.js';
