@@ -13,7 +13,8 @@ import type { Commands } from '../../src/actors/commands.js';
 import { ActorHost } from '../../src/actors/host.js';
 import type { Sql } from '../../src/persistence/db.js';
 import type { ConsumerRunner, ConsumerSettings } from '../../src/transport/consumer-runner.js';
-import type { Transport } from '../../src/transport/index.js';
+import type { Transport, TransportOptions } from '../../src/transport/index.js';
+import { defaultReactions, taskStateReaction } from '../../src/transport/reactions.js';
 import { eventSubject, type TransportNames } from '../../src/transport/subjects.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 import { TASK_DEFAULTS } from '../support/fixtures.js';
@@ -58,6 +59,8 @@ async function env(
   consumer: Partial<ConsumerSettings> = {},
   /** The pool everything runs on (default: 8 connections to the test database). */
   pool: (db: TestDatabase) => Sql = (db) => db.pool(8),
+  /** Transport options besides the consumer's (the reactions it runs, say). */
+  over: Partial<TransportOptions> = {},
 ): Promise<Env> {
   const db = await createTestDatabase(label);
   dbs.push(db);
@@ -74,6 +77,7 @@ async function env(
       maxRetryDelayMs: 200,
       ...consumer,
     },
+    ...over,
   });
   transports.push(transport);
   const runner = transport.runners.find((r) => r.name === 'task_state')!;
@@ -174,6 +178,56 @@ describe('task_state reaction in batches', () => {
     const inbox = await e.sql<{ n: number }[]>`
       select count(*)::int as n from inbox where consumer = 'task_state'`;
     expect(inbox[0]?.n).toBe(0);
+  });
+
+  it('without a key in its events, a reaction looks the keys up once and still batches by them', async () => {
+    const pools: Sql[] = [];
+    let sent: Sent[] = [];
+    // The task news as a reaction whose events would not name their key.
+    const { keyOf: _named, ...group } = taskStateReaction.group ?? {};
+    const lookedUp = {
+      ...taskStateReaction,
+      group: group as NonNullable<typeof taskStateReaction.group>,
+    };
+    const e = await env(
+      'batches_keys_looked_up',
+      {},
+      (db) => {
+        const recording = recordingSql(db.url, 8);
+        pools.push(recording.sql);
+        sent = recording.sent;
+        return recording.sql;
+      },
+      {
+        reactions: (nc, n) =>
+          defaultReactions(nc, n).map((r) => (r.name === lookedUp.name ? lookedUp : r)),
+      },
+    );
+    try {
+      const { ticketId, taskIds } = await ticketWithTasks(e, 12);
+      await Promise.all(taskIds.map((id) => complete(e.host, id)));
+      await newsOnStream(e);
+      sent.length = 0;
+      await e.runner.start();
+      await eventually(
+        async () => (await ticketState(e.sql, ticketId)) === 'design',
+        20_000,
+        'the ticket in design',
+      );
+      await consumerSettled(e);
+      const lookups = sent.filter((s) => /select id, ticket_id from tasks/i.test(s.query));
+      // At most one lookup per batch holding tasks not seen before, so at most one per task:
+      // each task's later news (36 messages applied for 12 tasks) is keyed from memory.
+      expect(lookups.length).toBeGreaterThan(0);
+      expect(lookups.length).toBeLessThanOrEqual(taskIds.length);
+      expect(e.runner.stats.applied).toBe(36);
+      expect(e.runner.stats.transactions).toBeLessThan(12);
+      expect(await phaseChanges(e.sql, ticketId)).toBe(2);
+    } finally {
+      await e.runner.stop();
+      await Promise.all(transports.splice(0).map((t) => t.stop()));
+      await Promise.all(pools.map((p) => p.end({ timeout: 1 })));
+    }
   });
 
   it('keys a batch by the tickets its stored events name, with no lookup of its own', async () => {
