@@ -28,6 +28,12 @@ export interface TimerPollerOptions {
 export class TimerPoller {
   private running = false;
   private wake: (() => void) | null = null;
+  /**
+   * A wake asked for while the loop was not asleep (firing, or reading the next due time):
+   * the loop looks again instead of sleeping, or a commit landing just after that read
+   * would wait a whole poll interval.
+   */
+  private woken = false;
   private loop: Promise<void> | null = null;
   private unlisten: (() => Promise<void>) | null = null;
   private offCommit: (() => void) | null = null;
@@ -48,7 +54,7 @@ export class TimerPoller {
     this.running = true;
     const listener = await this.sql.listen(TIMER_CHANNEL, (payload) => {
       const due = Number(payload);
-      if (!Number.isFinite(due) || due - Date.now() < this.options.pollMs) this.wake?.();
+      if (!Number.isFinite(due) || due - Date.now() < this.options.pollMs) this.wakeUp();
     });
     this.unlisten = listener.unlisten;
     this.offCommit = this.host.onCommit((applied) => this.committed(applied));
@@ -59,7 +65,7 @@ export class TimerPoller {
     this.running = false;
     this.offCommit?.();
     this.offCommit = null;
-    this.wake?.();
+    this.wakeUp();
     await this.loop;
     await this.unlisten?.().catch(() => {});
   }
@@ -72,9 +78,14 @@ export class TimerPoller {
     let soonest = Number.POSITIVE_INFINITY;
     for (const a of applied) if (a.dueAt !== undefined && a.dueAt < soonest) soonest = a.dueAt;
     if (soonest - Date.now() >= this.options.pollMs) return;
-    this.wake?.();
+    this.wakeUp();
     this.notifyDue = Math.min(this.notifyDue ?? soonest, soonest);
     if (!this.notifying) void this.notifyAll();
+  }
+
+  private wakeUp(): void {
+    this.woken = true;
+    this.wake?.();
   }
 
   private async notifyAll(): Promise<void> {
@@ -131,6 +142,7 @@ export class TimerPoller {
     let failures = 0;
     while (this.running) {
       let sleepMs = this.options.pollMs;
+      this.woken = false;
       try {
         const claimed = await this.tick();
         failures = 0;
@@ -144,6 +156,7 @@ export class TimerPoller {
         sleepMs = Math.min(5_000, this.options.pollMs * 2 ** Math.min(failures, 5));
         this.log.warn({ err: error }, 'timer poll failed; retrying');
       }
+      if (this.woken && failures === 0) continue;
       await new Promise<void>((resolve) => {
         const timer = setTimeout(resolve, sleepMs);
         this.wake = () => {

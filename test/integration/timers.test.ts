@@ -9,6 +9,7 @@ import { ActorHost } from '../../src/actors/host.js';
 import { TimerPoller } from '../../src/actors/timer-poller.js';
 import { silentLogger } from '../../src/log.js';
 import type { Sql } from '../../src/persistence/db.js';
+import { TIMER_CHANNEL } from '../../src/persistence/timer-rows.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 import { TASK_DEFAULTS } from '../support/fixtures.js';
 
@@ -121,5 +122,63 @@ describe('durable timers', () => {
     const [row] = await db.sql`select state from tasks where id = ${id}`;
     expect(row?.state).toBe('claimed');
     expect(await eventsOf(id, 'task.lease_expired')).toHaveLength(0);
+  });
+});
+
+describe("the poller's wake-ups", () => {
+  it('a commit that lands while the poller reads its next due time still wakes it', async () => {
+    const pool = db.pool(4);
+    // The poller's first read of its next due time is held until the test lets it go, so the
+    // commit below lands after that read and before the poller goes to sleep.
+    let reached: () => void = () => {};
+    const atGate = new Promise<void>((r) => {
+      reached = r;
+    });
+    let open: () => void = () => {};
+    const gate = new Promise<void>((r) => {
+      open = r;
+    });
+    let held = false;
+    const gated = new Proxy(pool, {
+      apply(target, self, args: unknown[]) {
+        const result = Reflect.apply(target, self, args) as PromiseLike<unknown>;
+        const text = (args[0] as { raw?: string[] } | undefined)?.raw?.join('') ?? '';
+        if (held || !text.includes('min(due_at)')) return result;
+        held = true;
+        return Promise.resolve(result).then(async (rows) => {
+          reached();
+          await gate;
+          return rows;
+        });
+      },
+    });
+    const host = new ActorHost(pool, { taskDefaults: { ...TASK_DEFAULTS, retryBaseMs: 20 } });
+    const commands = new Commands(host, { stuckAfterMs: 3_600_000, diagnosticCooldownMs: 0 });
+    // It would sleep a minute (or until the task's 30 s lease) unless woken.
+    const poller = new TimerPoller(host, gated, silentLogger(), { pollMs: 60_000 });
+    const p = { host, poller, commands };
+    const id = await newTask(p);
+    const claimed = await host.send('task', id, { type: 'CLAIM', workerId: 'w', leaseMs: 30_000 });
+    const token = (claimed.snapshot.context as { token: string }).token;
+    await host.send('task', id, { type: 'START', token });
+    const heard: string[] = [];
+    const listener = await db.sql.listen(TIMER_CHANNEL, (payload) => heard.push(payload));
+    await poller.start();
+    try {
+      await atGate;
+      // The retry's backoff (about 20 ms) is due long before the poller's next look. Its
+      // commit wakes the poller in-process and, through a NOTIFY, in every process: both
+      // arrive while the poller is still reading, before it sleeps.
+      await host.send('task', id, { type: 'FAIL', token, error: 'x' });
+      await until(async () => heard.length > 0);
+      await new Promise((r) => setTimeout(r, 100));
+      open();
+      await until(async () => (await eventsOf(id, 'task.retried')).length === 1, 5_000);
+    } finally {
+      open();
+      await poller.stop();
+      await listener.unlisten();
+      await pool.end();
+    }
   });
 });
