@@ -10,7 +10,6 @@ import {
   type AnyMachineSnapshot,
   type AnyStateMachine,
   createActor,
-  initialTransition,
   __unsafe_getAllOwnEventDescriptors as ownEventDescriptors,
 } from 'xstate';
 import { IllegalTransition, StaleToken, UnsupportedSnapshot } from '../errors.js';
@@ -64,8 +63,14 @@ export function decideInitial<T extends EntityType>(
   input: EntityInput<T>,
   entry: MachineEntry = MACHINES[entityType],
 ): Decision {
-  const [snapshot, actions] = initialTransition(entry.machine as never, input as never);
-  return toDecision(entry, entityType, snapshot as AnyMachineSnapshot, actions);
+  // XState's `initialTransition()` builds a throwaway actor, whose constructor evaluates the
+  // context without input: a TypeError thrown and caught on every creation (about 50 µs).
+  const inert = inertScope(entry);
+  const logic = entry.machine as unknown as {
+    getInitialSnapshot(scope: unknown, input: unknown): AnyMachineSnapshot;
+  };
+  const snapshot = logic.getInitialSnapshot(inert.scope, input);
+  return toDecision(entry, entityType, snapshot, [...inert.actions]);
 }
 
 /**
@@ -94,7 +99,7 @@ export function decide(
   // CONTRACT 1: only while a claim is live (a state that takes token events: claimed,
   // running) is the token checked before the event. Elsewhere (pending, retry_wait, final)
   // the event is checked first, so COMPLETE on a pending task is illegal, not stale.
-  const claimLive = ownEventDescriptors(current).some((e) => entry.tokenEvents.includes(e));
+  const claimLive = takesTokenEvents(entry, current);
   if (claimLive && entry.tokenEvents.includes(event.type)) {
     const token = (current.context as { token: string | null }).token;
     if (event.token !== token || token === null) {
@@ -133,6 +138,16 @@ function pureTransition(
   snapshot: AnyMachineSnapshot,
   event: DecideEvent,
 ): [AnyMachineSnapshot, ExecutableAction[]] {
+  const inert = inertScope(entry);
+  const logic = entry.machine as unknown as {
+    transition(s: unknown, e: unknown, scope: unknown): AnyMachineSnapshot;
+  };
+  const next = logic.transition(snapshot, event, inert.scope);
+  return [next, [...inert.actions]];
+}
+
+/** The machine's reused inert scope, its collected actions emptied. */
+function inertScope(entry: MachineEntry): InertScope {
   const { machine } = entry;
   let inert = scopes.get(machine);
   if (!inert) {
@@ -155,11 +170,30 @@ function pureTransition(
     scopes.set(machine, inert);
   }
   inert.actions.length = 0;
-  const logic = machine as unknown as {
-    transition(s: unknown, e: unknown, scope: unknown): AnyMachineSnapshot;
-  };
-  const next = logic.transition(snapshot, event, inert.scope);
-  return [next, [...inert.actions]];
+  return inert;
+}
+
+/** Whether a state takes token events, by machine and state: it depends on the state alone. */
+const tokenStates = new WeakMap<object, Map<string, boolean>>();
+
+/**
+ * Whether a claim is live in `snapshot` (its state takes a token event). Listing a state's
+ * events walks its state nodes' transitions, a tenth of a decide; the answer is looked up.
+ */
+function takesTokenEvents(entry: MachineEntry, snapshot: AnyMachineSnapshot): boolean {
+  if (entry.tokenEvents.length === 0) return false;
+  const key = typeof snapshot.value === 'string' ? snapshot.value : JSON.stringify(snapshot.value);
+  let byState = tokenStates.get(entry.machine);
+  if (!byState) {
+    byState = new Map();
+    tokenStates.set(entry.machine, byState);
+  }
+  let live = byState.get(key);
+  if (live === undefined) {
+    live = ownEventDescriptors(snapshot).some((e) => entry.tokenEvents.includes(e));
+    byState.set(key, live);
+  }
+  return live;
 }
 
 /** Rebuilds a live snapshot from its persisted JSON. */
@@ -265,9 +299,7 @@ function toDecision(
       throw new Error(`${entityType}: unexpected action ${action.type} from transition()`);
     }
   }
-  const persisted = JSON.parse(
-    JSON.stringify(entry.machine.getPersistedSnapshot(snapshot as never)),
-  ) as PersistedSnapshot;
+  const persisted = persistedOf(entry, snapshot);
   return {
     state: stateOf(snapshot),
     snapshot: persisted,
@@ -276,4 +308,68 @@ function toDecision(
     cancel: [...cancel],
     ...(deadline !== undefined ? { deadline } : {}),
   };
+}
+
+/**
+ * What `getPersistedSnapshot()` and a JSON round trip give (the row stores JSON; the actor
+ * cache holds this same object, so a cached snapshot and one read back must not differ),
+ * built in one pass: the round trip was a third of a decide. A snapshot with children or
+ * history, which our machines do not have, takes the long way.
+ */
+function persistedOf(entry: MachineEntry, snapshot: AnyMachineSnapshot): PersistedSnapshot {
+  const { status, output, error, value, historyValue, context, children } = snapshot;
+  if (!isEmpty(children) || !isEmpty(historyValue)) {
+    return JSON.parse(
+      JSON.stringify(entry.machine.getPersistedSnapshot(snapshot as never)),
+    ) as PersistedSnapshot;
+  }
+  const persisted: Record<string, unknown> = { status };
+  if (output !== undefined) persisted.output = jsonCopy(output);
+  if (error !== undefined) persisted.error = jsonCopy(error);
+  persisted.value = jsonCopy(value);
+  persisted.historyValue = {};
+  persisted.context = jsonCopy(context);
+  persisted.children = {};
+  return persisted as PersistedSnapshot;
+}
+
+function isEmpty(o: unknown): boolean {
+  if (o === undefined || o === null) return true;
+  for (const _ in o as object) return false;
+  return true;
+}
+
+/**
+ * `JSON.parse(JSON.stringify(v))` for the plain data a context holds: undefined members
+ * dropped (null in arrays), non-finite numbers null, -0 as 0. Anything else (a Date, a class, a
+ * `toJSON`) goes through JSON itself, so the result is always what a round trip gives.
+ */
+export function jsonCopy(v: unknown): unknown {
+  if (v === null || typeof v === 'string' || typeof v === 'boolean') return v;
+  if (typeof v === 'number') return Number.isFinite(v) ? (v === 0 ? 0 : v) : null;
+  if (v === undefined || typeof v === 'function' || typeof v === 'symbol') return undefined;
+  if (Array.isArray(v)) {
+    const out = new Array<unknown>(v.length);
+    for (let i = 0; i < v.length; i++) {
+      const c = jsonCopy(v[i]);
+      out[i] = c === undefined ? null : c;
+    }
+    return out;
+  }
+  if (
+    typeof v === 'object' &&
+    Object.getPrototypeOf(v) === Object.prototype &&
+    typeof (v as { toJSON?: unknown }).toJSON !== 'function'
+  ) {
+    const out: Record<string, unknown> = {};
+    for (const k in v) {
+      // Assigned, an own `__proto__` (JSON.parse makes one) would set the copy's prototype.
+      if (k === '__proto__') return JSON.parse(JSON.stringify(v));
+      const c = jsonCopy((v as Record<string, unknown>)[k]);
+      if (c !== undefined) out[k] = c;
+    }
+    return out;
+  }
+  const text = JSON.stringify(v);
+  return text === undefined ? undefined : JSON.parse(text);
 }
