@@ -112,6 +112,7 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
       paths: string[],
       bodies?: string[],
       seconds = o.seconds,
+      client: 'node' | 'raw' = 'node',
     ) => {
       c.send({
         type: 'load',
@@ -121,6 +122,7 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
         bodies,
         concurrency: CONCURRENCY,
         seconds,
+        client,
       });
       const r = await nextMessage<Loaded>(c, isType<Loaded>('loaded'));
       if (r.errors > 0) print(`!! ${r.errors} non-2xx answers to ${method} ${paths[0]}`);
@@ -147,11 +149,13 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
     await load('GET', ['/healthz'], undefined, WARM_UP_SECONDS);
     await load('GET', getPaths, undefined, WARM_UP_SECONDS);
     await load('POST', postPaths, postBodies, WARM_UP_SECONDS);
+    await load('POST', postPaths, postBodies, WARM_UP_SECONDS, 'raw');
     const getIn = await withCpu(() => getInProcess(ms1000));
     const postIn = await withCpu(() => postInProcess(ms1000));
     const health = await withCpu(() => load('GET', ['/healthz']));
     const get = await withCpu(() => load('GET', getPaths));
     const post = await withCpu(() => load('POST', postPaths, postBodies));
+    const postRaw = await withCpu(() => load('POST', postPaths, postBodies, o.seconds, 'raw'));
     print(
       `\n### Requests at concurrency ${CONCURRENCY} (client in another process, node:http with keep-alive)\n`,
     );
@@ -210,8 +214,24 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
             n0(postIn.cpuUs),
             n0(post.clientCpuUs),
           ],
+          [
+            'the same, raw-socket client (as wrk)',
+            n0(postRaw.perSecond),
+            ms(postRaw.p50),
+            ms(postRaw.p99),
+            n0(postIn.perSecond),
+            ms(postIn.p50),
+            ms(postIn.p99),
+            ratio(postRaw.perSecond, postIn.perSecond),
+            n0(postRaw.cpuUs),
+            n0(postIn.cpuUs),
+            n0(postRaw.clientCpuUs),
+          ],
         ],
       ),
+    );
+    print(
+      '\nThe client shares the two cores with the server and Postgres: node:http spends the CPU in the last column per request, taken from the server. The raw-socket client writes prepared bytes and reads only the status, length and body, as wrk does: the closer figure for a server whose clients run elsewhere.',
     );
 
     // SSE fan-out, then the same through ordered consumers without HTTP.
