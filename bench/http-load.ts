@@ -136,7 +136,7 @@ async function rawLoad(m: Extract<Msg, { type: 'load' }>): Promise<void> {
       return new Promise<void>((resolve, reject) => {
         const socket = net.connect(port, target.hostname);
         socket.setNoDelay(true);
-        let buffer = Buffer.alloc(0);
+        let buffer: Buffer = Buffer.alloc(0);
         let t0 = 0;
         const ask = () => {
           t0 = performance.now();
