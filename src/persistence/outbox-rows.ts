@@ -8,7 +8,7 @@
  * turns out to have lost go back to unpublished (guarantee 8).
  */
 import type { EntityType } from '../machines/index.js';
-import { type Db, sqlState, type Tx, UNIQUE_VIOLATION } from './db.js';
+import type { Db, Tx } from './db.js';
 
 /** Serialises requeues (rare: the stream lost events), so two cannot deadlock. */
 const REQUEUE_LOCK_ID = 7_402_615_002;
@@ -117,19 +117,21 @@ export async function markPublished(tx: Tx, acks: Ack[]): Promise<number> {
   if (retried.length > 0) {
     await tx`delete from relay_retries where pos = any(${retried}::bigint[])`;
   }
-  try {
-    // A savepoint: a reused sequence must not abort the round's transaction (and with it
-    // every other ack and backoff it records).
-    await tx.savepoint(
-      (sp) => sp`update events e set stream_seq = a.seq
-        from unnest(${acks.map((a) => a.pos)}::bigint[], ${acks.map((a) => a.streamSeq)}::bigint[])
-          as a(pos, seq)
-        where e.pos = a.pos`,
-    );
-    return 0;
-  } catch (error) {
-    if (sqlState(error) !== UNIQUE_VIOLATION) throw error;
-  }
+  // A sequence another event already holds is left for the loop below, not written: a
+  // unique violation would abort the round's transaction, and every other ack and backoff it
+  // records with it. (That needs the stream to have lost events and two relays to record the
+  // same reused sequence at once; then the round fails and its events go out again.) No
+  // savepoint: it cost the round two more round trips, one after the other.
+  const written = await tx<{ pos: number }[]>`
+    update events e set stream_seq = a.seq
+    from unnest(${acks.map((a) => a.pos)}::bigint[], ${acks.map((a) => a.streamSeq)}::bigint[])
+      as a(pos, seq)
+    where e.pos = a.pos
+      and not exists (select 1 from events x where x.stream_seq = a.seq and x.pos <> a.pos)
+    returning e.pos`;
+  if (written.length === acks.length) return 0;
+  // In sequence order, every ack again (those written above are written again, unchanged): a
+  // requeue from a lost sequence sets back the events recorded after it, this round's too.
   let requeued = 0;
   for (const ack of [...acks].sort((a, b) => a.streamSeq - b.streamSeq)) {
     const taken = await tx<{ pos: number }[]>`
