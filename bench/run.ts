@@ -1,7 +1,7 @@
 /**
  * `npm run bench`: every figure beside its raw baseline from the same run.
  *
- * Sections (default all, in this order): host, relay, reactions, http, sse, peers, drain,
+ * Sections (default all, in this order): decide, host, relay, reactions, http, sse, peers, drain,
  * bigticket, growth, scrape, output, workflows. Choose with
  * `npm run bench -- --only relay,http` or BENCH_ONLY=relay,http. Each section creates its
  * own scratch database (and NATS streams) and drops them afterwards.
@@ -26,6 +26,7 @@ import os from 'node:os';
 import { connect } from '@nats-io/transport-node';
 import postgres from 'postgres';
 import { bigTicketSection } from './bigticket.js';
+import { decideSection } from './decide.js';
 import { drainSection } from './drain.js';
 import { growthSection } from './growth.js';
 import { benchHost, benchRaw, benchRawMinimal, prepareHostBatched } from './host-vs-raw.js';
@@ -41,6 +42,7 @@ import { fmt, print } from './stats.js';
 import { workflowsSection } from './workflows.js';
 
 const SECTIONS = [
+  'decide',
   'host',
   'relay',
   'reactions',
@@ -183,6 +185,7 @@ async function main(): Promise<void> {
   for (const s of sections) {
     print();
     const t0 = performance.now();
+    if (s === 'decide') decideSection({ iterations: 5_000 });
     if (s === 'host') await hostSection();
     if (s === 'relay') {
       await relaySection({ seconds, events: 5_000, reactionsAlone: 100, reactionsLoaded: 400 });
