@@ -172,6 +172,13 @@ export class ConsumerRunner {
   /** Deliveries taken from the consumer and not yet acked, nak'ed or termed. */
   private readonly held = new Set<JsMsg>();
   private heldChanged: (() => void) | null = null;
+  /**
+   * Resolves when `stop()` begins. The loop's waits race it: a consumer whose `close()` does
+   * not end its iterator (seen after NATS came back from an outage: `stop()` then waited
+   * forever for a message that never came) cannot hold the loop.
+   */
+  private stopping: Promise<IteratorResult<JsMsg>> = new Promise(() => {});
+  private endWaits: () => void = () => {};
   private keepAlive: NodeJS.Timeout | null = null;
   private readonly keys = new Map<string, string>();
   private readonly appliedListeners = new Set<AppliedListener>();
@@ -229,6 +236,9 @@ export class ConsumerRunner {
     if (this.running) return;
     await this.ensureConsumer();
     this.running = true;
+    this.stopping = new Promise((resolve) => {
+      this.endWaits = () => resolve({ done: true, value: undefined });
+    });
     this.advisories = this.o.nc.subscribe(
       `$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.${this.o.names.stream}.${this.name}`,
       {
@@ -253,6 +263,7 @@ export class ConsumerRunner {
 
   async stop(): Promise<void> {
     this.running = false;
+    this.endWaits();
     this.advisories?.unsubscribe();
     this.advisories = null;
     if (this.restartTimer) {
@@ -289,7 +300,10 @@ export class ConsumerRunner {
         });
         this.messages = messages;
         void this.watch(messages);
-        if (!this.running) await messages.close();
+        if (!this.running) {
+          await settleWithin(messages.close(), 2_000);
+          break;
+        }
         const it = messages[Symbol.asyncIterator]();
         // A `next()` still waiting when a batch closes is the first message of the next one.
         let next: Promise<IteratorResult<JsMsg>> | null = null;
@@ -298,7 +312,7 @@ export class ConsumerRunner {
           return next;
         };
         for (;;) {
-          const first = await take();
+          const first = await Promise.race([take(), this.stopping]);
           next = null;
           if (first.done) break;
           failures = 0;
