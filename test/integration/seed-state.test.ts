@@ -196,9 +196,15 @@ describe('seed regressions: state writes', () => {
     const baseLog = await logOf(t.id);
 
     const committed: Applied[] = [];
+    // The second half of the burst goes out once the first has made some changes (or ended).
+    let changesMade = () => {};
+    const someChanges = new Promise<void>((resolve) => {
+      changesMade = resolve;
+    });
     const unsubscribe = hosts().map((h) =>
       h.onCommit((applied) => {
         committed.push(...applied.filter((a) => a.entityType === 'ticket' && a.id === t.id));
+        if (committed.length >= 8) changesMade();
       }),
     );
     const events: DecideEvent[] = shuffle([
@@ -207,18 +213,25 @@ describe('seed regressions: state writes', () => {
       ...Array.from({ length: 80 }, () => ({ type: 'UNBLOCK' })),
     ]);
     // Each piece of news once (repeats are refused before the ticket, by its task's row:
-    // forwardTaskState; host.test has 50 racing redeliveries of one), in the second half of
-    // the burst: all four take the ticket to done, so news early in the burst ended it before
-    // the writers contended (as few as 4 writes were accepted, in about one run in ten).
+    // forwardTaskState; host.test has 50 racing redeliveries of one), and a few
+    // cancellations, all in the second half: "done" (the four pieces of news between them)
+    // and "cancelled" race like the seed's two handlers did. Sent with the first half, either
+    // could end the ticket before the writers had contended: the hosts take a burst in
+    // batches, not in the order sent, and as few as 4 writes were accepted, in about one run
+    // in ten.
     for (const n of news) {
       events.splice(130 + Math.floor(Math.random() * 130), 0, { ...n });
     }
-    // A few cancellations, late in the burst: "done" and "cancelled" race like the seed's
-    // two handlers did.
     for (let i = 0; i < 4; i++) {
-      events.splice(200 + Math.floor(Math.random() * 80), 0, { type: 'CANCEL', reason: `c${i}` });
+      events.splice(130 + Math.floor(Math.random() * 134), 0, {
+        type: 'CANCEL',
+        reason: `c${i}`,
+      });
     }
-    const outcomes = await Promise.allSettled(events.map((e, i) => write(i, 'ticket', t.id, e)));
+    const firstHalf = events.slice(0, 130).map((e, i) => write(i, 'ticket', t.id, e));
+    await Promise.race([someChanges, Promise.allSettled(firstHalf)]);
+    const secondHalf = events.slice(130).map((e, i) => write(130 + i, 'ticket', t.id, e));
+    const outcomes = await Promise.allSettled([...firstHalf, ...secondHalf]);
     for (const u of unsubscribe) u();
 
     for (const o of outcomes) {
