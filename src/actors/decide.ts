@@ -173,8 +173,30 @@ function inertScope(entry: MachineEntry): InertScope {
   return inert;
 }
 
-/** Whether a state takes token events, by machine and state: it depends on the state alone. */
-const tokenStates = new WeakMap<object, Map<string, boolean>>();
+/**
+ * A fact that depends on the machine and the state alone (never the context), computed once
+ * per machine and state value and then looked up.
+ */
+class PerState<T> {
+  private readonly byMachine = new WeakMap<object, Map<string, T>>();
+
+  get(entry: MachineEntry, value: unknown, compute: () => T): T {
+    const key = typeof value === 'string' ? value : JSON.stringify(value);
+    let byState = this.byMachine.get(entry.machine);
+    if (!byState) {
+      byState = new Map();
+      this.byMachine.set(entry.machine, byState);
+    }
+    let fact = byState.get(key);
+    if (fact === undefined) {
+      fact = compute();
+      byState.set(key, fact);
+    }
+    return fact;
+  }
+}
+
+const tokenStates = new PerState<boolean>();
 
 /**
  * Whether a claim is live in `snapshot` (its state takes a token event). Listing a state's
@@ -182,18 +204,9 @@ const tokenStates = new WeakMap<object, Map<string, boolean>>();
  */
 function takesTokenEvents(entry: MachineEntry, snapshot: AnyMachineSnapshot): boolean {
   if (entry.tokenEvents.length === 0) return false;
-  const key = typeof snapshot.value === 'string' ? snapshot.value : JSON.stringify(snapshot.value);
-  let byState = tokenStates.get(entry.machine);
-  if (!byState) {
-    byState = new Map();
-    tokenStates.set(entry.machine, byState);
-  }
-  let live = byState.get(key);
-  if (live === undefined) {
-    live = ownEventDescriptors(snapshot).some((e) => entry.tokenEvents.includes(e));
-    byState.set(key, live);
-  }
-  return live;
+  return tokenStates.get(entry, snapshot.value, () =>
+    ownEventDescriptors(snapshot).some((e) => entry.tokenEvents.includes(e)),
+  );
 }
 
 /** Rebuilds a live snapshot from its persisted JSON. */
@@ -222,7 +235,7 @@ export function allowedEvents(
 }
 
 /** Allowed events by machine, then by state: they depend on the state alone (guards aside). */
-const allowedByState = new WeakMap<object, Map<string, readonly string[]>>();
+const allowedByState = new PerState<readonly string[]>();
 
 /**
  * `allowedEvents` of a persisted snapshot, without rebuilding it: the events a state takes
@@ -235,18 +248,9 @@ export function allowedEventsOf(
   entry: MachineEntry = MACHINES[entityType],
 ): string[] {
   if (persisted.status !== 'active') return [];
-  const key =
-    typeof persisted.value === 'string' ? persisted.value : JSON.stringify(persisted.value);
-  let byState = allowedByState.get(entry.machine);
-  if (!byState) {
-    byState = new Map();
-    allowedByState.set(entry.machine, byState);
-  }
-  let allowed = byState.get(key);
-  if (!allowed) {
-    allowed = allowedEvents(entityType, restore(entityType, persisted, entry), entry);
-    byState.set(key, allowed);
-  }
+  const allowed = allowedByState.get(entry, persisted.value, () =>
+    allowedEvents(entityType, restore(entityType, persisted, entry), entry),
+  );
   return [...allowed];
 }
 

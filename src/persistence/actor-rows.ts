@@ -185,7 +185,10 @@ export async function insertActorRow(
 export interface RowWrite {
   /** The machine's deadline: set (epoch ms), cleared (null) or left alone (undefined). */
   deadline: Deadline;
-  /** Events to append, all of this row's entity and of one moment (the first's `at`). */
+  /**
+   * Events to append, in seq order (the stored entries come back in it), all of this row's
+   * entity and of one moment (the first's `at`).
+   */
   events: NewEvent[];
   /** This entity's timers to delete, by key. */
   cancelTimers: string[];
@@ -245,8 +248,7 @@ export async function updateActorRow(
     return out && out.written === 1 ? out.pos : null;
   });
   if (pos === null) return null;
-  const sorted = [...events].sort((a, b) => a.seq - b.seq);
-  return { bytes, entries: sorted.map((e, i) => writtenEntry(e, Number(pos[i]))) };
+  return { bytes, entries: events.map((e, i) => writtenEntry(e, Number(pos[i]))) };
 }
 
 function ticketSet(db: Db, row: ActorRow, s: PersistedSnapshot, json: string) {

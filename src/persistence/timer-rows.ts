@@ -29,8 +29,13 @@ export async function upsertTimers(db: Db, timers: TimerRow[]): Promise<void> {
     token: t.token,
   }));
   await db`insert into timers ${db(rows as never, 'entity_type', 'entity_id', 'key', 'event', 'due_at', 'token')}
-    on conflict (entity_id, key) do update set event = excluded.event, due_at = excluded.due_at,
-      token = excluded.token, locked_until = null`;
+    ${replaceTimer(db)}`;
+}
+
+/** A timer scheduled again replaces the row: its event, due time and token, unclaimed. */
+function replaceTimer(db: Db): postgres.Fragment {
+  return db`on conflict (entity_id, key) do update set event = excluded.event,
+    due_at = excluded.due_at, token = excluded.token, locked_until = null`;
 }
 
 /**
@@ -78,8 +83,7 @@ export function timerWriteParts(
       from jsonb_to_recordset(${rows}::text::jsonb)
         as x(entity_type text, entity_id text, key text, event jsonb, due_at timestamptz, token uuid)
       where ${written}
-      on conflict (entity_id, key) do update set event = excluded.event, due_at = excluded.due_at,
-        token = excluded.token, locked_until = null)`);
+      ${replaceTimer(db)})`);
   }
   return parts;
 }
