@@ -228,7 +228,9 @@ export class ActorHost {
   /** Applies one event to one actor, in its mailbox. */
   async send(entityType: EntityType, id: string, event: DecideEvent): Promise<Applied> {
     return this.inMailbox(`${entityType}:${id}`, async () => {
-      const { value } = await this.transact((uow) => uow.send(entityType, id, event));
+      const { value } = await this.transact((uow) => uow.send(entityType, id, event), {
+        key: `${entityType}:${id}`,
+      });
       return value;
     });
   }
@@ -244,12 +246,18 @@ export class ActorHost {
    * transaction it may share with other units (group commit). `work` may run more than once
    * (a lost compare-and-set retries it; another unit's failure rolls back the transaction
    * they shared), so it must do all its writes through the unit of work or `uow.tx`.
+   * `key`: the one actor `work` is confined to, if so (see `GroupUnit.key`): it may then run
+   * side by side with the other units of its batch.
    */
-  async transact<T>(work: (uow: UnitOfWork) => Promise<T>): Promise<CommandResult<T>> {
+  async transact<T>(
+    work: (uow: UnitOfWork) => Promise<T>,
+    options: { key?: string } = {},
+  ): Promise<CommandResult<T>> {
     for (let attempt = 1; ; attempt++) {
       let uow = new UnitOfWork(this);
       try {
         const value = await this.commits.submit<T>({
+          ...(options.key !== undefined ? { key: options.key } : {}),
           // Each run starts from nothing: a rolled-back run's rows are not the truth.
           run: (tx, batch) => {
             uow = new UnitOfWork(this);
@@ -294,9 +302,11 @@ export class ActorHost {
     mailbox?: { entityType: EntityType; id: string },
   ): Promise<StoredResponse> {
     if (mailbox) {
-      return this.inMailbox(`${mailbox.entityType}:${mailbox.id}`, () =>
-        this.idempotent(idem, work),
-      );
+      const key = `${mailbox.entityType}:${mailbox.id}`;
+      // Without a key, confined to its actor. With one, it runs in turn: the key's advisory
+      // lock does not hold off another unit of the same transaction.
+      if (!idem) return this.inMailbox(key, async () => (await this.transact(work, { key })).value);
+      return this.inMailbox(key, () => this.idempotent(idem, work));
     }
     if (!idem) return (await this.transact(work)).value;
     const hash = createHash('sha256').update(idem.request).digest('hex');
@@ -368,21 +378,25 @@ export class ActorHost {
     event: DecideEvent,
     o: { claim: (tx: Tx) => Promise<boolean>; refused: (tx: Tx) => Promise<void> },
   ): Promise<Applied | null> {
-    return this.inMailbox(`${entityType}:${id}`, async () => {
-      const { value } = await this.transact(async (uow) => {
-        if (!(await o.claim(uow.tx))) return null;
-        try {
-          return await uow.send(entityType, id, event);
-        } catch (error) {
-          if (error instanceof IllegalTransition && uow.usedCache) throw error;
-          if (error instanceof IllegalTransition) {
-            await o.refused(uow.tx);
-            return null;
+    const key = `${entityType}:${id}`;
+    return this.inMailbox(key, async () => {
+      const { value } = await this.transact(
+        async (uow) => {
+          if (!(await o.claim(uow.tx))) return null;
+          try {
+            return await uow.send(entityType, id, event);
+          } catch (error) {
+            if (error instanceof IllegalTransition && uow.usedCache) throw error;
+            if (error instanceof IllegalTransition) {
+              await o.refused(uow.tx);
+              return null;
+            }
+            if (error instanceof NotFound) return null;
+            throw error;
           }
-          if (error instanceof NotFound) return null;
-          throw error;
-        }
-      });
+        },
+        { key },
+      );
       return value;
     });
   }

@@ -1,8 +1,9 @@
 /**
  * Group commit in the actor host against a real Postgres: units of work that queue while a
  * transaction is in flight commit together (counted by the transaction ids of their event
- * rows), each answered with its own result; a refusal, a lost compare-and-set or a SQL fault
- * concerns only its own unit; a failed commit answers no unit as a success.
+ * rows), each answered with its own result; units of different actors run side by side; a
+ * refusal, a lost compare-and-set or a SQL fault concerns only its own unit; a failed commit
+ * answers no unit as a success.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ActorHost, type ActorHost as Host } from '../../src/actors/host.js';
@@ -125,6 +126,83 @@ describe('group commit', () => {
     expect(await seqsOf(id)).toEqual([1, 2, 3, 4]);
     // The cache holds the committed end state: the next event is decided on it.
     expect((await host.send('ticket', id, { type: 'BLOCK', reason: 'c' })).version).toBe(5);
+  });
+
+  it('units of different actors in one batch run side by side in one transaction', async () => {
+    const host = oneLane();
+    const [a, b] = (await startedTickets(host, 2)) as [string, string];
+    const m = await mark();
+    const lane = await holdLane(host);
+    // A waits, inside the shared transaction, for B to have started: in turn, A would wait
+    // forever for a unit queued behind it.
+    let bStarted!: () => void;
+    const started = new Promise<void>((r) => {
+      bStarted = r;
+    });
+    const ra = host.transact(
+      async (uow) => {
+        await started;
+        return uow.send('ticket', a, { type: 'BLOCK', reason: 'a' });
+      },
+      { key: `ticket:${a}` },
+    );
+    const rb = host.transact(
+      async (uow) => {
+        bStarted();
+        return uow.send('ticket', b, { type: 'BLOCK', reason: 'b' });
+      },
+      { key: `ticket:${b}` },
+    );
+    lane.release();
+    const hung = new Promise<'hung'>((r) => setTimeout(() => r('hung'), 5_000).unref());
+    const both = await Promise.race([Promise.all([ra, rb]), hung]);
+    expect(both).not.toBe('hung');
+    const [va, vb] = both as [{ value: { state: string } }, { value: { state: string } }];
+    expect([va.value.state, vb.value.state]).toEqual(['blocked', 'blocked']);
+    expect((await xidsOf([a, b], m)).size).toBe(1);
+  });
+
+  it('a side-by-side unit whose read another unit made stale runs again; it never writes on it', async () => {
+    const host = oneLane();
+    const [contested] = (await startedTickets(host, 1)) as [string];
+    const conflicts = host.stats.conflicts;
+    const lane = await holdLane(host);
+    // Keyed apart on purpose, though both write the same ticket: each decides BLOCK on the
+    // cached row, and the second compare-and-set finds the first one's version.
+    const send = (key: string, reason: string) =>
+      host.transact((uow) => uow.send('ticket', contested, { type: 'BLOCK', reason }), { key });
+    const units = [send('one', 'first'), send('two', 'second')];
+    lane.release();
+    const settled = await Promise.allSettled(units);
+    const applied = settled.filter((r) => r.status === 'fulfilled');
+    const refused = settled.filter((r) => r.status === 'rejected');
+    expect(applied).toHaveLength(1);
+    expect(refused).toHaveLength(1);
+    // Run again on the committed row, the second BLOCK is refused: the ticket is blocked.
+    expect((refused[0] as PromiseRejectedResult).reason).toBeInstanceOf(IllegalTransition);
+    expect(host.stats.conflicts - conflicts).toBeGreaterThanOrEqual(1);
+    expect(await seqsOf(contested)).toEqual([1, 2, 3]);
+    const [row] = await db.sql`select state, version from tickets where id = ${contested}`;
+    expect(row).toEqual({ state: 'blocked', version: 3 });
+  });
+
+  it('a unit without a key runs after the side-by-side ones and builds on their writes', async () => {
+    const host = oneLane();
+    const [a, b] = (await startedTickets(host, 2)) as [string, string];
+    const m = await mark();
+    const conflicts = host.stats.conflicts;
+    const lane = await holdLane(host);
+    const keyed = [a, b].map((id) => host.send('ticket', id, { type: 'BLOCK', reason: 'k' }));
+    const after = host.transact(async (uow) => {
+      await uow.send('ticket', a, { type: 'UNBLOCK' });
+      return uow.send('ticket', b, { type: 'UNBLOCK' });
+    });
+    lane.release();
+    expect((await Promise.all(keyed)).map((r) => r.state)).toEqual(['blocked', 'blocked']);
+    expect((await after).value.state).toBe('requirements');
+    expect(host.stats.conflicts - conflicts).toBe(0);
+    expect((await xidsOf([a, b], m)).size).toBe(1);
+    for (const id of [a, b]) expect(await seqsOf(id)).toEqual([1, 2, 3, 4]);
   });
 
   it('a refused event in a batch leaves the others committed', async () => {
