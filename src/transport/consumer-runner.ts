@@ -482,7 +482,7 @@ export class ConsumerRunner {
       const taken = items.splice(0, Math.max(1, s.maxPerTransaction));
       if (items.length === 0) this.queued.delete(key);
       this.busy.add(key);
-      const p = this.runKey(taken)
+      const p = this.runKey(key, taken)
         .catch((error) => {
           this.o.log.error({ err: error, consumer: this.name }, 'reaction batch not settled');
         })
@@ -495,9 +495,12 @@ export class ConsumerRunner {
   }
 
   /** One key's deliveries: one transaction, then ack each; on failure one transaction each. */
-  private async runKey(items: Held[]): Promise<void> {
+  private async runKey(key: string, items: Held[]): Promise<void> {
     try {
-      await this.applyEntries(items.map((h) => h.entry));
+      await this.applyEntries(
+        items.map((h) => h.entry),
+        key,
+      );
       for (const h of items) this.release(h.m, () => h.m.ack());
       return;
     } catch (error) {
@@ -513,7 +516,7 @@ export class ConsumerRunner {
     }
     for (const h of items) {
       try {
-        await this.applyEntries([h.entry]);
+        await this.applyEntries([h.entry], key);
         this.release(h.m, () => h.m.ack());
       } catch (error) {
         await this.failed(h.m, h.entry, error);
@@ -525,10 +528,12 @@ export class ConsumerRunner {
    * The transactional reaction's effect for these stored entries, in one transaction with
    * their inbox rows; an entry already in the inbox (a redelivery) changes nothing. Returns
    * how many were applied (for an idempotent reaction, every entry: it keeps no inbox).
+   * `key`: the runner's key of the entries (their entity, or their group's key), if known.
    */
-  private async applyEntries(entries: EventEntry[]): Promise<number> {
+  private async applyEntries(entries: EventEntry[], key?: string): Promise<number> {
     const r = this.o.reaction as TransactionalReaction;
     const unique = [...new Map(entries.map((e) => [e.eventId, e])).values()];
+    const actor = unitKey(r, entries, key);
     const { value: fresh } = await this.o.host.transact(async (uow) => {
       // An idempotent reaction keeps no inbox row: a repeat of its effect changes nothing.
       const todo = r.idempotent
@@ -542,7 +547,7 @@ export class ConsumerRunner {
       if (r.group) await r.group.applyMany(uow, todo, this.o.host);
       else for (const e of todo) await r.apply(uow, e, this.o.host);
       return todo;
-    });
+    }, actor);
     this.stats.transactions++;
     this.stats.applied += fresh.length;
     this.stats.duplicates += entries.length - fresh.length;
@@ -574,7 +579,8 @@ export class ConsumerRunner {
       this.stats.applied++;
       return 'applied';
     }
-    return (await this.applyEntries([entry])) === 1 ? 'applied' : 'duplicate';
+    const key = r.group ? r.group.keyOf?.(entry) : entry.entityId;
+    return (await this.applyEntries([entry], key)) === 1 ? 'applied' : 'duplicate';
   }
 
   /** Why `claim` is not the stored event `entry` (published on its subject), or null. */
@@ -717,6 +723,21 @@ export class ConsumerRunner {
 }
 
 /** Resolves null on the next turn of the event loop (after pending I/O callbacks). */
+/**
+ * The actor a transaction of `entries` is confined to (their entity, or their group's key
+ * read as the group's actor), so that the host may run it side by side with other units.
+ */
+function unitKey(
+  r: TransactionalReaction,
+  entries: EventEntry[],
+  key: string | undefined,
+): { key?: string } {
+  if (key === undefined) return {};
+  if (r.group) return { key: `${r.group.actor}:${key}` };
+  const first = entries[0];
+  return first ? { key: `${first.entityType}:${key}` } : {};
+}
+
 function immediate(): Promise<null> {
   return new Promise((resolve) => setImmediate(() => resolve(null)));
 }

@@ -12,6 +12,7 @@
  */
 import type { NatsConnection } from '@nats-io/transport-node';
 import type { ActorHost, UnitOfWork } from '../actors/host.js';
+import type { EntityType } from '../machines/index.js';
 import type { Db } from '../persistence/db.js';
 import type { EventEntry } from '../persistence/event-log.js';
 import {
@@ -48,6 +49,12 @@ export interface TransactionalReaction extends ReactionBase {
    */
   group?: {
     /**
+     * What a key names: the runner's transaction for one key is confined to that actor (with
+     * the rules of its transitions), so transactions of different keys may share a batch
+     * side by side (GroupUnit.key). Without `group`, the entity is that actor.
+     */
+    actor: EntityType;
+    /**
      * The key of each entity, by entity id (one missing is keyed by itself). An entity's key
      * must never change: the runner keeps it.
      */
@@ -83,6 +90,7 @@ export const taskStateReaction: TransactionalReaction = {
   },
   // One ticket's news in one transaction: one lock of its row, each task's state read once.
   group: {
+    actor: 'ticket',
     keysOf: (db, taskIds) => ticketsOfTasks(db, taskIds),
     // Every task event carries its ticket (the task machine's context, fixed at creation).
     keyOf: (e) => (typeof e.data.ticketId === 'string' ? e.data.ticketId : undefined),
