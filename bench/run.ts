@@ -14,7 +14,7 @@
  * BENCH_SCRAPE_TASKS (tasks stored for the scrape section's second figure, default 100000),
  * BENCH_REACTION_SECONDS (the reactions section's loaded run, default 60),
  * BENCH_REACTION_CONCURRENCY (its COMPLETE loops, default 16), BENCH_REACTION_TASKS (tasks
- * made ready for it, default 700 per second of the run), BENCH_REACTION_BASELINE=1 (run it
+ * made ready for it, default 1,600 per second of the run), BENCH_REACTION_BASELINE=1 (run it
  * again with one message per transaction), VACUUM_INTERVAL_MS (the queue vacuum beside the
  * reactions section's host, as in the runtime; 0 turns it off), BENCH_SSE_CLIENTS (sse section, default 1000),
  * BENCH_BIG_TICKET_TASKS (tasks of the ticket the bigticket section reads while it drains,
@@ -66,7 +66,7 @@ const growthTickets = Number(process.env.BENCH_GROWTH_TICKETS ?? 100_000);
 const scrapeTasks = Number(process.env.BENCH_SCRAPE_TASKS ?? 100_000);
 const reactionSeconds = Number(process.env.BENCH_REACTION_SECONDS ?? 60);
 const reactionConcurrency = Number(process.env.BENCH_REACTION_CONCURRENCY ?? 16);
-const reactionTasks = Number(process.env.BENCH_REACTION_TASKS ?? reactionSeconds * 700);
+const reactionTasks = Number(process.env.BENCH_REACTION_TASKS ?? reactionSeconds * 1_600);
 const sseClients = Number(process.env.BENCH_SSE_CLIENTS ?? 1_000);
 const bigTicketTasks = Number(process.env.BENCH_BIG_TICKET_TASKS ?? 5_000);
 
