@@ -85,7 +85,7 @@ export const configSchema = z.object({
   /** Units of work committed together in one transaction at most (group commit; 1: off). */
   COMMIT_BATCH_MAX: int(32, 1).pipe(z.number().max(1_000)),
   /** Write transactions in flight at once per process; units queue while all are busy. */
-  COMMIT_LANES: int(4, 1).pipe(z.number().max(64)),
+  COMMIT_LANES: int(8, 1).pipe(z.number().max(64)),
   /** Concurrent SSE clients per process (503 beyond). */
   SSE_MAX_CLIENTS: int(256, 1),
   /** Concurrent long-poll claims waiting per process (503 beyond). */
