@@ -159,7 +159,7 @@ export class GroupCommit<B> {
         const { together, inTurn } = shared ? sideBySide(units) : { together: [], inTurn: units };
         if (together.length > 0) {
           const outcomes = await Promise.allSettled(together.map((q) => q.unit.run(tx, batch)));
-          failed = firstFailure(together, outcomes);
+          failed = failureToAnswer(together, outcomes);
           if (failed) throw failed.error;
           for (const [i, q] of together.entries()) {
             const value = (outcomes[i] as PromiseFulfilledResult<unknown>).value;
@@ -237,7 +237,7 @@ function sideBySide<B>(units: Queued<B>[]): { together: Queued<B>[]; inTurn: Que
  * echo of another's (a statement refused because the transaction had already failed), or
  * else the first at all. The rest run again.
  */
-function firstFailure<B>(
+function failureToAnswer<B>(
   units: Queued<B>[],
   outcomes: PromiseSettledResult<unknown>[],
 ): { q: Queued<B>; error: unknown } | null {

@@ -722,7 +722,6 @@ export class ConsumerRunner {
   }
 }
 
-/** Resolves null on the next turn of the event loop (after pending I/O callbacks). */
 /**
  * The actor a transaction of `entries` is confined to (their entity, or their group's key
  * read as the group's actor), so that the host may run it side by side with other units.
@@ -738,6 +737,7 @@ function unitKey(
   return first ? { key: `${first.entityType}:${key}` } : {};
 }
 
+/** Resolves null on the next turn of the event loop (after pending I/O callbacks). */
 function immediate(): Promise<null> {
   return new Promise((resolve) => setImmediate(() => resolve(null)));
 }
