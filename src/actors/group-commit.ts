@@ -5,7 +5,7 @@
  *
  * A batch forms only from what queued meanwhile: a unit that finds a lane free starts at once,
  * alone (no added latency or statements at low load). In a batch of several, the units with
- * distinct keys (see `GroupUnit.key`) run side by side, their statements pipelined on the
+ * distinct keys (see `GroupUnit.keys`) run side by side, their statements pipelined on the
  * transaction's connection, so a batch takes about one unit's round trips rather than the
  * sum of them; the others then run one after another, each seeing what the earlier ones
  * wrote. No savepoints: a savepoint per unit cost two statements and a subtransaction each,
@@ -38,14 +38,17 @@ export const BATCH_LOCK_TIMEOUT_MS = 100;
 /** One unit of work as the committer runs it. */
 export interface GroupUnit<T, B> {
   /**
-   * The one actor this unit works on (with the same-transaction rules of its transitions), if
-   * it is confined to one: units of different keys run side by side in a shared transaction.
-   * That is safe because such a unit decides only on reads its writes re-check (an actor's
-   * compare-and-set, a unique key): a unit whose read another unit's write made stale fails
-   * and runs again, never writes on it. Same-key units, and units without a key (a claim
-   * choosing among candidates it did not lock against its own transaction), run in turn.
+   * What this unit holds to itself, if it is confined: the one actor it works on (with the
+   * same-transaction rules of its transitions), then anything else no other unit of its
+   * transaction may hold at once (an idempotency key, whose advisory lock does not hold off
+   * another unit of the same transaction). Units whose keys do not overlap run side by side
+   * in a shared transaction. That is safe because such a unit decides only on reads its
+   * writes re-check (an actor's compare-and-set, a unique key): a unit whose read another
+   * unit's write made stale fails and runs again, never writes on it. Units whose keys
+   * overlap an earlier one's, and units without keys (a claim choosing among candidates it
+   * did not lock against its own transaction), run in turn.
    */
-  key?: string;
+  keys?: readonly string[];
   /**
    * The unit's statements in `tx`, which it may share with other units. Called again, with a
    * fresh `batch`, when another unit's failure rolled the shared transaction back.
@@ -212,17 +215,18 @@ export class GroupCommit<B> {
 }
 
 /**
- * The units of a batch that run side by side (the first of each key; at least two, or none)
+ * The units of a batch that run side by side (each with keys no earlier one holds; at least
+ * two, or none)
  * and those that run in turn after them, in batch order.
  */
 function sideBySide<B>(units: Queued<B>[]): { together: Queued<B>[]; inTurn: Queued<B>[] } {
-  const keys = new Set<string>();
+  const held = new Set<string>();
   const together: Queued<B>[] = [];
   const inTurn: Queued<B>[] = [];
   for (const q of units) {
-    const key = q.unit.key;
-    if (key !== undefined && !keys.has(key)) {
-      keys.add(key);
+    const keys = q.unit.keys ?? [];
+    if (keys.length > 0 && !keys.some((k) => held.has(k))) {
+      for (const k of keys) held.add(k);
       together.push(q);
     } else {
       inTurn.push(q);

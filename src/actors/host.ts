@@ -229,7 +229,7 @@ export class ActorHost {
   async send(entityType: EntityType, id: string, event: DecideEvent): Promise<Applied> {
     return this.inMailbox(`${entityType}:${id}`, async () => {
       const { value } = await this.transact((uow) => uow.send(entityType, id, event), {
-        key: `${entityType}:${id}`,
+        keys: [`${entityType}:${id}`],
       });
       return value;
     });
@@ -246,18 +246,18 @@ export class ActorHost {
    * transaction it may share with other units (group commit). `work` may run more than once
    * (a lost compare-and-set retries it; another unit's failure rolls back the transaction
    * they shared), so it must do all its writes through the unit of work or `uow.tx`.
-   * `key`: the one actor `work` is confined to, if so (see `GroupUnit.key`): it may then run
-   * side by side with the other units of its batch.
+   * `keys`: the one actor `work` is confined to and what else it holds, if so (see
+   * `GroupUnit.keys`): it may then run side by side with the other units of its batch.
    */
   async transact<T>(
     work: (uow: UnitOfWork) => Promise<T>,
-    options: { key?: string } = {},
+    options: { keys?: readonly string[] } = {},
   ): Promise<CommandResult<T>> {
     for (let attempt = 1; ; attempt++) {
       let uow = new UnitOfWork(this);
       try {
         const value = await this.commits.submit<T>({
-          ...(options.key !== undefined ? { key: options.key } : {}),
+          ...(options.keys !== undefined ? { keys: options.keys } : {}),
           // Each run starts from nothing: a rolled-back run's rows are not the truth.
           run: (tx, batch) => {
             uow = new UnitOfWork(this);
@@ -302,18 +302,30 @@ export class ActorHost {
     mailbox?: { entityType: EntityType; id: string },
   ): Promise<StoredResponse> {
     if (mailbox) {
-      const key = `${mailbox.entityType}:${mailbox.id}`;
-      // Without a key, confined to its actor. With one, it runs in turn: the key's advisory
-      // lock does not hold off another unit of the same transaction.
-      if (!idem) return this.inMailbox(key, async () => (await this.transact(work, { key })).value);
-      return this.inMailbox(key, () => this.idempotent(idem, work));
+      const actor = `${mailbox.entityType}:${mailbox.id}`;
+      return this.inMailbox(actor, () => this.idempotentIn(idem, work, [actor]));
     }
-    if (!idem) return (await this.transact(work)).value;
+    return this.idempotentIn(idem, work, []);
+  }
+
+  /**
+   * `idempotent` once in the actor's mailbox. Confined to an actor, the command may run side
+   * by side with others; it then also holds its idempotency key, whose advisory lock does not
+   * hold off another unit of the same transaction.
+   */
+  private async idempotentIn(
+    idem: IdempotencyOptions | undefined,
+    work: (uow: UnitOfWork) => Promise<StoredResponse>,
+    actors: string[],
+  ): Promise<StoredResponse> {
+    const confined = actors.length > 0;
+    if (!idem) return (await this.transact(work, confined ? { keys: actors } : {})).value;
+    const scoped = `${idem.scope}\n${idem.key}`;
+    const keys = confined ? { keys: [...actors, `idempotency:${scoped}`] } : {};
     const hash = createHash('sha256').update(idem.request).digest('hex');
     const { value } = await this.transact(async (uow) => {
       const tx = uow.tx;
-      await tx`select pg_advisory_xact_lock(${IDEMPOTENCY_LOCK_NS},
-        hashtext(${`${idem.scope}\n${idem.key}`}))`;
+      await tx`select pg_advisory_xact_lock(${IDEMPOTENCY_LOCK_NS}, hashtext(${scoped}))`;
       const found = await tx<{ request_hash: string; status: number; body: unknown }[]>`
         select request_hash, status, body from idempotency_keys
         where scope = ${idem.scope} and key = ${idem.key}`;
@@ -329,7 +341,7 @@ export class ActorHost {
         values (${idem.scope}, ${idem.key}, ${hash}, ${response.status},
           ${tx.json(response.body as never)})`;
       return { ...response, replayed: false };
-    });
+    }, keys);
     return { status: value.status, body: value.body };
   }
 
@@ -395,7 +407,7 @@ export class ActorHost {
             throw error;
           }
         },
-        { key },
+        { keys: [key] },
       );
       return value;
     });

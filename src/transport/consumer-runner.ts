@@ -730,11 +730,11 @@ function unitKey(
   r: TransactionalReaction,
   entries: EventEntry[],
   key: string | undefined,
-): { key?: string } {
+): { keys?: string[] } {
   if (key === undefined) return {};
-  if (r.group) return { key: `${r.group.actor}:${key}` };
+  if (r.group) return { keys: [`${r.group.actor}:${key}`] };
   const first = entries[0];
-  return first ? { key: `${first.entityType}:${key}` } : {};
+  return first ? { keys: [`${first.entityType}:${key}`] } : {};
 }
 
 /** Resolves null on the next turn of the event loop (after pending I/O callbacks). */

@@ -7,7 +7,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ActorHost, type ActorHost as Host } from '../../src/actors/host.js';
-import { IllegalTransition, VersionConflict } from '../../src/errors.js';
+import { Conflict, IllegalTransition, VersionConflict } from '../../src/errors.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 import { TASK_DEFAULTS, ticketInput } from '../support/fixtures.js';
 
@@ -144,14 +144,14 @@ describe('group commit', () => {
         await started;
         return uow.send('ticket', a, { type: 'BLOCK', reason: 'a' });
       },
-      { key: `ticket:${a}` },
+      { keys: [`ticket:${a}`] },
     );
     const rb = host.transact(
       async (uow) => {
         bStarted();
         return uow.send('ticket', b, { type: 'BLOCK', reason: 'b' });
       },
-      { key: `ticket:${b}` },
+      { keys: [`ticket:${b}`] },
     );
     lane.release();
     const hung = new Promise<'hung'>((r) => setTimeout(() => r('hung'), 5_000).unref());
@@ -170,7 +170,9 @@ describe('group commit', () => {
     // Keyed apart on purpose, though both write the same ticket: each decides BLOCK on the
     // cached row, and the second compare-and-set finds the first one's version.
     const send = (key: string, reason: string) =>
-      host.transact((uow) => uow.send('ticket', contested, { type: 'BLOCK', reason }), { key });
+      host.transact((uow) => uow.send('ticket', contested, { type: 'BLOCK', reason }), {
+        keys: [key],
+      });
     const units = [send('one', 'first'), send('two', 'second')];
     lane.release();
     const settled = await Promise.allSettled(units);
@@ -203,6 +205,41 @@ describe('group commit', () => {
     expect(host.stats.conflicts - conflicts).toBe(0);
     expect((await xidsOf([a, b], m)).size).toBe(1);
     for (const id of [a, b]) expect(await seqsOf(id)).toEqual([1, 2, 3, 4]);
+  });
+
+  it('commands with Idempotency-Keys run side by side; one key is never held twice at once', async () => {
+    const host = oneLane();
+    const [a, b, c, d] = (await startedTickets(host, 4)) as [string, string, string, string];
+    const m = await mark();
+    const lane = await holdLane(host);
+    const block = (id: string, key: string) =>
+      host.idempotent(
+        { scope: 'test', key, request: `BLOCK ${id}` },
+        async (uow) => ({
+          status: 200,
+          body: { state: (await uow.send('ticket', id, { type: 'BLOCK', reason: key })).state },
+        }),
+        { entityType: 'ticket', id },
+      );
+    // Two keys of their own, and one key sent for two tickets (a client's mistake): in one
+    // batch, the second holder runs after the first and finds the key used.
+    const units = [
+      block(a, `own-${a}`),
+      block(b, `own-${b}`),
+      block(c, 'shared'),
+      block(d, 'shared'),
+    ];
+    lane.release();
+    const settled = await Promise.allSettled(units);
+    expect(settled.slice(0, 3).map((r) => r.status)).toEqual([
+      'fulfilled',
+      'fulfilled',
+      'fulfilled',
+    ]);
+    expect(settled[3]?.status).toBe('rejected');
+    expect((settled[3] as PromiseRejectedResult).reason).toBeInstanceOf(Conflict);
+    expect((await xidsOf([a, b, c], m)).size).toBe(1);
+    expect(await seqsOf(d)).toEqual([1, 2]);
   });
 
   it('a refused event in a batch leaves the others committed', async () => {
