@@ -309,9 +309,9 @@ export class ActorHost {
   }
 
   /**
-   * `idempotent` once in the actor's mailbox. Confined to an actor, the command may run side
-   * by side with others; it then also holds its idempotency key, whose advisory lock does not
-   * hold off another unit of the same transaction.
+   * The command of `idempotent`, in its actor's mailbox if it has one (`actors`). Confined to
+   * an actor, it may run side by side with others; it then also holds its idempotency key,
+   * whose advisory lock does not hold off another unit of the same transaction.
    */
   private async idempotentIn(
     idem: IdempotencyOptions | undefined,
