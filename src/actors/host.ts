@@ -227,9 +227,10 @@ export class ActorHost {
 
   /** Applies one event to one actor, in its mailbox. */
   async send(entityType: EntityType, id: string, event: DecideEvent): Promise<Applied> {
-    return this.inMailbox(`${entityType}:${id}`, async () => {
+    const key = `${entityType}:${id}`;
+    return this.inMailbox(key, async () => {
       const { value } = await this.transact((uow) => uow.send(entityType, id, event), {
-        keys: [`${entityType}:${id}`],
+        keys: [key],
       });
       return value;
     });

@@ -533,7 +533,7 @@ export class ConsumerRunner {
   private async applyEntries(entries: EventEntry[], key?: string): Promise<number> {
     const r = this.o.reaction as TransactionalReaction;
     const unique = [...new Map(entries.map((e) => [e.eventId, e])).values()];
-    const actor = unitKey(r, entries, key);
+    const confined = unitKeys(r, entries, key);
     const { value: fresh } = await this.o.host.transact(async (uow) => {
       // An idempotent reaction keeps no inbox row: a repeat of its effect changes nothing.
       const todo = r.idempotent
@@ -547,7 +547,7 @@ export class ConsumerRunner {
       if (r.group) await r.group.applyMany(uow, todo, this.o.host);
       else for (const e of todo) await r.apply(uow, e, this.o.host);
       return todo;
-    }, actor);
+    }, confined);
     this.stats.transactions++;
     this.stats.applied += fresh.length;
     this.stats.duplicates += entries.length - fresh.length;
@@ -726,7 +726,7 @@ export class ConsumerRunner {
  * The actor a transaction of `entries` is confined to (their entity, or their group's key
  * read as the group's actor), so that the host may run it side by side with other units.
  */
-function unitKey(
+function unitKeys(
   r: TransactionalReaction,
   entries: EventEntry[],
   key: string | undefined,
