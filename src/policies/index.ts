@@ -25,7 +25,12 @@ export { releaseDependents, settleWaitingTask } from './dependencies.js';
 export { addTask, type TaskSpec } from './new-task.js';
 export { sendIfAccepted } from './send.js';
 export { type AddedTask, recordTaskAdded } from './task-added.js';
-export { forwardTaskState, forwardTaskStates, ticketsOfTasks } from './task-state.js';
+export {
+  forwardTaskState,
+  forwardTaskStates,
+  forwardTicketNews,
+  ticketsOfTasks,
+} from './task-state.js';
 export { cancelOpenTasks } from './ticket-cancelled.js';
 
 /**

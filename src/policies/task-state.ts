@@ -10,13 +10,10 @@
 import type { DecideEvent } from '../actors/decide.js';
 import type { Applied, UnitOfWork } from '../actors/host.js';
 import { NotFound } from '../errors.js';
+import { loadActorRow } from '../persistence/actor-rows.js';
 import type { Db } from '../persistence/db.js';
-import {
-  type TaskProgress,
-  tasksProgress,
-  ticketIdsOfTasks,
-} from '../persistence/reaction-rows.js';
-import { recordTasksNews, type TaskNews } from '../persistence/ticket-task-rows.js';
+import { ticketIdsOfTasks } from '../persistence/reaction-rows.js';
+import { type RecordedNews, recordCurrentNews } from '../persistence/ticket-task-rows.js';
 
 export async function forwardTaskState(uow: UnitOfWork, taskId: string): Promise<Applied | null> {
   const [applied] = await forwardTaskStates(uow, [taskId]);
@@ -24,50 +21,60 @@ export async function forwardTaskState(uow: UnitOfWork, taskId: string): Promise
 }
 
 /**
- * The news of several tasks (normally of one ticket, see `ticketsOfTasks`) in one unit of
- * work: each task's state is read once, however many of its events are listed (the state
- * read now is the latest, so older news of the same task adds nothing), and its ticket is
- * told in the order the tasks are first listed. Same outcome as each task's news told alone,
- * with one read and, for one ticket, one row lock instead of one per event.
+ * The news of several tasks (of any tickets) in one unit of work: their tickets are read
+ * first, then each ticket is told as `forwardTicketNews` tells it, in the order its tasks are
+ * first listed. Same outcome as each task's news told alone.
  */
 export async function forwardTaskStates(
   uow: UnitOfWork,
   taskIds: readonly string[],
 ): Promise<Applied[]> {
   const ids = [...new Set(taskIds)];
-  const progress = await tasksProgress(uow.tx, ids);
-  // By ticket, in the order its tasks are first listed.
-  const byTicket = new Map<string, { id: string; task: TaskProgress }[]>();
+  const tickets = await ticketIdsOfTasks(uow.tx, ids);
+  const byTicket = new Map<string, string[]>();
   for (const id of ids) {
-    const task = progress.get(id);
-    if (!task) continue;
-    const news = byTicket.get(task.ticketId) ?? [];
-    news.push({ id, task });
-    byTicket.set(task.ticketId, news);
+    const ticketId = tickets.get(id);
+    if (ticketId === undefined) continue;
+    const list = byTicket.get(ticketId);
+    if (list) list.push(id);
+    else byTicket.set(ticketId, [id]);
   }
   const out: Applied[] = [];
-  for (const [ticketId, tasks] of byTicket) out.push(...(await tellMany(uow, ticketId, tasks)));
+  for (const [ticketId, list] of byTicket) {
+    out.push(...(await forwardTicketNews(uow, ticketId, list)));
+  }
   return out;
 }
 
 /**
- * One ticket told the news of several tasks: one statement records it all, and the news that
- * is new reaches the ticket as runs of events written once each (`sendAccepted`).
+ * The news of tasks of one ticket (the task_state reaction's key: every task event states
+ * its ticket), each task's state read once however many of its events are listed (the state
+ * read now is the latest, so older news of the same task adds nothing). Tasks of another
+ * ticket are left out. The ticket's row is locked and the news read and recorded in one
+ * round trip; the news that is new reaches the ticket as runs of events written once each
+ * (`sendAccepted`).
  */
-async function tellMany(
+export async function forwardTicketNews(
   uow: UnitOfWork,
   ticketId: string,
-  tasks: { id: string; task: TaskProgress }[],
+  taskIds: readonly string[],
 ): Promise<Applied[]> {
-  if (!(await lockTicket(uow, ticketId))) return [];
-  const recorded = await recordTasksNews(
-    uow.tx,
-    tasks.map(({ id, task }) => ({ taskId: id, state: task.state, seq: task.seq })),
-  );
+  const ids = [...new Set(taskIds)];
+  if (ids.length === 0) return [];
+  // Never from the cache: the row is read under its lock. Both statements go out together on
+  // the transaction's connection and run in that order, the ticket's row first, then its
+  // tasks' rows: every writer takes them in that order, so two never wait on each other.
+  uow.host.forget('ticket', ticketId);
+  const [row, recorded] = await Promise.all([
+    loadActorRow(uow.tx, 'ticket', ticketId, { forUpdate: true }),
+    recordCurrentNews(uow.tx, ticketId, ids),
+  ]);
+  if (!row) return [];
+  uow.adopt(row);
   const events: DecideEvent[] = [];
-  for (const { id, task } of tasks) {
+  for (const id of ids) {
     const news = recorded.get(id);
-    if (news) events.push(taskStateEvent(id, task, news));
+    if (news) events.push(taskStateEvent(id, news));
   }
   const out: Applied[] = [];
   while (events.length > 0) {
@@ -92,23 +99,7 @@ export function ticketsOfTasks(db: Db, taskIds: string[]): Promise<Map<string, s
   return ticketIdsOfTasks(db, taskIds);
 }
 
-/**
- * The ticket's row first (loaded for update, never from the cache), then its tasks' rows
- * beside it: every writer takes them in that order, so two never wait on each other. False
- * when the ticket does not exist.
- */
-async function lockTicket(uow: UnitOfWork, ticketId: string): Promise<boolean> {
-  uow.host.forget('ticket', ticketId);
-  try {
-    await uow.load('ticket', ticketId);
-    return true;
-  } catch (error) {
-    if (error instanceof NotFound) return false;
-    throw error;
-  }
-}
-
-function taskStateEvent(taskId: string, task: TaskProgress, news: TaskNews): DecideEvent {
+function taskStateEvent(taskId: string, news: RecordedNews): DecideEvent {
   return {
     type: 'TASK_STATE',
     taskId,
@@ -116,9 +107,9 @@ function taskStateEvent(taskId: string, task: TaskProgress, news: TaskNews): Dec
     round: news.round,
     taskType: news.type,
     from: news.from,
-    state: task.state,
-    seq: task.seq,
+    state: news.state,
+    seq: news.seq,
     // A failure's reason is what an onFail send-back hands the phase's next tasks.
-    ...(task.state === 'failed' && task.error !== null ? { error: task.error } : {}),
+    ...(news.state === 'failed' && news.error !== null ? { error: news.error } : {}),
   };
 }

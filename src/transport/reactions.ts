@@ -19,6 +19,7 @@ import {
   cancelOpenTasks,
   forwardTaskState,
   forwardTaskStates,
+  forwardTicketNews,
   ticketsOfTasks,
 } from '../policies/index.js';
 import { type TransportNames, typeEventsSubject } from './subjects.js';
@@ -95,10 +96,18 @@ export const taskStateReaction: TransactionalReaction = {
     // Every task event carries its ticket (the task machine's context, fixed at creation).
     keyOf: (e) => (typeof e.data.ticketId === 'string' ? e.data.ticketId : undefined),
     applyMany: async (uow, entries) => {
-      await forwardTaskStates(
-        uow,
-        entries.map((e) => e.entityId),
-      );
+      // The entries of one key state one ticket; one that states none is told the long way.
+      const byTicket = new Map<string | undefined, string[]>();
+      for (const e of entries) {
+        const ticketId = typeof e.data.ticketId === 'string' ? e.data.ticketId : undefined;
+        const list = byTicket.get(ticketId);
+        if (list) list.push(e.entityId);
+        else byTicket.set(ticketId, [e.entityId]);
+      }
+      for (const [ticketId, taskIds] of byTicket) {
+        if (ticketId === undefined) await forwardTaskStates(uow, taskIds);
+        else await forwardTicketNews(uow, ticketId, taskIds);
+      }
     },
   },
 };

@@ -8,7 +8,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Commands } from '../../src/actors/commands.js';
 import { ActorHost } from '../../src/actors/host.js';
-import { forwardTaskStates } from '../../src/policies/index.js';
+import { forwardTaskStates, forwardTicketNews } from '../../src/policies/index.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 import { TASK_DEFAULTS } from '../support/fixtures.js';
 
@@ -97,5 +97,50 @@ describe('news of many tasks for one ticket', () => {
       ['blocked', 'blocked'],
       ['blocked', 'blocked'],
     ]);
+  });
+
+  it('told under the wrong ticket, a task is left out and its news stays to tell', async () => {
+    const a = await ticketWithTasks(1);
+    const b = await ticketWithTasks(1);
+    const taskOfA = a.ids[0] as string;
+    await run(taskOfA, 'COMPLETE');
+    const before = await writesOf(b.ticketId);
+    const { value: wrong } = await host.transact((uow) =>
+      forwardTicketNews(uow, b.ticketId, [taskOfA]),
+    );
+    expect(wrong).toEqual([]);
+    expect(await writesOf(b.ticketId)).toBe(before);
+    const [row] = await db.sql<{ seq: number }[]>`
+      select seq from ticket_tasks where task_id = ${taskOfA}`;
+    expect(row?.seq).toBe(0);
+    const { value: right } = await host.transact((uow) =>
+      forwardTicketNews(uow, a.ticketId, [taskOfA]),
+    );
+    expect(right.map((x) => x.state)).toEqual(['design']);
+  });
+
+  it('many tellers of one ticket at once: no deadlock, each task counted once', async () => {
+    const { ticketId, ids } = await ticketWithTasks(30);
+    for (const id of ids) await run(id, 'COMPLETE');
+    // Overlapping sets in different orders, each in its own transaction, all at once.
+    const sets = Array.from({ length: 24 }, (_, i) => {
+      const start = (i * 7) % ids.length;
+      const part = [...ids.slice(start), ...ids.slice(0, start)].slice(0, 12);
+      return i % 2 === 0 ? part : part.reverse();
+    });
+    await Promise.all([
+      ...sets.map((set) => host.transact((uow) => forwardTicketNews(uow, ticketId, set))),
+      host.transact((uow) => forwardTaskStates(uow, ids)),
+    ]);
+    await host.transact((uow) => forwardTaskStates(uow, ids));
+    const told = await db.sql<{ state: string }[]>`
+      select state from ticket_tasks where ticket_id = ${ticketId}`;
+    expect(told.map((r) => r.state)).toEqual(ids.map(() => 'completed'));
+    const [ticket] = await db.sql<{ state: string }[]>`
+      select state from tickets where id = ${ticketId}`;
+    expect(ticket?.state).toBe('design');
+    const advances = await db.sql`select 1 from events
+      where entity_id = ${ticketId} and type = 'ticket.phase_changed'`;
+    expect(advances).toHaveLength(2); // START, then one advance
   });
 });
