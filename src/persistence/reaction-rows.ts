@@ -14,6 +14,32 @@ export const OPEN_TASK_STATES: readonly TaskState[] = [
   'retry_wait',
 ];
 
+export interface TaskProgress {
+  ticketId: string;
+  state: TaskState;
+  seq: number;
+  /** The task's error (a failure's reason), null when none. */
+  error: string | null;
+}
+
+/**
+ * Each task's ticket, current state and the seq of its last event, in one read, by task id (a
+ * missing task has none).
+ */
+export async function tasksProgress(db: Db, taskIds: string[]): Promise<Map<string, TaskProgress>> {
+  const found = new Map<string, TaskProgress>();
+  if (taskIds.length === 0) return found;
+  const rows = await db<
+    { id: string; ticket_id: string; state: TaskState; seq: number; error: string | null }[]
+  >`
+    select id, ticket_id, state, seq, snapshot -> 'context' ->> 'error' as error
+    from tasks where id = any(${taskIds}::text[])`;
+  for (const r of rows) {
+    found.set(r.id, { ticketId: r.ticket_id, state: r.state, seq: r.seq, error: r.error });
+  }
+  return found;
+}
+
 /** The ticket of each of these tasks, by task id (a missing task has none). */
 export async function ticketIdsOfTasks(db: Db, taskIds: string[]): Promise<Map<string, string>> {
   const found = new Map<string, string>();

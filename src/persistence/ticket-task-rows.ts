@@ -31,67 +31,39 @@ export interface TaskNews {
   from: TaskState;
 }
 
-/** A task's current state as the news statement read it, and what the ticket knew before. */
-export interface RecordedNews extends TaskNews {
+/** One task's news, for `recordTasksNews`. */
+export interface NewsItem {
+  taskId: string;
   state: TaskState;
   seq: number;
-  /** The task's error (a failure's reason), null when none. */
-  error: string | null;
 }
 
 /**
- * Reads each task's current state and the seq of its last event, and records in the
- * ticket's `ticket_tasks` rows that the ticket is told it, only where that seq is newer than
- * what it was told: one statement, so reading the truth and recording it cost one round
- * trip. By task id, the news to send (the state now, the row's previous state, its phase,
- * round and type); stale news, tasks of another ticket and tasks without a row are absent.
- * The rows are locked until commit, in task id order, so two transactions never both take
- * the same news nor wait on each other in a cycle.
+ * Records that the ticket is told each task is in `state` as of `seq`, only where that is
+ * newer than what it was told, in one statement: by task id, the row's previous state (and
+ * its phase, round and type); stale news and tasks without a row are absent (nothing is to be
+ * sent for them). The rows are locked until commit, in task id order, so two transactions
+ * never both take the same news nor wait on each other in a cycle.
  */
-export async function recordCurrentNews(
+export async function recordTasksNews(
   db: Db,
-  ticketId: string,
-  taskIds: readonly string[],
-): Promise<Map<string, RecordedNews>> {
-  const found = new Map<string, RecordedNews>();
-  if (taskIds.length === 0) return found;
+  items: readonly NewsItem[],
+): Promise<Map<string, TaskNews>> {
+  const found = new Map<string, TaskNews>();
+  if (items.length === 0) return found;
+  const ids = items.map((i) => i.taskId);
   const rows = await db<
-    {
-      task_id: string;
-      state: TaskState;
-      seq: number;
-      error: string | null;
-      phase: string;
-      round: number;
-      type: string;
-      from: TaskState;
-    }[]
+    { task_id: string; phase: string; round: number; type: string; from: TaskState }[]
   >`
-    with cur as (
-      select id, state, seq, snapshot -> 'context' ->> 'error' as error from tasks
-      where id = any(${taskIds as string[]}::text[]) and ticket_id = ${ticketId}
-    ), old as (
-      select task_id, state from ticket_tasks
-      where task_id in (select id from cur) order by task_id for update
-    ), told as (
-      update ticket_tasks t set state = cur.state, seq = cur.seq
-      from old, cur
-      where t.task_id = old.task_id and cur.id = t.task_id and t.seq < cur.seq
-      returning t.task_id, t.phase, t.round, t.type, old.state as "from"
-    )
-    select told.task_id, cur.state, cur.seq, cur.error, told.phase, told.round, told.type,
-      told."from"
-    from told join cur on cur.id = told.task_id`;
+    update ticket_tasks t set state = n.state, seq = n.seq
+    from (select task_id, state from ticket_tasks where task_id = any(${ids}::text[])
+            order by task_id for update) old,
+      unnest(${ids}::text[], ${items.map((i) => i.state)}::text[],
+        ${items.map((i) => i.seq)}::int[]) as n(task_id, state, seq)
+    where t.task_id = old.task_id and n.task_id = t.task_id and t.seq < n.seq
+    returning t.task_id, t.phase, t.round, t.type, old.state as "from"`;
   for (const r of rows) {
-    found.set(r.task_id, {
-      state: r.state,
-      seq: r.seq,
-      error: r.error,
-      phase: r.phase,
-      round: r.round,
-      type: r.type,
-      from: r.from,
-    });
+    found.set(r.task_id, { phase: r.phase, round: r.round, type: r.type, from: r.from });
   }
   return found;
 }

@@ -12,8 +12,12 @@ import type { Applied, UnitOfWork } from '../actors/host.js';
 import { NotFound } from '../errors.js';
 import { loadActorRow } from '../persistence/actor-rows.js';
 import type { Db } from '../persistence/db.js';
-import { ticketIdsOfTasks } from '../persistence/reaction-rows.js';
-import { type RecordedNews, recordCurrentNews } from '../persistence/ticket-task-rows.js';
+import {
+  type TaskProgress,
+  tasksProgress,
+  ticketIdsOfTasks,
+} from '../persistence/reaction-rows.js';
+import { recordTasksNews, type TaskNews } from '../persistence/ticket-task-rows.js';
 
 export async function forwardTaskState(uow: UnitOfWork, taskId: string): Promise<Applied | null> {
   const [applied] = await forwardTaskStates(uow, [taskId]);
@@ -21,8 +25,9 @@ export async function forwardTaskState(uow: UnitOfWork, taskId: string): Promise
 }
 
 /**
- * The news of several tasks (of any tickets) in one unit of work: their tickets are read
- * first, then each ticket is told as `forwardTicketNews` tells it, in the order its tasks are
+ * The news of several tasks (of any tickets) in one unit of work: each task's state is read
+ * once, however many of its events are listed (the state read now is the latest, so older
+ * news of the same task adds nothing), and each ticket is told in the order its tasks are
  * first listed. Same outcome as each task's news told alone.
  */
 export async function forwardTaskStates(
@@ -30,10 +35,10 @@ export async function forwardTaskStates(
   taskIds: readonly string[],
 ): Promise<Applied[]> {
   const ids = [...new Set(taskIds)];
-  const tickets = await ticketIdsOfTasks(uow.tx, ids);
+  const progress = await tasksProgress(uow.tx, ids);
   const byTicket = new Map<string, string[]>();
   for (const id of ids) {
-    const ticketId = tickets.get(id);
+    const ticketId = progress.get(id)?.ticketId;
     if (ticketId === undefined) continue;
     const list = byTicket.get(ticketId);
     if (list) list.push(id);
@@ -41,18 +46,16 @@ export async function forwardTaskStates(
   }
   const out: Applied[] = [];
   for (const [ticketId, list] of byTicket) {
-    out.push(...(await forwardTicketNews(uow, ticketId, list)));
+    if (!(await lockTicket(uow, ticketId))) continue;
+    out.push(...(await tellTicket(uow, ticketId, list, progress)));
   }
   return out;
 }
 
 /**
  * The news of tasks of one ticket (the task_state reaction's key: every task event states
- * its ticket), each task's state read once however many of its events are listed (the state
- * read now is the latest, so older news of the same task adds nothing). Tasks of another
- * ticket are left out. The ticket's row is locked and the news read and recorded in one
- * round trip; the news that is new reaches the ticket as runs of events written once each
- * (`sendAccepted`).
+ * its ticket), as `forwardTaskStates` tells it, with the ticket's lock and the tasks' states
+ * read in one round trip. Tasks of another ticket are left out.
  */
 export async function forwardTicketNews(
   uow: UnitOfWork,
@@ -61,20 +64,44 @@ export async function forwardTicketNews(
 ): Promise<Applied[]> {
   const ids = [...new Set(taskIds)];
   if (ids.length === 0) return [];
-  // Never from the cache: the row is read under its lock. Both statements go out together on
-  // the transaction's connection and run in that order, the ticket's row first, then its
-  // tasks' rows: every writer takes them in that order, so two never wait on each other.
+  // Both statements go out together on the transaction's connection and run in that order:
+  // the ticket's row is locked first, as every writer of its tasks' rows takes them (the
+  // states are a plain read; the news below locks the rows).
   uow.host.forget('ticket', ticketId);
-  const [row, recorded] = await Promise.all([
+  const [row, progress] = await Promise.all([
     loadActorRow(uow.tx, 'ticket', ticketId, { forUpdate: true }),
-    recordCurrentNews(uow.tx, ticketId, ids),
+    tasksProgress(uow.tx, ids),
   ]);
   if (!row) return [];
   uow.adopt(row);
+  const mine = ids.filter((id) => progress.get(id)?.ticketId === ticketId);
+  return tellTicket(uow, ticketId, mine, progress);
+}
+
+/**
+ * One ticket, already locked, told the news of several of its tasks: one statement records it
+ * all, and the news that is new reaches the ticket as runs of events written once each
+ * (`sendAccepted`).
+ */
+async function tellTicket(
+  uow: UnitOfWork,
+  ticketId: string,
+  ids: readonly string[],
+  progress: Map<string, TaskProgress>,
+): Promise<Applied[]> {
+  const told = ids.flatMap((id) => {
+    const task = progress.get(id);
+    return task ? [{ id, task }] : [];
+  });
+  if (told.length === 0) return [];
+  const recorded = await recordTasksNews(
+    uow.tx,
+    told.map(({ id, task }) => ({ taskId: id, state: task.state, seq: task.seq })),
+  );
   const events: DecideEvent[] = [];
-  for (const id of ids) {
+  for (const { id, task } of told) {
     const news = recorded.get(id);
-    if (news) events.push(taskStateEvent(id, news));
+    if (news) events.push(taskStateEvent(id, task, news));
   }
   const out: Applied[] = [];
   while (events.length > 0) {
@@ -99,7 +126,23 @@ export function ticketsOfTasks(db: Db, taskIds: string[]): Promise<Map<string, s
   return ticketIdsOfTasks(db, taskIds);
 }
 
-function taskStateEvent(taskId: string, news: RecordedNews): DecideEvent {
+/**
+ * The ticket's row locked (loaded for update, never from the cache): every writer takes it
+ * before its tasks' rows beside it, so two never wait on each other. False when the ticket
+ * does not exist.
+ */
+async function lockTicket(uow: UnitOfWork, ticketId: string): Promise<boolean> {
+  uow.host.forget('ticket', ticketId);
+  try {
+    await uow.load('ticket', ticketId);
+    return true;
+  } catch (error) {
+    if (error instanceof NotFound) return false;
+    throw error;
+  }
+}
+
+function taskStateEvent(taskId: string, task: TaskProgress, news: TaskNews): DecideEvent {
   return {
     type: 'TASK_STATE',
     taskId,
@@ -107,9 +150,9 @@ function taskStateEvent(taskId: string, news: RecordedNews): DecideEvent {
     round: news.round,
     taskType: news.type,
     from: news.from,
-    state: news.state,
-    seq: news.seq,
+    state: task.state,
+    seq: task.seq,
     // A failure's reason is what an onFail send-back hands the phase's next tasks.
-    ...(news.state === 'failed' && news.error !== null ? { error: news.error } : {}),
+    ...(task.state === 'failed' && task.error !== null ? { error: task.error } : {}),
   };
 }
