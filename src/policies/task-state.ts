@@ -64,9 +64,9 @@ export async function forwardTicketNews(
 ): Promise<Applied[]> {
   const ids = [...new Set(taskIds)];
   if (ids.length === 0) return [];
-  // Both statements go out together on the transaction's connection and run in that order:
-  // the ticket's row is locked first, as every writer of its tasks' rows takes them (the
-  // states are a plain read; the news below locks the rows).
+  // Both statements go out together on the transaction's connection and run in that order.
+  // The ticket's row is locked first: every writer takes it before the ticket's
+  // `ticket_tasks` rows (the states are a plain read; recording the news locks those rows).
   uow.host.forget('ticket', ticketId);
   const [row, progress] = await Promise.all([
     loadActorRow(uow.tx, 'ticket', ticketId, { forUpdate: true }),

@@ -122,7 +122,8 @@ describe('news of many tasks for one ticket', () => {
   it('many tellers of one ticket at once: no deadlock, each task counted once', async () => {
     const { ticketId, ids } = await ticketWithTasks(30);
     for (const id of ids) await run(id, 'COMPLETE');
-    // Overlapping sets in different orders, each in its own transaction, all at once.
+    // Overlapping sets in different orders, each its own unit of work, all at once: the
+    // host's lanes run them in several transactions side by side.
     const sets = Array.from({ length: 24 }, (_, i) => {
       const start = (i * 7) % ids.length;
       const part = [...ids.slice(start), ...ids.slice(0, start)].slice(0, 12);
