@@ -36,18 +36,19 @@ export async function forwardTaskStates(
 ): Promise<Applied[]> {
   const ids = [...new Set(taskIds)];
   const progress = await tasksProgress(uow.tx, ids);
-  const byTicket = new Map<string, string[]>();
+  // By ticket, in the order its tasks are first listed.
+  const byTicket = new Map<string, Told[]>();
   for (const id of ids) {
-    const ticketId = progress.get(id)?.ticketId;
-    if (ticketId === undefined) continue;
-    const list = byTicket.get(ticketId);
-    if (list) list.push(id);
-    else byTicket.set(ticketId, [id]);
+    const task = progress.get(id);
+    if (!task) continue;
+    const news = byTicket.get(task.ticketId) ?? [];
+    news.push({ id, task });
+    byTicket.set(task.ticketId, news);
   }
   const out: Applied[] = [];
-  for (const [ticketId, list] of byTicket) {
+  for (const [ticketId, told] of byTicket) {
     if (!(await lockTicket(uow, ticketId))) continue;
-    out.push(...(await tellTicket(uow, ticketId, list, progress)));
+    out.push(...(await tellTicket(uow, ticketId, told)));
   }
   return out;
 }
@@ -74,8 +75,18 @@ export async function forwardTicketNews(
   ]);
   if (!row) return [];
   uow.adopt(row);
-  const mine = ids.filter((id) => progress.get(id)?.ticketId === ticketId);
-  return tellTicket(uow, ticketId, mine, progress);
+  const told: Told[] = [];
+  for (const id of ids) {
+    const task = progress.get(id);
+    if (task?.ticketId === ticketId) told.push({ id, task });
+  }
+  return tellTicket(uow, ticketId, told);
+}
+
+/** A task whose news is to be told, with its state as read. */
+interface Told {
+  id: string;
+  task: TaskProgress;
 }
 
 /**
@@ -83,16 +94,7 @@ export async function forwardTicketNews(
  * all, and the news that is new reaches the ticket as runs of events written once each
  * (`sendAccepted`).
  */
-async function tellTicket(
-  uow: UnitOfWork,
-  ticketId: string,
-  ids: readonly string[],
-  progress: Map<string, TaskProgress>,
-): Promise<Applied[]> {
-  const told = ids.flatMap((id) => {
-    const task = progress.get(id);
-    return task ? [{ id, task }] : [];
-  });
+async function tellTicket(uow: UnitOfWork, ticketId: string, told: Told[]): Promise<Applied[]> {
   if (told.length === 0) return [];
   const recorded = await recordTasksNews(
     uow.tx,

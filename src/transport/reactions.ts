@@ -78,6 +78,11 @@ export interface DirectReaction extends ReactionBase {
 
 export type Reaction = TransactionalReaction | DirectReaction;
 
+/** The ticket a task event states (the task machine's context, fixed at creation). */
+function statedTicket(e: EventEntry): string | undefined {
+  return typeof e.data.ticketId === 'string' ? e.data.ticketId : undefined;
+}
+
 export const taskStateReaction: TransactionalReaction = {
   kind: 'transactional',
   name: 'task_state',
@@ -93,20 +98,15 @@ export const taskStateReaction: TransactionalReaction = {
   group: {
     actor: 'ticket',
     keysOf: (db, taskIds) => ticketsOfTasks(db, taskIds),
-    // Every task event carries its ticket (the task machine's context, fixed at creation).
-    keyOf: (e) => (typeof e.data.ticketId === 'string' ? e.data.ticketId : undefined),
+    keyOf: statedTicket,
     applyMany: async (uow, entries) => {
-      // The entries of one key state one ticket; one that states none is told the long way.
-      const byTicket = new Map<string | undefined, string[]>();
-      for (const e of entries) {
-        const ticketId = typeof e.data.ticketId === 'string' ? e.data.ticketId : undefined;
-        const list = byTicket.get(ticketId);
-        if (list) list.push(e.entityId);
-        else byTicket.set(ticketId, [e.entityId]);
-      }
-      for (const [ticketId, taskIds] of byTicket) {
-        if (ticketId === undefined) await forwardTaskStates(uow, taskIds);
-        else await forwardTicketNews(uow, ticketId, taskIds);
+      const taskIds = entries.map((e) => e.entityId);
+      // The entries of one key state one ticket; any that states none is told the long way.
+      const ticketId = entries[0] ? statedTicket(entries[0]) : undefined;
+      if (ticketId !== undefined && entries.every((e) => statedTicket(e) === ticketId)) {
+        await forwardTicketNews(uow, ticketId, taskIds);
+      } else {
+        await forwardTaskStates(uow, taskIds);
       }
     },
   },
