@@ -222,28 +222,32 @@ export class ClaimService {
   }
 
   /**
-   * `first` (a worker's COMPLETE or FAIL of the task it ran), then a claim attempt for
-   * `claimers`, in ONE transaction: a worker that settles a task and takes the next pays
-   * one commit for both. Whatever `first` throws (a refusal, a stale token) aborts the
-   * whole transaction, claims included; the caller then settles alone.
+   * `settles` (workers' COMPLETEs or FAILs, one per slot that finished a task), then a claim
+   * attempt for `claimers`, in ONE transaction: slots that settle their tasks and take the
+   * next pay one commit for all of it. The settles run side by side, their writes pipelined
+   * on the transaction's connection (they concern distinct tasks; if two of them release the
+   * same dependent, the second loses its compare-and-set and the whole unit runs again).
+   * Whatever one throws (a refusal, a stale token) aborts the whole transaction, claims
+   * included; the callers then settle alone.
    */
   async settleAndClaim(
     req: Omit<ClaimRequest, 'workerId'>,
     claimers: string[],
-    first: (uow: UnitOfWork) => Promise<unknown>,
+    settles: readonly ((uow: UnitOfWork) => Promise<unknown>)[],
   ): Promise<ClaimedTask[]> {
+    const settleAll = (uow: UnitOfWork) => settledAll(settles.map((settle) => settle(uow)));
     const { value } = await this.host.transact(async (uow) => {
-      // Without type caps the candidates do not depend on `first` (they are pending, the
-      // settled task is not): their lookup goes out beside `first`'s writes, one round trip
-      // for both. With caps, the count must see the settled task leave its type's slots.
+      // Without type caps the candidates do not depend on the settles (they are pending, the
+      // settled tasks are not): their lookup goes out beside the settles' writes, one round
+      // trip for all. With caps, the count must see the settled tasks leave their types' slots.
       if (Object.keys(this.options.typeLimits).length > 0) {
-        await first(uow);
+        await settleAll(uow);
         return this.claimIn(uow, req, claimers);
       }
       const locked = this.lockFor(uow, req, claimers);
-      // If `first` throws, the transaction rolls back with these locks; nobody awaits them.
+      // If a settle throws, the transaction rolls back with these locks; nobody awaits them.
       locked.catch(() => {});
-      await first(uow);
+      await settleAll(uow);
       return this.claimFrom(uow, req, claimers, await locked);
     });
     return this.claimed(value);
@@ -290,41 +294,56 @@ export class ClaimService {
     );
   }
 
-  /** Sends CLAIM (and START) to the locked `candidates`, at most one per claimer. */
+  /**
+   * Sends CLAIM (and START) to the locked `candidates`, at most one per claimer. A candidate
+   * with neither a worktree nor a capped type needs no check, so its writes go out without
+   * waiting for the earlier claims' answers (pipelined: one round trip for all of them); one
+   * with a check waits for what came before it, since the check must see those claims.
+   */
   private async claimFrom(
     uow: UnitOfWork,
     req: Omit<ClaimRequest, 'workerId'>,
     claimers: string[],
     candidates: Candidate[],
   ): Promise<{ applied: Applied[]; next: Candidate | undefined }> {
-    const applied: Applied[] = [];
+    const sent: Promise<Applied>[] = [];
     const limits = this.options.typeLimits;
     let capLocked: string | null = null;
+    let next: Candidate | undefined;
     for (const [i, c] of candidates.entries()) {
-      const workerId = claimers[applied.length];
-      if (workerId === undefined) return { applied, next: c };
-      // Both checks see this transaction's own claims: a second task of a worktree or of a
-      // type at its cap is skipped like one held elsewhere.
-      if (c.worktree !== null && !(await worktreeFree(uow.tx, c.worktree))) continue;
+      const workerId = claimers[sent.length];
+      if (workerId === undefined) {
+        next = c;
+        break;
+      }
       const cap = limits[c.type];
-      if (cap !== undefined) {
-        if (capLocked !== null && capLocked !== c.type) continue;
-        capLocked = c.type;
-        if (!(await belowCap(uow.tx, c.type, cap))) continue;
+      if (c.worktree !== null || cap !== undefined) {
+        // Both checks see this transaction's own claims: a second task of a worktree or of a
+        // type at its cap is skipped like one held elsewhere.
+        await settledAll(sent);
+        if (c.worktree !== null && !(await worktreeFree(uow.tx, c.worktree))) continue;
+        if (cap !== undefined) {
+          if (capLocked !== null && capLocked !== c.type) continue;
+          capLocked = c.type;
+          if (!(await belowCap(uow.tx, c.type, cap))) continue;
+        }
       }
       uow.adopt(c.row);
       const claim = () => ({ type: 'CLAIM', workerId });
       // With `start`, CLAIM and START write the row and their events once, not twice.
-      const a = req.start
-        ? await uow.sendEach('task', c.id, [
+      const send = req.start
+        ? uow.sendEach('task', c.id, [
             claim,
             (s) => ({ type: 'START', token: (s.context as { token: string }).token }),
           ])
-        : await uow.send('task', c.id, claim());
-      applied.push(a);
-      if (applied.length === claimers.length) return { applied, next: candidates[i + 1] };
+        : uow.send('task', c.id, claim());
+      sent.push(send);
+      if (sent.length === claimers.length) {
+        next = candidates[i + 1];
+        break;
+      }
     }
-    return { applied, next: undefined };
+    return { applied: await settledAll(sent), next };
   }
 
   private rememberLocalWake(taskId: string): void {
@@ -341,6 +360,17 @@ export class ClaimService {
       this.localWakes.delete(oldest);
     }
   }
+}
+
+/**
+ * Every one of `sent` answered (none left running on the transaction), then their values;
+ * the first failure if any failed.
+ */
+async function settledAll<T>(sent: Promise<T>[]): Promise<T[]> {
+  const outcomes = await Promise.allSettled(sent);
+  const failed = outcomes.find((o) => o.status === 'rejected');
+  if (failed) throw failed.reason;
+  return outcomes.map((o) => (o as PromiseFulfilledResult<T>).value);
 }
 
 function toClaimed(applied: Applied): ClaimedTask {

@@ -116,14 +116,16 @@ describe('claim with start', () => {
       const [claimed] = await worker.settleAndClaim(
         { executors: ['start-d'], start: true },
         ['w4'],
-        async (uow) => {
-          await uow.send('task', done, {
-            type: 'COMPLETE',
-            token: first?.token as string,
-            result: null,
-          });
-          sentWhenSettled = sent.length;
-        },
+        [
+          async (uow) => {
+            await uow.send('task', done, {
+              type: 'COMPLETE',
+              token: first?.token as string,
+              result: null,
+            });
+            sentWhenSettled = sent.length;
+          },
+        ],
       );
       worker.close();
       expect(claimed?.task.id).toBe(next);

@@ -1,7 +1,7 @@
 /**
  * How a worker pool's claims share transactions: a slot settles its task and claims its
- * next in one transaction, and the idle slots of a pool claim together, each task in the
- * name of the slot that runs it. Which events share a transaction is read from Postgres
+ * next in one transaction, slots that finish at once settle and claim together, and the idle
+ * slots of a pool claim together, each task in the name of the slot that runs it. Which events share a transaction is read from Postgres
  * itself (`xmin` of the event rows), so this does not depend on timing.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -98,5 +98,69 @@ describe('worker pool claims', () => {
     await until(() => completed(ids), 30_000);
     await pool.stop(5_000);
     expect(pool.stats()).toMatchObject({ claims: 4, completions: 4, releases: 0 });
+  });
+
+  it('slots finishing at once: their COMPLETEs and their next claims share one transaction', async () => {
+    const gate = new GateExecutor();
+    const pool = p.pool({ workerId: 'many', concurrency: 4, claimWaitMs: 30_000 }, [gate]);
+    await new Promise((r) => setTimeout(r, 200));
+    const ticket = await p.ticket();
+    const { value: ids } = await p.host.transact(async (u) => {
+      const out: string[] = [];
+      for (let i = 0; i < 8; i++) {
+        out.push((await p.commands.addTask(u, ticket, { type: 'x', executor: 'gate' })).id);
+      }
+      return out;
+    });
+    await until(async () => pool.stats().running === 4, 30_000);
+    const first = (await events(ids))
+      .filter((e) => e.type === 'task.claimed')
+      .map((e) => e.entity_id);
+    expect(first).toHaveLength(4);
+    // The gate opens for all four at once: they settle together.
+    gate.open();
+    await until(() => completed(ids), 30_000);
+    await pool.stop(5_000);
+    const rows = await events(ids);
+    const settled = rows.filter((e) => e.type === 'task.completed' && first.includes(e.entity_id));
+    expect(new Set(settled.map((e) => e.xid)).size).toBe(1);
+    const xid = settled[0]?.xid;
+    const next = rows.filter((e) => e.type === 'task.claimed' && !first.includes(e.entity_id));
+    expect(next).toHaveLength(4);
+    for (const e of next) expect(e.xid).toBe(xid);
+    // Each next task in the name of a slot that settled, one each.
+    expect(new Set(next.map((e) => e.worker))).toEqual(
+      new Set(['many#1', 'many#2', 'many#3', 'many#4']),
+    );
+    expect(pool.stats()).toMatchObject({ claims: 8, completions: 8, releases: 0, leaseLosses: 0 });
+  });
+
+  it('a COMPLETE refused in a shared settle: the others still complete, each alone, and nothing else is lost', async () => {
+    const gate = new GateExecutor();
+    const pool = p.pool({ workerId: 'refused', concurrency: 3, claimWaitMs: 30_000 }, [gate]);
+    await new Promise((r) => setTimeout(r, 200));
+    const ticket = await p.ticket();
+    const { value: ids } = await p.host.transact(async (u) => {
+      const out: string[] = [];
+      for (let i = 0; i < 3; i++) {
+        out.push((await p.commands.addTask(u, ticket, { type: 'x', executor: 'gate' })).id);
+      }
+      return out;
+    });
+    await until(async () => pool.stats().running === 3, 30_000);
+    // One of the running tasks is cancelled under its worker: its COMPLETE will be refused.
+    const cancelled = ids[1] as string;
+    await p.host.send('task', cancelled, { type: 'CANCEL', reason: 'test' });
+    gate.open();
+    const others = ids.filter((id) => id !== cancelled);
+    await until(() => completed(others), 30_000);
+    await until(async () => pool.stats().leaseLosses === 1, 30_000);
+    await pool.stop(5_000);
+    const states = await db.sql<{ id: string; state: string }[]>`
+      select id, state from tasks where id in ${db.sql(ids)}`;
+    const state = new Map(states.map((r) => [r.id, r.state]));
+    expect(state.get(cancelled)).toBe('cancelled');
+    for (const id of others) expect(state.get(id)).toBe('completed');
+    expect(pool.stats()).toMatchObject({ completions: 2, leaseLosses: 1, releases: 0 });
   });
 });
