@@ -424,13 +424,14 @@ export class WorkerPool {
    * are running: those that arrive meanwhile wait for one to end and then go together, so
    * slots finishing at once share one transaction (one lookup of candidates, their writes
    * pipelined, one commit) instead of each paying for its own. One that finds a lane free
-   * starts at once (the next microtask, so that slots finishing in the same turn still go
-   * together).
+   * starts at the end of this turn of the event loop (setImmediate), so that the slots whose
+   * executors finish in the same turn (timers or I/O callbacks of one poll) go together: a
+   * microtask went alone more often and drained a tenth slower (BENCHMARKS section 21).
    */
   private flushSoon(): void {
     if (this.settlingNow >= SETTLE_LANES || this.flushQueued) return;
     this.flushQueued = true;
-    queueMicrotask(() => {
+    setImmediate(() => {
       this.flushQueued = false;
       void this.flush();
     });
