@@ -163,4 +163,35 @@ describe('worker pool claims', () => {
     for (const id of others) expect(state.get(id)).toBe('completed');
     expect(pool.stats()).toMatchObject({ completions: 2, leaseLosses: 1, releases: 0 });
   });
+
+  it('two tasks one task depends on, settled in one transaction: it is released once and runs once', async () => {
+    const gate = new GateExecutor();
+    const pool = p.pool({ workerId: 'diamond', concurrency: 2, claimWaitMs: 30_000 }, [gate]);
+    await new Promise((r) => setTimeout(r, 200));
+    const ticket = await p.ticket();
+    const { value: ids } = await p.host.transact(async (u) => {
+      const a = (await p.commands.addTask(u, ticket, { type: 'x', executor: 'gate' })).id;
+      const b = (await p.commands.addTask(u, ticket, { type: 'x', executor: 'gate' })).id;
+      const c = await p.commands.addTask(u, ticket, {
+        type: 'x',
+        executor: 'gate',
+        dependsOn: [a, b],
+      });
+      return [a, b, c.id];
+    });
+    await until(async () => pool.stats().running === 2, 30_000);
+    gate.open();
+    await until(() => completed(ids), 30_000);
+    await pool.stop(5_000);
+    const rows = await events(ids);
+    const [a, b, c] = ids as [string, string, string];
+    const xidOf = (id: string) =>
+      rows.find((e) => e.entity_id === id && e.type === 'task.completed')?.xid;
+    // Both prerequisites settled together, and the dependent was released by that transaction.
+    expect(xidOf(a)).toBe(xidOf(b));
+    const ofC = rows.filter((e) => e.entity_id === c).map((e) => e.type);
+    expect(ofC.filter((t) => t === 'task.claimed')).toHaveLength(1);
+    expect(ofC.filter((t) => t === 'task.completed')).toHaveLength(1);
+    expect(pool.stats()).toMatchObject({ claims: 3, completions: 3, leaseLosses: 0 });
+  });
 });
