@@ -53,6 +53,27 @@ class GateExecutor implements Executor {
   }
 }
 
+/** A pool of `concurrency` slots running the gate executor, once every slot is idle and waiting. */
+async function gatedPool(workerId: string, concurrency: number) {
+  const gate = new GateExecutor();
+  const pool = p.pool({ workerId, concurrency, claimWaitMs: 30_000 }, [gate]);
+  await new Promise((r) => setTimeout(r, 200));
+  return { gate, pool };
+}
+
+/** `n` gate tasks added to a new ticket in one transaction (one wake-up for all of them). */
+async function gatedTasks(n: number): Promise<string[]> {
+  const ticket = await p.ticket();
+  const { value } = await p.host.transact(async (u) => {
+    const out: string[] = [];
+    for (let i = 0; i < n; i++) {
+      out.push((await p.commands.addTask(u, ticket, { type: 'x', executor: 'gate' })).id);
+    }
+    return out;
+  });
+  return value;
+}
+
 describe('worker pool claims', () => {
   it('one slot: each COMPLETE commits with the claim and START of the next task', async () => {
     const ticket = await p.ticket();
@@ -75,18 +96,9 @@ describe('worker pool claims', () => {
   });
 
   it('idle slots: work that turns up is claimed for all of them in one transaction, each in its own name', async () => {
-    const gate = new GateExecutor();
-    const pool = p.pool({ workerId: 'idle', concurrency: 4, claimWaitMs: 30_000 }, [gate]);
-    await new Promise((r) => setTimeout(r, 200)); // every slot is idle and waiting
-    const ticket = await p.ticket();
+    const { gate, pool } = await gatedPool('idle', 4);
     // One transaction, one wake-up: the polling slot claims for every idle slot.
-    const { value: ids } = await p.host.transact(async (u) => {
-      const out: string[] = [];
-      for (let i = 0; i < 4; i++) {
-        out.push((await p.commands.addTask(u, ticket, { type: 'x', executor: 'gate' })).id);
-      }
-      return out;
-    });
+    const ids = await gatedTasks(4);
     await until(async () => pool.stats().running === 4, 30_000);
     const claimed = (await events(ids)).filter((e) => e.type === 'task.claimed');
     expect(claimed).toHaveLength(4);
@@ -101,17 +113,8 @@ describe('worker pool claims', () => {
   });
 
   it('slots finishing at once: their COMPLETEs and their next claims share one transaction', async () => {
-    const gate = new GateExecutor();
-    const pool = p.pool({ workerId: 'many', concurrency: 4, claimWaitMs: 30_000 }, [gate]);
-    await new Promise((r) => setTimeout(r, 200));
-    const ticket = await p.ticket();
-    const { value: ids } = await p.host.transact(async (u) => {
-      const out: string[] = [];
-      for (let i = 0; i < 8; i++) {
-        out.push((await p.commands.addTask(u, ticket, { type: 'x', executor: 'gate' })).id);
-      }
-      return out;
-    });
+    const { gate, pool } = await gatedPool('many', 4);
+    const ids = await gatedTasks(8);
     await until(async () => pool.stats().running === 4, 30_000);
     const first = (await events(ids))
       .filter((e) => e.type === 'task.claimed')
@@ -136,17 +139,8 @@ describe('worker pool claims', () => {
   });
 
   it('a COMPLETE refused in a shared settle: the others still complete, each alone, and nothing else is lost', async () => {
-    const gate = new GateExecutor();
-    const pool = p.pool({ workerId: 'refused', concurrency: 3, claimWaitMs: 30_000 }, [gate]);
-    await new Promise((r) => setTimeout(r, 200));
-    const ticket = await p.ticket();
-    const { value: ids } = await p.host.transact(async (u) => {
-      const out: string[] = [];
-      for (let i = 0; i < 3; i++) {
-        out.push((await p.commands.addTask(u, ticket, { type: 'x', executor: 'gate' })).id);
-      }
-      return out;
-    });
+    const { gate, pool } = await gatedPool('refused', 3);
+    const ids = await gatedTasks(3);
     await until(async () => pool.stats().running === 3, 30_000);
     // One of the running tasks is cancelled under its worker: its COMPLETE will be refused.
     const cancelled = ids[1] as string;
@@ -165,9 +159,7 @@ describe('worker pool claims', () => {
   });
 
   it('two tasks one task depends on, settled in one transaction: it is released once and runs once', async () => {
-    const gate = new GateExecutor();
-    const pool = p.pool({ workerId: 'diamond', concurrency: 2, claimWaitMs: 30_000 }, [gate]);
-    await new Promise((r) => setTimeout(r, 200));
+    const { gate, pool } = await gatedPool('diamond', 2);
     const ticket = await p.ticket();
     const { value: ids } = await p.host.transact(async (u) => {
       const a = (await p.commands.addTask(u, ticket, { type: 'x', executor: 'gate' })).id;
@@ -187,7 +179,7 @@ describe('worker pool claims', () => {
     const [a, b, c] = ids as [string, string, string];
     const xidOf = (id: string) =>
       rows.find((e) => e.entity_id === id && e.type === 'task.completed')?.xid;
-    // Both prerequisites settled together, and the dependent was released by that transaction.
+    // Both prerequisites settled together; the dependent was claimed and completed once.
     expect(xidOf(a)).toBe(xidOf(b));
     const ofC = rows.filter((e) => e.entity_id === c).map((e) => e.type);
     expect(ofC.filter((t) => t === 'task.claimed')).toHaveLength(1);
