@@ -4,10 +4,11 @@
  * claim's fencing token. Claims are shared so that a task costs the worker less than one
  * commit: a slot that settles a task claims its next one in the same transaction, which the
  * slots that finished in the same turn of the event loop share (see `flushSoon`), and of the
- * idle slots only one long-polls, claiming for all of them at once when work turns up. A heartbeat refused as stale means the lease is gone: the
- * executor is aborted and its outcome dropped. `stop(graceMs)` stops claiming at once, lets
- * running tasks finish within the grace period, then aborts them and RELEASEs each so that
- * another worker can claim it at once instead of after a full lease.
+ * idle slots only one long-polls, claiming for all of them at once when work turns up. A
+ * heartbeat refused as stale means the lease is gone: the executor is aborted and its
+ * outcome dropped. `stop(graceMs)` stops claiming at once, lets running tasks finish within
+ * the grace period, then aborts them and RELEASEs each so that another worker can claim it
+ * at once instead of after a full lease.
  */
 import { setMaxListeners } from 'node:events';
 import type { DecideEvent } from '../actors/decide.js';
