@@ -19,11 +19,13 @@
  * draining instead of one `all` process; BENCH_DEBUG=1 also lists the slowest reads while
  * draining with when they happened (start-up or steady state).
  */
+
 import { type ChildProcess, spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { Commands } from '../src/actors/commands.js';
 import { ActorHost } from '../src/actors/host.js';
 import { freePort } from '../src/infra/free-port.js';
+import { unpublishedCount } from '../src/persistence/outbox-rows.js';
 import { TICKET_TASKS_PAGE } from '../src/persistence/queries.js';
 import { settleSetup } from './fixtures.js';
 import {
@@ -241,11 +243,10 @@ export async function bigTicketSection(o: { tasks: number; seconds: number }): P
     await until(
       async () => {
         alive();
-        const [r] = await db.sql<{ tasks: number; tickets: number; unsent: number }[]>`
+        const [r] = await db.sql<{ tasks: number; tickets: number }[]>`
           select (select count(*)::int from tasks where state <> 'completed') as tasks,
-            (select count(*)::int from tickets where phase = ${phase}) as tickets,
-            (select count(*)::int from events where stream_seq is null) as unsent`;
-        return r?.tasks === 0 && r?.tickets === 0 && r?.unsent === 0;
+            (select count(*)::int from tickets where phase = ${phase}) as tickets`;
+        return r?.tasks === 0 && r?.tickets === 0 && (await unpublishedCount(db.sql)) === 0;
       },
       300_000,
       'every task to complete and both tickets to advance',

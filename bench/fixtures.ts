@@ -1,4 +1,5 @@
 /** Setup shared by the HTTP sections: a listening app, and running tasks with their tokens. */
+
 import type { AddressInfo } from 'node:net';
 import { type ServerType, serve } from '@hono/node-server';
 import { jetstreamManager } from '@nats-io/jetstream';
@@ -6,6 +7,7 @@ import type { Commands } from '../src/actors/commands.js';
 import type { ActorHost } from '../src/actors/host.js';
 import { silentLogger } from '../src/log.js';
 import type { Sql } from '../src/persistence/db.js';
+import { unpublishedCount } from '../src/persistence/outbox-rows.js';
 import { Transport, type TransportNames, type TransportOptions } from '../src/transport/index.js';
 import { NATS_URL } from './scratch.js';
 import { pool, until } from './stats.js';
@@ -72,10 +74,7 @@ export async function settleSetup(sql: Sql, host: ActorHost, names: TransportNam
     const jsm = await jetstreamManager(t.nc);
     await until(
       async () => {
-        const [r] = await sql<
-          { n: number }[]
-        >`select count(*)::int as n from events where stream_seq is null`;
-        if ((r?.n ?? 1) > 0) return false;
+        if ((await unpublishedCount(sql)) > 0) return false;
         for (const runner of t.runners) {
           const info = await jsm.consumers.info(names.stream, runner.name);
           if (info.num_pending + info.num_ack_pending > 0) return false;

@@ -13,10 +13,12 @@
  *   ticket's phase change (task.completed → relay → task_state consumer → TASK_STATE →
  *   ticket.phase_changed) is committed. Alone (one at a time) and under load.
  */
+
 import { randomUUID } from 'node:crypto';
 import { jetstreamManager } from '@nats-io/jetstream';
 import { Commands } from '../src/actors/commands.js';
 import { ActorHost } from '../src/actors/host.js';
+import { unpublishedCount } from '../src/persistence/outbox-rows.js';
 import { Transport } from '../src/transport/index.js';
 import type { TransportNames } from '../src/transport/subjects.js';
 import { benchTransportOptions } from './fixtures.js';
@@ -51,10 +53,7 @@ export async function relaySection(o: RelayOptions): Promise<void> {
 }
 
 async function outboxCount(db: Scratch): Promise<number> {
-  const [r] = await db.sql<
-    { n: number }[]
-  >`select count(*)::int as n from events where stream_seq is null`;
-  return r?.n ?? 0;
+  return unpublishedCount(db.sql);
 }
 
 async function backlogAndRaw(

@@ -1,8 +1,8 @@
 /**
  * The per-entity event log, written in the transition's own transaction. It is also the
- * outbox: an event is unpublished while its `stream_seq` is null, and the relay finds it
- * through a partial index (outbox-rows.ts), so a transition writes no row for the relay and
- * sends no NOTIFY. A NOTIFY in the write transaction would take Postgres's global notify
+ * outbox: the relay follows it with a cursor over (writing transaction, pos) (outbox-rows.ts),
+ * so a transition writes no row for the relay, nothing is updated when it is published, and
+ * no NOTIFY is sent. A NOTIFY in the write transaction would take Postgres's global notify
  * lock at commit and serialise every writer; the relay is woken after commit instead
  * (in-process, or over NATS by a process that runs none: transport/index.ts).
  */

@@ -1,20 +1,36 @@
 /**
- * SQL for the outbox relay. The event log is the outbox: an event whose `stream_seq` is null
- * is unpublished, found through a partial index. A relay round runs in one transaction: it
- * locks the events it will publish (`FOR UPDATE SKIP LOCKED`), publishes them, records the
- * stream sequences JetStream acknowledged and commits. The row locks are the claim: another
- * relay skips them, and a relay that dies releases them with its connection, so its events
- * are published again at once (deduplicated by JetStream on the event id). Events the stream
- * turns out to have lost go back to unpublished (guarantee 8).
+ * SQL for the outbox relay. The event log is the outbox, followed by a cursor: the relay
+ * reads events after `relay_cursor` in (tx, pos) order, below a watermark under which no
+ * transaction that could still write an event runs, publishes them and moves the cursor, in
+ * one transaction. No event row is written for it: publishing costs one read per batch and
+ * one cursor update per round, not an update of each event.
+ *
+ * Rounds of all relays take turns on a transaction-scoped advisory lock, so the cursor has
+ * one writer at a time; a relay that dies releases the lock with its connection and the next
+ * round starts from the cursor it last committed (the repeated publishes are deduplicated by
+ * JetStream on the event id). Events the cursor passes without publishing wait in
+ * `relay_held`, in order per entity (a refused event backing off, or an event whose
+ * predecessor lies beyond the cursor). Events the stream turns out to have lost are
+ * published again from a checkpoint (guarantee 8).
  */
 import type { EntityType } from '../machines/index.js';
 import type { Db, Tx } from './db.js';
 
-/** Serialises requeues (rare: the stream lost events), so two cannot deadlock. */
-const REQUEUE_LOCK_ID = 7_402_615_002;
+/** Rounds of every relay of this database take turns on it. */
+const RELAY_LOCK_ID = 7_402_615_002;
 
-export interface OutboxItem {
+/** A position in the relay's order: the writing transaction's id (as text), then `pos`. */
+export interface RelayPosition {
+  tx: string;
   pos: number;
+}
+
+export interface RelayCursor extends RelayPosition {
+  /** The highest stream sequence acknowledged so far. */
+  streamSeq: number;
+}
+
+export interface OutboxItem extends RelayPosition {
   eventId: string;
   entityType: EntityType;
   entityId: string;
@@ -28,8 +44,17 @@ export interface OutboxItem {
   rejections: number;
 }
 
-interface OutboxRaw {
+/** An event read after the cursor, with what decides whether it may go out now. */
+export interface CursorItem extends OutboxItem {
+  /** The entity's previous event (by seq), when it has one. */
+  pred: RelayPosition | null;
+  /** The entity has events waiting in `relay_held`: this one joins them. */
+  held: boolean;
+}
+
+interface ItemRaw {
   pos: number;
+  tx: string;
   event_id: string;
   entity_type: EntityType;
   entity_id: string;
@@ -41,51 +66,9 @@ interface OutboxRaw {
   rejections: number;
 }
 
-/**
- * Locks up to `limit` unpublished events, oldest first, in the caller's transaction, and
- * returns those it may publish, in `pos` order. Per-entity order: an entity's events are
- * returned only as a prefix of its unpublished events, so an event waits while an earlier
- * one of its entity is held by another relay (or another round of this one), or backs off
- * after a failed publish. Events of `exceptEntities` (the round still in flight) are not even
- * locked. Locked events that are not returned stay unpublished; the commit releases them.
- */
-export async function claimUnpublished(
-  tx: Tx,
-  limit: number,
-  exceptEntities: readonly string[] = [],
-): Promise<OutboxItem[]> {
-  const rows = await tx<OutboxRaw[]>`
-    with cand as materialized (
-      select e.pos, e.event_id, e.entity_type, e.entity_id, e.seq, e.type, e.data, e.at,
-        coalesce(r.attempts, 0) + 1 as attempts, coalesce(r.rejections, 0) as rejections
-      from events e
-      left join relay_retries r on r.pos = e.pos
-      where e.stream_seq is null
-        and e.entity_id <> all(${exceptEntities as string[]}::text[])
-        and (r.retry_at is null or r.retry_at <= now())
-      order by e.pos
-      limit ${limit}
-      for update of e skip locked
-    ), w as (
-      select c.*,
-        min(c.pos) over (partition by c.entity_id) as first,
-        max(c.pos) over (partition by c.entity_id) as last,
-        count(*) over (partition by c.entity_id) as n
-      from cand c
-    )
-    select w.pos, w.event_id, w.entity_type, w.entity_id, w.seq, w.type, w.data, w.at,
-      w.attempts, w.rejections
-    from w
-    -- The entity's earliest unpublished event is ours, and nothing unpublished of it lies
-    -- between ours (held elsewhere, or backing off): then ours are a prefix.
-    where not exists (
-        select 1 from events p
-        where p.entity_id = w.entity_id and p.stream_seq is null and p.pos < w.first)
-      and (w.n = 1 or (select count(*) from events p
-        where p.entity_id = w.entity_id and p.stream_seq is null
-          and p.pos between w.first and w.last) = w.n)
-    order by w.pos`;
-  return rows.map((r) => ({
+function toItem(r: ItemRaw): OutboxItem {
+  return {
+    tx: r.tx,
     pos: r.pos,
     eventId: r.event_id,
     entityType: r.entity_type,
@@ -96,97 +79,230 @@ export async function claimUnpublished(
     at: r.at,
     attempts: r.attempts,
     rejections: r.rejections,
+  };
+}
+
+/** Orders two relay positions (the transaction ids compared as 64-bit numbers). */
+export function comparePositions(a: RelayPosition, b: RelayPosition): number {
+  if (a.tx !== b.tx) {
+    const x = BigInt(a.tx);
+    const y = BigInt(b.tx);
+    return x < y ? -1 : 1;
+  }
+  return a.pos - b.pos;
+}
+
+/** Takes the relay's turn (waits for another relay's round to commit) and reads the cursor. */
+export async function lockRelay(tx: Tx): Promise<RelayCursor> {
+  const [, rows] = await Promise.all([
+    tx`select pg_advisory_xact_lock(${RELAY_LOCK_ID})`,
+    tx<{ tx: string; pos: number; stream_seq: number }[]>`
+      select tx::text as tx, pos, stream_seq from relay_cursor`,
+  ]);
+  const r = rows[0];
+  if (!r) throw new Error('relay_cursor has no row: the migrations have not run');
+  return { tx: r.tx, pos: r.pos, streamSeq: r.stream_seq };
+}
+
+/**
+ * The watermark: the lowest id among the snapshot's running transactions that may write
+ * here, or the snapshot's xmax when none. Every transaction below it has ended, so no event
+ * below it can still appear. A running transaction is skipped only when `pg_stat_activity`
+ * shows it in another database (it cannot write this event log): a long transaction there
+ * does not hold this relay back. One whose database is not shown counts as ours.
+ */
+const WATERMARK = `(
+  with snap as materialized (select pg_current_snapshot() as s)
+  select coalesce(
+    (select min(x) from snap, pg_snapshot_xip(snap.s) as x
+      where not exists (
+        select 1 from pg_stat_activity a
+        where a.backend_xid = x::xid
+          and a.datid <> (select oid from pg_database where datname = current_database()))),
+    (select pg_snapshot_xmax(s) from snap)))`;
+
+/**
+ * Up to `limit` events after `after` and below the watermark, in (tx, pos) order, with each
+ * one's predecessor and whether its entity has held events.
+ */
+export async function readAfter(
+  tx: Tx,
+  after: RelayPosition | null,
+  limit: number,
+): Promise<CursorItem[]> {
+  // Without a position, from the committed cursor (read in the same statement, so a round's
+  // first read can be sent together with the lock that precedes it).
+  const from = after
+    ? tx`(select ${after.tx}::xid8 as tx, ${after.pos}::bigint as pos)`
+    : tx`(select tx, pos from relay_cursor)`;
+  // Lateral, so the cursor is an index condition of the scan (a join would filter the log).
+  const rows = await tx<
+    (ItemRaw & { pred_tx: string | null; pred_pos: number | null; held: boolean })[]
+  >`
+    select x.* from ${from} c
+    cross join lateral (
+      select e.pos, e.tx::text as tx, e.event_id, e.entity_type, e.entity_id, e.seq, e.type,
+        e.data, e.at, 1 as attempts, 0 as rejections,
+        p.tx::text as pred_tx, p.pos as pred_pos,
+        exists (select 1 from relay_held h
+          where h.entity_id = e.entity_id and h.published_seq is null) as held
+      from events e
+      left join events p on p.entity_id = e.entity_id and p.seq = e.seq - 1
+      where (e.tx, e.pos) > (c.tx, c.pos) and e.tx < ${tx.unsafe(WATERMARK)}
+      order by e.tx, e.pos
+      limit ${limit}
+    ) x
+    order by x.tx::xid8, x.pos`;
+  return rows.map((r) => ({
+    ...toItem(r),
+    pred: r.pred_tx === null || r.pred_pos === null ? null : { tx: r.pred_tx, pos: r.pred_pos },
+    held: r.held,
   }));
 }
 
-export interface Ack {
+/**
+ * Held events that may go out now, in `pos` order: those of entities whose first held event
+ * is due (`retry_at`) and whose predecessor the cursor has passed.
+ */
+export async function readHeldDue(tx: Tx, limit: number): Promise<OutboxItem[]> {
+  const rows = await tx<ItemRaw[]>`
+    with heads as (
+      select distinct on (h.entity_id) h.entity_id, h.pos, h.retry_at
+      from relay_held h where h.published_seq is null
+      order by h.entity_id, h.pos
+    ), due as (
+      select hd.entity_id from heads hd
+      join events e on e.pos = hd.pos
+      left join events p on p.entity_id = e.entity_id and p.seq = e.seq - 1
+      cross join relay_cursor c
+      where hd.retry_at <= now()
+        and (p.pos is null or (p.tx, p.pos) <= (c.tx, c.pos))
+    )
+    select e.pos, e.tx::text as tx, e.event_id, e.entity_type, e.entity_id, e.seq, e.type,
+      e.data, e.at, h.attempts + 1 as attempts, h.rejections
+    from relay_held h join events e on e.pos = h.pos
+    where h.published_seq is null and h.entity_id in (select entity_id from due)
+    order by h.pos
+    limit ${limit}`;
+  return rows.map(toItem);
+}
+
+/** An event the cursor passes without publishing it. */
+export interface HoldRow {
   pos: number;
+  entityId: string;
+  /** Set when its publish was tried and failed. */
+  failure?: Failure;
+}
+
+export interface Failure {
+  delayMs: number;
+  error: string;
+  rejected: boolean;
+}
+
+export interface RoundOutcome {
+  cursor: RelayPosition;
+  /** The highest stream sequence acknowledged (the cursor's, when nothing was published). */
   streamSeq: number;
-  /** The event had failed before: its backoff row goes. */
-  retried?: boolean;
+  hold: HoldRow[];
+  /** Held events the stream took, with their sequences. */
+  heldPublished: { pos: number; streamSeq: number }[];
+  /** Held events whose publish failed again. */
+  heldFailed: { pos: number; failure: Failure }[];
+  /** Record a checkpoint at the new cursor. */
+  checkpoint: boolean;
+}
+
+/** Records a round in its transaction: the held events' changes, the cursor, a checkpoint. */
+export async function finishRound(tx: Tx, o: RoundOutcome): Promise<void> {
+  const writes: Promise<unknown>[] = [];
+  if (o.hold.length > 0) {
+    const f = o.hold.map((h) => h.failure);
+    writes.push(tx`
+      insert into relay_held (pos, entity_id, attempts, rejections, retry_at, last_error)
+      select h.pos, h.entity_id, h.attempts, h.rejections,
+        now() + make_interval(secs => h.delay_s), h.last_error
+      from unnest(${o.hold.map((h) => h.pos)}::bigint[], ${o.hold.map((h) => h.entityId)}::text[],
+        ${f.map((x) => (x ? 1 : 0))}::int[], ${f.map((x) => (x?.rejected ? 1 : 0))}::int[],
+        ${f.map((x) => (x ? Math.max(0, x.delayMs) / 1000 : 0))}::float8[],
+        ${f.map((x) => (x ? x.error.slice(0, 2000) : null)) as string[]}::text[])
+        as h(pos, entity_id, attempts, rejections, delay_s, last_error)
+      on conflict (pos) do nothing`);
+  }
+  if (o.heldPublished.length > 0) {
+    writes.push(tx`
+      update relay_held h set published_seq = p.seq, published_at = now()
+      from unnest(${o.heldPublished.map((p) => p.pos)}::bigint[],
+        ${o.heldPublished.map((p) => p.streamSeq)}::bigint[]) as p(pos, seq)
+      where h.pos = p.pos`);
+  }
+  for (const { pos, failure } of o.heldFailed) {
+    writes.push(tx`
+      update relay_held set attempts = attempts + 1,
+        rejections = rejections + ${failure.rejected ? 1 : 0},
+        retry_at = now() + make_interval(secs => ${Math.max(0, failure.delayMs) / 1000}),
+        last_error = ${failure.error.slice(0, 2000)}
+      where pos = ${pos}`);
+  }
+  writes.push(tx`
+    update relay_cursor set tx = ${o.cursor.tx}::xid8, pos = ${o.cursor.pos},
+      stream_seq = greatest(stream_seq, ${o.streamSeq}), updated_at = now()`);
+  if (o.checkpoint && o.streamSeq > 0) {
+    writes.push(tx`
+      insert into relay_checkpoints (stream_seq, tx, pos)
+      values (${o.streamSeq}, ${o.cursor.tx}::xid8, ${o.cursor.pos})
+      on conflict (stream_seq) do update set tx = excluded.tx, pos = excluded.pos, at = now()`);
+  }
+  await Promise.all(writes);
 }
 
 /**
- * Records the acknowledged stream sequences in the round's transaction. Returns how many
- * events were set back to unpublished because another event already held an acknowledged
- * sequence (the stream lost it).
+ * The stream holds nothing after sequence `kept`: moves the cursor back to the latest
+ * checkpoint at or below it (the start of the log when there is none) and sets held events
+ * published after it back to waiting, so the relay publishes all of them again. The cursor's
+ * stream sequence becomes `streamSeq`. Returns the number of events to be published again.
+ * Runs under the relay's lock: in the caller's round, or in a transaction of its own.
  */
-export async function markPublished(tx: Tx, acks: Ack[]): Promise<number> {
-  if (acks.length === 0) return 0;
-  const retried = acks.filter((a) => a.retried).map((a) => a.pos);
-  if (retried.length > 0) {
-    await tx`delete from relay_retries where pos = any(${retried}::bigint[])`;
-  }
-  // A sequence another event already holds is left for the loop below, not written: a
-  // unique violation would abort the round's transaction, and every other ack and backoff it
-  // records with it. (That needs the stream to have lost events and two relays to record the
-  // same reused sequence at once; then the round fails and its events go out again.) No
-  // savepoint: it cost the round two more round trips, one after the other.
-  const written = await tx<{ pos: number }[]>`
-    update events e set stream_seq = a.seq
-    from unnest(${acks.map((a) => a.pos)}::bigint[], ${acks.map((a) => a.streamSeq)}::bigint[])
-      as a(pos, seq)
-    where e.pos = a.pos
-      and not exists (select 1 from events x where x.stream_seq = a.seq and x.pos <> a.pos)
-    returning e.pos`;
-  if (written.length === acks.length) return 0;
-  // In sequence order, every ack again (those written above are written again, unchanged): a
-  // requeue from a lost sequence sets back the events recorded after it, this round's too.
-  let requeued = 0;
-  for (const ack of [...acks].sort((a, b) => a.streamSeq - b.streamSeq)) {
-    const taken = await tx<{ pos: number }[]>`
-      select pos from events where stream_seq = ${ack.streamSeq} and pos <> ${ack.pos}`;
-    // Another event holds this sequence: the stream lost it and every event recorded after it.
-    if (taken.length > 0) requeued += await requeue(tx, ack.streamSeq - 1, ack.pos);
-    await tx`update events set stream_seq = ${ack.streamSeq} where pos = ${ack.pos}`;
-  }
-  return requeued;
-}
-
-/**
- * Sets every event recorded at a stream sequence above `afterStreamSeq` back to unpublished
- * (the relay publishes it again). Set-based and atomic: each lost event is queued once.
- */
-export async function requeue(db: Db, afterStreamSeq: number, exceptPos = -1): Promise<number> {
+export async function rewind(db: Db, kept: number, streamSeq: number): Promise<number> {
   const run = async (tx: Tx) => {
-    await tx`select pg_advisory_xact_lock(${REQUEUE_LOCK_ID})`;
-    const rows = await tx<{ pos: number }[]>`
-      update events set stream_seq = null
-      where stream_seq > ${afterStreamSeq} and pos <> ${exceptPos}
-      returning pos`;
-    return rows.length;
+    const cur = await lockRelay(tx);
+    const cps = await tx<{ tx: string; pos: number }[]>`
+      select tx::text as tx, pos from relay_checkpoints
+      where stream_seq <= ${kept} order by stream_seq desc limit 1`;
+    const to: RelayPosition = cps[0] ?? { tx: '0', pos: 0 };
+    const [passed, reheld] = await Promise.all([
+      tx<{ n: number }[]>`
+        select count(*)::int as n from events
+        where (tx, pos) > (${to.tx}::xid8, ${to.pos}) and (tx, pos) <= (${cur.tx}::xid8, ${cur.pos})
+          and pos not in (select pos from relay_held where published_seq is null)`,
+      tx<{ pos: number }[]>`
+        update relay_held set published_seq = null, published_at = null, retry_at = now()
+        where published_seq > ${kept} returning pos`,
+      tx`update relay_cursor set tx = ${to.tx}::xid8, pos = ${to.pos}, stream_seq = ${streamSeq},
+        updated_at = now()`,
+      tx`delete from relay_checkpoints where stream_seq > ${kept}`,
+    ]);
+    return (passed[0]?.n ?? 0) + reheld.length;
   };
-  // In a transaction already (a relay round), or one of its own.
   if ('savepoint' in db) return run(db);
   return db.begin(run);
 }
 
-/**
- * A failed publish of one event: it (and, through the claim's per-entity rule, every later
- * event of its entity) waits `delayMs` before the next attempt; other entities are not held.
- */
-export async function backOffEvent(
-  db: Db,
-  pos: number,
-  delayMs: number,
-  error: string,
-  rejected: boolean,
-): Promise<void> {
-  const rejections = rejected ? 1 : 0;
-  await db`insert into relay_retries as r (pos, attempts, rejections, retry_at, last_error)
-    values (${pos}, 1, ${rejections},
-      now() + make_interval(secs => ${Math.max(0, delayMs) / 1000}), ${error.slice(0, 2000)})
-    on conflict (pos) do update set
-      attempts = r.attempts + 1,
-      rejections = r.rejections + excluded.rejections,
-      retry_at = excluded.retry_at,
-      last_error = excluded.last_error`;
+/** Drops checkpoints and published held rows older than `maxAgeMs`, keeping the latest. */
+export async function pruneRelayHistory(db: Db, maxAgeMs: number): Promise<void> {
+  const secs = maxAgeMs / 1000;
+  await db`delete from relay_checkpoints
+    where at < now() - make_interval(secs => ${secs})
+      and stream_seq < (select max(stream_seq) from relay_checkpoints)`;
+  await db`delete from relay_held
+    where published_seq is not null and published_at < now() - make_interval(secs => ${secs})`;
 }
 
-/** The highest stream sequence any event recorded (0 when none). */
-export async function maxStreamSeq(db: Db): Promise<number> {
-  const rows = await db<{ max: number | null }[]>`select max(stream_seq) as max from events`;
-  return rows[0]?.max ?? 0;
+/** The highest stream sequence the relay recorded (0 when none). */
+export async function recordedStreamSeq(db: Db): Promise<number> {
+  const rows = await db<{ s: number }[]>`select stream_seq as s from relay_cursor`;
+  return rows[0]?.s ?? 0;
 }
 
 export interface OutboxLag {
@@ -196,11 +312,29 @@ export interface OutboxLag {
   oldestMs: number;
 }
 
+/** Events after the cursor or held, counted (the relay's lag). */
 export async function outboxLag(db: Db): Promise<OutboxLag> {
   const rows = await db<{ n: number; age: number | null }[]>`
-    select count(*)::int as n,
-      (extract(epoch from now() - min(at)) * 1000)::float8 as age
-    from events where stream_seq is null`;
+    with c as (select tx, pos from relay_cursor),
+    ahead as (
+      select e.at from events e, c where (e.tx, e.pos) > (c.tx, c.pos)
+      union all
+      select e.at from relay_held h join events e on e.pos = h.pos where h.published_seq is null
+    )
+    select count(*)::int as n, (extract(epoch from now() - min(at)) * 1000)::float8 as age
+    from ahead`;
   const r = rows[0];
   return { count: r?.n ?? 0, oldestMs: Math.max(0, Math.round(r?.age ?? 0)) };
+}
+
+/** How many events (of `entityIds`, or all) are not published yet: after the cursor, or held. */
+export async function unpublishedCount(db: Db, entityIds?: readonly string[]): Promise<number> {
+  if (!entityIds) return (await outboxLag(db)).count;
+  const ids = [...entityIds];
+  const rows = await db<{ n: number }[]>`
+    select count(*)::int as n from events e, relay_cursor c
+    where e.entity_id = any(${ids}::text[])
+      and ((e.tx, e.pos) > (c.tx, c.pos)
+        or e.pos in (select pos from relay_held where published_seq is null))`;
+  return rows[0]?.n ?? 0;
 }

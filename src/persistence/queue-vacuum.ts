@@ -1,8 +1,8 @@
 /**
- * Vacuums the tables work flows through once enough of their rows are dead. Every
- * transition leaves a dead row behind in `events` (published), `tasks` (claimed, settled)
- * or `timers` (fired), and until a vacuum its entries stay in the indexes that the relay,
- * the claim and the timer poller scan from their dead end. Autovacuum may be off, or wait
+ * Vacuums the tables work flows through once enough of their rows are dead. Transitions
+ * leave dead rows behind in `tasks` (claimed, settled) and `timers` (fired), and until a
+ * vacuum their entries stay in the indexes that the claim and the timer poller scan from
+ * their dead end. (`events` only grows: the relay follows it with a cursor.) Autovacuum may be off, or wait
  * for a fifth of a large table to die; this does not wait for it. Every process runs it;
  * an advisory lock lets one at a time work, and a table below the threshold costs one read
  * of the statistics.
@@ -12,7 +12,7 @@ import type { Sql } from './db.js';
 import { Periodic } from './periodic.js';
 
 /** The tables with hot scans over rows that die as work flows. */
-export const QUEUE_TABLES = ['events', 'tasks', 'timers'] as const;
+export const QUEUE_TABLES = ['tasks', 'timers'] as const;
 
 /** Arbitrary, fixed: identifies "the queue vacuum" among advisory locks. */
 export const VACUUM_LOCK_ID = 7_402_615_011;

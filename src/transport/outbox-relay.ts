@@ -1,36 +1,42 @@
 /**
  * The outbox relay: publishes committed events to JetStream, in order per entity, with
- * `Nats-Msg-Id` = the event id, and records the stream sequence of each ack. The event log is
- * the outbox (an event is unpublished while its `stream_seq` is null). Each round is one
- * transaction: lock unpublished events (SKIP LOCKED), publish them, record the acks, commit;
- * the row locks keep other relays (any number may run) off them, and a relay that dies
- * releases them with its connection (the duplicate window absorbs the repeated publish).
- * Rounds overlap: the next batch is claimed and published while the previous one's acks are
- * still arriving and being recorded; the next batch leaves out the entities still in flight,
- * and the claim's per-entity rule holds back any event whose predecessor is unpublished.
+ * `Nats-Msg-Id` = the event id. The event log is the outbox and the relay follows it with a
+ * cursor (outbox-rows.ts): a round takes the relays' lock, reads events after the cursor below
+ * the watermark, publishes them, and commits the cursor past them; no event row is written.
+ * Any number of relays may run: their rounds take turns, and a relay that dies leaves the
+ * cursor where its last round committed it (the repeated publishes are deduplicated by
+ * JetStream on the event id). Within a round the next batch is read while the previous one's
+ * acks are still arriving, and one entity's events go out one after another.
  *
  * Woken in-process by commits, over NATS by processes that run no relay, with a polling
- * fallback. An event whose publish fails backs off on its own (jittered, exponential),
- * holding back only the later events of its entity; while NATS is down every event simply
- * waits. An event the server cannot take (larger than `max_payload`, or refused
- * `maxRejections` times) is published in a reduced form rather than retried forever. A
- * periodic stream check compares the stream's last sequence with the highest one Postgres
- * recorded and publishes again whatever the stream lost (guarantee 8).
+ * fallback. An event the server refuses is held (`relay_held`) and backs off on its own
+ * (jittered, exponential), holding back only the later events of its entity; after
+ * `maxRejections` refusals, or when it can never fit the server's `max_payload`, it goes out
+ * in reduced form rather than being retried forever. While NATS is down (timeouts, no
+ * connection) the cursor stays before the first event not sent and the relay backs off. A
+ * periodic stream check compares the stream's last sequence with the highest one recorded
+ * and publishes again whatever the stream lost (guarantee 8).
  */
 import { JetStreamApiError, type JetStreamClient, type JetStreamManager } from '@nats-io/jetstream';
 import { InvalidArgumentError } from '@nats-io/transport-node';
 import type { Logger } from '../log.js';
-import type { Sql, Tx } from '../persistence/db.js';
+import type { Sql } from '../persistence/db.js';
 import {
-  type Ack,
-  backOffEvent,
-  claimUnpublished,
-  markPublished,
-  maxStreamSeq,
+  type CursorItem,
+  comparePositions,
+  type Failure,
+  finishRound,
+  type HoldRow,
+  lockRelay,
   type OutboxItem,
   type OutboxLag,
   outboxLag,
-  requeue,
+  pruneRelayHistory,
+  type RelayPosition,
+  readAfter,
+  readHeldDue,
+  recordedStreamSeq,
+  rewind,
 } from '../persistence/outbox-rows.js';
 import { ensureStreams, isStreamNotFound, type StreamOptions } from './streams.js';
 import { eventSubject, type TransportNames } from './subjects.js';
@@ -42,14 +48,19 @@ export interface RelayOptions {
   names: TransportNames;
   log: Logger;
   streamOptions?: StreamOptions;
-  /** Events claimed per round. */
+  /** Events read at once. */
   batchSize?: number;
   /**
-   * Rounds in flight at once (each a transaction, so a connection): the next batch is
-   * claimed and published while the earlier ones' acks are awaited and recorded. 1 turns
-   * pipelining off.
+   * Batches in flight at once within a round: the next batch is read and published while
+   * the earlier ones' acks are awaited. 1 turns pipelining off.
    */
   pipelineDepth?: number;
+  /** Batches per round, at most: the cursor is committed at least this often. */
+  roundBatches?: number;
+  /** A checkpoint (where a stream that lost its tail is published again from) per interval. */
+  checkpointMs?: number;
+  /** Checkpoints and the record of held events' publishes are kept this long. */
+  historyMs?: number;
   /** Polling fallback when no wake-up arrives. */
   pollMs?: number;
   publishTimeoutMs?: number;
@@ -175,6 +186,7 @@ export class OutboxRelay {
   private consecutiveFailures = 0;
   private backingOff = false;
   private nextFailureCheck = 0;
+  private lastCheckpoint = 0;
 
   constructor(options: RelayOptions) {
     this.o = {
@@ -186,6 +198,9 @@ export class OutboxRelay {
       retryBaseMs: 200,
       maxBackoffMs: 5_000,
       maxRejections: 5,
+      roundBatches: 8,
+      checkpointMs: 1_000,
+      historyMs: 86_400_000,
       ...options,
     };
   }
@@ -228,82 +243,160 @@ export class OutboxRelay {
     return outboxLag(this.o.sql);
   }
 
-  /**
-   * One round on its own (no overlap): claim, publish per entity in order, record the acks.
-   * Returns the number of events published.
-   */
-  drainOnce(): Promise<number> {
-    return this.round([]).done;
+  /** One round on its own: returns the number of events published. */
+  async drainOnce(): Promise<number> {
+    return (await this.round()).published;
   }
 
   /**
-   * Starts a round in a transaction of its own. `claimed` resolves with the events it locked
-   * (so the caller can claim the next batch meanwhile); `done` with the number published,
-   * once the acks are recorded and committed. An event whose publish failed backs off alone
-   * (its entity's later events wait behind it); `done` rejects only when Postgres failed,
-   * and then the rollback releases every event of the round, unpublished.
+   * One round, in a transaction holding the relays' lock: publishes the held events that are
+   * due, then reads batches after the cursor (the next while the previous is in flight) and
+   * publishes them, one entity's in order; then records what was held or published and moves
+   * the cursor. Rejects only when Postgres failed; then nothing of the round is recorded and
+   * the next round publishes its events again (deduplicated by the stream).
    */
-  private round(exceptEntities: readonly string[]): {
-    claimed: Promise<OutboxItem[]>;
-    done: Promise<number>;
-  } {
-    let onClaimed: (items: OutboxItem[]) => void = () => {};
-    let onFailed: (error: unknown) => void = () => {};
-    const claimed = new Promise<OutboxItem[]>((resolve, reject) => {
-      onClaimed = resolve;
-      onFailed = reject;
-    });
-    const done = this.o.sql.begin(async (tx) => {
-      const items = await claimUnpublished(tx, this.o.batchSize, exceptEntities);
-      onClaimed(items);
-      return items.length === 0 ? 0 : this.publishAndRecord(tx, items);
-    });
-    // A failed claim rejects `claimed` too; after the claim this does nothing. `claimed` is
-    // marked handled: a caller that awaits only `done` (drainOnce) still sees the error there.
-    done.catch(onFailed);
-    claimed.catch(() => {});
-    return { claimed, done };
-  }
+  private round(): Promise<RoundResult> {
+    return this.o.sql.begin(async (tx) => {
+      const [cursor, heldDue, first] = await Promise.all([
+        lockRelay(tx),
+        readHeldDue(tx, this.o.batchSize),
+        readAfter(tx, null, this.o.batchSize),
+      ]);
+      const r = new RoundState(cursor.streamSeq);
+      const sends: Promise<void>[] = [];
 
-  private async publishAndRecord(tx: Tx, items: OutboxItem[]): Promise<number> {
-    const byEntity = new Map<string, OutboxItem[]>();
-    for (const item of items) {
-      const list = byEntity.get(item.entityId);
-      if (list) list.push(item);
-      else byEntity.set(item.entityId, [item]);
-    }
-    const acks: Ack[] = [];
-    const failed: { item: OutboxItem; error: unknown }[] = [];
-    await Promise.all(
-      [...byEntity.values()].map(async (rows) => {
-        for (const item of rows) {
-          try {
-            acks.push({
-              pos: item.pos,
-              streamSeq: await this.publish(item),
-              retried: item.attempts > 1,
-            });
-          } catch (error) {
-            // Later events of this entity stay unpublished: the claim keeps them back while
-            // this one backs off.
-            failed.push({ item, error });
-            return;
+      // Held events first: an entity's go out in order until one fails again.
+      const heldEntities = new Set<string>();
+      for (const rows of groupByEntity(heldDue)) {
+        heldEntities.add(rows[0]!.entityId);
+        sends.push(
+          (async () => {
+            for (const item of rows) {
+              try {
+                const ack = await this.publish(item);
+                r.ack(ack);
+                r.heldPublished.push({ pos: item.pos, streamSeq: ack.seq });
+              } catch (error) {
+                r.heldFailed.push({ pos: item.pos, failure: this.failure(item, error) });
+                return;
+              }
+            }
+          })(),
+        );
+      }
+
+      // Then the events after the cursor.
+      const chains = new Map<string, Promise<void>>();
+      const inFlight: Promise<unknown>[] = [];
+      let readFrom: RelayPosition = cursor;
+      let batch = first;
+      for (let n = 1; ; n++) {
+        if (batch.length === 0) break;
+        r.order.push(...batch);
+        const inBatch = new Set(batch.map((i) => i.pos));
+        const steps: Promise<void>[] = [];
+        for (const rows of groupByEntity(batch, true)) {
+          for (const item of rows) {
+            const entity = item.entityId;
+            // Waits when its entity has held events, or when its predecessor (a later
+            // transaction wrote it) is not yet behind the cursor nor in this batch.
+            const waits =
+              item.held ||
+              heldEntities.has(entity) ||
+              r.entity.get(entity) === 'held' ||
+              (item.pred !== null &&
+                !inBatch.has(item.pred.pos) &&
+                comparePositions(item.pred, readFrom) > 0);
+            if (waits && !chains.has(entity)) {
+              heldEntities.add(entity);
+              r.hold.push({ pos: item.pos, entityId: entity });
+              continue;
+            }
+            const step = (chains.get(entity) ?? Promise.resolve()).then(() =>
+              this.sendInRound(r, item, waits),
+            );
+            chains.set(entity, step);
+            steps.push(step);
           }
         }
-      }),
-    );
-    const requeued = await markPublished(tx, acks);
-    for (const f of failed) await this.backOff(tx, f.item, f.error);
-    if (requeued > 0) this.noteRequeued(requeued, 'an acknowledged sequence was reused');
-    // A publish that found no stream may mean the stream was deleted: check it, now and then.
-    if (failed.some((f) => !isRejection(f.error)) && Date.now() >= this.nextFailureCheck) {
-      this.nextFailureCheck = Date.now() + this.o.maxBackoffMs;
-      void this.checkStream().catch(() => 0);
-    }
-    return acks.length;
+        inFlight.push(Promise.all(steps));
+        readFrom = batch[batch.length - 1]!;
+        if (batch.length < this.o.batchSize || n >= this.o.roundBatches) break;
+        // At most `pipelineDepth` batches in flight: wait for the oldest before reading more.
+        if (inFlight.length >= this.o.pipelineDepth)
+          await inFlight[inFlight.length - this.o.pipelineDepth];
+        batch = await readAfter(tx, readFrom, this.o.batchSize);
+      }
+      await Promise.all([...sends, ...inFlight]);
+
+      // The cursor passes every event read, up to the first one an outage kept from the stream.
+      let to: RelayPosition = cursor;
+      for (const item of r.order) {
+        if (r.unsent.has(item.pos)) break;
+        to = item;
+      }
+      const checkpoint =
+        r.streamSeq > cursor.streamSeq && Date.now() - this.lastCheckpoint >= this.o.checkpointMs;
+      if (checkpoint) this.lastCheckpoint = Date.now();
+      await finishRound(tx, {
+        cursor: { tx: to.tx, pos: to.pos },
+        streamSeq: r.streamSeq,
+        hold: r.hold,
+        heldPublished: r.heldPublished,
+        heldFailed: r.heldFailed,
+        checkpoint,
+      });
+      // A new message got a sequence the stream had already given: it lost everything from
+      // there on. Everything published after the checkpoint below it goes out again.
+      if (r.lowestNew !== null && r.lowestNew <= cursor.streamSeq) {
+        const n = await rewind(tx, r.lowestNew - 1, r.streamSeq);
+        if (n > 0) this.noteRequeued(n, `sequence ${r.lowestNew} was given again`);
+      }
+      // A publish that found no stream may mean the stream was deleted: check it now and then.
+      const outage = r.unsent.size > 0 || r.heldFailed.some((h) => !h.failure.rejected);
+      if (outage && Date.now() >= this.nextFailureCheck) {
+        this.nextFailureCheck = Date.now() + this.o.maxBackoffMs;
+        void this.checkStream().catch(() => 0);
+      }
+      return {
+        published: r.published,
+        outage: r.unsent.size > 0,
+        more: r.order.length >= this.o.batchSize * this.o.roundBatches,
+      };
+    });
   }
 
-  private async backOff(tx: Tx, item: OutboxItem, error: unknown): Promise<void> {
+  /**
+   * Publishes one event after the cursor, unless an earlier event of its entity failed in this
+   * round: a refusal holds it (and the later ones), an outage leaves them unsent.
+   */
+  private async sendInRound(r: RoundState, item: CursorItem, waits: boolean): Promise<void> {
+    const state = r.entity.get(item.entityId);
+    if (state === 'held' || (waits && state !== 'outage')) {
+      r.entity.set(item.entityId, 'held');
+      r.hold.push({ pos: item.pos, entityId: item.entityId });
+      return;
+    }
+    if (state === 'outage') {
+      r.unsent.add(item.pos);
+      return;
+    }
+    try {
+      r.ack(await this.publish(item));
+    } catch (error) {
+      if (isRejection(error)) {
+        r.entity.set(item.entityId, 'held');
+        r.hold.push({ pos: item.pos, entityId: item.entityId, failure: this.failure(item, error) });
+      } else {
+        r.entity.set(item.entityId, 'outage');
+        r.unsent.add(item.pos);
+        this.failure(item, error);
+      }
+    }
+  }
+
+  /** Counts and logs a failed publish; returns its backoff (jittered, exponential). */
+  private failure(item: OutboxItem, error: unknown): Failure {
     const rejected = isRejection(error);
     const ceiling = Math.min(
       this.o.maxBackoffMs,
@@ -312,7 +405,6 @@ export class OutboxRelay {
     const delay = ceiling / 2 + Math.random() * (ceiling / 2);
     const message = error instanceof Error ? error.message : String(error);
     this.stats.failures++;
-    await backOffEvent(tx, item.pos, delay, message, rejected);
     this.o.log.warn(
       {
         err: error,
@@ -324,6 +416,7 @@ export class OutboxRelay {
       },
       rejected ? 'NATS refused an event; will retry' : 'event not published; will retry',
     );
+    return { delayMs: delay, error: message, rejected };
   }
 
   /**
@@ -341,7 +434,7 @@ export class OutboxRelay {
 
   private async doCheckStream(): Promise<number> {
     this.stats.streamChecks++;
-    const recorded = await maxStreamSeq(this.o.sql);
+    const recorded = await recordedStreamSeq(this.o.sql);
     let last: number;
     try {
       last = (await this.o.jsm.streams.info(this.o.names.stream)).state.last_seq;
@@ -352,8 +445,9 @@ export class OutboxRelay {
       last = (await this.o.jsm.streams.info(this.o.names.stream)).state.last_seq;
       this.o.onStreamRecreated?.();
     }
+    await pruneRelayHistory(this.o.sql, this.o.historyMs);
     if (recorded <= last) return 0;
-    const n = await requeue(this.o.sql, last);
+    const n = await rewind(this.o.sql, last, last);
     if (n > 0) this.noteRequeued(n, `stream last sequence ${last} < recorded ${recorded}`);
     return n;
   }
@@ -371,7 +465,7 @@ export class OutboxRelay {
    * Publishes the event as it is, or in reduced form when it cannot ever fit the server's
    * `max_payload` or the server refused it `maxRejections` times already.
    */
-  private async publish(item: OutboxItem): Promise<number> {
+  private async publish(item: OutboxItem): Promise<{ seq: number; duplicate: boolean }> {
     const maxPayload = this.o.maxPayload?.() ?? DEFAULT_MAX_PAYLOAD;
     let payload = eventPayload(item);
     const bytes = Buffer.byteLength(payload);
@@ -403,47 +497,32 @@ export class OutboxRelay {
         'event published in reduced form; Postgres keeps the full entry',
       );
     }
-    return ack.seq;
+    return { seq: ack.seq, duplicate: ack.duplicate };
   }
 
   private async run(): Promise<void> {
-    // Rounds whose acks are still being awaited or recorded, oldest first.
-    const inflight: { entities: string[]; done: Promise<number> }[] = [];
     while (this.running) {
       this.woken = false;
       let delay = this.o.pollMs;
       try {
-        const next = this.round(inflight.flatMap((r) => r.entities));
-        const items = await next.claimed;
-        if (items.length > 0) {
-          inflight.push({ entities: [...new Set(items.map((i) => i.entityId))], done: next.done });
-          // At most `pipelineDepth` rounds at once: wait for the oldest before claiming again.
-          // The claim after it comes after its commit, and may take its entities' later events.
-          if (inflight.length >= this.o.pipelineDepth) {
-            await inflight[0]?.done;
-            inflight.shift();
-          }
+        const r = await this.round();
+        if (r.outage) {
+          // NATS is down or failing: the cursor waits before the first event not sent.
+          this.consecutiveFailures++;
+        } else {
           this.consecutiveFailures = 0;
-          continue;
+          if (r.more) continue;
         }
-        await next.done;
-        if (inflight.length > 0) {
-          // Nothing else to take meanwhile; what is left may be held back behind the oldest.
-          await inflight[0]?.done;
-          inflight.shift();
-          this.consecutiveFailures = 0;
-          continue;
-        }
-        this.consecutiveFailures = 0;
       } catch (error) {
-        for (const r of inflight.splice(0)) await r.done.catch(() => 0);
         this.consecutiveFailures++;
-        delay = Math.min(this.o.maxBackoffMs, 100 * 2 ** Math.min(this.consecutiveFailures, 10));
-        delay = delay / 2 + Math.random() * (delay / 2);
         this.o.log.warn(
-          { err: error, failures: this.consecutiveFailures, retryInMs: Math.round(delay) },
+          { err: error, failures: this.consecutiveFailures },
           'outbox relay round failed',
         );
+      }
+      if (this.consecutiveFailures > 0) {
+        delay = Math.min(this.o.maxBackoffMs, 100 * 2 ** Math.min(this.consecutiveFailures, 10));
+        delay = delay / 2 + Math.random() * (delay / 2);
       }
       if (!this.running) break;
       if (this.woken && this.consecutiveFailures === 0) continue;
@@ -459,6 +538,52 @@ export class OutboxRelay {
       });
       this.wakeUp = null;
     }
-    for (const r of inflight.splice(0)) await r.done.catch(() => 0);
   }
+}
+
+type EntityState = 'held' | 'outage';
+
+interface RoundResult {
+  /** Events the stream acknowledged (new or duplicates). */
+  published: number;
+  /** Some event could not be sent for an outage (not a refusal). */
+  outage: boolean;
+  /** The round stopped at its size: more may be waiting. */
+  more: boolean;
+}
+
+/** What a round has done so far, recorded when it ends. */
+class RoundState {
+  /** Events read after the cursor, in the cursor's order. */
+  readonly order: CursorItem[] = [];
+  readonly entity = new Map<string, EntityState>();
+  readonly hold: HoldRow[] = [];
+  readonly heldPublished: { pos: number; streamSeq: number }[] = [];
+  readonly heldFailed: { pos: number; failure: Failure }[] = [];
+  /** Positions not sent for an outage: the cursor stops before the first. */
+  readonly unsent = new Set<number>();
+  published = 0;
+  /** The lowest sequence the stream gave a message it did not have before. */
+  lowestNew: number | null = null;
+
+  constructor(public streamSeq: number) {}
+
+  ack(a: { seq: number; duplicate: boolean }): void {
+    this.published++;
+    if (a.seq > this.streamSeq) this.streamSeq = a.seq;
+    if (!a.duplicate && (this.lowestNew === null || a.seq < this.lowestNew)) this.lowestNew = a.seq;
+  }
+}
+
+/** Items per entity, in first-seen order; each entity's in `seq` order when asked. */
+function groupByEntity<T extends OutboxItem>(items: readonly T[], bySeq = false): T[][] {
+  const groups = new Map<string, T[]>();
+  for (const item of items) {
+    const list = groups.get(item.entityId);
+    if (list) list.push(item);
+    else groups.set(item.entityId, [item]);
+  }
+  const all = [...groups.values()];
+  if (bySeq) for (const list of all) list.sort((a, b) => a.seq - b.seq);
+  return all;
 }

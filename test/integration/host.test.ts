@@ -9,6 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Commands } from '../../src/actors/commands.js';
 import { ActorHost } from '../../src/actors/host.js';
 import { Conflict, IllegalTransition, UnsupportedSnapshot } from '../../src/errors.js';
+import { unpublishedCount } from '../../src/persistence/outbox-rows.js';
 import { forwardTaskState } from '../../src/policies/index.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 import { TASK_DEFAULTS, taskInput, ticketInput } from '../support/fixtures.js';
@@ -146,9 +147,7 @@ describe('atomicity', () => {
     expect(row).toEqual({ state: 'backlog', version: 1, seq: 1 });
     expect(await seqsOf(t.id)).toEqual([1]);
     // Only the creation's event waits for the relay.
-    const unpublished = await db.sql`select count(*)::int as n from events
-      where entity_id = ${t.id} and stream_seq is null`;
-    expect(unpublished[0]?.n).toBe(1);
+    expect(await unpublishedCount(db.sql, [t.id])).toBe(1);
     // The cache did not keep the failed state: once the fault is gone, START applies.
     await db.sql`delete from fault_injection where entity_id = ${t.id}`;
     const applied = await hostA.send('ticket', t.id, { type: 'START' });

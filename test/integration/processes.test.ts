@@ -8,6 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import postgres from 'postgres';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { unpublishedCount } from '../../src/persistence/outbox-rows.js';
 import { transportNames } from '../../src/transport/subjects.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 import {
@@ -268,7 +269,7 @@ describe('many processes on one database', () => {
     ).catch(async (error: unknown) => {
       // Say where the flow stopped: ticket states, unpublished events, dead letters.
       const states = await db.sql`select state, count(*)::int as n from tickets group by state`;
-      const outbox = await db.sql`select count(*)::int as n from events where stream_seq is null`;
+      const outbox = await unpublishedCount(db.sql);
       const dead = await db.sql`select consumer, error from dead_letters limit 5`;
       const inbox = await db.sql`select consumer, count(*)::int as n from inbox group by consumer`;
       throw new Error(`${String(error)}: ${JSON.stringify({ states, outbox, dead, inbox })}`);

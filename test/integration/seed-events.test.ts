@@ -12,6 +12,7 @@ import { ActorHost } from '../../src/actors/host.js';
 import { PHASES, type Phase } from '../../src/machines/phases.js';
 import type { Sql } from '../../src/persistence/db.js';
 import type { EventEntry } from '../../src/persistence/event-log.js';
+import { unpublishedCount } from '../../src/persistence/outbox-rows.js';
 import { forwardTaskState } from '../../src/policies/index.js';
 import type { Transport } from '../../src/transport/index.js';
 import { taskStateReaction } from '../../src/transport/reactions.js';
@@ -177,10 +178,7 @@ describe('seed regressions: events', () => {
     // Late redeliveries and sweeps, if they were to double anything, would land by now.
     await Promise.all([ta.reconciler.runOnce(), tb.reconciler.runOnce()]);
     await eventually(async () => {
-      const [r] = await a.sql<
-        { n: number }[]
-      >`select count(*)::int as n from events where stream_seq is null`;
-      return r?.n === 0;
+      return (await unpublishedCount(a.sql)) === 0;
     });
 
     const changes = await a.sql<{ entity_id: string; type: string; to: string; n: number }[]>`
@@ -224,10 +222,7 @@ describe('seed regressions: events', () => {
       tickets.flatMap((t) => t.tasks.requirements.map((id) => complete(p.host, id))),
     );
     const published = await eventually(async () => {
-      const [r] = await p.sql<
-        { n: number }[]
-      >`select count(*)::int as n from events where stream_seq is null`;
-      if (r?.n !== 0) return false;
+      if ((await unpublishedCount(p.sql)) !== 0) return false;
       return (await admin.jsm.streams.info(e.names.stream)).state.messages;
     });
     expect(published).toBeGreaterThan(0);
@@ -250,10 +245,7 @@ describe('seed regressions: events', () => {
     await t1.stop();
     await Promise.all(tickets.flatMap((t) => t.tasks.design.map((id) => complete(p.host, id))));
     await eventually(async () => {
-      const [r] = await p.sql<
-        { n: number }[]
-      >`select count(*)::int as n from events where stream_seq is null`;
-      return r?.n === 0;
+      return (await unpublishedCount(p.sql)) === 0;
     });
     const waiting = await admin.jsm.consumers.info(e.names.stream, 'task_state');
     expect(waiting.num_pending).toBeGreaterThan(0);

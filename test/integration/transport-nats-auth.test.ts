@@ -3,6 +3,7 @@
  * nats.js alone would drop), TLS with a private CA, unreadable credential files, and no
  * password in any message. Each case runs its own `nats-server` child.
  */
+
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
@@ -14,6 +15,7 @@ import { ActorHost } from '../../src/actors/host.js';
 import { ConfigError } from '../../src/config.js';
 import { Unavailable } from '../../src/errors.js';
 import { freePort, reachable } from '../../src/infra/free-port.js';
+import { unpublishedCount } from '../../src/persistence/outbox-rows.js';
 import { connectNats, redactNatsUrl, splitCredentials } from '../../src/transport/nats.js';
 import { createTestDatabase } from '../support/database.js';
 import { TASK_DEFAULTS } from '../support/fixtures.js';
@@ -104,11 +106,7 @@ describe('NATS credentials', () => {
         const deadline = Date.now() + 10_000;
         let left = 1;
         while (left > 0 && Date.now() < deadline) {
-          left = (
-            await db.sql<
-              { n: number }[]
-            >`select count(*)::int as n from events where stream_seq is null`
-          )[0]!.n;
+          left = await unpublishedCount(db.sql);
           await new Promise((r) => setTimeout(r, 50));
         }
         expect(left).toBe(0);

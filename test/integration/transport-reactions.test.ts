@@ -6,6 +6,7 @@
  * wake-ups, the event feed from a stream sequence, and messages published by hand that are
  * not events of the event log (acked, counted as forged, never acted on).
  */
+
 import { randomUUID } from 'node:crypto';
 import { AckPolicy, jetstream } from '@nats-io/jetstream';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -15,6 +16,7 @@ import type { Sql } from '../../src/persistence/db.js';
 import { toEntry } from '../../src/persistence/event-log.js';
 import { recordInboxMany } from '../../src/persistence/inbox-rows.js';
 import { loadMigrations, migrate } from '../../src/persistence/migrate.js';
+import { unpublishedCount } from '../../src/persistence/outbox-rows.js';
 import type { DispatchMessage } from '../../src/transport/dispatch.js';
 import type { LiveMessage, Transport } from '../../src/transport/index.js';
 import { type Reaction, taskStateReaction } from '../../src/transport/reactions.js';
@@ -321,10 +323,7 @@ describe('reactions', () => {
     const sub = t.subscribeDispatch((m) => dispatched.push(m));
     await t.nc.flush();
     await eventually(async () => {
-      const r = await p.sql<
-        { n: number }[]
-      >`select count(*)::int as n from events where stream_seq is null`;
-      return r[0]?.n === 0;
+      return (await unpublishedCount(p.sql)) === 0;
     });
     const forged = () => Object.fromEntries(t.runners.map((r) => [r.name, r.stats.forged]));
     const before = forged();
@@ -487,10 +486,7 @@ describe('reactions', () => {
     // Exactly one wake-up per claimable event, and none for the ticket's or a claim's events.
     await claimAndStart(p.host, taskIds[0]!);
     await eventually(async () => {
-      const r = await p.sql<
-        { n: number }[]
-      >`select count(*)::int as n from events where stream_seq is null`;
-      return r[0]?.n === 0;
+      return (await unpublishedCount(p.sql)) === 0;
     });
     await t.nc.flush();
     await new Promise((r) => setTimeout(r, 200));
@@ -508,10 +504,7 @@ describe('reactions', () => {
     const { ticketId } = await ticketWithTasks(p, 2);
     await p.host.send('ticket', ticketId, { type: 'BLOCK', reason: 'x' });
     await eventually(async () => {
-      const r = await p.sql<
-        { n: number }[]
-      >`select count(*)::int as n from events where stream_seq is null`;
-      return r[0]?.n === 0;
+      return (await unpublishedCount(p.sql)) === 0;
     });
     const all: LiveMessage[] = [];
     const feed = await t.subscribeEvents(0, undefined, (m) => {

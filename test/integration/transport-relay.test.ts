@@ -11,6 +11,7 @@ import { ActorHost } from '../../src/actors/host.js';
 import { Unavailable } from '../../src/errors.js';
 import { silentLogger } from '../../src/log.js';
 import type { Sql } from '../../src/persistence/db.js';
+import { recordedStreamSeq, unpublishedCount } from '../../src/persistence/outbox-rows.js';
 import type { Transport } from '../../src/transport/index.js';
 import { OutboxRelay } from '../../src/transport/outbox-relay.js';
 import { ensureStreams } from '../../src/transport/streams.js';
@@ -81,11 +82,9 @@ async function makeEvents(host: ActorHost, tickets: number, pairs: number): Prom
   return ids;
 }
 
-async function outboxCount(sql: Sql): Promise<number> {
-  const rows = await sql<
-    { n: number }[]
-  >`select count(*)::int as n from events where stream_seq is null`;
-  return rows[0]?.n ?? 0;
+/** Events not yet published: after the relay's cursor, or held. */
+function outboxCount(sql: Sql): Promise<number> {
+  return unpublishedCount(sql);
 }
 
 interface StreamMsg {
@@ -181,7 +180,7 @@ async function natsProxy(port = 0): Promise<{ port: number; close(): Promise<voi
 }
 
 describe('outbox relay', () => {
-  it('drains in per-entity order with Nats-Msg-Id = event id and records stream seqs', async () => {
+  it('drains in per-entity order with Nats-Msg-Id = event id and records the last stream seq', async () => {
     const sql = db.sql;
     const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
     const n = names();
@@ -192,16 +191,15 @@ describe('outbox relay', () => {
 
     const msgs = await streamMessages(n);
     expect(msgs).toHaveLength(160);
-    const events = await sql<
-      { event_id: string; entity_id: string; seq: number; stream_seq: number; type: string }[]
-    >`
-      select event_id, entity_id, seq, stream_seq, type from events where entity_id in ${sql(ids)}`;
+    const events = await sql<{ event_id: string; entity_id: string; seq: number; type: string }[]>`
+      select event_id, entity_id, seq, type from events where entity_id in ${sql(ids)}`;
     const byId = new Map(events.map((e) => [e.event_id, e]));
+    expect(await recordedStreamSeq(sql)).toBe(Math.max(...msgs.map((m) => m.seq)));
     const lastSeq = new Map<string, number>();
     for (const m of msgs) {
       expect(m.msgId).toBe(m.entry.eventId);
       const e = byId.get(m.entry.eventId);
-      expect(e?.stream_seq).toBe(m.seq);
+      expect(e?.seq).toBe(m.entry.seq);
       expect(m.subject).toBe(eventSubject(n, 'ticket', m.entry.entityId, m.entry.type));
       // per entity, the stream holds seq 1, 2, 3 ... in order
       expect(m.entry.seq).toBe((lastSeq.get(m.entry.entityId) ?? 0) + 1);
@@ -215,10 +213,10 @@ describe('outbox relay', () => {
     const n = names();
     await ensureStreams(admin.jsm, n);
     const t = await host.create('ticket', ticketInput());
-    // The "crashed" relay: published the row, never marked it.
+    // The "crashed" relay: published the event, never moved the cursor past it.
     const row = (
       await sql<{ event_id: string; type: string }[]>`
-        select event_id, type from events where entity_id = ${t.id} and stream_seq is null`
+        select event_id, type from events where entity_id = ${t.id} order by seq limit 1`
     )[0]!;
     const js = jetstream(admin.nc);
     const first = await js.publish(eventSubject(n, 'ticket', t.id, row.type), '{}', {
@@ -228,10 +226,99 @@ describe('outbox relay', () => {
     await eventually(async () => (await outboxCount(sql)) === 0, 10_000, 'outbox drained');
     expect(await streamCount(n)).toBe(1);
     expect(transport.relay.stats.duplicates).toBe(1);
-    const stored = await sql<{ stream_seq: number }[]>`
-      select stream_seq from events where event_id = ${row.event_id}`;
-    expect(stored[0]?.stream_seq).toBe(first.seq);
+    expect(await recordedStreamSeq(sql)).toBe(first.seq);
     await transport.stop();
+  });
+
+  it("an entity's later event written by an older transaction waits for its predecessor", async () => {
+    const sql = db.sql;
+    const n = names();
+    await ensureStreams(admin.jsm, n);
+    const insert = (c: Sql, entity: string, seq: number) =>
+      c`insert into events (event_id, entity_type, entity_id, seq, type, data, at)
+        values (gen_random_uuid(), 'ticket', ${entity}, ${seq}, 'ticket.blocked', '{}', now())`;
+    // `older` takes its transaction id first; `between` takes the next and stays open; `newer`
+    // writes e's first event and commits; then `older` writes e's second and commits. In
+    // (transaction, pos) order e's second event comes first, and while `between` runs its
+    // first is not even readable.
+    const [older, between, newer] = await Promise.all([
+      sql.reserve(),
+      sql.reserve(),
+      sql.reserve(),
+    ]);
+    try {
+      await older`begin`;
+      await insert(older, 'f', 1);
+      await between`begin`;
+      await insert(between, 'z', 1);
+      await newer`begin`;
+      await insert(newer, 'e', 1);
+      await newer`commit`;
+      await insert(older, 'e', 2);
+      await older`commit`;
+      const relay = new OutboxRelay({
+        sql,
+        js: jetstream(admin.nc),
+        jsm: admin.jsm,
+        names: n,
+        log: silentLogger(),
+        streamCheckMs: 0,
+      });
+      await relay.drainOnce();
+      // f went out; e's second event is held behind its first, which is beyond the cursor.
+      expect((await streamMessages(n)).map((m) => m.entry.entityId)).toEqual(['f']);
+      const held = await sql<{ entity_id: string; seq: number }[]>`
+        select e.entity_id, e.seq from relay_held h join events e on e.pos = h.pos`;
+      expect(held).toEqual([{ entity_id: 'e', seq: 2 }]);
+      await between`commit`;
+      for (let i = 0; i < 5 && (await outboxCount(sql)) > 0; i++) await relay.drainOnce();
+      expect(await outboxCount(sql)).toBe(0);
+      const msgs = await streamMessages(n);
+      expect(msgs.filter((m) => m.entry.entityId === 'e').map((m) => m.entry.seq)).toEqual([1, 2]);
+      expect(msgs).toHaveLength(4);
+    } finally {
+      for (const c of [older, between, newer]) c.release();
+    }
+  });
+
+  it('a transaction left open in another database does not hold the relay back; one in this database does', async () => {
+    const sql = db.sql;
+    const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
+    const n = names();
+    await ensureStreams(admin.jsm, n);
+    const relay = new OutboxRelay({
+      sql,
+      js: jetstream(admin.nc),
+      jsm: admin.jsm,
+      names: n,
+      log: silentLogger(),
+      streamCheckMs: 0,
+    });
+    const otherDb = await createTestDatabase('transport_relay_other');
+    dbs.push(otherDb);
+    const elsewhere = await otherDb.sql.reserve();
+    const here = await db.pool(1).reserve();
+    try {
+      // A transaction id taken elsewhere and kept: below every id this test's writes get.
+      await elsewhere`begin`;
+      await elsewhere`select pg_current_xact_id()`;
+      const a = await host.create('ticket', ticketInput());
+      await relay.drainOnce();
+      expect(await unpublishedCount(sql, [a.id])).toBe(0);
+      // The same here: events committed after it wait until it ends.
+      await here`begin`;
+      await here`select pg_current_xact_id()`;
+      const b = await host.create('ticket', ticketInput());
+      await relay.drainOnce();
+      expect(await unpublishedCount(sql, [b.id])).toBe(1);
+      await here`commit`;
+      await relay.drainOnce();
+      expect(await unpublishedCount(sql, [b.id])).toBe(0);
+    } finally {
+      await elsewhere`rollback`.catch(() => {});
+      elsewhere.release();
+      here.release();
+    }
   });
 
   it('NATS unreachable: start fails naming the URL, commands still commit, the outbox drains later', async () => {
@@ -415,10 +502,9 @@ describe('outbox relay', () => {
     try {
       const pending = async () =>
         sql<{ type: string; rejections: number; backing_off: boolean; last_error: string }[]>`
-          select e.type, coalesce(r.rejections, 0)::int as rejections,
-            coalesce(r.retry_at > now(), false) as backing_off, r.last_error
-          from events e left join relay_retries r on r.pos = e.pos
-          where e.stream_seq is null order by e.pos`;
+          select e.type, h.rejections, h.retry_at > now() as backing_off, h.last_error
+          from relay_held h join events e on e.pos = h.pos
+          where h.published_seq is null order by e.pos`;
       // The refused row backs off; its entity's later event waits behind it; the others are out.
       const first = await eventually(
         async () => {
