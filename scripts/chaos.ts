@@ -23,6 +23,7 @@ import { freePort } from '../src/infra/free-port.js';
 import { isGate, type WorkflowDefinition } from '../src/machines/workflow-definition.js';
 import { createSql } from '../src/persistence/db.js';
 import { migrate } from '../src/persistence/migrate.js';
+import { outboxLag, unpublishedCount } from '../src/persistence/outbox-rows.js';
 import { check, gather } from './chaos/check.js';
 import {
   Database,
@@ -194,12 +195,12 @@ async function run(): Promise<number> {
   const sampler = (async () => {
     while (sampling) {
       try {
-        const [row] = await sql<{ n: number; c: number; age: number | null }[]>`
-          select (select count(*) from events where stream_seq is null)::int as n,
-            (select (extract(epoch from now() - min(at)) * 1000)::float8 from events
-              where stream_seq is null) as age,
-            (select count(*) from pg_stat_activity where datname = current_database())::int as c`;
-        outbox.push([Date.now(), row?.n ?? 0, row?.age ?? 0]);
+        const [lag, [row]] = await Promise.all([
+          outboxLag(sql),
+          sql<{ c: number }[]>`
+            select count(*)::int as c from pg_stat_activity where datname = current_database()`,
+        ]);
+        outbox.push([Date.now(), lag.count, lag.oldestMs]);
         peakConnections = Math.max(peakConnections, row?.c ?? 0);
       } catch {
         // Postgres is being disturbed; the next sample will do
@@ -236,15 +237,17 @@ async function run(): Promise<number> {
   const driversDone = await load.driversDone(settleS * 1_000);
   const drained = await waitUntil(
     async () => {
-      const [r] = await sql<{ open: number; outbox: number }[]>`
-        select
-          (select count(*) from tickets where state not in ('done', 'cancelled'))::int
-          + (select count(*) from tasks t where state not in ('completed', 'cancelled')
-              -- a failed task a send-back left behind stays failed (checked as such)
-              and not (state = 'failed' and exists (select 1 from tickets k
-                where k.id = t.ticket_id and k.state in ('done', 'cancelled'))))::int as open,
-          (select count(*) from events where stream_seq is null)::int as outbox`;
-      return r?.open === 0 && r.outbox === 0;
+      const [[r], outboxCount] = await Promise.all([
+        sql<{ open: number }[]>`
+          select
+            (select count(*) from tickets where state not in ('done', 'cancelled'))::int
+            + (select count(*) from tasks t where state not in ('completed', 'cancelled')
+                -- a failed task a send-back left behind stays failed (checked as such)
+                and not (state = 'failed' and exists (select 1 from tickets k
+                  where k.id = t.ticket_id and k.state in ('done', 'cancelled'))))::int as open`,
+        unpublishedCount(sql),
+      ]);
+      return r?.open === 0 && outboxCount === 0;
     },
     Math.max(1_000, settleDeadline - Date.now()),
     250,
@@ -252,9 +255,10 @@ async function run(): Promise<number> {
   const settleMs = driversDone && drained ? Date.now() - settleStart : null;
   note(settleMs === null ? 'did NOT settle within the timeout' : `settled in ${settleMs} ms`);
 
-  // The readers catch up with the end of the stream before they stop.
-  const [top] = await sql<{ s: number | null }[]>`select max(stream_seq) as s from events`;
-  const last = top?.s ?? 0;
+  // The readers catch up with the end of the log before they stop (an SSE id is an event's
+  // `pos`, not a stream sequence).
+  const [top] = await sql<{ p: number | null }[]>`select max(pos) as p from events`;
+  const last = top?.p ?? 0;
   await waitUntil(() => load.lastSseIds.every((id) => id >= last), 20_000, 200);
   await load.stop();
   sampling = false;

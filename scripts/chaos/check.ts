@@ -14,6 +14,7 @@ import {
   type LoopRule,
   type WorkflowDefinition,
 } from '../../src/machines/workflow-definition.js';
+import { unpublishedCount } from '../../src/persistence/outbox-rows.js';
 import type { Sql } from './cluster.js';
 import type { Fault } from './faults.js';
 import type { Accepted, SseRecord } from './load.js';
@@ -59,7 +60,13 @@ export interface EventRow {
   type: string;
   data: Record<string, unknown>;
   at_ms: number;
-  stream_seq: number | null;
+  /**
+   * The relay is done with it: not after the relay cursor, nor held in `relay_held` waiting to
+   * go out. Such an event must be in the stream.
+   */
+  published: boolean;
+  /** The stream sequence `relay_held` recorded for it, when it was held and then published. */
+  held_seq: number | null;
 }
 
 interface TaskRow {
@@ -84,6 +91,9 @@ interface TicketRow {
 
 export interface StreamMessage {
   seq: number;
+  /** The `Nats-Msg-Id` header (the relay sets the event id; null when absent). */
+  msgId: string | null;
+  /** The body's `eventId`. */
   eventId: string;
   entityId: string;
   entitySeq: number;
@@ -102,9 +112,14 @@ export interface Evidence {
   events: EventRow[];
   tickets: TicketRow[];
   tasks: TaskRow[];
+  /** Events not published yet (after the relay cursor, or held). */
   outbox: number;
   deadLetters: number;
   stream: StreamMessage[];
+  /** The stream's last sequence (0 when empty). */
+  streamLastSeq: number;
+  /** `relay_cursor.stream_seq`: the highest stream sequence the relay recorded as acknowledged. */
+  relayStreamSeq: number;
   markers: MarkerLine[];
   /** Every registered workflow version by `NAME@VERSION` (the built-in one included). */
   workflows: Map<string, WorkflowDefinition>;
@@ -136,10 +151,17 @@ export async function gather(
   stream: string,
   markerFile: string,
 ): Promise<Evidence> {
+  const [cursor] = await sql<{ stream_seq: number }[]>`select stream_seq from relay_cursor`;
+  if (!cursor) throw new Error('relay_cursor has no row');
+  // Unpublished: after the cursor in (tx, pos) order, or held and not yet published.
   const events = await sql<EventRow[]>`
-    select pos, event_id, entity_type, entity_id, seq, type, data,
-      (extract(epoch from at) * 1000)::float8 as at_ms, stream_seq
-    from events order by entity_id, seq`;
+    select e.pos, e.event_id, e.entity_type, e.entity_id, e.seq, e.type, e.data,
+      (extract(epoch from e.at) * 1000)::float8 as at_ms,
+      not ((e.tx, e.pos) > (c.tx, c.pos) or (h.pos is not null and h.published_seq is null))
+        as published,
+      h.published_seq as held_seq
+    from events e cross join relay_cursor c left join relay_held h on h.pos = e.pos
+    order by e.entity_id, e.seq`;
   const tickets = await sql<TicketRow[]>`select id, state, seq, workflow from tickets`;
   const tasks = await sql<TaskRow[]>`
     select id, ticket_id, type, phase, state, attempt, seq, worktree, executor from tasks`;
@@ -147,32 +169,36 @@ export async function gather(
     select name || '@' || version as ref, definition from workflows`;
   const dependencies = await sql<{ task_id: string; depends_on: string }[]>`
     select task_id, depends_on from task_dependencies`;
-  const [outbox] = await sql<
-    { n: number }[]
-  >`select count(*)::int as n from events where stream_seq is null`;
+  const outbox = await unpublishedCount(sql);
   const [dead] = await sql<{ n: number }[]>`select count(*)::int as n from dead_letters`;
+  const read = await readStream(natsUrl, stream);
   return {
     events: [...events],
     tickets: [...tickets],
     tasks: [...tasks],
-    outbox: outbox?.n ?? -1,
+    outbox,
     deadLetters: dead?.n ?? -1,
-    stream: await readStream(natsUrl, stream),
+    stream: read.messages,
+    streamLastSeq: read.lastSeq,
+    relayStreamSeq: cursor.stream_seq,
     markers: await readMarkers(markerFile),
     workflows: new Map(workflows.map((w) => [w.ref, w.definition])),
     dependencies: [...dependencies],
   };
 }
 
-/** Every message of the event stream, in stream order. */
-export async function readStream(natsUrl: string, stream: string): Promise<StreamMessage[]> {
+/** Every message of the event stream, in stream order, and the stream's last sequence. */
+export async function readStream(
+  natsUrl: string,
+  stream: string,
+): Promise<{ messages: StreamMessage[]; lastSeq: number }> {
   const nc = await connect({ servers: natsUrl, timeout: 5_000 });
   try {
     const jsm = await jetstreamManager(nc);
     const info = await jsm.streams.info(stream);
     const last = info.state.last_seq;
     const out: StreamMessage[] = [];
-    if (info.state.messages === 0) return out;
+    if (info.state.messages === 0) return { messages: out, lastSeq: last };
     const js = jetstream(nc);
     const consumer = await js.consumers.get(stream, {
       deliver_policy: DeliverPolicy.StartSequence,
@@ -184,6 +210,7 @@ export async function readStream(natsUrl: string, stream: string): Promise<Strea
       const entry = m.json<{ eventId: string; entityId: string; seq: number }>();
       out.push({
         seq: m.seq,
+        msgId: m.headers?.get('Nats-Msg-Id') || null,
         eventId: entry.eventId,
         entityId: entry.entityId,
         entitySeq: entry.seq,
@@ -192,7 +219,7 @@ export async function readStream(natsUrl: string, stream: string): Promise<Strea
     }
     clearTimeout(timer);
     await messages.close().catch(() => {});
-    return out;
+    return { messages: out, lastSeq: last };
   } finally {
     await nc.close();
   }
@@ -806,41 +833,78 @@ export function check(
     if (lateDone) figures.staleWorkerCompletions++;
   }
 
-  // (8) every event reached the stream once, at the position Postgres recorded for it.
-  const streamBySeq = new Map(ev.stream.map((m) => [m.seq, m]));
-  const seenIds = new Map<string, number>();
+  // (8) every published event reached the stream once, each entity's in seq order.
+  const dbById = new Map(ev.events.map((e) => [e.event_id, e]));
+  /** Where each event id stands in the stream: its first sequence. */
+  const streamSeqOf = new Map<string, number>();
+  const streamBySeq = new Map<number, StreamMessage>();
   for (const m of ev.stream) {
-    const prior = seenIds.get(m.eventId);
-    if (prior !== undefined)
+    streamBySeq.set(m.seq, m);
+    if (m.msgId !== m.eventId) {
+      cap('8', `stream seq ${m.seq}: Nats-Msg-Id ${m.msgId ?? '(none)'}, body event ${m.eventId}`);
+    }
+    const prior = streamSeqOf.get(m.eventId);
+    if (prior !== undefined) {
       cap('8', `event ${m.eventId} is in the stream twice (seq ${prior} and ${m.seq})`);
-    seenIds.set(m.eventId, m.seq);
+    } else streamSeqOf.set(m.eventId, m.seq);
+    const e = dbById.get(m.eventId);
+    if (!e) cap('8', `stream seq ${m.seq} holds event ${m.eventId}, unknown to Postgres`);
+    else if (e.entity_id !== m.entityId || e.seq !== m.entitySeq) {
+      cap(
+        '8',
+        `stream seq ${m.seq}: event ${m.eventId} as ${m.entityId}#${m.entitySeq}, Postgres has ${e.entity_id}#${e.seq}`,
+      );
+    }
   }
-  const dbIds = new Set<string>();
   for (const e of ev.events) {
-    dbIds.add(e.event_id);
-    if (e.stream_seq === null) {
-      cap('8', `${e.entity_id} seq ${e.seq} (${e.type}) has no stream sequence`);
-      continue;
+    const at = streamSeqOf.get(e.event_id);
+    if (!e.published) {
+      cap(
+        '8',
+        `${e.entity_id} seq ${e.seq} (${e.type}) is not published (after the relay cursor, or held)`,
+      );
+    } else if (at === undefined) {
+      cap(
+        '8',
+        `${e.entity_id} seq ${e.seq} (${e.type}): published per the relay, not in the stream`,
+      );
     }
-    const m = streamBySeq.get(e.stream_seq);
-    if (!m)
-      cap('8', `${e.entity_id} seq ${e.seq}: stream seq ${e.stream_seq} is not in the stream`);
-    else if (m.eventId !== e.event_id) {
-      cap('8', `${e.entity_id} seq ${e.seq}: stream seq ${e.stream_seq} holds another event`);
+    if (e.held_seq !== null && streamBySeq.get(e.held_seq)?.eventId !== e.event_id) {
+      cap(
+        '8',
+        `${e.entity_id} seq ${e.seq}: relay_held recorded stream seq ${e.held_seq}, which holds ${streamBySeq.get(e.held_seq)?.eventId ?? 'nothing'}`,
+      );
     }
   }
-  for (const m of ev.stream) {
-    if (!dbIds.has(m.eventId))
-      cap('8', `stream seq ${m.seq} holds event ${m.eventId}, unknown to Postgres`);
-  }
+  // Per entity the stream holds a prefix of its log, in seq order: no event is in the stream
+  // before an earlier one of its entity, nor while an earlier one is not.
   for (const [id, list] of byEntity) {
-    let prev = 0;
+    let last: { seq: number; at: number } | null = null;
+    let missing: number | null = null;
     for (const e of list) {
-      if (e.stream_seq === null) continue;
-      if (e.stream_seq < prev)
-        cap('8', `${id}: seq ${e.seq} is behind seq ${e.seq - 1} in the stream`);
-      prev = e.stream_seq;
+      const at = streamSeqOf.get(e.event_id);
+      if (at === undefined) {
+        missing ??= e.seq;
+        continue;
+      }
+      if (missing !== null) {
+        cap('8', `${id}: seq ${e.seq} is in the stream (seq ${at}), seq ${missing} is not`);
+        missing = null;
+      }
+      if (last && at <= last.at) {
+        cap(
+          '8',
+          `${id}: seq ${e.seq} is at stream seq ${at}, before seq ${last.seq} (stream seq ${last.at})`,
+        );
+      }
+      last = { seq: e.seq, at };
     }
+  }
+  if (ev.relayStreamSeq > ev.streamLastSeq) {
+    cap(
+      '8',
+      `relay_cursor.stream_seq ${ev.relayStreamSeq} is beyond the stream's last sequence ${ev.streamLastSeq}`,
+    );
   }
 
   // SSE: each reader, across its reconnects, saw every event-log position once and in order

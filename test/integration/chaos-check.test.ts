@@ -1,11 +1,18 @@
 /**
  * The chaos run's workflow checks, on hand-made event logs of a `feature` ticket: a legal
  * log (gates rejected up to maxLoops, templates per entry, a dependency honoured) finds
- * nothing in any guarantee, and each broken variant is found by its own check.
+ * nothing in any guarantee, and each broken variant is found by its own check. Then the
+ * stream checks (guarantee 8) on the same log and a stream that lost, reordered or repeated
+ * its events.
  */
 import { readFileSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
-import { check, type EventRow, type Evidence } from '../../scripts/chaos/check.js';
+import {
+  check,
+  type EventRow,
+  type Evidence,
+  type StreamMessage,
+} from '../../scripts/chaos/check.js';
 import type { WorkflowDefinition } from '../../src/machines/workflow-definition.js';
 
 const FEATURE = JSON.parse(
@@ -32,7 +39,8 @@ class Log {
       type,
       data,
       at_ms: 1_000 + this.pos,
-      stream_seq: this.pos,
+      published: true,
+      held_seq: null,
     });
     return seq;
   }
@@ -92,10 +100,13 @@ class Log {
       deadLetters: 0,
       stream: this.events.map((e) => ({
         seq: e.pos,
+        msgId: e.event_id,
         eventId: e.event_id,
         entityId: e.entity_id,
         entitySeq: e.seq,
       })),
+      streamLastSeq: this.pos,
+      relayStreamSeq: this.pos,
       markers: [],
       workflows: new Map([['feature@1', FEATURE]]),
       dependencies,
@@ -201,6 +212,129 @@ describe('chaos workflow checks', () => {
     };
     expect(verdict(extra).byGuarantee.get('tpl')).toEqual([
       `${T}: task x1 (build/implement) belongs to no phase entry`,
+    ]);
+  });
+});
+
+describe('chaos stream checks (guarantee 8)', () => {
+  const legal = () => built(false).log.evidence('cancelled', built(false).deps);
+  /** The ticket's event of `seq`, and where the stream holds it. */
+  const ticketEvent = (ev: Evidence, seq: number) => {
+    const e = ev.events.find((x) => x.entity_id === T && x.seq === seq) as EventRow;
+    const m = ev.stream.find((x) => x.eventId === e.event_id) as StreamMessage;
+    return { e, m };
+  };
+  const stream8 = (ev: Evidence) => verdict(ev).byGuarantee.get('8');
+
+  it('find nothing when every event is in the stream once, in order', () => {
+    expect(stream8(legal())).toEqual([]);
+  });
+
+  it('find a published event missing from the stream', () => {
+    const ev = legal();
+    const { e } = ticketEvent(ev, 2);
+    const { m: next } = ticketEvent(ev, 3);
+    const lost = { ...ev, stream: ev.stream.filter((m) => m.eventId !== e.event_id) };
+    expect(stream8(lost)).toEqual([
+      `${T} seq 2 (${e.type}): published per the relay, not in the stream`,
+      `${T}: seq 3 is in the stream (seq ${next.seq}), seq 2 is not`,
+    ]);
+  });
+
+  it('find an event the relay has not published, and one out of turn behind it', () => {
+    const ev = legal();
+    const last = ev.events.filter((e) => e.entity_id === T).length;
+    const { e: tail } = ticketEvent(ev, last);
+    const { e: second } = ticketEvent(ev, 2);
+    const { m: third } = ticketEvent(ev, 3);
+    // The last one still after the cursor, and not in the stream: only the outbox.
+    const pending = {
+      ...ev,
+      events: ev.events.map((e) => (e === tail ? { ...e, published: false } : e)),
+      stream: ev.stream.filter((m) => m.eventId !== tail.event_id),
+    };
+    expect(stream8(pending)).toEqual([
+      `${T} seq ${last} (${tail.type}) is not published (after the relay cursor, or held)`,
+    ]);
+    // Held and not in the stream, while its successor is.
+    const held = {
+      ...ev,
+      events: ev.events.map((e) => (e === second ? { ...e, published: false } : e)),
+      stream: ev.stream.filter((m) => m.eventId !== second.event_id),
+    };
+    expect(stream8(held)).toEqual([
+      `${T} seq 2 (${second.type}) is not published (after the relay cursor, or held)`,
+      `${T}: seq 3 is in the stream (seq ${third.seq}), seq 2 is not`,
+    ]);
+  });
+
+  it("find an entity's events out of order in the stream", () => {
+    const ev = legal();
+    const { m: a } = ticketEvent(ev, 2);
+    const { m: b } = ticketEvent(ev, 3);
+    // The two swap places: seq 3 first, then seq 2.
+    const swapped = {
+      ...ev,
+      stream: ev.stream
+        .map((m) => (m === a ? { ...m, seq: b.seq } : m === b ? { ...m, seq: a.seq } : m))
+        .sort((x, y) => x.seq - y.seq),
+    };
+    expect(stream8(swapped)).toEqual([
+      `${T}: seq 3 is at stream seq ${a.seq}, before seq 2 (stream seq ${b.seq})`,
+    ]);
+    // Seq 2 published again after seq 3: in the stream twice and behind its successor.
+    const again = {
+      ...ev,
+      stream: [...ev.stream, { ...a, seq: ev.streamLastSeq + 1 }],
+      streamLastSeq: ev.streamLastSeq + 1,
+    };
+    expect(stream8(again)).toEqual([
+      `event ${a.eventId} is in the stream twice (seq ${a.seq} and ${ev.streamLastSeq + 1})`,
+    ]);
+  });
+
+  it('find a message of the wrong id or entity, and a sequence Postgres recorded wrongly', () => {
+    const ev = legal();
+    const { e, m } = ticketEvent(ev, 2);
+    const { m: other } = ticketEvent(ev, 3);
+    const wrongId = {
+      ...ev,
+      stream: ev.stream.map((x) => (x === m ? { ...x, msgId: 'zz' } : x)),
+    };
+    expect(stream8(wrongId)).toEqual([
+      `stream seq ${m.seq}: Nats-Msg-Id zz, body event ${m.eventId}`,
+    ]);
+    const wrongEntity = {
+      ...ev,
+      stream: ev.stream.map((x) => (x === m ? { ...x, entitySeq: 7 } : x)),
+    };
+    expect(stream8(wrongEntity)).toEqual([
+      `stream seq ${m.seq}: event ${m.eventId} as ${T}#7, Postgres has ${T}#2`,
+    ]);
+    const heldAt = (seq: number) => ({
+      ...ev,
+      events: ev.events.map((x) => (x === e ? { ...x, held_seq: seq } : x)),
+    });
+    expect(stream8(heldAt(m.seq))).toEqual([]);
+    expect(stream8(heldAt(other.seq))).toEqual([
+      `${T} seq 2: relay_held recorded stream seq ${other.seq}, which holds ${other.eventId}`,
+    ]);
+  });
+
+  it('find an event unknown to Postgres, and a relay cursor beyond the stream', () => {
+    const ev = legal();
+    const stranger = {
+      seq: ev.streamLastSeq + 1,
+      msgId: 'x',
+      eventId: 'x',
+      entityId: 'y',
+      entitySeq: 1,
+    };
+    expect(
+      stream8({ ...ev, stream: [...ev.stream, stranger], streamLastSeq: stranger.seq }),
+    ).toEqual([`stream seq ${stranger.seq} holds event x, unknown to Postgres`]);
+    expect(stream8({ ...ev, relayStreamSeq: ev.streamLastSeq + 3 })).toEqual([
+      `relay_cursor.stream_seq ${ev.streamLastSeq + 3} is beyond the stream's last sequence ${ev.streamLastSeq}`,
     ]);
   });
 });
