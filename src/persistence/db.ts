@@ -22,8 +22,10 @@ export function createSql(url: string, options: DbOptions = {}): Sql {
     connect_timeout: options.connectTimeoutSec ?? 10,
     idle_timeout: 30,
     onnotice: () => {},
-    connection: { application_name: options.applicationName ?? 'orchestrator' },
-    // bigint columns (pos, stream_seq, counts) arrive as JS numbers: they stay far below 2^53.
+    // No JIT: every statement here is short. A plan whose estimate goes wrong (a table not
+    // yet analyzed, as right after a burst) otherwise costs ~400 ms of compilation a call.
+    connection: { application_name: options.applicationName ?? 'orchestrator', jit: 'off' },
+    // bigint columns (pos, stream sequences, counts) arrive as JS numbers: they stay far below 2^53.
     types: {
       bigint: {
         to: 20,
