@@ -105,18 +105,13 @@ const HEADER_ALLOWANCE = 1_024;
 const KEPT_FIELDS = 32;
 const KEPT_STRING_CHARS = 200;
 
-/** The message body of a domain event on the stream: the event-log entry. */
-export function eventPayload(item: OutboxItem, data: Record<string, unknown> = item.data): string {
-  return JSON.stringify({
-    pos: item.pos,
-    eventId: item.eventId,
-    seq: item.seq,
-    entityId: item.entityId,
-    entityType: item.entityType,
-    type: item.type,
-    data,
-    at: item.at.toISOString(),
-  });
+/**
+ * The message body of a domain event on the stream: the event-log entry. Written by hand
+ * around the data's JSON as Postgres gave it: parsing and writing it again cost the relay a
+ * fifth of its time.
+ */
+export function eventPayload(item: OutboxItem, data?: Record<string, unknown>): string {
+  return `{"pos":${item.pos},"eventId":${JSON.stringify(item.eventId)},"seq":${item.seq},"entityId":${JSON.stringify(item.entityId)},"entityType":${JSON.stringify(item.entityType)},"type":${JSON.stringify(item.type)},"data":${data ? JSON.stringify(data) : item.dataJson},"at":${JSON.stringify(item.at)}}`;
 }
 
 /**
