@@ -188,7 +188,7 @@ async function main(): Promise<void> {
     if (s === 'decide') decideSection({ iterations: 5_000 });
     if (s === 'host') await hostSection();
     if (s === 'relay') {
-      await relaySection({ seconds, events: 5_000, reactionsAlone: 100, reactionsLoaded: 400 });
+      await relaySection({ seconds, events: 20_000, reactionsAlone: 100, reactionsLoaded: 400 });
     }
     if (s === 'reactions') {
       await reactionsSection({
