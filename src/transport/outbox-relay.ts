@@ -285,6 +285,7 @@ export class OutboxRelay {
       const inFlight: Promise<unknown>[] = [];
       let readFrom: RelayPosition = cursor;
       let batch = first;
+      let capped = false;
       for (let n = 1; ; n++) {
         if (batch.length === 0) break;
         r.order.push(...batch);
@@ -316,10 +317,18 @@ export class OutboxRelay {
         }
         inFlight.push(Promise.all(steps));
         readFrom = batch[batch.length - 1]!;
-        if (batch.length < this.o.batchSize || n >= this.o.roundBatches) break;
-        // At most `pipelineDepth` batches in flight: wait for the oldest before reading more.
-        if (inFlight.length >= this.o.pipelineDepth)
+        if (n >= this.o.roundBatches) {
+          capped = true;
+          break;
+        }
+        if (batch.length < this.o.batchSize) {
+          // A short batch: once it is out, read what committed meanwhile in this same round
+          // (no new transaction, lock and cursor read for it); an empty read ends the round.
+          await inFlight[inFlight.length - 1];
+        } else if (inFlight.length >= this.o.pipelineDepth) {
+          // At most `pipelineDepth` batches in flight: wait for the oldest before reading more.
           await inFlight[inFlight.length - this.o.pipelineDepth];
+        }
         batch = await readAfter(tx, readFrom, this.o.batchSize);
       }
       await Promise.all([...sends, ...inFlight]);
@@ -356,7 +365,7 @@ export class OutboxRelay {
       return {
         published: r.published,
         outage: r.unsent.size > 0,
-        more: r.order.length >= this.o.batchSize * this.o.roundBatches,
+        more: capped,
       };
     });
   }
