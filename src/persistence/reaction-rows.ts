@@ -40,6 +40,59 @@ export async function tasksProgress(db: Db, taskIds: string[]): Promise<Map<stri
   return found;
 }
 
+/** What a ticket was last told of a task (its `ticket_tasks` row). */
+export interface TaskTold {
+  phase: string;
+  round: number;
+  type: string;
+  state: TaskState;
+  seq: number;
+}
+
+/**
+ * `tasksProgress` with what each task's ticket was last told of it (null when the ticket has
+ * no row for it), in the same read.
+ */
+export async function tasksProgressTold(
+  db: Db,
+  taskIds: string[],
+): Promise<Map<string, TaskProgress & { told: TaskTold | null }>> {
+  const found = new Map<string, TaskProgress & { told: TaskTold | null }>();
+  if (taskIds.length === 0) return found;
+  const rows = await db<
+    {
+      id: string;
+      ticket_id: string;
+      state: TaskState;
+      seq: number;
+      error: string | null;
+      phase: string | null;
+      round: number | null;
+      type: string | null;
+      told_state: TaskState | null;
+      told_seq: number | null;
+    }[]
+  >`
+    select t.id, t.ticket_id, t.state, t.seq, t.snapshot -> 'context' ->> 'error' as error,
+      r.phase, r.round, r.type, r.state as told_state, r.seq as told_seq
+    from tasks t left join ticket_tasks r on r.task_id = t.id
+    where t.id = any(${taskIds}::text[])`;
+  for (const r of rows) {
+    const told =
+      r.phase === null || r.round === null || r.type === null || r.told_state === null
+        ? null
+        : {
+            phase: r.phase,
+            round: r.round,
+            type: r.type,
+            state: r.told_state,
+            seq: r.told_seq ?? 0,
+          };
+    found.set(r.id, { ticketId: r.ticket_id, state: r.state, seq: r.seq, error: r.error, told });
+  }
+  return found;
+}
+
 /** The ticket of each of these tasks, by task id (a missing task has none). */
 export async function ticketIdsOfTasks(db: Db, taskIds: string[]): Promise<Map<string, string>> {
   const found = new Map<string, string>();

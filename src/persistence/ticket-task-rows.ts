@@ -67,3 +67,18 @@ export async function recordTasksNews(
   }
   return found;
 }
+
+/**
+ * Records news decided from rows read under the ticket's lock (every writer of a task's row
+ * holds its ticket's lock, so the rows are still as read): plain updates, sent with the
+ * ticket's transition instead of a round trip before it. Returns how many rows it changed.
+ */
+export async function writeTasksNews(db: Db, items: readonly NewsItem[]): Promise<number> {
+  if (items.length === 0) return 0;
+  const rows = await db`
+    update ticket_tasks t set state = n.state, seq = n.seq
+    from unnest(${items.map((i) => i.taskId)}::text[], ${items.map((i) => i.state)}::text[],
+      ${items.map((i) => i.seq)}::int[]) as n(task_id, state, seq)
+    where t.task_id = n.task_id and t.seq < n.seq`;
+  return rows.count;
+}

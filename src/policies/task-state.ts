@@ -15,9 +15,15 @@ import type { Db } from '../persistence/db.js';
 import {
   type TaskProgress,
   tasksProgress,
+  tasksProgressTold,
   ticketIdsOfTasks,
 } from '../persistence/reaction-rows.js';
-import { recordTasksNews, type TaskNews } from '../persistence/ticket-task-rows.js';
+import {
+  type NewsItem,
+  recordTasksNews,
+  type TaskNews,
+  writeTasksNews,
+} from '../persistence/ticket-task-rows.js';
 
 export async function forwardTaskState(uow: UnitOfWork, taskId: string): Promise<Applied | null> {
   const [applied] = await forwardTaskStates(uow, [taskId]);
@@ -55,8 +61,9 @@ export async function forwardTaskStates(
 
 /**
  * The news of tasks of one ticket (the task_state reaction's key: every task event states
- * its ticket), as `forwardTaskStates` tells it, with the ticket's lock and the tasks' states
- * read in one round trip. Tasks of another ticket are left out.
+ * its ticket), as `forwardTaskStates` tells it, in two round trips: the ticket's lock with
+ * the tasks' states and what the ticket was told of them, then the news recorded together
+ * with the ticket's transition. Tasks of another ticket are left out.
  */
 export async function forwardTicketNews(
   uow: UnitOfWork,
@@ -65,22 +72,37 @@ export async function forwardTicketNews(
 ): Promise<Applied[]> {
   const ids = [...new Set(taskIds)];
   if (ids.length === 0) return [];
-  // Both statements go out together on the transaction's connection and run in that order.
-  // The ticket's row is locked first: every writer takes it before the ticket's
-  // `ticket_tasks` rows (the states are a plain read; recording the news locks those rows).
+  // Both statements go out together on the transaction's connection and run in that order:
+  // the ticket's row is locked first, so the `ticket_tasks` rows read after it are final
+  // until commit (every writer of them holds the ticket's lock: `tellTicket`, and the task's
+  // creation, which writes its ticket).
   uow.host.forget('ticket', ticketId);
   const [row, progress] = await Promise.all([
     loadActorRow(uow.tx, 'ticket', ticketId, { forUpdate: true }),
-    tasksProgress(uow.tx, ids),
+    tasksProgressTold(uow.tx, ids),
   ]);
   if (!row) return [];
   uow.adopt(row);
-  const told: Told[] = [];
+  const news: NewsItem[] = [];
+  const events: DecideEvent[] = [];
   for (const id of ids) {
     const task = progress.get(id);
-    if (task?.ticketId === ticketId) told.push({ id, task });
+    if (task?.ticketId !== ticketId || !task.told || task.told.seq >= task.seq) continue;
+    const { phase, round, type, state } = task.told;
+    news.push({ taskId: id, state: task.state, seq: task.seq });
+    events.push(taskStateEvent(id, task, { phase, round, type, from: state }));
   }
-  return tellTicket(uow, ticketId, told);
+  if (events.length === 0) return [];
+  // Queued before the ticket's transition on the same connection: one round trip for both.
+  const written = writeTasksNews(uow.tx, news);
+  written.catch(() => {});
+  const out = await sendNews(uow, ticketId, events);
+  const n = await written;
+  if (n !== news.length) {
+    // Only a writer that did not hold the ticket's lock could cause this: roll back, retry.
+    throw new Error(`ticket ${ticketId}: ${news.length} task news decided, ${n} recorded`);
+  }
+  return out;
 }
 
 /** A task whose news is to be told, with its state as read. */
@@ -105,6 +127,15 @@ async function tellTicket(uow: UnitOfWork, ticketId: string, told: Told[]): Prom
     const news = recorded.get(id);
     if (news) events.push(taskStateEvent(id, task, news));
   }
+  return sendNews(uow, ticketId, events);
+}
+
+/** The ticket's TASK_STATE events, as runs of events written once each (`sendAccepted`). */
+async function sendNews(
+  uow: UnitOfWork,
+  ticketId: string,
+  events: DecideEvent[],
+): Promise<Applied[]> {
   const out: Applied[] = [];
   while (events.length > 0) {
     let sent: { applied: Applied[]; taken: number };
