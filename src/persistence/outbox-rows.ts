@@ -168,11 +168,14 @@ export async function readAfter(
       limit ${limit}
     ) x
     order by x.tx::xid8, x.pos`;
-  return rows.map((r) => ({
-    ...toItem(r),
-    pred: r.pred_tx === null || r.pred_pos === null ? null : { tx: r.pred_tx, pos: r.pred_pos },
-    held: r.held,
-  }));
+  return rows.map((r) => {
+    // Assigned, not spread: a spread would read (and parse) the lazy `data`.
+    const item = toItem(r) as CursorItem;
+    item.pred =
+      r.pred_tx === null || r.pred_pos === null ? null : { tx: r.pred_tx, pos: r.pred_pos };
+    item.held = r.held;
+    return item;
+  });
 }
 
 /**

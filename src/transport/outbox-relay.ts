@@ -97,6 +97,7 @@ export interface RelayStats {
   reduced: number;
 }
 
+const UTF8 = new TextEncoder();
 /** NATS's default `max_payload`, used until the server has told its own. */
 const DEFAULT_MAX_PAYLOAD = 1_048_576;
 /** Room for the headers (`Nats-Msg-Id`, `Nats-Expected-Stream`), which count toward it. */
@@ -325,11 +326,17 @@ export class OutboxRelay {
           // A short batch: once it is out, read what committed meanwhile in this same round
           // (no new transaction, lock and cursor read for it); an empty read ends the round.
           await inFlight[inFlight.length - 1];
-        } else if (inFlight.length >= this.o.pipelineDepth) {
-          // At most `pipelineDepth` batches in flight: wait for the oldest before reading more.
-          await inFlight[inFlight.length - this.o.pipelineDepth];
+          batch = await readAfter(tx, readFrom, this.o.batchSize);
+        } else {
+          // The next batch is read while the oldest of `pipelineDepth` batches in flight is
+          // awaited, so the read's time overlaps the publishing.
+          const next = readAfter(tx, readFrom, this.o.batchSize);
+          next.catch(() => {});
+          if (inFlight.length >= this.o.pipelineDepth) {
+            await inFlight[inFlight.length - this.o.pipelineDepth];
+          }
+          batch = await next;
         }
-        batch = await readAfter(tx, readFrom, this.o.batchSize);
       }
       await Promise.all([...sends, ...inFlight]);
 
@@ -471,15 +478,16 @@ export class OutboxRelay {
    */
   private async publish(item: OutboxItem): Promise<{ seq: number; duplicate: boolean }> {
     const maxPayload = this.o.maxPayload?.() ?? DEFAULT_MAX_PAYLOAD;
-    let payload = eventPayload(item);
-    const bytes = Buffer.byteLength(payload);
+    // Encoded once: its size is checked on the bytes the client then sends as they are.
+    let payload: Uint8Array = UTF8.encode(eventPayload(item));
+    const bytes = payload.length;
     let reason: string | null = null;
     if (bytes + HEADER_ALLOWANCE > maxPayload) {
       reason = `event of ${bytes} bytes exceeds the NATS max_payload of ${maxPayload}`;
     } else if (item.rejections >= this.o.maxRejections) {
       reason = `refused by NATS ${item.rejections} times`;
     }
-    if (reason) payload = eventPayload(item, reducedData(item.data, reason));
+    if (reason) payload = UTF8.encode(eventPayload(item, reducedData(item.data, reason)));
     const ack = await this.o.js.publish(
       eventSubject(this.o.names, item.entityType, item.entityId, item.type),
       payload,
