@@ -106,9 +106,17 @@ export function comparePositions(a: RelayPosition, b: RelayPosition): number {
   return a.pos - b.pos;
 }
 
-/** Takes the relay's turn (waits for another relay's round to commit) and reads the cursor. */
-export async function lockRelay(tx: Tx): Promise<RelayCursor> {
-  const [, rows] = await Promise.all([
+/**
+ * Takes the relay's turn (waits for another relay's round to commit) and reads the cursor.
+ * With `idleTimeoutMs`, Postgres ends the round's session once it sits that long between
+ * statements holding the lock (its process frozen or cut off): the rounds of every other
+ * relay wait behind it, so its stall is bounded, and its round rolls back whole.
+ */
+export async function lockRelay(tx: Tx, idleTimeoutMs?: number): Promise<RelayCursor> {
+  const [, , rows] = await Promise.all([
+    idleTimeoutMs === undefined
+      ? null
+      : tx`select set_config('idle_in_transaction_session_timeout', ${String(Math.max(1, Math.round(idleTimeoutMs)))}, true)`,
     tx`select pg_advisory_xact_lock(${RELAY_LOCK_ID})`,
     tx<{ tx: string; pos: number; stream_seq: number }[]>`
       select tx::text as tx, pos, stream_seq from relay_cursor`,

@@ -11,7 +11,11 @@ import { ActorHost } from '../../src/actors/host.js';
 import { Unavailable } from '../../src/errors.js';
 import { silentLogger } from '../../src/log.js';
 import type { Sql } from '../../src/persistence/db.js';
-import { recordedStreamSeq, unpublishedCount } from '../../src/persistence/outbox-rows.js';
+import {
+  lockRelay,
+  recordedStreamSeq,
+  unpublishedCount,
+} from '../../src/persistence/outbox-rows.js';
 import type { Transport } from '../../src/transport/index.js';
 import { OutboxRelay } from '../../src/transport/outbox-relay.js';
 import { ensureStreams } from '../../src/transport/streams.js';
@@ -319,6 +323,43 @@ describe('outbox relay', () => {
       elsewhere.release();
       here.release();
     }
+  });
+
+  it("a round stuck holding the relays' lock is cut off after its idle timeout; another relay goes on", async () => {
+    const sql = db.sql;
+    const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
+    const n = names();
+    await ensureStreams(admin.jsm, n);
+    const t = await host.create('ticket', ticketInput());
+    // A round whose process froze: it took the lock, then sends nothing for 3 s.
+    const frozen = db.pool(1);
+    let locked = false;
+    const stuck = frozen
+      .begin(async (tx) => {
+        await lockRelay(tx, 300);
+        locked = true;
+        await new Promise((r) => setTimeout(r, 3_000));
+        await tx`select 1`;
+      })
+      .then(
+        () => null,
+        (error: unknown) => error,
+      );
+    await eventually(async () => locked, 5_000, 'the frozen round to hold the lock');
+    const relay = new OutboxRelay({
+      sql,
+      js: jetstream(admin.nc),
+      jsm: admin.jsm,
+      names: n,
+      log: silentLogger(),
+      streamCheckMs: 0,
+    });
+    const started = Date.now();
+    await relay.drainOnce();
+    expect(Date.now() - started).toBeLessThan(2_500);
+    expect(await unpublishedCount(sql, [t.id])).toBe(0);
+    // Its session was ended: the frozen round fails when it wakes, having recorded nothing.
+    expect(await stuck).toBeInstanceOf(Error);
   });
 
   it('NATS unreachable: start fails naming the URL, commands still commit, the outbox drains later', async () => {
