@@ -183,6 +183,23 @@ async function natsProxy(port = 0): Promise<{ port: number; close(): Promise<voi
   };
 }
 
+/** A relay of the test's own (no stream check), driven by hand or started. */
+function relayOn(
+  sql: Sql,
+  n: TransportNames,
+  over: Partial<ConstructorParameters<typeof OutboxRelay>[0]> = {},
+): OutboxRelay {
+  return new OutboxRelay({
+    sql,
+    js: jetstream(admin.nc),
+    jsm: admin.jsm,
+    names: n,
+    log: silentLogger(),
+    streamCheckMs: 0,
+    ...over,
+  });
+}
+
 describe('outbox relay', () => {
   it('drains in per-entity order with Nats-Msg-Id = event id and records the last stream seq', async () => {
     const sql = db.sql;
@@ -260,14 +277,7 @@ describe('outbox relay', () => {
       await newer`commit`;
       await insert(older, 'e', 2);
       await older`commit`;
-      const relay = new OutboxRelay({
-        sql,
-        js: jetstream(admin.nc),
-        jsm: admin.jsm,
-        names: n,
-        log: silentLogger(),
-        streamCheckMs: 0,
-      });
+      const relay = relayOn(sql, n);
       await relay.drainOnce();
       // f went out; e's second event is held behind its first, which is beyond the cursor.
       expect((await streamMessages(n)).map((m) => m.entry.entityId)).toEqual(['f']);
@@ -290,14 +300,7 @@ describe('outbox relay', () => {
     const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
     const n = names();
     await ensureStreams(admin.jsm, n);
-    const relay = new OutboxRelay({
-      sql,
-      js: jetstream(admin.nc),
-      jsm: admin.jsm,
-      names: n,
-      log: silentLogger(),
-      streamCheckMs: 0,
-    });
+    const relay = relayOn(sql, n);
     const otherDb = await createTestDatabase('transport_relay_other');
     dbs.push(otherDb);
     const elsewhere = await otherDb.sql.reserve();
@@ -346,14 +349,7 @@ describe('outbox relay', () => {
         (error: unknown) => error,
       );
     await eventually(async () => locked, 5_000, 'the frozen round to hold the lock');
-    const relay = new OutboxRelay({
-      sql,
-      js: jetstream(admin.nc),
-      jsm: admin.jsm,
-      names: n,
-      log: silentLogger(),
-      streamCheckMs: 0,
-    });
+    const relay = relayOn(sql, n);
     const started = Date.now();
     await relay.drainOnce();
     expect(Date.now() - started).toBeLessThan(2_500);
@@ -388,20 +384,7 @@ describe('outbox relay', () => {
     const n = names();
     await ensureStreams(admin.jsm, n);
     const ids = await makeEvents(hostA, 60, 2); // 360 events
-    const js = jetstream(admin.nc);
-    const relays = [sqlA, sqlB].map(
-      (sql) =>
-        new OutboxRelay({
-          sql,
-          js,
-          jsm: admin.jsm,
-          names: n,
-          log: silentLogger(),
-          batchSize: 25,
-          pollMs: 20,
-          streamCheckMs: 0,
-        }),
-    );
+    const relays = [sqlA, sqlB].map((sql) => relayOn(sql, n, { batchSize: 25, pollMs: 20 }));
     await Promise.all(relays.map((r) => r.start()));
     try {
       await eventually(async () => (await outboxCount(sqlA)) === 0, 20_000, 'outbox drained');
@@ -526,14 +509,8 @@ describe('outbox relay', () => {
     await host.send('ticket', bad.id, { type: 'BLOCK', reason: 'r'.repeat(10_000) });
     await host.send('ticket', bad.id, { type: 'UNBLOCK' });
     const before = await makeEvents(host, 3, 1);
-    const relay = new OutboxRelay({
-      sql,
-      js: jetstream(admin.nc),
-      jsm: admin.jsm,
-      names: n,
-      log: silentLogger(),
+    const relay = relayOn(sql, n, {
       pollMs: 20,
-      streamCheckMs: 0,
       // Three refusals take at least 0.5 + 1 + 2 s: time enough to see the others flow.
       retryBaseMs: 1_000,
       maxBackoffMs: 8_000,
