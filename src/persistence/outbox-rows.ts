@@ -131,7 +131,10 @@ export async function lockRelay(tx: Tx, idleTimeoutMs?: number): Promise<RelayCu
  * here, or the snapshot's xmax when none. Every transaction below it has ended, so no event
  * below it can still appear. A running transaction is skipped only when `pg_stat_activity`
  * shows it in another database (it cannot write this event log): a long transaction there
- * does not hold this relay back. One whose database is not shown counts as ours.
+ * does not hold this relay back. One whose database is not shown counts as ours. (Within a
+ * transaction Postgres keeps its first read of `pg_stat_activity`; a later read of the round
+ * can then only count a transaction as ours that is not, never the reverse: an id once shown
+ * in another database belongs to it for good.)
  */
 const WATERMARK = `(
   with snap as materialized (select pg_current_snapshot() as s)
