@@ -323,21 +323,17 @@ export class OutboxRelay {
           capped = true;
           break;
         }
-        if (batch.length < this.o.batchSize) {
-          // A short batch: once it is out, read what committed meanwhile in this same round
-          // (no new transaction, lock and cursor read for it); an empty read ends the round.
-          await inFlight[inFlight.length - 1];
-          batch = await readAfter(tx, readFrom, this.o.batchSize);
-        } else {
-          // The next batch is read while the oldest of `pipelineDepth` batches in flight is
-          // awaited, so the read's time overlaps the publishing.
-          const next = readAfter(tx, readFrom, this.o.batchSize);
-          next.catch(() => {});
-          if (inFlight.length >= this.o.pipelineDepth) {
-            await inFlight[inFlight.length - this.o.pipelineDepth];
-          }
-          batch = await next;
+        // A short batch ends the round: reading on after it (once it was out) made more,
+        // smaller reads under a steady load, and cost a drain 4-7% of its rate.
+        if (batch.length < this.o.batchSize) break;
+        // The next batch is read while the oldest of `pipelineDepth` batches in flight is
+        // awaited, so the read's time overlaps the publishing.
+        const next = readAfter(tx, readFrom, this.o.batchSize);
+        next.catch(() => {});
+        if (inFlight.length >= this.o.pipelineDepth) {
+          await inFlight[inFlight.length - this.o.pipelineDepth];
         }
+        batch = await next;
       }
       await Promise.all([...sends, ...inFlight]);
 
