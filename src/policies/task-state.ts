@@ -9,7 +9,7 @@
  */
 import type { DecideEvent } from '../actors/decide.js';
 import type { Applied, UnitOfWork } from '../actors/host.js';
-import { NotFound } from '../errors.js';
+import { NotFound, VersionConflict } from '../errors.js';
 import { loadActorRow } from '../persistence/actor-rows.js';
 import type { Db } from '../persistence/db.js';
 import {
@@ -99,8 +99,9 @@ export async function forwardTicketNews(
   const out = await sendNews(uow, ticketId, events);
   const n = await written;
   if (n !== news.length) {
-    // Only a writer that did not hold the ticket's lock could cause this: roll back, retry.
-    throw new Error(`ticket ${ticketId}: ${news.length} task news decided, ${n} recorded`);
+    // The rows changed after they were read (a writer without the ticket's lock): a lost
+    // race like any other, so the unit of work rolls back and runs again.
+    throw new VersionConflict(ticketId, row.version);
   }
   return out;
 }
