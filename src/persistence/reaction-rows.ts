@@ -22,24 +22,6 @@ export interface TaskProgress {
   error: string | null;
 }
 
-/**
- * Each task's ticket, current state and the seq of its last event, in one read, by task id (a
- * missing task has none).
- */
-export async function tasksProgress(db: Db, taskIds: string[]): Promise<Map<string, TaskProgress>> {
-  const found = new Map<string, TaskProgress>();
-  if (taskIds.length === 0) return found;
-  const rows = await db<
-    { id: string; ticket_id: string; state: TaskState; seq: number; error: string | null }[]
-  >`
-    select id, ticket_id, state, seq, snapshot -> 'context' ->> 'error' as error
-    from tasks where id = any(${taskIds}::text[])`;
-  for (const r of rows) {
-    found.set(r.id, { ticketId: r.ticket_id, state: r.state, seq: r.seq, error: r.error });
-  }
-  return found;
-}
-
 /** What a ticket was last told of a task (its `ticket_tasks` row). */
 export interface TaskTold {
   phase: string;
@@ -50,8 +32,9 @@ export interface TaskTold {
 }
 
 /**
- * `tasksProgress` with what each task's ticket was last told of it (null when the ticket has
- * no row for it), in the same read.
+ * Each task's ticket, current state and the seq of its last event, with what its ticket was
+ * last told of it (null when the ticket has no row for it), in one read, by task id (a
+ * missing task has none).
  */
 export async function tasksProgressTold(
   db: Db,

@@ -31,41 +31,11 @@ export interface TaskNews {
   from: TaskState;
 }
 
-/** One task's news, for `recordTasksNews`. */
+/** One task's news, for `writeTasksNews`. */
 export interface NewsItem {
   taskId: string;
   state: TaskState;
   seq: number;
-}
-
-/**
- * Records that the ticket is told each task is in `state` as of `seq`, only where that is
- * newer than what it was told, in one statement: by task id, the row's previous state (and
- * its phase, round and type); stale news and tasks without a row are absent (nothing is to be
- * sent for them). The rows are locked until commit, in task id order, so two transactions
- * never both take the same news nor wait on each other in a cycle.
- */
-export async function recordTasksNews(
-  db: Db,
-  items: readonly NewsItem[],
-): Promise<Map<string, TaskNews>> {
-  const found = new Map<string, TaskNews>();
-  if (items.length === 0) return found;
-  const ids = items.map((i) => i.taskId);
-  const rows = await db<
-    { task_id: string; phase: string; round: number; type: string; from: TaskState }[]
-  >`
-    update ticket_tasks t set state = n.state, seq = n.seq
-    from (select task_id, state from ticket_tasks where task_id = any(${ids}::text[])
-            order by task_id for update) old,
-      unnest(${ids}::text[], ${items.map((i) => i.state)}::text[],
-        ${items.map((i) => i.seq)}::int[]) as n(task_id, state, seq)
-    where t.task_id = old.task_id and n.task_id = t.task_id and t.seq < n.seq
-    returning t.task_id, t.phase, t.round, t.type, old.state as "from"`;
-  for (const r of rows) {
-    found.set(r.task_id, { phase: r.phase, round: r.round, type: r.type, from: r.from });
-  }
-  return found;
 }
 
 /**

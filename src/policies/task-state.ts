@@ -14,16 +14,10 @@ import { loadActorRow } from '../persistence/actor-rows.js';
 import type { Db } from '../persistence/db.js';
 import {
   type TaskProgress,
-  tasksProgress,
   tasksProgressTold,
   ticketIdsOfTasks,
 } from '../persistence/reaction-rows.js';
-import {
-  type NewsItem,
-  recordTasksNews,
-  type TaskNews,
-  writeTasksNews,
-} from '../persistence/ticket-task-rows.js';
+import { type NewsItem, type TaskNews, writeTasksNews } from '../persistence/ticket-task-rows.js';
 
 export async function forwardTaskState(uow: UnitOfWork, taskId: string): Promise<Applied | null> {
   const [applied] = await forwardTaskStates(uow, [taskId]);
@@ -31,31 +25,29 @@ export async function forwardTaskState(uow: UnitOfWork, taskId: string): Promise
 }
 
 /**
- * The news of several tasks (of any tickets) in one unit of work: each task's state is read
- * once, however many of its events are listed (the state read now is the latest, so older
- * news of the same task adds nothing), and each ticket is told in the order its tasks are
- * first listed. Same outcome as each task's news told alone.
+ * The news of several tasks (of any tickets) in one unit of work: each ticket is told in the
+ * order its tasks are first listed, as `forwardTicketNews` tells one ticket (each task's
+ * state read once under the ticket's lock, however many of its events are listed). Same
+ * outcome as each task's news told alone.
  */
 export async function forwardTaskStates(
   uow: UnitOfWork,
   taskIds: readonly string[],
 ): Promise<Applied[]> {
   const ids = [...new Set(taskIds)];
-  const progress = await tasksProgress(uow.tx, ids);
+  const tickets = await ticketIdsOfTasks(uow.tx, ids);
   // By ticket, in the order its tasks are first listed.
-  const byTicket = new Map<string, Told[]>();
+  const byTicket = new Map<string, string[]>();
   for (const id of ids) {
-    const task = progress.get(id);
-    if (!task) continue;
-    const news = byTicket.get(task.ticketId) ?? [];
-    news.push({ id, task });
-    byTicket.set(task.ticketId, news);
+    const ticketId = tickets.get(id);
+    if (ticketId === undefined) continue;
+    const list = byTicket.get(ticketId) ?? [];
+    list.push(id);
+    byTicket.set(ticketId, list);
   }
   const out: Applied[] = [];
-  for (const [ticketId, told] of byTicket) {
-    if (!(await lockTicket(uow, ticketId))) continue;
-    out.push(...(await tellTicket(uow, ticketId, told)));
-  }
+  for (const [ticketId, list] of byTicket)
+    out.push(...(await forwardTicketNews(uow, ticketId, list)));
   return out;
 }
 
@@ -74,7 +66,7 @@ export async function forwardTicketNews(
   if (ids.length === 0) return [];
   // Both statements go out together on the transaction's connection and run in that order:
   // the ticket's row is locked first, so the `ticket_tasks` rows read after it are final
-  // until commit (every writer of them holds the ticket's lock: `tellTicket`, and the task's
+  // until commit (every writer of them holds the ticket's lock: this, and the task's
   // creation, which writes its ticket).
   uow.host.forget('ticket', ticketId);
   const [row, progress] = await Promise.all([
@@ -106,31 +98,6 @@ export async function forwardTicketNews(
   return out;
 }
 
-/** A task whose news is to be told, with its state as read. */
-interface Told {
-  id: string;
-  task: TaskProgress;
-}
-
-/**
- * One ticket, already locked, told the news of several of its tasks: one statement records it
- * all, and the news that is new reaches the ticket as runs of events written once each
- * (`sendAccepted`).
- */
-async function tellTicket(uow: UnitOfWork, ticketId: string, told: Told[]): Promise<Applied[]> {
-  if (told.length === 0) return [];
-  const recorded = await recordTasksNews(
-    uow.tx,
-    told.map(({ id, task }) => ({ taskId: id, state: task.state, seq: task.seq })),
-  );
-  const events: DecideEvent[] = [];
-  for (const { id, task } of told) {
-    const news = recorded.get(id);
-    if (news) events.push(taskStateEvent(id, task, news));
-  }
-  return sendNews(uow, ticketId, events);
-}
-
 /** The ticket's TASK_STATE events, as runs of events written once each (`sendAccepted`). */
 async function sendNews(
   uow: UnitOfWork,
@@ -158,22 +125,6 @@ async function sendNews(
  */
 export function ticketsOfTasks(db: Db, taskIds: string[]): Promise<Map<string, string>> {
   return ticketIdsOfTasks(db, taskIds);
-}
-
-/**
- * The ticket's row locked (loaded for update, never from the cache): every writer takes it
- * before its tasks' rows beside it, so two never wait on each other. False when the ticket
- * does not exist.
- */
-async function lockTicket(uow: UnitOfWork, ticketId: string): Promise<boolean> {
-  uow.host.forget('ticket', ticketId);
-  try {
-    await uow.load('ticket', ticketId);
-    return true;
-  } catch (error) {
-    if (error instanceof NotFound) return false;
-    throw error;
-  }
 }
 
 function taskStateEvent(taskId: string, task: TaskProgress, news: TaskNews): DecideEvent {
