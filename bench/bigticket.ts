@@ -25,7 +25,7 @@ import { fileURLToPath } from 'node:url';
 import { Commands } from '../src/actors/commands.js';
 import { ActorHost } from '../src/actors/host.js';
 import { freePort } from '../src/infra/free-port.js';
-import { unpublishedCount } from '../src/persistence/outbox-rows.js';
+import { anyUnpublished } from '../src/persistence/outbox-rows.js';
 import { TICKET_TASKS_PAGE } from '../src/persistence/queries.js';
 import { settleSetup } from './fixtures.js';
 import {
@@ -246,7 +246,7 @@ export async function bigTicketSection(o: { tasks: number; seconds: number }): P
         const [r] = await db.sql<{ tasks: number; tickets: number }[]>`
           select (select count(*)::int from tasks where state <> 'completed') as tasks,
             (select count(*)::int from tickets where phase = ${phase}) as tickets`;
-        return r?.tasks === 0 && r?.tickets === 0 && (await unpublishedCount(db.sql)) === 0;
+        return r?.tasks === 0 && r?.tickets === 0 && !(await anyUnpublished(db.sql));
       },
       300_000,
       'every task to complete and both tickets to advance',

@@ -7,7 +7,7 @@ import type { Commands } from '../src/actors/commands.js';
 import type { ActorHost } from '../src/actors/host.js';
 import { silentLogger } from '../src/log.js';
 import type { Sql } from '../src/persistence/db.js';
-import { unpublishedCount } from '../src/persistence/outbox-rows.js';
+import { anyUnpublished } from '../src/persistence/outbox-rows.js';
 import { Transport, type TransportNames, type TransportOptions } from '../src/transport/index.js';
 import { NATS_URL } from './scratch.js';
 import { pool, until } from './stats.js';
@@ -74,7 +74,7 @@ export async function settleSetup(sql: Sql, host: ActorHost, names: TransportNam
     const jsm = await jetstreamManager(t.nc);
     await until(
       async () => {
-        if ((await unpublishedCount(sql)) > 0) return false;
+        if (await anyUnpublished(sql)) return false;
         for (const runner of t.runners) {
           const info = await jsm.consumers.info(names.stream, runner.name);
           if (info.num_pending + info.num_ack_pending > 0) return false;

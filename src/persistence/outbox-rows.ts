@@ -355,6 +355,19 @@ export async function outboxLag(db: Db): Promise<OutboxLag> {
   return { count: r?.n ?? 0, oldestMs: Math.max(0, Math.round(r?.age ?? 0)) };
 }
 
+/**
+ * Whether any event is not published yet (after the cursor, or held): the first one found
+ * answers, where `outboxLag` counts them all (a poll for the end of a backlog).
+ */
+export async function anyUnpublished(db: Db): Promise<boolean> {
+  const rows = await db<{ any: boolean }[]>`
+    select exists (
+      select 1 from events e, (select tx, pos from relay_cursor limit 1) c
+      where (e.tx, e.pos) > (c.tx, c.pos)
+    ) or exists (select 1 from relay_held where published_seq is null) as any`;
+  return rows[0]?.any ?? false;
+}
+
 /** How many events (of `entityIds`, or all) are not published yet: after the cursor, or held. */
 export async function unpublishedCount(db: Db, entityIds?: readonly string[]): Promise<number> {
   if (!entityIds) return (await outboxLag(db)).count;
