@@ -139,6 +139,7 @@ export class Transport {
     const ensure = () => ensureStreams(jsm, o.names, o.streamOptions);
     this.relay = new OutboxRelay({
       sql: o.sql,
+      nc,
       js,
       jsm,
       names: o.names,

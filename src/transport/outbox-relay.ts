@@ -18,7 +18,7 @@
  * and publishes again whatever the stream lost (guarantee 8).
  */
 import { JetStreamApiError, type JetStreamClient, type JetStreamManager } from '@nats-io/jetstream';
-import { InvalidArgumentError } from '@nats-io/transport-node';
+import { InvalidArgumentError, type NatsConnection } from '@nats-io/transport-node';
 import type { Logger } from '../log.js';
 import type { Sql } from '../persistence/db.js';
 import {
@@ -38,11 +38,14 @@ import {
   recordedStreamSeq,
   rewind,
 } from '../persistence/outbox-rows.js';
+import { StreamPublisher } from './stream-publisher.js';
 import { ensureStreams, isStreamNotFound, type StreamOptions } from './streams.js';
 import { eventSubject, type TransportNames } from './subjects.js';
 
 export interface RelayOptions {
   sql: Sql;
+  /** The events go out on this connection (StreamPublisher), the stream checks through `jsm`. */
+  nc: NatsConnection;
   js: JetStreamClient;
   jsm: JetStreamManager;
   names: TransportNames;
@@ -97,7 +100,6 @@ export interface RelayStats {
   reduced: number;
 }
 
-const UTF8 = new TextEncoder();
 /** NATS's default `max_payload`, used until the server has told its own. */
 const DEFAULT_MAX_PAYLOAD = 1_048_576;
 /** Room for the headers (`Nats-Msg-Id`, `Nats-Expected-Stream`), which count toward it. */
@@ -183,6 +185,8 @@ export class OutboxRelay {
   private backingOff = false;
   private nextFailureCheck = 0;
   private lastCheckpoint = 0;
+  /** Made at the first publish (a relay can be driven by hand without `start`). */
+  private publisher: StreamPublisher | null = null;
 
   constructor(options: RelayOptions) {
     this.o = {
@@ -227,6 +231,8 @@ export class OutboxRelay {
     await this.loop;
     this.loop = null;
     await this.checking?.catch(() => 0);
+    this.publisher?.close();
+    this.publisher = null;
   }
 
   /** Asks for a round now (a commit happened). */
@@ -476,7 +482,8 @@ export class OutboxRelay {
   private async publish(item: OutboxItem): Promise<{ seq: number; duplicate: boolean }> {
     const maxPayload = this.o.maxPayload?.() ?? DEFAULT_MAX_PAYLOAD;
     // Encoded once: its size is checked on the bytes the client then sends as they are.
-    let payload: Uint8Array = UTF8.encode(eventPayload(item));
+    // (Buffer.from: a slice of a shared pool, a quarter of TextEncoder's cost at this size.)
+    let payload: Uint8Array = Buffer.from(eventPayload(item));
     const bytes = payload.length;
     let reason: string | null = null;
     if (bytes + HEADER_ALLOWANCE > maxPayload) {
@@ -484,15 +491,12 @@ export class OutboxRelay {
     } else if (item.rejections >= this.o.maxRejections) {
       reason = `refused by NATS ${item.rejections} times`;
     }
-    if (reason) payload = UTF8.encode(eventPayload(item, reducedData(item.data, reason)));
-    const ack = await this.o.js.publish(
+    if (reason) payload = Buffer.from(eventPayload(item, reducedData(item.data, reason)));
+    this.publisher ??= new StreamPublisher(this.o.nc, this.o.names.stream, this.o.publishTimeoutMs);
+    const ack = await this.publisher.publish(
       eventSubject(this.o.names, item.entityType, item.entityId, item.type),
       payload,
-      {
-        msgID: item.eventId,
-        timeout: this.o.publishTimeoutMs,
-        expect: { streamName: this.o.names.stream },
-      },
+      item.eventId,
     );
     if (ack.duplicate) this.stats.duplicates++;
     else {

@@ -72,6 +72,7 @@ function relay(
 ) {
   const r = new OutboxRelay({
     sql,
+    nc: admin.nc,
     js: jetstream(admin.nc),
     jsm: admin.jsm,
     names: n,

@@ -191,6 +191,7 @@ function relayOn(
 ): OutboxRelay {
   return new OutboxRelay({
     sql,
+    nc: admin.nc,
     js: jetstream(admin.nc),
     jsm: admin.jsm,
     names: n,

@@ -20,6 +20,7 @@ const sql = createSql(url, { max: 4, applicationName: 'relay-victim' });
 const nc = await connect({ servers: natsUrl });
 const relay = new OutboxRelay({
   sql,
+  nc,
   js: jetstream(nc),
   jsm: await jetstreamManager(nc),
   names: transportNames(prefix, stream),
