@@ -137,9 +137,13 @@ describe('news of many tasks for one ticket', () => {
     const told = await db.sql<{ state: string }[]>`
       select state from ticket_tasks where ticket_id = ${ticketId}`;
     expect(told.map((r) => r.state)).toEqual(ids.map(() => 'completed'));
-    const [ticket] = await db.sql<{ state: string }[]>`
-      select state from tickets where id = ${ticketId}`;
+    const [ticket] = await db.sql<{ state: string; counts: unknown }[]>`
+      select state, snapshot -> 'context' -> 'counts' -> 'requirements' as counts
+      from tickets where id = ${ticketId}`;
     expect(ticket?.state).toBe('design');
+    // Counted once each: a teller that read the ticket before another's commit lost its
+    // compare-and-set and ran again on what the other wrote.
+    expect(ticket?.counts).toEqual({ work: { completed: 30 } });
     const advances = await db.sql`select 1 from events
       where entity_id = ${ticketId} and type = 'ticket.phase_changed'`;
     expect(advances).toHaveLength(2); // START, then one advance
