@@ -252,6 +252,42 @@ describe('outbox relay', () => {
     await transport.stop();
   });
 
+  it('a round whose cursor write fails records nothing; the next one publishes its events again, stored once', async () => {
+    const sql = db.sql;
+    const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
+    const n = names();
+    await ensureStreams(admin.jsm, n);
+    const t = await host.create('ticket', ticketInput());
+    const [before] = await sql`select tx::text as tx, pos, stream_seq from relay_cursor`;
+    // The round's last write fails: the round fails with it and moves nothing.
+    await sql.unsafe(`
+      create function refuse_cursor() returns trigger language plpgsql as $$
+      begin raise exception 'cursor write refused'; end $$;
+      create trigger refuse_cursor before update on relay_cursor
+        for each row execute function refuse_cursor();`);
+    const relay = relayOn(sql, n);
+    try {
+      await expect(relay.drainOnce()).rejects.toThrow(/cursor write refused/);
+      expect((await sql`select tx::text as tx, pos, stream_seq from relay_cursor`)[0]).toEqual(
+        before,
+      );
+      expect(await streamCount(n)).toBe(1);
+    } finally {
+      await sql.unsafe(
+        `drop trigger refuse_cursor on relay_cursor; drop function refuse_cursor();`,
+      );
+    }
+    expect(await relay.drainOnce()).toBe(1); // the one event sent again: a duplicate
+    expect(relay.stats.duplicates).toBe(1);
+    expect(await streamCount(n)).toBe(1);
+    expect(await outboxCount(sql)).toBe(0);
+    const [after] = await sql<{ pos: number }[]>`select pos from relay_cursor`;
+    const [last] = await sql<{ pos: number }[]>`
+      select max(pos)::int as pos from events where entity_id = ${t.id}`;
+    expect(after?.pos).toBe(last?.pos);
+    await relay.stop();
+  });
+
   it("an entity's later event written by an older transaction waits for its predecessor", async () => {
     const sql = db.sql;
     const n = names();
