@@ -140,7 +140,6 @@ export class Transport {
     this.relay = new OutboxRelay({
       sql: o.sql,
       nc,
-      js,
       jsm,
       names: o.names,
       log: o.log.child({ component: 'outbox-relay' }),

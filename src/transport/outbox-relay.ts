@@ -17,7 +17,7 @@
  * periodic stream check compares the stream's last sequence with the highest one recorded
  * and publishes again whatever the stream lost (guarantee 8).
  */
-import { JetStreamApiError, type JetStreamClient, type JetStreamManager } from '@nats-io/jetstream';
+import { JetStreamApiError, type JetStreamManager } from '@nats-io/jetstream';
 import { InvalidArgumentError, type NatsConnection } from '@nats-io/transport-node';
 import type { Logger } from '../log.js';
 import type { Sql } from '../persistence/db.js';
@@ -46,7 +46,6 @@ export interface RelayOptions {
   sql: Sql;
   /** The events go out on this connection (StreamPublisher), the stream checks through `jsm`. */
   nc: NatsConnection;
-  js: JetStreamClient;
   jsm: JetStreamManager;
   names: TransportNames;
   log: Logger;

@@ -9,7 +9,6 @@
  * relay without any NOTIFY.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
-import { jetstream } from '@nats-io/jetstream';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { ActorHost } from '../../src/actors/host.js';
 import { silentLogger } from '../../src/log.js';
@@ -73,7 +72,6 @@ function relay(
   const r = new OutboxRelay({
     sql,
     nc: admin.nc,
-    js: jetstream(admin.nc),
     jsm: admin.jsm,
     names: n,
     log: silentLogger(),

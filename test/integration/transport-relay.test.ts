@@ -192,7 +192,6 @@ function relayOn(
   return new OutboxRelay({
     sql,
     nc: admin.nc,
-    js: jetstream(admin.nc),
     jsm: admin.jsm,
     names: n,
     log: silentLogger(),

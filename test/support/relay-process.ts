@@ -4,7 +4,7 @@
  * `node --import tsx test/support/relay-process.ts <database url> <nats url> <prefix> <stream>`.
  * Its Postgres sessions are named `relay-victim`; it prints `started` once the relay runs.
  */
-import { jetstream, jetstreamManager } from '@nats-io/jetstream';
+import { jetstreamManager } from '@nats-io/jetstream';
 import { connect } from '@nats-io/transport-node';
 import { silentLogger } from '../../src/log.js';
 import { createSql } from '../../src/persistence/db.js';
@@ -21,7 +21,6 @@ const nc = await connect({ servers: natsUrl });
 const relay = new OutboxRelay({
   sql,
   nc,
-  js: jetstream(nc),
   jsm: await jetstreamManager(nc),
   names: transportNames(prefix, stream),
   log: silentLogger(),
