@@ -491,7 +491,9 @@ export class OutboxRelay {
       reason = `refused by NATS ${item.rejections} times`;
     }
     if (reason) payload = Buffer.from(eventPayload(item, reducedData(item.data, reason)));
-    this.publisher ??= new StreamPublisher(this.o.nc, this.o.names.stream, this.o.publishTimeoutMs);
+    if (!this.publisher || this.publisher.isClosed) {
+      this.publisher = new StreamPublisher(this.o.nc, this.o.names.stream, this.o.publishTimeoutMs);
+    }
     const ack = await this.publisher.publish(
       eventSubject(this.o.names, item.entityType, item.entityId, item.type),
       payload,

@@ -67,13 +67,23 @@ export class StreamPublisher {
 
   constructor(
     private readonly nc: NatsConnection,
-    private readonly stream: string,
+    stream: string,
     private readonly timeoutMs: number,
   ) {
     this.headerTail = `\r\nNats-Expected-Stream: ${headerSafe(stream)}\r\n\r\n`;
     this.inbox = createInbox();
     this.sub = nc.subscribe(`${this.inbox}.*`, { callback: (err, msg) => this.answer(err, msg) });
-    void this.sub.closed.then(() => this.failAll(new ClosedConnectionError()));
+    // However the subscription ended (closed here, the connection closed, the server refused
+    // it), nothing more will be answered: the owner makes a new publisher.
+    void this.sub.closed.then(() => {
+      this.closed = true;
+      this.failAll(new ClosedConnectionError());
+    });
+  }
+
+  /** True once it can answer nothing more (see the constructor). */
+  get isClosed(): boolean {
+    return this.closed;
   }
 
   /** Resolves with the stream's ack; rejects as described above. */

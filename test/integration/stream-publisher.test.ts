@@ -98,8 +98,11 @@ describe('StreamPublisher', () => {
     const silent = nc.subscribe(`${names.prefix}_silent2.x`);
     const waiting = p.publish(`${names.prefix}_silent2.x`, bytes('{}'), 'c-1');
     await nc.flush();
+    expect(p.isClosed).toBe(false);
     await nc.close();
     await expect(waiting).rejects.toBeInstanceOf(ClosedConnectionError);
+    // Its owner (the relay) makes a new one when this one can answer nothing more.
+    expect(p.isClosed).toBe(true);
     await expect(
       p.publish(eventSubject(names, 'ticket', 'tkt_z', 'ticket.created'), bytes('{}'), 'c-2'),
     ).rejects.toBeInstanceOf(Error);
@@ -109,6 +112,7 @@ describe('StreamPublisher', () => {
     const s2 = admin.nc.subscribe(`${names.prefix}_silent3.x`);
     const held = q.publish(`${names.prefix}_silent3.x`, bytes('{}'), 'c-3');
     q.close();
+    expect(q.isClosed).toBe(true);
     await expect(held).rejects.toBeInstanceOf(ClosedConnectionError);
     await expect(
       q.publish(eventSubject(names, 'ticket', 'tkt_z', 'ticket.created'), bytes('{}'), 'c-4'),
