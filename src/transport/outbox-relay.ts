@@ -184,7 +184,10 @@ export class OutboxRelay {
   private backingOff = false;
   private nextFailureCheck = 0;
   private lastCheckpoint = 0;
-  /** Made at the first publish (a relay can be driven by hand without `start`). */
+  /**
+   * Made at the first publish (a relay can be driven by hand without `start`), and again
+   * when the last one can answer nothing more.
+   */
   private publisher: StreamPublisher | null = null;
 
   constructor(options: RelayOptions) {
