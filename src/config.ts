@@ -84,8 +84,11 @@ export const configSchema = z.object({
   ACTOR_CACHE_MAX_BYTES: int(67_108_864, 0),
   /** Units of work committed together in one transaction at most (group commit; 1: off). */
   COMMIT_BATCH_MAX: int(32, 1).pipe(z.number().max(1_000)),
-  /** Write transactions in flight at once per process; units queue while all are busy. */
-  COMMIT_LANES: int(8, 1).pipe(z.number().max(64)),
+  /**
+   * Write transactions in flight at once per process; units queue while all are busy. The
+   * default is the host's (`DEFAULT_COMMIT_LANES`, where the reason is).
+   */
+  COMMIT_LANES: int(4, 1).pipe(z.number().max(64)),
   /** Concurrent SSE clients per process (503 beyond). */
   SSE_MAX_CLIENTS: int(256, 1),
   /** Concurrent long-poll claims waiting per process (503 beyond). */

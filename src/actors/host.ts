@@ -134,7 +134,12 @@ export interface StoredResponse {
 const IDEMPOTENCY_LOCK_NS = 7_402_615;
 const DEFAULT_CACHE_MAX_BYTES = 64 * 1024 * 1024;
 export const DEFAULT_COMMIT_BATCH_MAX = 32;
-export const DEFAULT_COMMIT_LANES = 8;
+/**
+ * Four, not more: each lane is a transaction and a Postgres backend contending for the same
+ * cores, and fewer lanes make fuller batches; the worker pool batches its own settles, so its
+ * claims no longer need a lane each (BENCHMARKS section 24).
+ */
+export const DEFAULT_COMMIT_LANES = 4;
 /**
  * SQLSTATEs of a lost lock race: a deadlock victim, or a unit of a shared batch that waited too
  * long for a lock (group-commit.ts). Either was rolled back whole, so it may run again.
