@@ -157,7 +157,11 @@ export class GroupCommit<B> {
             Math.floor(this.options.lockTimeoutMs ?? BATCH_LOCK_TIMEOUT_MS),
           );
           // Not awaited: it goes out ahead of the first unit's statements, in the same write.
-          void tx.unsafe(`set local lock_timeout = ${lockTimeout}`).execute();
+          // Its failure (the connection lost under it) fails them too and is answered there;
+          // left without a handler, it would be an unhandled rejection and end the process.
+          tx.unsafe(`set local lock_timeout = ${lockTimeout}`)
+            .execute()
+            .catch(() => {});
         }
         const { together, inTurn } = shared ? sideBySide(units) : { together: [], inTurn: units };
         if (together.length > 0) {
