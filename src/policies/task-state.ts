@@ -61,6 +61,11 @@ export async function forwardTicketNews(
   uow: UnitOfWork,
   ticketId: string,
   taskIds: readonly string[],
+  /**
+   * The tasks that may be told, when that is still being found out in this transaction (a
+   * check sent ahead on its connection): the reads go out without waiting for it.
+   */
+  only?: Promise<readonly string[]>,
 ): Promise<Applied[]> {
   const ids = [...new Set(taskIds)];
   if (ids.length === 0) return [];
@@ -69,15 +74,18 @@ export async function forwardTicketNews(
   // until commit (every writer of them holds the ticket's lock: this, and the task's
   // creation, which writes its ticket).
   uow.host.forget('ticket', ticketId);
-  const [row, progress] = await Promise.all([
+  const [row, progress, allowed] = await Promise.all([
     loadActorRow(uow.tx, 'ticket', ticketId, { forUpdate: true }),
     tasksProgressTold(uow.tx, ids),
+    only ?? ids,
   ]);
   if (!row) return [];
   uow.adopt(row);
+  const may = new Set(allowed);
   const news: NewsItem[] = [];
   const events: DecideEvent[] = [];
   for (const id of ids) {
+    if (!may.has(id)) continue;
     const task = progress.get(id);
     if (task?.ticketId !== ticketId || !task.told || task.told.seq >= task.seq) continue;
     const { phase, round, type, state } = task.told;

@@ -145,7 +145,15 @@ export function parseEventMessage(raw: string): EventEntry | null {
 interface Held {
   m: JsMsg;
   entry: EventEntry;
+  /**
+   * `entry` is only what the message states: its key's transaction checks it against the
+   * event log (a reaction with `group.applyClaims`).
+   */
+  claimed?: true;
 }
+
+/** Longest key a message may state for its transaction to be run before it is checked. */
+const MAX_CLAIMED_KEY = 256;
 
 export class ConsumerRunner {
   readonly stats: ReactionStats = {
@@ -376,7 +384,7 @@ export class ConsumerRunner {
    */
   private async intake(batch: JsMsg[]): Promise<void> {
     const r = this.o.reaction;
-    const claims: { m: JsMsg; claim: EventEntry }[] = [];
+    let claims: { m: JsMsg; claim: EventEntry }[] = [];
     for (const m of batch) {
       this.held.add(m);
       if (m.info.deliveryCount > 1) this.stats.redeliveries++;
@@ -391,6 +399,10 @@ export class ConsumerRunner {
         claims.push({ m, claim });
       }
     }
+    if (claims.length === 0) return;
+    const later = this.queueClaims(claims);
+    if (later.length < claims.length) this.pump();
+    claims = later;
     if (claims.length === 0) return;
     let stored: Map<string, EventEntry>;
     try {
@@ -435,13 +447,38 @@ export class ConsumerRunner {
       for (const h of checked) await this.failed(h.m, h.entry, error);
       return;
     }
-    for (const h of checked) {
-      const key = keys.get(h.entry.entityId) ?? h.entry.entityId;
-      const list = this.queued.get(key);
-      if (list) list.push(h);
-      else this.queued.set(key, [h]);
-    }
+    for (const h of checked) this.enqueue(keys.get(h.entry.entityId) ?? h.entry.entityId, h);
     this.pump();
+  }
+
+  /**
+   * Queues, unchecked, the claims whose key the message states, when the reaction can check
+   * them inside its own transaction (`group.applyClaims`): the check then shares the
+   * transaction's first round trip instead of taking one of its own before it. Returns the
+   * others, to be checked first.
+   */
+  private queueClaims(
+    claims: { m: JsMsg; claim: EventEntry }[],
+  ): { m: JsMsg; claim: EventEntry }[] {
+    const r = this.o.reaction;
+    const group = r.kind === 'transactional' && r.idempotent ? r.group : undefined;
+    if (!group?.applyClaims || !group.keyOf) return claims;
+    const later: { m: JsMsg; claim: EventEntry }[] = [];
+    for (const c of claims) {
+      const key = group.keyOf(c.claim);
+      if (key !== undefined && key.length > 0 && key.length <= MAX_CLAIMED_KEY) {
+        this.enqueue(key, { m: c.m, entry: c.claim, claimed: true });
+      } else {
+        later.push(c);
+      }
+    }
+    return later;
+  }
+
+  private enqueue(key: string, h: Held): void {
+    const list = this.queued.get(key);
+    if (list) list.push(h);
+    else this.queued.set(key, [h]);
   }
 
   /** The reaction's key of each entity, from memory or asked for the ones not known yet. */
@@ -496,6 +533,10 @@ export class ConsumerRunner {
 
   /** One key's deliveries: one transaction, then ack each; on failure one transaction each. */
   private async runKey(key: string, items: Held[]): Promise<void> {
+    if (items.some((h) => h.claimed)) {
+      await this.runClaims(key, items);
+      return;
+    }
     try {
       await this.applyEntries(
         items.map((h) => h.entry),
@@ -521,6 +562,99 @@ export class ConsumerRunner {
       } catch (error) {
         await this.failed(h.m, h.entry, error);
       }
+    }
+  }
+
+  /**
+   * One key's deliveries, checked in the transaction that applies them: one transaction,
+   * then ack each (a delivery that fails the check is counted as forged). On failure each is
+   * taken the long way, checked first and applied in a transaction of its own.
+   */
+  private async runClaims(key: string, items: Held[]): Promise<void> {
+    let verdicts: Map<Held, string | null>;
+    try {
+      verdicts = await this.applyClaims(key, items);
+    } catch (error) {
+      this.o.log.warn(
+        { err: error, consumer: this.name, messages: items.length },
+        'batch failed; checking and applying its messages one by one',
+      );
+      for (const h of items) await this.checkAndApply(key, h);
+      return;
+    }
+    for (const h of items) {
+      const why = verdicts.get(h) ?? null;
+      if (why !== null) this.forged(h.m.subject, h.entry, why);
+      this.release(h.m, () => h.m.ack());
+    }
+  }
+
+  /**
+   * The reaction's `applyClaims` for `items`, with the check against the event log sent first
+   * in the same transaction. Returns why each delivery is not its event, or null if it is.
+   */
+  private async applyClaims(key: string, items: Held[]): Promise<Map<Held, string | null>> {
+    const r = this.o.reaction as TransactionalReaction;
+    const group = r.group as NonNullable<TransactionalReaction['group']>;
+    const applyClaims = group.applyClaims as NonNullable<typeof group.applyClaims>;
+    const claims = [
+      ...new Map(items.map((h) => [h.entry.eventId.toLowerCase(), h.entry])).values(),
+    ];
+    let verdicts = new Map<Held, string | null>();
+    const { value: verified } = await this.o.host.transact(
+      async (uow) => {
+        const checked = findEvents(
+          uow.tx,
+          claims.map((c) => c.eventId.toLowerCase()),
+        ).then((stored) => {
+          verdicts = new Map();
+          const ok = new Map<string, EventEntry>();
+          for (const h of items) {
+            const entry = stored.get(h.entry.eventId.toLowerCase()) ?? null;
+            let why = this.mismatch(h.entry, entry, h.m.subject);
+            if (why === null && entry && group.keyOf?.(entry) !== key) {
+              why = 'states another key than its event';
+            }
+            verdicts.set(h, why);
+            if (why === null && entry) ok.set(entry.eventId, entry);
+          }
+          return [...ok.values()];
+        });
+        // Answered before anything awaited below: a failure fails them, and the unit with it.
+        checked.catch(() => {});
+        await applyClaims(uow, key, claims, checked);
+        return checked;
+      },
+      unitKeys(r, [], key),
+    );
+    this.stats.transactions++;
+    this.stats.applied += verified.length;
+    let passed = 0;
+    for (const why of verdicts.values()) if (why === null) passed++;
+    this.stats.duplicates += passed - verified.length;
+    if (verified.length > 0) for (const listener of this.appliedListeners) listener(verified);
+    return verdicts;
+  }
+
+  /** One delivery the long way: checked against the event log, then applied alone. */
+  private async checkAndApply(key: string, h: Held): Promise<void> {
+    let entry: EventEntry | null = h.claimed ? null : h.entry;
+    try {
+      if (h.claimed) {
+        entry = await findEvent(this.o.sql, h.entry.eventId.toLowerCase());
+        const why = this.mismatch(h.entry, entry, h.m.subject);
+        if (why !== null || entry === null) {
+          this.forged(h.m.subject, h.entry, why ?? 'no such event');
+          this.release(h.m, () => h.m.ack());
+          return;
+        }
+      }
+      const stored = entry as EventEntry;
+      const r = this.o.reaction as TransactionalReaction;
+      await this.applyEntries([stored], r.group?.keyOf?.(stored) ?? key);
+      this.release(h.m, () => h.m.ack());
+    } catch (error) {
+      await this.failed(h.m, entry, error);
     }
   }
 

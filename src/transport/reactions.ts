@@ -67,6 +67,20 @@ export interface TransactionalReaction extends ReactionBase {
     keyOf?: (entry: EventEntry) => string | undefined;
     /** The effect of several entries of one key (each new to the inbox), in one unit of work. */
     applyMany: (uow: UnitOfWork, entries: EventEntry[], host: ActorHost) => Promise<void>;
+    /**
+     * The same effect while the runner checks the messages in this very transaction (an
+     * idempotent reaction only: no inbox row waits for the check). `claims` are what the
+     * messages state, untrusted, all of key `key` by `keyOf`; `verified` resolves, in the
+     * check's round trip, to the stored entries that match them. Reads of what the claims name
+     * may go out before that answer, so the check costs no round trip of its own; every effect
+     * must be decided on `verified` alone.
+     */
+    applyClaims?: (
+      uow: UnitOfWork,
+      key: string,
+      claims: EventEntry[],
+      verified: Promise<EventEntry[]>,
+    ) => Promise<void>;
   };
 }
 
@@ -108,6 +122,16 @@ export const taskStateReaction: TransactionalReaction = {
       } else {
         await forwardTaskStates(uow, taskIds);
       }
+    },
+    // The ticket's lock and the claimed tasks' states go out behind the check; only the tasks
+    // of verified entries are told.
+    applyClaims: async (uow, ticketId, claims, verified) => {
+      await forwardTicketNews(
+        uow,
+        ticketId,
+        claims.map((c) => c.entityId),
+        verified.then((entries) => entries.map((e) => e.entityId)),
+      );
     },
   },
 };

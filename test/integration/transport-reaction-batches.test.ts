@@ -254,6 +254,81 @@ describe('task_state reaction in batches', () => {
     expect(r.stats.applied).toBe(9);
   });
 
+  it('checks the messages inside the transaction that applies them, not in one before it', async () => {
+    const r = await recordedNews('batches_check_in_tx', 6);
+    const isCheck = (s: Sent) => /from events\s+where event_id = any/i.test(s.query);
+    // Per connection, whether a transaction is open when each check goes out.
+    const open = new Map<number, boolean>();
+    let checks = 0;
+    for (const s of r.sent) {
+      const q = s.query.trim().toLowerCase();
+      if (q.startsWith('begin')) open.set(s.connection, true);
+      else if (q === 'commit' || q === 'rollback') open.set(s.connection, false);
+      else if (isCheck(s)) {
+        checks++;
+        expect(open.get(s.connection)).toBe(true);
+      }
+    }
+    expect(checks).toBeGreaterThan(0);
+    expect(r.stats.applied).toBe(18);
+    expect(r.stats.forged).toBe(0);
+    expect(r.phaseChanges).toBe(2);
+  });
+
+  it('a message whose body names another ticket than its event is forged and tells neither ticket', async () => {
+    const e = await env('batches_forged_key');
+    const a = await ticketWithTasks(e, 2);
+    const b = await ticketWithTasks(e, 1);
+    const [done, other] = a.taskIds as [string, string];
+    await complete(e.host, done);
+    await newsOnStream(e);
+    // The genuine completion event of a's task, its body passed off as news for ticket b.
+    const [stored] = await e.sql<{ event_id: string; seq: number }[]>`
+      select event_id, seq from events where entity_id = ${done} and type = 'task.completed'`;
+    const js = jetstream(admin.nc);
+    await js.publish(
+      eventSubject(e.names, 'task', done, 'task.completed'),
+      JSON.stringify({
+        pos: 1,
+        eventId: stored!.event_id,
+        seq: stored!.seq,
+        entityId: done,
+        entityType: 'task',
+        type: 'task.completed',
+        data: { ticketId: b.ticketId },
+        at: new Date().toISOString(),
+      }),
+    );
+    await newsOnStream(e, 1);
+    const eventsOfB = async () =>
+      (
+        await e.sql<{ n: number }[]>`
+          select count(*)::int as n from events where entity_id = ${b.ticketId}`
+      )[0]?.n;
+    const bBefore = await eventsOfB();
+
+    await e.runner.start();
+    await consumerSettled(e);
+    const s = e.runner.stats;
+    expect(s.forged).toBe(1);
+    expect(s.failures).toBe(0);
+    // b was told nothing of a's task; a learned its completion from the genuine message.
+    const toldB = await e.sql<{ n: number }[]>`
+      select count(*)::int as n from ticket_tasks where ticket_id = ${b.ticketId} and task_id = ${done}`;
+    expect(toldB[0]?.n).toBe(0);
+    const toldA = await e.sql<{ state: string }[]>`
+      select state from ticket_tasks where task_id = ${done}`;
+    expect(toldA[0]?.state).toBe('completed');
+    expect(await eventsOfB()).toBe(bBefore);
+    await complete(e.host, other);
+    await eventually(
+      async () => (await ticketState(e.sql, a.ticketId)) === 'design',
+      20_000,
+      'ticket a in design',
+    );
+    expect(await ticketState(e.sql, b.ticketId)).toBe('requirements');
+  });
+
   it('a ticket whose transaction fails is redelivered while the other tickets of the batch commit', async () => {
     // Enough deliveries that the failing ticket is not dead-lettered before the fault is gone.
     const e = await env('batches_one_fails', {

@@ -10,6 +10,8 @@ import type { Sql } from '../../src/persistence/db.js';
 export interface Sent {
   query: string;
   turn: number;
+  /** The driver's number for the connection it went out on. */
+  connection: number;
 }
 
 export function recordingSql(url: string, max: number): { sql: Sql; sent: Sent[] } {
@@ -21,8 +23,8 @@ export function recordingSql(url: string, max: number): { sql: Sql; sent: Sent[]
     onnotice: () => {},
     // As createSql parses them: the code under test reads bigint columns as numbers.
     types: { bigint: { to: 20, from: [20], serialize: String, parse: Number } },
-    debug: (_connection, query) => {
-      sent.push({ query, turn });
+    debug: (connection, query) => {
+      sent.push({ query, turn, connection });
       if (ticking) return;
       ticking = true;
       setImmediate(() => {
