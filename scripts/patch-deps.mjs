@@ -22,12 +22,22 @@
 //    A plain BEGIN on a live, idle connection cannot fail (a dead connection fails every
 //    statement behind it too), so no statement runs outside the transaction. With options
 //    (an isolation level, which the server may refuse), BEGIN is still awaited first.
-// 4. coalesced-writes: the driver wrote a query's messages to the socket at once when its
+// 4. pipelined-commit: `sql.begin(fn)` sent its COMMIT only once `fn` had settled, one round
+//    trip after `fn`'s last statements were answered. Inside the scope, `sql.commitAhead()`
+//    now sends the COMMIT at once, behind what was already sent, and returns its answer; the
+//    scope then sends no COMMIT or ROLLBACK of its own. The server commits if every statement
+//    before it succeeded and rolls back otherwise (a COMMIT in a failed transaction answers
+//    ROLLBACK): the caller reads which from that answer. A scope whose callback settles
+//    successfully after a rolled-back COMMIT throws. A statement handed to the connection
+//    after the COMMIT would run outside the transaction: it is refused instead
+//    (SENT_AFTER_COMMIT). A query is handed one microtask after `execute()` (or two after an
+//    `await`), so the statements that must precede the COMMIT are `execute()`d before it.
+// 5. coalesced-writes: the driver wrote a query's messages to the socket at once when its
 //    buffer reached 1 KiB, else at the end of the turn; a snapshot's statement is above
 //    1 KiB, so the statements a transaction sends together went out in separate writes (a
 //    system call and a wake-up of the server each). Now only a buffer of 64 KiB is written
 //    early; below that, one write per connection per turn.
-// 5. closed-forgets-queries: a connection that closed kept its in-flight query as the
+// 6. closed-forgets-queries: a connection that closed kept its in-flight query as the
 //    current one (and, when the socket closed with an error, the queries pipelined behind it
 //    unsettled). A statement sent on the connection after it closed (a transaction's
 //    ROLLBACK) or after it reconnected then queued behind that stale query, whose answer
@@ -40,7 +50,7 @@
 //
 // @nats-io/nats-core 3.3.1:
 //
-// 6. answered-request: a request (every JetStream publish is one) that got its answer
+// 7. answered-request: a request (every JetStream publish is one) that got its answer
 //    called `cancel()` to unregister itself, and `cancel()` built a
 //    `RequestError("cancelled")` to reject the promise that had just been resolved: an Error
 //    and its stack trace per publish, for nothing (1.6% of a draining worker's CPU). An
@@ -110,6 +120,28 @@ const postgresPatches = [
       [
         '        saved && await saved\n',
         '        saved && await saved\n        !name && began && await began\n',
+      ],
+    ],
+  },
+  {
+    mark: '/* orchestrator-patch: pipelined-commit */',
+    files: ['src/index.js', 'cjs/src/index.js'],
+    edits: (mark) => [
+      [
+        '      sql.prepare = x => prepare = x.replace(/[^a-z0-9$-_. ]/gi)\n',
+        `      sql.prepare = x => prepare = x.replace(/[^a-z0-9$-_. ]/gi)\n      ${mark}\n      let committing = null\n        , commitHanded = false\n      sql.commitAhead = () => {\n        if (!name && !prepare && !committing) {\n          const commit = sql\`commit\`\n          commit.pipelinedCommit = true\n          committing = commit.execute()\n          committing.catch(() => {})\n        }\n        return committing\n      }\n`,
+      ],
+      [
+        '      function handler(q) {\n        q.catch(e => uncaughtError || (uncaughtError = e))\n',
+        "      function handler(q) {\n        if (q.pipelinedCommit) {\n          commitHanded = true\n        } else if (commitHanded) {\n          const error = new Error('a statement was sent after the pipelined COMMIT of its transaction')\n          error.code = 'SENT_AFTER_COMMIT'\n          return q.reject(error)\n        }\n        q.catch(e => uncaughtError || (uncaughtError = e))\n",
+      ],
+      [
+        '      } catch (e) {\n        await (name\n',
+        "      } catch (e) {\n        if (committing) {\n          // The COMMIT is out: the transaction ended with it, whichever way it went.\n          await committing.catch(() => {})\n          throw e instanceof PostgresError && e.code === '25P02' && uncaughtError || e\n        }\n        await (name\n",
+      ],
+      [
+        '      if (!name) {\n        prepare\n',
+        "      if (!name && committing) {\n        const done = await committing\n        if (done.command !== 'COMMIT')\n          throw uncaughtError || new Error('the transaction was rolled back at its pipelined COMMIT')\n      } else if (!name) {\n        prepare\n",
       ],
     ],
   },

@@ -16,7 +16,7 @@
  * Each failure answers one unit, so a batch always makes progress. A failed commit answers
  * every unit still waiting with that failure; none is answered as a success.
  */
-import type { Sql, Tx } from '../persistence/db.js';
+import { type CommitAnswer, commitAhead, type Sql, type Tx } from '../persistence/db.js';
 
 export interface GroupCommitOptions {
   /** Units committed together at most (1: each unit in a transaction of its own). */
@@ -51,9 +51,13 @@ export interface GroupUnit<T, B> {
   keys?: readonly string[];
   /**
    * The unit's statements in `tx`, which it may share with other units. Called again, with a
-   * fresh `batch`, when another unit's failure rolled the shared transaction back.
+   * fresh `batch`, when another unit's failure rolled the shared transaction back. `final`:
+   * the unit calls it once its last statement is sent and nothing it does with the answers can
+   * fail or send more (a failure of the statements themselves may still come); once every unit
+   * of the batch is final or done, the COMMIT goes out behind those statements instead of a
+   * round trip after their answers.
    */
-  run(tx: Tx, batch: B): Promise<T>;
+  run(tx: Tx, batch: B, final: () => void): Promise<T>;
   /** It ran in a shared batch: later units of the same batch may build on its writes. */
   kept?(value: T, batch: B): void;
   /**
@@ -146,7 +150,13 @@ export class GroupCommit<B> {
   private async commit(units: Queued<B>[]): Promise<void> {
     const batch = this.newBatch();
     const kept: { q: Queued<B>; value: unknown }[] = [];
+    /** How each unit's run settled in this transaction. */
+    const outcomes = new Map<
+      Queued<B>,
+      { ok: true; value: unknown } | { ok: false; error: unknown }
+    >();
     let failed: { q: Queued<B>; error: unknown } | null = null;
+    let early: Promise<CommitAnswer> | null = null;
     try {
       await this.sql.begin(async (t) => {
         const tx = t as unknown as Tx;
@@ -163,20 +173,51 @@ export class GroupCommit<B> {
             .execute()
             .catch(() => {});
         }
+        // A unit is open until its run settles or it says it is final. Once every unit has
+        // started and none is open, nothing more will be sent: the COMMIT goes out now. Never
+        // after a unit failed: a failure in JS leaves the transaction committable, with that
+        // unit's writes half done.
+        let started = 0;
+        let open = units.length;
+        let refused = false;
+        const run = (q: Queued<B>): Promise<unknown> => {
+          started++;
+          let closed = false;
+          const close = () => {
+            if (closed) return;
+            closed = true;
+            open--;
+            if (early === null && !refused && open === 0 && started === units.length) {
+              early = commitAhead(tx);
+            }
+          };
+          return q.unit.run(tx, batch, close).then(
+            (value) => {
+              outcomes.set(q, { ok: true, value });
+              close();
+              return value;
+            },
+            (error) => {
+              refused = true;
+              outcomes.set(q, { ok: false, error });
+              throw error;
+            },
+          );
+        };
         const { together, inTurn } = shared ? sideBySide(units) : { together: [], inTurn: units };
         if (together.length > 0) {
-          const outcomes = await Promise.allSettled(together.map((q) => q.unit.run(tx, batch)));
-          failed = failureToAnswer(together, outcomes);
+          const settled = await Promise.allSettled(together.map(run));
+          failed = failureToAnswer(together, settled);
           if (failed) throw failed.error;
           for (const [i, q] of together.entries()) {
-            const value = (outcomes[i] as PromiseFulfilledResult<unknown>).value;
+            const value = (settled[i] as PromiseFulfilledResult<unknown>).value;
             q.unit.kept?.(value, batch);
             kept.push({ q, value });
           }
         }
         for (const q of inTurn) {
           try {
-            const value = await q.unit.run(tx, batch);
+            const value = await run(q);
             if (shared) q.unit.kept?.(value, batch);
             kept.push({ q, value });
           } catch (error) {
@@ -186,6 +227,20 @@ export class GroupCommit<B> {
         }
       });
     } catch (error) {
+      const pipelined = early as Promise<CommitAnswer> | null;
+      const answer = pipelined ? await pipelined.catch(() => null) : null;
+      if (answer?.command === 'COMMIT') {
+        // It committed at its pipelined COMMIT: every unit's work stands, and a unit that
+        // failed after it said it was final is answered with its failure; none runs again.
+        const done: { q: Queued<B>; value: unknown }[] = [];
+        for (const q of units) {
+          const o = outcomes.get(q);
+          if (o?.ok) done.push({ q, value: o.value });
+          else settle(q, o ? o.error : error);
+        }
+        this.answer(done, units.length);
+        return;
+      }
       const f = failed as { q: Queued<B>; error: unknown } | null;
       if (f) settle(f.q, f.error);
       // The others lost only the transaction they shared with the failed unit: they run again,
@@ -200,9 +255,14 @@ export class GroupCommit<B> {
       for (const q of units) settle(q, error);
       return;
     }
+    this.answer(kept, units.length);
+  }
+
+  /** After the commit: each unit's `committed`, then its answer, in the batch's order. */
+  private answer(kept: { q: Queued<B>; value: unknown }[], batchSize: number): void {
     this.stats.commits++;
     this.stats.units += kept.length;
-    this.stats.largestBatch = Math.max(this.stats.largestBatch, units.length);
+    this.stats.largestBatch = Math.max(this.stats.largestBatch, batchSize);
     for (const { q, value } of kept) {
       if (q.settled) continue;
       try {

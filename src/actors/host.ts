@@ -265,9 +265,9 @@ export class ActorHost {
         const value = await this.commits.submit<T>({
           ...(options.keys !== undefined ? { keys: options.keys } : {}),
           // Each run starts from nothing: a rolled-back run's rows are not the truth.
-          run: (tx, batch) => {
+          run: (tx, batch, final) => {
             uow = new UnitOfWork(this);
-            return uow.run(tx, work, batch);
+            return uow.run(tx, work, batch, final);
           },
           kept: (_, batch) => uow.share(batch),
           committed: () => this.committed(uow),
@@ -484,10 +484,19 @@ export class UnitOfWork {
    */
   at = 0;
 
+  /** Tells the transaction that this unit will send nothing more (see `GroupUnit.run`). */
+  private final: () => void = () => {};
+
   /** @internal */
-  async run<T>(tx: Tx, work: (uow: UnitOfWork) => Promise<T>, batch?: BatchRows): Promise<T> {
+  async run<T>(
+    tx: Tx,
+    work: (uow: UnitOfWork) => Promise<T>,
+    batch?: BatchRows,
+    final?: () => void,
+  ): Promise<T> {
     this.tx = tx;
     this.batch = batch;
+    if (final) this.final = final;
     this.at = this.host.clock();
     return work(this);
   }
@@ -584,13 +593,19 @@ export class UnitOfWork {
     entityType: EntityType,
     id: string,
     events: readonly DecideEvent[],
+    /**
+     * `last`: if this takes all of `events`, the work sends nothing after it and does nothing
+     * with the answer that can fail, so the transaction may commit behind its write.
+     */
+    options: { last?: boolean } = {},
   ): Promise<{ applied: Applied[]; taken: number }> {
     const row = await this.load(entityType, id);
     const entry = await this.host.machineOf(entityType, row.workflow);
     const asNews = events.map((event) => () => event);
     const { steps, taken } = this.decideSteps(row, entry, asNews, true);
     if (steps.length === 0) return { applied: [], taken };
-    const applied = await this.write(row, steps, entry);
+    const final = options.last === true && taken === events.length;
+    const applied = await this.write(row, steps, entry, final);
     // As in sendEach: the last answer is the actor after what its event set off.
     const last = this.latest(entityType, id);
     if (last) applied[applied.length - 1] = last;
@@ -636,8 +651,16 @@ export class UnitOfWork {
     return { steps, taken };
   }
 
-  /** Writes `row` after `steps` (one compare-and-set) and records them. */
-  private async write(row: ActorRow, steps: Step[], entry: MachineEntry): Promise<Applied[]> {
+  /**
+   * Writes `row` after `steps` (one compare-and-set) and records them. `final`: the caller
+   * sends nothing after this write (see `sendAccepted`).
+   */
+  private async write(
+    row: ActorRow,
+    steps: Step[],
+    entry: MachineEntry,
+    final = false,
+  ): Promise<Applied[]> {
     const last = steps[steps.length - 1] as Step;
     const emitted = steps.reduce((n, step) => n + step.decision.emitted.length, 0);
     const next: ActorRow = {
@@ -662,6 +685,10 @@ export class UnitOfWork {
         throw translateUnique(error, row.id);
       },
     );
+    // Final when nothing can follow the answer: no event, so no same-transaction rule runs and
+    // nothing is read ahead; and a row locked by this transaction, whose compare-and-set
+    // cannot be lost.
+    if (final && emitted === 0 && this.fresh.has(`${row.entityType}:${row.id}`)) this.final();
     return this.record(row, next, written, steps, effects, timers, entry);
   }
 

@@ -219,10 +219,12 @@ export async function updateActorRow(
   const { events } = write;
   const written = db`exists (select 1 from w)`;
   const parts = timerWriteParts(db, row.id, write.cancelTimers, write.timers, written);
+  // Each statement is handed to the connection at once (`execute()`), not when awaited: the
+  // transaction's COMMIT may be sent right behind it (see `commitAhead` in db.ts).
   const pos = await guardUnique(async () => {
     if (events.length === 0 && parts.length === 0) {
       const r = await db`update ${table} set ${set}
-        where id = ${row.id} and version = ${expectedVersion}`;
+        where id = ${row.id} and version = ${expectedVersion}`.execute();
       return r.count === 1 ? [] : null;
     }
     if (events.length > 0) {
@@ -243,7 +245,7 @@ export async function updateActorRow(
         returning 1
       ), ${rest}
       select (select count(*) from w)::int as written,
-        ${events.length > 0 ? db`array(select pos from e order by seq)` : db`'{}'::bigint[]`} as pos`;
+        ${events.length > 0 ? db`array(select pos from e order by seq)` : db`'{}'::bigint[]`} as pos`.execute();
     const out = r[0];
     return out && out.written === 1 ? out.pos : null;
   });

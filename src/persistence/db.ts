@@ -37,6 +37,22 @@ export function createSql(url: string, options: DbOptions = {}): Sql {
   }) as unknown as Sql;
 }
 
+/** The server's answer to a transaction's COMMIT: `COMMIT`, or `ROLLBACK` if it had failed. */
+export interface CommitAnswer {
+  command: string;
+}
+
+/**
+ * Sends `tx`'s COMMIT now, behind the statements already sent, rather than after its callback
+ * settles (scripts/patch-deps.mjs, pipelined-commit): the answers of those statements and of
+ * the COMMIT come back together. Nothing may be sent in `tx` after it. Returns the COMMIT's
+ * answer, or null where the driver lacks the patch (the transaction then commits as usual).
+ */
+export function commitAhead(tx: Tx): Promise<CommitAnswer> | null {
+  const send = (tx as unknown as { commitAhead?: () => Promise<CommitAnswer> | null }).commitAhead;
+  return typeof send === 'function' ? send() : null;
+}
+
 /** SQLSTATE of a Postgres error, if it is one. */
 export function sqlState(error: unknown): string | undefined {
   const code = (error as { code?: unknown } | null)?.code;

@@ -38,17 +38,37 @@ export interface NewsItem {
   seq: number;
 }
 
+/** The message of `writeTasksNews`'s failure when a row was not as read. */
+export const NEWS_ROWS_CHANGED = 'ticket_tasks rows changed after they were read';
+
 /**
  * Records news decided from rows read under the ticket's lock (every writer of a task's row
  * holds its ticket's lock, so the rows are still as read): plain updates, sent with the
- * ticket's transition instead of a round trip before it. Returns how many rows it changed.
+ * ticket's transition instead of a round trip before it. A row that is not as read fails the
+ * statement, and with it the transaction, in Postgres: the COMMIT may already be on its way
+ * behind it, so the check cannot wait for the answer in JS. The failure is SQLSTATE 22P02
+ * (the cast of `NEWS_ROWS_CHANGED` to int) with that text in its message. Handed to the
+ * connection at once (`execute()`), ahead of anything sent after this call.
  */
-export async function writeTasksNews(db: Db, items: readonly NewsItem[]): Promise<number> {
-  if (items.length === 0) return 0;
-  const rows = await db`
-    update ticket_tasks t set state = n.state, seq = n.seq
-    from unnest(${items.map((i) => i.taskId)}::text[], ${items.map((i) => i.state)}::text[],
-      ${items.map((i) => i.seq)}::int[]) as n(task_id, state, seq)
-    where t.task_id = n.task_id and t.seq < n.seq`;
-  return rows.count;
+export async function writeTasksNews(db: Db, items: readonly NewsItem[]): Promise<void> {
+  if (items.length === 0) return;
+  await db`
+    with u as (
+      update ticket_tasks t set state = n.state, seq = n.seq
+      from unnest(${items.map((i) => i.taskId)}::text[], ${items.map((i) => i.state)}::text[],
+        ${items.map((i) => i.seq)}::int[]) as n(task_id, state, seq)
+      where t.task_id = n.task_id and t.seq < n.seq
+      returning 1
+    )
+    select case when count(*) = ${items.length} then 0
+      else (${NEWS_ROWS_CHANGED} || ': ' || count(*))::int end as ok
+    from u`.execute();
+}
+
+/** Whether `error` is `writeTasksNews` finding a row not as read. */
+export function newsRowsChanged(error: unknown): boolean {
+  return (
+    (error as { code?: unknown } | null)?.code === '22P02' &&
+    String((error as { message?: unknown }).message).includes(NEWS_ROWS_CHANGED)
+  );
 }

@@ -17,7 +17,12 @@ import {
   tasksProgressTold,
   ticketIdsOfTasks,
 } from '../persistence/reaction-rows.js';
-import { type NewsItem, type TaskNews, writeTasksNews } from '../persistence/ticket-task-rows.js';
+import {
+  type NewsItem,
+  newsRowsChanged,
+  type TaskNews,
+  writeTasksNews,
+} from '../persistence/ticket-task-rows.js';
 
 export async function forwardTaskState(uow: UnitOfWork, taskId: string): Promise<Applied | null> {
   const [applied] = await forwardTaskStates(uow, [taskId]);
@@ -61,11 +66,18 @@ export async function forwardTicketNews(
   uow: UnitOfWork,
   ticketId: string,
   taskIds: readonly string[],
-  /**
-   * The tasks that may be told, when that is still being found out in this transaction (a
-   * check sent ahead on its connection): the reads go out without waiting for it.
-   */
-  only?: Promise<readonly string[]>,
+  options: {
+    /**
+     * The tasks that may be told, when that is still being found out in this transaction (a
+     * check sent ahead on its connection): the reads go out without waiting for it.
+     */
+    only?: Promise<readonly string[]>;
+    /**
+     * The caller's unit of work sends nothing after this: its transaction may commit right
+     * behind the ticket's write (`UnitOfWork.sendAccepted`).
+     */
+    last?: boolean;
+  } = {},
 ): Promise<Applied[]> {
   const ids = [...new Set(taskIds)];
   if (ids.length === 0) return [];
@@ -77,7 +89,7 @@ export async function forwardTicketNews(
   const [row, progress, allowed] = await Promise.all([
     loadActorRow(uow.tx, 'ticket', ticketId, { forUpdate: true }),
     tasksProgressTold(uow.tx, ids),
-    only ?? ids,
+    options.only ?? ids,
   ]);
   if (!row) return [];
   uow.adopt(row);
@@ -94,15 +106,14 @@ export async function forwardTicketNews(
   }
   if (events.length === 0) return [];
   // Queued before the ticket's transition on the same connection: one round trip for both.
-  const written = writeTasksNews(uow.tx, news);
+  // Rows changed after they were read (a writer without the ticket's lock) fail the statement:
+  // a lost race like any other, so the unit of work rolls back and runs again.
+  const written = writeTasksNews(uow.tx, news).catch((error: unknown) => {
+    throw newsRowsChanged(error) ? new VersionConflict(ticketId, row.version) : error;
+  });
   written.catch(() => {});
-  const out = await sendNews(uow, ticketId, events);
-  const n = await written;
-  if (n !== news.length) {
-    // The rows changed after they were read (a writer without the ticket's lock): a lost
-    // race like any other, so the unit of work rolls back and runs again.
-    throw new VersionConflict(ticketId, row.version);
-  }
+  const out = await sendNews(uow, ticketId, events, options.last === true);
+  await written;
   return out;
 }
 
@@ -111,12 +122,15 @@ async function sendNews(
   uow: UnitOfWork,
   ticketId: string,
   events: DecideEvent[],
+  last: boolean,
 ): Promise<Applied[]> {
   const out: Applied[] = [];
   while (events.length > 0) {
     let sent: { applied: Applied[]; taken: number };
     try {
-      sent = await uow.sendAccepted('ticket', ticketId, events);
+      // With `last`, the unit's last write once it takes every event left: the transaction
+      // may commit behind it (the news statement checks itself in SQL).
+      sent = await uow.sendAccepted('ticket', ticketId, events, { last });
     } catch (error) {
       if (error instanceof NotFound) return out;
       throw error;

@@ -69,7 +69,8 @@ export interface TransactionalReaction extends ReactionBase {
     applyMany: (uow: UnitOfWork, entries: EventEntry[], host: ActorHost) => Promise<void>;
     /**
      * The same effect while the runner checks the messages in this very transaction (an
-     * idempotent reaction only: no inbox row waits for the check). `claims` are what the
+     * idempotent reaction only: no inbox row waits for the check). It is the whole of its
+     * unit of work: nothing is sent in the transaction after it returns. `claims` are what the
      * messages state, untrusted, all of key `key` by `keyOf`; `verified` resolves, in the
      * check's round trip, to the stored entries that match them. Reads of what the claims name
      * may go out before that answer, so the check costs no round trip of its own; every effect
@@ -124,13 +125,17 @@ export const taskStateReaction: TransactionalReaction = {
       }
     },
     // The ticket's lock and the claimed tasks' states go out behind the check; only the tasks
-    // of verified entries are told.
+    // of verified entries are told. Nothing follows in the runner's unit of work, so its
+    // transaction may commit right behind the ticket's write.
     applyClaims: async (uow, ticketId, claims, verified) => {
       await forwardTicketNews(
         uow,
         ticketId,
         claims.map((c) => c.entityId),
-        verified.then((entries) => entries.map((e) => e.entityId)),
+        {
+          only: verified.then((entries) => entries.map((e) => e.entityId)),
+          last: true,
+        },
       );
     },
   },
