@@ -29,6 +29,7 @@ import { MACHINES, type MachineEntry, upgradeSnapshot } from '../machines/index.
 import type { CompiledWorkflow } from '../machines/workflow.js';
 import {
   type ActorRow,
+  casLost,
   DEFAULT_WORKFLOW_REF,
   type Deadline,
   insertActorRow,
@@ -41,7 +42,7 @@ import { type Sql, sqlState, type Tx } from '../persistence/db.js';
 import { appendEvents, type EventEntry, type NewEvent } from '../persistence/event-log.js';
 import { clearLease, lockExpiredLease } from '../persistence/lease-rows.js';
 import { consumeTimer, type TimerRow, upsertTimers } from '../persistence/timer-rows.js';
-import { afterTransition, readAheadFor } from '../policies/index.js';
+import { afterTransition, readAheadFor, rulesFollow } from '../policies/index.js';
 import { ActorCache } from './actor-cache.js';
 import {
   type DecideEvent,
@@ -234,9 +235,11 @@ export class ActorHost {
   async send(entityType: EntityType, id: string, event: DecideEvent): Promise<Applied> {
     const key = `${entityType}:${id}`;
     return this.inMailbox(key, async () => {
-      const { value } = await this.transact((uow) => uow.send(entityType, id, event), {
-        keys: [key],
-      });
+      // The send is the whole unit: its write may be the transaction's last statement.
+      const { value } = await this.transact(
+        (uow) => uow.send(entityType, id, event, { last: true }),
+        { keys: [key] },
+      );
       return value;
     });
   }
@@ -557,8 +560,14 @@ export class UnitOfWork {
     return row;
   }
 
-  async send(entityType: EntityType, id: string, event: DecideEvent): Promise<Applied> {
-    return this.sendEach(entityType, id, [() => event]);
+  /** `last`: the work sends nothing after this (see `sendAccepted`). */
+  async send(
+    entityType: EntityType,
+    id: string,
+    event: DecideEvent,
+    options: { last?: boolean } = {},
+  ): Promise<Applied> {
+    return this.sendEach(entityType, id, [() => event], options);
   }
 
   /**
@@ -572,11 +581,12 @@ export class UnitOfWork {
     entityType: EntityType,
     id: string,
     events: ((snapshot: PersistedSnapshot) => DecideEvent)[],
+    options: { last?: boolean } = {},
   ): Promise<Applied> {
     const row = await this.load(entityType, id);
     const entry = await this.host.machineOf(entityType, row.workflow);
     const { steps } = this.decideSteps(row, entry, events, false);
-    const applied = await this.write(row, steps, entry);
+    const applied = await this.write(row, steps, entry, options.last === true);
     // What the caller sees is the actor after everything this event set off in the same
     // transaction (the TASK_ADDED of the templates of a phase it entered), not halfway.
     return this.latest(entityType, id) ?? (applied[applied.length - 1] as Applied);
@@ -671,24 +681,28 @@ export class UnitOfWork {
     };
     const effects = combine(steps.map((step) => step.decision));
     const timers = this.timerRows(next, effects);
+    // Final when nothing can follow the answer: no same-transaction rule will send anything,
+    // and the compare-and-set either cannot be lost (the row is locked by this transaction)
+    // or fails its statement in Postgres if it is, so that the COMMIT behind it rolls back.
+    const ends = final && !rulesFollow(row.entityType, emittedTypes(steps));
+    const locked = this.fresh.has(`${row.entityType}:${row.id}`);
     const written = updateActorRow(this.tx, next, row.version, {
       deadline: deadlineAt(effects, this.at),
       events: this.newEvents(row, next, steps),
       cancelTimers: effects.cancel,
       timers,
+      ...(ends && !locked ? { failIfLost: true } : {}),
     }).then(
       (w) => {
         if (w === null) throw new VersionConflict(row.id, row.version);
         return w;
       },
       (error) => {
+        if (casLost(error)) throw new VersionConflict(row.id, row.version);
         throw translateUnique(error, row.id);
       },
     );
-    // Final when nothing can follow the answer: no event, so no same-transaction rule runs and
-    // nothing is read ahead; and a row locked by this transaction, whose compare-and-set
-    // cannot be lost.
-    if (final && emitted === 0 && this.fresh.has(`${row.entityType}:${row.id}`)) this.final();
+    if (ends) this.final();
     return this.record(row, next, written, steps, effects, timers, entry);
   }
 

@@ -194,6 +194,23 @@ export interface RowWrite {
   cancelTimers: string[];
   /** Timers to upsert (new token each). */
   timers: TimerRow[];
+  /**
+   * A lost compare-and-set fails the statement (and its transaction) in Postgres instead of
+   * answering null: for a write the transaction's COMMIT may already follow (`commitAhead`).
+   * The failure is `casLost(error)`.
+   */
+  failIfLost?: boolean;
+}
+
+/** The message of the failure of a write with `failIfLost` whose compare-and-set was lost. */
+const CAS_LOST = 'compare-and-set lost: the row is not at the expected version';
+
+/** Whether `error` is the failure of a `failIfLost` write whose compare-and-set was lost. */
+export function casLost(error: unknown): boolean {
+  return (
+    (error as { code?: unknown } | null)?.code === '22P02' &&
+    String((error as { message?: unknown }).message).includes(CAS_LOST)
+  );
 }
 
 /**
@@ -222,7 +239,7 @@ export async function updateActorRow(
   // Each statement is handed to the connection at once (`execute()`), not when awaited: the
   // transaction's COMMIT may be sent right behind it (see `commitAhead` in db.ts).
   const pos = await guardUnique(async () => {
-    if (events.length === 0 && parts.length === 0) {
+    if (events.length === 0 && parts.length === 0 && !write.failIfLost) {
       const r = await db`update ${table} set ${set}
         where id = ${row.id} and version = ${expectedVersion}`.execute();
       return r.count === 1 ? [] : null;
@@ -237,14 +254,21 @@ export async function updateActorRow(
         where ${written}
         returning pos, seq)`);
     }
-    const rest = parts.reduce((all, part) => db`${all}, ${part}`);
+    const rest =
+      parts.length > 0 ? db`, ${parts.reduce((all, part) => db`${all}, ${part}`)}` : db``;
+    // The lost compare-and-set as a failure: a cast of text that is not a number, built from
+    // the count so that the planner cannot evaluate it ahead of the CASE.
+    const check = write.failIfLost
+      ? db`, case when exists (select 1 from w) then 1
+          else (${CAS_LOST} || (select count(*) from w))::int end as ok`
+      : db``;
     const r = await db<{ written: number; pos: number[] }[]>`
       with w as (
         update ${table} set ${set}
         where id = ${row.id} and version = ${expectedVersion}
         returning 1
-      ), ${rest}
-      select (select count(*) from w)::int as written,
+      )${rest}
+      select (select count(*) from w)::int as written${check},
         ${events.length > 0 ? db`array(select pos from e order by seq)` : db`'{}'::bigint[]`} as pos`.execute();
     const out = r[0];
     return out && out.written === 1 ? out.pos : null;

@@ -18,6 +18,11 @@ const readAhead = new WeakMap<UnitOfWork, Map<string, Promise<Dependent[]>>>();
 const settles = (types: readonly string[]) =>
   types.includes('task.completed') || types.includes('task.cancelled');
 
+/** Whether a task's write that emitted `types` has dependents to read and release after it. */
+export function releasesDependents(types: readonly string[]): boolean {
+  return settles(types);
+}
+
 /**
  * Sends the read `releaseDependents` will make right behind the task's writes, before they
  * are answered: Postgres runs it after them (one connection runs its statements in order),

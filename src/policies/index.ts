@@ -18,8 +18,13 @@
  */
 import type { Applied, UnitOfWork } from '../actors/host.js';
 import type { EntityType } from '../machines/index.js';
-import { prefetchDependents, releaseDependents } from './dependencies.js';
-import { cancelLeftPhase, createTemplateTasks, spawnDiagnostics } from './phase-entered.js';
+import { prefetchDependents, releaseDependents, releasesDependents } from './dependencies.js';
+import {
+  cancelLeftPhase,
+  createTemplateTasks,
+  spawnDiagnostics,
+  TICKET_RULE_EVENTS,
+} from './phase-entered.js';
 
 export { releaseDependents, settleWaitingTask } from './dependencies.js';
 export { addTask, type TaskSpec } from './new-task.js';
@@ -45,6 +50,17 @@ export function readAheadFor(
   emitted: readonly string[],
 ): void {
   if (entityType === 'task') prefetchDependents(uow, id, emitted);
+}
+
+/**
+ * Whether the same-transaction rules (`readAheadFor`, `afterTransition`) may send anything
+ * after a write of `entityType` that emitted `emitted`. When not, that write can be the last
+ * statement of its unit of work. A ticket's rules act only on the events they name
+ * (`TICKET_RULE_EVENTS`); a task's only when it settled.
+ */
+export function rulesFollow(entityType: EntityType, emitted: readonly string[]): boolean {
+  if (entityType === 'task') return releasesDependents(emitted);
+  return emitted.some((type) => TICKET_RULE_EVENTS.includes(type));
 }
 
 /** The same-transaction rules, run by the unit of work after each transition it records. */

@@ -26,6 +26,17 @@ import { insertTicketTask } from '../persistence/ticket-task-rows.js';
 import { addTask } from './new-task.js';
 import { sendIfAccepted } from './send.js';
 
+/**
+ * The ticket events this module's rules act on (`spawnDiagnostics`, `cancelLeftPhase`,
+ * `createTemplateTasks` via `phaseEntry`): after a ticket's write that emitted none of them,
+ * no rule sends anything (`rulesFollow`). A rule on another event must be named here.
+ */
+export const TICKET_RULE_EVENTS: readonly string[] = [
+  'ticket.diagnostic_spawned',
+  'ticket.sent_back',
+  'ticket.phase_changed',
+];
+
 export async function spawnDiagnostics(uow: UnitOfWork, ticket: Applied): Promise<void> {
   for (const e of ticket.events) {
     if (e.type !== 'ticket.diagnostic_spawned') continue;

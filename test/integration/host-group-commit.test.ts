@@ -6,10 +6,12 @@
  * answers no unit as a success.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Commands } from '../../src/actors/commands.js';
 import { ActorHost, type ActorHost as Host } from '../../src/actors/host.js';
 import { Conflict, IllegalTransition, VersionConflict } from '../../src/errors.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 import { TASK_DEFAULTS, ticketInput } from '../support/fixtures.js';
+import { recordingSql } from '../support/statement-log.js';
 
 let db: TestDatabase;
 
@@ -288,6 +290,49 @@ describe('group commit', () => {
     expect(own.size).toBe(1);
     expect([...own][0]).not.toBe([...batch][0]);
     expect(await seqsOf(contested)).toEqual([1, 2, 3, 4, 5]);
+  });
+
+  it('a send that ends its unit commits behind its write; a lost compare-and-set still runs it again', async () => {
+    const rec = recordingSql(db.url, 1);
+    try {
+      const host = new ActorHost(rec.sql, { taskDefaults: TASK_DEFAULTS });
+      const other = new ActorHost(db.pool(2), { taskDefaults: TASK_DEFAULTS });
+      const [ticketId] = (await startedTickets(host, 1)) as [string];
+      const commands = new Commands(host, { stuckAfterMs: 3_600_000, diagnosticCooldownMs: 0 });
+      const { value: task } = await host.transact((u) =>
+        commands.addTask(u, ticketId, { type: 'build' }),
+      );
+      const claimed = await host.send('task', task.id, { type: 'CLAIM', workerId: 'w' });
+      const token = (claimed.snapshot.context as { token: string }).token;
+      await host.send('task', task.id, { type: 'START', token });
+      const heartbeat = (h: Host) => h.send('task', task.id, { type: 'HEARTBEAT', token });
+
+      // Alone: a HEARTBEAT emits no event and no rule follows it, so the COMMIT goes out in
+      // the same turn as its write (once the statement is prepared on the one connection: its
+      // first run describes it first, in a turn of its own).
+      await heartbeat(host);
+      rec.sent.length = 0;
+      await heartbeat(host);
+      const write = rec.sent.find((x) => /update\s+"?tasks"?\s+set/i.test(x.query));
+      const commit = rec.sent.find((x) => x.query.trim() === 'commit');
+      expect(write).toBeDefined();
+      expect(commit?.turn).toBe(write?.turn);
+
+      // Another process heartbeats the task: this host's cached row is a version behind, the
+      // compare-and-set fails in Postgres (the COMMIT behind it rolls back), and it runs again.
+      await heartbeat(other);
+      const conflicts = host.stats.conflicts;
+      const [before] = await db.sql<{ version: number }[]>`
+        select version from tasks where id = ${task.id}`;
+      const answer = await heartbeat(host);
+      expect(answer.state).toBe('running');
+      expect(host.stats.conflicts).toBe(conflicts + 1);
+      const [after] = await db.sql<{ version: number }[]>`
+        select version from tasks where id = ${task.id}`;
+      expect(after?.version).toBe((before?.version ?? 0) + 1);
+    } finally {
+      await rec.sql.end();
+    }
   });
 
   it('a SQL fault in one unit fails only that unit, and its writes are gone', async () => {
