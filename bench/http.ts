@@ -137,8 +137,15 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
     const postInProcess = (durationMs: number) =>
       loop(CONCURRENCY, durationMs, async (w) => {
         const t = tasks[w % tasks.length] as { id: string; token: string };
+        // As the route sends it without an Idempotency-Key: the unit's last statement.
         await host.transact((uow) =>
-          commands.sendPublic(uow, 'task', t.id, { type: 'HEARTBEAT', token: t.token }),
+          commands.sendPublic(
+            uow,
+            'task',
+            t.id,
+            { type: 'HEARTBEAT', token: t.token },
+            { last: true },
+          ),
         );
       });
     const getPaths = tasks.map((t) => `/tasks/${t.id}`);

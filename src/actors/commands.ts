@@ -101,9 +101,11 @@ export class Commands {
     entityType: EntityType,
     id: string,
     event: DecideEvent,
+    /** `last`: the unit of work sends nothing after it (see `UnitOfWork.sendAccepted`). */
+    options: { last?: boolean } = {},
   ): Promise<Applied> {
     assertPublicEvent(entityType, event.type);
-    return uow.send(entityType, id, event);
+    return uow.send(entityType, id, event, options);
   }
 }
 

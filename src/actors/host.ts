@@ -684,11 +684,16 @@ export class UnitOfWork {
     // Final when nothing can follow the answer: no same-transaction rule will send anything,
     // and the compare-and-set either cannot be lost (the row is locked by this transaction)
     // or fails its statement in Postgres if it is, so that the COMMIT behind it rolls back.
-    const ends = final && !rulesFollow(row.entityType, emittedTypes(steps));
+    // That check costs a bare update (no event, no timer: a HEARTBEAT) its plain form, more
+    // than the round trip saves under load (HTTP bench: 2,249 / 2,267 against 2,548 / 2,644
+    // requests/s), so such a write on a row this transaction did not lock is not final.
+    const events = this.newEvents(row, next, steps);
+    const bare = events.length === 0 && timers.length === 0 && effects.cancel.length === 0;
     const locked = this.fresh.has(`${row.entityType}:${row.id}`);
+    const ends = final && !rulesFollow(row.entityType, emittedTypes(steps)) && (locked || !bare);
     const written = updateActorRow(this.tx, next, row.version, {
       deadline: deadlineAt(effects, this.at),
-      events: this.newEvents(row, next, steps),
+      events,
       cancelTimers: effects.cancel,
       timers,
       ...(ends && !locked ? { failIfLost: true } : {}),

@@ -6,7 +6,6 @@
  * answers no unit as a success.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { Commands } from '../../src/actors/commands.js';
 import { ActorHost, type ActorHost as Host } from '../../src/actors/host.js';
 import { Conflict, IllegalTransition, VersionConflict } from '../../src/errors.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
@@ -297,39 +296,36 @@ describe('group commit', () => {
     try {
       const host = new ActorHost(rec.sql, { taskDefaults: TASK_DEFAULTS });
       const other = new ActorHost(db.pool(2), { taskDefaults: TASK_DEFAULTS });
-      const [ticketId] = (await startedTickets(host, 1)) as [string];
-      const commands = new Commands(host, { stuckAfterMs: 3_600_000, diagnosticCooldownMs: 0 });
-      const { value: task } = await host.transact((u) =>
-        commands.addTask(u, ticketId, { type: 'build' }),
-      );
-      const claimed = await host.send('task', task.id, { type: 'CLAIM', workerId: 'w' });
-      const token = (claimed.snapshot.context as { token: string }).token;
-      await host.send('task', task.id, { type: 'START', token });
-      const heartbeat = (h: Host) => h.send('task', task.id, { type: 'HEARTBEAT', token });
+      const [id] = (await startedTickets(host, 1)) as [string];
+      const block = (h: Host) => h.send('ticket', id, { type: 'BLOCK', reason: 'wait' });
+      const unblock = (h: Host) => h.send('ticket', id, { type: 'UNBLOCK' });
 
-      // Alone: a HEARTBEAT emits no event and no rule follows it, so the COMMIT goes out in
-      // the same turn as its write (once the statement is prepared on the one connection: its
-      // first run describes it first, in a turn of its own).
-      await heartbeat(host);
+      // BLOCK and UNBLOCK emit events no same-transaction rule acts on, so each send is the
+      // last statement of its unit and the COMMIT goes out in the same turn as its write
+      // (once the statements are prepared on the one connection: a first run describes
+      // them first, in a turn of their own).
+      await block(host);
+      await unblock(host);
       rec.sent.length = 0;
-      await heartbeat(host);
-      const write = rec.sent.find((x) => /update\s+"?tasks"?\s+set/i.test(x.query));
+      await block(host);
+      const write = rec.sent.find((x) => /update\s+"?tickets"?\s+set/i.test(x.query));
       const commit = rec.sent.find((x) => x.query.trim() === 'commit');
       expect(write).toBeDefined();
       expect(commit?.turn).toBe(write?.turn);
 
-      // Another process heartbeats the task: this host's cached row is a version behind, the
-      // compare-and-set fails in Postgres (the COMMIT behind it rolls back), and it runs again.
-      await heartbeat(other);
+      // Another process unblocks and blocks the ticket again: this host's cached row is two
+      // versions behind, the compare-and-set fails in Postgres (the COMMIT behind it rolls
+      // back), and the send runs again on the current row.
+      await unblock(other);
+      await block(other);
       const conflicts = host.stats.conflicts;
-      const [before] = await db.sql<{ version: number }[]>`
-        select version from tasks where id = ${task.id}`;
-      const answer = await heartbeat(host);
-      expect(answer.state).toBe('running');
+      const answer = await unblock(host);
+      expect(answer.state).toBe('requirements');
       expect(host.stats.conflicts).toBe(conflicts + 1);
-      const [after] = await db.sql<{ version: number }[]>`
-        select version from tasks where id = ${task.id}`;
-      expect(after?.version).toBe((before?.version ?? 0) + 1);
+      // Two events to start, then six blocks and unblocks in turn: no gap, no repeat.
+      expect(await seqsOf(id)).toEqual([1, 2, 3, 4, 5, 6, 7, 8]);
+      const [row] = await db.sql<{ state: string }[]>`select state from tickets where id = ${id}`;
+      expect(row?.state).toBe('requirements');
     } finally {
       await rec.sql.end();
     }

@@ -103,11 +103,15 @@ export function taskRoutes(s: AppServices): Hono<AppEnv> {
     }
     const event = validate(TaskEventBody, raw, 'body');
     if (event.type === 'COMPLETE') capJsonBytes('result', event.result, s.config.PAYLOAD_MAX_BYTES);
+    const idem = idempotencyOf(c, raw);
     const res = await s.host.idempotent(
-      idempotencyOf(c, raw),
+      idem,
       async (uow) => ({
         status: 200,
-        body: summaryOf(await s.commands.sendPublic(uow, 'task', id, event)),
+        // Without a key, the send is the unit's last statement (no stored response follows).
+        body: summaryOf(
+          await s.commands.sendPublic(uow, 'task', id, event, { last: idem === undefined }),
+        ),
       }),
       { entityType: 'task', id },
     );

@@ -67,11 +67,15 @@ export function ticketRoutes(s: AppServices): Hono<AppEnv> {
     const raw = await readJson(c);
     refuseSystemEvent('ticket', raw);
     const event = validate(TicketEventBody, raw, 'body');
+    const idem = idempotencyOf(c, raw);
     const res = await s.host.idempotent(
-      idempotencyOf(c, raw),
+      idem,
       async (uow) => ({
         status: 200,
-        body: summaryOf(await s.commands.sendPublic(uow, 'ticket', id, event)),
+        // Without a key, the send is the unit's last statement (no stored response follows).
+        body: summaryOf(
+          await s.commands.sendPublic(uow, 'ticket', id, event, { last: idem === undefined }),
+        ),
       }),
       { entityType: 'ticket', id },
     );
