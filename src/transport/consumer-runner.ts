@@ -9,7 +9,9 @@
  *
  * Messages are taken in batches: whatever has arrived, up to `batchSize`. A batch is checked
  * against the event log in one query, then split by the reaction's key (the task_state
- * reaction keys a task's news by its ticket): the messages of one key are applied in one
+ * reaction keys a task's news by its ticket); a reaction with `group.applyClaims` instead has
+ * its messages split by the key they state and checked inside each key's transaction, in its
+ * first round trip. The messages of one key are applied in one
  * transaction, keys in parallel (at most `concurrency` at once), and a key whose transaction
  * is running collects what arrives for it meanwhile into its next one. So a burst of one
  * ticket's news locks and writes the ticket once per transaction, not once per message.
