@@ -15,6 +15,12 @@
  * next batch (a unit's `run` must be safe to repeat: it writes only through its transaction).
  * Each failure answers one unit, so a batch always makes progress. A failed commit answers
  * every unit still waiting with that failure; none is answered as a success.
+ *
+ * Once every unit has settled or said it is final (`GroupUnit.run`'s `final`), the COMMIT goes
+ * out behind the statements still being answered (`commitAhead`), a round trip sooner. A
+ * statement that fails makes the server roll back instead, and the batch is handled as any
+ * failed one. A unit that fails in JS after saying it is final broke its word: the batch has
+ * committed, so that unit is answered with its failure and nothing runs again.
  */
 import { type CommitAnswer, commitAhead, type Sql, type Tx } from '../persistence/db.js';
 
