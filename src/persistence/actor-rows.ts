@@ -5,7 +5,7 @@
  */
 import type { PersistedSnapshot } from '../actors/decide.js';
 import type { EntityType } from '../machines/index.js';
-import { type Db, sqlState, UNIQUE_VIOLATION } from './db.js';
+import { checkInSql, type Db, failedCheck, sqlState, UNIQUE_VIOLATION } from './db.js';
 import { type EventEntry, eventsParam, type NewEvent, writtenEntry } from './event-log.js';
 import { type TimerRow, timerWriteParts } from './timer-rows.js';
 
@@ -207,10 +207,7 @@ const CAS_LOST = 'compare-and-set lost: the row is not at the expected version';
 
 /** Whether `error` is the failure of a `failIfLost` write whose compare-and-set was lost. */
 export function casLost(error: unknown): boolean {
-  return (
-    (error as { code?: unknown } | null)?.code === '22P02' &&
-    String((error as { message?: unknown }).message).includes(CAS_LOST)
-  );
+  return failedCheck(error, CAS_LOST);
 }
 
 /**
@@ -256,11 +253,8 @@ export async function updateActorRow(
     }
     const rest =
       parts.length > 0 ? db`, ${parts.reduce((all, part) => db`${all}, ${part}`)}` : db``;
-    // The lost compare-and-set as a failure: a cast of text that is not a number, built from
-    // the count so that the planner cannot evaluate it ahead of the CASE.
     const check = write.failIfLost
-      ? db`, case when exists (select 1 from w) then 1
-          else (${CAS_LOST} || (select count(*) from w))::int end as ok`
+      ? db`, ${checkInSql(db, db`exists (select 1 from w)`, CAS_LOST, db`(select count(*) from w)`)} as ok`
       : db``;
     const r = await db<{ written: number; pos: number[] }[]>`
       with w as (

@@ -53,6 +53,31 @@ export function commitAhead(tx: Tx): Promise<CommitAnswer> | null {
   return typeof send === 'function' ? send() : null;
 }
 
+/**
+ * A check that fails its statement, and so its transaction, in Postgres: for a statement the
+ * transaction's COMMIT may already follow (`commitAhead`), where a check in JS on the answer
+ * would come too late. The value is 1 when `ok` holds; otherwise the cast to int of `message`
+ * joined to `detail` fails with SQLSTATE 22P02, recognised by `failedCheck`. `detail` must
+ * not be a constant (a count, a subquery), or the planner could evaluate the cast ahead of
+ * the CASE and fail every statement.
+ */
+export function checkInSql(
+  db: Db,
+  ok: postgres.Fragment,
+  message: string,
+  detail: postgres.Fragment,
+): postgres.Fragment {
+  return db`case when ${ok} then 1 else (${`${message}: `} || ${detail})::int end`;
+}
+
+/** Whether `error` is the failure of a `checkInSql` check with `message`. */
+export function failedCheck(error: unknown, message: string): boolean {
+  return (
+    sqlState(error) === '22P02' &&
+    String((error as { message?: unknown }).message).includes(message)
+  );
+}
+
 /** SQLSTATE of a Postgres error, if it is one. */
 export function sqlState(error: unknown): string | undefined {
   const code = (error as { code?: unknown } | null)?.code;

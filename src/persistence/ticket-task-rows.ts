@@ -5,7 +5,7 @@
  * its seq is above the row's, and the row remembers the state the counts hold for the task.
  */
 import type { TaskState } from '../machines/task.js';
-import type { Db } from './db.js';
+import { checkInSql, type Db, failedCheck } from './db.js';
 
 export interface TicketTaskRow {
   taskId: string;
@@ -39,16 +39,15 @@ export interface NewsItem {
 }
 
 /** The message of `writeTasksNews`'s failure when a row was not as read. */
-export const NEWS_ROWS_CHANGED = 'ticket_tasks rows changed after they were read';
+const NEWS_ROWS_CHANGED = 'ticket_tasks rows changed after they were read';
 
 /**
  * Records news decided from rows read under the ticket's lock (every writer of a task's row
  * holds its ticket's lock, so the rows are still as read): plain updates, sent with the
  * ticket's transition instead of a round trip before it. A row that is not as read fails the
- * statement, and with it the transaction, in Postgres: the COMMIT may already be on its way
- * behind it, so the check cannot wait for the answer in JS. The failure is SQLSTATE 22P02
- * (the cast of `NEWS_ROWS_CHANGED` to int) with that text in its message. Handed to the
- * connection at once (`execute()`), ahead of anything sent after this call.
+ * statement, and with it the transaction, in Postgres (`checkInSql`; `newsRowsChanged`
+ * recognises it): the COMMIT may already be on its way behind it. Handed to the connection at
+ * once (`execute()`), ahead of anything sent after this call.
  */
 export async function writeTasksNews(db: Db, items: readonly NewsItem[]): Promise<void> {
   if (items.length === 0) return;
@@ -60,15 +59,11 @@ export async function writeTasksNews(db: Db, items: readonly NewsItem[]): Promis
       where t.task_id = n.task_id and t.seq < n.seq
       returning 1
     )
-    select case when count(*) = ${items.length} then 0
-      else (${NEWS_ROWS_CHANGED} || ': ' || count(*))::int end as ok
+    select ${checkInSql(db, db`count(*) = ${items.length}`, NEWS_ROWS_CHANGED, db`count(*)`)} as ok
     from u`.execute();
 }
 
 /** Whether `error` is `writeTasksNews` finding a row not as read. */
 export function newsRowsChanged(error: unknown): boolean {
-  return (
-    (error as { code?: unknown } | null)?.code === '22P02' &&
-    String((error as { message?: unknown }).message).includes(NEWS_ROWS_CHANGED)
-  );
+  return failedCheck(error, NEWS_ROWS_CHANGED);
 }

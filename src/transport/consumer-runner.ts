@@ -629,12 +629,9 @@ export class ConsumerRunner {
       },
       unitKeys(r, [], key),
     );
-    this.stats.transactions++;
-    this.stats.applied += verified.length;
     let passed = 0;
     for (const why of verdicts.values()) if (why === null) passed++;
-    this.stats.duplicates += passed - verified.length;
-    if (verified.length > 0) for (const listener of this.appliedListeners) listener(verified);
+    this.counted(verified, passed);
     return verdicts;
   }
 
@@ -684,11 +681,16 @@ export class ConsumerRunner {
       else for (const e of todo) await r.apply(uow, e, this.o.host);
       return todo;
     }, confined);
+    this.counted(fresh, entries.length);
+    return fresh.length;
+  }
+
+  /** A committed transaction that applied `fresh` for `deliveries` messages (the rest repeats). */
+  private counted(fresh: EventEntry[], deliveries: number): void {
     this.stats.transactions++;
     this.stats.applied += fresh.length;
-    this.stats.duplicates += entries.length - fresh.length;
+    this.stats.duplicates += deliveries - fresh.length;
     if (fresh.length > 0) for (const listener of this.appliedListeners) listener(fresh);
-    return fresh.length;
   }
 
   /**
