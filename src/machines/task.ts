@@ -32,6 +32,29 @@ export const ACTIVE_TASK_STATES: readonly TaskState[] = ['claimed', 'running'];
 /** States a task never leaves. `failed` is settled but not final: REQUEUE leaves it. */
 export const FINAL_TASK_STATES: readonly TaskState[] = ['completed', 'cancelled'];
 
+/**
+ * What a ticket's rules can see of a task: still open (any state from which it may yet
+ * complete on its own), or settled, and how. Its guards read nothing finer, so a task moving
+ * between open states (claimed, started, retried...) is no news to its ticket.
+ */
+export type TaskSettlement = 'open' | 'completed' | 'failed' | 'cancelled';
+
+export function settlementOf(state: TaskState): TaskSettlement {
+  return state === 'completed' || state === 'failed' || state === 'cancelled' ? state : 'open';
+}
+
+/**
+ * The task events of exactly the transitions that change a task's settlement (checked
+ * against every transition of the machine by its model-based test): the only task events
+ * whose news a ticket needs.
+ */
+export const TASK_SETTLEMENT_EVENTS = [
+  'task.completed',
+  'task.failed',
+  'task.cancelled',
+  'task.requeued',
+] as const;
+
 export interface TaskInput {
   id: string;
   ticketId: string;

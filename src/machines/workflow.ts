@@ -144,9 +144,12 @@ export type TicketEvent =
    */
   | { type: 'TASK_ADDED'; taskId: string; phase: string; taskType: string; at?: number }
   /**
-   * System: a task of this ticket went from `from` to `state`. The runtime sends it only for
-   * news newer than what it recorded of the task (`seq`), exactly once per change, with the
-   * phase, round and type it recorded: the machine trusts it and only counts.
+   * System: a task of this ticket went from `from` (the state the ticket last counted it in)
+   * to `state`. The runtime sends it only for news newer than what it recorded of the task
+   * (`seq`) that changes the task's settlement (open, completed, failed, cancelled: all the
+   * guards read), exactly once per change, with the phase, round and type it recorded: the
+   * machine trusts it and only counts. So an open task stays counted under the open state it
+   * was last told in (pending, mostly) while it is claimed and run.
    */
   | {
       type: 'TASK_STATE';

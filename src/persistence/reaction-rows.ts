@@ -105,8 +105,9 @@ export async function openTicketIdsAfter(db: Db, after: string, limit: number): 
 }
 
 /**
- * Tasks of these open tickets whose ticket records an older seq and another state than the
- * task has, untouched for `graceMs` (a reaction in flight is not drift).
+ * Tasks of these open tickets whose ticket records an older seq and another settlement than
+ * the task has (open, or which final state: the policy tells nothing finer), untouched for
+ * `graceMs` (a reaction in flight is not drift).
  */
 export async function driftedTasks(
   db: Db,
@@ -121,7 +122,9 @@ export async function driftedTasks(
       and k.state not in ('done', 'cancelled')
       and t.updated_at < now() - make_interval(secs => ${graceMs / 1000})
       and r.seq < t.seq
-      and r.state is distinct from t.state`;
+      and (case when r.state in ${db(OPEN_TASK_STATES as string[])} then 'open' else r.state end)
+        is distinct from
+        (case when t.state in ${db(OPEN_TASK_STATES as string[])} then 'open' else t.state end)`;
   return rows.map((r) => r.task_id);
 }
 

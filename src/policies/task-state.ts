@@ -1,8 +1,10 @@
 /**
- * Rule: a task changed state → its ticket learns the task's state and seq (`TASK_STATE`),
- * read from Postgres at that moment (never a state a message claims). News is sent only when
- * it is newer than what the ticket was told (its `ticket_tasks` row, updated in the same
- * transaction), so redeliveries, reordering and the reconciler never double-count; the
+ * Rule: a task settled or reopened → its ticket learns the task's state and seq
+ * (`TASK_STATE`), read from Postgres at that moment (never a state a message claims). News is
+ * sent only when it is newer than what the ticket was told (its `ticket_tasks` row, updated in
+ * the same transaction) and changes the task's settlement (`settlementOf`: open, completed,
+ * failed, cancelled; the ticket's guards read nothing finer), so redeliveries, reordering and
+ * the reconciler never double-count, and a task's claim and start cost its ticket nothing; the
  * ticket's own guards advance or block it, exactly once. Across transactions only: the
  * ticket's row is not locked by the task's transition, which keeps claims and completions
  * from queueing on their ticket.
@@ -10,6 +12,7 @@
 import type { DecideEvent } from '../actors/decide.js';
 import type { Applied, UnitOfWork } from '../actors/host.js';
 import { NotFound, VersionConflict } from '../errors.js';
+import { settlementOf } from '../machines/task.js';
 import { loadActorRow } from '../persistence/actor-rows.js';
 import type { Db } from '../persistence/db.js';
 import {
@@ -101,6 +104,9 @@ export async function forwardTicketNews(
     const task = progress.get(id);
     if (task?.ticketId !== ticketId || !task.told || task.told.seq >= task.seq) continue;
     const { phase, round, type, state } = task.told;
+    // Open to open (claimed, started, retried...) is nothing the ticket decides on: it is
+    // told when the task settles, from the state it was last told.
+    if (settlementOf(state) === settlementOf(task.state)) continue;
     news.push({ taskId: id, state: task.state, seq: task.seq });
     events.push(taskStateEvent(id, task, { phase, round, type, from: state }));
   }

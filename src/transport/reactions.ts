@@ -4,8 +4,8 @@
  * message is only a pointer: the consumer runner looks its event up in Postgres and hands the
  * reaction the stored entry (a forged or unknown message never reaches one), and each policy
  * reads the state it acts on from Postgres too.
- * - `task_state`: a task changed state → the `task-state` policy (its ticket learns it). The
- *   news of one ticket's tasks that arrive together is applied in one transaction.
+ * - `task_state`: a task settled or reopened → the `task-state` policy (its ticket learns
+ *   it). The news of one ticket's tasks that arrive together is applied in one transaction.
  * - `ticket_cancel`: a ticket was cancelled → the `ticket-cancelled` policy.
  * A task that became claimable wakes claimers without a consumer: the relay sends the
  * wake-up (dispatch.ts).
@@ -13,6 +13,7 @@
 import type { NatsConnection } from '@nats-io/transport-node';
 import type { ActorHost, UnitOfWork } from '../actors/host.js';
 import type { EntityType } from '../machines/index.js';
+import { TASK_SETTLEMENT_EVENTS } from '../machines/task.js';
 import type { Db } from '../persistence/db.js';
 import type { EventEntry } from '../persistence/event-log.js';
 import {
@@ -93,6 +94,9 @@ export interface DirectReaction extends ReactionBase {
 
 export type Reaction = TransactionalReaction | DirectReaction;
 
+const SETTLEMENT_EVENTS: ReadonlySet<string> = new Set(TASK_SETTLEMENT_EVENTS);
+const isSettlementEvent = (type: string) => SETTLEMENT_EVENTS.has(type);
+
 /** The ticket a task event states (the task machine's context, fixed at creation). */
 function statedTicket(e: EventEntry): string | undefined {
   return typeof e.data.ticketId === 'string' ? e.data.ticketId : undefined;
@@ -102,7 +106,9 @@ export const taskStateReaction: TransactionalReaction = {
   kind: 'transactional',
   name: 'task_state',
   filterSubject: (n) => typeEventsSubject(n, 'task'),
-  accepts: (e) => e.entityType === 'task' && e.type !== 'task.created',
+  // A task's claim, start, retry or release changes nothing its ticket decides on (the
+  // policy would tell it nothing): those messages are acknowledged without reading Postgres.
+  accepts: (e) => e.entityType === 'task' && isSettlementEvent(e.type),
   // The policy tells the ticket only news newer than its ticket_tasks row (by the task's
   // seq), in the same transaction: a redelivery, or the reconciler's sweep, finds it told.
   idempotent: true,

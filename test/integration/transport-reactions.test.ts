@@ -17,6 +17,7 @@ import { toEntry } from '../../src/persistence/event-log.js';
 import { recordInboxMany } from '../../src/persistence/inbox-rows.js';
 import { loadMigrations, migrate } from '../../src/persistence/migrate.js';
 import { unpublishedCount } from '../../src/persistence/outbox-rows.js';
+import { driftedTasks } from '../../src/persistence/reaction-rows.js';
 import type { DispatchMessage } from '../../src/transport/dispatch.js';
 import type { LiveMessage, Transport } from '../../src/transport/index.js';
 import { type Reaction, taskStateReaction } from '../../src/transport/reactions.js';
@@ -132,15 +133,25 @@ describe('reactions', () => {
     const p = e.proc();
     // No relay: nothing reaches the consumers, the test drives the handler itself.
     const t = await e.start(p, { enableRelay: false, enableReconciler: false });
-    const { ticketId, taskIds } = await ticketWithTasks(p, 1);
+    const { ticketId, taskIds } = await ticketWithTasks(p, 1, { maxAttempts: 2 });
     const taskId = taskIds[0]!;
     const token = await claimAndStart(p.host, taskId);
     await p.host.send('task', taskId, { type: 'FAIL', token, error: 'x' }); // retry_wait
-    const rows = await p.sql<Parameters<typeof toEntry>[0][]>`
+    // Open to open: no news for the ticket, so the message is not even looked up.
+    const [retry] = await p.sql<Parameters<typeof toEntry>[0][]>`
       select pos, event_id, seq, entity_id, entity_type, type, data, at from events
       where entity_id = ${taskId} and type = 'task.retry_scheduled'`;
-    const entry = toEntry(rows[0]!);
     const runner = t.runners.find((r) => r.name === taskStateReaction.name)!;
+    const before = await p.sql`select version from tickets where id = ${ticketId}`;
+    expect(await runner.process(toEntry(retry!))).toBe('ignored');
+    expect(await p.sql`select version from tickets where id = ${ticketId}`).toEqual(before);
+    await p.host.send('task', taskId, { type: 'RETRY' });
+    const again = await claimAndStart(p.host, taskId);
+    await p.host.send('task', taskId, { type: 'FAIL', token: again, error: 'x' }); // failed
+    const rows = await p.sql<Parameters<typeof toEntry>[0][]>`
+      select pos, event_id, seq, entity_id, entity_type, type, data, at from events
+      where entity_id = ${taskId} and type = 'task.failed'`;
+    const entry = toEntry(rows[0]!);
 
     const ticketRow = async () =>
       (
@@ -154,7 +165,7 @@ describe('reactions', () => {
     expect(await ticketRow()).toEqual(once);
     const told = await p.sql<{ state: string; seq: number }[]>`
       select state, seq from ticket_tasks where task_id = ${taskId}`;
-    expect(told[0]).toEqual({ state: 'retry_wait', seq: entry.seq });
+    expect(told[0]).toEqual({ state: 'failed', seq: entry.seq });
     // No inbox row: a task's every event would otherwise leave one for good.
     const inbox = await p.sql`select 1 from inbox where event_id = ${entry.eventId}`;
     expect(inbox).toHaveLength(0);
@@ -448,6 +459,14 @@ describe('reactions', () => {
     for (const id of first.taskIds) await complete(p.host, id);
     const second = await ticketWithTasks(p, 2);
     await p.host.send('ticket', second.ticketId, { type: 'CANCEL' });
+    // Claimed and started long ago, its ticket told nothing since it was added: still open
+    // as told, so no drift (open to open is never news).
+    const third = await ticketWithTasks(p, 1);
+    const runningId = third.taskIds[0]!;
+    await claimAndStart(p.host, runningId);
+    await p.sql`update tasks set updated_at = now() - interval '1 hour' where id = ${runningId}`;
+    const [thirdBefore] = await p.sql`select version from tickets where id = ${third.ticketId}`;
+    expect(await driftedTasks(p.sql, [third.ticketId], 0)).toEqual([]);
     expect(await stateOf(p.sql, 'tickets', first.ticketId)).toBe('requirements');
     expect(await stateOf(p.sql, 'tasks', second.taskIds[0]!)).toBe('pending');
 
@@ -457,6 +476,11 @@ describe('reactions', () => {
     expect(await stateOf(p.sql, 'tickets', first.ticketId)).toBe('design');
     expect(await countEvents(p.sql, first.ticketId, 'ticket.phase_changed')).toBe(2);
     for (const id of second.taskIds) expect(await stateOf(p.sql, 'tasks', id)).toBe('cancelled');
+    expect(await p.sql`select version from tickets where id = ${third.ticketId}`).toEqual([
+      thirdBefore,
+    ]);
+    const told = await p.sql`select state from ticket_tasks where task_id = ${runningId}`;
+    expect(told).toEqual([{ state: 'pending' }]);
     // A second run finds nothing left to do.
     const again = await t.reconciler.runOnce();
     expect(again.ticketsFixed + again.tasksCancelled).toBe(0);

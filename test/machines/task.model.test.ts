@@ -9,9 +9,12 @@ import type { DecideEvent, Decision } from '../../src/actors/decide.js';
 import type { DomainEventType } from '../../src/machines/domain-events.js';
 import {
   attemptsCharged,
+  settlementOf,
+  TASK_SETTLEMENT_EVENTS,
   TASK_TOKEN_EVENTS,
   type TaskContext,
   type TaskInput,
+  type TaskState,
 } from '../../src/machines/task.js';
 import { type ModelSpec, runModel, summary, type TransitionRef } from './model-support.js';
 
@@ -132,6 +135,22 @@ function checkAttempts(
     const requested = (event as { maxAttempts?: number }).maxAttempts;
     expect(now.maxAttempts).toBe(requested ?? was.maxAttempts);
   }
+  checkSettlementNews(ref, model, d);
+}
+
+/**
+ * The task_state reaction reads only `TASK_SETTLEMENT_EVENTS`: a transition that changes the
+ * task's settlement must emit one, or its ticket would wait for the reconciler; one that does
+ * not must emit none, or the reaction would read Postgres for nothing.
+ */
+function checkSettlementNews(ref: TransitionRef, model: AnyMachineSnapshot, d: Decision) {
+  const settles = (TASK_SETTLEMENT_EVENTS as readonly string[]).includes.bind(
+    TASK_SETTLEMENT_EVENTS,
+  );
+  const changed =
+    settlementOf(String(model.value) as TaskState) !== settlementOf(d.state as TaskState);
+  const told = d.emitted.filter((e) => settles(e.type));
+  expect(told.length, `${ref.key}: settlement events`).toBe(changed ? 1 : 0);
 }
 
 const spec: ModelSpec<'task'> = {
