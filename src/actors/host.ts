@@ -593,6 +593,53 @@ export class UnitOfWork {
   }
 
   /**
+   * `sendEach` to several actors of one type at once: every event is decided first (any
+   * refusal refuses them all, before anything is written), then each actor's row is written
+   * once, all the writes handed to the connection in one turn, in order. `last`: the work
+   * sends nothing after these, so the transaction may commit right behind them when none of
+   * them can be followed by anything (no same-transaction rule, a row this transaction
+   * locked: see `write`).
+   */
+  async sendMany(
+    entityType: EntityType,
+    items: readonly {
+      id: string;
+      events: readonly ((snapshot: PersistedSnapshot) => DecideEvent)[];
+    }[],
+    options: { last?: boolean } = {},
+  ): Promise<Applied[]> {
+    const rows = await Promise.all(items.map((item) => this.load(entityType, item.id)));
+    const entries = await Promise.all(
+      rows.map((row) => this.host.machineOf(entityType, row.workflow)),
+    );
+    const decided = rows.map(
+      (row, i) =>
+        this.decideSteps(row, entries[i] as MachineEntry, items[i]?.events ?? [], false).steps,
+    );
+    // The last write may end the unit only if no earlier one can be followed by anything:
+    // their answers are still on the way when the COMMIT goes out.
+    let ends = options.last === true;
+    for (let i = 0; i < rows.length - 1 && ends; i++) {
+      const row = rows[i] as ActorRow;
+      const emitted = emittedTypes(decided[i] as Step[]);
+      ends = !rulesFollow(entityType, emitted) && this.fresh.has(`${entityType}:${row.id}`);
+    }
+    const written = rows.map((row, i) =>
+      this.write(
+        row,
+        decided[i] as Step[],
+        entries[i] as MachineEntry,
+        ends && i === rows.length - 1,
+      ),
+    );
+    // Every write answered before this answers: none is left running on the transaction.
+    const outcomes = await Promise.allSettled(written);
+    const failed = outcomes.find((o) => o.status === 'rejected');
+    if (failed) throw failed.reason;
+    return items.map((item) => this.latest(entityType, item.id) as Applied);
+  }
+
+  /**
    * News for one actor, as a rule sends it (see policies/send.ts): each event its state
    * refuses is left out, the others are applied in turn and the row is written once for
    * them. It stops after the first event that changes the actor's state, so that what the

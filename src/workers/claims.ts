@@ -5,6 +5,7 @@
  * processes. A task whose worktree is held, or whose type is at its cluster-wide cap,
  * is skipped and stays pending.
  */
+import type { DecideEvent, PersistedSnapshot } from '../actors/decide.js';
 import type { ActorHost, Applied, UnitOfWork } from '../actors/host.js';
 import { type TaskView, taskView } from '../actors/views.js';
 import { Unavailable } from '../errors.js';
@@ -306,8 +307,33 @@ export class ClaimService {
     claimers: string[],
     candidates: Candidate[],
   ): Promise<{ applied: Applied[]; next: Candidate | undefined }> {
-    const sent: Promise<Applied>[] = [];
     const limits = this.options.typeLimits;
+    const claimEvents = (workerId: string): ((s: PersistedSnapshot) => DecideEvent)[] => {
+      const claim = () => ({ type: 'CLAIM', workerId });
+      // With `start`, CLAIM and START write the row and their events once, not twice.
+      return req.start
+        ? [
+            claim,
+            (s: PersistedSnapshot) => ({
+              type: 'START',
+              token: (s.context as { token: string }).token,
+            }),
+          ]
+        : [claim];
+    };
+    if (candidates.every((c) => c.worktree === null && limits[c.type] === undefined)) {
+      // Nothing to check: every claim goes out in one turn, the last write of this unit of
+      // work (the callers send nothing after the claims), so the COMMIT can follow them.
+      const chosen = candidates.slice(0, claimers.length);
+      for (const c of chosen) uow.adopt(c.row);
+      const applied = await uow.sendMany(
+        'task',
+        chosen.map((c, i) => ({ id: c.id, events: claimEvents(claimers[i] as string) })),
+        { last: true },
+      );
+      return { applied, next: candidates[chosen.length] };
+    }
+    const sent: Promise<Applied>[] = [];
     let capLocked: string | null = null;
     let next: Candidate | undefined;
     for (const [i, c] of candidates.entries()) {
@@ -329,15 +355,7 @@ export class ClaimService {
         }
       }
       uow.adopt(c.row);
-      const claim = () => ({ type: 'CLAIM', workerId });
-      // With `start`, CLAIM and START write the row and their events once, not twice.
-      const send = req.start
-        ? uow.sendEach('task', c.id, [
-            claim,
-            (s) => ({ type: 'START', token: (s.context as { token: string }).token }),
-          ])
-        : uow.send('task', c.id, claim());
-      sent.push(send);
+      sent.push(uow.sendEach('task', c.id, claimEvents(workerId)));
       if (sent.length === claimers.length) {
         next = candidates[i + 1];
         break;

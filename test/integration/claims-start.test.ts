@@ -5,7 +5,7 @@
  * over HTTP) still leaves the task claimed.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ActorHost } from '../../src/actors/host.js';
+import { ActorHost, type UnitOfWork } from '../../src/actors/host.js';
 import { StaleToken } from '../../src/errors.js';
 import { entityEvents } from '../../src/persistence/event-log.js';
 import { ClaimService } from '../../src/workers/claims.js';
@@ -137,6 +137,49 @@ describe('claim with start', () => {
       expect(lookup).toBeLessThan(sentWhenSettled);
       const [row] = await t.db.sql<{ state: string }[]>`select state from tasks where id = ${done}`;
       expect(row?.state).toBe('completed');
+    } finally {
+      await sql.end({ timeout: 1 });
+    }
+  });
+
+  it("a slot's settle and next claim commit in the round trip of the claim's write", async () => {
+    const ids = [await oneTask('start-e'), await oneTask('start-e'), await oneTask('start-e')];
+    // One connection, so that every statement is prepared on it by the first two rounds.
+    const { sql, sent } = recordingSql(t.db.url, 1);
+    try {
+      const host = new ActorHost(sql, {
+        taskDefaults: { maxAttempts: 3, leaseMs: 60_000, retryBaseMs: 1_000 },
+      });
+      const worker = new ClaimService(host, new Wakeups(), { typeLimits: {}, maxWaitMs: 0 });
+      const req = { executors: ['start-e'], start: true };
+      let held = await worker.claim({ workerId: 'w5', ...req });
+      const settle = (id: string, token: string) => async (uow: UnitOfWork) =>
+        uow.send('task', id, { type: 'COMPLETE', token, result: null });
+      let turns: { claim: number | undefined; commit: number | undefined } = {
+        claim: undefined,
+        commit: undefined,
+      };
+      for (let round = 0; round < 2; round++) {
+        sent.length = 0;
+        const [next] = await worker.settleAndClaim(
+          req,
+          ['w5'],
+          [settle(held?.task.id as string, held?.token as string)],
+        );
+        const claim = sent.findLast((s) => /update\s+"?tasks"?\s+set/i.test(s.query));
+        const commit = sent.find((s) => s.query.trim() === 'commit');
+        turns = { claim: claim?.turn, commit: commit?.turn };
+        held = next ?? null;
+      }
+      worker.close();
+      expect(held?.task.id).toBe(ids[2]);
+      expect(turns.claim).toBeDefined();
+      // Nothing can follow the claims (no rule acts on a claim or a start, the rows are
+      // locked): the COMMIT goes out with their write, not one round trip later.
+      expect(turns.commit).toBe(turns.claim);
+      const rows = await t.db.sql<{ id: string; state: string }[]>`
+        select id, state from tasks where id = any(${ids}::text[]) order by created_at`;
+      expect(rows.map((r) => r.state)).toEqual(['completed', 'completed', 'running']);
     } finally {
       await sql.end({ timeout: 1 });
     }

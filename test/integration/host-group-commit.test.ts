@@ -331,6 +331,59 @@ describe('group commit', () => {
     }
   });
 
+  it('sendMany decides every event before it writes, and commits behind the writes of locked rows', async () => {
+    const rec = recordingSql(db.url, 1);
+    try {
+      const [a, b] = (await startedTickets(
+        new ActorHost(db.sql, { taskDefaults: TASK_DEFAULTS }),
+        2,
+      )) as [string, string];
+      const block = () => ({ type: 'BLOCK', reason: 'many' });
+      const unblock = () => ({ type: 'UNBLOCK' });
+      const state = async (id: string) =>
+        (
+          await db.sql<{ state: string; version: number }[]>`
+          select state, version from tickets where id = ${id}`
+        )[0];
+      const before = await state(a);
+      // b is not blocked: its UNBLOCK is refused, and a's BLOCK is not written either.
+      const fresh = () => new ActorHost(rec.sql, { taskDefaults: TASK_DEFAULTS });
+      await expect(
+        fresh().transact((uow) =>
+          uow.sendMany('ticket', [
+            { id: a, events: [block] },
+            { id: b, events: [unblock] },
+          ]),
+        ),
+      ).rejects.toBeInstanceOf(IllegalTransition);
+      expect(await state(a)).toEqual(before);
+
+      // A host with a cold cache locks each row it loads: nothing can follow the writes, so
+      // the COMMIT goes out with them (the second round, once the statements are prepared).
+      const both = (events: () => { type: string }) =>
+        fresh().transact((uow) =>
+          uow.sendMany(
+            'ticket',
+            [a, b].map((id) => ({ id, events: [events] })),
+            { last: true },
+          ),
+        );
+      await both(block);
+      await both(unblock);
+      rec.sent.length = 0;
+      const { value } = await both(block);
+      expect(value.map((x) => x.state)).toEqual(['blocked', 'blocked']);
+      const writes = rec.sent.filter((x) => /update\s+"?tickets"?\s+set/i.test(x.query));
+      const commit = rec.sent.find((x) => x.query.trim() === 'commit');
+      expect(writes).toHaveLength(2);
+      expect(commit?.turn).toBe(writes[1]?.turn);
+      expect(writes[0]?.turn).toBe(writes[1]?.turn);
+      expect((await state(b))?.state).toBe('blocked');
+    } finally {
+      await rec.sql.end();
+    }
+  });
+
   it('a SQL fault in one unit fails only that unit, and its writes are gone', async () => {
     const host = oneLane();
     const ids = await startedTickets(host, 4);
