@@ -37,6 +37,7 @@ import {
   type TaskFeedback,
   UniqueViolation,
   updateActorRow,
+  updateTaskRows,
 } from '../persistence/actor-rows.js';
 import { type Sql, sqlState, type Tx } from '../persistence/db.js';
 import { appendEvents, type EventEntry, type NewEvent } from '../persistence/event-log.js';
@@ -624,14 +625,21 @@ export class UnitOfWork {
       const emitted = emittedTypes(decided[i] as Step[]);
       ends = !rulesFollow(entityType, emitted) && this.fresh.has(`${entityType}:${row.id}`);
     }
-    const written = rows.map((row, i) =>
-      this.write(
-        row,
-        decided[i] as Step[],
-        entries[i] as MachineEntry,
-        ends && i === rows.length - 1,
-      ),
-    );
+    const written =
+      this.writeTasks(
+        rows,
+        decided as Step[][],
+        entries as MachineEntry[],
+        options.last === true,
+      ) ??
+      rows.map((row, i) =>
+        this.write(
+          row,
+          decided[i] as Step[],
+          entries[i] as MachineEntry,
+          ends && i === rows.length - 1,
+        ),
+      );
     // Every write answered before this answers: none is left running on the transaction.
     const outcomes = await Promise.allSettled(written);
     const failed = outcomes.find((o) => o.status === 'rejected');
@@ -718,23 +726,13 @@ export class UnitOfWork {
     entry: MachineEntry,
     final = false,
   ): Promise<Applied[]> {
-    const last = steps[steps.length - 1] as Step;
-    const emitted = steps.reduce((n, step) => n + step.decision.emitted.length, 0);
-    const next: ActorRow = {
-      ...row,
-      snapshot: last.decision.snapshot,
-      version: row.version + steps.length,
-      seq: row.seq + emitted,
-    };
-    const effects = combine(steps.map((step) => step.decision));
-    const timers = this.timerRows(next, effects);
+    const { next, effects, timers, events } = this.plan(row, steps);
     // Final when nothing can follow the answer: no same-transaction rule will send anything,
     // and the compare-and-set either cannot be lost (the row is locked by this transaction)
     // or fails its statement in Postgres if it is, so that the COMMIT behind it rolls back.
     // That check costs a bare update (no event, no timer: a HEARTBEAT) its plain form, more
     // than the round trip saves under load (HTTP bench: 2,249 / 2,267 against 2,548 / 2,644
     // requests/s), so such a write on a row this transaction did not lock is not final.
-    const events = this.newEvents(row, next, steps);
     const bare = events.length === 0 && timers.length === 0 && effects.cancel.length === 0;
     const locked = this.fresh.has(`${row.entityType}:${row.id}`);
     const ends = final && !rulesFollow(row.entityType, emittedTypes(steps)) && (locked || !bare);
@@ -756,6 +754,100 @@ export class UnitOfWork {
     );
     if (ends) this.final();
     return this.record(row, next, written, steps, effects, timers, entry);
+  }
+
+  /**
+   * `sendMany`'s writes of several tasks as ONE statement (`updateTaskRows`), when each has
+   * events and neither timers nor a worktree (a worktree's unique index names one task when
+   * it refuses; timers are written per row): one statement to parse, plan and answer instead
+   * of one per task. Null when they do not qualify (each is then written on its own).
+   * `final` as for `write`, for all of them at once: no rule follows any of them, and each
+   * compare-and-set either holds a row this transaction locked or fails the statement.
+   */
+  private writeTasks(
+    rows: ActorRow[],
+    decided: Step[][],
+    entries: MachineEntry[],
+    final: boolean,
+  ): Promise<Applied[]>[] | null {
+    if (rows.length < 2 || rows.some((r) => r.entityType !== 'task')) return null;
+    if (new Set(rows.map((r) => r.id)).size !== rows.length) return null;
+    const plans = rows.map((row, i) => this.plan(row, decided[i] as Step[]));
+    const qualifies = plans.every(
+      (p) =>
+        p.events.length > 0 &&
+        p.timers.length === 0 &&
+        p.effects.cancel.length === 0 &&
+        (p.next.snapshot.context as { worktree?: string | null }).worktree == null,
+    );
+    if (!qualifies) return null;
+    const locked = rows.every((r) => this.fresh.has(`task:${r.id}`));
+    const ends =
+      final && rows.every((_, i) => !rulesFollow('task', emittedTypes(decided[i] as Step[])));
+    const all = updateTaskRows(
+      this.tx,
+      plans.map((p, i) => ({
+        row: p.next,
+        expectedVersion: (rows[i] as ActorRow).version,
+        deadline: deadlineAt(p.effects, this.at),
+        events: p.events,
+      })),
+      ends && !locked ? { failIfLost: true } : {},
+    );
+    all.catch(() => {});
+    if (ends) this.final();
+    // Every read the rules will make goes out behind the statement now; the rules themselves
+    // run one task after another, as separate sends' would: each sees what the one before
+    // did in this transaction (two prerequisites of one dependent release it once).
+    for (const [i, p] of plans.entries()) {
+      readAheadFor(this, 'task', p.next.id, emittedTypes(decided[i] as Step[]));
+    }
+    let before: Promise<unknown> = Promise.resolve();
+    return plans.map((p, i) => {
+      const row = rows[i] as ActorRow;
+      const written = all.then(
+        (w) => {
+          const mine = w[i];
+          if (!mine) throw new VersionConflict(row.id, row.version);
+          return mine;
+        },
+        (error) => {
+          if (casLost(error)) throw new VersionConflict(row.id, row.version);
+          throw translateUnique(error, row.id);
+        },
+      );
+      const steps = decided[i] as Step[];
+      const recorded = before.then(() =>
+        this.record(row, p.next, written, steps, p.effects, p.timers, entries[i] as MachineEntry, {
+          readAhead: false,
+        }),
+      );
+      // The next one's rules wait for these, whether they ran or failed.
+      before = recorded.then(
+        () => {},
+        () => {},
+      );
+      return recorded;
+    });
+  }
+
+  /** What writing `row` after `steps` writes: the row, its timers and events. */
+  private plan(row: ActorRow, steps: Step[]): Planned {
+    const last = steps[steps.length - 1] as Step;
+    const emitted = steps.reduce((n, step) => n + step.decision.emitted.length, 0);
+    const next: ActorRow = {
+      ...row,
+      snapshot: last.decision.snapshot,
+      version: row.version + steps.length,
+      seq: row.seq + emitted,
+    };
+    const effects = combine(steps.map((step) => step.decision));
+    return {
+      next,
+      effects,
+      timers: this.timerRows(next, effects),
+      events: this.newEvents(row, next, steps),
+    };
   }
 
   /** The rows of the timers `effects` schedules for `row`'s entity, due from now. */
@@ -886,8 +978,11 @@ export class UnitOfWork {
     /** The timer rows written with the row. */
     timers: TimerRow[],
     machine: MachineEntry,
+    /** False when the caller sent the rules' reads ahead already. */
+    options: { readAhead?: boolean } = {},
   ): Promise<Applied[]> {
-    readAheadFor(this, after.entityType, after.id, emittedTypes(steps));
+    if (options.readAhead !== false)
+      readAheadFor(this, after.entityType, after.id, emittedTypes(steps));
     const { bytes, entries } = await written;
     const key = `${after.entityType}:${after.id}`;
     this.rows.set(key, after);
@@ -936,6 +1031,14 @@ interface Step {
   /** State before it; null for a creation. */
   from: string | null;
   event: string;
+}
+
+/** A row's write before it is sent: the row after, its timers and deadline, its events. */
+interface Planned {
+  next: ActorRow;
+  effects: Effects;
+  timers: TimerRow[];
+  events: NewEvent[];
 }
 
 /** The timers and deadline of several decisions applied in turn, as one write sets them. */

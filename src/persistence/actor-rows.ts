@@ -271,6 +271,111 @@ export async function updateActorRow(
   return { bytes, entries: events.map((e, i) => writtenEntry(e, Number(pos[i]))) };
 }
 
+/** One task's compare-and-set in `updateTaskRows`: the row after, with its events. */
+export interface TaskRowWrite {
+  row: ActorRow;
+  expectedVersion: number;
+  deadline: Deadline;
+  /** In seq order, at least one, all of this task. */
+  events: NewEvent[];
+}
+
+/**
+ * `updateActorRow` for several tasks in ONE statement (their events inserted by the same
+ * statement, in the order given): what a transaction that settles or claims several tasks
+ * at once sends instead of one statement each. For writes without timers. Returns, in the
+ * order of `writes`, each one's snapshot byte length and stored events, or null for a row
+ * that had moved on (nothing of it written; the others are). With `failIfLost`, any lost
+ * compare-and-set fails the statement instead (`casLost`).
+ */
+export async function updateTaskRows(
+  db: Db,
+  writes: readonly TaskRowWrite[],
+  options: { failIfLost?: boolean } = {},
+): Promise<({ bytes: number; entries: EventEntry[] } | null)[]> {
+  const bytes: number[] = [];
+  const rows = writes.map((w, i) => {
+    const json = JSON.stringify(w.row.snapshot);
+    bytes.push(Buffer.byteLength(json));
+    const p = taskColumns(w.row.snapshot);
+    const head = JSON.stringify({
+      i,
+      id: w.row.id,
+      expected: w.expectedVersion,
+      state: p.state,
+      phase: p.phase,
+      executor: p.executor,
+      worktree: p.worktree,
+      priority: p.priority,
+      attempt: p.attempt,
+      worker_id: p.worker_id,
+      set_lease: w.deadline !== undefined,
+      lease: w.deadline == null ? null : new Date(w.deadline).toISOString(),
+      version: w.row.version,
+      seq: w.row.seq,
+      updated_at: p.updated_at.toISOString(),
+    });
+    // The snapshot goes in as the JSON already made of it (its size is the cache's measure).
+    return `${head.slice(0, -1)},"snapshot":${json}}`;
+  });
+  let order = 0;
+  const events = writes.flatMap((w) =>
+    w.events.map((e) => ({
+      n: order++,
+      event_id: e.eventId,
+      entity_id: e.entityId,
+      seq: e.seq,
+      type: e.type,
+      data: e.data,
+      at: new Date(e.at).toISOString(),
+    })),
+  );
+  const n = writes.length;
+  const check = options.failIfLost
+    ? db`, ${checkInSql(db, db`(select count(*) from w) = ${n}`, CAS_LOST, db`(select count(*) from w)`)} as ok`
+    : db``;
+  const result = await guardUnique(() =>
+    db<{ written: string[]; pos: [string, number, number][] }[]>`
+      with x as (
+        select * from jsonb_to_recordset(${`[${rows.join(',')}]`}::text::jsonb) as x(
+          i int, id text, expected int, state text, phase text, executor text, worktree text,
+          priority int, attempt int, worker_id text, set_lease boolean, lease timestamptz,
+          version int, seq int, updated_at timestamptz, snapshot jsonb)
+      ), w as (
+        update tasks t set state = x.state, phase = x.phase, executor = x.executor,
+          worktree = x.worktree, priority = x.priority, attempt = x.attempt,
+          worker_id = x.worker_id,
+          lease_expires_at = case when x.set_lease then x.lease else t.lease_expires_at end,
+          snapshot = x.snapshot, version = x.version, seq = x.seq, updated_at = x.updated_at
+        from x where t.id = x.id and t.version = x.expected
+        returning t.id
+      ), e as (
+        insert into events (event_id, entity_type, entity_id, seq, type, data, at)
+        select y.event_id, 'task', y.entity_id, y.seq, y.type, y.data, y.at
+        from jsonb_to_recordset(${JSON.stringify(events)}::text::jsonb)
+          as y(n int, event_id uuid, entity_id text, seq int, type text, data jsonb, at timestamptz)
+        where y.entity_id in (select id from w)
+        order by y.n
+        returning pos, entity_id, seq
+      )
+      select array(select id from w) as written${check},
+        coalesce((select json_agg(json_build_array(entity_id, seq, pos)) from e), '[]') as pos`.execute(),
+  );
+  const out = result[0];
+  const written = new Set(out?.written ?? []);
+  const pos = new Map((out?.pos ?? []).map(([id, seq, p]) => [`${id}:${seq}`, Number(p)]));
+  return writes.map((w, i) =>
+    written.has(w.row.id)
+      ? {
+          bytes: bytes[i] as number,
+          entries: w.events.map((e) =>
+            writtenEntry(e, pos.get(`${e.entityId}:${e.seq}`) as number),
+          ),
+        }
+      : null,
+  );
+}
+
 function ticketSet(db: Db, row: ActorRow, s: PersistedSnapshot, json: string) {
   const p = ticketColumns(s);
   return db`state = ${p.state}, phase = ${p.phase}, machine_version = ${row.machineVersion},

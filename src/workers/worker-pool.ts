@@ -448,7 +448,14 @@ export class WorkerPool {
       const claimed = await this.claims.settleAndClaim(
         this.claimRequest(),
         claimers,
-        batch.map((s) => (uow: UnitOfWork) => uow.send('task', s.taskId, s.event)),
+        // One send for all of them: their rows are written by one statement where they can be.
+        [
+          (uow: UnitOfWork) =>
+            uow.sendMany(
+              'task',
+              batch.map((s) => ({ id: s.taskId, events: [() => s.event] })),
+            ),
+        ],
       );
       const bySlot = new Map(claimed.map((c) => [c.task.workerId ?? '', c]));
       for (const s of batch) s.resolve(bySlot.get(s.workerId) ?? null);
