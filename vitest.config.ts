@@ -10,6 +10,7 @@ export default defineConfig({
             'test/machines/**/*.test.ts',
             'test/actors/**/*.test.ts',
             'test/client/**/*.test.ts',
+            'test/workers/**/*.test.ts',
           ],
         },
       },

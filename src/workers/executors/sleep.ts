@@ -24,6 +24,8 @@ function abortableSleep(ms: number, signal: AbortSignal): Promise<void> {
     const aborted = () =>
       new ExecutionFailed(`aborted: ${String(signal.reason ?? 'aborted')}`, { aborted: true });
     if (signal.aborted) return reject(aborted());
+    // Nothing to wait for: a timer of 0 ms would still wait a millisecond (Node's minimum).
+    if (ms === 0) return resolve();
     const onAbort = () => {
       clearTimeout(timer);
       reject(aborted());
