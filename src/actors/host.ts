@@ -797,8 +797,9 @@ export class UnitOfWork {
     all.catch(() => {});
     if (ends) this.final();
     // Every read the rules will make goes out behind the statement now; the rules themselves
-    // run one task after another, as separate sends' would: each sees what the one before
-    // did in this transaction (two prerequisites of one dependent release it once).
+    // run one task after another, each seeing what the one before did in this transaction:
+    // all the reads ran after every write, so two prerequisites of one dependent both find
+    // it ready, and only the first releases it (the second's DEPS_MET is then refused).
     for (const [i, p] of plans.entries()) {
       readAheadFor(this, 'task', p.next.id, emittedTypes(decided[i] as Step[]));
     }
