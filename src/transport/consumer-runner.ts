@@ -75,6 +75,9 @@ export const DEFAULT_CONSUMER_SETTINGS: ConsumerSettings = {
   maxPerTransaction: 200,
 };
 
+/** How long a stop waits for the consumer's loop to end (see `stop`). */
+const LOOP_STOP_MS = 2_000;
+
 /** The consumer's `max_ack_pending`; a process holds at most `2 × batchSize` of it. */
 const MAX_ACK_PENDING = 1_000;
 /** Entities whose key this process remembers (a key never changes; this only bounds memory). */
@@ -283,7 +286,12 @@ export class ConsumerRunner {
     this.heldChanged?.();
     // With NATS down, close() waits for a server that is not there: bound it.
     if (this.messages) await settleWithin(this.messages.close(), 2_000);
-    await this.loop;
+    // The loop may be inside a JetStream call (the consumer looked up or recreated after NATS
+    // came back) that answers only at its timeout, one after another: the stop does not wait
+    // for those past a bound. The loop ends at its next look at `running` and takes nothing.
+    if (this.loop && !(await settleWithin(this.loop, LOOP_STOP_MS))) {
+      this.o.log.warn({ consumer: this.name }, 'consumer loop still in a JetStream call; stopping');
+    }
     this.loop = null;
     // What waits for a transaction goes back to the server at once, for any process to take.
     for (const items of this.queued.values()) {
@@ -301,6 +309,7 @@ export class ConsumerRunner {
       try {
         if (failures > 0) await this.ensureConsumer();
         const consumer = await this.o.js.consumers.get(this.o.names.stream, this.name);
+        if (!this.running) break;
         const s = this.o.settings;
         const messages = await consumer.consume({
           // The client pulls again below a quarter of this: keep that above zero.
