@@ -625,10 +625,12 @@ export class UnitOfWork {
       const emitted = emittedTypes(decided[i] as Step[]);
       ends = !rulesFollow(entityType, emitted) && this.fresh.has(`${entityType}:${row.id}`);
     }
+    const plans = rows.map((row, i) => this.plan(row, decided[i] as Step[]));
     const written =
       this.writeTasks(
         rows,
         decided as Step[][],
+        plans,
         entries as MachineEntry[],
         options.last === true,
       ) ??
@@ -638,6 +640,7 @@ export class UnitOfWork {
           decided[i] as Step[],
           entries[i] as MachineEntry,
           ends && i === rows.length - 1,
+          plans[i],
         ),
       );
     // Every write answered before this answers: none is left running on the transaction.
@@ -725,8 +728,9 @@ export class UnitOfWork {
     steps: Step[],
     entry: MachineEntry,
     final = false,
+    planned: Planned = this.plan(row, steps),
   ): Promise<Applied[]> {
-    const { next, effects, timers, events } = this.plan(row, steps);
+    const { next, effects, timers, events } = planned;
     // Final when nothing can follow the answer: no same-transaction rule will send anything,
     // and the compare-and-set either cannot be lost (the row is locked by this transaction)
     // or fails its statement in Postgres if it is, so that the COMMIT behind it rolls back.
@@ -767,12 +771,12 @@ export class UnitOfWork {
   private writeTasks(
     rows: ActorRow[],
     decided: Step[][],
+    plans: Planned[],
     entries: MachineEntry[],
     final: boolean,
   ): Promise<Applied[]>[] | null {
     if (rows.length < 2 || rows.some((r) => r.entityType !== 'task')) return null;
     if (new Set(rows.map((r) => r.id)).size !== rows.length) return null;
-    const plans = rows.map((row, i) => this.plan(row, decided[i] as Step[]));
     const qualifies = plans.every(
       (p) =>
         p.events.length > 0 &&

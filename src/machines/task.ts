@@ -39,8 +39,17 @@ export const FINAL_TASK_STATES: readonly TaskState[] = ['completed', 'cancelled'
  */
 export type TaskSettlement = 'open' | 'completed' | 'failed' | 'cancelled';
 
+/** States from which a task may yet complete on its own (what a cancelled ticket cancels). */
+export const OPEN_TASK_STATES: readonly TaskState[] = [
+  'waiting',
+  'pending',
+  'claimed',
+  'running',
+  'retry_wait',
+];
+
 export function settlementOf(state: TaskState): TaskSettlement {
-  return state === 'completed' || state === 'failed' || state === 'cancelled' ? state : 'open';
+  return OPEN_TASK_STATES.includes(state) ? 'open' : (state as TaskSettlement);
 }
 
 /**

@@ -51,7 +51,7 @@
 import { assign, emit, setup } from 'xstate';
 import type { DomainEvent } from './domain-events.js';
 import { timeOf } from './domain-events.js';
-import type { TaskState } from './task.js';
+import { OPEN_TASK_STATES, type TaskState } from './task.js';
 import {
   isGate,
   type LoopRule,
@@ -185,14 +185,6 @@ export const FINAL_TICKET_STATE_NAMES = ['done', 'cancelled'] as const;
 export const APPROVAL_TIMEOUT_DELAY = 'approvalTimeout';
 /** Who a timed-out gate is approved or rejected by, in `ticket.approved`/`ticket.rejected`. */
 export const TIMEOUT_ACTOR = 'timeout';
-
-const OPEN_TASK_STATES: readonly TaskState[] = [
-  'waiting',
-  'pending',
-  'claimed',
-  'running',
-  'retry_wait',
-];
 
 const UNSETTLED_TASK_STATES: readonly TaskState[] = [...OPEN_TASK_STATES, 'failed'];
 

@@ -2,17 +2,8 @@
  * What the reactions and the reconciler read before they act: Postgres is the truth, a
  * message only says where to look.
  */
-import type { TaskState } from '../machines/task.js';
+import { OPEN_TASK_STATES, type TaskState } from '../machines/task.js';
 import type { Db } from './db.js';
-
-/** Task states a cancelled ticket cancels. */
-export const OPEN_TASK_STATES: readonly TaskState[] = [
-  'waiting',
-  'pending',
-  'claimed',
-  'running',
-  'retry_wait',
-];
 
 export interface TaskProgress {
   ticketId: string;

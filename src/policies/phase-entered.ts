@@ -16,12 +16,12 @@
 import type { Applied, UnitOfWork } from '../actors/host.js';
 import type { DomainEvent } from '../machines/domain-events.js';
 import type { Phase } from '../machines/phases.js';
+import { OPEN_TASK_STATES } from '../machines/task.js';
 import { DIAGNOSTIC_TASK_TYPE } from '../machines/ticket.js';
 import { phaseEntry, roundOf, type TicketContext, templatesOf } from '../machines/workflow.js';
 import type { TaskTemplate } from '../machines/workflow-definition.js';
 import { DEFAULT_WORKFLOW_REF } from '../persistence/actor-rows.js';
 import { openTasksOfPhase } from '../persistence/dependency-rows.js';
-import { OPEN_TASK_STATES } from '../persistence/reaction-rows.js';
 import { insertTicketTask } from '../persistence/ticket-task-rows.js';
 import { addTask } from './new-task.js';
 import { sendIfAccepted } from './send.js';

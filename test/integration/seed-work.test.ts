@@ -8,6 +8,7 @@
  * - O(n) worktree lookup (seed 002, task 2).
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { OPEN_TASK_STATES } from '../../src/machines/task.js';
 import {
   belowCap,
   lockCandidates,
@@ -16,7 +17,6 @@ import {
 } from '../../src/persistence/claim-rows.js';
 import type { Tx } from '../../src/persistence/db.js';
 import { Queries } from '../../src/persistence/queries.js';
-import { OPEN_TASK_STATES } from '../../src/persistence/reaction-rows.js';
 import { forwardTaskState } from '../../src/policies/index.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 import { ticketInput } from '../support/fixtures.js';
