@@ -5,7 +5,15 @@
  */
 import type { PersistedSnapshot } from '../actors/decide.js';
 import type { EntityType } from '../machines/index.js';
-import { checkInSql, type Db, failedCheck, sqlState, UNIQUE_VIOLATION } from './db.js';
+import {
+  Bindings,
+  checkInSql,
+  checkInText,
+  type Db,
+  failedCheck,
+  sqlState,
+  UNIQUE_VIOLATION,
+} from './db.js';
 import { type EventEntry, eventsParam, type NewEvent, writtenEntry } from './event-log.js';
 import { type TimerRow, timerWriteParts } from './timer-rows.js';
 
@@ -225,45 +233,47 @@ export async function updateActorRow(
 ): Promise<{ bytes: number; entries: EventEntry[] } | null> {
   const s = row.snapshot;
   const { json, bytes } = snapshotJson(s);
+  // Written as text (see `Bindings`): this is the statement of every single-actor transition.
+  const b = new Bindings();
   const set =
     row.entityType === 'ticket'
-      ? ticketSet(db, row, s, json)
-      : taskSet(db, row, s, json, write.deadline);
-  const table = row.entityType === 'ticket' ? db`tickets` : db`tasks`;
+      ? ticketSet(b, row, s, json)
+      : taskSet(b, row, s, json, write.deadline);
+  const table = row.entityType === 'ticket' ? 'tickets' : 'tasks';
+  const where = `id = ${b.add(row.id)} and version = ${b.add(expectedVersion)}`;
   const { events } = write;
-  const written = db`exists (select 1 from w)`;
-  const parts = timerWriteParts(db, row.id, write.cancelTimers, write.timers, written);
+  const written = 'exists (select 1 from w)';
+  const parts = timerWriteParts(b, row.id, write.cancelTimers, write.timers, written);
   // Each statement is handed to the connection at once (`execute()`), not when awaited: the
   // transaction's COMMIT may be sent right behind it (see `commitAhead` in db.ts).
   const pos = await guardUnique(async () => {
     if (events.length === 0 && parts.length === 0 && !write.failIfLost) {
-      const r = await db`update ${table} set ${set}
-        where id = ${row.id} and version = ${expectedVersion}`.execute();
+      const r = await b.query(db, `update ${table} set ${set} where ${where}`).execute();
       return r.count === 1 ? [] : null;
     }
     if (events.length > 0) {
       const at = new Date((events[0] as NewEvent).at);
-      parts.unshift(db`e as (
+      parts.unshift(`e as (
         insert into events (event_id, entity_type, entity_id, seq, type, data, at)
-        select x.event_id, ${row.entityType}, ${row.id}, x.seq, x.type, x.data, ${at}
-        from jsonb_to_recordset(${eventsParam(events)}::text::jsonb)
+        select x.event_id, ${b.add(row.entityType)}, ${b.add(row.id)}, x.seq, x.type, x.data, ${b.add(at)}
+        from jsonb_to_recordset(${b.add(eventsParam(events))}::text::jsonb)
           as x(event_id uuid, seq int, type text, data jsonb)
         where ${written}
         returning pos, seq)`);
     }
-    const rest =
-      parts.length > 0 ? db`, ${parts.reduce((all, part) => db`${all}, ${part}`)}` : db``;
+    const rest = parts.length > 0 ? `, ${parts.join(', ')}` : '';
     const check = write.failIfLost
-      ? db`, ${checkInSql(db, db`exists (select 1 from w)`, CAS_LOST, db`(select count(*) from w)`)} as ok`
-      : db``;
-    const r = await db<{ written: number; pos: number[] }[]>`
-      with w as (
-        update ${table} set ${set}
-        where id = ${row.id} and version = ${expectedVersion}
-        returning 1
-      )${rest}
-      select (select count(*) from w)::int as written${check},
-        ${events.length > 0 ? db`array(select pos from e order by seq)` : db`'{}'::bigint[]`} as pos`.execute();
+      ? `, ${checkInText(b, written, CAS_LOST, '(select count(*) from w)')} as ok`
+      : '';
+    const positions =
+      events.length > 0 ? 'array(select pos from e order by seq)' : "'{}'::bigint[]";
+    const r = await b
+      .query<{ written: number; pos: number[] }[]>(
+        db,
+        `with w as (update ${table} set ${set} where ${where} returning 1)${rest}
+        select (select count(*) from w)::int as written${check}, ${positions} as pos`,
+      )
+      .execute();
     const out = r[0];
     return out && out.written === 1 ? out.pos : null;
   });
@@ -376,19 +386,29 @@ export async function updateTaskRows(
   );
 }
 
-function ticketSet(db: Db, row: ActorRow, s: PersistedSnapshot, json: string) {
+function ticketSet(b: Bindings, row: ActorRow, s: PersistedSnapshot, json: string): string {
   const p = ticketColumns(s);
-  return db`state = ${p.state}, phase = ${p.phase}, machine_version = ${row.machineVersion},
-    snapshot = ${json}::text::jsonb, version = ${row.version}, seq = ${row.seq},
-    updated_at = ${p.updated_at}`;
+  return `state = ${b.add(p.state)}, phase = ${b.add(p.phase)},
+    machine_version = ${b.add(row.machineVersion)}, snapshot = ${b.add(json)}::text::jsonb,
+    version = ${b.add(row.version)}, seq = ${b.add(row.seq)}, updated_at = ${b.add(p.updated_at)}`;
 }
 
-function taskSet(db: Db, row: ActorRow, s: PersistedSnapshot, json: string, deadline: Deadline) {
+function taskSet(
+  b: Bindings,
+  row: ActorRow,
+  s: PersistedSnapshot,
+  json: string,
+  deadline: Deadline,
+): string {
   const p = taskColumns(s);
-  return db`state = ${p.state}, phase = ${p.phase},
-    executor = ${p.executor}, worktree = ${p.worktree}, priority = ${p.priority},
-    attempt = ${p.attempt}, worker_id = ${p.worker_id},
-    ${deadline === undefined ? db`` : db`lease_expires_at = ${deadline === null ? null : new Date(deadline)},`}
-    snapshot = ${json}::text::jsonb, version = ${row.version}, seq = ${row.seq},
-    updated_at = ${p.updated_at}`;
+  const lease =
+    deadline === undefined
+      ? ''
+      : `lease_expires_at = ${b.add(deadline === null ? null : new Date(deadline))},`;
+  return `state = ${b.add(p.state)}, phase = ${b.add(p.phase)},
+    executor = ${b.add(p.executor)}, worktree = ${b.add(p.worktree)},
+    priority = ${b.add(p.priority)}, attempt = ${b.add(p.attempt)},
+    worker_id = ${b.add(p.worker_id)}, ${lease}
+    snapshot = ${b.add(json)}::text::jsonb, version = ${b.add(row.version)},
+    seq = ${b.add(row.seq)}, updated_at = ${b.add(p.updated_at)}`;
 }

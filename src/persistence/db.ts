@@ -70,6 +70,32 @@ export function checkInSql(
   return db`case when ${ok} then 1 else (${`${message}: `} || ${detail})::int end`;
 }
 
+/** `checkInSql` for a statement written as text (`Bindings`); `ok` and `detail` are SQL text. */
+export function checkInText(b: Bindings, ok: string, message: string, detail: string): string {
+  return `case when ${ok} then 1 else (${b.add(`${message}: `)} || ${detail})::int end`;
+}
+
+/**
+ * The parameters of a statement written as text: `add` binds a value and answers its
+ * placeholder. For the statements every transition sends: as a tagged template, each of
+ * them was a dozen nested fragments, each a query object of the driver built and walked
+ * again for every call, about a tenth of a transition's CPU. The texts are a few fixed
+ * shapes, so the driver's prepared statements (keyed by text and parameter types) still
+ * serve them. Values are bound exactly as in a tagged template (the same type inference and
+ * serialization); only SQL text of this module's own goes into the text, never a value.
+ */
+export class Bindings {
+  readonly values: unknown[] = [];
+  add(value: unknown): string {
+    this.values.push(value);
+    return `$${this.values.length}`;
+  }
+  /** The statement, prepared, with these values (not yet sent: await it or `execute()`). */
+  query<T extends object[] = object[]>(db: Db, text: string): postgres.PendingQuery<T> {
+    return db.unsafe<T>(text, this.values as postgres.ParameterOrJSON<never>[], { prepare: true });
+  }
+}
+
 /** Whether `error` is the failure of a `checkInSql` check with `message`. */
 export function failedCheck(error: unknown, message: string): boolean {
   return (

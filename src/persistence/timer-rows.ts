@@ -3,9 +3,8 @@
  * token; cancelling deletes it; firing deletes it only if the token is still the one the
  * poller claimed, so a timer that was replaced or cancelled meanwhile does nothing.
  */
-import type postgres from 'postgres';
 import type { EntityType } from '../machines/index.js';
-import type { Db } from './db.js';
+import type { Bindings, Db } from './db.js';
 
 export const TIMER_CHANNEL = 'orchestrator_timers';
 
@@ -29,14 +28,12 @@ export async function upsertTimers(db: Db, timers: TimerRow[]): Promise<void> {
     token: t.token,
   }));
   await db`insert into timers ${db(rows as never, 'entity_type', 'entity_id', 'key', 'event', 'due_at', 'token')}
-    ${replaceTimer(db)}`;
+    ${db.unsafe(REPLACE_TIMER)}`;
 }
 
 /** A timer scheduled again replaces the row: its event, due time and token, unclaimed. */
-function replaceTimer(db: Db): postgres.Fragment {
-  return db`on conflict (entity_id, key) do update set event = excluded.event,
+const REPLACE_TIMER = `on conflict (entity_id, key) do update set event = excluded.event,
     due_at = excluded.due_at, token = excluded.token, locked_until = null`;
-}
 
 /**
  * Tells every process's poller that a timer falls due at `dueAt`. Sent after the commit, in a
@@ -49,21 +46,21 @@ export async function notifyTimer(db: Db, dueAt: number): Promise<void> {
 
 /**
  * The timer changes of one transition as parts of the statement that writes the entity's
- * row (actor-rows.ts), each run only when `written` (an SQL condition) holds: `cancel`
- * deletes this entity's timers by key, `schedule` upserts timers with new tokens. Empty
- * when there is nothing to change.
+ * row (actor-rows.ts, written as text with `b`), each run only when `written` (an SQL
+ * condition) holds: `cancel` deletes this entity's timers by key, `schedule` upserts timers
+ * with new tokens. Empty when there is nothing to change.
  */
 export function timerWriteParts(
-  db: Db,
+  b: Bindings,
   entityId: string,
   cancel: string[],
   schedule: TimerRow[],
-  written: postgres.Fragment,
-): postgres.Fragment[] {
-  const parts: postgres.Fragment[] = [];
+  written: string,
+): string[] {
+  const parts: string[] = [];
   if (cancel.length > 0) {
-    parts.push(db`cancelled as (
-      delete from timers where entity_id = ${entityId} and key = any(${cancel}::text[])
+    parts.push(`cancelled as (
+      delete from timers where entity_id = ${b.add(entityId)} and key = any(${b.add(cancel)}::text[])
         and ${written})`);
   }
   if (schedule.length > 0) {
@@ -77,13 +74,13 @@ export function timerWriteParts(
         token: t.token,
       })),
     );
-    parts.push(db`scheduled as (
+    parts.push(`scheduled as (
       insert into timers (entity_type, entity_id, key, event, due_at, token)
       select x.entity_type, x.entity_id, x.key, x.event, x.due_at, x.token
-      from jsonb_to_recordset(${rows}::text::jsonb)
+      from jsonb_to_recordset(${b.add(rows)}::text::jsonb)
         as x(entity_type text, entity_id text, key text, event jsonb, due_at timestamptz, token uuid)
       where ${written}
-      ${replaceTimer(db)})`);
+      ${REPLACE_TIMER})`);
   }
   return parts;
 }
