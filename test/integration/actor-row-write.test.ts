@@ -5,8 +5,9 @@
  */
 import { randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, expect, it } from 'vitest';
+import { Commands } from '../../src/actors/commands.js';
 import { ActorHost } from '../../src/actors/host.js';
-import { loadActorRow, updateActorRow } from '../../src/persistence/actor-rows.js';
+import { casLost, loadActorRow, updateActorRow } from '../../src/persistence/actor-rows.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 
 let db: TestDatabase;
@@ -128,4 +129,77 @@ it('through the host: 40 concurrent BLOCKs of one ticket apply once; the log sta
   expect(events.filter((e) => e.type === 'ticket.blocked')).toHaveLength(1);
   // Blocked: the stuck check is cancelled once, never scheduled again by a loser.
   expect(timers).toEqual([]);
+});
+
+it('with failIfLost, a lost compare-and-set fails the statement in Postgres and writes nothing', async () => {
+  const id = await startedTicket();
+  const before = await stateOf(id);
+  const row = await loadActorRow(db.sql, 'ticket', id);
+  if (!row) throw new Error('no row');
+  const next = { ...row, version: row.version + 1, seq: row.seq + 1 };
+  const failed = await db.sql
+    .begin((tx) =>
+      updateActorRow(tx, next, row.version - 1, {
+        ...write(id, row.seq, Date.now()),
+        failIfLost: true,
+      }),
+    )
+    .then(
+      () => null,
+      (error: unknown) => error,
+    );
+  expect(casLost(failed)).toBe(true);
+  expect(await stateOf(id)).toEqual(before);
+  // The same write at the right version goes through: the check fails only a lost one.
+  const won = await db.sql.begin((tx) =>
+    updateActorRow(tx, next, row.version, { ...write(id, row.seq, Date.now()), failIfLost: true }),
+  );
+  expect(won?.entries.map((e) => e.seq)).toEqual([row.seq + 1]);
+});
+
+it("a task's write sets, clears or leaves its lease column, with or without events", async () => {
+  const commands = new Commands(host, { stuckAfterMs: 3_600_000, diagnosticCooldownMs: 0 });
+  const { value: taskId } = await host.transact(async (uow) => {
+    const t = await commands.createTicket(uow, { title: 'lease column' });
+    await uow.send('ticket', t.id, { type: 'START' });
+    return (await commands.addTask(uow, t.id, { type: 'x' })).id;
+  });
+  const lease = async () =>
+    (
+      await db.sql<{ lease: Date | null; version: number }[]>`
+        select lease_expires_at as lease, version from tasks where id = ${taskId}`
+    )[0];
+  const rewrite = async (deadline: number | null | undefined, withEvent: boolean) => {
+    const row = await loadActorRow(db.sql, 'task', taskId);
+    if (!row) throw new Error('no row');
+    const next = { ...row, version: row.version + 1, seq: row.seq + (withEvent ? 1 : 0) };
+    const events = withEvent
+      ? [
+          {
+            eventId: randomUUID(),
+            seq: row.seq + 1,
+            entityId: taskId,
+            entityType: 'task' as const,
+            type: 'task.test',
+            data: {},
+            at: Date.now(),
+          },
+        ]
+      : [];
+    const r = await db.sql.begin((tx) =>
+      updateActorRow(tx, next, row.version, { deadline, events, cancelTimers: [], timers: [] }),
+    );
+    expect(r).not.toBeNull();
+  };
+  const due = Date.now() + 60_000;
+  await rewrite(due, false);
+  expect((await lease())?.lease?.getTime()).toBe(due);
+  await rewrite(undefined, true);
+  expect((await lease())?.lease?.getTime()).toBe(due);
+  await rewrite(null, true);
+  expect((await lease())?.lease).toBeNull();
+  await rewrite(due + 1, true);
+  expect((await lease())?.lease?.getTime()).toBe(due + 1);
+  await rewrite(undefined, false);
+  expect(await lease()).toEqual({ lease: new Date(due + 1), version: expect.any(Number) });
 });
