@@ -23,3 +23,19 @@ export function createLogger(level = 'info', readable = process.stdout.isTTY ===
 export function silentLogger(): Logger {
   return pino({ level: 'silent' });
 }
+
+/**
+ * `parent.child(bindings)`, made at the first use: a child of pino copies and serializes its
+ * bindings when made, which for a logger per task (most of which never log) cost the worker
+ * pool more than the rest of its own bookkeeping of the task.
+ */
+export function lazyChild(parent: Logger, bindings: Record<string, unknown>): Logger {
+  let child: Logger | null = null;
+  return new Proxy({} as Logger, {
+    get(_, key) {
+      child ??= parent.child(bindings);
+      const value = Reflect.get(child, key, child) as unknown;
+      return typeof value === 'function' ? value.bind(child) : value;
+    },
+  });
+}

@@ -15,7 +15,7 @@ import type { DecideEvent } from '../actors/decide.js';
 import type { ActorHost, UnitOfWork } from '../actors/host.js';
 import type { Config } from '../config.js';
 import { IllegalTransition, NotFound, StaleToken } from '../errors.js';
-import type { Logger } from '../log.js';
+import { type Logger, lazyChild } from '../log.js';
 import type { Json } from '../machines/domain-events.js';
 import type { ClaimedTask, ClaimService } from './claims.js';
 import { type Executor, type ExecutorRegistry, failureText } from './executors/executor.js';
@@ -297,7 +297,7 @@ export class WorkerPool {
     slotLog: Logger,
   ): Promise<ClaimedTask | null> {
     const { task, token } = claimed;
-    const log = slotLog.child({ taskId: task.id, attempt: task.attempt });
+    const log = lazyChild(slotLog, { taskId: task.id, attempt: task.attempt });
     const exec = this.execution(claimed);
     const executor = this.executors.get(task.executor);
     this.executions.add(exec);
