@@ -77,9 +77,10 @@ export function checkInText(b: Bindings, ok: string, message: string, detail: st
 
 /**
  * The parameters of a statement written as text: `add` binds a value and answers its
- * placeholder. For the statements every transition sends: as a tagged template, each of
- * them was a dozen nested fragments, each a query object of the driver built and walked
- * again for every call, about a tenth of a transition's CPU. The texts are a few fixed
+ * placeholder. For the statement every single-actor transition sends: as a tagged template
+ * it was a dozen nested fragments, each a query object of the driver built and walked again
+ * for every call, and with their garbage a third of the host's CPU per transition (BENCHMARKS
+ * section 27). The texts are a few fixed
  * shapes, so the driver's prepared statements (keyed by text and parameter types) still
  * serve them. Values are bound exactly as in a tagged template (the same type inference and
  * serialization); only SQL text of this module's own goes into the text, never a value.
