@@ -57,8 +57,11 @@ interface Figure {
   jobs: number;
   seconds: number;
   note: string;
-  /** CPU ms per job of the queue's own process (its worker) and of Postgres; null: unknown. */
-  cpu: { queue: number; postgres: number } | null;
+  /**
+   * CPU ms per job of the queue's own process (its worker), of Postgres and of nats-server
+   * (null for a queue that does not use NATS); null: unknown.
+   */
+  cpu: { queue: number; postgres: number; nats: number | null } | null;
 }
 
 /**
@@ -71,11 +74,21 @@ function ownSeconds(since: NodeJS.CpuUsage): number {
 }
 
 /** CPU ms per job from a measured window, or null when /proc was not readable. */
-function perJob(used: Record<string, number>, queueKey: string, jobs: number): Figure['cpu'] {
+function perJob(
+  used: Record<string, number>,
+  queueKey: string,
+  jobs: number,
+  usesNats = false,
+): Figure['cpu'] {
   const queue = used[queueKey];
   const postgres = used.postgres;
   if (queue === undefined || postgres === undefined) return null;
-  return { queue: (queue * 1000) / jobs, postgres: (postgres * 1000) / jobs };
+  const nats = used['nats-server'];
+  return {
+    queue: (queue * 1000) / jobs,
+    postgres: (postgres * 1000) / jobs,
+    nats: usesNats && nats !== undefined ? (nats * 1000) / jobs : null,
+  };
 }
 
 export async function drainSection(o: { jobs: number }): Promise<void> {
@@ -102,6 +115,7 @@ export async function drainSection(o: { jobs: number }): Promise<void> {
         'vs graphile-worker x8',
         'CPU ms/job: its process',
         'CPU ms/job: Postgres',
+        'CPU ms/job: nats-server',
       ],
       figures.map((f) => [
         f.name,
@@ -111,12 +125,13 @@ export async function drainSection(o: { jobs: number }): Promise<void> {
         ratio(f.jobs / f.seconds, g8.jobs / g8.seconds),
         f.cpu ? f.cpu.queue.toFixed(2) : '-',
         f.cpu ? f.cpu.postgres.toFixed(2) : '-',
+        f.cpu?.nats != null ? f.cpu.nats.toFixed(2) : '-',
       ]),
     ),
   );
   print();
   print(
-    'CPU ms/job: user + system CPU time (from /proc) of the process that runs the jobs and of every Postgres process, over the drain, divided by the jobs; two cores serve all of them.\n',
+    'CPU ms/job: user + system CPU time (from /proc) of the process that runs the jobs, of every Postgres process and of nats-server (for the queue that uses NATS: ours relays every event to JetStream and reacts to them from it), over the drain, divided by the jobs; two cores serve all of them.\n',
   );
   for (const f of figures) print(`- ${f.name}: ${f.note}`);
 }
@@ -291,7 +306,7 @@ async function ours(jobs: number): Promise<Figure> {
       name: 'ours (worker process x8)',
       jobs,
       seconds,
-      cpu: perJob(used, `pid:${pid}`, jobs),
+      cpu: perJob(used, `pid:${pid}`, jobs, true),
       note: `a \`bin/orchestrator worker\` process, WORKER_CONCURRENCY=8, ${n0(tickets)} tickets of up to ${TASKS_PER_TICKET} \`sleep\` tasks (ms 0). Counted from the first claim to the last ticket's phase change (${wall.toFixed(1)} s from spawning the process, start-up included); ${n0(span.claims)} claims, one per task.`,
     };
   } finally {
