@@ -305,8 +305,8 @@ export async function updateTaskRows(
 ): Promise<({ bytes: number; entries: EventEntry[] } | null)[]> {
   const bytes: number[] = [];
   const rows = writes.map((w, i) => {
-    const json = JSON.stringify(w.row.snapshot);
-    bytes.push(Buffer.byteLength(json));
+    const { json, bytes: size } = snapshotJson(w.row.snapshot);
+    bytes.push(size);
     const p = taskColumns(w.row.snapshot);
     const head = JSON.stringify({
       i,

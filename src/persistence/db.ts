@@ -80,10 +80,10 @@ export function checkInText(b: Bindings, ok: string, message: string, detail: st
  * placeholder. For the statement every single-actor transition sends: as a tagged template
  * it was a dozen nested fragments, each a query object of the driver built and walked again
  * for every call, and with their garbage a third of the host's CPU per transition (BENCHMARKS
- * section 27). The texts are a few fixed
- * shapes, so the driver's prepared statements (keyed by text and parameter types) still
- * serve them. Values are bound exactly as in a tagged template (the same type inference and
- * serialization); only SQL text of this module's own goes into the text, never a value.
+ * section 27). The texts are a few fixed shapes, so the driver's prepared statements (keyed
+ * by text and parameter types) still serve them. Values are bound exactly as in a tagged
+ * template (the same type inference and serialization); only SQL text of this module's own
+ * goes into the text, never a value.
  */
 export class Bindings {
   readonly values: unknown[] = [];
