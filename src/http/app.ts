@@ -5,12 +5,12 @@
  * error mapping (`errors.ts`) and the 404 fallback.
  */
 import { createHash, randomUUID, timingSafeEqual } from 'node:crypto';
-import type { IncomingMessage } from 'node:http';
 import { type Context, Hono } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { dashboardRoutes } from './dashboard/routes.js';
 import { errorHandler, HttpProblem } from './errors.js';
 import { Histogram } from './metrics.js';
+import { incomingOf, requestHeader, setResponseHeader } from './node-io.js';
 import { opsRoutes } from './routes/ops.js';
 import { outputRoutes } from './routes/output.js';
 import { streamRoutes } from './routes/stream.js';
@@ -30,10 +30,10 @@ const digest = (s: string) => createHash('sha256').update(s).digest();
 
 /** Whether the request declared a body that the answer leaves (partly) unread. */
 function bodyLeftUnread(c: Context): boolean {
-  const length = c.req.header('content-length');
-  const declared = c.req.header('transfer-encoding') !== undefined || (length ?? '0') !== '0';
+  const length = requestHeader(c, 'content-length');
+  const declared = requestHeader(c, 'transfer-encoding') !== undefined || (length ?? '0') !== '0';
   if (!declared) return false;
-  const incoming = (c.env as { incoming?: IncomingMessage } | undefined)?.incoming;
+  const incoming = incomingOf(c);
   return incoming ? !incoming.readableEnded : !c.req.raw.bodyUsed;
 }
 
@@ -46,16 +46,15 @@ export function createApp(s: AppServices): Hono<AppEnv> {
   const expected = s.config.API_TOKEN ? digest(s.config.API_TOKEN) : null;
 
   app.use('*', async (c, next) => {
-    const given = c.req.header('x-request-id');
+    const given = requestHeader(c, 'x-request-id');
     const requestId = given && REQUEST_ID.test(given) ? given : randomUUID();
     c.set('requestId', requestId);
-    c.header('X-Request-Id', requestId);
     const started = performance.now();
     await next();
-    if (!c.res.headers.has('X-Request-Id')) c.res.headers.set('X-Request-Id', requestId);
+    setResponseHeader(c, 'X-Request-Id', requestId);
     // Left unread, the body would sit on a keep-alive connection until the server gives up
     // draining it and drops the socket under the client's next request.
-    if (bodyLeftUnread(c)) c.res.headers.set('Connection', 'close');
+    if (bodyLeftUnread(c)) setResponseHeader(c, 'Connection', 'close');
     const route = c.res.status === 404 && c.req.routePath === '*' ? 'unmatched' : c.req.routePath;
     latency.observe(
       { method: c.req.method, route, status: String(c.res.status) },
@@ -65,7 +64,7 @@ export function createApp(s: AppServices): Hono<AppEnv> {
 
   app.use('*', async (c, next) => {
     if (!expected || isPublic(c.req.path)) return next();
-    const header = c.req.header('authorization') ?? '';
+    const header = requestHeader(c, 'authorization') ?? '';
     const m = /^Bearer\s+(.+)$/i.exec(header);
     const given = m?.[1] ? digest(m[1].trim()) : null;
     if (!given || !timingSafeEqual(given, expected)) {
@@ -87,8 +86,8 @@ export function createApp(s: AppServices): Hono<AppEnv> {
   app.use('*', async (c, next) => {
     const method = c.req.method;
     if (method === 'GET' || method === 'HEAD') return next(); // a web Request has no body
-    const length = c.req.header('content-length');
-    if (length === undefined || c.req.header('transfer-encoding') !== undefined) {
+    const length = requestHeader(c, 'content-length');
+    if (length === undefined || requestHeader(c, 'transfer-encoding') !== undefined) {
       return streamedLimit(c, next);
     }
     // Without a transfer-encoding the body is exactly Content-Length bytes (Node's parser

@@ -32,7 +32,10 @@ export class Histogram {
   ) {}
 
   observe(labels: Labels, value: number): void {
-    const key = labelText(labels);
+    // Keyed on the values as given (each call site passes the same names in the same
+    // order): escaping them into label text is left to `render`.
+    let key = '';
+    for (const k in labels) key += `${labels[k]}\u0000`;
     let s = this.series.get(key);
     if (!s) {
       s = { labels, counts: this.buckets.map(() => 0), sum: 0, count: 0 };

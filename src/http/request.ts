@@ -8,6 +8,7 @@ import type { z } from 'zod';
 import type { IdempotencyOptions } from '../actors/host.js';
 import { InvalidInput } from '../errors.js';
 import { HttpProblem } from './errors.js';
+import { requestHeader } from './node-io.js';
 import type { AppEnv } from './services.js';
 
 export interface Issue {
@@ -52,7 +53,7 @@ const STRICT_UTF8 = new TextDecoder('utf-8', { fatal: true, ignoreBOM: false });
 
 /** The parsed JSON body. The body-limit middleware has already bounded its size. */
 export async function readJson(c: Context): Promise<unknown> {
-  if (!isJsonMediaType(c.req.header('content-type'))) {
+  if (!isJsonMediaType(requestHeader(c, 'content-type'))) {
     throw new HttpProblem('unsupported_media_type', 'the body must be application/json');
   }
   let text: string;
@@ -152,7 +153,7 @@ export function idempotencyScope(c: Context<AppEnv>): string {
 
 /** The request's idempotency key with what identifies the request; undefined without one. */
 export function idempotencyOf(c: Context<AppEnv>, body: unknown): IdempotencyOptions | undefined {
-  const key = c.req.header('idempotency-key');
+  const key = requestHeader(c, 'idempotency-key');
   if (key === undefined) return undefined;
   if (!KEY.test(key)) {
     throw new InvalidInput('Idempotency-Key must be 1-200 visible ASCII characters', [

@@ -15,6 +15,7 @@ import {
 } from '../../api/schemas.js';
 import { InvalidInput, NotFound, Unavailable } from '../../errors.js';
 import { HttpProblem } from '../errors.js';
+import { requestHeader } from '../node-io.js';
 import { idempotencyOf, readJson, validate } from '../request.js';
 import type { AppEnv, AppServices } from '../services.js';
 import { pathId } from './tickets.js';
@@ -86,7 +87,7 @@ export function outputRoutes(s: AppServices): Hono<AppEnv> {
     const id = pathId(c.req.param('id'), 'task');
     const q = validate(OutputStreamQuery, c.req.query(), 'query');
     let after = q.after ?? 0;
-    const header = c.req.header('last-event-id')?.trim();
+    const header = requestHeader(c, 'last-event-id')?.trim();
     if (header) {
       if (!/^\d{1,15}$/.test(header)) {
         throw new InvalidInput('Last-Event-ID must be an output seq', [

@@ -14,6 +14,7 @@ import { type Context, Hono } from 'hono';
 import { streamSSE } from 'hono/streaming';
 import { StreamQuery } from '../../api/schemas.js';
 import { InvalidInput, Unavailable } from '../../errors.js';
+import { requestHeader } from '../node-io.js';
 import { validate } from '../request.js';
 import type { AppEnv, AppServices, EventFeed, StreamMessage } from '../services.js';
 
@@ -102,7 +103,7 @@ export function streamRoutes(s: AppServices): Hono<AppEnv> {
 
   app.get('/events/stream', async (c) => {
     const q = validate(StreamQuery, c.req.query(), 'query');
-    const header = c.req.header('last-event-id');
+    const header = requestHeader(c, 'last-event-id');
     let after: number | 'new' = q.after ?? 0;
     if (header !== undefined && header.trim() !== '') {
       if (!/^\d{1,15}$/.test(header.trim())) {
