@@ -74,7 +74,7 @@ export async function reactionsSection(o: ReactionsOptions): Promise<void> {
   if (process.env.BENCH_REACTION_BASELINE === '1') {
     passes.push({ label: 'one message per transaction', maxPerTransaction: 1 });
   }
-  let alone: ReturnType<typeof summarize> | null = null;
+  let alone: Alone | null = null;
   const runs: Run[] = [];
   for (const pass of passes) {
     const db = await scratchDatabase('reactions', { max: 24 });
@@ -102,8 +102,8 @@ export async function reactionsSection(o: ReactionsOptions): Promise<void> {
       );
       await settle(db, t, names.stream);
       const runner = t.runners.find((r) => r.name === 'task_state') as ConsumerRunner;
-      alone ??= await timeAlone(host, runner, work.slice(o.tasks));
       const onStream = `${names.prefix}.events.task.>`;
+      alone ??= await timeAlone(host, runner, t, onStream, work.slice(o.tasks));
       runs.push(await underLoad(pass.label, host, runner, t, onStream, work.slice(0, o.tasks), o));
     } finally {
       await t?.stop().catch(() => {});
@@ -115,7 +115,7 @@ export async function reactionsSection(o: ReactionsOptions): Promise<void> {
   print(
     `\n${n0(o.tasks)} running tasks in tickets of ${TASKS_PER_TICKET}; ${o.concurrency} loops send COMPLETE for ${o.seconds}s, taking the tasks ticket by ticket; latency = completion's commit → commit of the TASK_STATE that applied it\n`,
   );
-  const a = alone as ReturnType<typeof summarize>;
+  const a = (alone as Alone).total;
   print(
     table(
       [
@@ -147,15 +147,18 @@ export async function reactionsSection(o: ReactionsOptions): Promise<void> {
       ],
     ),
   );
-  print('\nwhere the time goes under load (p50 / p99 ms):\n');
+  print('\nwhere the time goes (p50 / p99 ms):\n');
+  const split = (to: [number, number], from: [number, number]) => [
+    `${ms(to[0])} / ${ms(to[1])}`,
+    `${ms(from[0])} / ${ms(from[1])}`,
+  ];
   print(
     table(
       ['run', 'commit → on stream (relay)', 'on stream → reaction committed'],
-      runs.map((r) => [
-        r.label,
-        `${ms(r.toStream[0])} / ${ms(r.toStream[1])}`,
-        `${ms(r.fromStream[0])} / ${ms(r.fromStream[1])}`,
-      ]),
+      [
+        ...runs.map((r) => [r.label, ...split(r.toStream, r.fromStream)]),
+        ['alone (one at a time)', ...split((alone as Alone).toStream, (alone as Alone).fromStream)],
+      ],
     ),
   );
   print(
@@ -208,15 +211,32 @@ async function settle(db: Scratch, t: Transport, stream: string): Promise<void> 
   );
 }
 
-/** Reaction latency of completions sent one at a time. */
+interface Alone {
+  total: ReturnType<typeof summarize>;
+  toStream: [number, number];
+  fromStream: [number, number];
+}
+
+/** Reaction latency of completions sent one at a time, and its two halves. */
 async function timeAlone(
   host: ActorHost,
   runner: ConsumerRunner,
+  t: Transport,
+  streamSubjects: string,
   work: Work[],
-): Promise<ReturnType<typeof summarize>> {
+): Promise<Alone> {
   const committedAt = new Map<string, { eventId: string; at: number }>();
   const reactedAt = new Map<string, number>();
+  const streamAt = new Map<string, number>();
   const waiters = new Map<string, () => void>();
+  const sub = t.nc.subscribe(streamSubjects, {
+    callback: (_err, m) => {
+      if (m.subject.endsWith('.completed')) {
+        streamAt.set((m.json() as { eventId: string }).eventId, performance.now());
+      }
+    },
+  });
+  await t.nc.flush();
   const stopCommits = host.onCommit((applied) => {
     const now = performance.now();
     for (const a of applied) {
@@ -234,6 +254,8 @@ async function timeAlone(
     }
   });
   const samples: number[] = [];
+  const toStream: number[] = [];
+  const fromStream: number[] = [];
   try {
     for (const w of work) {
       await host.send('task', w.taskId, { type: 'COMPLETE', token: w.token });
@@ -242,13 +264,22 @@ async function timeAlone(
       if (!reactedAt.has(c.eventId)) {
         await new Promise<void>((resolve) => waiters.set(c.eventId, resolve));
       }
-      samples.push((reactedAt.get(c.eventId) as number) - c.at);
+      const reacted = reactedAt.get(c.eventId) as number;
+      samples.push(reacted - c.at);
+      const seen = streamAt.get(c.eventId);
+      if (seen !== undefined) {
+        toStream.push(seen - c.at);
+        fromStream.push(reacted - seen);
+      }
     }
   } finally {
     stopCommits();
     stopApplied();
+    sub.unsubscribe();
   }
-  return summarize(samples, 0);
+  const a = summarize(toStream, 0);
+  const b = summarize(fromStream, 0);
+  return { total: summarize(samples, 0), toStream: [a.p50, a.p99], fromStream: [b.p50, b.p99] };
 }
 
 async function underLoad(
