@@ -13,6 +13,8 @@
  * predecessor lies beyond the cursor). Events the stream turns out to have lost are
  * published again from a checkpoint (guarantee 8).
  */
+
+import type { PendingQuery, Row } from 'postgres';
 import type { EntityType } from '../machines/index.js';
 import type { Db, Tx } from './db.js';
 
@@ -242,9 +244,13 @@ export interface RoundOutcome {
   checkpoint: boolean;
 }
 
-/** Records a round in its transaction: the held events' changes, the cursor, a checkpoint. */
+/**
+ * Records a round in its transaction: the held events' changes, the cursor, a checkpoint.
+ * Every statement is handed to the connection before this returns its promise, so a COMMIT
+ * sent right after the call (`commitAhead`) goes out behind them.
+ */
 export async function finishRound(tx: Tx, o: RoundOutcome): Promise<void> {
-  const writes: Promise<unknown>[] = [];
+  const writes: PendingQuery<Row[]>[] = [];
   if (o.hold.length > 0) {
     const f = o.hold.map((h) => h.failure);
     writes.push(tx`
@@ -282,7 +288,8 @@ export async function finishRound(tx: Tx, o: RoundOutcome): Promise<void> {
       values (${o.streamSeq}, ${o.cursor.tx}::xid8, ${o.cursor.pos})
       on conflict (stream_seq) do update set tx = excluded.tx, pos = excluded.pos, at = now()`);
   }
-  await Promise.all(writes);
+  // Handed to the connection here, in order, not when Promise.all gets to them.
+  await Promise.all(writes.map((w) => w.execute()));
 }
 
 /**

@@ -20,7 +20,7 @@
 import { JetStreamApiError, type JetStreamManager } from '@nats-io/jetstream';
 import { InvalidArgumentError, type NatsConnection } from '@nats-io/transport-node';
 import type { Logger } from '../log.js';
-import type { Sql } from '../persistence/db.js';
+import { commitAhead, type Sql } from '../persistence/db.js';
 import {
   type CursorItem,
   comparePositions,
@@ -354,7 +354,10 @@ export class OutboxRelay {
       const checkpoint =
         r.streamSeq > cursor.streamSeq && Date.now() - this.lastCheckpoint >= this.o.checkpointMs;
       if (checkpoint) this.lastCheckpoint = Date.now();
-      await finishRound(tx, {
+      // A new message got a sequence the stream had already given: it lost everything from
+      // there on. Everything published after the checkpoint below it goes out again.
+      const lost = r.lowestNew !== null && r.lowestNew <= cursor.streamSeq;
+      const finished = finishRound(tx, {
         cursor: { tx: to.tx, pos: to.pos },
         streamSeq: r.streamSeq,
         hold: r.hold,
@@ -362,9 +365,14 @@ export class OutboxRelay {
         heldFailed: r.heldFailed,
         checkpoint,
       });
-      // A new message got a sequence the stream had already given: it lost everything from
-      // there on. Everything published after the checkpoint below it goes out again.
-      if (r.lowestNew !== null && r.lowestNew <= cursor.streamSeq) {
+      // Nothing else follows in the round: its COMMIT goes out behind the writes, a round
+      // trip sooner (a failed write makes the server roll back instead, and the round fails).
+      if (!lost) {
+        finished.catch(() => {});
+        commitAhead(tx);
+      }
+      await finished;
+      if (lost && r.lowestNew !== null) {
         const n = await rewind(tx, r.lowestNew - 1, r.streamSeq);
         if (n > 0) this.noteRequeued(n, `sequence ${r.lowestNew} was given again`);
       }
