@@ -32,6 +32,7 @@ import {
   casLost,
   DEFAULT_WORKFLOW_REF,
   type Deadline,
+  dependentsFound,
   insertActorRow,
   loadActorRow,
   type TaskFeedback,
@@ -43,7 +44,13 @@ import { type Sql, sqlState, type Tx } from '../persistence/db.js';
 import { appendEvents, type EventEntry, type NewEvent } from '../persistence/event-log.js';
 import { clearLease, lockExpiredLease } from '../persistence/lease-rows.js';
 import { consumeTimer, type TimerRow, upsertTimers } from '../persistence/timer-rows.js';
-import { afterTransition, readAheadFor, rulesFollow } from '../policies/index.js';
+import {
+  afterTransition,
+  dependentsChecked,
+  readAheadFor,
+  releasesDependents,
+  rulesFollow,
+} from '../policies/index.js';
 import { ActorCache } from './actor-cache.js';
 import {
   type DecideEvent,
@@ -147,6 +154,19 @@ export const DEFAULT_COMMIT_LANES = 4;
  * long for a lock (group-commit.ts). Either was rolled back whole, so it may run again.
  */
 const LOCK_RACES = new Set(['40P01', '55P03']);
+/** Bound of `ActorHost.withDependents`. */
+const KNOWN_DEPENDENTS_MAX = 50_000;
+
+/**
+ * A settling write checked for dependents in its statement and found some: its transaction
+ * failed, and its unit of work runs again the long way (never seen outside `transact`).
+ */
+class DependentsToRelease extends Error {
+  constructor(readonly taskIds: readonly string[]) {
+    super(`tasks ${taskIds.join(', ')} have dependents to release`);
+    this.name = 'DependentsToRelease';
+  }
+}
 
 /** Rows the earlier units of one batch wrote or locked, by `type:id`. */
 type BatchRows = Map<string, ActorRow>;
@@ -160,6 +180,12 @@ export class ActorHost {
   /** Executor of the diagnostic tasks the stuck check spawns. */
   readonly diagnosticExecutor: string;
   private readonly mailboxes = new Map<string, Promise<unknown>>();
+  /**
+   * Tasks found to have dependents (a dependency's insert marked them): their settling
+   * writes read and release the dependents rather than checking for them. Forgotten past
+   * a bound; a forgotten one costs its next settle one attempt more.
+   */
+  private readonly withDependents = new Set<string>();
   private readonly workflows: WorkflowSource | undefined;
   private readonly entries = new WeakMap<CompiledWorkflow, MachineEntry>();
   private readonly listeners = new Set<CommitListener>();
@@ -245,6 +271,16 @@ export class ActorHost {
     });
   }
 
+  /** @internal Whether the task may have dependents (see `withDependents`). */
+  mayHaveDependents(taskId: string): boolean {
+    return this.withDependents.has(taskId);
+  }
+
+  private noteDependents(taskId: string): void {
+    if (this.withDependents.size >= KNOWN_DEPENDENTS_MAX) this.withDependents.clear();
+    this.withDependents.add(taskId);
+  }
+
   /** Creates an actor from its machine's input. */
   async create<T extends EntityType>(entityType: T, input: EntityInput<T>): Promise<Applied> {
     const { value } = await this.transact((uow) => uow.create(entityType, input));
@@ -279,6 +315,12 @@ export class ActorHost {
         return { value, applied: uow.applied() };
       } catch (error) {
         for (const key of uow.loadedKeys()) this.cache.delete(key);
+        // A settling task turned out to have dependents: the unit runs again the long way,
+        // reading and releasing them.
+        if (error instanceof DependentsToRelease && attempt < this.maxAttempts) {
+          for (const id of error.taskIds) this.noteDependents(id);
+          continue;
+        }
         if (error instanceof IllegalTransition) {
           const key = `${error.entityType ?? 'unknown'}:${error.state}:${error.event}`;
           this.stats.illegal.set(key, (this.stats.illegal.get(key) ?? 0) + 1);
@@ -623,7 +665,8 @@ export class UnitOfWork {
     for (let i = 0; i < rows.length - 1 && ends; i++) {
       const row = rows[i] as ActorRow;
       const emitted = emittedTypes(decided[i] as Step[]);
-      ends = !rulesFollow(entityType, emitted) && this.fresh.has(`${entityType}:${row.id}`);
+      const follows = rulesFollow(entityType, emitted) && !this.checksDependents(row, emitted);
+      ends = !follows && this.fresh.has(`${entityType}:${row.id}`);
     }
     const plans = rows.map((row, i) => this.plan(row, decided[i] as Step[]));
     const written =
@@ -739,13 +782,19 @@ export class UnitOfWork {
     // requests/s), so such a write on a row this transaction did not lock is not final.
     const bare = events.length === 0 && timers.length === 0 && effects.cancel.length === 0;
     const locked = this.fresh.has(`${row.entityType}:${row.id}`);
-    const ends = final && !rulesFollow(row.entityType, emittedTypes(steps)) && (locked || !bare);
+    const emitted = emittedTypes(steps);
+    // A settling task not known to have dependents checks for them in its own statement
+    // instead of reading them after it: its rules then send nothing more.
+    const checkDeps = this.checksDependents(row, emitted);
+    const follows = rulesFollow(row.entityType, emitted) && !checkDeps;
+    const ends = final && !follows && (locked || !bare);
     const written = updateActorRow(this.tx, next, row.version, {
       deadline: deadlineAt(effects, this.at),
       events,
       cancelTimers: effects.cancel,
       timers,
       ...(ends && !locked ? { failIfLost: true } : {}),
+      ...(checkDeps ? { failIfDependents: true } : {}),
     }).then(
       (w) => {
         if (w === null) throw new VersionConflict(row.id, row.version);
@@ -753,11 +802,24 @@ export class UnitOfWork {
       },
       (error) => {
         if (casLost(error)) throw new VersionConflict(row.id, row.version);
+        if (dependentsFound(error)) throw new DependentsToRelease([row.id]);
         throw translateUnique(error, row.id);
       },
     );
+    if (checkDeps) dependentsChecked(this, row.id);
     if (ends) this.final();
-    return this.record(row, next, written, steps, effects, timers, entry);
+    return this.record(row, next, written, steps, effects, timers, entry, {
+      readAhead: !checkDeps,
+    });
+  }
+
+  /** Whether a task's write that emits `emitted` checks for dependents itself (see `write`). */
+  private checksDependents(row: ActorRow, emitted: readonly string[]): boolean {
+    return (
+      row.entityType === 'task' &&
+      releasesDependents(emitted) &&
+      !this.host.mayHaveDependents(row.id)
+    );
   }
 
   /**
@@ -786,8 +848,10 @@ export class UnitOfWork {
     );
     if (!qualifies) return null;
     const locked = rows.every((r) => this.fresh.has(`task:${r.id}`));
+    const emitted = decided.map((steps) => emittedTypes(steps));
+    const checkDeps = rows.map((r, i) => this.checksDependents(r, emitted[i] as string[]));
     const ends =
-      final && rows.every((_, i) => !rulesFollow('task', emittedTypes(decided[i] as Step[])));
+      final && rows.every((_, i) => checkDeps[i] || !rulesFollow('task', emitted[i] as string[]));
     const all = updateTaskRows(
       this.tx,
       plans.map((p, i) => ({
@@ -795,6 +859,7 @@ export class UnitOfWork {
         expectedVersion: (rows[i] as ActorRow).version,
         deadline: deadlineAt(p.effects, this.at),
         events: p.events,
+        ...(checkDeps[i] ? { failIfDependents: true } : {}),
       })),
       ends && !locked ? { failIfLost: true } : {},
     );
@@ -805,8 +870,10 @@ export class UnitOfWork {
     // all the reads ran after every write, so two prerequisites of one dependent both find
     // it ready, and only the first releases it (the second's DEPS_MET is then refused).
     for (const [i, p] of plans.entries()) {
-      readAheadFor(this, 'task', p.next.id, emittedTypes(decided[i] as Step[]));
+      if (checkDeps[i]) dependentsChecked(this, p.next.id);
+      else readAheadFor(this, 'task', p.next.id, emitted[i] as string[]);
     }
+    const checked = rows.filter((_, i) => checkDeps[i]).map((r) => r.id);
     let before: Promise<unknown> = Promise.resolve();
     return plans.map((p, i) => {
       const row = rows[i] as ActorRow;
@@ -818,6 +885,7 @@ export class UnitOfWork {
         },
         (error) => {
           if (casLost(error)) throw new VersionConflict(row.id, row.version);
+          if (dependentsFound(error)) throw new DependentsToRelease(checked);
           throw translateUnique(error, row.id);
         },
       );

@@ -208,14 +208,28 @@ export interface RowWrite {
    * The failure is `casLost(error)`.
    */
   failIfLost?: boolean;
+  /**
+   * A task's settling write: fails the statement (and its transaction) in Postgres when some
+   * task depends on this one (`tasks.has_dependents`, read on the row version the update
+   * writes), so that a write with nothing to release may end its transaction. The failure
+   * is `dependentsFound(error)`.
+   */
+  failIfDependents?: boolean;
 }
 
 /** The message of the failure of a write with `failIfLost` whose compare-and-set was lost. */
 const CAS_LOST = 'compare-and-set lost: the row is not at the expected version';
+/** The message of the failure of a write with `failIfDependents` on a task with dependents. */
+const HAS_DEPENDENTS = 'the task has dependents to release';
 
 /** Whether `error` is the failure of a `failIfLost` write whose compare-and-set was lost. */
 export function casLost(error: unknown): boolean {
   return failedCheck(error, CAS_LOST);
+}
+
+/** Whether `error` is the failure of a `failIfDependents` write on a task with dependents. */
+export function dependentsFound(error: unknown): boolean {
+  return failedCheck(error, HAS_DEPENDENTS);
 }
 
 /**
@@ -244,10 +258,11 @@ export async function updateActorRow(
   const { events } = write;
   const written = 'exists (select 1 from w)';
   const parts = timerWriteParts(b, row.id, write.cancelTimers, write.timers, written);
+  const deps = write.failIfDependents === true && row.entityType === 'task';
   // Each statement is handed to the connection at once (`execute()`), not when awaited: the
   // transaction's COMMIT may be sent right behind it (see `commitAhead` in db.ts).
   const pos = await guardUnique(async () => {
-    if (events.length === 0 && parts.length === 0 && !write.failIfLost) {
+    if (events.length === 0 && parts.length === 0 && !write.failIfLost && !deps) {
       const r = await b.query(db, `update ${table} set ${set} where ${where}`).execute();
       return r.count === 1 ? [] : null;
     }
@@ -262,15 +277,20 @@ export async function updateActorRow(
         returning pos, seq)`);
     }
     const rest = parts.length > 0 ? `, ${parts.join(', ')}` : '';
-    const check = write.failIfLost
-      ? `, ${checkInText(b, written, CAS_LOST, '(select count(*) from w)')} as ok`
-      : '';
+    const check =
+      (write.failIfLost
+        ? `, ${checkInText(b, written, CAS_LOST, '(select count(*) from w)')} as ok`
+        : '') +
+      (deps
+        ? `, ${checkInText(b, 'not exists (select 1 from w where deps)', HAS_DEPENDENTS, '(select count(*) from w)')} as free`
+        : '');
     const positions =
       events.length > 0 ? 'array(select pos from e order by seq)' : "'{}'::bigint[]";
     const r = await b
       .query<{ written: number; pos: number[] }[]>(
         db,
-        `with w as (update ${table} set ${set} where ${where} returning 1)${rest}
+        `with w as (update ${table} set ${set} where ${where}
+          returning ${deps ? 'has_dependents as deps' : '1'})${rest}
         select (select count(*) from w)::int as written${check}, ${positions} as pos`,
       )
       .execute();
@@ -288,6 +308,8 @@ export interface TaskRowWrite {
   deadline: Deadline;
   /** In seq order, at least one, all of this task. */
   events: NewEvent[];
+  /** As `RowWrite.failIfDependents`, for this task. */
+  failIfDependents?: boolean;
 }
 
 /**
@@ -296,7 +318,8 @@ export interface TaskRowWrite {
  * at once sends instead of one statement each. For writes without timers. Returns, in the
  * order of `writes`, each one's snapshot byte length and stored events, or null for a row
  * that had moved on (nothing of it written; the others are). With `failIfLost`, any lost
- * compare-and-set fails the statement instead (`casLost`).
+ * compare-and-set fails the statement instead (`casLost`); a task written with
+ * `failIfDependents` that has dependents fails it too (`dependentsFound`).
  */
 export async function updateTaskRows(
   db: Db,
@@ -324,6 +347,7 @@ export async function updateTaskRows(
       version: w.row.version,
       seq: w.row.seq,
       updated_at: p.updated_at.toISOString(),
+      check_deps: w.failIfDependents === true,
     });
     // The snapshot goes in as the JSON already made of it (its size is the cache's measure).
     return `${head.slice(0, -1)},"snapshot":${json}}`;
@@ -344,13 +368,16 @@ export async function updateTaskRows(
   const check = options.failIfLost
     ? db`, ${checkInSql(db, db`(select count(*) from w) = ${n}`, CAS_LOST, db`(select count(*) from w)`)} as ok`
     : db``;
+  const depsCheck = writes.some((w) => w.failIfDependents)
+    ? db`, ${checkInSql(db, db`not exists (select 1 from w where deps)`, HAS_DEPENDENTS, db`(select count(*) from w)`)} as free`
+    : db``;
   const result = await guardUnique(() =>
     db<{ written: string[]; pos: [string, number, number][] }[]>`
       with x as (
         select * from jsonb_to_recordset(${`[${rows.join(',')}]`}::text::jsonb) as x(
           i int, id text, expected int, state text, phase text, executor text, worktree text,
           priority int, attempt int, worker_id text, set_lease boolean, lease timestamptz,
-          version int, seq int, updated_at timestamptz, snapshot jsonb)
+          version int, seq int, updated_at timestamptz, check_deps boolean, snapshot jsonb)
       ), w as (
         update tasks t set state = x.state, phase = x.phase, executor = x.executor,
           worktree = x.worktree, priority = x.priority, attempt = x.attempt,
@@ -358,7 +385,7 @@ export async function updateTaskRows(
           lease_expires_at = case when x.set_lease then x.lease else t.lease_expires_at end,
           snapshot = x.snapshot, version = x.version, seq = x.seq, updated_at = x.updated_at
         from x where t.id = x.id and t.version = x.expected
-        returning t.id
+        returning t.id, t.has_dependents and x.check_deps as deps
       ), e as (
         insert into events (event_id, entity_type, entity_id, seq, type, data, at)
         select y.event_id, 'task', y.entity_id, y.seq, y.type, y.data, y.at
@@ -368,7 +395,7 @@ export async function updateTaskRows(
         order by y.n
         returning pos, entity_id, seq
       )
-      select array(select id from w) as written${check},
+      select array(select id from w) as written${check}${depsCheck},
         coalesce((select json_agg(json_build_array(entity_id, seq, pos)) from e), '[]') as pos`.execute(),
   );
   const out = result[0];

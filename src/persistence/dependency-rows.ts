@@ -7,9 +7,10 @@ import type { Db } from './db.js';
 
 /**
  * The states of those of `ids` that are tasks of `ticketId` (others are absent from the
- * map), each row locked `for share`: a dependency cannot complete or be cancelled between
- * this read and the commit of the dependent's rows, so its own transaction, which runs the
- * dependency policy after it, sees the dependent.
+ * map), each row locked (in id order) and marked `has_dependents`: a dependency cannot
+ * complete or be cancelled between this read and the commit of the dependent's rows, so its
+ * own transaction, which runs the dependency policy after it, sees the dependent; and its
+ * settling write, which checks the mark on the row version it updates, knows to look.
  */
 export async function lockTicketTaskStates(
   db: Db,
@@ -17,9 +18,12 @@ export async function lockTicketTaskStates(
   ids: readonly string[],
 ): Promise<Map<string, TaskState>> {
   const rows = await db<{ id: string; state: TaskState }[]>`
-    select id, state from tasks
-    where ticket_id = ${ticketId} and id = any(${ids as string[]}::text[])
-    order by id for share`;
+    with l as (
+      select id from tasks
+      where ticket_id = ${ticketId} and id = any(${ids as string[]}::text[])
+      order by id for no key update)
+    update tasks t set has_dependents = true from l where t.id = l.id
+    returning t.id, t.state`;
   return new Map(rows.map((r) => [r.id, r.state]));
 }
 

@@ -45,7 +45,25 @@ export function prefetchDependents(
   byTask.set(taskId, read);
 }
 
+/** Tasks whose settling write found in Postgres that none depends on them, by unit of work. */
+const checkedNone = new WeakMap<UnitOfWork, Set<string>>();
+
+/**
+ * The task's settling write checks in its own statement that no task depends on it
+ * (`failIfDependents`; it fails the transaction otherwise): this rule then reads nothing and
+ * releases nothing for it.
+ */
+export function dependentsChecked(uow: UnitOfWork, taskId: string): void {
+  let tasks = checkedNone.get(uow);
+  if (!tasks) {
+    tasks = new Set();
+    checkedNone.set(uow, tasks);
+  }
+  tasks.add(taskId);
+}
+
 function dependentsOf(uow: UnitOfWork, taskId: string): Promise<Dependent[]> {
+  if (checkedNone.get(uow)?.delete(taskId)) return Promise.resolve([]);
   const byTask = readAhead.get(uow);
   const read = byTask?.get(taskId);
   if (!byTask || !read) return waitingDependents(uow.tx, taskId);

@@ -26,7 +26,12 @@ import {
   TICKET_RULE_EVENTS,
 } from './phase-entered.js';
 
-export { releaseDependents, settleWaitingTask } from './dependencies.js';
+export {
+  dependentsChecked,
+  releaseDependents,
+  releasesDependents,
+  settleWaitingTask,
+} from './dependencies.js';
 export { addTask, type TaskSpec } from './new-task.js';
 export { sendIfAccepted } from './send.js';
 export { type AddedTask, recordTaskAdded } from './task-added.js';

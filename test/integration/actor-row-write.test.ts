@@ -7,7 +7,13 @@ import { randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { Commands } from '../../src/actors/commands.js';
 import { ActorHost } from '../../src/actors/host.js';
-import { casLost, loadActorRow, updateActorRow } from '../../src/persistence/actor-rows.js';
+import {
+  casLost,
+  dependentsFound,
+  loadActorRow,
+  updateActorRow,
+  updateTaskRows,
+} from '../../src/persistence/actor-rows.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 
 let db: TestDatabase;
@@ -202,4 +208,82 @@ it("a task's write sets, clears or leaves its lease column, with or without even
   expect((await lease())?.lease?.getTime()).toBe(due + 1);
   await rewrite(undefined, false);
   expect(await lease()).toEqual({ lease: new Date(due + 1), version: expect.any(Number) });
+});
+
+it('with failIfDependents, a write of a task something depends on fails in Postgres, alone or in a batch', async () => {
+  const commands = new Commands(host, { stuckAfterMs: 3_600_000, diagnosticCooldownMs: 0 });
+  const { value: ids } = await host.transact(async (uow) => {
+    const t = await commands.createTicket(uow, { title: 'dependents' });
+    await uow.send('ticket', t.id, { type: 'START' });
+    const a = await commands.addTask(uow, t.id, { type: 'a' });
+    const b = await commands.addTask(uow, t.id, { type: 'b' });
+    await commands.addTask(uow, t.id, { type: 'c', dependsOn: [a.id] });
+    return { a: a.id, b: b.id };
+  });
+  const flags = await db.sql<{ id: string; has_dependents: boolean }[]>`
+    select id, has_dependents from tasks where id in (${ids.a}, ${ids.b}) order by id = ${ids.a} desc`;
+  expect(flags).toEqual([
+    { id: ids.a, has_dependents: true },
+    { id: ids.b, has_dependents: false },
+  ]);
+  const rewrite = async (id: string) => {
+    const row = await loadActorRow(db.sql, 'task', id);
+    if (!row) throw new Error('no row');
+    return {
+      row: { ...row, version: row.version + 1, seq: row.seq + 1 },
+      expectedVersion: row.version,
+      deadline: undefined,
+      events: [
+        {
+          eventId: randomUUID(),
+          seq: row.seq + 1,
+          entityId: id,
+          entityType: 'task' as const,
+          type: 'task.test',
+          data: {},
+          at: Date.now(),
+        },
+      ],
+    };
+  };
+  const versions = async () =>
+    (
+      await db.sql<{ version: number }[]>`
+        select version from tasks where id in (${ids.a}, ${ids.b}) order by id = ${ids.a} desc`
+    ).map((r) => r.version);
+  const before = await versions();
+  const fails = (p: Promise<unknown>) =>
+    p.then(
+      () => null,
+      (error: unknown) => error,
+    );
+  const one = await rewrite(ids.a);
+  const alone = await fails(
+    db.sql.begin((tx) =>
+      updateActorRow(tx, one.row, one.expectedVersion, {
+        ...one,
+        cancelTimers: [],
+        timers: [],
+        failIfDependents: true,
+      }),
+    ),
+  );
+  expect(dependentsFound(alone)).toBe(true);
+  // In a batch the one task with dependents fails the statement, and nothing of it is written.
+  const batch = [
+    { ...(await rewrite(ids.b)), failIfDependents: true },
+    { ...(await rewrite(ids.a)), failIfDependents: true },
+  ];
+  expect(dependentsFound(await fails(db.sql.begin((tx) => updateTaskRows(tx, batch))))).toBe(true);
+  expect(await versions()).toEqual(before);
+  // Without the check on the task that has dependents, the same batch is written.
+  const [first, second] = batch;
+  const written = await db.sql.begin((tx) =>
+    updateTaskRows(tx, [
+      first as (typeof batch)[0],
+      { ...(second as (typeof batch)[0]), failIfDependents: false },
+    ]),
+  );
+  expect(written.every((w) => w !== null)).toBe(true);
+  expect(await versions()).toEqual(before.map((v) => v + 1));
 });
