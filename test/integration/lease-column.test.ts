@@ -179,6 +179,9 @@ describe('task leases as a column', () => {
       const before = all.filter((m) => m.name < '0010');
       expect(before.length).toBeLessThan(all.length);
       await migrate(old.sql, before);
+      // Today's code makes the rows; its settling write reads `has_dependents` (0014), which
+      // the old schema gets for that long only.
+      await old.sql`alter table tasks add column has_dependents boolean not null default false`;
       const p = processOn(old.pool(2));
       const held = await newTask(p);
       const done = await newTask(p);
@@ -196,6 +199,7 @@ describe('task leases as a column', () => {
       await old.sql`update tasks set lease_expires_at = now() where id = ${held}`;
       await old.sql`update tasks set lease_expires_at = now() where id = ${done}`;
       expect(tokenOf(claimed)).toBeTruthy();
+      await old.sql`alter table tasks drop column has_dependents`;
 
       expect(await migrate(old.sql)).toContain('0010-lease-column.sql');
       expect((await leaseOf(old.sql, held))?.getTime()).toBe(due.getTime());
