@@ -8,8 +8,8 @@
  * again the long way, releasing the dependent.
  */
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { Commands } from '../../src/actors/commands.js';
 import { ActorHost } from '../../src/actors/host.js';
+import type { Sql } from '../../src/persistence/db.js';
 import { ClaimService } from '../../src/workers/claims.js';
 import { Wakeups } from '../../src/workers/wakeups.js';
 import { createTestApp, type TestApp } from '../support/http-app.js';
@@ -20,6 +20,14 @@ beforeAll(async () => {
   t = await createTestApp('deps_read_ahead');
 });
 afterAll(() => t.close());
+
+/** Another process's host and claims on `sql` (it has seen no task's dependents). */
+function hostOn(sql: Sql) {
+  const host = new ActorHost(sql, {
+    taskDefaults: { maxAttempts: 3, leaseMs: 60_000, retryBaseMs: 1_000 },
+  });
+  return { host, claims: new ClaimService(host, new Wakeups(), { typeLimits: {}, maxWaitMs: 0 }) };
+}
 
 /** A started ticket with a task and a second one waiting for it. */
 async function pair(executor: string): Promise<{ first: string; waiting: string }> {
@@ -41,10 +49,7 @@ it('reads the dependents of a completed task in the round trip of its writes', a
   // One connection: its statements are prepared by the first round.
   const { sql, sent } = recordingSql(t.db.url, 1);
   try {
-    const host = new ActorHost(sql, {
-      taskDefaults: { maxAttempts: 3, leaseMs: 60_000, retryBaseMs: 1_000 },
-    });
-    const claims = new ClaimService(host, new Wakeups(), { typeLimits: {}, maxWaitMs: 0 });
+    const { host, claims } = hostOn(sql);
     for (const round of [1, 2]) {
       const { first, waiting } = await pair(`read-ahead-${round}`);
       const got = await claims.claim({
@@ -84,10 +89,7 @@ it('reads the dependents of a completed task in the round trip of its writes', a
 it('a task nothing depends on is not read for dependents; its COMMIT goes with its write', async () => {
   const { sql, sent } = recordingSql(t.db.url, 1);
   try {
-    const host = new ActorHost(sql, {
-      taskDefaults: { maxAttempts: 3, leaseMs: 60_000, retryBaseMs: 1_000 },
-    });
-    const claims = new ClaimService(host, new Wakeups(), { typeLimits: {}, maxWaitMs: 0 });
+    const { host, claims } = hostOn(sql);
     for (const round of [1, 2]) {
       const { value: id } = await t.host.transact(async (u) => {
         const ticket = await t.services.commands.createTicket(u, { title: 'alone' });
@@ -117,14 +119,7 @@ it('a task nothing depends on is not read for dependents; its COMMIT goes with i
 });
 
 it('a dependency added while its task completes: the completion waits, then releases it', async () => {
-  const other = new ActorHost(t.db.sql, {
-    taskDefaults: { maxAttempts: 3, leaseMs: 60_000, retryBaseMs: 1_000 },
-  });
-  const commands = new Commands(other, {
-    stuckAfterMs: 3_600_000,
-    diagnosticCooldownMs: 3_600_000,
-  });
-  const claims = new ClaimService(other, new Wakeups(), { typeLimits: {}, maxWaitMs: 0 });
+  const { host: other, claims } = hostOn(t.db.sql);
   const runs = 8;
   for (let i = 0; i < runs; i++) {
     const { value } = await t.host.transact(async (u) => {
