@@ -12,7 +12,10 @@ import type { Applied, UnitOfWork } from '../actors/host.js';
 import { type Dependent, waitingDependents } from '../persistence/dependency-rows.js';
 import { sendIfAccepted } from './send.js';
 
-/** Dependents read ahead, by unit of work and task id (see `prefetchDependents`). */
+/**
+ * Dependents read ahead, by unit of work and task id (see `prefetchDependents`), or known to
+ * be none (`dependentsChecked`).
+ */
 const readAhead = new WeakMap<UnitOfWork, Map<string, Promise<Dependent[]>>>();
 
 const settles = (types: readonly string[]) =>
@@ -37,33 +40,28 @@ export function prefetchDependents(
   if (!settles(emitted)) return;
   const read = waitingDependents(uow.tx, taskId);
   read.catch(() => {});
+  readAheadOf(uow).set(taskId, read);
+}
+
+/**
+ * The task's settling write checks in its own statement that no task depends on it
+ * (`failIfDependents`; it fails the transaction otherwise): its read is answered already,
+ * with none, and this rule releases nothing for it.
+ */
+export function dependentsChecked(uow: UnitOfWork, taskId: string): void {
+  readAheadOf(uow).set(taskId, Promise.resolve([]));
+}
+
+function readAheadOf(uow: UnitOfWork): Map<string, Promise<Dependent[]>> {
   let byTask = readAhead.get(uow);
   if (!byTask) {
     byTask = new Map();
     readAhead.set(uow, byTask);
   }
-  byTask.set(taskId, read);
-}
-
-/** Tasks whose settling write found in Postgres that none depends on them, by unit of work. */
-const checkedNone = new WeakMap<UnitOfWork, Set<string>>();
-
-/**
- * The task's settling write checks in its own statement that no task depends on it
- * (`failIfDependents`; it fails the transaction otherwise): this rule then reads nothing and
- * releases nothing for it.
- */
-export function dependentsChecked(uow: UnitOfWork, taskId: string): void {
-  let tasks = checkedNone.get(uow);
-  if (!tasks) {
-    tasks = new Set();
-    checkedNone.set(uow, tasks);
-  }
-  tasks.add(taskId);
+  return byTask;
 }
 
 function dependentsOf(uow: UnitOfWork, taskId: string): Promise<Dependent[]> {
-  if (checkedNone.get(uow)?.delete(taskId)) return Promise.resolve([]);
   const byTask = readAhead.get(uow);
   const read = byTask?.get(taskId);
   if (!byTask || !read) return waitingDependents(uow.tx, taskId);
