@@ -97,24 +97,6 @@ export class Bindings {
   }
 }
 
-/**
- * Postgres plans a prepared statement afresh on each call (a custom plan) for as long as that
- * looks cheaper than reusing its generic plan. A custom plan knows the bound values: a bound
- * `limit`, or an array whose length changes from call to call, made it look cheaper every
- * time, and the relay's reads, the reactions' reads and writes and the live feed's page were
- * planned again on every call, at about what they took to run (BENCHMARKS section 29).
- *
- * So a batch of keys is bound as `(select $1::text[])::text[]`: read through a subquery, the
- * array is unknown to both plans, their costs tie and the generic plan is kept (only for keys
- * of an index: a plan that should depend on the batch's size must not be written so). And a
- * fixed batch size goes into the text, with `fixedLimit`: only a size a process keeps (its
- * configured batch or page), as each distinct value is a statement of its own to prepare.
- */
-export function fixedLimit(db: Db, n: number): postgres.PendingQuery<postgres.Row[]> {
-  if (!Number.isSafeInteger(n) || n < 1) throw new RangeError(`not a batch size: ${n}`);
-  return db.unsafe(String(n));
-}
-
 /** Whether `error` is the failure of a `checkInSql` check with `message`. */
 export function failedCheck(error: unknown, message: string): boolean {
   return (

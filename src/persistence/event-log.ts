@@ -129,10 +129,9 @@ export async function findEvent(db: Db, eventId: string): Promise<EventEntry | n
 export async function findEvents(db: Db, eventIds: string[]): Promise<Map<string, EventEntry>> {
   const found = new Map<string, EventEntry>();
   if (eventIds.length === 0) return found;
-  // The batch through a subquery keeps one plan for every batch size (see `fixedLimit`).
   const rows = await db<EventRaw[]>`
     select pos, event_id, seq, entity_id, entity_type, type, data, at from events
-    where event_id = any((select ${eventIds}::uuid[])::uuid[])`;
+    where event_id = any(${eventIds}::uuid[])`;
   for (const r of rows) found.set(r.event_id, toEntry(r));
   return found;
 }

@@ -12,7 +12,7 @@
  * position is gone for good. (Not the snapshot's `xmax`: that is one past the newest
  * *completed* transaction, and a running one can be above it.)
  */
-import { type Db, fixedLimit } from './db.js';
+import type { Db } from './db.js';
 import { type EventEntry, toEntry } from './event-log.js';
 
 /**
@@ -41,7 +41,7 @@ export async function readFeedPage(db: Db, afterPos: number, limit: number): Pro
     from (select ${db.unsafe(YOUNGEST_RUNNING)} as horizon) h
     left join lateral (
       select pos, event_id, seq, entity_id, entity_type, type, data, at from events
-      where pos > ${afterPos} order by pos limit ${fixedLimit(db, limit)}
+      where pos > ${afterPos} order by pos limit ${limit}
     ) e on true
     order by e.pos`;
   const horizon = rows[0]?.horizon ?? null;

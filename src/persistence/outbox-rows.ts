@@ -16,7 +16,7 @@
 
 import type { PendingQuery, Row } from 'postgres';
 import type { EntityType } from '../machines/index.js';
-import { type Db, fixedLimit, type Tx } from './db.js';
+import type { Db, Tx } from './db.js';
 
 /** Rounds of every relay of this database take turns on it. */
 const RELAY_LOCK_ID = 7_402_615_002;
@@ -178,7 +178,7 @@ export async function readAfter(
       left join events p on p.entity_id = e.entity_id and p.seq = e.seq - 1
       where (e.tx, e.pos) > (c.tx, c.pos) and e.tx < ${tx.unsafe(WATERMARK)}
       order by e.tx, e.pos
-      limit ${fixedLimit(tx, limit)}
+      limit ${limit}
     ) x
     order by x.tx::xid8, x.pos`;
   return rows.map((r) => {
@@ -213,7 +213,7 @@ export async function readHeldDue(tx: Tx, limit: number): Promise<OutboxItem[]> 
     from relay_held h join events e on e.pos = h.pos
     where h.published_seq is null and h.entity_id in (select entity_id from due)
     order by h.pos
-    limit ${fixedLimit(tx, limit)}`;
+    limit ${limit}`;
   return rows.map(toItem);
 }
 

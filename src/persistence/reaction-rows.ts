@@ -33,7 +33,6 @@ export async function tasksProgressTold(
 ): Promise<Map<string, TaskProgress & { told: TaskTold | null }>> {
   const found = new Map<string, TaskProgress & { told: TaskTold | null }>();
   if (taskIds.length === 0) return found;
-  // The batch through a subquery keeps one plan for every batch size (see `fixedLimit`).
   const rows = await db<
     {
       id: string;
@@ -51,7 +50,7 @@ export async function tasksProgressTold(
     select t.id, t.ticket_id, t.state, t.seq, t.snapshot -> 'context' ->> 'error' as error,
       r.phase, r.round, r.type, r.state as told_state, r.seq as told_seq
     from tasks t left join ticket_tasks r on r.task_id = t.id
-    where t.id = any((select ${taskIds}::text[])::text[])`;
+    where t.id = any(${taskIds}::text[])`;
   for (const r of rows) {
     const told =
       r.phase === null || r.round === null || r.type === null || r.told_state === null
@@ -72,9 +71,8 @@ export async function tasksProgressTold(
 export async function ticketIdsOfTasks(db: Db, taskIds: string[]): Promise<Map<string, string>> {
   const found = new Map<string, string>();
   if (taskIds.length === 0) return found;
-  // The batch through a subquery keeps one plan for every batch size (see `fixedLimit`).
   const rows = await db<{ id: string; ticket_id: string }[]>`
-    select id, ticket_id from tasks where id = any((select ${taskIds}::text[])::text[])`;
+    select id, ticket_id from tasks where id = any(${taskIds}::text[])`;
   for (const r of rows) found.set(r.id, r.ticket_id);
   return found;
 }

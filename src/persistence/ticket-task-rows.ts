@@ -51,13 +51,11 @@ const NEWS_ROWS_CHANGED = 'ticket_tasks rows changed after they were read';
  */
 export async function writeTasksNews(db: Db, items: readonly NewsItem[]): Promise<void> {
   if (items.length === 0) return;
-  // The batches through subqueries keep one plan for every batch size (see `fixedLimit`).
   await db`
     with u as (
       update ticket_tasks t set state = n.state, seq = n.seq
-      from unnest((select ${items.map((i) => i.taskId)}::text[])::text[],
-        (select ${items.map((i) => i.state)}::text[])::text[],
-        (select ${items.map((i) => i.seq)}::int[])::int[]) as n(task_id, state, seq)
+      from unnest(${items.map((i) => i.taskId)}::text[], ${items.map((i) => i.state)}::text[],
+        ${items.map((i) => i.seq)}::int[]) as n(task_id, state, seq)
       where t.task_id = n.task_id and t.seq < n.seq
       returning 1
     )

@@ -59,10 +59,9 @@ export function timerWriteParts(
 ): string[] {
   const parts: string[] = [];
   if (cancel.length > 0) {
-    // The keys through a subquery keep one plan however many there are (see `fixedLimit`).
     parts.push(`cancelled as (
-      delete from timers where entity_id = ${b.add(entityId)}
-        and key = any((select ${b.add(cancel)}::text[])::text[]) and ${written})`);
+      delete from timers where entity_id = ${b.add(entityId)} and key = any(${b.add(cancel)}::text[])
+        and ${written})`);
   }
   if (schedule.length > 0) {
     const rows = JSON.stringify(
