@@ -68,12 +68,73 @@ export async function vacuumQueueTables(
   }
 }
 
-/** Runs `vacuumQueueTables` every `intervalMs` in the background (0: never). */
+/**
+ * The tables whose hot statements Postgres runs on a generic plan: a prepared statement's plan
+ * is made at its first calls, from the table as it is then, and kept until the table's next
+ * analyze. Prepared while a table held a few rows, the task rows' write kept a sequential scan
+ * of `tasks`, 19.6 ms a call at 100,000 rows, and a fresh deployment's first burst drained at a
+ * third of its rate until autovacuum came by (BENCHMARKS section 29).
+ */
+export const PLANNED_TABLES = ['tasks', 'events', 'ticket_tasks', 'timers', 'tickets'] as const;
+
+/** Arbitrary, fixed: identifies "the growth analyze" among advisory locks. */
+export const ANALYZE_LOCK_ID = 7_402_615_012;
+
+/** Tables with fewer live rows are left to autovacuum: their plans are cheap either way. */
+export const GROWN_MIN_ROWS = 1_000;
+
+/** How often each process looks for grown tables, at most (the vacuum's interval if shorter). */
+export const GROWTH_CHECK_MS = 5_000;
+
+/**
+ * Analyzes each of PLANNED_TABLES whose live rows have doubled since its last analyze (and
+ * number at least `minRows`), one process at a time; returns the tables analyzed. The analyze
+ * makes every session plan its statements on the table again. Autovacuum's analyze waits for
+ * a tenth of the table to change and for its next round; a queue filled in a burst ran on the
+ * small table's plans meanwhile.
+ */
+export async function analyzeGrownTables(sql: Sql, minRows = GROWN_MIN_ROWS): Promise<string[]> {
+  return sql.begin(async (tx) => {
+    const [lock] = await tx<{ ok: boolean }[]>`
+      select pg_try_advisory_xact_lock(${ANALYZE_LOCK_ID}) as ok`;
+    if (!lock?.ok) return [];
+    // A vacuum or analyze of the table under way holds it: wait a little, then try next time.
+    await tx`set local lock_timeout = '2s'`;
+    const grown = await tx<{ name: (typeof PLANNED_TABLES)[number] }[]>`
+      select s.relname::text as name
+      from pg_stat_user_tables s join pg_class c on c.oid = s.relid
+      where s.schemaname = current_schema() and s.relname in ${tx([...PLANNED_TABLES])}
+        and s.n_live_tup >= ${minRows} and s.n_live_tup >= 2 * greatest(c.reltuples, 0)
+      order by s.relname`;
+    const analyzed: string[] = [];
+    for (const { name } of grown) {
+      // Only names from PLANNED_TABLES reach the text.
+      if (!(PLANNED_TABLES as readonly string[]).includes(name)) continue;
+      await tx.unsafe(`analyze ${name}`);
+      analyzed.push(name);
+    }
+    return analyzed;
+  });
+}
+
+/**
+ * Runs `vacuumQueueTables` every `intervalMs` in the background (0: never), and
+ * `analyzeGrownTables` every GROWTH_CHECK_MS (or `intervalMs` if shorter; 0: never).
+ */
 export class QueueVacuum {
   private readonly periodic: Periodic;
+  private readonly growth: Periodic;
   private current: { cancel(): void } | null = null;
 
   constructor(sql: Sql, log: Logger, options: { intervalMs: number; deadRows: number }) {
+    this.growth = new Periodic(Math.min(options.intervalMs, GROWTH_CHECK_MS), async () => {
+      try {
+        const tables = await analyzeGrownTables(sql);
+        if (tables.length > 0) log.debug({ tables }, 'analyzed grown tables');
+      } catch (err) {
+        if (!this.growth.stopping) log.warn({ err }, 'growth analyze failed; retrying');
+      }
+    });
     this.periodic = new Periodic(options.intervalMs, async () => {
       try {
         const r = await vacuumQueueTables(sql, options.deadRows, (q) => {
@@ -90,11 +151,12 @@ export class QueueVacuum {
 
   start(): void {
     this.periodic.start();
+    this.growth.start();
   }
 
-  /** Cancels a VACUUM under way (it leaves nothing half-done) and waits for the run to end. */
+  /** Cancels a VACUUM under way (it leaves nothing half-done) and waits for the runs to end. */
   async stop(): Promise<void> {
-    const stopped = this.periodic.stop();
+    const stopped = Promise.all([this.periodic.stop(), this.growth.stop()]);
     this.current?.cancel();
     await stopped;
   }

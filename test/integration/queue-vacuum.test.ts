@@ -7,6 +7,8 @@ import { afterAll, beforeAll, expect, it } from 'vitest';
 import { silentLogger } from '../../src/log.js';
 import type { Sql } from '../../src/persistence/db.js';
 import {
+  ANALYZE_LOCK_ID,
+  analyzeGrownTables,
   deadRows,
   QueueVacuum,
   VACUUM_LOCK_ID,
@@ -123,4 +125,84 @@ it('the background job vacuums on its own, and an interval of 0 turns it off', a
     await job.stop();
     expect(performance.now() - started).toBeLessThan(2_000);
   }
+});
+
+/**
+ * The plan a prepared statement of the driver's runs on now, read on its own connection:
+ * `explain execute` of it by name, with `params` (nothing runs).
+ */
+async function planOf(conn: Sql, marker: string, params: string): Promise<string> {
+  const [stmt] = await conn<{ name: string }[]>`
+    select name from pg_prepared_statements
+    where statement like ${`%${marker}%`} and statement not like '%pg_prepared_statements%'`;
+  if (!stmt) throw new Error(`no prepared statement with ${marker}`);
+  const rows = await conn.unsafe<{ 'QUERY PLAN': string }[]>(
+    `explain (costs off) execute "${stmt.name.replaceAll('"', '""')}"(${params})`,
+  );
+  return rows.map((r) => r['QUERY PLAN']).join('\n');
+}
+
+it('a table whose rows doubled is analyzed, and what was prepared while it was small is planned again', async () => {
+  const one = db.pool(1);
+  await db.sql`insert into tickets (id, state, phase, title, machine_version, snapshot, version,
+      seq, created_at, updated_at)
+    values ('tkt_grow', 'backlog', 'backlog', 'grow', 1, '{}', 1, 1, now(), now())`;
+  const addTasks = (from: number, to: number) => db.sql`
+    insert into tasks (id, ticket_id, type, phase, state, executor, priority, attempt,
+      machine_version, snapshot, version, seq, created_at, updated_at)
+    select 'tsk_grow_' || g, 'tkt_grow', 'b', 'backlog', 'pending', 'sleep', 0, 0, 1, '{}', 1, 1,
+      now(), now()
+    from generate_series(${from}::int, ${to}::int) g`;
+  await addTasks(1, 8);
+  // A batch of ids joined to the tasks, as the task rows' write joins its batch: run enough
+  // times on 8 rows for Postgres to settle on its generic plan, a scan of the small table.
+  const byIds = (ids: string[]) => one`
+    select t.id from jsonb_to_recordset(${JSON.stringify(ids.map((id) => ({ id })))}::text::jsonb)
+      as x(id text) join tasks t on t.id = x.id`;
+  for (let i = 1; i <= 8; i++) expect(await byIds([`tsk_grow_${i}`])).toHaveLength(1);
+  const marker = 'as x(id text) join tasks t';
+  const param = `'[{"id":"tsk_grow_1"}]'`;
+  expect(await planOf(one, marker, param)).toMatch(/Seq Scan on tasks/);
+
+  await addTasks(9, 100_000);
+  // Below the minimum nothing is analyzed; the statistics reach the shared view late.
+  expect(await analyzeGrownTables(db.sql, 1_000_000)).toEqual([]);
+  const analyzed = await eventually(
+    async () => {
+      const tables = await analyzeGrownTables(db.sql);
+      return tables.includes('tasks') ? tables : false;
+    },
+    15_000,
+    'tasks analyzed',
+  );
+  expect(analyzed).toContain('tasks');
+  const plan = await planOf(one, marker, param);
+  expect(plan).not.toMatch(/Seq Scan on tasks/);
+  expect(plan).toMatch(/tasks_pkey/);
+  expect(await byIds(['tsk_grow_5000', 'tsk_grow_1'])).toHaveLength(2);
+
+  // Not doubled since: nothing to do. And one process at a time: while another holds the
+  // lock, a grown table waits for the next run.
+  expect(await analyzeGrownTables(db.sql)).not.toContain('tasks');
+  await db.sql`insert into events (event_id, entity_type, entity_id, seq, type, data, at)
+    select gen_random_uuid(), 'ticket', 'tkt_grow', g, 'ticket.noted', '{}', now()
+    from generate_series(1, 2000) g`;
+  await eventually(
+    async () => {
+      const [r] = await db.sql<{ n: number }[]>`
+      select n_live_tup::int as n from pg_stat_user_tables where relname = 'events'`;
+      return (r?.n ?? 0) >= 2000;
+    },
+    15_000,
+    'the inserted events in the statistics',
+  );
+  await db.sql.begin(async (tx) => {
+    await tx`select pg_advisory_xact_lock(${ANALYZE_LOCK_ID})`;
+    expect(await analyzeGrownTables(db.sql)).toEqual([]);
+  });
+  await eventually(
+    async () => (await analyzeGrownTables(db.sql)).includes('events'),
+    15_000,
+    'events analyzed once the lock is free',
+  );
 });
