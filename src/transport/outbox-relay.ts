@@ -99,6 +99,11 @@ export interface RelayStats {
   reduced: number;
 }
 
+/**
+ * The first wait before a relay reads again after events were kept back by the watermark:
+ * the transaction holding them back is usually a reaction's, a few milliseconds long.
+ */
+const BEHIND_FIRST_MS = 2;
 /** NATS's default `max_payload`, used until the server has told its own. */
 const DEFAULT_MAX_PAYLOAD = 1_048_576;
 /** Room for the headers (`Nats-Msg-Id`, `Nats-Expected-Stream`), which count toward it. */
@@ -184,6 +189,8 @@ export class OutboxRelay {
   private backingOff = false;
   private nextFailureCheck = 0;
   private lastCheckpoint = 0;
+  /** The wait before looking again for events kept back by a running transaction. */
+  private behindMs = 0;
   /**
    * Made at the first publish (a relay can be driven by hand without `start`), and again
    * when the last one can answer nothing more.
@@ -371,7 +378,7 @@ export class OutboxRelay {
         finished.catch(() => {});
         commitAhead(tx);
       }
-      await finished;
+      const behind = await finished;
       if (lost && r.lowestNew !== null) {
         const n = await rewind(tx, r.lowestNew - 1, r.streamSeq);
         if (n > 0) this.noteRequeued(n, `sequence ${r.lowestNew} was given again`);
@@ -386,6 +393,7 @@ export class OutboxRelay {
         published: r.published,
         outage: r.unsent.size > 0,
         more: capped,
+        behind,
       };
     });
   }
@@ -537,6 +545,15 @@ export class OutboxRelay {
         } else {
           this.consecutiveFailures = 0;
           if (r.more) continue;
+          // Events kept back by a transaction still running when they were read: nothing may
+          // wake this relay when it ends, so look again soon, less often while it lasts.
+          if (r.behind) {
+            this.behindMs =
+              r.published > 0 || this.behindMs === 0
+                ? BEHIND_FIRST_MS
+                : Math.min(this.o.pollMs, this.behindMs * 2);
+            delay = this.behindMs;
+          } else this.behindMs = 0;
         }
       } catch (error) {
         this.consecutiveFailures++;
@@ -575,6 +592,8 @@ interface RoundResult {
   outage: boolean;
   /** The round stopped at its size: more may be waiting. */
   more: boolean;
+  /** Committed events wait after the new cursor (see `finishRound`). */
+  behind: boolean;
 }
 
 /** What a round has done so far, recorded when it ends. */

@@ -331,4 +331,53 @@ describe('the event log as the outbox', () => {
       await listening.unlisten();
     }
   });
+
+  it('events a running transaction kept back go out as soon as it ends, though it writes no event', {
+    timeout: 60_000,
+  }, async () => {
+    const db = await database('elo_behind');
+    const n = names();
+    // Woken by its own commits only: the poll, once a minute, cannot be what publishes them.
+    const host = new ActorHost(db.sql, { taskDefaults: TASK_DEFAULTS });
+    const t = await startTransport(db.sql, host, n, {
+      reactions: () => [],
+      enableReconciler: false,
+      relay: { pollMs: 60_000, streamCheckMs: 0, publishTimeoutMs: 1_000 },
+    });
+    transports.push(t);
+    await eventually(async () => (await unpublished(db.sql)) === 0, 10_000, 'first round');
+    // A transaction with an id lower than the events' that writes none (as a state-count fold
+    // or a reaction that tells a ticket nothing new): the watermark keeps them back meanwhile.
+    const other = db.pool(1);
+    let end: () => void = () => {};
+    const ended = new Promise<void>((resolve) => {
+      end = resolve;
+    });
+    let opened: () => void = () => {};
+    const open = new Promise<void>((resolve) => {
+      opened = resolve;
+    });
+    const running = other.begin(async (tx) => {
+      await tx`select pg_current_xact_id()`;
+      opened();
+      await ended;
+    });
+    try {
+      await open;
+      const published = t.relay.stats.published;
+      await makeEvents(host, 4, 1);
+      // Their commits woke the relay; its rounds found them behind the running transaction.
+      await new Promise((resolve) => setTimeout(resolve, 500));
+      expect(await unpublished(db.sql)).toBe(16);
+      expect(t.relay.stats.published).toBe(published);
+    } finally {
+      end();
+      await running;
+    }
+    const endedAt = performance.now();
+    await eventually(async () => (await unpublished(db.sql)) === 0, 5_000, 'published');
+    // Looked at again within milliseconds, not at the next poll a minute later.
+    expect(performance.now() - endedAt).toBeLessThan(2_000);
+    await expectExactlyOnceInOrder(db.sql, n);
+  });
 });
