@@ -268,12 +268,12 @@ export class OutboxRelay {
    */
   private round(): Promise<RoundResult> {
     return this.o.sql.begin(async (tx) => {
-      const [cursor, heldDue, first] = await Promise.all([
+      const [cursor, first] = await Promise.all([
         // A round waits at most a publish's timeout between statements; longer, it is stuck.
         lockRelay(tx, this.o.publishTimeoutMs + 1_000),
-        readHeldDue(tx, this.o.batchSize),
         readAfter(tx, null, this.o.batchSize),
       ]);
+      const heldDue = cursor.held ? await readHeldDue(tx, this.o.batchSize) : [];
       const r = new RoundState(cursor.streamSeq);
       const sends: Promise<void>[] = [];
 
