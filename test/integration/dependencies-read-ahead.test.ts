@@ -12,6 +12,7 @@ import { ActorHost } from '../../src/actors/host.js';
 import type { Sql } from '../../src/persistence/db.js';
 import { ClaimService } from '../../src/workers/claims.js';
 import { Wakeups } from '../../src/workers/wakeups.js';
+import { deferred } from '../support/deferred.js';
 import { createTestApp, type TestApp } from '../support/http-app.js';
 import { recordingSql } from '../support/statement-log.js';
 
@@ -135,25 +136,19 @@ it('a dependency added while its task completes: the completion waits, then rele
     expect(got?.task.id).toBe(value.first);
     // The dependent's transaction holds the dependency's row while the completion is sent
     // from another host (which has never seen a dependent of it) and must wait for it.
-    let hold: () => void = () => {};
-    const held = new Promise<void>((resolve) => {
-      hold = resolve;
-    });
-    let added: () => void = () => {};
-    const inserted = new Promise<void>((resolve) => {
-      added = resolve;
-    });
+    const held = deferred();
+    const inserted = deferred();
     const dependent = t.host.transact(async (u) => {
       const task = await t.services.commands.addTask(u, value.ticket, {
         type: 'b',
         executor: `race-${i}-b`,
         dependsOn: [value.first],
       });
-      added();
-      await held;
+      inserted.resolve();
+      await held.promise;
       return task.id;
     });
-    await inserted;
+    await inserted.promise;
     const completing = other.send('task', value.first, {
       type: 'COMPLETE',
       token: got?.token as string,
@@ -161,7 +156,7 @@ it('a dependency added while its task completes: the completion waits, then rele
     });
     // Let the completion reach Postgres and wait on the row, then commit the dependent.
     await new Promise((r) => setTimeout(r, 50));
-    hold();
+    held.resolve();
     const { value: waitingId } = await dependent;
     await completing;
     const rows = await t.db.sql<{ id: string; state: string; has_dependents: boolean }[]>`

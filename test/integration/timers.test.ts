@@ -11,6 +11,7 @@ import { silentLogger } from '../../src/log.js';
 import type { Sql } from '../../src/persistence/db.js';
 import { TIMER_CHANNEL } from '../../src/persistence/timer-rows.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
+import { deferred } from '../support/deferred.js';
 import { TASK_DEFAULTS } from '../support/fixtures.js';
 
 let db: TestDatabase;
@@ -130,14 +131,8 @@ describe("the poller's wake-ups", () => {
     const pool = db.pool(4);
     // The poller's first read of its next due time is held until the test lets it go, so the
     // commit below lands after that read and before the poller goes to sleep.
-    let reached: () => void = () => {};
-    const atGate = new Promise<void>((r) => {
-      reached = r;
-    });
-    let open: () => void = () => {};
-    const gate = new Promise<void>((r) => {
-      open = r;
-    });
+    const atGate = deferred();
+    const gate = deferred();
     let held = false;
     const gated = new Proxy(pool, {
       apply(target, self, args: unknown[]) {
@@ -146,8 +141,8 @@ describe("the poller's wake-ups", () => {
         if (held || !text.includes('min(due_at)')) return result;
         held = true;
         return Promise.resolve(result).then(async (rows) => {
-          reached();
-          await gate;
+          atGate.resolve();
+          await gate.promise;
           return rows;
         });
       },
@@ -165,17 +160,17 @@ describe("the poller's wake-ups", () => {
     const listener = await db.sql.listen(TIMER_CHANNEL, (payload) => heard.push(payload));
     await poller.start();
     try {
-      await atGate;
+      await atGate.promise;
       // The retry's backoff (about 20 ms) is due long before the poller's next look. Its
       // commit wakes the poller in-process and, through a NOTIFY, in every process: both
       // arrive while the poller is still reading, before it sleeps.
       await host.send('task', id, { type: 'FAIL', token, error: 'x' });
       await until(async () => heard.length > 0);
       await new Promise((r) => setTimeout(r, 100));
-      open();
+      gate.resolve();
       await until(async () => (await eventsOf(id, 'task.retried')).length === 1, 5_000);
     } finally {
-      open();
+      gate.resolve();
       await poller.stop();
       await listener.unlisten();
       await pool.end();

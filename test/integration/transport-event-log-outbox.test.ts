@@ -20,6 +20,7 @@ import { OutboxRelay } from '../../src/transport/outbox-relay.js';
 import { ensureStreams } from '../../src/transport/streams.js';
 import type { TransportNames } from '../../src/transport/subjects.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
+import { deferred } from '../support/deferred.js';
 import { TASK_DEFAULTS, ticketInput } from '../support/fixtures.js';
 import {
   eventually,
@@ -132,6 +133,22 @@ async function expectExactlyOnceInOrder(sql: Sql, n: TransportNames): Promise<St
 }
 
 /** Tickets with several events each: created, phase_changed, then BLOCK/UNBLOCK pairs. */
+/**
+ * A process's transport whose relay polls once a minute (no reactions, no reconciler), after
+ * its first round: what it publishes sooner, a wake-up or its own look-again made it publish.
+ */
+async function slowPollingRelay(sql: Sql, n: TransportNames) {
+  const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
+  const transport = await startTransport(sql, host, n, {
+    reactions: () => [],
+    enableReconciler: false,
+    relay: { pollMs: 60_000, streamCheckMs: 0, publishTimeoutMs: 1_000 },
+  });
+  transports.push(transport);
+  await eventually(async () => (await unpublished(sql)) === 0, 10_000, 'first round');
+  return { host, transport };
+}
+
 async function makeEvents(host: ActorHost, tickets: number, pairs: number): Promise<string[]> {
   return Promise.all(
     Array.from({ length: tickets }, async () => {
@@ -299,14 +316,7 @@ describe('the event log as the outbox', () => {
     const listening = await db.sql.listen('orchestrator_outbox', (p) => notified.push(p));
     try {
       // The process with the relay polls only once a minute: only a wake-up can be prompt.
-      const relayHost = new ActorHost(db.sql, { taskDefaults: TASK_DEFAULTS });
-      const withRelay = await startTransport(db.sql, relayHost, n, {
-        reactions: () => [],
-        enableReconciler: false,
-        relay: { pollMs: 60_000, streamCheckMs: 0, publishTimeoutMs: 1_000 },
-      });
-      transports.push(withRelay);
-      await eventually(async () => (await unpublished(db.sql)) === 0, 10_000, 'first round');
+      const { transport: withRelay } = await slowPollingRelay(db.sql, n);
       const writerSql = db.pool(4);
       const writerHost = new ActorHost(writerSql, { taskDefaults: TASK_DEFAULTS });
       const writer = await startTransport(writerSql, writerHost, n, {
@@ -338,32 +348,19 @@ describe('the event log as the outbox', () => {
     const db = await database('elo_behind');
     const n = names();
     // Woken by its own commits only: the poll, once a minute, cannot be what publishes them.
-    const host = new ActorHost(db.sql, { taskDefaults: TASK_DEFAULTS });
-    const t = await startTransport(db.sql, host, n, {
-      reactions: () => [],
-      enableReconciler: false,
-      relay: { pollMs: 60_000, streamCheckMs: 0, publishTimeoutMs: 1_000 },
-    });
-    transports.push(t);
-    await eventually(async () => (await unpublished(db.sql)) === 0, 10_000, 'first round');
+    const { host, transport: t } = await slowPollingRelay(db.sql, n);
     // A transaction with an id lower than the events' that writes none (as a state-count fold
     // or a reaction that tells a ticket nothing new): the watermark keeps them back meanwhile.
     const other = db.pool(1);
-    let end: () => void = () => {};
-    const ended = new Promise<void>((resolve) => {
-      end = resolve;
-    });
-    let opened: () => void = () => {};
-    const open = new Promise<void>((resolve) => {
-      opened = resolve;
-    });
+    const ended = deferred();
+    const opened = deferred();
     const running = other.begin(async (tx) => {
       await tx`select pg_current_xact_id()`;
-      opened();
-      await ended;
+      opened.resolve();
+      await ended.promise;
     });
     try {
-      await open;
+      await opened.promise;
       const published = t.relay.stats.published;
       await makeEvents(host, 4, 1);
       // Their commits woke the relay; its rounds found them behind the running transaction.
@@ -371,7 +368,7 @@ describe('the event log as the outbox', () => {
       expect(await unpublished(db.sql)).toBe(16);
       expect(t.relay.stats.published).toBe(published);
     } finally {
-      end();
+      ended.resolve();
       await running;
     }
     const endedAt = performance.now();
