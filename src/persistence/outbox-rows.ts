@@ -384,6 +384,40 @@ export async function outboxLag(db: Db): Promise<OutboxLag> {
   return { count: r?.n ?? 0, oldestMs: Math.max(0, Math.round(r?.age ?? 0)) };
 }
 
+/** A transaction of this database that has written and not ended (the oldest such). */
+export interface OpenWriter {
+  pid: number;
+  applicationName: string;
+  /** `pg_stat_activity.state`: `idle in transaction` is a session that left it open. */
+  state: string | null;
+  /** Since the transaction began. */
+  ageMs: number;
+}
+
+/**
+ * The oldest transaction of this database holding a transaction id, other than the caller's:
+ * the one that keeps the relay's watermark down while it runs.
+ */
+export async function oldestOpenWriter(db: Db): Promise<OpenWriter | null> {
+  const rows = await db<
+    { pid: number; application_name: string; state: string | null; age_ms: number | null }[]
+  >`
+    select pid, application_name, state,
+      (extract(epoch from now() - xact_start) * 1000)::float8 as age_ms
+    from pg_stat_activity
+    where datname = current_database() and backend_xid is not null and pid <> pg_backend_pid()
+    order by age(backend_xid) desc
+    limit 1`;
+  const r = rows[0];
+  if (!r) return null;
+  return {
+    pid: r.pid,
+    applicationName: r.application_name,
+    state: r.state,
+    ageMs: Math.max(0, Math.round(r.age_ms ?? 0)),
+  };
+}
+
 /**
  * Whether any event is not published yet (after the cursor, or held): the first one found
  * answers, where `outboxLag` counts them all (a poll for the end of a backlog).

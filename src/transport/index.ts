@@ -70,6 +70,7 @@ export interface TransportOptions {
       | 'batchSize'
       | 'pipelineDepth'
       | 'pollMs'
+      | 'keptBackWarnMs'
       | 'publishTimeoutMs'
       | 'streamCheckMs'
       | 'retryBaseMs'
@@ -347,6 +348,12 @@ export class Transport {
       'orch_relay_reduced_total',
       'Events published in reduced form (too large for NATS, or refused too often).',
       m.relay.reduced,
+      'counter',
+    );
+    gauge(
+      'orch_relay_kept_back_warnings_total',
+      'Warnings that events waited behind a transaction left running (the log names it).',
+      m.relay.keptBackWarnings,
       'counter',
     );
     gauge('orch_dead_letters', 'Messages reactions gave up on.', m.deadLetters);

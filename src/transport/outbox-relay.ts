@@ -30,6 +30,7 @@ import {
   lockRelay,
   type OutboxItem,
   type OutboxLag,
+  oldestOpenWriter,
   outboxLag,
   pruneRelayHistory,
   type RelayPosition,
@@ -65,6 +66,11 @@ export interface RelayOptions {
   historyMs?: number;
   /** Polling fallback when no wake-up arrives. */
   pollMs?: number;
+  /**
+   * How long events may wait behind a running transaction, nothing published meanwhile,
+   * before the relay names that transaction in a warning (and then at most this often).
+   */
+  keptBackWarnMs?: number;
   publishTimeoutMs?: number;
   /** Interval of the stream check (guarantee 8); 0 disables the timer. */
   streamCheckMs?: number;
@@ -97,6 +103,8 @@ export interface RelayStats {
   streamChecks: number;
   /** Events published in reduced form (too large, or refused too often). */
   reduced: number;
+  /** Warnings that events waited behind a running transaction (see `keptBackWarnMs`). */
+  keptBackWarnings: number;
 }
 
 /**
@@ -104,6 +112,12 @@ export interface RelayStats {
  * the transaction holding them back is usually a reaction's, a few milliseconds long.
  */
 const BEHIND_FIRST_MS = 2;
+/**
+ * While events stay kept back this long and nothing goes out, the relay names the transaction
+ * holding them (at most once per this interval): a session left open in a transaction halts
+ * every event of the database until it ends.
+ */
+const KEPT_BACK_WARN_MS = 30_000;
 /** NATS's default `max_payload`, used until the server has told its own. */
 const DEFAULT_MAX_PAYLOAD = 1_048_576;
 /** Room for the headers (`Nats-Msg-Id`, `Nats-Expected-Stream`), which count toward it. */
@@ -174,6 +188,7 @@ export class OutboxRelay {
     republished: 0,
     streamChecks: 0,
     reduced: 0,
+    keptBackWarnings: 0,
   };
   private readonly o: Required<
     Omit<RelayOptions, 'onStreamRecreated' | 'streamOptions' | 'maxPayload' | 'onPublished'>
@@ -191,6 +206,9 @@ export class OutboxRelay {
   private lastCheckpoint = 0;
   /** The wait before looking again for events kept back by a running transaction. */
   private behindMs = 0;
+  /** Since when events have been kept back with nothing published (0: they are not). */
+  private keptBackSince = 0;
+  private nextKeptBackWarn = 0;
   /**
    * Made at the first publish (a relay can be driven by hand without `start`), and again
    * when the last one can answer nothing more.
@@ -202,6 +220,7 @@ export class OutboxRelay {
       batchSize: 256,
       pipelineDepth: 2,
       pollMs: 1_000,
+      keptBackWarnMs: KEPT_BACK_WARN_MS,
       publishTimeoutMs: 5_000,
       streamCheckMs: 30_000,
       retryBaseMs: 200,
@@ -427,6 +446,35 @@ export class OutboxRelay {
     }
   }
 
+  /**
+   * Tracks how long events have waited behind a running transaction with nothing published;
+   * past `keptBackWarnMs`, names the oldest open writer in a warning (an operator can end it).
+   */
+  private noteKeptBack(keptBack: boolean): void {
+    if (!keptBack) {
+      this.keptBackSince = 0;
+      return;
+    }
+    const now = Date.now();
+    if (this.keptBackSince === 0) this.keptBackSince = now;
+    if (now - this.keptBackSince < this.o.keptBackWarnMs || now < this.nextKeptBackWarn) return;
+    this.nextKeptBackWarn = now + this.o.keptBackWarnMs;
+    this.stats.keptBackWarnings++;
+    const waitedMs = now - this.keptBackSince;
+    void oldestOpenWriter(this.o.sql)
+      .then((writer) =>
+        this.o.log.warn(
+          { waitedMs, blocker: writer },
+          writer
+            ? `events kept back for ${Math.round(waitedMs / 1000)} s by transaction of pid ${writer.pid} (${writer.applicationName || 'no application name'}, ${writer.state ?? 'state unknown'}, open ${Math.round(writer.ageMs / 1000)} s): they go out when it ends`
+            : `events kept back for ${Math.round(waitedMs / 1000)} s by a running transaction: they go out when it ends`,
+        ),
+      )
+      .catch((error: unknown) =>
+        this.o.log.warn({ err: error, waitedMs }, 'events kept back by a running transaction'),
+      );
+  }
+
   /** Counts and logs a failed publish; returns its backoff (jittered, exponential). */
   private failure(item: OutboxItem, error: unknown): Failure {
     const rejected = isRejection(error);
@@ -554,6 +602,7 @@ export class OutboxRelay {
                 : Math.min(this.o.pollMs, this.behindMs * 2);
             delay = this.behindMs;
           } else this.behindMs = 0;
+          this.noteKeptBack(r.behind && r.published === 0);
         }
       } catch (error) {
         this.consecutiveFailures++;

@@ -9,9 +9,10 @@
  * relay without any NOTIFY.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
+import { pino } from 'pino';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { ActorHost } from '../../src/actors/host.js';
-import { silentLogger } from '../../src/log.js';
+import { type Logger, silentLogger } from '../../src/log.js';
 import type { Sql } from '../../src/persistence/db.js';
 import { loadMigrations, migrate } from '../../src/persistence/migrate.js';
 import { recordedStreamSeq, unpublishedCount } from '../../src/persistence/outbox-rows.js';
@@ -137,12 +138,22 @@ async function expectExactlyOnceInOrder(sql: Sql, n: TransportNames): Promise<St
  * A process's transport whose relay polls once a minute (no reactions, no reconciler), after
  * its first round: what it publishes sooner, a wake-up or its own look-again made it publish.
  */
-async function slowPollingRelay(sql: Sql, n: TransportNames) {
+async function slowPollingRelay(
+  sql: Sql,
+  n: TransportNames,
+  o: { log?: Logger; keptBackWarnMs?: number } = {},
+) {
   const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
   const transport = await startTransport(sql, host, n, {
+    ...(o.log ? { log: o.log } : {}),
     reactions: () => [],
     enableReconciler: false,
-    relay: { pollMs: 60_000, streamCheckMs: 0, publishTimeoutMs: 1_000 },
+    relay: {
+      pollMs: 60_000,
+      streamCheckMs: 0,
+      publishTimeoutMs: 1_000,
+      ...(o.keptBackWarnMs !== undefined ? { keptBackWarnMs: o.keptBackWarnMs } : {}),
+    },
   });
   transports.push(transport);
   await eventually(async () => (await unpublished(sql)) === 0, 10_000, 'first round');
@@ -342,20 +353,29 @@ describe('the event log as the outbox', () => {
     }
   });
 
-  it('events a running transaction kept back go out as soon as it ends, though it writes no event', {
+  it('events a running transaction kept back go out as soon as it ends, though it writes no event; the relay names it meanwhile', {
     timeout: 60_000,
   }, async () => {
     const db = await database('elo_behind');
     const n = names();
+    const warnings: { msg: string; blocker?: { pid: number; state: string } }[] = [];
+    const log = pino(
+      { level: 'warn' },
+      { write: (line: string) => warnings.push(JSON.parse(line)) },
+    );
     // Woken by its own commits only: the poll, once a minute, cannot be what publishes them.
-    const { host, transport: t } = await slowPollingRelay(db.sql, n);
+    const { host, transport: t } = await slowPollingRelay(db.sql, n, { log, keptBackWarnMs: 300 });
     // A transaction with an id lower than the events' that writes none (as a state-count fold
     // or a reaction that tells a ticket nothing new): the watermark keeps them back meanwhile.
     const other = db.pool(1);
     const ended = deferred();
     const opened = deferred();
+    let blockerPid = 0;
     const running = other.begin(async (tx) => {
-      await tx`select pg_current_xact_id()`;
+      const [me] = await tx<
+        { pid: number }[]
+      >`select pg_current_xact_id(), pg_backend_pid() as pid`;
+      blockerPid = me?.pid ?? 0;
       opened.resolve();
       await ended.promise;
     });
@@ -367,6 +387,13 @@ describe('the event log as the outbox', () => {
       await new Promise((resolve) => setTimeout(resolve, 500));
       expect(await unpublished(db.sql)).toBe(16);
       expect(t.relay.stats.published).toBe(published);
+      // Kept back past keptBackWarnMs with nothing published: the relay names the transaction.
+      await eventually(async () => t.relay.stats.keptBackWarnings > 0, 5_000, 'a warning');
+      await eventually(async () => warnings.some((w) => w.blocker), 2_000, 'its log line');
+      const named = warnings.find((w) => w.blocker);
+      expect(named?.blocker?.pid).toBe(blockerPid);
+      expect(named?.blocker?.state).toBe('idle in transaction');
+      expect(named?.msg).toContain(`pid ${blockerPid}`);
     } finally {
       ended.resolve();
       await running;
