@@ -351,6 +351,12 @@ export class Transport {
       'counter',
     );
     gauge(
+      'orch_relay_rounds_total',
+      'Relay rounds this process ran (one transaction under the relay lock each).',
+      m.relay.rounds,
+      'counter',
+    );
+    gauge(
       'orch_relay_kept_back_warnings_total',
       'Warnings that events waited behind a transaction left running (the log names it).',
       m.relay.keptBackWarnings,

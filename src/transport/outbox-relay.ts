@@ -105,6 +105,8 @@ export interface RelayStats {
   reduced: number;
   /** Warnings that events waited behind a running transaction (see `keptBackWarnMs`). */
   keptBackWarnings: number;
+  /** Rounds run (each a transaction under the relays' lock), whatever they found. */
+  rounds: number;
 }
 
 /**
@@ -189,6 +191,7 @@ export class OutboxRelay {
     streamChecks: 0,
     reduced: 0,
     keptBackWarnings: 0,
+    rounds: 0,
   };
   private readonly o: Required<
     Omit<RelayOptions, 'onStreamRecreated' | 'streamOptions' | 'maxPayload' | 'onPublished'>
@@ -286,6 +289,7 @@ export class OutboxRelay {
    * the next round publishes its events again (deduplicated by the stream).
    */
   private round(): Promise<RoundResult> {
+    this.stats.rounds++;
     return this.o.sql.begin(async (tx) => {
       const [cursor, first] = await Promise.all([
         // A round waits at most a publish's timeout between statements; longer, it is stuck.

@@ -353,6 +353,44 @@ describe('the event log as the outbox', () => {
     }
   });
 
+  it('a relay kept back by a long transaction looks again less and less often, not in a busy loop', {
+    timeout: 60_000,
+  }, async () => {
+    const db = await database('elo_backoff');
+    const n = names();
+    const host = new ActorHost(db.sql, { taskDefaults: TASK_DEFAULTS });
+    const t = await startTransport(db.sql, host, n, {
+      reactions: () => [],
+      enableReconciler: false,
+      relay: { pollMs: 400, streamCheckMs: 0, publishTimeoutMs: 1_000 },
+    });
+    transports.push(t);
+    await eventually(async () => (await unpublished(db.sql)) === 0, 10_000, 'first round');
+    const ended = deferred();
+    const opened = deferred();
+    const running = db.pool(1).begin(async (tx) => {
+      await tx`select pg_current_xact_id()`;
+      opened.resolve();
+      await ended.promise;
+    });
+    let rounds = 0;
+    try {
+      await opened.promise;
+      await makeEvents(host, 2, 1);
+      const before = t.relay.stats.rounds;
+      await new Promise((resolve) => setTimeout(resolve, 3_000));
+      rounds = t.relay.stats.rounds - before;
+      expect(await unpublished(db.sql)).toBe(8);
+    } finally {
+      ended.resolve();
+      await running;
+    }
+    // 2, 4, 8 ... ms up to the 400 ms poll: about a dozen rounds in 3 s (a fixed 2 ms: ~1,000).
+    expect(rounds).toBeGreaterThanOrEqual(3);
+    expect(rounds).toBeLessThan(30);
+    await eventually(async () => (await unpublished(db.sql)) === 0, 5_000, 'published');
+  });
+
   it('events a running transaction kept back go out as soon as it ends, though it writes no event; the relay names it meanwhile', {
     timeout: 60_000,
   }, async () => {
