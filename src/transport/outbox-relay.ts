@@ -451,14 +451,25 @@ export class OutboxRelay {
   }
 
   /**
-   * Tracks how long events have waited behind a running transaction with nothing published;
-   * past `keptBackWarnMs`, names the oldest open writer in a warning (an operator can end it).
+   * After a round that left committed events kept back by a transaction still running when
+   * they were read, the wait before looking again (null when none were): nothing may wake this
+   * relay when that transaction ends, so soon, less often while nothing goes out. Past
+   * `keptBackWarnMs` of that, names the oldest open writer in a warning (an operator can end it).
    */
-  private noteKeptBack(keptBack: boolean): void {
-    if (!keptBack) {
+  private lookAgainAfter(r: RoundResult): number | null {
+    if (!r.behind) {
+      this.behindMs = 0;
       this.keptBackSince = 0;
-      return;
+      return null;
     }
+    if (r.published > 0 || this.behindMs === 0) this.behindMs = BEHIND_FIRST_MS;
+    else this.behindMs = Math.min(this.o.pollMs, this.behindMs * 2);
+    if (r.published > 0) this.keptBackSince = 0;
+    else this.warnIfKeptBack();
+    return this.behindMs;
+  }
+
+  private warnIfKeptBack(): void {
     const now = Date.now();
     if (this.keptBackSince === 0) this.keptBackSince = now;
     if (now - this.keptBackSince < this.o.keptBackWarnMs || now < this.nextKeptBackWarn) return;
@@ -597,16 +608,7 @@ export class OutboxRelay {
         } else {
           this.consecutiveFailures = 0;
           if (r.more) continue;
-          // Events kept back by a transaction still running when they were read: nothing may
-          // wake this relay when it ends, so look again soon, less often while it lasts.
-          if (r.behind) {
-            this.behindMs =
-              r.published > 0 || this.behindMs === 0
-                ? BEHIND_FIRST_MS
-                : Math.min(this.o.pollMs, this.behindMs * 2);
-            delay = this.behindMs;
-          } else this.behindMs = 0;
-          this.noteKeptBack(r.behind && r.published === 0);
+          delay = this.lookAgainAfter(r) ?? delay;
         }
       } catch (error) {
         this.consecutiveFailures++;
