@@ -11,6 +11,7 @@ export default defineConfig({
             'test/actors/**/*.test.ts',
             'test/client/**/*.test.ts',
             'test/workers/**/*.test.ts',
+            'test/persistence/**/*.test.ts',
           ],
         },
       },

@@ -47,10 +47,15 @@
 //    connection settles every query it still holds with CONNECTION_CLOSED and forgets them,
 //    and a write that finds the socket gone does the same; either way a pending `end()` of
 //    that connection is answered at once instead of when its timeout destroys it.
+// 7. write-now: with coalesced writes a query goes out at the end of the turn, after whatever
+//    the thread does next in it. A query marked `writeNow` (db.ts `writeNow`) is written at
+//    once, with what the connection had buffered before it. The relay asks for its next batch
+//    before it builds the current batch's publishes: unmarked, the read went out behind those
+//    (a few milliseconds of this thread's work) and the round waited on it.
 //
 // @nats-io/nats-core 3.3.1:
 //
-// 7. answered-request: a request (every JetStream publish is one) that got its answer
+// 8. answered-request: a request (every JetStream publish is one) that got its answer
 //    called `cancel()` to unregister itself, and `cancel()` built a
 //    `RequestError("cancelled")` to reject the promise that had just been resolved: an Error
 //    and its stack trace per publish, for nothing (1.6% of a draining worker's CPU). An
@@ -153,6 +158,17 @@ const postgresPatches = [
         '    if (fn || chunk.length >= 1024)\n',
         `    ${mark}\n    if (fn || chunk.length >= 65536)\n`,
       ],
+    ],
+  },
+  {
+    mark: '/* orchestrator-patch: write-now */',
+    files: ['src/connection.js', 'cjs/src/connection.js'],
+    edits: (mark) => [
+      [
+        '      build(q)\n      return write(toBuffer(q))\n',
+        `      build(q)\n      ${mark}\n      return write(toBuffer(q), q.writeNow ? wroteNow : undefined)\n`,
+      ],
+      ['  function nextWrite(fn) {\n', '  function wroteNow() {}\n\n  function nextWrite(fn) {\n'],
     ],
   },
 ];

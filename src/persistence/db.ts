@@ -54,6 +54,17 @@ export function commitAhead(tx: Tx): Promise<CommitAnswer> | null {
 }
 
 /**
+ * Marks `query` to be written to its connection as soon as it is handed over (a microtask after
+ * it is awaited or executed), with what the connection buffered before it, instead of at the end
+ * of the turn (scripts/patch-deps.mjs, write-now): for a read asked for ahead of a stretch of
+ * this thread's own work, so that Postgres runs it meanwhile. Without the patch it has no effect.
+ */
+export function writeNow<T extends object>(query: T): T {
+  (query as { writeNow?: boolean }).writeNow = true;
+  return query;
+}
+
+/**
  * A check that fails its statement, and so its transaction, in Postgres: for a statement the
  * transaction's COMMIT may already follow (`commitAhead`), where a check in JS on the answer
  * would come too late. The value is 1 when `ok` holds; otherwise the cast to int of `message`

@@ -328,6 +328,18 @@ export class OutboxRelay {
       let capped = false;
       for (let n = 1; ; n++) {
         if (batch.length === 0) break;
+        // The position this batch was read after: its events' predecessors are compared to it.
+        const after = readFrom;
+        readFrom = batch[batch.length - 1]!;
+        capped = n >= this.o.roundBatches;
+        // A short batch ends the round: reading on after it (once it was out) made more,
+        // smaller reads under a steady load, and cost a drain 4-7% of its rate.
+        const more = !capped && batch.length === this.o.batchSize;
+        // The next batch is asked for before this one is handed to the client: Postgres reads
+        // it while this thread builds and sends the publishes (asked for after them, the read
+        // was what a round waited on most).
+        const next = more ? readAfter(tx, readFrom, this.o.batchSize) : null;
+        next?.catch(() => {});
         r.order.push(...batch);
         const inBatch = new Set(batch.map((i) => i.pos));
         const steps: Promise<void>[] = [];
@@ -342,7 +354,7 @@ export class OutboxRelay {
               r.entity.get(entity) === 'held' ||
               (item.pred !== null &&
                 !inBatch.has(item.pred.pos) &&
-                comparePositions(item.pred, readFrom) > 0);
+                comparePositions(item.pred, after) > 0);
             if (waits && !chains.has(entity)) {
               heldEntities.add(entity);
               r.hold.push({ pos: item.pos, entityId: entity });
@@ -356,18 +368,9 @@ export class OutboxRelay {
           }
         }
         inFlight.push(Promise.all(steps));
-        readFrom = batch[batch.length - 1]!;
-        if (n >= this.o.roundBatches) {
-          capped = true;
-          break;
-        }
-        // A short batch ends the round: reading on after it (once it was out) made more,
-        // smaller reads under a steady load, and cost a drain 4-7% of its rate.
-        if (batch.length < this.o.batchSize) break;
-        // The next batch is read while the oldest of `pipelineDepth` batches in flight is
-        // awaited, so the read's time overlaps the publishing.
-        const next = readAfter(tx, readFrom, this.o.batchSize);
-        next.catch(() => {});
+        if (!next) break;
+        // The oldest of `pipelineDepth` batches in flight is awaited before the next is
+        // published, so the read's time overlaps the publishing.
         if (inFlight.length >= this.o.pipelineDepth) {
           await inFlight[inFlight.length - this.o.pipelineDepth];
         }
