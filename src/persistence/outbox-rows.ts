@@ -443,10 +443,15 @@ export async function oldestOpenWriter(db: Db): Promise<OpenWriter | null> {
  * answers, where `outboxLag` counts them all (a poll for the end of a backlog).
  */
 export async function anyUnpublished(db: Db): Promise<boolean> {
+  // The first event after the cursor in the index's order: as a bare `exists` over a join
+  // the planner scanned the log from its start, the whole of it once everything was out (a
+  // millisecond at 20,000 events, polled every 10 ms by the benchmarks).
   const rows = await db<{ any: boolean }[]>`
     select exists (
-      select 1 from events e, (select tx, pos from relay_cursor limit 1) c
-      where (e.tx, e.pos) > (c.tx, c.pos)
+      select 1 from (select tx, pos from relay_cursor limit 1) c
+      cross join lateral (
+        select 1 from events e where (e.tx, e.pos) > (c.tx, c.pos)
+        order by e.tx, e.pos limit 1) x
     ) or exists (select 1 from relay_held where published_seq is null) as any`;
   return rows[0]?.any ?? false;
 }
