@@ -52,6 +52,17 @@ const TASK_DEFAULTS = { maxAttempts: 3, leaseMs: 600_000, retryBaseMs: 1_000 };
 
 type Loaded = LatencyStats & { type: 'loaded'; errors: number; clientCpuUs: number };
 
+/** Timed runs of each path, taking turns (see `medianRun`). */
+const TURNS = 3;
+
+/** The run with the median rate: its figures are reported together. */
+function medianRun<T extends LatencyStats>(runs: T[]): T {
+  const sorted = [...runs].sort((a, b) => a.perSecond - b.perSecond);
+  const run = sorted[Math.floor(sorted.length / 2)];
+  if (!run) throw new Error('bench: no runs');
+  return run;
+}
+
 /** Untimed runs before the timed ones, so that neither side is measured while it warms up. */
 const WARM_UP_SECONDS = 1;
 
@@ -157,14 +168,33 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
     await load('GET', getPaths, undefined, WARM_UP_SECONDS);
     await load('POST', postPaths, postBodies, WARM_UP_SECONDS);
     await load('POST', postPaths, postBodies, WARM_UP_SECONDS, 'raw');
-    const getIn = await withCpu(() => getInProcess(ms1000));
-    const postIn = await withCpu(() => postInProcess(ms1000));
-    const health = await withCpu(() => load('GET', ['/healthz']));
-    const get = await withCpu(() => load('GET', getPaths));
-    const post = await withCpu(() => load('POST', postPaths, postBodies));
-    const postRaw = await withCpu(() => load('POST', postPaths, postBodies, o.seconds, 'raw'));
+    // Each path runs TURNS times, the paths taking turns, and each reports its median run (by
+    // rate): run once each, one after the other, a ratio moved with the machine's speed
+    // between its two halves.
+    const runs = {
+      getIn: [] as (LatencyStats & { cpuUs: number })[],
+      postIn: [] as (LatencyStats & { cpuUs: number })[],
+      health: [] as (Loaded & { cpuUs: number })[],
+      get: [] as (Loaded & { cpuUs: number })[],
+      post: [] as (Loaded & { cpuUs: number })[],
+      postRaw: [] as (Loaded & { cpuUs: number })[],
+    };
+    for (let turn = 0; turn < TURNS; turn++) {
+      runs.getIn.push(await withCpu(() => getInProcess(ms1000)));
+      runs.get.push(await withCpu(() => load('GET', getPaths)));
+      runs.postIn.push(await withCpu(() => postInProcess(ms1000)));
+      runs.post.push(await withCpu(() => load('POST', postPaths, postBodies)));
+      runs.postRaw.push(await withCpu(() => load('POST', postPaths, postBodies, o.seconds, 'raw')));
+      runs.health.push(await withCpu(() => load('GET', ['/healthz'])));
+    }
+    const getIn = medianRun(runs.getIn);
+    const postIn = medianRun(runs.postIn);
+    const health = medianRun(runs.health);
+    const get = medianRun(runs.get);
+    const post = medianRun(runs.post);
+    const postRaw = medianRun(runs.postRaw);
     print(
-      `\n### Requests at concurrency ${CONCURRENCY} (client in another process, node:http with keep-alive)\n`,
+      `\n### Requests at concurrency ${CONCURRENCY} (client in another process, node:http with keep-alive; median of ${TURNS} runs each, taking turns)\n`,
     );
     print(
       table(
