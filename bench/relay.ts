@@ -125,7 +125,7 @@ async function backlogAndRaw(
     await until(async () => !(await outboxPending(db)), 120_000, 'the outbox to drain', 10);
     return o.events / ((performance.now() - started) / 1000);
   };
-  // The relay and raw publishing take turns, RUNS times each, and each figure is the median
+  // The relay and raw publishing take turns, RELAY_RUNS times each, and each figure is the median
   // of its runs: measured one after the other only once, a ratio moved by a third between
   // runs of the section as the machine's speed drifted between its two halves.
   const relayRates: number[] = [];
