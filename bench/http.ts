@@ -37,6 +37,7 @@ import {
 import {
   type LatencyStats,
   loop,
+  medianRun,
   ms,
   n0,
   pool,
@@ -44,6 +45,7 @@ import {
   ratio,
   sleep,
   summarize,
+  TURNS,
   table,
 } from './stats.js';
 
@@ -51,17 +53,6 @@ const CONCURRENCY = 16;
 const TASK_DEFAULTS = { maxAttempts: 3, leaseMs: 600_000, retryBaseMs: 1_000 };
 
 type Loaded = LatencyStats & { type: 'loaded'; errors: number; clientCpuUs: number };
-
-/** Timed runs of each path, taking turns (see `medianRun`). */
-const TURNS = 3;
-
-/** The run with the median rate: its figures are reported together. */
-function medianRun<T extends LatencyStats>(runs: T[]): T {
-  const sorted = [...runs].sort((a, b) => a.perSecond - b.perSecond);
-  const run = sorted[Math.floor(sorted.length / 2)];
-  if (!run) throw new Error('bench: no runs');
-  return run;
-}
 
 /** Untimed runs before the timed ones, so that neither side is measured while it warms up. */
 const WARM_UP_SECONDS = 1;

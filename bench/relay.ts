@@ -7,7 +7,7 @@
  *   publishes after it run warm.
  * - Raw: the same number of `js.publish` calls with a msgID, awaiting each ack, on the same
  *   client and stream, one at a time and with 256 in flight. The relay's drain and raw
- *   publishing with 256 in flight take turns (RELAY_RUNS each); the medians are compared.
+ *   publishing with 256 in flight take turns (TURNS each); the medians are compared.
  * - Steady state: the host commits transitions at concurrency C while the relay runs;
  *   latency from commit (host.onCommit) to the message on the stream (a core NATS
  *   subscriber on the stream's subjects, i.e. when the server received the publish).
@@ -26,16 +26,9 @@ import { RELAY_BATCH } from '../src/transport/outbox-relay.js';
 import type { TransportNames } from '../src/transport/subjects.js';
 import { benchTransportOptions } from './fixtures.js';
 import { benchNames, dropStreams, type Scratch, scratchDatabase } from './scratch.js';
-import { ms, n0, pool, print, ratio, summarize, table, until } from './stats.js';
+import { medianRun, ms, n0, pool, print, ratio, summarize, TURNS, table, until } from './stats.js';
 
 const TASK_DEFAULTS = { maxAttempts: 3, leaseMs: 600_000, retryBaseMs: 1_000 };
-/** Turns of the relay and of raw publishing (each a backlog of `events`), medians reported. */
-const RELAY_RUNS = 3;
-
-function median(values: number[]): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  return sorted[Math.floor(sorted.length / 2)] ?? 0;
-}
 
 export interface RelayOptions {
   seconds: number;
@@ -125,18 +118,18 @@ async function backlogAndRaw(
     await until(async () => !(await outboxPending(db)), 120_000, 'the outbox to drain', 10);
     return o.events / ((performance.now() - started) / 1000);
   };
-  // The relay and raw publishing take turns, RELAY_RUNS times each, and each figure is the median
+  // The relay and raw publishing take turns, TURNS times each, and each figure is the median
   // of its runs: measured one after the other only once, a ratio moved by a third between
   // runs of the section as the machine's speed drifted between its two halves.
   const relayRates: number[] = [];
   const raw256Rates: number[] = [];
-  for (let run = 0; run < RELAY_RUNS; run++) {
+  for (let run = 0; run < TURNS; run++) {
     relayRates.push(await relay(run));
     raw256Rates.push(await raw(256));
   }
   await t.relay.stop();
-  const relayRate = median(relayRates);
-  const raw256 = median(raw256Rates);
+  const relayRate = medianRun(relayRates.map((perSecond) => ({ perSecond }))).perSecond;
+  const raw256 = medianRun(raw256Rates.map((perSecond) => ({ perSecond }))).perSecond;
   const raw1 = await raw(1);
   print(
     `\n### Outbox relay: ${n0(o.events)} committed events of ${entities} entities drained to JetStream (batch ${RELAY_BATCH})\n`,

@@ -38,7 +38,7 @@ import { relaySection } from './relay.js';
 import { scrapeSection } from './scrape.js';
 import { ADMIN_URL, NATS_URL, scratchDatabase } from './scratch.js';
 import { sseSection } from './sse.js';
-import { fmt, print } from './stats.js';
+import { fmt, type LatencyStats, medianRun, print, TURNS } from './stats.js';
 import { workflowsSection } from './workflows.js';
 
 const SECTIONS = [
@@ -138,7 +138,7 @@ async function machine(): Promise<void> {
 async function hostSection(): Promise<void> {
   print('## Actor host vs raw SQL (issue 3)');
   print(
-    'entities alternate BLOCK/UNBLOCK (1 event-log row and a timer upsert or delete per transition); raw = the same statements by hand; min = only the snapshot compare-and-set and the event insert\n',
+    `entities alternate BLOCK/UNBLOCK (1 event-log row and a timer upsert or delete per transition); raw = the same statements by hand; min = only the snapshot compare-and-set and the event insert; at each concurrency raw, min and host take turns, ${TURNS} runs each, and each row shows each one's median run\n`,
   );
   const db = await scratchDatabase('host', { max: 70 });
   try {
@@ -150,9 +150,20 @@ async function hostSection(): Promise<void> {
     );
     let raw64: number | null = null;
     for (const c of concurrencies) {
-      const raw = await benchRaw(db.sql, c, seconds * 1000);
-      const min = await benchRawMinimal(db.sql, c, seconds * 1000);
-      const host = await benchHost(db.sql, c, seconds * 1000);
+      // The three take turns, TURNS runs each, and each reports its median run (medianRun).
+      const runs = {
+        raw: [] as LatencyStats[],
+        min: [] as LatencyStats[],
+        host: [] as LatencyStats[],
+      };
+      for (let turn = 0; turn < TURNS; turn++) {
+        runs.raw.push(await benchRaw(db.sql, c, seconds * 1000));
+        runs.min.push(await benchRawMinimal(db.sql, c, seconds * 1000));
+        runs.host.push(await benchHost(db.sql, c, seconds * 1000));
+      }
+      const raw = medianRun(runs.raw);
+      const min = medianRun(runs.min);
+      const host = medianRun(runs.host);
       print(
         `${String(c).padStart(11)} | ${fmt(host.perSecond, 0)}  | ${fmt(raw.perSecond, 0)}  | ${(host.perSecond / raw.perSecond).toFixed(2).padStart(6)} | ${fmt(min.perSecond, 0).padStart(8)} | ${(host.perSecond / min.perSecond).toFixed(2).padStart(6)} | ${fmt(host.p50, 2)}   | ${fmt(raw.p50, 2)}  | ${fmt(min.p50, 2)}  | ${fmt(host.p99, 2)}   | ${fmt(raw.p99, 2)}  | ${fmt(min.p99, 2)}`,
       );

@@ -24,6 +24,21 @@ export function summarize(samples: number[], seconds: number): LatencyStats {
 }
 
 /**
+ * Of runs of one path that took turns with the runs of the path it is compared to, the run
+ * with the median rate: its figures are reported together. Run once each, one after the
+ * other, two paths' ratio moved with the machine's speed between them (BENCHMARKS section 31).
+ */
+export function medianRun<T extends { perSecond: number }>(runs: T[]): T {
+  const sorted = [...runs].sort((a, b) => a.perSecond - b.perSecond);
+  const run = sorted[Math.floor(sorted.length / 2)];
+  if (!run) throw new Error('bench: no runs');
+  return run;
+}
+
+/** Timed runs of each path of a comparison, taking turns (see `medianRun`). */
+export const TURNS = 3;
+
+/**
  * Closed-loop load: `concurrency` loops call `step` back to back for `durationMs`; each
  * call's latency is a sample.
  */
