@@ -121,14 +121,26 @@ export function comparePositions(a: RelayPosition, b: RelayPosition): number {
  * lock (its process frozen or cut off): the rounds of every other relay wait behind it, so
  * its stall is bounded, and its round rolls back whole. The cursor is read by a statement of
  * its own: one that also waited for the lock would read it as it was before the wait.
+ *
+ * `lazyCommit`: the transaction's COMMIT returns without waiting for its WAL to reach disk
+ * (`synchronous_commit` off for it alone). Only for what a round writes: the cursor, the held
+ * events and the checkpoints. A crash of Postgres may then lose the last rounds' records, and
+ * the relay publishes those events again, deduplicated by the stream on their ids: the same
+ * as a relay killed between its publishes and its commit, which every round must survive
+ * anyway. No event, state or acknowledgement of anyone else's depends on a round's commit.
  */
-export async function lockRelay(tx: Tx, idleTimeoutMs?: number): Promise<RelayCursor> {
+export async function lockRelay(
+  tx: Tx,
+  options: { idleTimeoutMs?: number; lazyCommit?: boolean } = {},
+): Promise<RelayCursor> {
+  const { idleTimeoutMs, lazyCommit = false } = options;
   const timeout =
     idleTimeoutMs === undefined
       ? tx``
       : tx`, set_config('idle_in_transaction_session_timeout', ${String(Math.max(1, Math.round(idleTimeoutMs)))}, true)`;
+  const lazy = lazyCommit ? tx`, set_config('synchronous_commit', 'off', true)` : tx``;
   const [, rows] = await Promise.all([
-    tx`select pg_advisory_xact_lock(${RELAY_LOCK_ID}) ${timeout}`,
+    tx`select pg_advisory_xact_lock(${RELAY_LOCK_ID}) ${timeout} ${lazy}`,
     tx<{ tx: string; pos: number; stream_seq: number; held: boolean }[]>`
       select tx::text as tx, pos, stream_seq,
         exists (select 1 from relay_held where published_seq is null) as held

@@ -301,7 +301,8 @@ export class OutboxRelay {
     return this.o.sql.begin(async (tx) => {
       const [cursor, first] = await Promise.all([
         // A round waits at most a publish's timeout between statements; longer, it is stuck.
-        lockRelay(tx, this.o.publishTimeoutMs + 1_000),
+        // Its COMMIT waits for no disk flush: what it records is what a crash may take back.
+        lockRelay(tx, { idleTimeoutMs: this.o.publishTimeoutMs + 1_000, lazyCommit: true }),
         readAfter(tx, null, this.o.batchSize),
       ]);
       const heldDue = cursor.held ? await readHeldDue(tx, this.o.batchSize) : [];

@@ -287,6 +287,39 @@ describe('outbox relay', () => {
     await relay.stop();
   });
 
+  it('a round commits without waiting for the disk; the setting ends with its transaction', async () => {
+    // One connection: the round's and the statements after it share a session.
+    const sql = db.pool(1);
+    const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
+    const n = names();
+    await ensureStreams(admin.jsm, n);
+    await host.create('ticket', ticketInput());
+    await sql.unsafe(`
+      create table seen_commit_mode (mode text not null);
+      create function note_commit_mode() returns trigger language plpgsql as $$
+      begin insert into seen_commit_mode values (current_setting('synchronous_commit')); return new; end $$;
+      create trigger note_commit_mode before update on relay_cursor
+        for each row execute function note_commit_mode();`);
+    const relay = relayOn(sql, n);
+    try {
+      expect(await relay.drainOnce()).toBe(1);
+      expect((await sql`select mode from seen_commit_mode`).map((r) => r.mode)).toEqual(['off']);
+      // Everything else on that session commits as configured: a command's commit still waits.
+      const [after] = await sql`select current_setting('synchronous_commit') as mode`;
+      expect(after?.mode).toBe('on');
+      const [inTx] = await sql.begin(
+        (tx) => tx`select current_setting('synchronous_commit') as mode`,
+      );
+      expect(inTx?.mode).toBe('on');
+    } finally {
+      await relay.stop();
+      await sql.unsafe(`
+        drop trigger note_commit_mode on relay_cursor; drop function note_commit_mode();
+        drop table seen_commit_mode;`);
+      await sql.end();
+    }
+  });
+
   it("an entity's later event written by an older transaction waits for its predecessor", async () => {
     const sql = db.sql;
     const n = names();
@@ -375,7 +408,7 @@ describe('outbox relay', () => {
     let locked = false;
     const stuck = frozen
       .begin(async (tx) => {
-        await lockRelay(tx, 300);
+        await lockRelay(tx, { idleTimeoutMs: 300 });
         locked = true;
         await new Promise((r) => setTimeout(r, 3_000));
         await tx`select 1`;
