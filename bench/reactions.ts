@@ -9,7 +9,8 @@
  * - Under load: `concurrency` loops send COMPLETE back to back for `seconds`, taking the
  *   tasks ticket by ticket (as a worker draining tickets does), without waiting for the
  *   reactions. Completions/s and reactions/s over that window, their ratio, the backlog
- *   (completions committed and not yet reacted to) at half time and at the end, and the
+ *   (completions committed and not yet reacted to, read every 100 ms) as means over the
+ *   seconds before half time and before the end and as its trend over the second half, and the
  *   latency from the completion's commit (host.onCommit) to the commit of the reaction that
  *   applied it (the runner's onApplied), until the backlog is gone.
  * With BENCH_REACTION_BASELINE=1 the load runs a second time with batches of one message
@@ -55,8 +56,11 @@ interface Run {
   completions: number;
   seconds: number;
   reactions: number;
+  /** Mean backlog over the window before half time, and over the last window. */
   backlogHalf: number;
   backlogEnd: number;
+  /** Least-squares change of the backlog over the second half (its slope times its length). */
+  backlogTrend: number;
   drainSeconds: number;
   p50: number;
   p99: number;
@@ -125,6 +129,7 @@ export async function reactionsSection(o: ReactionsOptions): Promise<void> {
         'ratio',
         'backlog at half',
         'at end',
+        'last-half trend',
         'drained in s',
         'p50 ms',
         'p99 ms',
@@ -138,12 +143,13 @@ export async function reactionsSection(o: ReactionsOptions): Promise<void> {
           ratio(r.reactions, r.completions),
           n0(r.backlogHalf),
           n0(r.backlogEnd),
+          `${r.backlogTrend >= 0 ? '+' : ''}${n0(r.backlogTrend)}`,
           r.drainSeconds.toFixed(1),
           ms(r.p50),
           ms(r.p99),
           (r.applied / Math.max(1, r.transactions)).toFixed(1),
         ]),
-        ['alone (one at a time)', '-', '-', '-', '-', '-', '-', ms(a.p50), ms(a.p99), '-'],
+        ['alone (one at a time)', '-', '-', '-', '-', '-', '-', '-', ms(a.p50), ms(a.p99), '-'],
       ],
     ),
   );
@@ -162,8 +168,46 @@ export async function reactionsSection(o: ReactionsOptions): Promise<void> {
     ),
   );
   print(
-    `\ntargets: reactions/s ≥ 0.95 × completions/s; backlog at end ≤ at half; p99 < 50 ms under load, < 10 ms alone`,
+    `\nbacklog: completions committed and not yet reacted to, read every ${BACKLOG_SAMPLE_MS} ms; at half and at end are means over the ${BACKLOG_WINDOW_S} s before each point; the trend is the least-squares change over the second half\n`,
   );
+  print(
+    `targets: reactions/s ≥ 0.95 × completions/s; backlog at end ≤ at half; p99 < 50 ms under load, < 10 ms alone`,
+  );
+}
+
+const BACKLOG_SAMPLE_MS = 100;
+/** Seconds of samples averaged for the backlog at half time and at the end (less on short runs). */
+const BACKLOG_WINDOW_S = 5;
+
+/** The backlog at half time and at the end (window means) and its trend over the second half. */
+function backlogFigures(
+  samples: readonly { at: number; backlog: number }[],
+  seconds: number,
+): { backlogHalf: number; backlogEnd: number; backlogTrend: number } {
+  const window = Math.min(BACKLOG_WINDOW_S, seconds / 4);
+  const mean = (from: number, to: number) => {
+    const xs = samples.filter((s) => s.at > from && s.at <= to).map((s) => s.backlog);
+    return xs.length === 0 ? 0 : xs.reduce((a, b) => a + b, 0) / xs.length;
+  };
+  const half = seconds / 2;
+  const late = samples.filter((s) => s.at > half);
+  let trend = 0;
+  if (late.length >= 2) {
+    const mx = late.reduce((a, s) => a + s.at, 0) / late.length;
+    const my = late.reduce((a, s) => a + s.backlog, 0) / late.length;
+    let num = 0;
+    let den = 0;
+    for (const s of late) {
+      num += (s.at - mx) * (s.backlog - my);
+      den += (s.at - mx) ** 2;
+    }
+    trend = den === 0 ? 0 : (num / den) * (seconds - half);
+  }
+  return {
+    backlogHalf: mean(half - window, half),
+    backlogEnd: mean(seconds - window, seconds),
+    backlogTrend: trend,
+  };
 }
 
 /** Tickets of TASKS_PER_TICKET tasks, started, every task claimed and started. */
@@ -341,15 +385,13 @@ async function underLoad(
   const before = { ...runner.stats };
   let next = 0;
   let ranOut = false;
-  let backlogHalf = 0;
   const started = performance.now();
   const end = started + o.seconds * 1000;
-  const half = setTimeout(
-    () => {
-      backlogHalf = completions - reactions;
-    },
-    (o.seconds * 1000) / 2,
-  );
+  // The backlog every 100 ms: one reading at an instant is whatever batch is in flight then.
+  const samples: { at: number; backlog: number }[] = [];
+  const sampler = setInterval(() => {
+    samples.push({ at: (performance.now() - started) / 1000, backlog: completions - reactions });
+  }, BACKLOG_SAMPLE_MS);
   await Promise.all(
     Array.from({ length: o.concurrency }, async () => {
       while (performance.now() < end) {
@@ -362,11 +404,11 @@ async function underLoad(
       }
     }),
   );
-  clearTimeout(half);
+  clearInterval(sampler);
   windowOpen = false;
   const seconds = (performance.now() - started) / 1000;
   const completed = completions;
-  const backlogEnd = completions - reactions;
+  const backlog = backlogFigures(samples, seconds);
   const drainStart = performance.now();
   await until(() => committedAt.size === 0, 600_000, 'every completion reacted to', 10);
   const drainSeconds = (performance.now() - drainStart) / 1000;
@@ -381,8 +423,7 @@ async function underLoad(
     completions: completed,
     seconds,
     reactions: reactionsInWindow,
-    backlogHalf,
-    backlogEnd,
+    ...backlog,
     drainSeconds,
     p50: s.p50,
     p99: s.p99,
