@@ -35,9 +35,9 @@ import {
   scratchDatabase,
 } from './scratch.js';
 import {
+  inTurns,
   type LatencyStats,
   loop,
-  medianRun,
   ms,
   n0,
   pool,
@@ -162,28 +162,15 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
     // Each path runs TURNS times, the paths taking turns, and each reports its median run (by
     // rate): run once each, one after the other, a ratio moved with the machine's speed
     // between its two halves.
-    const runs = {
-      getIn: [] as (LatencyStats & { cpuUs: number })[],
-      postIn: [] as (LatencyStats & { cpuUs: number })[],
-      health: [] as (Loaded & { cpuUs: number })[],
-      get: [] as (Loaded & { cpuUs: number })[],
-      post: [] as (Loaded & { cpuUs: number })[],
-      postRaw: [] as (Loaded & { cpuUs: number })[],
-    };
-    for (let turn = 0; turn < TURNS; turn++) {
-      runs.getIn.push(await withCpu(() => getInProcess(ms1000)));
-      runs.get.push(await withCpu(() => load('GET', getPaths)));
-      runs.postIn.push(await withCpu(() => postInProcess(ms1000)));
-      runs.post.push(await withCpu(() => load('POST', postPaths, postBodies)));
-      runs.postRaw.push(await withCpu(() => load('POST', postPaths, postBodies, o.seconds, 'raw')));
-      runs.health.push(await withCpu(() => load('GET', ['/healthz'])));
-    }
-    const getIn = medianRun(runs.getIn);
-    const postIn = medianRun(runs.postIn);
-    const health = medianRun(runs.health);
-    const get = medianRun(runs.get);
-    const post = medianRun(runs.post);
-    const postRaw = medianRun(runs.postRaw);
+    const { median } = await inTurns({
+      getIn: () => withCpu(() => getInProcess(ms1000)),
+      get: () => withCpu(() => load('GET', getPaths)),
+      postIn: () => withCpu(() => postInProcess(ms1000)),
+      post: () => withCpu(() => load('POST', postPaths, postBodies)),
+      postRaw: () => withCpu(() => load('POST', postPaths, postBodies, o.seconds, 'raw')),
+      health: () => withCpu(() => load('GET', ['/healthz'])),
+    });
+    const { getIn, get, postIn, post, postRaw, health } = median;
     print(
       `\n### Requests at concurrency ${CONCURRENCY} (client in another process, node:http with keep-alive; median of ${TURNS} runs each, taking turns)\n`,
     );

@@ -26,7 +26,7 @@ import { RELAY_BATCH } from '../src/transport/outbox-relay.js';
 import type { TransportNames } from '../src/transport/subjects.js';
 import { benchTransportOptions } from './fixtures.js';
 import { benchNames, dropStreams, type Scratch, scratchDatabase } from './scratch.js';
-import { medianRun, ms, n0, pool, print, ratio, summarize, TURNS, table, until } from './stats.js';
+import { inTurns, ms, n0, pool, print, ratio, summarize, table, until } from './stats.js';
 
 const TASK_DEFAULTS = { maxAttempts: 3, leaseMs: 600_000, retryBaseMs: 1_000 };
 
@@ -111,8 +111,9 @@ async function backlogAndRaw(
     });
     return o.events / seconds;
   };
-  const relay = async (run: number) => {
-    await backlog(o.events, `relay${run}-`);
+  let relayRuns = 0;
+  const relay = async () => {
+    await backlog(o.events, `relay${relayRuns++}-`);
     const started = performance.now();
     t.relay.wake();
     await until(async () => !(await outboxPending(db)), 120_000, 'the outbox to drain', 10);
@@ -121,15 +122,15 @@ async function backlogAndRaw(
   // The relay and raw publishing take turns, TURNS times each, and each figure is the median
   // of its runs: measured one after the other only once, a ratio moved by a third between
   // runs of the section as the machine's speed drifted between its two halves.
-  const relayRates: number[] = [];
-  const raw256Rates: number[] = [];
-  for (let run = 0; run < TURNS; run++) {
-    relayRates.push(await relay(run));
-    raw256Rates.push(await raw(256));
-  }
+  const turns = await inTurns({
+    relay: async () => ({ perSecond: await relay() }),
+    raw256: async () => ({ perSecond: await raw(256) }),
+  });
   await t.relay.stop();
-  const relayRate = medianRun(relayRates.map((perSecond) => ({ perSecond }))).perSecond;
-  const raw256 = medianRun(raw256Rates.map((perSecond) => ({ perSecond }))).perSecond;
+  const relayRate = turns.median.relay.perSecond;
+  const raw256 = turns.median.raw256.perSecond;
+  const relayRates = turns.runs.relay.map((r) => r.perSecond);
+  const raw256Rates = turns.runs.raw256.map((r) => r.perSecond);
   const raw1 = await raw(1);
   print(
     `\n### Outbox relay: ${n0(o.events)} committed events of ${entities} entities drained to JetStream (batch ${RELAY_BATCH})\n`,

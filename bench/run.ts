@@ -38,7 +38,7 @@ import { relaySection } from './relay.js';
 import { scrapeSection } from './scrape.js';
 import { ADMIN_URL, NATS_URL, scratchDatabase } from './scratch.js';
 import { sseSection } from './sse.js';
-import { fmt, type LatencyStats, medianRun, print, TURNS } from './stats.js';
+import { fmt, inTurns, print, TURNS } from './stats.js';
 import { workflowsSection } from './workflows.js';
 
 const SECTIONS = [
@@ -150,20 +150,14 @@ async function hostSection(): Promise<void> {
     );
     let raw64: number | null = null;
     for (const c of concurrencies) {
-      // The three take turns, TURNS runs each, and each reports its median run (medianRun).
-      const runs = {
-        raw: [] as LatencyStats[],
-        min: [] as LatencyStats[],
-        host: [] as LatencyStats[],
-      };
-      for (let turn = 0; turn < TURNS; turn++) {
-        runs.raw.push(await benchRaw(db.sql, c, seconds * 1000));
-        runs.min.push(await benchRawMinimal(db.sql, c, seconds * 1000));
-        runs.host.push(await benchHost(db.sql, c, seconds * 1000));
-      }
-      const raw = medianRun(runs.raw);
-      const min = medianRun(runs.min);
-      const host = medianRun(runs.host);
+      // The three take turns, TURNS runs each, and each reports its median run.
+      const { raw, min, host } = (
+        await inTurns({
+          raw: () => benchRaw(db.sql, c, seconds * 1000),
+          min: () => benchRawMinimal(db.sql, c, seconds * 1000),
+          host: () => benchHost(db.sql, c, seconds * 1000),
+        })
+      ).median;
       print(
         `${String(c).padStart(11)} | ${fmt(host.perSecond, 0)}  | ${fmt(raw.perSecond, 0)}  | ${(host.perSecond / raw.perSecond).toFixed(2).padStart(6)} | ${fmt(min.perSecond, 0).padStart(8)} | ${(host.perSecond / min.perSecond).toFixed(2).padStart(6)} | ${fmt(host.p50, 2)}   | ${fmt(raw.p50, 2)}  | ${fmt(min.p50, 2)}  | ${fmt(host.p99, 2)}   | ${fmt(raw.p99, 2)}  | ${fmt(min.p99, 2)}`,
       );

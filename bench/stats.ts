@@ -39,6 +39,30 @@ export function medianRun<T extends { perSecond: number }>(runs: T[]): T {
 export const TURNS = 3;
 
 /**
+ * Runs every path TURNS times, the paths taking turns in the order given, and returns each
+ * one's runs and its median run (`medianRun`).
+ */
+export async function inTurns<P extends Record<string, () => Promise<{ perSecond: number }>>>(
+  paths: P,
+): Promise<{
+  median: { [K in keyof P]: Awaited<ReturnType<P[K]>> };
+  runs: { [K in keyof P]: Awaited<ReturnType<P[K]>>[] };
+}> {
+  const keys = Object.keys(paths);
+  const runs: Record<string, { perSecond: number }[]> = {};
+  for (const k of keys) runs[k] = [];
+  for (let turn = 0; turn < TURNS; turn++) {
+    for (const k of keys) runs[k]?.push(await (paths[k] as P[keyof P])());
+  }
+  const median: Record<string, { perSecond: number }> = {};
+  for (const k of keys) median[k] = medianRun(runs[k] ?? []);
+  return { median, runs } as {
+    median: { [K in keyof P]: Awaited<ReturnType<P[K]>> };
+    runs: { [K in keyof P]: Awaited<ReturnType<P[K]>>[] };
+  };
+}
+
+/**
  * Closed-loop load: `concurrency` loops call `step` back to back for `durationMs`; each
  * call's latency is a sample.
  */
