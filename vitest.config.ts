@@ -12,6 +12,7 @@ export default defineConfig({
             'test/client/**/*.test.ts',
             'test/workers/**/*.test.ts',
             'test/persistence/**/*.test.ts',
+            'test/transport/**/*.test.ts',
           ],
         },
       },

@@ -44,7 +44,7 @@ import { recordInboxMany } from '../persistence/inbox-rows.js';
 import type { Reaction, TransactionalReaction } from './reactions.js';
 import { settleWithin } from './settle.js';
 import { isStreamNotFound } from './streams.js';
-import { dlqSubject, eventSubject, type TransportNames } from './subjects.js';
+import { dlqSubject, eventSubject, eventTypeOfSubject, type TransportNames } from './subjects.js';
 
 export interface ConsumerSettings {
   /** How long a delivery may stay unacknowledged before the server redelivers it. */
@@ -399,6 +399,12 @@ export class ConsumerRunner {
     for (const m of batch) {
       this.held.add(m);
       if (m.info.deliveryCount > 1) this.stats.redeliveries++;
+      const named = r.acceptsType ? eventTypeOfSubject(this.o.names, m.subject) : null;
+      if (named !== null && r.acceptsType?.(named) === false) {
+        this.stats.ignored++;
+        this.release(m, () => m.ack());
+        continue;
+      }
       const claim = parseEventMessage(m.string());
       if (claim === null) {
         this.forged(m.subject, null, 'not an event message');

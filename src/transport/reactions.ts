@@ -31,6 +31,13 @@ interface ReactionBase {
   filterSubject: (n: TransportNames) => string;
   /** Events of the filter this reaction acts on; the others are acked untouched. */
   accepts: (entry: EventEntry) => boolean;
+  /**
+   * Whether an event of this type (`<entityType>.<event>`, named by the message's subject) may
+   * be one `accepts` takes. A message whose subject names another type is acked without its
+   * body being read: it could not be applied anyway, since a delivery whose subject is not its
+   * stored event's is refused as forged. Unset: every body is read.
+   */
+  acceptsType?: (type: string) => boolean;
 }
 
 /** Runs in one Postgres transaction with its inbox row. */
@@ -109,6 +116,9 @@ export const taskStateReaction: TransactionalReaction = {
   // A task's claim, start, retry or release changes nothing its ticket decides on (the
   // policy would tell it nothing): those messages are acknowledged without reading Postgres.
   accepts: (e) => e.entityType === 'task' && isSettlementEvent(e.type),
+  // Two of a task's three events on the way to done (claimed, started) are no news: their
+  // subjects say so, and the bodies are left unread.
+  acceptsType: isSettlementEvent,
   // The policy tells the ticket only news newer than its ticket_tasks row (by the task's
   // seq), in the same transaction: a redelivery, or the reconciler's sweep, finds it told.
   idempotent: true,
@@ -152,6 +162,7 @@ export const ticketCancelReaction: TransactionalReaction = {
   name: 'ticket_cancel',
   filterSubject: (n) => typeEventsSubject(n, 'ticket', 'cancelled'),
   accepts: (e) => e.type === 'ticket.cancelled',
+  acceptsType: (type) => type === 'ticket.cancelled',
   apply: async (uow, e) => {
     await cancelOpenTasks(uow, e.entityId);
   },

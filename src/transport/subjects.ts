@@ -43,6 +43,19 @@ export function eventSubject(
   return `${n.prefix}.events.${entityType}.${subjectToken(entityId)}.${name}`;
 }
 
+/**
+ * The event type a message's subject names (`<entityType>.<event>`, as `eventSubject` built
+ * it), or null when the subject is not an event subject of these names. What the subject
+ * names is all it says: a message is its event only once the event log confirms it.
+ */
+export function eventTypeOfSubject(n: TransportNames, subject: string): string | null {
+  const head = `${n.prefix}.events.`;
+  if (!subject.startsWith(head)) return null;
+  const tokens = subject.slice(head.length).split('.');
+  if (tokens.length !== 3) return null;
+  return `${tokens[0]}.${tokens[2]}`;
+}
+
 export const allEventsSubject = (n: TransportNames) => `${n.prefix}.events.>`;
 export const entityEventsSubject = (n: TransportNames, entityId: string) =>
   `${n.prefix}.events.*.${subjectToken(entityId)}.*`;

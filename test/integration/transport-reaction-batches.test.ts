@@ -383,6 +383,29 @@ describe('task_state reaction in batches', () => {
     expect(s.transactions).toBeLessThan(s.applied);
   });
 
+  it('a message whose subject names no news is acked with its body unread', async () => {
+    const e = await env('batches_unread');
+    const { ticketId, taskIds } = await ticketWithTasks(e, 1);
+    const taskId = taskIds[0]!;
+    const js = jetstream(admin.nc);
+    // Not even JSON. On a claim's subject it is acked as no news, unread; on a completion's
+    // subject the same body is read, and refused as not an event.
+    await js.publish(eventSubject(e.names, 'task', taskId, 'task.claimed'), 'not json');
+    await js.publish(eventSubject(e.names, 'task', taskId, 'task.completed'), 'not json');
+    const waiting = await newsOnStream(e, 2);
+
+    await e.runner.start();
+    await consumerSettled(e);
+    const s = e.runner.stats;
+    expect(s.forged).toBe(1);
+    // The task's own events so far (its creation) and the body on the claim's subject.
+    expect(s.ignored).toBe(waiting - 1);
+    expect(s.applied).toBe(0);
+    expect(s.failures).toBe(0);
+    expect(await ticketState(e.sql, ticketId)).toBe('requirements');
+    expect(await e.transport.deadLetters(10)).toHaveLength(0);
+  });
+
   it('a forged message inside a batch is acked and counted, and never applied', async () => {
     const e = await env('batches_forged');
     const { ticketId, taskIds } = await ticketWithTasks(e, 4);
