@@ -206,3 +206,26 @@ it('a table whose rows doubled is analyzed, and what was prepared while it was s
     'events analyzed once the lock is free',
   );
 });
+
+it('an analyze builds no statistics of the JSON documents, only of the columns statements filter on', async () => {
+  await db.sql`insert into events (event_id, entity_type, entity_id, seq, type, data, at)
+    select gen_random_uuid(), 'task', 'tsk_docs_' || g, 1, 'task.claimed',
+      jsonb_build_object('ticketId', 'tkt_docs', 'attempt', g), now()
+    from generate_series(1, 500) g`;
+  await db.sql`analyze events, tasks, tickets, timers`;
+  const stats = await db.sql<{ t: string; c: string }[]>`
+    select tablename::text as t, attname::text as c from pg_stats
+    where schemaname = current_schema() and tablename in ('events', 'tasks', 'tickets', 'timers')`;
+  const has = (t: string, c: string) => stats.some((s) => s.t === t && s.c === c);
+  for (const [t, c] of [
+    ['events', 'data'],
+    ['tasks', 'snapshot'],
+    ['tasks', 'feedback'],
+    ['tickets', 'snapshot'],
+    ['timers', 'event'],
+  ] as const) {
+    expect(has(t, c), `${t}.${c}`).toBe(false);
+  }
+  expect(has('events', 'type')).toBe(true);
+  expect(has('events', 'entity_id')).toBe(true);
+});
