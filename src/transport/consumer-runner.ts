@@ -399,8 +399,8 @@ export class ConsumerRunner {
     for (const m of batch) {
       this.held.add(m);
       if (m.info.deliveryCount > 1) this.stats.redeliveries++;
-      const named = r.acceptsType ? eventTypeOfSubject(this.o.names, m.subject) : null;
-      if (named !== null && r.acceptsType?.(named) === false) {
+      const named = r.acceptsType && eventTypeOfSubject(this.o.names, m.subject);
+      if (named && !r.acceptsType?.(named)) {
         this.stats.ignored++;
         this.release(m, () => m.ack());
         continue;
