@@ -113,25 +113,47 @@ export async function entityEvents(
   return rows.map(toEntry);
 }
 
-/** The stored entry with this event id, or null (a made-up id). */
-export async function findEvent(db: Db, eventId: string): Promise<EventEntry | null> {
+/** Where a message says its event is: the entity and its seq, with the event's id. */
+export interface EventRef {
+  eventId: string;
+  entityId: string;
+  seq: number;
+}
+
+/**
+ * The stored entry at the place `ref` names (its entity's `seq`), or null when there is none.
+ * The caller compares the ids: an entry with another id means the message is not that event.
+ * Found by the (entity_id, seq) key the log keeps anyway, so `event_id` needs no index of its
+ * own: a random UUID's index took an insert at a random leaf for every event written.
+ */
+export async function findEvent(db: Db, ref: EventRef): Promise<EventEntry | null> {
   const rows = await db<EventRaw[]>`
     select pos, event_id, seq, entity_id, entity_type, type, data, at from events
-    where event_id = ${eventId}`;
+    where entity_id = ${ref.entityId} and seq = ${ref.seq}`;
   const r = rows[0];
   return r ? toEntry(r) : null;
 }
 
 /**
- * The stored entries with these event ids, by id (a made-up id has none). The ids must be
- * UUIDs: they are compared as such.
+ * The stored entries at the places `refs` name, as `findEvent` finds each, by the id each ref
+ * states (lower case). A place with no event has none.
  */
-export async function findEvents(db: Db, eventIds: string[]): Promise<Map<string, EventEntry>> {
+export async function findEvents(
+  db: Db,
+  refs: readonly EventRef[],
+): Promise<Map<string, EventEntry>> {
   const found = new Map<string, EventEntry>();
-  if (eventIds.length === 0) return found;
+  if (refs.length === 0) return found;
   const rows = await db<EventRaw[]>`
-    select pos, event_id, seq, entity_id, entity_type, type, data, at from events
-    where event_id = any(${eventIds}::uuid[])`;
-  for (const r of rows) found.set(r.event_id, toEntry(r));
+    select e.pos, e.event_id, e.seq, e.entity_id, e.entity_type, e.type, e.data, e.at
+    from unnest(${refs.map((r) => r.entityId)}::text[], ${refs.map((r) => r.seq)}::int[])
+      as c(entity_id, seq)
+    join events e on e.entity_id = c.entity_id and e.seq = c.seq`;
+  const byPlace = new Map<string, EventRaw>();
+  for (const r of rows) byPlace.set(`${r.seq}:${r.entity_id}`, r);
+  for (const ref of refs) {
+    const r = byPlace.get(`${ref.seq}:${ref.entityId}`);
+    if (r) found.set(ref.eventId.toLowerCase(), toEntry(r));
+  }
   return found;
 }

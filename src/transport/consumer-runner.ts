@@ -115,6 +115,8 @@ export interface ReactionStats {
 /** Called after a commit with the entries it applied (first time in the inbox, if it keeps one). */
 export type AppliedListener = (entries: EventEntry[]) => void;
 
+/** The event log's `seq` is an int: a larger one names no event and could not be looked up. */
+const MAX_SEQ = 2_147_483_647;
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const ENTITY_TYPES: readonly string[] = ['ticket', 'task'];
 
@@ -137,12 +139,14 @@ export function parseEventMessage(raw: string): EventEntry | null {
     typeof e.entityId === 'string' &&
     e.entityId.length > 0 &&
     e.entityId.length <= 256 &&
+    !e.entityId.includes('\0') &&
     typeof e.entityType === 'string' &&
     ENTITY_TYPES.includes(e.entityType) &&
     typeof e.type === 'string' &&
     e.type.length <= 128 &&
     Number.isSafeInteger(e.seq) &&
-    (e.seq as number) > 0;
+    (e.seq as number) > 0 &&
+    (e.seq as number) <= MAX_SEQ;
   return ok ? (e as unknown as EventEntry) : null;
 }
 
@@ -425,7 +429,7 @@ export class ConsumerRunner {
     try {
       stored = await findEvents(
         this.o.sql,
-        claims.map((c) => c.claim.eventId.toLowerCase()),
+        claims.map((c) => c.claim),
       );
     } catch (error) {
       for (const c of claims) await this.failed(c.m, c.claim, error);
@@ -620,10 +624,7 @@ export class ConsumerRunner {
     let verdicts = new Map<Held, string | null>();
     const { value: verified } = await this.o.host.transact(
       async (uow) => {
-        const checked = findEvents(
-          uow.tx,
-          claims.map((c) => c.eventId.toLowerCase()),
-        ).then((stored) => {
+        const checked = findEvents(uow.tx, claims).then((stored) => {
           verdicts = new Map();
           const ok = new Map<string, EventEntry>();
           for (const h of items) {
@@ -655,7 +656,7 @@ export class ConsumerRunner {
     let entry: EventEntry | null = h.claimed ? null : h.entry;
     try {
       if (h.claimed) {
-        entry = await findEvent(this.o.sql, h.entry.eventId.toLowerCase());
+        entry = await findEvent(this.o.sql, h.entry);
         const why = this.mismatch(h.entry, entry, h.m.subject);
         if (why !== null || entry === null) {
           this.forged(h.m.subject, h.entry, why ?? 'no such event');
@@ -721,7 +722,7 @@ export class ConsumerRunner {
       this.stats.ignored++;
       return 'ignored';
     }
-    const entry = await findEvent(this.o.sql, claim.eventId);
+    const entry = await findEvent(this.o.sql, claim);
     const mismatch = this.mismatch(claim, entry, subject);
     if (mismatch !== null || !entry) {
       this.forged(subject, claim, mismatch ?? 'no such event');
@@ -744,6 +745,7 @@ export class ConsumerRunner {
   ): string | null {
     if (!entry) return 'no such event in the event log';
     if (
+      entry.eventId !== claim.eventId.toLowerCase() ||
       entry.entityId !== claim.entityId ||
       entry.entityType !== claim.entityType ||
       entry.type !== claim.type ||

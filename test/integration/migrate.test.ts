@@ -19,3 +19,10 @@ it('three concurrent migration runs: each migration applied once', async () => {
   expect(await migrationsApplied(db.sql)).toBe(true);
   expect(await migrate(db.sql)).toEqual([]);
 });
+
+it('the event log indexes no event id: messages are checked at the place they name', async () => {
+  const indexes = await db.sql<{ indexdef: string }[]>`
+    select indexdef from pg_indexes where tablename = 'events'`;
+  expect(indexes.some((i) => /\(entity_id, seq\)/.test(i.indexdef))).toBe(true);
+  expect(indexes.filter((i) => /event_id/.test(i.indexdef))).toEqual([]);
+});
