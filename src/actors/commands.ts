@@ -3,7 +3,6 @@
  * ticket (one transaction: the ticket learns of the task as the task is born), and send a
  * public event. HTTP, the built-in workers and the demo all go through here.
  */
-import { randomUUID } from 'node:crypto';
 import { InvalidInput, UnknownWorkflow } from '../errors.js';
 import type { Json } from '../machines/domain-events.js';
 import { type EntityType, MACHINES } from '../machines/index.js';
@@ -11,6 +10,7 @@ import { FIXED_TICKET_STATES } from '../machines/workflow.js';
 import { addTask } from '../policies/index.js';
 import type { DecideEvent } from './decide.js';
 import type { ActorHost, Applied, UnitOfWork } from './host.js';
+import { uuidv7 } from './ids.js';
 
 export interface TicketSettings {
   stuckAfterMs: number;
@@ -64,7 +64,7 @@ export class Commands {
     return uow.create(
       'ticket',
       {
-        id: spec.id ?? `tkt_${randomUUID()}`,
+        id: spec.id ?? `tkt_${uuidv7()}`,
         title: spec.title,
         description: spec.description ?? null,
         stuckAfterMs: this.tickets.stuckAfterMs,
@@ -89,7 +89,7 @@ export class Commands {
         { path: 'phase', message: `one of ${phases.join(', ')}` },
       ]);
     }
-    return addTask(uow, ticketId, { ...spec, id: spec.id ?? `tsk_${randomUUID()}`, phase });
+    return addTask(uow, ticketId, { ...spec, id: spec.id ?? `tsk_${uuidv7()}`, phase });
   }
 
   /**

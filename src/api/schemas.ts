@@ -11,7 +11,7 @@ export const components = z.registry<{ id: string; description?: string }>();
 
 const name = z.string().regex(/^[A-Za-z0-9_.:#-]{1,100}$/, 'letters, digits and _ . : # - only');
 const json = z.json().register(components, { id: 'Json' });
-/** Entity ids: what the API issues (`tkt_<uuid>`, `tsk_<uuid>`, `<ticket>-diagnostic-<n>`). */
+/** Entity ids: what the API issues (`tkt_<uuidv7>`, `tsk_<uuidv7>`, `<ticket>-diagnostic-<n>`). */
 export const ID_PATTERN = /^[A-Za-z0-9_.:#-]{1,200}$/;
 const id = z.string().regex(ID_PATTERN, 'not an id');
 /** The largest value of a Postgres `int4` column (event `seq`, `priority`, `attempt`). */

@@ -68,6 +68,11 @@ describe('tickets', () => {
     });
     expect(task.status).toBe(201);
     expect(task.body).toMatchObject({ ticketId: id, phase: 'requirements', state: 'pending' });
+    // Issued ids are time-ordered (UUIDv7): a later entity's sorts after an earlier one's.
+    const v7 = /^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
+    expect(id.slice(4)).toMatch(v7);
+    expect(String(task.body.id).slice(4)).toMatch(v7);
+    expect(String(task.body.id).slice(4, 17) >= id.slice(4, 17)).toBe(true);
     expect(task.body.allowedEvents).toContain('CANCEL');
 
     const got = await call('GET', `/tickets/${id}`, '/tickets/{id}');
