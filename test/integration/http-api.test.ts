@@ -134,6 +134,37 @@ describe('tickets', () => {
     const one = await call('GET', `/tasks/${a.body.id}`, '/tasks/{id}');
     expect(one.body).toMatchObject({ state: 'cancelled', allowedEvents: [] });
   });
+
+  it('lists every task newest first across states, each once, page by page', async () => {
+    const ticket = await newTicket();
+    const mine: string[] = [];
+    for (let i = 0; i < 5; i++) {
+      const t = await call('POST', `/tickets/${ticket.id}/tasks`, '/tickets/{id}/tasks', {
+        type: `t${i}`,
+      });
+      mine.push(t.body.id);
+      // Pending and cancelled in turn: the listing merges the states.
+      if (i % 2 === 1) {
+        await call('POST', `/tasks/${t.body.id}/events`, '/tasks/{id}/events', { type: 'CANCEL' });
+      }
+    }
+    const seen: { id: string; createdAt: string }[] = [];
+    let cursor: string | null = null;
+    do {
+      const q: string = `/tasks?limit=2${cursor ? `&cursor=${cursor}` : ''}`;
+      const page = await call('GET', q, '/tasks');
+      expect(page.status).toBe(200);
+      expect(page.body.items.length).toBeLessThanOrEqual(2);
+      seen.push(...page.body.items);
+      cursor = page.body.nextCursor;
+    } while (cursor);
+    const ids = seen.map((x) => x.id);
+    expect(new Set(ids).size).toBe(ids.length);
+    expect(ids.filter((id) => mine.includes(id))).toEqual([...mine].reverse());
+    const times = seen.map((x) => Date.parse(x.createdAt));
+    expect(times.every(Number.isFinite)).toBe(true);
+    expect([...times].sort((x, y) => y - x)).toEqual(times);
+  });
 });
 
 describe('error codes', () => {

@@ -316,7 +316,11 @@ describe('seed regressions: work', () => {
     expect((await queries.listTasks({ ticketId: real, limit: 50 })).items).toHaveLength(5);
     label = 'Queries.listTasks';
     // The newest five are the real ones (the bulk rows are older and have no snapshot).
-    expect((await queries.listTasks({ limit: 5 })).items).toHaveLength(5);
+    const newest = await queries.listTasks({ limit: 5 });
+    expect(newest.items).toHaveLength(5);
+    label = 'Queries.listTasks(cursor)';
+    const older = await queries.listTasks({ limit: 5, cursor: newest.nextCursor ?? '' });
+    expect(older.items).toHaveLength(5);
     label = 'Queries.ticketTasks(cursor)';
     const first = await queries.ticketTasks(real, { limit: 2 });
     const rest = await queries.ticketTasks(real, { limit: 5, cursor: first?.nextCursor ?? '' });
@@ -356,7 +360,9 @@ describe('seed regressions: work', () => {
     expect(indexes('open tasks of a ticket')).toContain('tasks_open_ticket');
     expect(indexes('Queries.getTicket')).toContain('tasks_ticket');
     expect(indexes('Queries.listTasks(ticketId)')).toContain('tasks_ticket');
-    expect(indexes('Queries.listTasks')).toContain('tasks_created');
+    // Every task, newest first: the newest of each state, merged (no index of its own).
+    expect(indexes('Queries.listTasks')).toContain('tasks_state_created');
+    expect(indexes('Queries.listTasks(cursor)')).toContain('tasks_state_created');
     expect(indexes('Queries.ticketTasks(cursor)')).toContain('tasks_ticket');
     // Each of the code paths above was really captured (the proxy missed none).
     expect(byLabel('worktreeFree')).toHaveLength(2);
@@ -377,7 +383,7 @@ function nodes(plan: PlanNode): PlanNode[] {
 }
 
 /**
- * Wraps a postgres.js connection so that every statement beginning with SELECT is first
+ * Wraps a postgres.js connection so that every statement beginning with SELECT or WITH is first
  * EXPLAINed (FORMAT JSON) with the same parameters and fragments, its plan handed to
  * `onPlan`, then run as usual: the code under test issues its real SQL, unchanged.
  */
@@ -387,7 +393,7 @@ function explaining(target: Tx, onPlan: (plan: PlanNode) => void): Tx {
       const [strings, ...values] = args;
       const isTemplate =
         Array.isArray(strings) && Array.isArray((strings as { raw?: unknown }).raw);
-      if (!isTemplate || !/^\s*select\b/i.test(String((strings as string[])[0]))) {
+      if (!isTemplate || !/^\s*(select|with)\b/i.test(String((strings as string[])[0]))) {
         return Reflect.apply(fn, thisArg, args);
       }
       const parts = strings as string[];
