@@ -26,3 +26,21 @@ it('the event log indexes no event id: messages are checked at the place they na
   expect(indexes.some((i) => /\(entity_id, seq\)/.test(i.indexdef))).toBe(true);
   expect(indexes.filter((i) => /event_id/.test(i.indexdef))).toEqual([]);
 });
+
+it("a task's news rewrites its ticket_tasks row in place (a HOT update, no index entry)", async () => {
+  // Rows as tasks are added: many inserted together, so without free room their pages fill.
+  await db.sql`insert into ticket_tasks (task_id, ticket_id, phase, round, type, state, seq)
+    select 'hot-' || g, 'hot-ticket', 'requirements', 1, 'x', 'pending', 1
+    from generate_series(1, 2000) g`;
+  // Each task's news, one row at a time, as reactions write it.
+  for (let g = 1; g <= 2000; g += 10) {
+    await db.sql`update ticket_tasks set state = 'completed', seq = 3
+      where task_id = ${`hot-${g}`}`;
+  }
+  await db.sql`select pg_stat_force_next_flush()`;
+  const [s] = await db.sql<{ upd: number; hot: number }[]>`
+    select n_tup_upd::int as upd, n_tup_hot_upd::int as hot
+    from pg_stat_user_tables where relname = 'ticket_tasks'`;
+  expect(s?.upd).toBe(200);
+  expect(s?.hot).toBe(200);
+});
