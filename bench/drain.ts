@@ -65,6 +65,21 @@ interface Figure {
    * (null for a queue that does not use NATS); null: unknown.
    */
   cpu: { queue: number; postgres: number; nats: number | null } | null;
+  /** Bytes of write-ahead log per job over the drain: what the queue made Postgres write. */
+  walPerJob: number | null;
+}
+
+/** Where the server's write-ahead log is now. */
+async function walNow(sql: Sql): Promise<string> {
+  const [r] = await sql<{ l: string }[]>`select pg_current_wal_lsn()::text as l`;
+  return r?.l ?? '0/0';
+}
+
+/** Bytes of write-ahead log written on the server since `lsn`, per job. */
+async function walPerJob(sql: Sql, lsn: string, jobs: number): Promise<number> {
+  const [r] = await sql<{ b: string }[]>`
+    select pg_wal_lsn_diff(pg_current_wal_lsn(), ${lsn}::pg_lsn)::text as b`;
+  return Number(r?.b ?? 0) / jobs;
 }
 
 /**
@@ -128,6 +143,7 @@ export async function drainSection(o: { jobs: number }): Promise<void> {
         'CPU ms/job: its process',
         'CPU ms/job: Postgres',
         'CPU ms/job: nats-server',
+        'WAL bytes/job',
       ],
       figures.map((f) => [
         f.name,
@@ -138,6 +154,7 @@ export async function drainSection(o: { jobs: number }): Promise<void> {
         f.cpu ? f.cpu.queue.toFixed(2) : '-',
         f.cpu ? f.cpu.postgres.toFixed(2) : '-',
         f.cpu?.nats != null ? f.cpu.nats.toFixed(2) : '-',
+        f.walPerJob != null ? n0(f.walPerJob) : '-',
       ]),
     ),
   );
@@ -156,7 +173,7 @@ export async function drainSection(o: { jobs: number }): Promise<void> {
       .join('; ')}. Each queue's row above is its median turn.\n`,
   );
   print(
-    'CPU ms/job: user + system CPU time (from /proc) of the process that runs the jobs, of every Postgres process and of nats-server (for the queue that uses NATS: ours relays every event to JetStream and reacts to them from it), over the drain, divided by the jobs; two cores serve all of them.\n',
+    'CPU ms/job: user + system CPU time (from /proc) of the process that runs the jobs, of every Postgres process and of nats-server (for the queue that uses NATS: ours relays every event to JetStream and reacts to them from it), over the drain, divided by the jobs; two cores serve all of them. WAL bytes/job: the server’s write-ahead log written over the same span (pg_current_wal_lsn), divided by the jobs: what each queue’s writes cost Postgres, the same on a fast machine and a slow one.\n',
   );
   for (const f of figures) print(`- ${f.name}: ${f.note}`);
 }
@@ -245,6 +262,7 @@ async function ours(jobs: number): Promise<Figure> {
       10,
     );
     const cpu0 = readCpu(pid);
+    const wal0 = await walNow(db.sql);
     // Polls the tickets only (a few hundred rows): a ticket leaves its phase once all its
     // tasks are complete. Counting the tasks (a scan of all of them, 8 ms at 10,000) every
     // 100 ms took a tenth of a core from the server the worker was measured on; counting the
@@ -261,6 +279,7 @@ async function ours(jobs: number): Promise<Figure> {
       100,
     );
     const used = cpuSince(cpu0, readCpu(pid));
+    const wal = await walPerJob(db.sql, wal0, jobs);
     const wall = (performance.now() - spawned) / 1000;
     const [open] = await db.sql<{ n: number }[]>`
       select count(*)::int as n from tasks where state <> 'completed'`;
@@ -336,6 +355,7 @@ async function ours(jobs: number): Promise<Figure> {
       jobs,
       seconds,
       cpu: perJob(used, `pid:${pid}`, jobs, true),
+      walPerJob: wal,
       note: `a \`bin/orchestrator worker\` process, WORKER_CONCURRENCY=8, ${n0(tickets)} tickets of up to ${TASKS_PER_TICKET} \`sleep\` tasks (ms 0). Counted from the first claim to the last ticket's phase change (${wall.toFixed(1)} s from spawning the process, start-up included); ${n0(span.claims)} claims, one per task.`,
     };
   } finally {
@@ -377,6 +397,7 @@ async function graphile(jobs: number, concurrency: number): Promise<Figure> {
     const started = performance.now();
     const cpu0 = readCpu();
     const own0 = process.cpuUsage();
+    const wal0 = await walNow(db.sql);
     const runner = await run({
       connectionString: db.url,
       concurrency,
@@ -402,12 +423,14 @@ async function graphile(jobs: number, concurrency: number): Promise<Figure> {
     );
     const seconds = (performance.now() - started) / 1000;
     const used = { ...cpuSince(cpu0, readCpu()), own: ownSeconds(own0) };
+    const wal = await walPerJob(db.sql, wal0, jobs);
     await runner.stop();
     return {
       name: `graphile-worker run() x${concurrency}`,
       jobs,
       seconds,
       cpu: perJob(used, 'own', jobs),
+      walPerJob: wal,
       note: `its runner, \`run({ concurrency: ${concurrency} })\`, \`maxPoolSize\` ${POOL_MAX} (its default), every other setting default (poll interval, LISTEN/NOTIFY); counted from calling run() until its jobs table is empty.`,
     };
   } finally {
@@ -441,6 +464,7 @@ async function pgBoss(jobs: number): Promise<Figure> {
     const started = performance.now();
     const cpu0 = readCpu();
     const own0 = process.cpuUsage();
+    const wal0 = await walNow(db.sql);
     for (let w = 0; w < PG_BOSS_WORKERS; w++) {
       await boss.work<{ i: number }>(
         'bench',
@@ -459,12 +483,14 @@ async function pgBoss(jobs: number): Promise<Figure> {
     await until(async () => (await count()) === jobs, 60_000, 'pg-boss to complete every job', 5);
     const seconds = (performance.now() - started) / 1000;
     const used = { ...cpuSince(cpu0, readCpu()), own: ownSeconds(own0) };
+    const wal = await walPerJob(db.sql, wal0, jobs);
     await boss.stop({ graceful: false, close: true, wait: true });
     return {
       name: `pg-boss work() x${PG_BOSS_WORKERS}, batch ${PG_BOSS_BATCH}`,
       jobs,
       seconds,
       cpu: perJob(used, 'own', jobs),
+      walPerJob: wal,
       note: `${PG_BOSS_WORKERS} \`work()\` workers, batchSize ${PG_BOSS_BATCH}, pollingIntervalSeconds 0.5 (its minimum; a worker sleeps what is left of the interval after every batch, so past its first batches, which come at once, it runs at most ${n0((PG_BOSS_WORKERS * PG_BOSS_BATCH) / 0.5)} jobs/s; its docs recommend no batch size), pool max ${POOL_MAX}; the batch is completed in one statement; counted until every job is completed.`,
     };
   } finally {
