@@ -384,7 +384,10 @@ export async function updateTaskRows(
           worker_id = x.worker_id,
           lease_expires_at = case when x.set_lease then x.lease else t.lease_expires_at end,
           snapshot = x.snapshot, version = x.version, seq = x.seq, updated_at = x.updated_at
-        from x where t.id = x.id and t.version = x.expected
+        -- The ids again as an array: the planner counts a JSON document's rows as 100, and
+        -- below a few thousand tasks it then read the whole table for them (3 ms at 2,000).
+        from x where t.id = x.id and t.id = any(${writes.map((w) => w.row.id)}::text[])
+          and t.version = x.expected
         returning t.id, t.has_dependents and x.check_deps as deps
       ), e as (
         insert into events (event_id, entity_type, entity_id, seq, type, data, at)

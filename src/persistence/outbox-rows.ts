@@ -202,7 +202,11 @@ export async function readAfter(
         exists (select 1 from relay_held h
           where h.entity_id = e.entity_id and h.published_seq is null) as held
       from events e
-      left join events p on p.entity_id = e.entity_id and p.seq = e.seq - 1
+      -- Each predecessor by the (entity_id, seq) index. As a plain join, a log of a few
+      -- thousand events was hashed whole on every read; the \`limit 1\` keeps the planner
+      -- from turning this back into that join.
+      left join lateral (select p.tx, p.pos from events p
+        where p.entity_id = e.entity_id and p.seq = e.seq - 1 limit 1) p on true
       where (e.tx, e.pos) > (c.tx, c.pos) and e.tx < ${tx.unsafe(WATERMARK)}
       order by e.tx, e.pos
       limit ${limit}

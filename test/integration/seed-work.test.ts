@@ -19,6 +19,7 @@ import type { Tx } from '../../src/persistence/db.js';
 import { Queries } from '../../src/persistence/queries.js';
 import { forwardTaskState } from '../../src/policies/index.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
+import { explaining, planNodes as nodes, type PlanNode } from '../support/explain.js';
 import { ticketInput } from '../support/fixtures.js';
 import { type TestProcess, testProcess, until } from '../support/worker-process.js';
 
@@ -369,46 +370,3 @@ describe('seed regressions: work', () => {
     expect(byLabel('Queries.getTicket')).toHaveLength(2);
   });
 });
-
-interface PlanNode {
-  'Node Type': string;
-  'Relation Name'?: string;
-  'Index Name'?: string;
-  'Parent Relationship'?: string;
-  Plans?: PlanNode[];
-}
-
-function nodes(plan: PlanNode): PlanNode[] {
-  return [plan, ...(plan.Plans ?? []).flatMap(nodes)];
-}
-
-/**
- * Wraps a postgres.js connection so that every statement beginning with SELECT or WITH is first
- * EXPLAINed (FORMAT JSON) with the same parameters and fragments, its plan handed to
- * `onPlan`, then run as usual: the code under test issues its real SQL, unchanged.
- */
-function explaining(target: Tx, onPlan: (plan: PlanNode) => void): Tx {
-  return new Proxy(target, {
-    apply(fn, thisArg, args: unknown[]) {
-      const [strings, ...values] = args;
-      const isTemplate =
-        Array.isArray(strings) && Array.isArray((strings as { raw?: unknown }).raw);
-      if (!isTemplate || !/^\s*(select|with)\b/i.test(String((strings as string[])[0]))) {
-        return Reflect.apply(fn, thisArg, args);
-      }
-      const parts = strings as string[];
-      const explained = Object.assign([`explain (format json) ${parts[0]}`, ...parts.slice(1)], {
-        raw: [`explain (format json) ${parts[0]}`, ...parts.slice(1)],
-      });
-      return (async () => {
-        const rows = (await Reflect.apply(fn, thisArg, [explained, ...values])) as {
-          'QUERY PLAN': { Plan: PlanNode }[];
-        }[];
-        const plan = rows[0]?.['QUERY PLAN'][0]?.Plan;
-        if (!plan) throw new Error('EXPLAIN returned no plan');
-        onPlan(plan);
-        return Reflect.apply(fn, thisArg, args);
-      })();
-    },
-  });
-}

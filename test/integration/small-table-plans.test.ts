@@ -1,0 +1,101 @@
+/**
+ * The hot statements read by index on a small database too. A statement that joins a JSON
+ * document or an array of rows to a table gets no row count for that side from the planner
+ * (a set-returning function counts as 100 rows), so below a few thousand rows it scanned the
+ * whole table: every worker's settle-and-claim statement read all of `tasks`, and every relay
+ * read hashed all of `events` to find each event's predecessor. A new deployment is exactly
+ * that size. Here 2,000 tasks and 6,000 events are stored with fresh statistics, and the
+ * plans of the very statements the code sends are captured (EXPLAIN, test/support/explain.ts).
+ */
+import { randomUUID } from 'node:crypto';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ActorHost } from '../../src/actors/host.js';
+import { loadActorRow, updateTaskRows } from '../../src/persistence/actor-rows.js';
+import type { Tx } from '../../src/persistence/db.js';
+import type { NewEvent } from '../../src/persistence/event-log.js';
+import { readAfter } from '../../src/persistence/outbox-rows.js';
+import { createTestDatabase, type TestDatabase } from '../support/database.js';
+import { explaining, type PlanNode, seqScanned } from '../support/explain.js';
+import { TASK_DEFAULTS, taskInput, ticketInput } from '../support/fixtures.js';
+
+let db: TestDatabase;
+let host: ActorHost;
+const BULK_TASKS = 2_000;
+
+beforeAll(async () => {
+  db = await createTestDatabase('small_table_plans');
+  host = new ActorHost(db.sql, { taskDefaults: TASK_DEFAULTS });
+  await db.sql.begin(async (tx) => {
+    await tx`insert into tickets (id, state, phase, title, machine_version, snapshot, version,
+        seq, created_at, updated_at)
+      values ('bulk-tk', 'requirements', 'requirements', 'bulk', 1, '{}'::jsonb, 1, 1, now(), now())`;
+    await tx`insert into tasks (id, ticket_id, type, phase, state, executor, priority, attempt,
+        machine_version, snapshot, version, seq, created_at, updated_at)
+      select 'bulk-ts-' || g, 'bulk-tk', 'x', 'requirements',
+        case when g % 2 = 0 then 'completed' else 'pending' end, 'sleep', 0, 0, 1, '{}'::jsonb,
+        3, 3, now(), now()
+      from generate_series(1, ${BULK_TASKS}) g`;
+    await tx`insert into events (event_id, entity_type, entity_id, seq, type, data, at)
+      select gen_random_uuid(), 'task', 'bulk-ts-' || g, s, 'task.bulk', '{}'::jsonb, now()
+      from generate_series(1, ${BULK_TASKS}) g, generate_series(1, 3) s
+      order by g, s`;
+  });
+  await db.sql`analyze tasks`;
+  await db.sql`analyze events`;
+});
+afterAll(() => db.drop());
+
+/** A write of the task's row as it stands, one version and one event on. */
+async function bumped(id: string) {
+  const row = await loadActorRow(db.sql, 'task', id);
+  if (!row) throw new Error(`no row ${id}`);
+  const event: NewEvent = {
+    eventId: randomUUID(),
+    seq: row.seq + 1,
+    entityId: id,
+    entityType: 'task',
+    type: 'task.test',
+    data: { n: 1 },
+    at: Date.now(),
+  };
+  return {
+    row: { ...row, version: row.version + 1, seq: row.seq + 1 },
+    expectedVersion: row.version,
+    deadline: undefined,
+    events: [event],
+  };
+}
+
+describe('hot statements on a small database', () => {
+  it("a pool's settles in one statement find their rows by index, not by reading every task", async () => {
+    const ticket = await host.create('ticket', ticketInput());
+    const ids: string[] = [];
+    for (let i = 0; i < 4; i++) ids.push((await host.create('task', taskInput(ticket.id))).id);
+    const plans: PlanNode[] = [];
+    const sql = explaining(db.sql as unknown as Tx, (p) => plans.push(p));
+    const written = await updateTaskRows(sql, await Promise.all(ids.map(bumped)));
+    expect(plans).toHaveLength(1);
+    expect(seqScanned(plans[0] as PlanNode), JSON.stringify(plans[0])).toEqual([]);
+    // Planned and then really run: every row written, with its event.
+    expect(written.map((w) => w?.entries.length)).toEqual([1, 1, 1, 1]);
+    const versions = await db.sql<{ version: number }[]>`
+      select version from tasks where id = any(${ids}) order by id`;
+    expect(versions.map((v) => v.version)).toEqual([2, 2, 2, 2]);
+  });
+
+  it("the relay's read finds each event's predecessor by index, not by hashing the whole log", async () => {
+    const plans: PlanNode[] = [];
+    const items = await db.sql.begin((tx) =>
+      readAfter(
+        explaining(tx as unknown as Tx, (p) => plans.push(p)),
+        null,
+        512,
+      ),
+    );
+    expect(items.length).toBeGreaterThan(0);
+    // The bulk events are each their entity's 1st to 3rd, so all but the first have one.
+    expect(items.filter((i) => i.pred !== null).length).toBeGreaterThan(items.length / 2);
+    expect(plans).toHaveLength(1);
+    expect(seqScanned(plans[0] as PlanNode), JSON.stringify(plans[0])).not.toContain('events');
+  });
+});
