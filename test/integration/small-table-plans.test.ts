@@ -1,22 +1,12 @@
-/**
- * The hot statements read by index on a small database too. A statement that joins a JSON
- * document or an array of rows to a table gets no row count for that side from the planner
- * (a set-returning function counts as 100 rows), so below a few thousand rows it scanned the
- * whole table: every worker's settle-and-claim statement read all of `tasks`, and every relay
- * read hashed all of `events` to find each event's predecessor. A new deployment is exactly
- * that size. Here 2,000 tasks and 6,000 events are stored with fresh statistics, and the
- * plans of the very statements the code sends are captured (EXPLAIN, test/support/explain.ts).
- */
-import { randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ActorHost } from '../../src/actors/host.js';
-import { loadActorRow, updateTaskRows } from '../../src/persistence/actor-rows.js';
+import { updateTaskRows } from '../../src/persistence/actor-rows.js';
 import type { Tx } from '../../src/persistence/db.js';
-import type { NewEvent } from '../../src/persistence/event-log.js';
 import { readAfter } from '../../src/persistence/outbox-rows.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 import { explaining, type PlanNode, seqScanned } from '../support/explain.js';
 import { TASK_DEFAULTS, taskInput, ticketInput } from '../support/fixtures.js';
+import { bumpedTaskWrite } from '../support/task-row-write.js';
 
 let db: TestDatabase;
 let host: ActorHost;
@@ -45,27 +35,6 @@ beforeAll(async () => {
 });
 afterAll(() => db.drop());
 
-/** A write of the task's row as it stands, one version and one event on. */
-async function bumped(id: string) {
-  const row = await loadActorRow(db.sql, 'task', id);
-  if (!row) throw new Error(`no row ${id}`);
-  const event: NewEvent = {
-    eventId: randomUUID(),
-    seq: row.seq + 1,
-    entityId: id,
-    entityType: 'task',
-    type: 'task.test',
-    data: { n: 1 },
-    at: Date.now(),
-  };
-  return {
-    row: { ...row, version: row.version + 1, seq: row.seq + 1 },
-    expectedVersion: row.version,
-    deadline: undefined,
-    events: [event],
-  };
-}
-
 describe('hot statements on a small database', () => {
   it("a pool's settles in one statement find their rows by index, not by reading every task", async () => {
     const ticket = await host.create('ticket', ticketInput());
@@ -73,7 +42,10 @@ describe('hot statements on a small database', () => {
     for (let i = 0; i < 4; i++) ids.push((await host.create('task', taskInput(ticket.id))).id);
     const plans: PlanNode[] = [];
     const sql = explaining(db.sql as unknown as Tx, (p) => plans.push(p));
-    const written = await updateTaskRows(sql, await Promise.all(ids.map(bumped)));
+    const written = await updateTaskRows(
+      sql,
+      await Promise.all(ids.map((id) => bumpedTaskWrite(db.sql, id, Date.now()))),
+    );
     expect(plans).toHaveLength(1);
     expect(seqScanned(plans[0] as PlanNode), JSON.stringify(plans[0])).toEqual([]);
     // Planned and then really run: every row written, with its event.

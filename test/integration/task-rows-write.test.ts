@@ -1,18 +1,10 @@
-/**
- * Several tasks written by one statement (`updateTaskRows`, what `UnitOfWork.sendMany` sends
- * for a worker's settles and claims): each row's compare-and-set holds on its own, a lost one
- * writes nothing of its task (not an event) while the others are written, or with
- * `failIfLost` fails the statement; the events come back in order with their positions; and
- * through the host, a stale cached row makes the unit run again, gap-free.
- */
-import { randomUUID } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ActorHost, type Applied } from '../../src/actors/host.js';
-import { casLost, loadActorRow, updateTaskRows } from '../../src/persistence/actor-rows.js';
-import type { NewEvent } from '../../src/persistence/event-log.js';
+import { casLost, updateTaskRows } from '../../src/persistence/actor-rows.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 import { TASK_DEFAULTS, taskInput, ticketInput } from '../support/fixtures.js';
 import { recordingSql } from '../support/statement-log.js';
+import { bumpedTaskWrite } from '../support/task-row-write.js';
 
 let db: TestDatabase;
 let host: ActorHost;
@@ -34,27 +26,6 @@ async function pendingTasks(n: number): Promise<string[]> {
 async function logOf(id: string) {
   return db.sql<{ seq: number; type: string; pos: number }[]>`
     select seq, type, pos from events where entity_id = ${id} order by seq`;
-}
-
-/** A write of the task's row as it stands, one version and one event on. */
-async function bumped(id: string, at: number) {
-  const row = await loadActorRow(db.sql, 'task', id);
-  if (!row) throw new Error('no row');
-  const event: NewEvent = {
-    eventId: randomUUID(),
-    seq: row.seq + 1,
-    entityId: id,
-    entityType: 'task',
-    type: 'task.test',
-    data: { n: 1 },
-    at,
-  };
-  return {
-    row: { ...row, version: row.version + 1, seq: row.seq + 1 },
-    expectedVersion: row.version,
-    deadline: undefined,
-    events: [event],
-  };
 }
 
 describe('several tasks in one statement', () => {
@@ -106,7 +77,10 @@ describe('several tasks in one statement', () => {
 
   it('a lost compare-and-set writes nothing of its task and the others are written', async () => {
     const [a, b] = (await pendingTasks(2)) as [string, string];
-    const writes = [await bumped(a, Date.now()), await bumped(b, Date.now())];
+    const writes = [
+      await bumpedTaskWrite(db.sql, a, Date.now()),
+      await bumpedTaskWrite(db.sql, b, Date.now()),
+    ];
     // b moved on after it was read: its expected version is one behind.
     await db.sql`update tasks set version = version + 1 where id = ${b}`;
     const out = await db.sql.begin((tx) => updateTaskRows(tx, writes));
@@ -118,7 +92,10 @@ describe('several tasks in one statement', () => {
 
   it('with failIfLost, a lost compare-and-set fails the statement and nothing is written', async () => {
     const [a, b] = (await pendingTasks(2)) as [string, string];
-    const writes = [await bumped(a, Date.now()), await bumped(b, Date.now())];
+    const writes = [
+      await bumpedTaskWrite(db.sql, a, Date.now()),
+      await bumpedTaskWrite(db.sql, b, Date.now()),
+    ];
     await db.sql`update tasks set version = version + 1 where id = ${b}`;
     const failed = await db.sql
       .begin((tx) => updateTaskRows(tx, writes, { failIfLost: true }))
