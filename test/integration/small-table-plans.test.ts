@@ -3,8 +3,16 @@ import { ActorHost } from '../../src/actors/host.js';
 import { updateTaskRows } from '../../src/persistence/actor-rows.js';
 import type { Tx } from '../../src/persistence/db.js';
 import { readAfter } from '../../src/persistence/outbox-rows.js';
+import { tasksProgressTold } from '../../src/persistence/reaction-rows.js';
+import { writeTasksNews } from '../../src/persistence/ticket-task-rows.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
-import { explaining, type PlanNode, seqScanned } from '../support/explain.js';
+import {
+  explaining,
+  genericPlans,
+  type PlanNode,
+  planNodes,
+  seqScanned,
+} from '../support/explain.js';
 import { TASK_DEFAULTS, taskInput, ticketInput } from '../support/fixtures.js';
 import { bumpedTaskWrite } from '../support/task-row-write.js';
 
@@ -29,9 +37,13 @@ beforeAll(async () => {
       select gen_random_uuid(), 'task', 'bulk-ts-' || g, s, 'task.bulk', '{}'::jsonb, now()
       from generate_series(1, ${BULK_TASKS}) g, generate_series(1, 3) s
       order by g, s`;
+    await tx`insert into ticket_tasks (task_id, ticket_id, phase, round, type, state, seq)
+      select 'bulk-ts-' || g, 'bulk-tk', 'requirements', 0, 'x', 'pending', 1
+      from generate_series(1, ${BULK_TASKS}) g`;
   });
   await db.sql`analyze tasks`;
   await db.sql`analyze events`;
+  await db.sql`analyze ticket_tasks`;
 });
 afterAll(() => db.drop());
 
@@ -69,5 +81,30 @@ describe('hot statements on a small database', () => {
     expect(items.filter((i) => i.pred !== null).length).toBeGreaterThan(items.length / 2);
     expect(plans).toHaveLength(1);
     expect(seqScanned(plans[0] as PlanNode), JSON.stringify(plans[0])).not.toContain('events');
+  });
+
+  it("the task_state reaction's read and news update keep to ticket_tasks' key in their generic plans", async () => {
+    const ids = ['bulk-ts-11', 'bulk-ts-13', 'bulk-ts-15'];
+    let told: Awaited<ReturnType<typeof tasksProgressTold>> = new Map();
+    const plans = await genericPlans(db.url, async (sql) => {
+      told = await tasksProgressTold(sql, ids);
+      await writeTasksNews(
+        sql,
+        ids.map((taskId) => ({ taskId, state: 'completed', seq: 5 })),
+      );
+    });
+    // Really run too: read as stored, then written.
+    expect([...told.values()].map((t) => t.told?.state)).toEqual(['pending', 'pending', 'pending']);
+    const rows = await db.sql<{ state: string }[]>`
+      select state from ticket_tasks where task_id = any(${ids})`;
+    expect(rows.map((r) => r.state)).toEqual(['completed', 'completed', 'completed']);
+    // The read and the update (the driver's own catalog query comes along).
+    const ours = plans.filter((p) =>
+      planNodes(p).some((n) => n['Relation Name'] === 'ticket_tasks'),
+    );
+    expect(ours).toHaveLength(2);
+    for (const plan of ours) {
+      expect(seqScanned(plan), JSON.stringify(plan)).not.toContain('ticket_tasks');
+    }
   });
 });
