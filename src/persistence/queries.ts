@@ -114,6 +114,13 @@ export function encodeCursor(c: Cursor): string {
   return Buffer.from(JSON.stringify([c.createdAt.toISOString(), c.id])).toString('base64url');
 }
 
+/**
+ * A task summary's columns, of the tasks row (or page of rows) named `t`: the snapshot without
+ * the payload and the result, which may be large and which a summary does not show.
+ */
+const SUMMARY_COLUMNS = `t.id, t.snapshot #- '{context,payload}' #- '{context,result}' as snapshot,
+  t.version, t.created_at, t.feedback`;
+
 /** What `encodeCursor` can have written: an entity id (no NUL, bounded), a 4-digit year. */
 const CURSOR_ID = /^[A-Za-z0-9_.:#-]{1,200}$/;
 const CURSOR_AT = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/;
@@ -180,14 +187,13 @@ export function ticketTaskPageRows(
   limit: number,
 ): postgres.PendingQuery<TaskRaw[]> {
   return db<TaskRaw[]>`
-    select id, snapshot #- '{context,payload}' #- '{context,result}' as snapshot, version,
-      created_at, feedback
+    select ${db.unsafe(SUMMARY_COLUMNS)}
     from (
       select id, snapshot, version, created_at, feedback
       from tasks
       where ticket_id = ${ticketId}
         ${after ? db`and (created_at, id) > (${after.createdAt}, ${after.id})` : db``}
-      order by created_at, id limit ${limit}) page
+      order by created_at, id limit ${limit}) t
     order by created_at, id`;
 }
 
@@ -296,9 +302,8 @@ export class Queries {
     const after = o.cursor ? decodeCursor(o.cursor) : null;
     if (!o.state && !o.ticketId) return this.listAllTasks(o.limit, after);
     const rows = await db<TaskRaw[]>`
-      select id, snapshot #- '{context,payload}' #- '{context,result}' as snapshot, version,
-        created_at, feedback
-      from tasks
+      select ${db.unsafe(SUMMARY_COLUMNS)}
+      from tasks t
       where true
         ${o.state ? db`and state = ${o.state}` : db``}
         ${o.ticketId ? db`and ticket_id = ${o.ticketId}` : db``}
@@ -327,8 +332,7 @@ export class Queries {
         ) k
         order by k.created_at desc, k.id desc limit ${limit + 1}
       )
-      select t.id, t.snapshot #- '{context,payload}' #- '{context,result}' as snapshot,
-        t.version, t.created_at, t.feedback
+      select ${db.unsafe(SUMMARY_COLUMNS)}
       from newest join tasks t on t.id = newest.id
       order by newest.created_at desc, newest.id desc`;
     return page(rows, limit, (r) => taskSummary(r.snapshot, r.version, r.feedback));
