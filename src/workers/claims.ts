@@ -52,6 +52,34 @@ export interface ClaimOptions {
   maxWaiters?: number;
 }
 
+/**
+ * Tasks claimed beyond the claimers of a settle, all in one name and not STARTed: a worker
+ * pool holds them `claimed` until a slot is free to begin one (`WorkerPool`, claim ahead).
+ */
+export interface ClaimAhead {
+  workerId: string;
+  count: number;
+}
+
+/** One claim of an attempt: in whose name, and whether START goes with it. */
+interface Claimer {
+  workerId: string;
+  start: boolean;
+}
+
+/** The claimers' claims (START with each as the request says), then `ahead`'s, unstarted. */
+function withAhead(
+  req: Omit<ClaimRequest, 'workerId'>,
+  claimers: readonly string[],
+  ahead?: ClaimAhead,
+): Claimer[] {
+  const all = claimers.map((workerId) => ({ workerId, start: req.start === true }));
+  for (let i = 0; i < (ahead?.count ?? 0); i++) {
+    all.push({ workerId: (ahead as ClaimAhead).workerId, start: false });
+  }
+  return all;
+}
+
 /** A dispatch wake-up from NATS: the task that became claimable, when known. */
 export interface Dispatch {
   taskId: string;
@@ -212,8 +240,9 @@ export class ClaimService {
     req: Omit<ClaimRequest, 'workerId'>,
     claimers: string[],
   ): Promise<ClaimedTask[]> {
+    const all = withAhead(req, claimers);
     try {
-      const { value } = await this.host.transact((uow) => this.claimIn(uow, req, claimers));
+      const { value } = await this.host.transact((uow) => this.claimIn(uow, req, all));
       return this.claimed(value);
     } catch (error) {
       // Not expected (see claimIn), but a deadlock costs a retry, never a failed claim.
@@ -229,27 +258,30 @@ export class ClaimService {
    * on the transaction's connection (they concern distinct tasks; if two of them release the
    * same dependent, the second loses its compare-and-set and the whole unit runs again).
    * Whatever one throws (a refusal, a stale token) aborts the whole transaction, claims
-   * included; the callers then settle alone.
+   * included; the callers then settle alone. `ahead` claims that many more after the
+   * claimers' (fewer if fewer are claimable), unSTARTed, in its own name.
    */
   async settleAndClaim(
     req: Omit<ClaimRequest, 'workerId'>,
     claimers: string[],
     settles: readonly ((uow: UnitOfWork) => Promise<unknown>)[],
+    ahead?: ClaimAhead,
   ): Promise<ClaimedTask[]> {
     const settleAll = (uow: UnitOfWork) => settledAll(settles.map((settle) => settle(uow)));
+    const all = withAhead(req, claimers, ahead);
     const { value } = await this.host.transact(async (uow) => {
       // Without type caps the candidates do not depend on the settles (they are pending, the
       // settled tasks are not): their lookup goes out beside the settles' writes, one round
       // trip for all. With caps, the count must see the settled tasks leave their types' slots.
       if (Object.keys(this.options.typeLimits).length > 0) {
         await settleAll(uow);
-        return this.claimIn(uow, req, claimers);
+        return this.claimIn(uow, req, all);
       }
-      const locked = this.lockFor(uow, req, claimers);
+      const locked = this.lockFor(uow, req, all);
       // If a settle throws, the transaction rolls back with these locks; nobody awaits them.
       locked.catch(() => {});
       await settleAll(uow);
-      return this.claimFrom(uow, req, claimers, await locked);
+      return this.claimFrom(uow, all, await locked);
     });
     return this.claimed(value);
   }
@@ -273,16 +305,16 @@ export class ClaimService {
   private async claimIn(
     uow: UnitOfWork,
     req: Omit<ClaimRequest, 'workerId'>,
-    claimers: string[],
+    claimers: Claimer[],
   ): Promise<{ applied: Applied[]; next: Candidate | undefined }> {
-    return this.claimFrom(uow, req, claimers, await this.lockFor(uow, req, claimers));
+    return this.claimFrom(uow, claimers, await this.lockFor(uow, req, claimers));
   }
 
   /** The best candidates for `claimers`, locked with SKIP LOCKED (none for no executor). */
   private async lockFor(
     uow: UnitOfWork,
     req: Omit<ClaimRequest, 'workerId'>,
-    claimers: string[],
+    claimers: Claimer[],
   ): Promise<Candidate[]> {
     const executors = req.executors ?? ['external'];
     if (executors.length === 0 || claimers.length === 0) return [];
@@ -303,15 +335,17 @@ export class ClaimService {
    */
   private async claimFrom(
     uow: UnitOfWork,
-    req: Omit<ClaimRequest, 'workerId'>,
-    claimers: string[],
+    claimers: Claimer[],
     candidates: Candidate[],
   ): Promise<{ applied: Applied[]; next: Candidate | undefined }> {
     const limits = this.options.typeLimits;
-    const claimEvents = (workerId: string): ((s: PersistedSnapshot) => DecideEvent)[] => {
+    const claimEvents = ({
+      workerId,
+      start,
+    }: Claimer): ((s: PersistedSnapshot) => DecideEvent)[] => {
       const claim = () => ({ type: 'CLAIM', workerId });
       // With `start`, CLAIM and START write the row and their events once, not twice.
-      return req.start
+      return start
         ? [
             claim,
             (s: PersistedSnapshot) => ({
@@ -328,7 +362,7 @@ export class ClaimService {
       for (const c of chosen) uow.adopt(c.row);
       const applied = await uow.sendMany(
         'task',
-        chosen.map((c, i) => ({ id: c.id, events: claimEvents(claimers[i] as string) })),
+        chosen.map((c, i) => ({ id: c.id, events: claimEvents(claimers[i] as Claimer) })),
         { last: true },
       );
       return { applied, next: candidates[chosen.length] };
@@ -337,8 +371,8 @@ export class ClaimService {
     let capLocked: string | null = null;
     let next: Candidate | undefined;
     for (const [i, c] of candidates.entries()) {
-      const workerId = claimers[sent.length];
-      if (workerId === undefined) {
+      const claimer = claimers[sent.length];
+      if (claimer === undefined) {
         next = c;
         break;
       }
@@ -355,7 +389,7 @@ export class ClaimService {
         }
       }
       uow.adopt(c.row);
-      sent.push(uow.sendEach('task', c.id, claimEvents(workerId)));
+      sent.push(uow.sendEach('task', c.id, claimEvents(claimer)));
       if (sent.length === claimers.length) {
         next = candidates[i + 1];
         break;

@@ -4,7 +4,12 @@
  * claim's fencing token. Claims are shared so that a task costs the worker less than one
  * commit: a slot that settles a task claims its next one in the same transaction, which the
  * slots that finished in the same turn of the event loop share (see `flushSoon`), and of the
- * idle slots only one long-polls, claiming for all of them at once when work turns up. A
+ * idle slots only one long-polls, claiming for all of them at once when work turns up. While
+ * tasks are short, those transactions also claim tasks ahead (`claimAhead` per slot), held
+ * `claimed` in the pool's name: a slot that finishes goes on to one at once, without waiting
+ * for its settle, and sends its START with the next transaction (one write with its COMPLETE
+ * when it ends first). So a transaction settles and claims what all slots did meanwhile,
+ * while no more than `concurrency` tasks run. A
  * heartbeat refused as stale means the lease is gone: the executor is aborted and its
  * outcome dropped. `stop(graceMs)` stops claiming at once, lets running tasks finish within
  * the grace period, then aborts them and RELEASEs each so that another worker can claim it
@@ -23,7 +28,7 @@ import { createExecutors } from './executors/index.js';
 import { OutputBatcher, type OutputWriter } from './output-batcher.js';
 
 export interface WorkerPoolOptions {
-  /** `WORKER_ID`; slot n claims as `${workerId}#${n}`. */
+  /** `WORKER_ID`; slot n claims as `${workerId}#${n}`, tasks claimed ahead as `${workerId}#ahead`. */
   workerId: string;
   /** `WORKER_CONCURRENCY`: tasks run at once by this pool. */
   concurrency: number;
@@ -41,6 +46,12 @@ export interface WorkerPoolOptions {
   abortWaitMs?: number;
   /** Where executors' output goes (the task output store); none when unset. */
   output?: OutputWriter;
+  /**
+   * `WORKER_CLAIM_AHEAD`: tasks per slot the pool may hold claimed (not started) for its
+   * slots to begin as soon as they are free, while its tasks are short (see `aheadWanted`).
+   * 0 or unset: none.
+   */
+  claimAhead?: number;
 }
 
 export interface WorkerStats {
@@ -75,6 +86,7 @@ export function createWorkerPool(
     concurrency: config.WORKER_CONCURRENCY,
     heartbeatMs: config.HEARTBEAT_MS,
     claimWaitMs: config.CLAIM_MAX_WAIT_MS,
+    claimAhead: config.WORKER_CLAIM_AHEAD,
     output,
   });
 }
@@ -88,15 +100,24 @@ interface Execution {
   cause: AbortCause | null;
   /** Set when stop() gives up waiting: no more heartbeats, the lease runs out. */
   abandoned: boolean;
+  /** A task claimed ahead: its START, sent as its executor begins (see `execute`). */
+  start?: Settlement;
 }
 
 type Report = 'ok' | 'stale' | 'error';
 
-/** A slot's settling event, answered with the task claimed for the slot in its transaction. */
+/**
+ * Events of one task for the next settle-and-claim transaction: a slot's COMPLETE or FAIL,
+ * the START of a task claimed ahead, or both. `done` answers with the task claimed for the
+ * slot in that transaction when `wantsNext`; if the transaction fails, with the events
+ * reported alone (`reportAll`).
+ */
 interface Settlement {
+  exec: Execution;
   workerId: string;
-  taskId: string;
-  event: DecideEvent;
+  events: DecideEvent[];
+  wantsNext: boolean;
+  done: Promise<{ report: Report; next: ClaimedTask | null }>;
   resolve: (next: ClaimedTask | null) => void;
   reject: (error: unknown) => void;
 }
@@ -109,6 +130,14 @@ const REPORT_TRIES = 5;
  */
 const SETTLE_LANES = 2;
 const IDLE_POLL_MS = 500;
+/**
+ * Claiming ahead pays while tasks are short: a task held for a slot waits for the slot's
+ * current task, and is work no other worker can take meanwhile. Above this mean run time
+ * the pool claims no more ahead (those it holds are begun, or released, as slots free up).
+ */
+const AHEAD_MAX_RUN_MS = 50;
+/** Weight of the newest run in the mean run time. */
+const RUN_MS_WEIGHT = 0.1;
 
 export class WorkerPool {
   private readonly counters = {
@@ -135,6 +164,17 @@ export class WorkerPool {
   /** Settle-and-claim transactions running (at most SETTLE_LANES; see `flushSoon`). */
   private settlingNow = 0;
   private flushQueued = false;
+  /** Tasks claimed ahead, oldest first: `claimed`, for the next slot that is free. */
+  private readonly ahead: ClaimedTask[] = [];
+  /** Tasks being claimed ahead by transactions in flight. */
+  private aheadClaiming = 0;
+  /** Moving mean of executors' run times (ms); null before the first. */
+  private meanRunMs: number | null = null;
+  /**
+   * Work no slot waits for (the settle of a slot that went on to a task claimed ahead, a
+   * release, a settle-and-claim transaction): `stop` waits for it.
+   */
+  private readonly detached = new Set<Promise<unknown>>();
 
   constructor(
     private readonly host: ActorHost,
@@ -192,7 +232,27 @@ export class WorkerPool {
         }
       }
     }
+    await this.drainDetached();
+    // Claimed ahead and never begun: back to the queue at once, for any worker.
+    while (this.ahead.length > 0) {
+      const c = this.ahead.shift() as ClaimedTask;
+      await this.release(this.execution(c), 'worker shutting down', this.log);
+    }
+    await this.drainDetached();
     this.loops = [];
+  }
+
+  /** Waits until nothing detached is left (what ends may start more). */
+  private async drainDetached(): Promise<void> {
+    while (this.detached.size > 0) await Promise.allSettled([...this.detached]);
+  }
+
+  private detach(work: Promise<unknown>): void {
+    const tracked = work.catch((error: unknown) => {
+      this.log.error({ err: error }, 'worker bookkeeping failed');
+    });
+    this.detached.add(tracked);
+    void tracked.finally(() => this.detached.delete(tracked));
   }
 
   private async slotLoop(workerId: string): Promise<void> {
@@ -201,7 +261,7 @@ export class WorkerPool {
     // The task claimed in the same transaction that settled this slot's last one.
     let carried: ClaimedTask | null = null;
     while (!this.stopping || carried) {
-      let claimed = carried;
+      let claimed = carried ?? (this.stopping ? null : this.takeAhead());
       carried = null;
       if (!claimed) {
         const generation = this.claims.wakeups.generation;
@@ -263,6 +323,9 @@ export class WorkerPool {
         else if (hand) {
           this.idle.delete(slot);
           hand(c);
+        } else if (!this.stopping) {
+          // Its slot took a task claimed ahead meanwhile: the next free slot runs this one.
+          this.holdAhead(c);
         } else {
           // Its slot stopped waiting (the pool is stopping): nobody here will run it.
           await this.release(this.execution(c), 'worker shutting down', this.log);
@@ -308,13 +371,16 @@ export class WorkerPool {
         await this.release(exec, reason, log);
         return null;
       }
-      // Claimed with `start`, the task is running already: one commit fewer per task.
+      // Claimed with `start`, the task is running already: one commit fewer per task. One
+      // claimed ahead is begun at once, its START sent with the pool's next transaction (with
+      // its COMPLETE, if it ends first); a refused START stops it like a lost lease.
       if (task.state !== 'running') {
-        const started = await this.report(exec, { type: 'START', token }, log);
-        if (started !== 'ok') {
-          if (started === 'stale') this.counters.leaseLosses++;
-          return null;
-        }
+        exec.start = this.enqueue(exec, [{ type: 'START', token }], workerId, false, log);
+        void exec.start.done.then(({ report }) => {
+          if (report === 'ok') return;
+          exec.cause ??= 'lease';
+          exec.abort.abort('START refused');
+        });
       }
       const outcome = await this.runWithHeartbeat(exec, executor, task, log);
       if (exec.abandoned) return null;
@@ -338,6 +404,7 @@ export class WorkerPool {
     const output = this.options.output
       ? new OutputBatcher(this.options.output, task.id, exec.token, log)
       : null;
+    const began = performance.now();
     try {
       const { result } = await executor.run(task, {
         signal: exec.abort.signal,
@@ -350,6 +417,9 @@ export class WorkerPool {
     } catch (error) {
       return { ok: false, error };
     } finally {
+      const ran = performance.now() - began;
+      this.meanRunMs =
+        this.meanRunMs === null ? ran : this.meanRunMs + RUN_MS_WEIGHT * (ran - this.meanRunMs);
       // Before COMPLETE or FAIL: once the task settles, its output is refused.
       await output?.close();
       await heartbeat.stop();
@@ -363,61 +433,141 @@ export class WorkerPool {
     log: Logger,
   ): Promise<ClaimedTask | null> {
     const { token } = exec;
-    if (outcome.ok) {
-      // Even after a lost lease: the token decides, and a stale one changes nothing.
-      const event: DecideEvent = { type: 'COMPLETE', token, result: outcome.result };
-      const { report: r, next } = await this.settleAndClaim(exec, event, workerId, log);
-      if (r === 'ok') this.counters.completions++;
-      else if (r === 'stale' || exec.cause === 'lease') this.counters.leaseLosses++;
-      return next;
-    }
-    if (exec.cause === 'lease') {
+    if (!outcome.ok && exec.cause === 'lease') {
       this.counters.leaseLosses++;
       log.warn('lease lost: the task was aborted and belongs to no one here any more');
       return null;
     }
-    if (exec.cause === 'shutdown') {
+    if (!outcome.ok && exec.cause === 'shutdown') {
       await this.release(exec, 'worker shutting down', log);
       return null;
     }
-    const error = failureText(outcome.error);
-    log.info({ error }, 'task failed');
-    const { report: r, next } = await this.settleAndClaim(
-      exec,
-      { type: 'FAIL', token, error },
-      workerId,
-      log,
-    );
-    if (r === 'ok') this.counters.failures++;
-    if (r === 'stale') this.counters.leaseLosses++;
-    return next;
+    // Even after a lost lease: the token decides, and a stale one changes nothing.
+    const event: DecideEvent = outcome.ok
+      ? { type: 'COMPLETE', token, result: outcome.result }
+      : { type: 'FAIL', token, error: failureText(outcome.error) };
+    if (event.type === 'FAIL') log.info({ error: event.error }, 'task failed');
+    // With a task claimed ahead to go on to, the slot does not wait for this settle.
+    const wantsNext = this.ahead.length === 0;
+    const settled = this.settleAndClaim(exec, event, workerId, wantsNext, log).then((r) => {
+      if (r.report === 'ok') {
+        if (event.type === 'COMPLETE') this.counters.completions++;
+        else this.counters.failures++;
+      } else if (r.report === 'stale' || exec.cause === 'lease') {
+        this.counters.leaseLosses++;
+      }
+      return r.next;
+    });
+    if (wantsNext) return settled;
+    this.detach(settled);
+    return null;
   }
 
   /**
-   * Settles the task and, in the same transaction, claims this slot's next task. If that
-   * transaction fails for any reason (a refusal, a lost connection), none of it happened:
-   * the event is then reported alone, as `report` does it, and the slot claims as usual.
+   * Settles the task and, in the same transaction, claims this slot's next task (when it
+   * `wantsNext`). If that transaction fails for any reason (a refusal, a lost connection),
+   * none of it happened: the events are then reported alone, and the slot claims as usual.
    */
   private async settleAndClaim(
     exec: Execution,
     event: DecideEvent,
     workerId: string,
+    wantsNext: boolean,
     log: Logger,
   ): Promise<{ report: Report; next: ClaimedTask | null }> {
-    if (!this.stopping && !exec.abandoned) {
-      try {
-        const next = await new Promise<ClaimedTask | null>((resolve, reject) => {
-          this.settling.push({ workerId, taskId: exec.taskId, event, resolve, reject });
-          this.flushSoon();
-        });
-        return { report: 'ok', next };
-      } catch (error) {
-        if (!isRefusal(error)) {
-          log.warn({ err: error, event: event.type }, `${event.type} with the next claim failed`);
-        }
-      }
+    const start = exec.start;
+    if (start && this.settling.includes(start)) {
+      // Its START has not gone out yet: one write of the task for both.
+      start.events.push(event);
+      start.workerId = workerId;
+      start.wantsNext = wantsNext;
+      return start.done;
     }
-    return { report: await this.report(exec, event, log), next: null };
+    if (start) {
+      const started = await start.done;
+      if (started.report !== 'ok') return { report: started.report, next: null };
+    }
+    if (this.stopping || exec.abandoned) {
+      return { report: await this.reportAll(exec, [event], log), next: null };
+    }
+    return this.enqueue(exec, [event], workerId, wantsNext, log).done;
+  }
+
+  /** Queues `events` of one task for the next settle-and-claim transaction. */
+  private enqueue(
+    exec: Execution,
+    events: DecideEvent[],
+    workerId: string,
+    wantsNext: boolean,
+    log: Logger,
+  ): Settlement {
+    const entry = { exec, workerId, events, wantsNext } as Settlement;
+    entry.done = new Promise((resolve) => {
+      entry.resolve = (next) => resolve({ report: 'ok', next });
+      entry.reject = (error) => {
+        if (!isRefusal(error)) {
+          log.warn({ err: error, events: entry.events.map((e) => e.type) }, 'settle failed');
+        }
+        resolve(this.reportAll(exec, entry.events, log).then((report) => ({ report, next: null })));
+      };
+    });
+    this.settling.push(entry);
+    this.flushSoon();
+    return entry;
+  }
+
+  /** Reports events alone, in order, up to the first that is not accepted. */
+  private async reportAll(exec: Execution, events: DecideEvent[], log: Logger): Promise<Report> {
+    for (const event of events) {
+      const r = await this.report(exec, event, log);
+      if (r !== 'ok') return r;
+    }
+    return 'ok';
+  }
+
+  /**
+   * The oldest task claimed ahead that can still be begun safely; one whose lease would end
+   * before its first heartbeat is released instead (it waited too long for a slot).
+   */
+  private takeAhead(): ClaimedTask | null {
+    for (;;) {
+      const c = this.ahead.shift();
+      if (!c) return null;
+      const expires = c.task.leaseExpiresAt ? Date.parse(c.task.leaseExpiresAt) : Infinity;
+      if (expires - Date.now() > this.options.heartbeatMs) return c;
+      this.detach(
+        this.release(this.execution(c), 'held too long before a slot was free', this.log),
+      );
+    }
+  }
+
+  /** A task for no slot in particular: to a slot waiting for the long poll, or held for the next free one. */
+  private holdAhead(c: ClaimedTask): void {
+    if (this.stopping) {
+      this.detach(this.release(this.execution(c), 'worker shutting down', this.log));
+      return;
+    }
+    const [waiting] = this.idle;
+    if (waiting) {
+      this.idle.delete(waiting[0]);
+      waiting[1](c);
+      return;
+    }
+    // One already STARTed (claimed for a slot that went on to another) goes first.
+    if (c.task.state === 'running') this.ahead.unshift(c);
+    else this.ahead.push(c);
+  }
+
+  /**
+   * How many more tasks to claim ahead in a transaction that claims `forSlots` for slots:
+   * up to `claimAhead` per slot held or being claimed, while the mean run time is short.
+   */
+  private aheadWanted(forSlots: number): number {
+    const perSlot = this.options.claimAhead ?? 0;
+    if (perSlot <= 0 || this.stopping) return 0;
+    if (this.meanRunMs === null || this.meanRunMs > AHEAD_MAX_RUN_MS) return 0;
+    const target = perSlot * this.options.concurrency;
+    return Math.max(0, target - this.ahead.length - this.aheadClaiming - forSlots);
   }
 
   /**
@@ -434,7 +584,7 @@ export class WorkerPool {
     this.flushQueued = true;
     setImmediate(() => {
       this.flushQueued = false;
-      void this.flush();
+      this.detach(this.flush());
     });
   }
 
@@ -442,9 +592,11 @@ export class WorkerPool {
     if (this.settlingNow >= SETTLE_LANES || this.settling.length === 0) return;
     const batch = this.settling.splice(0);
     this.settlingNow++;
+    // Slots of a pool that began to stop claim nothing more; they still settle.
+    const claimers = this.stopping ? [] : batch.filter((s) => s.wantsNext).map((s) => s.workerId);
+    const ahead = this.aheadWanted(claimers.length);
+    this.aheadClaiming += ahead;
     try {
-      // Slots of a pool that began to stop claim nothing more; they still settle.
-      const claimers = this.stopping ? [] : batch.map((s) => s.workerId);
       const claimed = await this.claims.settleAndClaim(
         this.claimRequest(),
         claimers,
@@ -453,18 +605,29 @@ export class WorkerPool {
           (uow: UnitOfWork) =>
             uow.sendMany(
               'task',
-              batch.map((s) => ({ id: s.taskId, events: [() => s.event] })),
+              batch.map((s) => ({ id: s.exec.taskId, events: s.events.map((e) => () => e) })),
             ),
         ],
+        ahead > 0 ? { workerId: this.aheadId(), count: ahead } : undefined,
       );
-      const bySlot = new Map(claimed.map((c) => [c.task.workerId ?? '', c]));
-      for (const s of batch) s.resolve(bySlot.get(s.workerId) ?? null);
+      const bySlot = new Map<string, ClaimedTask>();
+      for (const c of claimed) {
+        if (c.task.workerId === this.aheadId()) this.holdAhead(c);
+        else bySlot.set(c.task.workerId ?? '', c);
+      }
+      for (const s of batch) s.resolve(s.wantsNext ? (bySlot.get(s.workerId) ?? null) : null);
     } catch (error) {
       for (const s of batch) s.reject(error);
     } finally {
+      this.aheadClaiming -= ahead;
       this.settlingNow--;
       if (this.settling.length > 0) this.flushSoon();
     }
+  }
+
+  /** The name tasks are claimed ahead in: the pool's, not a slot's (any slot may begin them). */
+  private aheadId(): string {
+    return `${this.options.workerId}#ahead`;
   }
 
   private async release(exec: Execution, reason: string, log: Logger): Promise<void> {
