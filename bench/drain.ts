@@ -3,13 +3,15 @@
  * them, on the same Postgres server (one scratch database each), all through TCP to
  * 127.0.0.1.
  *
- * - ours: a real `bin/orchestrator worker` process (WORKER_CONCURRENCY=8, `sleep` tasks of
- *   0 ms, tickets of 50 tasks each, every ticket started). Per task: CLAIM, START, COMPLETE
+ * - ours: a real `bin/orchestrator worker` process (WORKER_CONCURRENCY=8, WORKER_CLAIM_AHEAD
+ *   at its default, `sleep` tasks of 0 ms, tickets of 50 tasks each, every ticket started).
+ *   Per task: CLAIM, START, COMPLETE
  *   with its fencing token, the relay publishes the events and the task_state reaction tells
  *   the ticket, which advances once its 50 tasks are complete. Counted from the first claim
  *   to the last ticket's phase change (both from the event log), and until then nothing
  *   else runs: the setup's events are relayed and reacted to before the worker starts.
- * - graphile-worker: its runner, `run()` with default settings and concurrency 8 and 32.
+ * - graphile-worker: its runner, `run()` with default settings and concurrency 8 and 32, and
+ *   x8 once more with its local queue and batched completions on (GRAPHILE_LIKE_OURS).
  * - pg-boss: 8 `work()` workers, each fetching a batch (see PG_BOSS_BATCH below), the
  *   shortest polling interval it accepts.
  *
@@ -54,6 +56,15 @@ const POOL_MAX = 10;
  */
 const PG_BOSS_BATCH = 100;
 const PG_BOSS_WORKERS = 8;
+/**
+ * Our worker claims ahead by default (WORKER_CLAIM_AHEAD, 8 per slot) and settles what its
+ * slots finish together. graphile-worker has both, off by default: a local queue of jobs
+ * fetched and locked ahead (`localQueue.size`, its docs: "A good starting point is often
+ * `concurrentJobs + 1`") and batched completions (`completeJobBatchDelay`, "Even setting
+ * this to `0` can be impactful"). This row turns them on with as many jobs held as ours
+ * holds (8 running + 64 ahead), beside the default run the ratio is read against.
+ */
+const GRAPHILE_LIKE_OURS = { localQueueSize: 72, completeJobBatchDelay: 0 };
 
 interface Figure {
   name: string;
@@ -129,6 +140,7 @@ export async function drainSection(o: { jobs: number }): Promise<void> {
     const g = turns.median as Record<string, { figure: Figure }>;
     figures.push((g.graphile8 as { figure: Figure }).figure);
     figures.push(await graphile(o.jobs, 32));
+    figures.push(await graphile(o.jobs, 8, GRAPHILE_LIKE_OURS));
     figures.push(await pgBoss(o.jobs));
   }
   const g8 = (figures[1] ?? figures[0]) as Figure;
@@ -356,7 +368,7 @@ async function ours(jobs: number): Promise<Figure> {
       seconds,
       cpu: perJob(used, `pid:${pid}`, jobs, true),
       walPerJob: wal,
-      note: `a \`bin/orchestrator worker\` process, WORKER_CONCURRENCY=8, ${n0(tickets)} tickets of up to ${TASKS_PER_TICKET} \`sleep\` tasks (ms 0). Counted from the first claim to the last ticket's phase change (${wall.toFixed(1)} s from spawning the process, start-up included); ${n0(span.claims)} claims, one per task.`,
+      note: `a \`bin/orchestrator worker\` process, WORKER_CONCURRENCY=8, WORKER_CLAIM_AHEAD ${process.env.WORKER_CLAIM_AHEAD ?? 'default (8)'}, ${n0(tickets)} tickets of up to ${TASKS_PER_TICKET} \`sleep\` tasks (ms 0). Counted from the first claim to the last ticket's phase change (${wall.toFixed(1)} s from spawning the process, start-up included); ${n0(span.claims)} claims, one per task.`,
     };
   } finally {
     if (child && child.exitCode === null) child.kill('SIGKILL');
@@ -376,8 +388,12 @@ async function tableRows(sql: Sql): Promise<Rows> {
   return Object.fromEntries(rows.map((r) => [r.t, r]));
 }
 
-async function graphile(jobs: number, concurrency: number): Promise<Figure> {
-  const db = await scratchDatabase(`drain_graphile${concurrency}`, {
+async function graphile(
+  jobs: number,
+  concurrency: number,
+  batching?: { localQueueSize: number; completeJobBatchDelay: number },
+): Promise<Figure> {
+  const db = await scratchDatabase(`drain_graphile${concurrency}${batching ? 'b' : ''}`, {
     max: 4,
     migrate: false,
   });
@@ -404,6 +420,16 @@ async function graphile(jobs: number, concurrency: number): Promise<Figure> {
       maxPoolSize: POOL_MAX,
       noHandleSignals: true,
       logger,
+      ...(batching
+        ? {
+            preset: {
+              worker: {
+                localQueue: { size: batching.localQueueSize },
+                completeJobBatchDelay: batching.completeJobBatchDelay,
+              },
+            },
+          }
+        : {}),
       taskList: {
         bench: async () => {
           done++;
@@ -426,12 +452,14 @@ async function graphile(jobs: number, concurrency: number): Promise<Figure> {
     const wal = await walPerJob(db.sql, wal0, jobs);
     await runner.stop();
     return {
-      name: `graphile-worker run() x${concurrency}`,
+      name: `graphile-worker run() x${concurrency}${batching ? ', local queue + batched completes' : ''}`,
       jobs,
       seconds,
       cpu: perJob(used, 'own', jobs),
       walPerJob: wal,
-      note: `its runner, \`run({ concurrency: ${concurrency} })\`, \`maxPoolSize\` ${POOL_MAX} (its default), every other setting default (poll interval, LISTEN/NOTIFY); counted from calling run() until its jobs table is empty.`,
+      note: batching
+        ? `its runner as above with \`localQueue: { size: ${batching.localQueueSize} }\` and \`completeJobBatchDelay: ${batching.completeJobBatchDelay}\` (both off by default): as many jobs held ahead as ours holds, completions batched as ours are.`
+        : `its runner, \`run({ concurrency: ${concurrency} })\`, \`maxPoolSize\` ${POOL_MAX} (its default), every other setting default (poll interval, LISTEN/NOTIFY); counted from calling run() until its jobs table is empty.`,
     };
   } finally {
     await db.drop();
