@@ -253,6 +253,9 @@ function workerMetrics(pool: WorkerPool): string {
     '# HELP orch_worker_running Tasks this process is executing now.',
     '# TYPE orch_worker_running gauge',
     `orch_worker_running ${s.running}`,
+    '# HELP orch_worker_held Tasks this process holds claimed ahead, not started (WORKER_CLAIM_AHEAD).',
+    '# TYPE orch_worker_held gauge',
+    `orch_worker_held ${s.held}`,
     '# HELP orch_worker_events_total Worker outcomes in this process.',
     '# TYPE orch_worker_events_total counter',
     ...(['claims', 'completions', 'failures', 'releases', 'leaseLosses'] as const).map(

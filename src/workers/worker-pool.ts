@@ -58,6 +58,8 @@ export interface WorkerStats {
   slots: number;
   /** Tasks being executed now. */
   running: number;
+  /** Tasks claimed ahead and held for a free slot, not started. */
+  held: number;
   claims: number;
   completions: number;
   failures: number;
@@ -185,7 +187,12 @@ export class WorkerPool {
   ) {}
 
   stats(): WorkerStats {
-    return { slots: this.options.concurrency, running: this.executions.size, ...this.counters };
+    return {
+      slots: this.options.concurrency,
+      running: this.executions.size,
+      held: this.ahead.length,
+      ...this.counters,
+    };
   }
 
   /** Starts the slots; a no-op while running or when no executor is registered. */
@@ -206,7 +213,7 @@ export class WorkerPool {
 
   /**
    * Clean shutdown: no new claims from now on; tasks still running after `graceMs` are
-   * aborted and released. Resolves when every slot is idle (or abandoned, see abortWaitMs).
+   * aborted and released, and so is every task held ahead. Resolves when every slot is idle (or abandoned, see abortWaitMs).
    */
   async stop(graceMs: number): Promise<void> {
     this.stopping = true;

@@ -43,15 +43,21 @@ async function states(ids: string[]): Promise<Map<string, string>> {
 const allIn = async (ids: string[], state: string) =>
   [...(await states(ids)).values()].filter((s) => s === state).length === ids.length;
 
-/** A short task that records how many of its kind run at once. */
+/**
+ * A short task that records how many of its kind run at once. Every other run ends within
+ * the turn it began in (its COMPLETE then always finds its START not yet sent); the others
+ * wait for the next turn of the event loop, so runs overlap.
+ */
 class CountingExecutor implements Executor {
   readonly name = 'count';
   running = 0;
   most = 0;
+  private calls = 0;
   async run() {
     this.running++;
     this.most = Math.max(this.most, this.running);
-    await new Promise((r) => setImmediate(r));
+    if (this.calls++ % 2 === 0) await new Promise((r) => setImmediate(r));
+    else await Promise.resolve();
     this.running--;
     return { result: {} };
   }
@@ -115,11 +121,11 @@ describe('worker pool claiming ahead', () => {
       // Held claimed: started in a later transaction than its claim.
       expect(of(id, 'task.started')[0]?.xid).not.toBe(of(id, 'task.claimed')[0]?.xid);
     }
-    // A short task's START and COMPLETE are one write of its row.
+    // A task that ends before its START went out: START and COMPLETE are one write of its row.
     const together = ahead.filter(
       (id) => of(id, 'task.started')[0]?.xid === of(id, 'task.completed')[0]?.xid,
     );
-    expect(together.length).toBeGreaterThan(ahead.length / 2);
+    expect(together.length).toBeGreaterThan(0);
     // More claims per transaction than slots: what claiming ahead is for.
     const perTx = new Map<string, number>();
     for (const r of rows)
@@ -189,6 +195,7 @@ describe('worker pool claiming ahead', () => {
       (await events(rest)).filter((r) => r.type === 'task.claimed' && r.worker === 'stop#ahead');
     await until(async () => (await claimedAhead()).length >= 2, 30_000);
     const held = (await claimedAhead()).map((r) => r.entity_id);
+    await until(async () => pool.stats().held === held.length, 5_000);
     await pool.stop(50);
     // The gated task was aborted after the grace and released; so was every task held ahead.
     expect((await states([gated, ...held])).get(gated)).toBe('pending');
@@ -199,6 +206,6 @@ describe('worker pool claiming ahead', () => {
     for (const r of rows) expect(r.attempts ?? 0).toBe(0);
     const released = (await events(held)).filter((r) => r.type === 'task.released');
     expect(released).toHaveLength(held.length);
-    expect(pool.stats().releases).toBe(held.length + 1);
+    expect(pool.stats()).toMatchObject({ releases: held.length + 1, held: 0 });
   });
 });
