@@ -8,6 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Executor } from '../../src/workers/executors/index.js';
 import { SleepExecutor } from '../../src/workers/executors/index.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
+import { taskEvents } from '../support/task-events.js';
 import { type TestProcess, testProcess, until } from '../support/worker-process.js';
 
 let db: TestDatabase;
@@ -21,18 +22,7 @@ afterAll(async () => {
   await db.drop();
 });
 
-interface Row {
-  entity_id: string;
-  type: string;
-  xid: string;
-  worker: string | null;
-}
-
-async function events(ids: string[]): Promise<Row[]> {
-  return db.sql<Row[]>`
-    select entity_id, type, xmin::text as xid, data->>'workerId' as worker
-    from events where entity_id in ${db.sql(ids)} and type like 'task.%' order by pos`;
-}
+const events = (ids: string[]) => taskEvents(db.sql, ids);
 
 async function states(ids: string[]): Promise<Map<string, string>> {
   const rows = await db.sql<{ id: string; state: string }[]>`

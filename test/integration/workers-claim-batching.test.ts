@@ -7,6 +7,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Executor } from '../../src/workers/executors/index.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
+import { taskEvents } from '../support/task-events.js';
 import { type TestProcess, testProcess, until } from '../support/worker-process.js';
 
 let db: TestDatabase;
@@ -20,19 +21,7 @@ afterAll(async () => {
   await db.drop();
 });
 
-interface Row {
-  entity_id: string;
-  type: string;
-  xid: string;
-  worker: string | null;
-}
-
-/** The task events of `ids`, each with the transaction that wrote it. */
-async function events(ids: string[]): Promise<Row[]> {
-  return db.sql<Row[]>`
-    select entity_id, type, xmin::text as xid, data->>'workerId' as worker
-    from events where entity_id in ${db.sql(ids)} and type like 'task.%' order by pos`;
-}
+const events = (ids: string[]) => taskEvents(db.sql, ids);
 
 const completed = async (ids: string[]) =>
   (await events(ids)).filter((e) => e.type === 'task.completed').length === ids.length;
