@@ -28,7 +28,7 @@ import { createExecutors } from './executors/index.js';
 import { OutputBatcher, type OutputWriter } from './output-batcher.js';
 
 export interface WorkerPoolOptions {
-  /** `WORKER_ID`; slot n claims as `${workerId}#${n}`, tasks claimed ahead as `${workerId}#ahead`. */
+  /** `WORKER_ID`; slot n claims as `${workerId}#${n}`, tasks held ahead as `${workerId}#ahead`. */
   workerId: string;
   /** `WORKER_CONCURRENCY`: tasks run at once by this pool. */
   concurrency: number;
@@ -213,7 +213,8 @@ export class WorkerPool {
 
   /**
    * Clean shutdown: no new claims from now on; tasks still running after `graceMs` are
-   * aborted and released, and so is every task held ahead. Resolves when every slot is idle (or abandoned, see abortWaitMs).
+   * aborted and released, and so is every task held ahead. Resolves when every slot is idle
+   * (or abandoned, see abortWaitMs).
    */
   async stop(graceMs: number): Promise<void> {
     this.stopping = true;
@@ -548,7 +549,10 @@ export class WorkerPool {
     }
   }
 
-  /** A task for no slot in particular: to a slot waiting for the long poll, or held for the next free one. */
+  /**
+   * A task for no slot in particular: to a slot waiting for the long poll, or held for the
+   * next one that is free.
+   */
   private holdAhead(c: ClaimedTask): void {
     if (this.stopping) {
       this.detach(this.release(this.execution(c), 'worker shutting down', this.log));
