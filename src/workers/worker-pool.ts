@@ -170,6 +170,8 @@ export class WorkerPool {
   private readonly ahead: ClaimedTask[] = [];
   /** Tasks being claimed ahead by transactions in flight. */
   private aheadClaiming = 0;
+  /** While tasks are held: releases those whose lease would end before a slot begins them. */
+  private aheadSweep: NodeJS.Timeout | null = null;
   /** Moving mean of executors' run times (ms); null before the first. */
   private meanRunMs: number | null = null;
   /**
@@ -241,6 +243,8 @@ export class WorkerPool {
       }
     }
     await this.drainDetached();
+    if (this.aheadSweep) clearInterval(this.aheadSweep);
+    this.aheadSweep = null;
     // Claimed ahead and never begun: back to the queue at once, for any worker.
     while (this.ahead.length > 0) {
       const c = this.ahead.shift() as ClaimedTask;
@@ -533,19 +537,29 @@ export class WorkerPool {
     return 'ok';
   }
 
-  /**
-   * The oldest task claimed ahead that can still be begun safely; one whose lease would end
-   * before its first heartbeat is released instead (it waited too long for a slot).
-   */
+  /** The oldest task held ahead (after releasing those held too long, see `sweepAhead`). */
   private takeAhead(): ClaimedTask | null {
-    for (;;) {
-      const c = this.ahead.shift();
-      if (!c) return null;
+    this.sweepAhead();
+    return this.ahead.shift() ?? null;
+  }
+
+  /**
+   * Releases the held tasks whose lease would end before a first heartbeat: every slot stayed
+   * busy longer than the tasks' lease allows (a run far longer than the mean). Released, not
+   * left to expire, so that a task nobody began is not charged an attempt.
+   */
+  private sweepAhead(): void {
+    const soon = Date.now() + this.options.heartbeatMs;
+    const keep: ClaimedTask[] = [];
+    for (const c of this.ahead.splice(0)) {
       const expires = c.task.leaseExpiresAt ? Date.parse(c.task.leaseExpiresAt) : Infinity;
-      if (expires - Date.now() > this.options.heartbeatMs) return c;
-      this.detach(
-        this.release(this.execution(c), 'held too long before a slot was free', this.log),
-      );
+      if (expires > soon) keep.push(c);
+      else this.detach(this.release(this.execution(c), 'held too long for a free slot', this.log));
+    }
+    this.ahead.push(...keep);
+    if (this.ahead.length === 0 && this.aheadSweep) {
+      clearInterval(this.aheadSweep);
+      this.aheadSweep = null;
     }
   }
 
@@ -567,6 +581,10 @@ export class WorkerPool {
     // One already STARTed (claimed for a slot that went on to another) goes first.
     if (c.task.state === 'running') this.ahead.unshift(c);
     else this.ahead.push(c);
+    this.aheadSweep ??= setInterval(
+      () => this.sweepAhead(),
+      Math.max(50, Math.floor(this.options.heartbeatMs / 2)),
+    );
   }
 
   /**

@@ -172,6 +172,44 @@ describe('worker pool claiming ahead', () => {
     expect(pool.stats()).toMatchObject({ completions: 3, leaseLosses: 1, releases: 0 });
   });
 
+  it('a task held while every slot runs past its lease is released before it expires, uncharged', async () => {
+    const q = testProcess(db.pool(5), { taskDefaults: { leaseMs: 1_500 } });
+    try {
+      const gate = new GateExecutor();
+      const ticket = await q.ticket();
+      const { value: ids } = await q.host.transact(async (u) => {
+        const out: string[] = [];
+        for (const executor of ['count', 'gate', 'count']) {
+          out.push((await q.commands.addTask(u, ticket, { type: 'x', executor })).id);
+        }
+        return out;
+      });
+      const [, gated, held] = ids as [string, string, string];
+      const pool = q.pool({ workerId: 'sweep', concurrency: 1, claimAhead: 2, heartbeatMs: 400 }, [
+        new CountingExecutor(),
+        gate,
+      ]);
+      await until(async () => gate.started, 30_000);
+      await until(async () => (await states([held])).get(held) === 'claimed', 5_000);
+      // The slot's task outlives the held one's lease (heartbeats keep the running one's).
+      await until(async () => (await states([held])).get(held) === 'pending', 5_000);
+      const ofHeld = (await events([held])).map((r) => r.type);
+      expect(ofHeld).toContain('task.released');
+      expect(ofHeld).not.toContain('task.lease_expired');
+      const [row] = await db.sql<{ used: number | null }[]>`
+        select (snapshot->'context'->>'attemptsUsed')::int as used from tasks where id = ${held}`;
+      expect(row?.used ?? 0).toBe(0);
+      expect(pool.stats().held).toBe(0);
+      gate.open();
+      await until(() => allIn(ids, 'completed'), 30_000);
+      await pool.stop(5_000);
+      expect((await states([gated])).get(gated)).toBe('completed');
+      expect(pool.stats()).toMatchObject({ completions: 3, releases: 1, leaseLosses: 0 });
+    } finally {
+      await q.close();
+    }
+  });
+
   it('shutdown gives back the tasks held ahead at once, uncharged', async () => {
     const gate = new GateExecutor();
     const ids = await tasks(['count', 'gate', 'count', 'count', 'count']);
