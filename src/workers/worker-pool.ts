@@ -166,8 +166,11 @@ export class WorkerPool {
   /** Settle-and-claim transactions running (at most SETTLE_LANES; see `flushSoon`). */
   private settlingNow = 0;
   private flushQueued = false;
-  /** Tasks claimed ahead, oldest first: `claimed`, for the next slot that is free. */
-  private readonly ahead: ClaimedTask[] = [];
+  /**
+   * Tasks claimed ahead, oldest first (`claimed`, for the next slot that is free), each with
+   * the end of its lease (epoch ms).
+   */
+  private readonly ahead: { c: ClaimedTask; expires: number }[] = [];
   /** Tasks being claimed ahead by transactions in flight. */
   private aheadClaiming = 0;
   /** While tasks are held: releases those whose lease would end before a slot begins them. */
@@ -246,8 +249,7 @@ export class WorkerPool {
     if (this.aheadSweep) clearInterval(this.aheadSweep);
     this.aheadSweep = null;
     // Claimed ahead and never begun: back to the queue at once, for any worker.
-    while (this.ahead.length > 0) {
-      const c = this.ahead.shift() as ClaimedTask;
+    for (const { c } of this.ahead.splice(0)) {
       await this.release(this.execution(c), 'worker shutting down', this.log);
     }
     await this.drainDetached();
@@ -537,10 +539,18 @@ export class WorkerPool {
     return 'ok';
   }
 
-  /** The oldest task held ahead (after releasing those held too long, see `sweepAhead`). */
+  /**
+   * The oldest task held ahead. Those held too long (see `sweepAhead`) are released; they
+   * are the oldest, so only the head of the queue is looked at.
+   */
   private takeAhead(): ClaimedTask | null {
-    this.sweepAhead();
-    return this.ahead.shift() ?? null;
+    const soon = Date.now() + this.options.heartbeatMs;
+    for (;;) {
+      const held = this.ahead.shift();
+      if (!held) return null;
+      if (held.expires > soon) return held.c;
+      this.releaseHeld(held.c);
+    }
   }
 
   /**
@@ -550,17 +560,21 @@ export class WorkerPool {
    */
   private sweepAhead(): void {
     const soon = Date.now() + this.options.heartbeatMs;
-    const keep: ClaimedTask[] = [];
-    for (const c of this.ahead.splice(0)) {
-      const expires = c.task.leaseExpiresAt ? Date.parse(c.task.leaseExpiresAt) : Infinity;
-      if (expires > soon) keep.push(c);
-      else this.detach(this.release(this.execution(c), 'held too long for a free slot', this.log));
-    }
+    const keep = this.ahead.splice(0).filter((held) => {
+      if (held.expires > soon) return true;
+      this.releaseHeld(held.c);
+      return false;
+    });
     this.ahead.push(...keep);
     if (this.ahead.length === 0 && this.aheadSweep) {
       clearInterval(this.aheadSweep);
       this.aheadSweep = null;
     }
+  }
+
+  /** Gives back a held task nobody began, not charged (see `sweepAhead`). */
+  private releaseHeld(c: ClaimedTask): void {
+    this.detach(this.release(this.execution(c), 'held too long for a free slot', this.log));
   }
 
   /**
@@ -578,9 +592,13 @@ export class WorkerPool {
       waiting[1](c);
       return;
     }
+    const held = {
+      c,
+      expires: c.task.leaseExpiresAt ? Date.parse(c.task.leaseExpiresAt) : Infinity,
+    };
     // One already STARTed (claimed for a slot that went on to another) goes first.
-    if (c.task.state === 'running') this.ahead.unshift(c);
-    else this.ahead.push(c);
+    if (c.task.state === 'running') this.ahead.unshift(held);
+    else this.ahead.push(held);
     this.aheadSweep ??= setInterval(
       () => this.sweepAhead(),
       Math.max(50, Math.floor(this.options.heartbeatMs / 2)),
