@@ -51,14 +51,15 @@ const NEWS_ROWS_CHANGED = 'ticket_tasks rows changed after they were read';
  */
 export async function writeTasksNews(db: Db, items: readonly NewsItem[]): Promise<void> {
   if (items.length === 0) return;
+  const ids = items.map((i) => i.taskId);
   // The ids again as an array, an index condition: an unnest alone counts as 10 rows in a
   // generic plan, and below a few thousand rows that plan read ticket_tasks whole.
   await db`
     with u as (
       update ticket_tasks t set state = n.state, seq = n.seq
-      from unnest(${items.map((i) => i.taskId)}::text[], ${items.map((i) => i.state)}::text[],
+      from unnest(${ids}::text[], ${items.map((i) => i.state)}::text[],
         ${items.map((i) => i.seq)}::int[]) as n(task_id, state, seq)
-      where t.task_id = n.task_id and t.task_id = any(${items.map((i) => i.taskId)}::text[])
+      where t.task_id = n.task_id and t.task_id = any(${ids}::text[])
         and t.seq < n.seq
       returning 1
     )

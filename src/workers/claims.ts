@@ -73,11 +73,11 @@ function withAhead(
   claimers: readonly string[],
   ahead?: ClaimAhead,
 ): Claimer[] {
-  const all = claimers.map((workerId) => ({ workerId, start: req.start === true }));
-  for (let i = 0; i < (ahead?.count ?? 0); i++) {
-    all.push({ workerId: (ahead as ClaimAhead).workerId, start: false });
-  }
-  return all;
+  const held = ahead ? Array.from({ length: ahead.count }, () => ahead.workerId) : [];
+  return [
+    ...claimers.map((workerId) => ({ workerId, start: req.start === true })),
+    ...held.map((workerId) => ({ workerId, start: false })),
+  ];
 }
 
 /** A dispatch wake-up from NATS: the task that became claimable, when known. */

@@ -183,13 +183,18 @@ export class WorkerPool {
    */
   private readonly detached = new Set<Promise<unknown>>();
 
+  /** The name tasks are claimed ahead in: the pool's, not a slot's (any slot may begin them). */
+  private readonly aheadId: string;
+
   constructor(
     private readonly host: ActorHost,
     private readonly claims: ClaimService,
     private readonly executors: ExecutorRegistry,
     private readonly log: Logger,
     private readonly options: WorkerPoolOptions,
-  ) {}
+  ) {
+    this.aheadId = `${options.workerId}#ahead`;
+  }
 
   stats(): WorkerStats {
     return {
@@ -655,11 +660,11 @@ export class WorkerPool {
               batch.map((s) => ({ id: s.exec.taskId, events: s.events.map((e) => () => e) })),
             ),
         ],
-        ahead > 0 ? { workerId: this.aheadId(), count: ahead } : undefined,
+        ahead > 0 ? { workerId: this.aheadId, count: ahead } : undefined,
       );
       const bySlot = new Map<string, ClaimedTask>();
       for (const c of claimed) {
-        if (c.task.workerId === this.aheadId()) this.holdAhead(c);
+        if (c.task.workerId === this.aheadId) this.holdAhead(c);
         else bySlot.set(c.task.workerId ?? '', c);
       }
       for (const s of batch) s.resolve(s.wantsNext ? (bySlot.get(s.workerId) ?? null) : null);
@@ -670,11 +675,6 @@ export class WorkerPool {
       this.settlingNow--;
       if (this.settling.length > 0) this.flushSoon();
     }
-  }
-
-  /** The name tasks are claimed ahead in: the pool's, not a slot's (any slot may begin them). */
-  private aheadId(): string {
-    return `${this.options.workerId}#ahead`;
   }
 
   private async release(exec: Execution, reason: string, log: Logger): Promise<void> {
