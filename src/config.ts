@@ -14,6 +14,11 @@ const flag = z
   .enum(['0', '1', 'true', 'false', ''])
   .default('0')
   .transform((v) => v === '1' || v === 'true');
+/** A flag that is on unless set to 0 or false. */
+const onFlag = z
+  .enum(['0', '1', 'true', 'false'])
+  .default('1')
+  .transform((v) => v === '1' || v === 'true');
 
 /** `implement_feature=2,deploy=1`: cluster-wide caps on claimed/running tasks per type. */
 const limits = z
@@ -110,6 +115,11 @@ export const configSchema = z.object({
   CLAIM_MAX_WAIT_MS: ms(30_000, 0),
   BODY_LIMIT_BYTES: int(1_048_576, 1),
   RECONCILE_MS: ms(30_000, 100),
+  /**
+   * A task's settlement reaches its ticket from the process that committed it, right after
+   * the commit (src/transport/early-reactions.ts); 0 leaves it to the consumers alone.
+   */
+  EARLY_REACTIONS: onFlag,
   /** How often each process checks the queue tables for dead rows (0: never; autovacuum only). */
   VACUUM_INTERVAL_MS: ms(30_000, 0),
   /** Dead rows that make a queue table (events, tasks, timers) due for a vacuum. */

@@ -157,6 +157,7 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
       },
       names: transportNames(config.NATS_PREFIX, config.NATS_STREAM),
       reconcileMs: config.RECONCILE_MS,
+      earlyReactions: config.EARLY_REACTIONS,
     });
     closers.push({ name: 'transport', close: () => transport.stop() });
     const dispatch = transport.subscribeDispatch((msg) => claims.dispatched(msg));

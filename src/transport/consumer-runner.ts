@@ -24,6 +24,10 @@
  * published on that event's subject, and the reaction gets the stored entry, never the
  * message's body. A message that fails the check (malformed, made-up id, details that do not
  * match) is acked, counted as `forged` and logged: retrying it could not make it true.
+ * The one exception is an event this very process committed and applied the reaction to
+ * right after (early-reactions.ts): a delivery naming exactly that event is acked without a
+ * transaction, and one still being applied early waits for it rather than lock the same
+ * ticket beside it.
  */
 import {
   AckPolicy,
@@ -41,6 +45,7 @@ import type { Sql } from '../persistence/db.js';
 import { hasDeadLetter, insertDeadLetter } from '../persistence/dead-letter-rows.js';
 import { type EventEntry, findEvent, findEvents } from '../persistence/event-log.js';
 import { recordInboxMany } from '../persistence/inbox-rows.js';
+import type { EarlyReactions, EventIdentity } from './early-reactions.js';
 import type { Reaction, TransactionalReaction } from './reactions.js';
 import { settleWithin } from './settle.js';
 import { isStreamNotFound } from './streams.js';
@@ -95,6 +100,11 @@ export interface RunnerOptions {
   settings: ConsumerSettings;
   /** Creates the streams again when the consumer finds its stream gone. */
   ensureStreams: () => Promise<void>;
+  /**
+   * What this process applied of the reaction right after committing it: a delivery naming
+   * exactly such an event is acked without a transaction.
+   */
+  early?: Pick<EarlyReactions, 'take'>;
 }
 
 export type Outcome = 'applied' | 'duplicate' | 'ignored' | 'forged';
@@ -110,6 +120,8 @@ export interface ReactionStats {
   deadLettered: number;
   /** Committed transactions of a transactional reaction (one may apply many messages). */
   transactions: number;
+  /** Deliveries acked without a transaction: this process applied them early (early-reactions.ts). */
+  appliedEarly: number;
 }
 
 /** Called after a commit with the entries it applied (first time in the inbox, if it keeps one). */
@@ -174,6 +186,7 @@ export class ConsumerRunner {
     redeliveries: 0,
     deadLettered: 0,
     transactions: 0,
+    appliedEarly: 0,
   };
   readonly name: string;
   private running = false;
@@ -399,7 +412,7 @@ export class ConsumerRunner {
    */
   private async intake(batch: JsMsg[]): Promise<void> {
     const r = this.o.reaction;
-    let claims: { m: JsMsg; claim: EventEntry }[] = [];
+    const claims: { m: JsMsg; claim: EventEntry }[] = [];
     for (const m of batch) {
       this.held.add(m);
       if (m.info.deliveryCount > 1) this.stats.redeliveries++;
@@ -417,9 +430,46 @@ export class ConsumerRunner {
         this.stats.ignored++;
         this.release(m, () => m.ack());
       } else {
-        claims.push({ m, claim });
+        const early = this.o.early?.take(claim.eventId.toLowerCase());
+        if (early instanceof Promise) {
+          // This process is applying it early: the delivery waits for that transaction
+          // rather than lock the same ticket beside it to find the news already told.
+          this.track(
+            early
+              .then((entry) => this.afterEarly(m, claim, entry))
+              .catch((error) => this.failed(m, claim, error)),
+          );
+        } else if (!this.ackedEarly(m, claim, early)) {
+          claims.push({ m, claim });
+        }
       }
     }
+    await this.check(claims);
+  }
+
+  /** A delivery whose event this process was applying early, once that is settled. */
+  private async afterEarly(m: JsMsg, claim: EventEntry, entry: EventIdentity | undefined) {
+    if (this.ackedEarly(m, claim, entry)) return;
+    // Dropped or failed early: the usual path.
+    await this.check([{ m, claim }]);
+  }
+
+  /**
+   * Acks the delivery if this process applied its event's reaction right after committing
+   * it: the claim must name exactly the event committed (`entry`), or it takes the usual
+   * path, where a claim that does not match its stored event is found forged.
+   */
+  private ackedEarly(m: JsMsg, claim: EventEntry, entry: EventIdentity | undefined): boolean {
+    if (entry === undefined || this.mismatch(claim, entry, m.subject) !== null) return false;
+    this.stats.appliedEarly++;
+    this.release(m, () => m.ack());
+    return true;
+  }
+
+  /** Checks claims against the event log and queues them by key (see `intake`). */
+  private async check(accepted: { m: JsMsg; claim: EventEntry }[]): Promise<void> {
+    const r = this.o.reaction;
+    let claims = accepted;
     if (claims.length === 0) return;
     const later = this.queueClaims(claims);
     if (later.length < claims.length) this.pump();
@@ -740,7 +790,7 @@ export class ConsumerRunner {
   /** Why `claim` is not the stored event `entry` (published on its subject), or null. */
   private mismatch(
     claim: EventEntry,
-    entry: EventEntry | null,
+    entry: EventIdentity | null,
     subject: string | undefined,
   ): string | null {
     if (!entry) return 'no such event in the event log';

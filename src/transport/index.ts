@@ -32,6 +32,7 @@ import {
   publishDispatch,
   subscribeDispatch,
 } from './dispatch.js';
+import { type EarlyReactionStats, EarlyReactions, runsEarly } from './early-reactions.js';
 import type { EventSubscription, FeedMessage } from './event-feed.js';
 import {
   LiveFeed,
@@ -94,6 +95,11 @@ export interface TransportOptions {
    */
   enableRelay?: boolean;
   enableReconciler?: boolean;
+  /**
+   * Idempotent reactions applied by the committing process right after its commit
+   * (EARLY_REACTIONS; early-reactions.ts). On by default; off, only consumers apply them.
+   */
+  earlyReactions?: boolean;
 }
 
 export interface TransportMetrics {
@@ -101,6 +107,7 @@ export interface TransportMetrics {
   outbox: OutboxLag;
   relay: RelayStats;
   reactions: Record<string, ReactionStats>;
+  early: Record<string, EarlyReactionStats>;
   redeliveries: number;
   deadLetters: number;
   reconciler: ReconcilerStats;
@@ -122,6 +129,8 @@ export { subscribeDispatch };
 export class Transport {
   readonly relay: OutboxRelay;
   readonly runners: ConsumerRunner[];
+  /** The reactions this process applies right after its own commits, by reaction name. */
+  readonly early: ReadonlyMap<string, EarlyReactions>;
   readonly reconciler: Reconciler;
   /** The one live feed of this process, shared by every SSE client; started by the first. */
   readonly liveFeed: LiveFeed;
@@ -151,21 +160,36 @@ export class Transport {
     });
     const settings: ConsumerSettings = { ...DEFAULT_CONSUMER_SETTINGS, ...o.consumer };
     const reactions = (o.reactions ?? defaultReactions)(nc, o.names);
-    this.runners = reactions.map(
-      (reaction) =>
-        new ConsumerRunner({
-          nc,
-          js,
-          jsm,
-          sql: o.sql,
-          host: o.host,
-          names: o.names,
-          log: o.log.child({ component: 'reaction', consumer: reaction.name }),
-          reaction,
-          settings,
-          ensureStreams: ensure,
-        }),
-    );
+    const early = new Map<string, EarlyReactions>();
+    if (o.earlyReactions !== false) {
+      for (const reaction of reactions.filter(runsEarly)) {
+        early.set(
+          reaction.name,
+          new EarlyReactions({
+            host: o.host,
+            log: o.log.child({ component: 'early-reaction', reaction: reaction.name }),
+            reaction,
+          }),
+        );
+      }
+    }
+    this.early = early;
+    this.runners = reactions.map((reaction) => {
+      const applied = early.get(reaction.name);
+      return new ConsumerRunner({
+        nc,
+        js,
+        jsm,
+        sql: o.sql,
+        host: o.host,
+        names: o.names,
+        log: o.log.child({ component: 'reaction', consumer: reaction.name }),
+        reaction,
+        settings,
+        ensureStreams: ensure,
+        ...(applied ? { early: applied } : {}),
+      });
+    });
     this.reconciler = new Reconciler({
       sql: o.sql,
       host: o.host,
@@ -188,6 +212,7 @@ export class Transport {
     // Postgres's global notify lock at commit and serialise every writer of the database.
     this.unsubscribeCommit = o.host.onCommit((applied) => {
       if (!applied.some((a) => a.events.length > 0)) return;
+      for (const e of early.values()) e.committed(applied);
       this.liveFeed.wake();
       if (o.enableRelay !== false) this.relay.wake();
       else this.wakeOthers();
@@ -271,6 +296,8 @@ export class Transport {
     this.wakeSub?.unsubscribe();
     await this.liveFeed.stop();
     await this.reconciler.stop();
+    // What the early reactions leave, the consumers (of this process or another) apply.
+    await Promise.all([...this.early.values()].map((e) => e.stop()));
     await Promise.all(this.runners.map((r) => r.stop()));
     await this.relay.stop();
     // Drain flushes what is buffered; with NATS down it would wait forever, so it is bounded.
@@ -290,6 +317,8 @@ export class Transport {
       reactions[r.name] = { ...r.stats };
       redeliveries += r.stats.redeliveries;
     }
+    const early: Record<string, EarlyReactionStats> = {};
+    for (const [name, e] of this.early) early[name] = { ...e.stats };
     const [outbox, deadLetters] = await Promise.all([
       this.relay.lag(),
       countDeadLetters(this.o.sql),
@@ -299,6 +328,7 @@ export class Transport {
       outbox,
       relay: { ...this.relay.stats },
       reactions,
+      early,
       redeliveries,
       deadLetters,
       reconciler: { ...this.reconciler.stats },
@@ -378,6 +408,20 @@ export class Transport {
       ] as const) {
         lines.push(
           `orch_reaction_messages_total{consumer="${consumer}",outcome="${outcome}"} ${s[outcome]}`,
+        );
+      }
+      lines.push(
+        `orch_reaction_messages_total{consumer="${consumer}",outcome="applied_early"} ${s.appliedEarly}`,
+      );
+    }
+    lines.push(
+      '# HELP orch_early_reactions_total Events whose reaction this process applied right after committing them, or left to the consumer.',
+      '# TYPE orch_early_reactions_total counter',
+    );
+    for (const [reaction, s] of Object.entries(m.early)) {
+      for (const outcome of ['applied', 'dropped', 'failures'] as const) {
+        lines.push(
+          `orch_early_reactions_total{reaction="${reaction}",outcome="${outcome}"} ${s[outcome]}`,
         );
       }
     }

@@ -70,6 +70,8 @@ async function env(
   const host = new ActorHost(sql, { taskDefaults: { ...TASK_DEFAULTS, retryBaseMs: 20 } });
   const transport = await startTransport(sql, host, names, {
     enableReconciler: false,
+    // The consumer's batches are what is tested: nothing is applied before it takes them.
+    earlyReactions: false,
     consumer: {
       ackWaitMs: 2_000,
       maxDeliver: 3,

@@ -676,6 +676,8 @@ describe('outbox relay', () => {
     const transport = await startTransport(sql, host, n, {
       natsUrl: `nats://127.0.0.1:${proxy.port}`,
       enableReconciler: false, // the reactions alone must catch up
+      // The consumers alone: early reactions would tell the ticket while NATS is down.
+      earlyReactions: false,
     });
     transports.push(transport);
     const before = await makeEvents(host, 2, 0);
@@ -783,7 +785,9 @@ describe('outbox relay', () => {
       );
       const msgs = await streamMessages(n);
       expect(new Set(msgs.map((m) => m.entry.eventId)).size).toBe(msgs.length);
-      expect(msgs.length).toBe(total + tickets.length);
+      expect(msgs.length).toBe(await eventCount(sql, all));
+      // Each ticket's advance is one event, whether early (NATS down) or after it came back.
+      expect(msgs.length).toBeLessThanOrEqual(total + tickets.length);
       const changes = await sql<{ n: number }[]>`select count(*)::int as n from events
         where type = 'ticket.phase_changed' and entity_id in ${sql(tickets)}`;
       expect(changes[0]?.n).toBe(2 * tickets.length);
