@@ -12,7 +12,8 @@
  *   (completions committed and not yet reacted to, read every 100 ms) as means over the
  *   seconds before half time and before the end and as its trend over the second half, and the
  *   latency from the completion's commit (host.onCommit) to the commit of the reaction that
- *   applied it (the runner's onApplied), until the backlog is gone.
+ *   applied it (the consumer's or the early path's onApplied), until the backlog is gone.
+ * Each pass runs with early reactions (the default), then with the consumers alone.
  * With BENCH_REACTION_BASELINE=1 the load runs a second time with batches of one message
  * (each message its own transaction, as before batching) for a before/after figure.
  */
@@ -23,7 +24,6 @@ import { configWith } from '../src/config.js';
 import { silentLogger } from '../src/log.js';
 import type { EventEntry } from '../src/persistence/event-log.js';
 import { QueueVacuum } from '../src/persistence/queue-vacuum.js';
-import type { ConsumerRunner } from '../src/transport/consumer-runner.js';
 import { Transport } from '../src/transport/index.js';
 import { benchTransportOptions } from './fixtures.js';
 import { benchNames, dropStreams, type Scratch, scratchDatabase } from './scratch.js';
@@ -69,16 +69,28 @@ interface Run {
   fromStream: [number, number];
   transactions: number;
   applied: number;
+  /** Of `applied`, the ones the committing process applied early. */
+  early: number;
   ranOut: boolean;
+  alone: Alone;
 }
 
 export async function reactionsSection(o: ReactionsOptions): Promise<void> {
   print('## Reactions keeping up with completions');
-  const passes: { label: string; maxPerTransaction?: number }[] = [{ label: 'batched (default)' }];
+  // The default, then the consumers alone (EARLY_REACTIONS=0) for 20 s: the path every
+  // event still takes, and the figure before early reactions.
+  const passes: { label: string; maxPerTransaction?: number; early: boolean; seconds: number }[] = [
+    { label: 'early + consumers (default)', early: true, seconds: o.seconds },
+    { label: 'consumers only (EARLY_REACTIONS=0)', early: false, seconds: Math.min(20, o.seconds) },
+  ];
   if (process.env.BENCH_REACTION_BASELINE === '1') {
-    passes.push({ label: 'one message per transaction', maxPerTransaction: 1 });
+    passes.push({
+      label: 'consumers only, one message per transaction',
+      maxPerTransaction: 1,
+      early: false,
+      seconds: Math.min(20, o.seconds),
+    });
   }
-  let alone: Alone | null = null;
   const runs: Run[] = [];
   for (const pass of passes) {
     const db = await scratchDatabase('reactions', { max: 24 });
@@ -93,22 +105,27 @@ export async function reactionsSection(o: ReactionsOptions): Promise<void> {
         deadRows: config.VACUUM_DEAD_ROWS,
       });
       vacuum.start();
-      const work = await prepare(host, o.tasks + o.alone);
+      const tasks = Math.ceil((o.tasks * pass.seconds) / o.seconds);
+      const work = await prepare(host, tasks + o.alone);
       t = await Transport.start(
-        benchTransportOptions(
-          db.sql,
-          host,
-          names,
-          pass.maxPerTransaction !== undefined
+        benchTransportOptions(db.sql, host, names, {
+          earlyReactions: pass.early,
+          ...(pass.maxPerTransaction !== undefined
             ? { consumer: { maxPerTransaction: pass.maxPerTransaction } }
-            : {},
-        ),
+            : {}),
+        }),
       );
       await settle(db, t, names.stream);
-      const runner = t.runners.find((r) => r.name === 'task_state') as ConsumerRunner;
+      const reacted = reactionsOf(t);
       const onStream = `${names.prefix}.events.task.>`;
-      alone ??= await timeAlone(host, runner, t, onStream, work.slice(o.tasks));
-      runs.push(await underLoad(pass.label, host, runner, t, onStream, work.slice(0, o.tasks), o));
+      const alone = await timeAlone(host, reacted, t, onStream, work.slice(tasks));
+      runs.push({
+        ...(await underLoad(pass.label, host, reacted, t, onStream, work.slice(0, tasks), {
+          ...o,
+          seconds: pass.seconds,
+        })),
+        alone,
+      });
     } finally {
       await t?.stop().catch(() => {});
       await vacuum?.stop();
@@ -117,9 +134,8 @@ export async function reactionsSection(o: ReactionsOptions): Promise<void> {
     }
   }
   print(
-    `\n${n0(o.tasks)} running tasks in tickets of ${TASKS_PER_TICKET}; ${o.concurrency} loops send COMPLETE for ${o.seconds}s, taking the tasks ticket by ticket; latency = completion's commit → commit of the TASK_STATE that applied it\n`,
+    `\nrunning tasks in tickets of ${TASKS_PER_TICKET} (${n0(o.tasks)} for ${o.seconds}s, as many per second for the shorter passes); ${o.concurrency} loops send COMPLETE for each pass's seconds, taking the tasks ticket by ticket; latency = completion's commit → commit of the TASK_STATE that applied it\n`,
   );
-  const a = (alone as Alone).total;
   print(
     table(
       [
@@ -134,26 +150,45 @@ export async function reactionsSection(o: ReactionsOptions): Promise<void> {
         'p50 ms',
         'p99 ms',
         'messages/tx',
+        'applied early',
       ],
       [
-        ...runs.map((r) => [
-          `${r.label}${r.ranOut ? ' (ran out of tasks)' : ''}`,
-          n0(r.completions / r.seconds),
-          n0(r.reactions / r.seconds),
-          ratio(r.reactions, r.completions),
-          n0(r.backlogHalf),
-          n0(r.backlogEnd),
-          `${r.backlogTrend >= 0 ? '+' : ''}${n0(r.backlogTrend)}`,
-          r.drainSeconds.toFixed(1),
-          ms(r.p50),
-          ms(r.p99),
-          (r.applied / Math.max(1, r.transactions)).toFixed(1),
+        ...runs.flatMap((r) => [
+          [
+            `${r.label}${r.ranOut ? ' (ran out of tasks)' : ''}`,
+            n0(r.completions / r.seconds),
+            n0(r.reactions / r.seconds),
+            ratio(r.reactions, r.completions),
+            n0(r.backlogHalf),
+            n0(r.backlogEnd),
+            `${r.backlogTrend >= 0 ? '+' : ''}${n0(r.backlogTrend)}`,
+            r.drainSeconds.toFixed(1),
+            ms(r.p50),
+            ms(r.p99),
+            (r.applied / Math.max(1, r.transactions)).toFixed(1),
+            `${((100 * r.early) / Math.max(1, r.applied)).toFixed(0)}%`,
+          ],
+          [
+            `${r.label}: alone (one at a time)`,
+            '-',
+            '-',
+            '-',
+            '-',
+            '-',
+            '-',
+            '-',
+            ms(r.alone.total.p50),
+            ms(r.alone.total.p99),
+            '-',
+            '-',
+          ],
         ]),
-        ['alone (one at a time)', '-', '-', '-', '-', '-', '-', '-', ms(a.p50), ms(a.p99), '-'],
       ],
     ),
   );
-  print('\nwhere the time goes (p50 / p99 ms):\n');
+  print(
+    '\nwhere the time goes (p50 / p99 ms; a reaction applied early, before its event reached the stream, has no second figure):\n',
+  );
   const split = (to: [number, number], from: [number, number]) => [
     `${ms(to[0])} / ${ms(to[1])}`,
     `${ms(from[0])} / ${ms(from[1])}`,
@@ -162,8 +197,10 @@ export async function reactionsSection(o: ReactionsOptions): Promise<void> {
     table(
       ['run', 'commit → on stream (relay)', 'on stream → reaction committed'],
       [
-        ...runs.map((r) => [r.label, ...split(r.toStream, r.fromStream)]),
-        ['alone (one at a time)', ...split((alone as Alone).toStream, (alone as Alone).fromStream)],
+        ...runs.flatMap((r) => [
+          [r.label, ...split(r.toStream, r.fromStream)],
+          [`${r.label}: alone`, ...split(r.alone.toStream, r.alone.fromStream)],
+        ]),
       ],
     ),
   );
@@ -237,6 +274,34 @@ async function prepare(host: ActorHost, n: number): Promise<Work[]> {
   return byTicket.flat().slice(0, n);
 }
 
+/** The task_state reaction's applications, by its consumer and by the early path. */
+interface Reacted {
+  onApplied(listener: (entries: EventEntry[]) => void): () => void;
+  counts(): { transactions: number; applied: number; early: number };
+}
+
+function reactionsOf(t: Transport): Reacted {
+  const runner = t.runners.find((r) => r.name === 'task_state');
+  if (!runner) throw new Error('bench: no task_state consumer');
+  const early = t.early.get('task_state');
+  return {
+    onApplied(listener) {
+      const offs = [runner.onApplied(listener), early?.onApplied(listener)];
+      return () => {
+        for (const off of offs) off?.();
+      };
+    },
+    counts() {
+      const e = early?.stats ?? { transactions: 0, applied: 0 };
+      return {
+        transactions: runner.stats.transactions + e.transactions,
+        applied: runner.stats.applied + e.applied,
+        early: e.applied,
+      };
+    },
+  };
+}
+
 /** Waits until the relay has published everything and every consumer has acked it. */
 async function settle(db: Scratch, t: Transport, stream: string): Promise<void> {
   const jsm = await jetstreamManager(t.nc);
@@ -264,7 +329,7 @@ interface Alone {
 /** Reaction latency of completions sent one at a time, and its two halves. */
 async function timeAlone(
   host: ActorHost,
-  runner: ConsumerRunner,
+  runner: Reacted,
   t: Transport,
   streamSubjects: string,
   work: Work[],
@@ -329,12 +394,12 @@ async function timeAlone(
 async function underLoad(
   label: string,
   host: ActorHost,
-  runner: ConsumerRunner,
+  runner: Reacted,
   t: Transport,
   streamSubjects: string,
   work: Work[],
   o: ReactionsOptions,
-): Promise<Run> {
+): Promise<Omit<Run, 'alone'>> {
   const committedAt = new Map<string, number>();
   const latencies: number[] = [];
   /** When each completion reached the stream (a core subscriber sees what the server took). */
@@ -382,7 +447,7 @@ async function underLoad(
       if (windowOpen) reactionsInWindow++;
     }
   });
-  const before = { ...runner.stats };
+  const before = runner.counts();
   let next = 0;
   let ranOut = false;
   const started = performance.now();
@@ -429,8 +494,9 @@ async function underLoad(
     p99: s.p99,
     toStream: [a.p50, a.p99],
     fromStream: [b.p50, b.p99],
-    transactions: runner.stats.transactions - before.transactions,
-    applied: runner.stats.applied - before.applied,
+    transactions: runner.counts().transactions - before.transactions,
+    applied: runner.counts().applied - before.applied,
+    early: runner.counts().early - before.early,
     ranOut,
   };
 }
