@@ -63,12 +63,19 @@ const WARM_UP_SECONDS = 1;
  * process); for the in-process call, the same call without HTTP.
  */
 async function withCpu<T extends LatencyStats>(
+  host: ActorHost,
   run: () => Promise<T>,
-): Promise<T & { cpuUs: number }> {
+): Promise<T & { cpuUs: number; perCommit: number }> {
+  const { commits, units } = host.commits.stats;
   const before = process.cpuUsage();
   const r = await run();
   const used = process.cpuUsage(before);
-  return { ...r, cpuUs: (used.user + used.system) / Math.max(1, r.count) };
+  const c = host.commits.stats;
+  return {
+    ...r,
+    cpuUs: (used.user + used.system) / Math.max(1, r.count),
+    perCommit: (c.units - units) / Math.max(1, c.commits - commits),
+  };
 }
 type All = { type: 'all'; key: string; at: number };
 
@@ -163,12 +170,12 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
     // rate): run once each, one after the other, a ratio moved with the machine's speed
     // between its two halves.
     const { median } = await inTurns({
-      getIn: () => withCpu(() => getInProcess(ms1000)),
-      get: () => withCpu(() => load('GET', getPaths)),
-      postIn: () => withCpu(() => postInProcess(ms1000)),
-      post: () => withCpu(() => load('POST', postPaths, postBodies)),
-      postRaw: () => withCpu(() => load('POST', postPaths, postBodies, o.seconds, 'raw')),
-      health: () => withCpu(() => load('GET', ['/healthz'])),
+      getIn: () => withCpu(host, () => getInProcess(ms1000)),
+      get: () => withCpu(host, () => load('GET', getPaths)),
+      postIn: () => withCpu(host, () => postInProcess(ms1000)),
+      post: () => withCpu(host, () => load('POST', postPaths, postBodies)),
+      postRaw: () => withCpu(host, () => load('POST', postPaths, postBodies, o.seconds, 'raw')),
+      health: () => withCpu(host, () => load('GET', ['/healthz'])),
     });
     const { getIn, get, postIn, post, postRaw, health } = median;
     print(
@@ -188,6 +195,7 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
           'server CPU µs/req',
           'in-process CPU µs/call',
           'client CPU µs/req',
+          'transitions per commit, HTTP / in-process',
         ],
         [
           [
@@ -202,6 +210,7 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
             n0(health.cpuUs),
             '-',
             n0(health.clientCpuUs),
+            '-',
           ],
           [
             'GET /tasks/:id vs queries.getTask',
@@ -215,6 +224,7 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
             n0(get.cpuUs),
             n0(getIn.cpuUs),
             n0(get.clientCpuUs),
+            '-',
           ],
           [
             'POST /tasks/:id/events HEARTBEAT vs host',
@@ -228,6 +238,7 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
             n0(post.cpuUs),
             n0(postIn.cpuUs),
             n0(post.clientCpuUs),
+            `${post.perCommit.toFixed(1)} / ${postIn.perCommit.toFixed(1)}`,
           ],
           [
             'the same, raw-socket client (as wrk)',
@@ -241,6 +252,7 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
             n0(postRaw.cpuUs),
             n0(postIn.cpuUs),
             n0(postRaw.clientCpuUs),
+            `${postRaw.perCommit.toFixed(1)} / ${postIn.perCommit.toFixed(1)}`,
           ],
         ],
       ),
