@@ -131,6 +131,9 @@ describe('early reactions', () => {
     );
     expect(p.early.stats.applied).toBe(3);
     expect(p.early.stats.failures).toBe(0);
+    expect(await p.transport.prometheus()).toContain(
+      'orch_early_reactions_total{reaction="task_state",outcome="applied"} 3',
+    );
     expect(p.runner.stats.applied + p.runner.stats.appliedEarly).toBe(0);
     const told = await db.sql<{ n: number }[]>`
       select count(*)::int as n from ticket_tasks
