@@ -7,7 +7,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import { jetstream } from '@nats-io/jetstream';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import type { Commands } from '../../src/actors/commands.js';
 import { ActorHost } from '../../src/actors/host.js';
 import { silentLogger } from '../../src/log.js';
@@ -17,32 +17,17 @@ import { EarlyReactions } from '../../src/transport/early-reactions.js';
 import type { Transport, TransportOptions } from '../../src/transport/index.js';
 import { taskStateReaction } from '../../src/transport/reactions.js';
 import { eventSubject, type TransportNames } from '../../src/transport/subjects.js';
-import { createTestDatabase, type TestDatabase } from '../support/database.js';
+import type { TestDatabase } from '../support/database.js';
 import { TASK_DEFAULTS } from '../support/fixtures.js';
+import { completeTask as complete, ticketWithTasks } from '../support/ticket-tasks.js';
 import {
   commandsFor,
   eventually,
-  type NatsAdmin,
-  natsAdmin,
   startTransport,
-  testNames,
+  transportFixtures,
 } from '../support/transport.js';
 
-let admin: NatsAdmin;
-const allNames: TransportNames[] = [];
-const dbs: TestDatabase[] = [];
-const transports: Transport[] = [];
-
-beforeAll(async () => {
-  admin = await natsAdmin();
-});
-afterEach(async () => {
-  await Promise.all(transports.splice(0).map((t) => t.stop()));
-  await Promise.all(dbs.splice(0).map((d) => d.drop()));
-});
-afterAll(async () => {
-  await admin.close(allNames);
-});
+const fx = transportFixtures();
 
 interface Proc {
   host: ActorHost;
@@ -61,7 +46,7 @@ async function proc(
   const sql = db.pool(8);
   const host = new ActorHost(sql, { taskDefaults: TASK_DEFAULTS });
   const transport = await startTransport(sql, host, names, { enableReconciler: false, ...over });
-  transports.push(transport);
+  fx.keep(transport);
   const runner = transport.runners.find((r) => r.name === 'task_state') as ConsumerRunner;
   const early = transport.early.get('task_state') as EarlyReactions;
   if (over.earlyReactions !== false) expect(early).toBeDefined();
@@ -69,34 +54,7 @@ async function proc(
 }
 
 async function setup(label: string): Promise<{ db: TestDatabase; names: TransportNames }> {
-  const db = await createTestDatabase(label);
-  dbs.push(db);
-  const names = testNames();
-  allNames.push(names);
-  return { db, names };
-}
-
-async function ticketWithTasks(
-  p: Proc,
-  n: number,
-): Promise<{ ticketId: string; taskIds: string[] }> {
-  const { value } = await p.host.transact(async (uow) => {
-    const t = await p.commands.createTicket(uow, { title: 'early' });
-    const taskIds: string[] = [];
-    for (let i = 0; i < n; i++) {
-      taskIds.push((await p.commands.addTask(uow, t.id, { type: 'build' })).id);
-    }
-    return { ticketId: t.id, taskIds };
-  });
-  await p.host.send('ticket', value.ticketId, { type: 'START' });
-  return value;
-}
-
-async function complete(host: ActorHost, taskId: string): Promise<void> {
-  const claimed = await host.send('task', taskId, { type: 'CLAIM', workerId: 'w1' });
-  const token = (claimed.snapshot.context as { token: string }).token;
-  await host.send('task', taskId, { type: 'START', token });
-  await host.send('task', taskId, { type: 'COMPLETE', token });
+  return { db: await fx.database(label), names: fx.names() };
 }
 
 async function ticketState(sql: Sql, id: string): Promise<string> {
@@ -175,7 +133,7 @@ describe('early reactions', () => {
     await eventually(() => p.early.stats.applied === 1, 10_000, 'the early news');
     const [done] = await db.sql<{ event_id: string; seq: number }[]>`
       select event_id, seq from events where entity_id = ${first} and type = 'task.completed'`;
-    const js = jetstream(admin.nc);
+    const js = jetstream(fx.admin.nc);
     const message = (seq: number, eventId: string) =>
       JSON.stringify({
         pos: 1,

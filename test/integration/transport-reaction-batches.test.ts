@@ -8,7 +8,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import { jetstream } from '@nats-io/jetstream';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import type { Commands } from '../../src/actors/commands.js';
 import { ActorHost } from '../../src/actors/host.js';
 import type { Sql } from '../../src/persistence/db.js';
@@ -16,33 +16,22 @@ import type { ConsumerRunner, ConsumerSettings } from '../../src/transport/consu
 import type { Transport, TransportOptions } from '../../src/transport/index.js';
 import { defaultReactions, taskStateReaction } from '../../src/transport/reactions.js';
 import { eventSubject, type TransportNames } from '../../src/transport/subjects.js';
-import { createTestDatabase, type TestDatabase } from '../support/database.js';
+import type { TestDatabase } from '../support/database.js';
 import { TASK_DEFAULTS } from '../support/fixtures.js';
 import { recordingSql, type Sent } from '../support/statement-log.js';
 import {
+  claimAndStart,
+  completeTask as complete,
+  ticketWithTasks,
+} from '../support/ticket-tasks.js';
+import {
   commandsFor,
   eventually,
-  type NatsAdmin,
-  natsAdmin,
   startTransport,
-  testNames,
+  transportFixtures,
 } from '../support/transport.js';
 
-let admin: NatsAdmin;
-const allNames: TransportNames[] = [];
-const dbs: TestDatabase[] = [];
-const transports: Transport[] = [];
-
-beforeAll(async () => {
-  admin = await natsAdmin();
-});
-afterEach(async () => {
-  await Promise.all(transports.splice(0).map((t) => t.stop()));
-  await Promise.all(dbs.splice(0).map((d) => d.drop()));
-});
-afterAll(async () => {
-  await admin.close(allNames);
-});
+const fx = transportFixtures();
 
 interface Env {
   sql: Sql;
@@ -62,10 +51,8 @@ async function env(
   /** Transport options besides the consumer's (the reactions it runs, say). */
   over: Partial<TransportOptions> = {},
 ): Promise<Env> {
-  const db = await createTestDatabase(label);
-  dbs.push(db);
-  const names = testNames();
-  allNames.push(names);
+  const db = await fx.database(label);
+  const names = fx.names();
   const sql = pool(db);
   const host = new ActorHost(sql, { taskDefaults: { ...TASK_DEFAULTS, retryBaseMs: 20 } });
   const transport = await startTransport(sql, host, names, {
@@ -81,38 +68,10 @@ async function env(
     },
     ...over,
   });
-  transports.push(transport);
+  fx.keep(transport);
   const runner = transport.runners.find((r) => r.name === 'task_state')!;
   await runner.stop();
   return { sql, host, commands: commandsFor(host), names, transport, runner };
-}
-
-async function ticketWithTasks(
-  e: Env,
-  n: number,
-): Promise<{ ticketId: string; taskIds: string[] }> {
-  const { value } = await e.host.transact(async (uow) => {
-    const t = await e.commands.createTicket(uow, { title: 'batches' });
-    const taskIds: string[] = [];
-    for (let i = 0; i < n; i++) {
-      taskIds.push((await e.commands.addTask(uow, t.id, { type: 'build' })).id);
-    }
-    return { ticketId: t.id, taskIds };
-  });
-  await e.host.send('ticket', value.ticketId, { type: 'START' });
-  return value;
-}
-
-async function claimAndStart(host: ActorHost, taskId: string): Promise<string> {
-  const claimed = await host.send('task', taskId, { type: 'CLAIM', workerId: 'w1' });
-  const token = (claimed.snapshot.context as { token: string }).token;
-  await host.send('task', taskId, { type: 'START', token });
-  return token;
-}
-
-async function complete(host: ActorHost, taskId: string): Promise<void> {
-  const token = await claimAndStart(host, taskId);
-  await host.send('task', taskId, { type: 'COMPLETE', token });
 }
 
 /** Waits until every task event so far (plus `extra` messages) waits on the stopped consumer. */
@@ -220,7 +179,7 @@ describe('task_state reaction in batches', () => {
       };
     } finally {
       await e.runner.stop();
-      await Promise.all(transports.splice(0).map((t) => t.stop()));
+      await e.transport.stop();
       await Promise.all(pools.map((p) => p.end({ timeout: 1 })));
     }
   }
@@ -289,7 +248,7 @@ describe('task_state reaction in batches', () => {
     // The genuine completion event of a's task, its body passed off as news for ticket b.
     const [stored] = await e.sql<{ event_id: string; seq: number }[]>`
       select event_id, seq from events where entity_id = ${done} and type = 'task.completed'`;
-    const js = jetstream(admin.nc);
+    const js = jetstream(fx.admin.nc);
     await js.publish(
       eventSubject(e.names, 'task', done, 'task.completed'),
       JSON.stringify({
@@ -390,7 +349,7 @@ describe('task_state reaction in batches', () => {
     const e = await env('batches_unread');
     const { ticketId, taskIds } = await ticketWithTasks(e, 1);
     const taskId = taskIds[0]!;
-    const js = jetstream(admin.nc);
+    const js = jetstream(fx.admin.nc);
     // Not even JSON. On a claim's subject it is acked as no news, unread; on a completion's
     // subject the same body is read, and refused as not an event.
     await js.publish(eventSubject(e.names, 'task', taskId, 'task.claimed'), 'not json');
@@ -422,7 +381,7 @@ describe('task_state reaction in batches', () => {
       select event_id, seq from events where entity_id = ${running} and type = 'task.claimed'`;
     const subject = eventSubject(e.names, 'task', running, 'task.completed');
     const forgedIds = [randomUUID(), claimed!.event_id];
-    const js = jetstream(admin.nc);
+    const js = jetstream(fx.admin.nc);
     // A genuine completion's every detail but its id: the place it names holds another event.
     const [done] = await e.sql<{ seq: number }[]>`
       select seq from events where entity_id = ${first} and type = 'task.completed'`;

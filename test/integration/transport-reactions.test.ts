@@ -9,7 +9,7 @@
 
 import { randomUUID } from 'node:crypto';
 import { AckPolicy, jetstream } from '@nats-io/jetstream';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import type { Commands } from '../../src/actors/commands.js';
 import { ActorHost } from '../../src/actors/host.js';
 import type { Sql } from '../../src/persistence/db.js';
@@ -26,30 +26,20 @@ import { eventSubject, type TransportNames } from '../../src/transport/subjects.
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 import { TASK_DEFAULTS } from '../support/fixtures.js';
 import {
+  claimAndStart,
+  completeTask as complete,
+  ticketWithTasks,
+} from '../support/ticket-tasks.js';
+import {
   commandsFor,
   eventually,
-  type NatsAdmin,
-  natsAdmin,
   startTransport,
-  testNames,
+  transportFixtures,
 } from '../support/transport.js';
 
-let admin: NatsAdmin;
-const allNames: TransportNames[] = [];
-const dbs: TestDatabase[] = [];
-const transports: Transport[] = [];
-
-beforeAll(async () => {
-  admin = await natsAdmin();
-});
-// Postgres connections are shared with other suites: free each test's before the next.
-afterEach(async () => {
-  await Promise.all(transports.splice(0).map((t) => t.stop()));
-  await Promise.all(dbs.splice(0).map((d) => d.drop()));
-});
-afterAll(async () => {
-  await admin.close(allNames);
-});
+// Each test's transports stop and its database goes before the next: Postgres connections
+// are shared with other suites.
+const fx = transportFixtures();
 
 interface Env {
   db: TestDatabase;
@@ -64,10 +54,8 @@ interface Env {
 
 /** A database and a stream of their own (a database records one stream's sequences). */
 async function env(label: string): Promise<Env> {
-  const db = await createTestDatabase(label);
-  dbs.push(db);
-  const names = testNames();
-  allNames.push(names);
+  const db = await fx.database(label);
+  const names = fx.names();
   return {
     db,
     names,
@@ -78,39 +66,10 @@ async function env(label: string): Promise<Env> {
     },
     async start(p, over = {}) {
       const t = await startTransport(p.sql, p.host, names, over);
-      transports.push(t);
+      fx.keep(t);
       return t;
     },
   };
-}
-
-async function ticketWithTasks(
-  p: { host: ActorHost; commands: Commands },
-  n: number,
-  spec: { maxAttempts?: number } = {},
-): Promise<{ ticketId: string; taskIds: string[] }> {
-  const { value } = await p.host.transact(async (uow) => {
-    const t = await p.commands.createTicket(uow, { title: 'reactions' });
-    const taskIds: string[] = [];
-    for (let i = 0; i < n; i++) {
-      taskIds.push((await p.commands.addTask(uow, t.id, { type: 'build', ...spec })).id);
-    }
-    return { ticketId: t.id, taskIds };
-  });
-  await p.host.send('ticket', value.ticketId, { type: 'START' });
-  return value;
-}
-
-async function claimAndStart(host: ActorHost, taskId: string): Promise<string> {
-  const claimed = await host.send('task', taskId, { type: 'CLAIM', workerId: 'w1' });
-  const token = (claimed.snapshot.context as { token: string }).token;
-  await host.send('task', taskId, { type: 'START', token });
-  return token;
-}
-
-async function complete(host: ActorHost, taskId: string): Promise<void> {
-  const token = await claimAndStart(host, taskId);
-  await host.send('task', taskId, { type: 'COMPLETE', token });
 }
 
 async function stateOf(sql: Sql, table: 'tickets' | 'tasks', id: string): Promise<string> {
@@ -235,9 +194,11 @@ describe('reactions', () => {
     expect(dead.deliveries).toBe(3);
     expect((dead.data as { entityId: string }).entityId).toBe(ticketId);
     expect(calls).toBe(3);
-    const dlq = await admin.jsm.streams.info(e.names.dlqStream);
+    const dlq = await fx.admin.jsm.streams.info(e.names.dlqStream);
     expect(dlq.state.messages).toBe(1);
-    const msg = await admin.jsm.streams.getMessage(e.names.dlqStream, { seq: dlq.state.first_seq });
+    const msg = await fx.admin.jsm.streams.getMessage(e.names.dlqStream, {
+      seq: dlq.state.first_seq,
+    });
     expect(msg?.header.get('Orch-Error')).toContain('boom');
     const m = await t.metrics();
     expect(m.deadLetters).toBe(1);
@@ -407,7 +368,7 @@ describe('reactions', () => {
       [cancelSubject, '{"eventId": nope'],
       [completedSubject, 'null'],
     ];
-    const js = jetstream(admin.nc);
+    const js = jetstream(fx.admin.nc);
     for (const [subject, body] of forgeries) {
       await js.publish(subject, typeof body === 'string' ? body : JSON.stringify(body));
     }
@@ -490,14 +451,14 @@ describe('reactions', () => {
     const e = await env('reactions_dispatch');
     const p = e.proc();
     // A stream that an earlier version ran a `dispatch` consumer on: it is gone after start.
-    await ensureStreams(admin.jsm, e.names);
-    await admin.jsm.consumers.add(e.names.stream, {
+    await ensureStreams(fx.admin.jsm, e.names);
+    await fx.admin.jsm.consumers.add(e.names.stream, {
       durable_name: 'dispatch',
       ack_policy: AckPolicy.Explicit,
       filter_subject: `${e.names.prefix}.events.task.*.*`,
     });
     const t = await e.start(p, { enableReconciler: false });
-    const names = (await admin.jsm.consumers.list(e.names.stream).next()).map((c) => c.name);
+    const names = (await fx.admin.jsm.consumers.list(e.names.stream).next()).map((c) => c.name);
     expect(names.sort()).toEqual(['task_state', 'ticket_cancel']);
     const got: DispatchMessage[] = [];
     const other: DispatchMessage[] = [];

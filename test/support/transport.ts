@@ -6,6 +6,7 @@
 import { randomBytes } from 'node:crypto';
 import { type JetStreamManager, jetstreamManager } from '@nats-io/jetstream';
 import { connect, type NatsConnection } from '@nats-io/transport-node';
+import { afterAll, afterEach, beforeAll } from 'vitest';
 import { Commands } from '../../src/actors/commands.js';
 import type { ActorHost } from '../../src/actors/host.js';
 import { silentLogger } from '../../src/log.js';
@@ -13,6 +14,7 @@ import type { Sql } from '../../src/persistence/db.js';
 import { Transport, type TransportOptions } from '../../src/transport/index.js';
 import { deleteStreams } from '../../src/transport/streams.js';
 import { type TransportNames, transportNames } from '../../src/transport/subjects.js';
+import { createTestDatabase, type TestDatabase } from './database.js';
 
 export const NATS_URL = process.env.TEST_NATS_URL ?? 'nats://127.0.0.1:4222';
 
@@ -86,4 +88,57 @@ export async function eventually<T>(
     }
     await new Promise((r) => setTimeout(r, 50));
   }
+}
+
+export interface TransportFixtures {
+  /** The admin connection (after the file's `beforeAll`). */
+  readonly admin: NatsAdmin;
+  /** A database of its own, dropped after the test. */
+  database(label: string): Promise<TestDatabase>;
+  /** Stream and subject names of their own, whose streams go after the file. */
+  names(): TransportNames;
+  /** Stopped after the test (before its database is dropped). */
+  keep(t: Transport): Transport;
+}
+
+/**
+ * The lifecycle a transport test file needs, as hooks of the calling file: an admin
+ * connection for the file, and the transports and databases each test made, stopped and
+ * dropped after it, then the file's streams deleted.
+ */
+export function transportFixtures(): TransportFixtures {
+  let admin: NatsAdmin | null = null;
+  const names: TransportNames[] = [];
+  const dbs: TestDatabase[] = [];
+  const transports: Transport[] = [];
+  beforeAll(async () => {
+    admin = await natsAdmin();
+  });
+  afterEach(async () => {
+    await Promise.all(transports.splice(0).map((t) => t.stop()));
+    await Promise.all(dbs.splice(0).map((d) => d.drop()));
+  });
+  afterAll(async () => {
+    await admin?.close(names);
+  });
+  return {
+    get admin() {
+      if (!admin) throw new Error('transportFixtures: the admin connection is made in beforeAll');
+      return admin;
+    },
+    async database(label) {
+      const db = await createTestDatabase(label);
+      dbs.push(db);
+      return db;
+    },
+    names() {
+      const n = testNames();
+      names.push(n);
+      return n;
+    },
+    keep(t) {
+      transports.push(t);
+      return t;
+    },
+  };
 }
