@@ -13,6 +13,7 @@ export default defineConfig({
             'test/workers/**/*.test.ts',
             'test/persistence/**/*.test.ts',
             'test/transport/**/*.test.ts',
+            'test/config/**/*.test.ts',
           ],
         },
       },

@@ -448,7 +448,11 @@ export class ConsumerRunner {
   }
 
   /** A delivery whose event this process was applying early, once that is settled. */
-  private async afterEarly(m: JsMsg, claim: EventEntry, entry: EventIdentity | undefined) {
+  private async afterEarly(
+    m: JsMsg,
+    claim: EventEntry,
+    entry: EventIdentity | undefined,
+  ): Promise<void> {
     if (this.ackedEarly(m, claim, entry)) return;
     // Dropped or failed early: the usual path.
     await this.check([{ m, claim }]);

@@ -229,7 +229,14 @@ export class EarlyReactions {
       this.done.delete(id);
     }
     this.settle(entries);
-    for (const listener of this.listeners) listener(entries);
+    for (const listener of this.listeners) {
+      try {
+        listener(entries);
+      } catch (error) {
+        // A listener's failure is its own: the news is committed and answered.
+        this.o.log.warn({ err: error, reaction: this.name }, 'early reaction listener failed');
+      }
+    }
   }
 
   /** Answers the deliveries that wait for these entries (from `done`, or with nothing). */
