@@ -1,10 +1,11 @@
 /** Setup shared by the HTTP sections: a listening app, and running tasks with their tokens. */
 
+import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { type ServerType, serve } from '@hono/node-server';
 import { jetstreamManager } from '@nats-io/jetstream';
 import type { Commands } from '../src/actors/commands.js';
 import type { ActorHost } from '../src/actors/host.js';
+import { startHttpServer } from '../src/http/server.js';
 import { silentLogger } from '../src/log.js';
 import type { Sql } from '../src/persistence/db.js';
 import { anyUnpublished } from '../src/persistence/outbox-rows.js';
@@ -12,11 +13,11 @@ import { Transport, type TransportNames, type TransportOptions } from '../src/tr
 import { NATS_URL } from './scratch.js';
 import { pool, until } from './stats.js';
 
-/** Serves `fetch` on a free loopback port. */
+/** Serves `fetch` on a free loopback port, with the server `bin/orchestrator` runs. */
 export async function listen(
   fetch: (req: Request) => Response | Promise<Response>,
-): Promise<{ server: ServerType; url: string }> {
-  const server = serve({ fetch, port: 0, hostname: '127.0.0.1' });
+): Promise<{ server: Server; url: string }> {
+  const server = startHttpServer(fetch, { port: 0, hostname: '127.0.0.1' });
   await new Promise<void>((resolve, reject) => {
     server.once('listening', () => resolve());
     server.once('error', reject);

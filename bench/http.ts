@@ -1,7 +1,7 @@
 /**
  * Issue 6: the HTTP layer's cost. The app is the real one (createApp over a real host,
- * commands, claims and queries, as src/runtime.ts composes it), served on port 0 with
- * @hono/node-server; the load comes from a child process (http-load.ts) with fetch and
+ * commands, claims and queries, as src/runtime.ts composes it), served on port 0 by the
+ * server `bin/orchestrator` runs (src/http/server.ts); the load comes from a child process (http-load.ts) with fetch and
  * keep-alive, so the server's event loop does only server work.
  *
  * - GET /healthz: the floor of an HTTP round trip on this machine.
@@ -13,7 +13,7 @@
  *   function without HTTP, in the same child process.
  */
 import type { ChildProcess } from 'node:child_process';
-import type { serve } from '@hono/node-server';
+import type { Server } from 'node:http';
 import { Commands } from '../src/actors/commands.js';
 import { ActorHost } from '../src/actors/host.js';
 import { configWith } from '../src/config.js';
@@ -89,7 +89,7 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
   const claims = new ClaimService(host, new Wakeups(), { typeLimits: {}, maxWaitMs: 0 });
   let transport: Transport | null = null;
   let child: ChildProcess | null = null;
-  let server: ReturnType<typeof serve> | null = null;
+  let server: Server | null = null;
   try {
     // The relay feeds the stream SSE reads; no reactions (HEARTBEAT writes no event anyway).
     transport = await Transport.start(

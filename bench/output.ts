@@ -6,7 +6,7 @@
  * commit is shown as requests per transaction.
  */
 import type { ChildProcess } from 'node:child_process';
-import type { serve } from '@hono/node-server';
+import type { Server } from 'node:http';
 import { Commands } from '../src/actors/commands.js';
 import { ActorHost } from '../src/actors/host.js';
 import { TaskOutput } from '../src/actors/output.js';
@@ -34,7 +34,7 @@ export async function outputSection(o: { seconds: number }): Promise<void> {
   // The default cap (1 MiB): long runs trim on every write, as a chatty task would.
   const output = new TaskOutput(db.sql, { maxBytes: 1_048_576, host });
   let child: ChildProcess | null = null;
-  let server: ReturnType<typeof serve> | null = null;
+  let server: Server | null = null;
   try {
     await output.start();
     const app = createApp({

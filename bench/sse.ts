@@ -8,7 +8,7 @@
  * number of JetStream consumers on the stream while the N clients are connected.
  */
 import type { ChildProcess } from 'node:child_process';
-import type { serve } from '@hono/node-server';
+import type { Server } from 'node:http';
 import { Commands } from '../src/actors/commands.js';
 import { ActorHost } from '../src/actors/host.js';
 import { configWith } from '../src/config.js';
@@ -39,7 +39,7 @@ export async function sseSection(o: { clients: number; samples: number }): Promi
   const claims = new ClaimService(host, new Wakeups(), { typeLimits: {}, maxWaitMs: 0 });
   let transport: Transport | null = null;
   let child: ChildProcess | null = null;
-  let server: ReturnType<typeof serve> | null = null;
+  let server: Server | null = null;
   try {
     transport = await Transport.start(
       benchTransportOptions(db.sql, host, names, { reactions: () => [] }),
