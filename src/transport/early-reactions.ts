@@ -86,14 +86,15 @@ export class EarlyReactions {
   private readonly queued = new Map<string, EventEntry[]>();
   /** Keys with a transaction running: what arrives for them waits for the next one. */
   private readonly busy = new Set<string>();
-  /** Entries queued or in flight. */
-  private pending = 0;
   /**
    * Applied and committed, by event id, oldest first: what `take` answers from. Without
    * their data: a completion's result may be large, and only what names the event is read.
    */
   private readonly done = new Map<string, EventIdentity>();
-  /** Queued or in flight, by event id: a delivery that arrives meanwhile waits for it. */
+  /**
+   * Queued or in flight, by event id (its size is what `maxPending` bounds): a delivery
+   * that arrives meanwhile waits for it.
+   */
   private readonly inFlight = new Map<string, Deferred>();
   private readonly running = new Set<Promise<void>>();
   private readonly listeners = new Set<(entries: EventEntry[]) => void>();
@@ -124,11 +125,10 @@ export class EarlyReactions {
         if (!r.accepts(e)) continue;
         const key = r.group.keyOf(e);
         if (key === undefined) continue;
-        if (this.pending >= this.maxPending) {
+        if (this.inFlight.size >= this.maxPending) {
           this.stats.dropped++;
           continue;
         }
-        this.pending++;
         this.inFlight.set(e.eventId, deferred());
         const list = this.queued.get(key);
         if (list) list.push(e);
@@ -175,7 +175,6 @@ export class EarlyReactions {
     this.stopped = true;
     for (const list of this.queued.values()) {
       this.stats.dropped += list.length;
-      this.pending -= list.length;
       this.settle(list);
     }
     this.queued.clear();
@@ -191,7 +190,6 @@ export class EarlyReactions {
       this.busy.add(key);
       const p = this.apply(key, entries).finally(() => {
         this.busy.delete(key);
-        this.pending -= entries.length;
         this.running.delete(p);
         if (this.queued.has(key)) this.pump();
       });
