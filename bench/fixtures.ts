@@ -1,11 +1,12 @@
 /** Setup shared by the HTTP sections: a listening app, and running tasks with their tokens. */
 
-import type { Server } from 'node:http';
+import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { jetstreamManager } from '@nats-io/jetstream';
 import type { Commands } from '../src/actors/commands.js';
 import type { ActorHost } from '../src/actors/host.js';
 import { startHttpServer } from '../src/http/server.js';
+import { summaryOf } from '../src/http/views.js';
 import { silentLogger } from '../src/log.js';
 import type { Sql } from '../src/persistence/db.js';
 import { anyUnpublished } from '../src/persistence/outbox-rows.js';
@@ -21,6 +22,57 @@ export async function listen(
   await new Promise<void>((resolve, reject) => {
     server.once('listening', () => resolve());
     server.once('error', reject);
+  });
+  return { server, url: `http://127.0.0.1:${(server.address() as AddressInfo).port}` };
+}
+
+/**
+ * The floor under the HTTP section's POST: a bare node:http handler for
+ * `POST /tasks/:id/events` that reads the body, parses it and makes the route's own call
+ * (the same unit in the task's mailbox, the same view in the answer), with no framework,
+ * middleware, validation or error mapping. What any Node HTTP server pays per request on this
+ * machine, beside what the app adds to it.
+ */
+export async function listenBare(
+  host: ActorHost,
+  commands: Commands,
+): Promise<{ server: Server; url: string }> {
+  const server = createServer((req, res) => {
+    const chunks: Buffer[] = [];
+    req.on('data', (chunk: Buffer) => chunks.push(chunk));
+    req.on('end', () => {
+      const id = (req.url ?? '').split('/')[2] ?? '';
+      const event = JSON.parse(Buffer.concat(chunks).toString('utf8')) as {
+        type: 'HEARTBEAT';
+        token: string;
+      };
+      host
+        .idempotent(
+          undefined,
+          async (uow) => ({
+            status: 200,
+            body: summaryOf(await commands.sendPublic(uow, 'task', id, event, { last: true })),
+          }),
+          { entityType: 'task', id },
+        )
+        .then(
+          (r) => {
+            const text = JSON.stringify(r.body);
+            res.writeHead(200, {
+              'Content-Type': 'application/json',
+              'Content-Length': Buffer.byteLength(text),
+            });
+            res.end(text);
+          },
+          () => {
+            res.writeHead(500).end();
+          },
+        );
+    });
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => resolve());
   });
   return { server, url: `http://127.0.0.1:${(server.address() as AddressInfo).port}` };
 }

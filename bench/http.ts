@@ -7,7 +7,11 @@
  * - GET /healthz: the floor of an HTTP round trip on this machine.
  * - GET /tasks/:id beside the same `queries.getTask` called in-process.
  * - POST /tasks/:id/events {HEARTBEAT, token} beside the same call the route makes
- *   (host.transact + commands.sendPublic) in-process: what HTTP adds to a transition.
+ *   in-process (`host.idempotent` in the task's mailbox, `commands.sendPublic` its unit's last
+ *   statement): what HTTP adds to a transition. Beside it, the same call behind a bare
+ *   node:http handler (`listenBare`): the part of that cost any Node HTTP server pays here.
+ *   The unmailboxed call earlier sections compared with (`host.transact` + `sendPublic`,
+ *   whose units run in turn in a shared transaction) is printed for reference.
  * - SSE fan-out: N clients on GET /events/stream; per event, commit → the last client got
  *   it; a burst's deliveries/s. Beside N ordered JetStream consumers through the same feed
  *   function without HTTP, in the same child process.
@@ -24,7 +28,7 @@ import { Queries } from '../src/persistence/queries.js';
 import { Transport } from '../src/transport/index.js';
 import { ClaimService } from '../src/workers/claims.js';
 import { Wakeups } from '../src/workers/wakeups.js';
-import { benchTransportOptions, listen, runningTasks } from './fixtures.js';
+import { benchTransportOptions, listen, listenBare, runningTasks } from './fixtures.js';
 import {
   benchNames,
   dropStreams,
@@ -90,6 +94,7 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
   let transport: Transport | null = null;
   let child: ChildProcess | null = null;
   let server: Server | null = null;
+  let bare: Server | null = null;
   try {
     // The relay feeds the stream SSE reads; no reactions (HEARTBEAT writes no event anyway).
     transport = await Transport.start(
@@ -110,6 +115,8 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
     const listening = await listen(app.fetch);
     server = listening.server;
     const url = listening.url;
+    const bareListening = await listenBare(host, commands);
+    bare = bareListening.server;
 
     // One running task per client loop, with its token.
     const tasks = await runningTasks(host, commands, CONCURRENCY);
@@ -122,10 +129,11 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
       bodies?: string[],
       seconds = o.seconds,
       client: 'node' | 'raw' = 'node',
+      base = url,
     ) => {
       c.send({
         type: 'load',
-        url,
+        url: base,
         method,
         paths,
         bodies,
@@ -143,10 +151,29 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
       loop(CONCURRENCY, durationMs, async (w) => {
         await queries.getTask((tasks[w % tasks.length] as { id: string }).id);
       });
+    // The route's call: the unit queues in the task's mailbox and holds the task as its key,
+    // so the units of a shared transaction run side by side (as `host.send` does).
     const postInProcess = (durationMs: number) =>
       loop(CONCURRENCY, durationMs, async (w) => {
         const t = tasks[w % tasks.length] as { id: string; token: string };
-        // As the route sends it without an Idempotency-Key: the unit's last statement.
+        await host.idempotent(
+          undefined,
+          async (uow) => ({
+            status: 200,
+            body: await commands.sendPublic(
+              uow,
+              'task',
+              t.id,
+              { type: 'HEARTBEAT', token: t.token },
+              { last: true },
+            ),
+          }),
+          { entityType: 'task', id: t.id },
+        );
+      });
+    const postUnkeyed = (durationMs: number) =>
+      loop(CONCURRENCY, durationMs, async (w) => {
+        const t = tasks[w % tasks.length] as { id: string; token: string };
         await host.transact((uow) =>
           commands.sendPublic(
             uow,
@@ -162,10 +189,12 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
     const postBodies = tasks.map((t) => JSON.stringify({ type: 'HEARTBEAT', token: t.token }));
     await getInProcess(WARM_UP_SECONDS * 1000);
     await postInProcess(WARM_UP_SECONDS * 1000);
+    await postUnkeyed(WARM_UP_SECONDS * 1000);
     await load('GET', ['/healthz'], undefined, WARM_UP_SECONDS);
     await load('GET', getPaths, undefined, WARM_UP_SECONDS);
     await load('POST', postPaths, postBodies, WARM_UP_SECONDS);
     await load('POST', postPaths, postBodies, WARM_UP_SECONDS, 'raw');
+    await load('POST', postPaths, postBodies, WARM_UP_SECONDS, 'raw', bareListening.url);
     // Each path runs TURNS times, the paths taking turns, and each reports its median run (by
     // rate): run once each, one after the other, a ratio moved with the machine's speed
     // between its two halves.
@@ -175,9 +204,14 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
       postIn: () => withCpu(host, () => postInProcess(ms1000)),
       post: () => withCpu(host, () => load('POST', postPaths, postBodies)),
       postRaw: () => withCpu(host, () => load('POST', postPaths, postBodies, o.seconds, 'raw')),
+      postBare: () =>
+        withCpu(host, () =>
+          load('POST', postPaths, postBodies, o.seconds, 'raw', bareListening.url),
+        ),
+      postUnkeyed: () => withCpu(host, () => postUnkeyed(ms1000)),
       health: () => withCpu(host, () => load('GET', ['/healthz'])),
     });
-    const { getIn, get, postIn, post, postRaw, health } = median;
+    const { getIn, get, postIn, post, postRaw, postBare, postUnkeyed: unkeyed, health } = median;
     print(
       `\n### Requests at concurrency ${CONCURRENCY} (client in another process, node:http with keep-alive; median of ${TURNS} runs each, taking turns)\n`,
     );
@@ -254,8 +288,25 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
             n0(postRaw.clientCpuUs),
             `${postRaw.perCommit.toFixed(1)} / ${postIn.perCommit.toFixed(1)}`,
           ],
+          [
+            'the same call behind bare node:http, raw client',
+            n0(postBare.perSecond),
+            ms(postBare.p50),
+            ms(postBare.p99),
+            n0(postIn.perSecond),
+            ms(postIn.p50),
+            ms(postIn.p99),
+            ratio(postBare.perSecond, postIn.perSecond),
+            n0(postBare.cpuUs),
+            n0(postIn.cpuUs),
+            n0(postBare.clientCpuUs),
+            `${postBare.perCommit.toFixed(1)} / ${postIn.perCommit.toFixed(1)}`,
+          ],
         ],
       ),
+    );
+    print(
+      `\nThe app over bare node:http, raw clients: ${ratio(postRaw.perSecond, postBare.perSecond)} (server CPU ${n0(postRaw.cpuUs)} against ${n0(postBare.cpuUs)} µs per request). The unmailboxed call of sections 6-37 (host.transact + sendPublic, units in turn): ${n0(unkeyed.perSecond)}/s, ${n0(unkeyed.cpuUs)} µs CPU per call, ${unkeyed.perCommit.toFixed(1)} per commit; HTTP / it ${ratio(post.perSecond, unkeyed.perSecond)} (node:http client) and ${ratio(postRaw.perSecond, unkeyed.perSecond)} (raw).`,
     );
     print(
       '\nThe client shares the two cores with the server and Postgres: node:http spends the CPU in the last column per request, taken from the server. The raw-socket client writes prepared bytes and reads only the status, length and body, as wrk does: the closer figure for a server whose clients run elsewhere.',
@@ -319,6 +370,8 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
   } finally {
     child?.disconnect();
     claims.close();
+    bare?.closeAllConnections();
+    bare?.close();
     if (server) {
       const s = server;
       await new Promise<void>((resolve) => {
