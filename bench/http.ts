@@ -19,7 +19,7 @@
 import type { ChildProcess } from 'node:child_process';
 import type { Server } from 'node:http';
 import { Commands } from '../src/actors/commands.js';
-import { ActorHost } from '../src/actors/host.js';
+import { ActorHost, type UnitOfWork } from '../src/actors/host.js';
 import { configWith } from '../src/config.js';
 import { createApp } from '../src/http/app.js';
 import { machineCatalog } from '../src/http/machines.js';
@@ -151,38 +151,31 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
       loop(CONCURRENCY, durationMs, async (w) => {
         await queries.getTask((tasks[w % tasks.length] as { id: string }).id);
       });
+    const heartbeat = (w: number) => {
+      const t = tasks[w % tasks.length] as { id: string; token: string };
+      const send = (uow: UnitOfWork) =>
+        commands.sendPublic(
+          uow,
+          'task',
+          t.id,
+          { type: 'HEARTBEAT', token: t.token },
+          { last: true },
+        );
+      return { id: t.id, send };
+    };
     // The route's call: the unit queues in the task's mailbox and holds the task as its key,
     // so the units of a shared transaction run side by side (as `host.send` does).
     const postInProcess = (durationMs: number) =>
       loop(CONCURRENCY, durationMs, async (w) => {
-        const t = tasks[w % tasks.length] as { id: string; token: string };
-        await host.idempotent(
-          undefined,
-          async (uow) => ({
-            status: 200,
-            body: await commands.sendPublic(
-              uow,
-              'task',
-              t.id,
-              { type: 'HEARTBEAT', token: t.token },
-              { last: true },
-            ),
-          }),
-          { entityType: 'task', id: t.id },
-        );
+        const { id, send } = heartbeat(w);
+        await host.idempotent(undefined, async (uow) => ({ status: 200, body: await send(uow) }), {
+          entityType: 'task',
+          id,
+        });
       });
     const postUnkeyed = (durationMs: number) =>
       loop(CONCURRENCY, durationMs, async (w) => {
-        const t = tasks[w % tasks.length] as { id: string; token: string };
-        await host.transact((uow) =>
-          commands.sendPublic(
-            uow,
-            'task',
-            t.id,
-            { type: 'HEARTBEAT', token: t.token },
-            { last: true },
-          ),
-        );
+        await host.transact(heartbeat(w).send);
       });
     const getPaths = tasks.map((t) => `/tasks/${t.id}`);
     const postPaths = tasks.map((t) => `/tasks/${t.id}/events`);
@@ -212,6 +205,20 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
       health: () => withCpu(host, () => load('GET', ['/healthz'])),
     });
     const { getIn, get, postIn, post, postRaw, postBare, postUnkeyed: unkeyed, health } = median;
+    const postRow = (label: string, r: typeof post) => [
+      label,
+      n0(r.perSecond),
+      ms(r.p50),
+      ms(r.p99),
+      n0(postIn.perSecond),
+      ms(postIn.p50),
+      ms(postIn.p99),
+      ratio(r.perSecond, postIn.perSecond),
+      n0(r.cpuUs),
+      n0(postIn.cpuUs),
+      n0(r.clientCpuUs),
+      `${r.perCommit.toFixed(1)} / ${postIn.perCommit.toFixed(1)}`,
+    ];
     print(
       `\n### Requests at concurrency ${CONCURRENCY} (client in another process, node:http with keep-alive; median of ${TURNS} runs each, taking turns)\n`,
     );
@@ -260,48 +267,9 @@ export async function httpSection(o: { seconds: number; sseClients: number }): P
             n0(get.clientCpuUs),
             '-',
           ],
-          [
-            'POST /tasks/:id/events HEARTBEAT vs host',
-            n0(post.perSecond),
-            ms(post.p50),
-            ms(post.p99),
-            n0(postIn.perSecond),
-            ms(postIn.p50),
-            ms(postIn.p99),
-            ratio(post.perSecond, postIn.perSecond),
-            n0(post.cpuUs),
-            n0(postIn.cpuUs),
-            n0(post.clientCpuUs),
-            `${post.perCommit.toFixed(1)} / ${postIn.perCommit.toFixed(1)}`,
-          ],
-          [
-            'the same, raw-socket client (as wrk)',
-            n0(postRaw.perSecond),
-            ms(postRaw.p50),
-            ms(postRaw.p99),
-            n0(postIn.perSecond),
-            ms(postIn.p50),
-            ms(postIn.p99),
-            ratio(postRaw.perSecond, postIn.perSecond),
-            n0(postRaw.cpuUs),
-            n0(postIn.cpuUs),
-            n0(postRaw.clientCpuUs),
-            `${postRaw.perCommit.toFixed(1)} / ${postIn.perCommit.toFixed(1)}`,
-          ],
-          [
-            'the same call behind bare node:http, raw client',
-            n0(postBare.perSecond),
-            ms(postBare.p50),
-            ms(postBare.p99),
-            n0(postIn.perSecond),
-            ms(postIn.p50),
-            ms(postIn.p99),
-            ratio(postBare.perSecond, postIn.perSecond),
-            n0(postBare.cpuUs),
-            n0(postIn.cpuUs),
-            n0(postBare.clientCpuUs),
-            `${postBare.perCommit.toFixed(1)} / ${postIn.perCommit.toFixed(1)}`,
-          ],
+          postRow('POST /tasks/:id/events HEARTBEAT vs host', post),
+          postRow('the same, raw-socket client (as wrk)', postRaw),
+          postRow('the same call behind bare node:http, raw client', postBare),
         ],
       ),
     );
