@@ -124,6 +124,12 @@ export const configSchema = z.object({
   VACUUM_INTERVAL_MS: ms(30_000, 0),
   /** Dead rows that make a queue table (events, tasks, timers) due for a vacuum. */
   VACUUM_DEAD_ROWS: int(10_000, 100),
+  /**
+   * How long an Idempotency-Key's stored response is kept (ms; 0: forever). A retry within it
+   * replays the first answer; after it the key may be forgotten and the same key makes a new
+   * request. At most a year.
+   */
+  IDEMPOTENCY_KEY_TTL_MS: int(86_400_000, 0).pipe(z.number().max(31_536_000_000)),
   /** Postgres connections per process (plus one for LISTEN). */
   DB_POOL_MAX: int(10, 2).pipe(z.number().max(1_000)),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),

@@ -19,6 +19,7 @@ import { startEmbeddedPostgres } from './infra/embedded-postgres.js';
 import { resolveNats } from './infra/nats-child.js';
 import type { Logger } from './log.js';
 import { createSql, type Sql } from './persistence/db.js';
+import { IdempotencyExpiry } from './persistence/idempotency-rows.js';
 import { migrate, migrationsApplied } from './persistence/migrate.js';
 import { Queries } from './persistence/queries.js';
 import { QueueVacuum } from './persistence/queue-vacuum.js';
@@ -138,6 +139,12 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
     vacuum.start();
     closers.push({ name: 'vacuum', close: () => vacuum.stop() });
 
+    const expiry = new IdempotencyExpiry(sql, log.child({ component: 'idempotency' }), {
+      ttlMs: config.IDEMPOTENCY_KEY_TTL_MS,
+    });
+    expiry.start();
+    closers.push({ name: 'idempotency-expiry', close: () => expiry.stop() });
+
     const poller = new TimerPoller(host, sql, log.child({ component: 'timers' }), {
       pollMs: config.TIMER_POLL_MS,
     });
@@ -204,6 +211,7 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
           const parts = [await transport.prometheus()];
           if (workers) parts.push(workerMetrics(workers));
           parts.push(timerMetrics(poller));
+          parts.push(expiryMetrics(expiry));
           return parts.join('');
         },
       });
@@ -271,6 +279,15 @@ function timerMetrics(poller: TimerPoller): string {
     '# HELP orch_timers_fired_total Durable timers this process fired.',
     '# TYPE orch_timers_fired_total counter',
     `orch_timers_fired_total ${poller.fired}`,
+    '',
+  ].join('\n');
+}
+
+function expiryMetrics(expiry: IdempotencyExpiry): string {
+  return [
+    '# HELP orch_idempotency_keys_expired_total Stored Idempotency-Key responses this process deleted past IDEMPOTENCY_KEY_TTL_MS.',
+    '# TYPE orch_idempotency_keys_expired_total counter',
+    `orch_idempotency_keys_expired_total ${expiry.expired}`,
     '',
   ].join('\n');
 }

@@ -42,6 +42,11 @@ import {
 } from '../persistence/actor-rows.js';
 import { type Sql, sqlState, type Tx } from '../persistence/db.js';
 import { appendEvents, type EventEntry, type NewEvent } from '../persistence/event-log.js';
+import {
+  findStoredResponse,
+  lockIdempotencyKey,
+  storeResponse,
+} from '../persistence/idempotency-rows.js';
 import { clearLease, lockExpiredLease } from '../persistence/lease-rows.js';
 import { consumeTimer, type TimerRow, upsertTimers } from '../persistence/timer-rows.js';
 import {
@@ -140,7 +145,6 @@ export interface StoredResponse {
   body: unknown;
 }
 
-const IDEMPOTENCY_LOCK_NS = 7_402_615;
 const DEFAULT_CACHE_MAX_BYTES = 64 * 1024 * 1024;
 export const DEFAULT_COMMIT_BATCH_MAX = 32;
 /**
@@ -376,12 +380,8 @@ export class ActorHost {
     const keys = confined ? { keys: [...actors, `idempotency:${scoped}`] } : {};
     const hash = createHash('sha256').update(idem.request).digest('hex');
     const { value } = await this.transact(async (uow) => {
-      const tx = uow.tx;
-      await tx`select pg_advisory_xact_lock(${IDEMPOTENCY_LOCK_NS}, hashtext(${scoped}))`;
-      const found = await tx<{ request_hash: string; status: number; body: unknown }[]>`
-        select request_hash, status, body from idempotency_keys
-        where scope = ${idem.scope} and key = ${idem.key}`;
-      const prior = found[0];
+      await lockIdempotencyKey(uow.tx, idem.scope, idem.key);
+      const prior = await findStoredResponse(uow.tx, idem.scope, idem.key);
       if (prior) {
         if (prior.request_hash !== hash) {
           throw new Conflict(`Idempotency-Key ${idem.key} was used with a different request`);
@@ -389,9 +389,13 @@ export class ActorHost {
         return { status: prior.status, body: prior.body, replayed: true };
       }
       const response = await work(uow);
-      await tx`insert into idempotency_keys (scope, key, request_hash, status, body)
-        values (${idem.scope}, ${idem.key}, ${hash}, ${response.status},
-          ${tx.json(response.body as never)})`;
+      await storeResponse(uow.tx, {
+        scope: idem.scope,
+        key: idem.key,
+        requestHash: hash,
+        status: response.status,
+        body: response.body,
+      });
       return { ...response, replayed: false };
     }, keys);
     return { status: value.status, body: value.body };
