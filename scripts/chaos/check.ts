@@ -246,6 +246,16 @@ export async function readMarkers(file: string): Promise<MarkerLine[]> {
 
 const bump = (m: Map<string, number>, k: string, by = 1) => m.set(k, (m.get(k) ?? 0) + by);
 
+/** A task's state just before log position `pos`, from its replayed states. */
+function stateAt(states: { pos: number; state: TaskReplayState }[], pos: number): TaskReplayState {
+  let state: TaskReplayState = 'none';
+  for (const s of states) {
+    if (s.pos >= pos) break;
+    state = s.state;
+  }
+  return state;
+}
+
 /** The claims of one task, in log order, with where each ended. */
 interface Claim {
   taskId: string;
@@ -360,8 +370,12 @@ export function check(
     if (!byEntity.has(row.id)) cap('8', `${row.id}: a row with no events`);
   }
 
-  // (1) legal only, (2) one effect, (4) claims: replay every task's log.
+  // (1) legal only, (2) one effect, (4) claims: replay every task's log. Every claim takes
+  // the next attempt number: a RELEASE or a REQUEUE gives none back (they refund or reset the
+  // budget, `attemptsUsed`, which the log does not carry).
   const claimsByTask = new Map<string, Claim[]>();
+  /** Each task's state after each of its events, by log position. */
+  const statesByTask = new Map<string, { pos: number; state: TaskReplayState }[]>();
   for (const task of ev.tasks) {
     const list = byEntity.get(task.id) ?? [];
     let state: TaskReplayState = 'none';
@@ -369,6 +383,8 @@ export function check(
     let open: Claim | null = null;
     let completions = 0;
     const claims: Claim[] = [];
+    const states: { pos: number; state: TaskReplayState }[] = [];
+    statesByTask.set(task.id, states);
     for (const e of list) {
       const to: TaskReplayState | undefined = TASK_MOVES[state][e.type];
       if (to === undefined) {
@@ -395,10 +411,6 @@ export function check(
           endType: null,
         };
         claims.push(open);
-      } else if (e.type === 'task.released') {
-        attempt = Math.max(0, attempt - 1);
-      } else if (e.type === 'task.requeued') {
-        attempt = 0;
       } else if (e.type === 'task.completed') {
         completions++;
         if (completions > 1) cap('2', `${task.id}: completed ${completions} times`);
@@ -422,6 +434,7 @@ export function check(
         open = null;
       }
       state = to;
+      states.push({ pos: e.pos, state });
     }
     claimsByTask.set(task.id, claims);
     if (state !== task.state) {
@@ -555,11 +568,14 @@ export function check(
             );
           }
           if (e.data.cause === 'task_failed') {
+            // Failed when the ticket was told, in this phase: an operator's REQUEUE may have
+            // run it again since.
             const failed = taskRows.get(String(e.data.taskId));
-            if (!failed || failed.phase !== state || failed.state !== 'failed') {
+            const then = failed ? stateAt(statesByTask.get(failed.id) ?? [], e.pos) : 'none';
+            if (!failed || failed.phase !== state || then !== 'failed') {
               cap(
                 '1',
-                `${ticket.id} seq ${e.seq}: sent back for task ${String(e.data.taskId)}, which is ${failed ? `${failed.state} in ${failed.phase}` : 'unknown'}`,
+                `${ticket.id} seq ${e.seq}: sent back for task ${String(e.data.taskId)}, which was ${failed ? `${then} in ${failed.phase}` : 'unknown'}`,
               );
             } else sentBackOver.add(failed.id);
           } else if (e.data.cause === 'reject' && list[e.seq - 2]?.type !== 'ticket.rejected') {

@@ -78,8 +78,14 @@ class Log {
   }
 
   evidence(ticketState: string, dependencies: Evidence['dependencies'] = []): Evidence {
+    // The latest claim's number, as the task row stores it.
     const attemptOf = (id: string) =>
-      this.events.some((e) => e.entity_id === id && e.type === 'task.claimed') ? 1 : 0;
+      Math.max(
+        0,
+        ...this.events
+          .filter((e) => e.entity_id === id && e.type === 'task.claimed')
+          .map((e) => Number(e.data.attempt)),
+      );
     return {
       events: [...this.events].sort((a, b) =>
         a.entity_id === b.entity_id ? a.seq - b.seq : a.entity_id < b.entity_id ? -1 : 1,
@@ -212,6 +218,74 @@ describe('chaos workflow checks', () => {
     };
     expect(verdict(extra).byGuarantee.get('tpl')).toEqual([
       `${T}: task x1 (build/implement) belongs to no phase entry`,
+    ]);
+  });
+});
+
+describe('chaos task replay: attempts and failures', () => {
+  /** Into build; its code task fails out of attempts and the rule sends the ticket back. */
+  function failedInBuild(): { log: Log; code: string; again: string[] } {
+    const log = new Log();
+    log.add(T, 'ticket.created', {});
+    const [spec] = log.enter('ticket.phase_changed', { from: 'backlog', to: 'plan' });
+    log.run(spec as string);
+    log.enter('ticket.phase_changed', { from: 'plan', to: 'plan_review' });
+    log.add(T, 'ticket.approved', { phase: 'plan_review', by: 'x' });
+    const [code, tests] = log.enter('ticket.phase_changed', { from: 'plan_review', to: 'build' });
+    log.add(code as string, 'task.claimed', { attempt: 1, workerId: 'w' });
+    log.add(code as string, 'task.started', { attempt: 1, workerId: 'w' });
+    log.add(code as string, 'task.failed', { attempt: 1, workerId: 'w' });
+    log.set(code as string, 'failed');
+    log.add(tests as string, 'task.cancelled', {});
+    log.set(tests as string, 'cancelled');
+    const again = log.enter('ticket.sent_back', {
+      from: 'build',
+      to: 'build',
+      reason: 'failed',
+      loop: 1,
+      cause: 'task_failed',
+      taskId: code,
+    });
+    for (const id of again) {
+      log.add(id, 'task.cancelled', {});
+      log.set(id, 'cancelled');
+    }
+    log.add(T, 'ticket.cancelled', { phase: 'build' });
+    return { log, code: code as string, again };
+  }
+
+  it('find nothing when a released claim is followed by the next attempt', () => {
+    const { log, code } = failedInBuild();
+    log.add(code, 'task.requeued', {});
+    log.add(code, 'task.claimed', { attempt: 2, workerId: 'w' });
+    log.add(code, 'task.released', { attempt: 2, workerId: 'w' });
+    log.add(code, 'task.claimed', { attempt: 3, workerId: 'w2' });
+    log.add(code, 'task.started', { attempt: 3, workerId: 'w2' });
+    log.add(code, 'task.completed', { attempt: 3, workerId: 'w2' });
+    log.set(code, 'completed');
+    // The send-back's task failed when the ticket was told; an operator requeued it since.
+    expect(verdict(log.evidence('cancelled', [])).total).toBe(0);
+  });
+
+  it('find a claim that takes an attempt number again', () => {
+    const { log, code } = failedInBuild();
+    log.add(code, 'task.requeued', {});
+    log.add(code, 'task.claimed', { attempt: 1, workerId: 'w' });
+    log.add(code, 'task.released', { attempt: 1, workerId: 'w' });
+    log.set(code, 'pending');
+    const f = verdict(log.evidence('cancelled', []));
+    expect(f.byGuarantee.get('4')).toEqual([`${code} seq 6: claim of attempt 1 after attempt 1`]);
+  });
+
+  it('find a send-back for a task that had not failed', () => {
+    const { log, code } = failedInBuild();
+    const ev = log.evidence('cancelled', []);
+    // The same log with the failure moved after the send-back.
+    const failure = ev.events.find((e) => e.entity_id === code && e.type === 'task.failed');
+    if (failure) failure.pos = 10_000;
+    const f = verdict(ev);
+    expect(f.byGuarantee.get('1')).toEqual([
+      `${T} seq 6: sent back for task ${code}, which was running in build`,
     ]);
   });
 });
