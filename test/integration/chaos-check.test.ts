@@ -148,8 +148,8 @@ function rejected(rejects: number): Log {
   return log;
 }
 
-/** A feature ticket approved into build, its tests waiting on its code, then cancelled. */
-function built(testsFirst: boolean): { log: Log; deps: Evidence['dependencies'] } {
+/** A feature ticket planned and approved into build: its code task and its tests task. */
+function intoBuild(): { log: Log; code: string; tests: string } {
   const log = new Log();
   log.add(T, 'ticket.created', {});
   const [spec] = log.enter('ticket.phase_changed', { from: 'backlog', to: 'plan' });
@@ -157,18 +157,24 @@ function built(testsFirst: boolean): { log: Log; deps: Evidence['dependencies'] 
   log.enter('ticket.phase_changed', { from: 'plan', to: 'plan_review' });
   log.add(T, 'ticket.approved', { phase: 'plan_review', by: 'x' });
   const [code, tests] = log.enter('ticket.phase_changed', { from: 'plan_review', to: 'build' });
-  const release = () => log.add(tests as string, 'task.ready', {});
+  return { log, code: code as string, tests: tests as string };
+}
+
+/** A feature ticket approved into build, its tests waiting on its code, then cancelled. */
+function built(testsFirst: boolean): { log: Log; deps: Evidence['dependencies'] } {
+  const { log, code, tests } = intoBuild();
+  const release = () => log.add(tests, 'task.ready', {});
   if (testsFirst) {
     release();
-    log.run(tests as string);
-    log.run(code as string);
+    log.run(tests);
+    log.run(code);
   } else {
-    log.run(code as string);
+    log.run(code);
     release();
-    log.run(tests as string);
+    log.run(tests);
   }
   log.add(T, 'ticket.cancelled', { phase: 'build' });
-  return { log, deps: [{ task_id: tests as string, depends_on: code as string }] };
+  return { log, deps: [{ task_id: tests, depends_on: code }] };
 }
 
 describe('chaos workflow checks', () => {
@@ -224,21 +230,15 @@ describe('chaos workflow checks', () => {
 
 describe('chaos task replay: attempts and failures', () => {
   /** Into build; its code task fails out of attempts and the rule sends the ticket back. */
-  function failedInBuild(): { log: Log; code: string; again: string[] } {
-    const log = new Log();
-    log.add(T, 'ticket.created', {});
-    const [spec] = log.enter('ticket.phase_changed', { from: 'backlog', to: 'plan' });
-    log.run(spec as string);
-    log.enter('ticket.phase_changed', { from: 'plan', to: 'plan_review' });
-    log.add(T, 'ticket.approved', { phase: 'plan_review', by: 'x' });
-    const [code, tests] = log.enter('ticket.phase_changed', { from: 'plan_review', to: 'build' });
-    log.add(code as string, 'task.claimed', { attempt: 1, workerId: 'w' });
-    log.add(code as string, 'task.started', { attempt: 1, workerId: 'w' });
-    log.add(code as string, 'task.failed', { attempt: 1, workerId: 'w' });
-    log.set(code as string, 'failed');
-    log.add(tests as string, 'task.cancelled', {});
-    log.set(tests as string, 'cancelled');
-    const again = log.enter('ticket.sent_back', {
+  function failedInBuild(): { log: Log; code: string } {
+    const { log, code, tests } = intoBuild();
+    log.add(code, 'task.claimed', { attempt: 1, workerId: 'w' });
+    log.add(code, 'task.started', { attempt: 1, workerId: 'w' });
+    log.add(code, 'task.failed', { attempt: 1, workerId: 'w' });
+    log.set(code, 'failed');
+    log.add(tests, 'task.cancelled', {});
+    log.set(tests, 'cancelled');
+    const rework = log.enter('ticket.sent_back', {
       from: 'build',
       to: 'build',
       reason: 'failed',
@@ -246,12 +246,12 @@ describe('chaos task replay: attempts and failures', () => {
       cause: 'task_failed',
       taskId: code,
     });
-    for (const id of again) {
+    for (const id of rework) {
       log.add(id, 'task.cancelled', {});
       log.set(id, 'cancelled');
     }
     log.add(T, 'ticket.cancelled', { phase: 'build' });
-    return { log, code: code as string, again };
+    return { log, code };
   }
 
   it('find nothing when a released claim is followed by the next attempt', () => {
