@@ -14,6 +14,7 @@ import { WorkflowRegistry } from './actors/workflow-registry.js';
 import type { Config } from './config.js';
 import { createApp } from './http/app.js';
 import { machineCatalog } from './http/machines.js';
+import { family } from './http/metrics.js';
 import { startHttpServer } from './http/server.js';
 import { startEmbeddedPostgres } from './infra/embedded-postgres.js';
 import { resolveNats } from './infra/nats-child.js';
@@ -210,8 +211,17 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
         metrics: async () => {
           const parts = [await transport.prometheus()];
           if (workers) parts.push(workerMetrics(workers));
-          parts.push(timerMetrics(poller));
-          parts.push(expiryMetrics(expiry));
+          parts.push(
+            family('orch_timers_fired_total', 'counter', 'Durable timers this process fired.', [
+              { value: poller.fired },
+            ]),
+            family(
+              'orch_idempotency_keys_expired_total',
+              'counter',
+              'Stored Idempotency-Key responses this process deleted past IDEMPOTENCY_KEY_TTL_MS.',
+              [{ value: expiry.expired }],
+            ),
+          );
           return parts.join('');
         },
       });
@@ -272,24 +282,6 @@ function workerMetrics(pool: WorkerPool): string {
     ),
   ];
   return `${lines.join('\n')}\n`;
-}
-
-function timerMetrics(poller: TimerPoller): string {
-  return [
-    '# HELP orch_timers_fired_total Durable timers this process fired.',
-    '# TYPE orch_timers_fired_total counter',
-    `orch_timers_fired_total ${poller.fired}`,
-    '',
-  ].join('\n');
-}
-
-function expiryMetrics(expiry: IdempotencyExpiry): string {
-  return [
-    '# HELP orch_idempotency_keys_expired_total Stored Idempotency-Key responses this process deleted past IDEMPOTENCY_KEY_TTL_MS.',
-    '# TYPE orch_idempotency_keys_expired_total counter',
-    `orch_idempotency_keys_expired_total ${expiry.expired}`,
-    '',
-  ].join('\n');
 }
 
 /** A database URL without its password, for messages. */

@@ -12,6 +12,7 @@ import {
   expireIdempotencyKeys,
   IdempotencyExpiry,
 } from '../../src/persistence/idempotency-rows.js';
+import { startApi } from '../support/api-runtime.js';
 import { createTestApp, type TestApp } from '../support/http-app.js';
 import { eventually } from '../support/transport.js';
 
@@ -109,5 +110,33 @@ describe('IdempotencyExpiry', () => {
     await expiry.stop();
     expect(expiry.expired).toBe(0);
     expect(await count(t.db.sql, 'kept-')).toBe(5);
+  });
+});
+
+describe('the runtime', () => {
+  it('expires keys after IDEMPOTENCY_KEY_TTL_MS and counts them in /metrics', async () => {
+    const api = await startApi('idem_expiry_runtime', { IDEMPOTENCY_KEY_TTL_MS: '1000' });
+    try {
+      const post = async () => {
+        const r = await fetch(`${api.url}/tickets`, {
+          method: 'POST',
+          headers: { 'content-type': 'application/json', 'idempotency-key': 'runtime-1' },
+          body: JSON.stringify({ title: 'expiring' }),
+        });
+        expect(r.status).toBe(201);
+        return ((await r.json()) as { id: string }).id;
+      };
+      const first = await post();
+      expect(await post()).toBe(first);
+      await eventually(async () => {
+        const metrics = await (await fetch(`${api.url}/metrics`)).text();
+        expect(metrics).toMatch(/^orch_idempotency_keys_expired_total [1-9]/m);
+        expect(metrics).toMatch(/^orch_timers_fired_total \d+$/m);
+        return true;
+      });
+      expect(await post()).not.toBe(first);
+    } finally {
+      await api.stop();
+    }
   });
 });
