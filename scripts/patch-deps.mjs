@@ -53,6 +53,16 @@
 //    before it builds the current batch's publishes: unmarked, the read went out behind those
 //    (a few milliseconds of this thread's work) and the round waited on it.
 //
+// 9. reserve-survives-close (porsager/postgres#1195): a `reserve()` waiting for a pooled
+//    connection was lost when a connection of the pool closed meanwhile (a backend killed,
+//    Postgres restarted): the pool took the next waiter as the reconnecting connection's first
+//    query, and a reconnect drops a reserve it is given that way, so the promise never
+//    settled. The queue vacuum's run waited on it forever, and so did its process's shutdown.
+//    Now the pool leaves a waiting reserve in the queue and reconnects with no first query;
+//    the reopened connection then serves the queue as any freed connection does. While
+//    Postgres is down, queries queued behind such a reserve wait for it to return rather than
+//    failing one per reconnect attempt (those given a connection of their own still fail).
+//
 // @nats-io/nats-core 3.3.1:
 //
 // 8. answered-request: a request (every JetStream publish is one) that got its answer
@@ -169,6 +179,26 @@ const postgresPatches = [
         `      build(q)\n      ${mark}\n      return write(toBuffer(q), q.writeNow ? wroteNow : undefined)\n`,
       ],
       ['  function nextWrite(fn) {\n', '  function wroteNow() {}\n\n  function nextWrite(fn) {\n'],
+    ],
+  },
+  {
+    mark: '/* orchestrator-patch: reserve-survives-close */',
+    files: ['src/index.js', 'cjs/src/index.js'],
+    edits: (mark) => [
+      [
+        '    queries.length && connect(c, queries.shift())\n',
+        `    ${mark}\n    queries.length && connect(c, queries.peek().reserve ? null : queries.shift())\n`,
+      ],
+    ],
+  },
+  {
+    mark: '/* orchestrator-patch: queue-peek */',
+    files: ['src/queue.js', 'cjs/src/queue.js'],
+    edits: (mark) => [
+      [
+        '    push: (x) => (xs.push(x), x),\n',
+        `    ${mark}\n    peek: () => xs[index],\n    push: (x) => (xs.push(x), x),\n`,
+      ],
     ],
   },
 ];

@@ -42,12 +42,18 @@ export async function vacuumQueueTables(
   threshold: number,
   onQuery: (query: { cancel(): void }) => void = () => {},
 ): Promise<VacuumRun> {
+  // Read first on the pool: most runs find nothing to do and need no connection of their own.
+  const before = await deadRows(sql);
+  if (!QUEUE_TABLES.some((t) => (before.get(t) ?? 0) >= threshold)) {
+    return { vacuumed: [], ran: true };
+  }
   const conn = await sql.reserve();
   try {
     const [lock] = await conn<{ ok: boolean }[]>`
       select pg_try_advisory_lock(${VACUUM_LOCK_ID}) as ok`;
     if (!lock?.ok) return { vacuumed: [], ran: false };
     try {
+      // Again under the lock: another process may have vacuumed meanwhile.
       const dead = await deadRows(conn as unknown as Sql);
       const vacuumed: string[] = [];
       for (const table of QUEUE_TABLES) {

@@ -130,3 +130,31 @@ it('a connection killed mid-transaction forgets its queries: later answers are n
   await again.end({ timeout: 5 });
   expect(performance.now() - ended).toBeLessThan(2_000);
 });
+
+it('a reserve() waiting for a busy pool survives the kill of the connection it waits on', async () => {
+  const { createSql } = await import('../../src/persistence/db.js');
+  // One connection: the reserve must wait for the one the kill takes away.
+  const victim = createSql(db.url, { max: 1, applicationName: 'victim-reserve' });
+  await victim`select 1`;
+  const busy = victim`select pg_sleep(10)`;
+  busy.catch(() => {});
+  // Queued once the one connection is sleeping, not before: a cold pool would give it first.
+  await new Promise((r) => setTimeout(r, 100));
+  const reserving = victim.reserve();
+  // The unpatched driver handed the waiting reserve to the reconnect as its first query and
+  // dropped it there (porsager/postgres#1195): this never settled.
+  expect(await failureAfterKill('victim-reserve', busy)).toBeInstanceOf(Error);
+  const conn = await Promise.race([
+    reserving,
+    new Promise<null>((r) => setTimeout(() => r(null), 5_000)),
+  ]);
+  expect(conn).not.toBeNull();
+  if (!conn) return;
+  expect(await conn`select 7::int as n`).toEqual([{ n: 7 }]);
+  conn.release();
+  // The pool is whole: its one connection came back from the reserve.
+  expect(await victim`select 8::int as n`).toEqual([{ n: 8 }]);
+  const ended = performance.now();
+  await victim.end({ timeout: 5 });
+  expect(performance.now() - ended).toBeLessThan(2_000);
+});
