@@ -163,6 +163,9 @@ export const ticketCancelReaction: TransactionalReaction = {
   filterSubject: (n) => typeEventsSubject(n, 'ticket', 'cancelled'),
   accepts: (e) => e.type === 'ticket.cancelled',
   acceptsType: (type) => type === 'ticket.cancelled',
+  // The policy cancels only the tasks still open, so a repeat finds none and changes nothing:
+  // an inbox row per cancelled ticket, kept for good, would guard nothing.
+  idempotent: true,
   apply: async (uow, e) => {
     await cancelOpenTasks(uow, e.entityId);
   },

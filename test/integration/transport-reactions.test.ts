@@ -130,7 +130,7 @@ describe('reactions', () => {
     expect(inbox).toHaveLength(0);
   });
 
-  it('the upgrade deletes the task news inbox rows earlier versions left, and no others', async () => {
+  it('the upgrade deletes the inbox rows earlier versions left for task news and cancellations, and no others', async () => {
     const old = await createTestDatabase('reactions_inbox_upgrade', { migrate: false });
     try {
       const all = await loadMigrations();
@@ -140,20 +140,21 @@ describe('reactions', () => {
       );
       const kept = [randomUUID(), randomUUID()];
       await recordInboxMany(old.sql, 'task_state', [randomUUID(), randomUUID(), randomUUID()]);
-      await recordInboxMany(old.sql, 'ticket_cancel', kept);
-      expect(await migrate(old.sql)).toContain('0012-task-news-inbox.sql');
+      await recordInboxMany(old.sql, 'ticket_cancel', [randomUUID(), randomUUID()]);
+      await recordInboxMany(old.sql, 'audit', kept);
+      const applied = await migrate(old.sql);
+      expect(applied).toContain('0012-task-news-inbox.sql');
+      expect(applied).toContain('0020-ticket-cancel-inbox.sql');
       const rows = await old.sql<{ consumer: string; event_id: string }[]>`
         select consumer, event_id from inbox order by event_id`;
-      expect(rows).toEqual(
-        [...kept].sort().map((id) => ({ consumer: 'ticket_cancel', event_id: id })),
-      );
+      expect(rows).toEqual([...kept].sort().map((id) => ({ consumer: 'audit', event_id: id })));
     } finally {
       await old.drop();
     }
   });
 
-  it('a reaction with an inbox applies a redelivered event once', async () => {
-    const e = await env('reactions_dup_inbox');
+  it('a cancellation applied twice cancels the open tasks once and keeps no inbox row', async () => {
+    const e = await env('reactions_cancel_twice');
     const p = e.proc();
     const t = await e.start(p, { enableRelay: false, enableReconciler: false });
     const { ticketId, taskIds } = await ticketWithTasks(p, 2);
@@ -163,12 +164,52 @@ describe('reactions', () => {
       where entity_id = ${ticketId} and type = 'ticket.cancelled'`;
     const entry = toEntry(rows[0]!);
     const runner = t.runners.find((r) => r.name === 'ticket_cancel')!;
+    const taskEvents = async () =>
+      (
+        await p.sql<{ n: number }[]>`
+          select count(*)::int as n from events where entity_id in ${p.sql(taskIds)}`
+      )[0]?.n;
+
+    expect(await runner.process(entry)).toBe('applied');
+    for (const id of taskIds) expect(await stateOf(p.sql, 'tasks', id)).toBe('cancelled');
+    const once = await taskEvents();
+    // The policy finds no open task left: the repeat writes nothing.
+    expect(await runner.process(entry)).toBe('applied');
+    expect(await taskEvents()).toBe(once);
+    expect(await p.sql`select 1 from inbox`).toHaveLength(0);
+  });
+
+  it('a reaction with an inbox applies a redelivered event once', async () => {
+    const e = await env('reactions_dup_inbox');
+    const p = e.proc();
+    let applied = 0;
+    // Not idempotent by itself: only the inbox row stands between a redelivery and a repeat.
+    const counting: Reaction = {
+      kind: 'transactional',
+      name: 'counting',
+      filterSubject: (n) => `${n.prefix}.events.ticket.*.created`,
+      accepts: (entry) => entry.type === 'ticket.created',
+      apply: async () => {
+        applied++;
+      },
+    };
+    const t = await e.start(p, {
+      reactions: () => [counting],
+      enableRelay: false,
+      enableReconciler: false,
+    });
+    const { ticketId } = await ticketWithTasks(p, 0);
+    const rows = await p.sql<Parameters<typeof toEntry>[0][]>`
+      select pos, event_id, seq, entity_id, entity_type, type, data, at from events
+      where entity_id = ${ticketId} and type = 'ticket.created'`;
+    const entry = toEntry(rows[0]!);
+    const runner = t.runners.find((r) => r.name === 'counting')!;
 
     expect(await runner.process(entry)).toBe('applied');
     expect(await runner.process(entry)).toBe('duplicate');
-    for (const id of taskIds) expect(await stateOf(p.sql, 'tasks', id)).toBe('cancelled');
-    const inbox = await p.sql`select 1 from inbox where event_id = ${entry.eventId}`;
-    expect(inbox).toHaveLength(1);
+    expect(applied).toBe(1);
+    const inbox = await p.sql`select consumer from inbox where event_id = ${entry.eventId}`;
+    expect(inbox).toEqual([{ consumer: 'counting' }]);
   });
 
   it('a handler that always throws is retried, then dead-lettered with its error', async () => {
