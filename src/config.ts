@@ -130,6 +130,15 @@ export const configSchema = z.object({
    * request. At most a year.
    */
   IDEMPOTENCY_KEY_TTL_MS: int(86_400_000, 0).pipe(z.number().max(31_536_000_000)),
+  /**
+   * The oldest event the JetStream event stream keeps (ms; 0: forever). Postgres holds the
+   * event log; the stream only carries it to consumers and live feeds, which catch up from
+   * Postgres, and the reconciler re-derives a reaction whose message aged out unread. Without
+   * a bound the stream's files grow for as long as the deployment runs. At least an hour.
+   */
+  EVENT_STREAM_MAX_AGE_MS: int(604_800_000, 0)
+    .pipe(z.number().max(315_360_000_000))
+    .refine((v) => v === 0 || v >= 3_600_000, 'must be 0 (forever) or at least 3600000 (an hour)'),
   /** Postgres connections per process (plus one for LISTEN). */
   DB_POOL_MAX: int(10, 2).pipe(z.number().max(1_000)),
   LOG_LEVEL: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),

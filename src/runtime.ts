@@ -164,6 +164,7 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
         tlsKeyFile: config.NATS_TLS_KEY,
       },
       names: transportNames(config.NATS_PREFIX, config.NATS_STREAM),
+      streamOptions: { maxAgeMs: config.EVENT_STREAM_MAX_AGE_MS },
       reconcileMs: config.RECONCILE_MS,
       earlyReactions: config.EARLY_REACTIONS,
     });
