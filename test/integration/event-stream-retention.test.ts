@@ -4,11 +4,11 @@
  * the existing stream (an upgrade from a version that kept every event forever).
  */
 import { afterAll, beforeAll, expect, it } from 'vitest';
-import { configWith } from '../../src/config.js';
 import { silentLogger } from '../../src/log.js';
 import { startRuntime } from '../../src/runtime.js';
+import { testRuntimeConfig } from '../support/api-runtime.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
-import { NATS_URL, type NatsAdmin, natsAdmin, testNames } from '../support/transport.js';
+import { type NatsAdmin, natsAdmin, testNames } from '../support/transport.js';
 
 const names = testNames();
 let db: TestDatabase;
@@ -23,18 +23,8 @@ afterAll(async () => {
 });
 
 async function startAndStop(maxAgeMs: string | undefined): Promise<number> {
-  const runtime = await startRuntime(
-    configWith({
-      DATABASE_URL: db.url,
-      NATS_URL,
-      NATS_PREFIX: names.prefix,
-      NATS_STREAM: names.stream,
-      PORT: '0',
-      ...(maxAgeMs !== undefined ? { EVENT_STREAM_MAX_AGE_MS: maxAgeMs } : {}),
-    }),
-    'api',
-    silentLogger(),
-  );
+  const over = maxAgeMs !== undefined ? { EVENT_STREAM_MAX_AGE_MS: maxAgeMs } : {};
+  const runtime = await startRuntime(testRuntimeConfig(db, names, over), 'api', silentLogger());
   try {
     return (await admin.jsm.streams.info(names.stream)).config.max_age;
   } finally {
