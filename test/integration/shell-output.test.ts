@@ -5,14 +5,14 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { OrchestratorClient } from '../../src/client/index.js';
-import { configWith } from '../../src/config.js';
 import { StaleToken } from '../../src/errors.js';
 import { silentLogger } from '../../src/log.js';
 import { type Runtime, startRuntime } from '../../src/runtime.js';
 import { OutputBatcher, type OutputWriter } from '../../src/workers/output-batcher.js';
+import { testRuntimeConfig } from '../support/api-runtime.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 import { waitUntil } from '../support/orchestrator-process.js';
-import { NATS_URL, natsAdmin, testNames } from '../support/transport.js';
+import { natsAdmin, testNames } from '../support/transport.js';
 
 const names = testNames();
 let db: TestDatabase;
@@ -22,13 +22,7 @@ let client: OrchestratorClient;
 beforeAll(async () => {
   db = await createTestDatabase('shell_output');
   runtime = await startRuntime(
-    configWith({
-      DATABASE_URL: db.url,
-      NATS_URL,
-      NATS_PREFIX: names.prefix,
-      NATS_STREAM: names.stream,
-      PORT: '0',
-      TIMER_POLL_MS: '100',
+    testRuntimeConfig(db, names, {
       ENABLE_SHELL_EXECUTOR: '1',
       // Tests run as root in CI: opt in as an operator would.
       ...(process.getuid?.() === 0 ? { SHELL_ALLOW_ROOT: '1' } : {}),
