@@ -2,6 +2,11 @@ import { defineConfig } from 'vitest/config';
 
 export default defineConfig({
   test: {
+    // Two test files at a time, whatever the machine: the files spend most of their time
+    // waiting on Postgres, NATS and timers, so two halve the suite's time on a 2-core machine
+    // (where Vitest's default is one), and more would crowd Postgres's 100 connections (the
+    // heaviest files open over 30 each).
+    maxWorkers: 2,
     projects: [
       {
         test: {
