@@ -10,6 +10,9 @@ import type { Logger } from '../log.js';
 import type { Sql, Tx } from './db.js';
 import { Periodic } from './periodic.js';
 
+/** Postgres's type oid of `json` (text kept as written; `jsonb` is 3802). */
+const JSON_OID = 114;
+
 /** Arbitrary, fixed: the advisory lock namespace of idempotency keys. */
 const IDEMPOTENCY_LOCK_NS = 7_402_615;
 
@@ -42,9 +45,12 @@ export async function storeResponse(
   tx: Tx,
   row: { scope: string; key: string; requestHash: string; status: number; body: unknown },
 ): Promise<void> {
+  // Sent as `json` into a `json` column, which keeps the text as written: a replay is the
+  // first answer byte for byte (`tx.json` sends jsonb, which orders an object's members its
+  // own way).
   await tx`insert into idempotency_keys (scope, key, request_hash, status, body)
     values (${row.scope}, ${row.key}, ${row.requestHash}, ${row.status},
-      ${tx.json(row.body as never)})`;
+      ${tx.typed(row.body as never, JSON_OID)})`;
 }
 
 /** Rows one expiry statement deletes at most: each statement's locks and WAL stay small. */

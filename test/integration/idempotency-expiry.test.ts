@@ -10,9 +10,13 @@ import type { Sql } from '../../src/persistence/db.js';
 import {
   EXPIRY_BATCH,
   expireIdempotencyKeys,
+  findStoredResponse,
   IdempotencyExpiry,
+  storeResponse,
 } from '../../src/persistence/idempotency-rows.js';
+import { loadMigrations, migrate } from '../../src/persistence/migrate.js';
 import { startApi } from '../support/api-runtime.js';
+import { createTestDatabase } from '../support/database.js';
 import { createTestApp, type TestApp } from '../support/http-app.js';
 import { eventually } from '../support/transport.js';
 
@@ -137,6 +141,42 @@ describe('the runtime', () => {
       expect(await post()).not.toBe(first);
     } finally {
       await api.stop();
+    }
+  });
+});
+
+describe('the stored answer as text (migration 0021)', () => {
+  it('keeps the answers stored before it, and stores new ones as written', async () => {
+    const old = await createTestDatabase('idem_body_upgrade', { migrate: false });
+    try {
+      const all = await loadMigrations();
+      await migrate(
+        old.sql,
+        all.filter((m) => m.name < '0021'),
+      );
+      await old.sql`insert into idempotency_keys (scope, key, request_hash, status, body)
+        values ('anonymous', 'before', 'h', 201, ${old.sql.json({ zeta: 1, a: [true, null] })})`;
+      expect(await migrate(old.sql)).toEqual(['0021-idempotency-body-text.sql']);
+      await old.sql.begin(async (tx) => {
+        expect(await findStoredResponse(tx, 'anonymous', 'before')).toEqual({
+          request_hash: 'h',
+          status: 201,
+          body: { zeta: 1, a: [true, null] },
+        });
+        const body = { zeta: 'last letter first', a: { y: 2, b: 1 }, list: [3, 1] };
+        await storeResponse(tx, {
+          scope: 'anonymous',
+          key: 'after',
+          requestHash: 'h2',
+          status: 200,
+          body,
+        });
+        const [row] = await tx<{ text: string }[]>`
+          select body::text as text from idempotency_keys where key = 'after'`;
+        expect(row?.text).toBe(JSON.stringify(body));
+      });
+    } finally {
+      await old.drop();
     }
   });
 });
