@@ -426,7 +426,18 @@ describe('the event log as the outbox', () => {
       expect(await unpublished(db.sql)).toBe(16);
       expect(t.relay.stats.published).toBe(published);
       // Kept back past keptBackWarnMs with nothing published: the relay names the transaction.
-      await eventually(async () => t.relay.stats.keptBackWarnings > 0, 5_000, 'a warning');
+      // 15 s: once, with the chaos test beside it in CI, 5 s passed without one. The relay's
+      // counters and what it logged go in the timeout's message, to tell why if it recurs.
+      await eventually(
+        async () => {
+          if (t.relay.stats.keptBackWarnings > 0) return true;
+          throw new Error(
+            `relay ${JSON.stringify(t.relay.stats)}; logged ${JSON.stringify(warnings)}`,
+          );
+        },
+        15_000,
+        'a warning',
+      );
       await eventually(async () => warnings.some((w) => w.blocker), 2_000, 'its log line');
       const named = warnings.find((w) => w.blocker);
       expect(named?.blocker?.pid).toBe(blockerPid);
