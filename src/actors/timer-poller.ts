@@ -14,9 +14,16 @@ import {
   claimDueTimers,
   nextTimerDelay,
   notifyTimer,
+  releaseTimer,
   TIMER_CHANNEL,
+  type TimerRow,
 } from '../persistence/timer-rows.js';
 import type { ActorHost, Applied } from './host.js';
+
+/** How long a claimed timer stays claimed by default. */
+const CLAIM_LEASE_MS = 30_000;
+/** Bound of the failure counts kept for backoff (each is one claimed timer's). */
+const FAILURES_TRACKED = 10_000;
 
 export interface TimerPollerOptions {
   pollMs: number;
@@ -40,6 +47,8 @@ export class TimerPoller {
   /** The soonest due time still to NOTIFY, and whether a NOTIFY is in flight. */
   private notifyDue: number | null = null;
   private notifying = false;
+  /** Failed fires per claimed timer (by token), for the backoff of its next claim. */
+  private readonly failures = new Map<string, number>();
   fired = 0;
 
   constructor(
@@ -111,20 +120,24 @@ export class TimerPoller {
   async tick(): Promise<number> {
     const batch = this.options.batch ?? 100;
     const [due, leases] = await Promise.all([
-      claimDueTimers(this.sql, batch, this.options.claimLeaseMs ?? 30_000),
+      claimDueTimers(this.sql, batch, this.options.claimLeaseMs ?? CLAIM_LEASE_MS),
       dueLeases(this.sql, batch),
     ]);
     const [timerResults, leaseResults] = await Promise.all([
       Promise.allSettled(due.map((t) => this.host.fireTimer(t))),
       Promise.allSettled(leases.map((id) => this.host.expireLease(id))),
     ]);
-    timerResults.forEach((r, i) => {
-      if (r.status === 'rejected') {
-        const t = due[i];
-        // The row stays claimed until its lease passes, then another poll retries it.
-        this.log.warn({ err: r.reason, entityId: t?.entityId, timer: t?.key }, 'timer failed');
-      }
-    });
+    await Promise.all(
+      timerResults.map((r, i) => {
+        const t = due[i] as TimerRow;
+        if (r.status === 'fulfilled') {
+          this.failures.delete(t.token);
+          return undefined;
+        }
+        this.log.warn({ err: r.reason, entityId: t.entityId, timer: t.key }, 'timer failed');
+        return this.handBack(t);
+      }),
+    );
     leaseResults.forEach((r, i) => {
       // The deadline stays in its column: the next poll tries again.
       if (r.status === 'rejected') {
@@ -136,6 +149,25 @@ export class TimerPoller {
     ).length;
     this.fired += fired;
     return Math.max(due.length, leases.length);
+  }
+
+  /**
+   * A failed fire's claim goes back soon, sooner than its lease: a task's retry is not held
+   * up for the claim lease by one dropped connection. Repeated failures of the same timer
+   * back off up to the lease. If the hand-back fails too, the lease still frees the row.
+   */
+  private async handBack(t: TimerRow): Promise<void> {
+    const n = (this.failures.get(t.token) ?? 0) + 1;
+    if (this.failures.size >= FAILURES_TRACKED) this.failures.clear();
+    this.failures.set(t.token, n);
+    const leaseMs = this.options.claimLeaseMs ?? CLAIM_LEASE_MS;
+    const afterMs = Math.min(
+      leaseMs,
+      Math.max(this.options.pollMs, 250) * 2 ** Math.min(n - 1, 16),
+    );
+    await releaseTimer(this.sql, t, afterMs).catch((err: unknown) =>
+      this.log.warn({ err, entityId: t.entityId, timer: t.key }, 'timer hand-back failed'),
+    );
   }
 
   private async run(): Promise<void> {

@@ -118,6 +118,21 @@ export async function claimDueTimers(db: Db, limit: number, leaseMs: number): Pr
   }));
 }
 
+/**
+ * Hands back a claimed timer whose fire failed (a dropped connection, a Postgres restart), to
+ * be claimed again after `afterMs` instead of after the whole claim lease. Only the claim
+ * with `token` is touched: a timer replaced meanwhile keeps its new row as it is.
+ */
+export async function releaseTimer(
+  db: Db,
+  timer: { entityId: string; key: string; token: string },
+  afterMs: number,
+): Promise<void> {
+  await db`update timers set locked_until = now() + ${afterMs} * interval '1 millisecond'
+    where entity_id = ${timer.entityId} and key = ${timer.key} and token = ${timer.token}
+      and locked_until is not null`;
+}
+
 /** Removes a fired timer if it is still the claimed one; false means it changed meanwhile. */
 export async function consumeTimer(
   db: Db,

@@ -126,6 +126,49 @@ describe('durable timers', () => {
   });
 });
 
+describe('a fire that fails', () => {
+  it('is tried again soon after a dropped connection, not after the claim lease', async () => {
+    const p = processOn(db.pool(4), 50); // the claim lease is its default, 30 s
+    const id = await newTask(p);
+    const claimed = await p.host.send('task', id, { type: 'CLAIM', workerId: 'w' });
+    const token = (claimed.snapshot.context as { token: string }).token;
+    await p.host.send('task', id, { type: 'START', token });
+    await p.host.send('task', id, { type: 'FAIL', token, error: 'boom' }); // RETRY due in ~1 s
+    // Another session holds the task's row, so the fire's write waits on it; then the fire's
+    // backend is terminated, as a Postgres restart or an operator would.
+    const locker = await db.sql.reserve();
+    try {
+      await locker`begin`;
+      await locker`select 1 from tasks where id = ${id} for update`;
+      await p.poller.start();
+      let waiting: number | undefined;
+      await until(async () => {
+        const rows = await db.sql<{ pid: number }[]>`
+          select pid from pg_stat_activity
+          where datname = current_database() and wait_event_type = 'Lock'`;
+        waiting = rows[0]?.pid;
+        return waiting !== undefined;
+      });
+      const [claim] = await db.sql<{ locked_until: Date | null }[]>`
+        select locked_until from timers where entity_id = ${id}`;
+      expect(claim?.locked_until?.getTime()).toBeGreaterThan(Date.now() + 20_000);
+      await db.sql`select pg_terminate_backend(${waiting as number})`;
+      await locker`commit`;
+    } finally {
+      locker.release();
+    }
+    try {
+      // Well within the 30 s lease the failed claim would otherwise have held.
+      await until(async () => (await eventsOf(id, 'task.retried')).length === 1, 5_000);
+    } finally {
+      await p.poller.stop();
+    }
+    const [row] = await db.sql`select state from tasks where id = ${id}`;
+    expect(row?.state).toBe('pending');
+    expect(await db.sql`select 1 from timers where entity_id = ${id}`).toHaveLength(0);
+  });
+});
+
 describe("the poller's wake-ups", () => {
   it('a commit that lands while the poller reads its next due time still wakes it', async () => {
     const pool = db.pool(4);
