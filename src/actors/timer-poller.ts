@@ -119,10 +119,14 @@ export class TimerPoller {
    */
   async tick(): Promise<number> {
     const batch = this.options.batch ?? 100;
-    const [due, leases] = await Promise.all([
+    // Settled one by one: timers claimed (committed) while the lease read failed must still
+    // fire now, or they stay claimed, and unfired, for the whole claim lease.
+    const [claimed, found] = await Promise.allSettled([
       claimDueTimers(this.sql, batch, this.options.claimLeaseMs ?? CLAIM_LEASE_MS),
       dueLeases(this.sql, batch),
     ]);
+    const due = claimed.status === 'fulfilled' ? claimed.value : [];
+    const leases = found.status === 'fulfilled' ? found.value : [];
     const [timerResults, leaseResults] = await Promise.all([
       Promise.allSettled(due.map((t) => this.host.fireTimer(t))),
       Promise.allSettled(leases.map((id) => this.host.expireLease(id))),
@@ -148,6 +152,9 @@ export class TimerPoller {
       (r) => r.status === 'fulfilled' && r.value !== null,
     ).length;
     this.fired += fired;
+    // The poll failed all the same: the loop backs off before the next.
+    if (claimed.status === 'rejected') throw claimed.reason;
+    if (found.status === 'rejected') throw found.reason;
     return Math.max(due.length, leases.length);
   }
 

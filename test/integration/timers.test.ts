@@ -169,6 +169,50 @@ describe('a fire that fails', () => {
   });
 });
 
+describe('a poll that fails halfway', () => {
+  it('still fires the timers it claimed when its lease read fails', async () => {
+    const p = processOn(db.pool(4), 50); // the claim lease is its default, 30 s
+    const id = await newTask(p);
+    const claimed = await p.host.send('task', id, { type: 'CLAIM', workerId: 'w' });
+    const token = (claimed.snapshot.context as { token: string }).token;
+    await p.host.send('task', id, { type: 'START', token });
+    await p.host.send('task', id, { type: 'FAIL', token, error: 'boom' });
+    await until(async () => {
+      const [r] = await db.sql<{ due: boolean }[]>`
+        select due_at <= now() as due from timers where entity_id = ${id}`;
+      return r?.due === true;
+    });
+    // The poll's lease read waits behind a table lock and its backend is then terminated;
+    // its timer claim (another table) commits in the same poll.
+    const locker = await db.sql.reserve();
+    try {
+      await locker`begin`;
+      await locker`lock table tasks in access exclusive mode`;
+      await p.poller.start();
+      let reader: number | undefined;
+      await until(async () => {
+        const rows = await db.sql<{ pid: number }[]>`
+          select pid from pg_stat_activity
+          where datname = current_database() and wait_event_type = 'Lock'
+            and query like '%lease_expires_at <= now()%order by%'`;
+        reader = rows[0]?.pid;
+        const [t] = await db.sql<{ locked_until: Date | null }[]>`
+          select locked_until from timers where entity_id = ${id}`;
+        return reader !== undefined && t?.locked_until != null;
+      });
+      await db.sql`select pg_terminate_backend(${reader as number})`;
+      await locker`commit`;
+    } finally {
+      locker.release();
+    }
+    try {
+      await until(async () => (await eventsOf(id, 'task.retried')).length === 1, 5_000);
+    } finally {
+      await p.poller.stop();
+    }
+  });
+});
+
 describe("the poller's wake-ups", () => {
   it('a commit that lands while the poller reads its next due time still wakes it', async () => {
     const pool = db.pool(4);
