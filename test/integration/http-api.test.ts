@@ -521,6 +521,31 @@ describe('operations and inspection', () => {
     expect(m.text).toMatch(/orch_outbox_pending \d+/);
     expect(m.text).toMatch(/orch_dead_letters 0/);
     expect(m.text).toMatch(/orch_entities\{entity="ticket",state="backlog"\} \d+/);
+    // The process's own health, under prom-client's names.
+    const gauge = (name: string) => Number(new RegExp(`^${name} (\\S+)$`, 'm').exec(m.text)?.[1]);
+    const rss = gauge('process_resident_memory_bytes');
+    expect(rss).toBeGreaterThan(10e6);
+    expect(rss).toBeLessThan(8e9);
+    expect(gauge('nodejs_heap_size_used_bytes')).toBeGreaterThan(1e6);
+    expect(gauge('nodejs_heap_size_used_bytes')).toBeLessThanOrEqual(
+      gauge('nodejs_heap_size_total_bytes'),
+    );
+    expect(gauge('process_cpu_user_seconds_total')).toBeGreaterThan(0);
+    expect(gauge('process_open_fds')).toBeGreaterThan(3);
+    expect(gauge('nodejs_active_resources')).toBeGreaterThan(0);
+    expect(
+      Math.abs(gauge('process_start_time_seconds') - (Date.now() / 1000 - process.uptime())),
+    ).toBeLessThan(5);
+    // A busy loop between two scrapes shows in the second. (The sampler restarts at each
+    // scrape and records from its second tick, 20 ms on.)
+    await new Promise((r) => setTimeout(r, 60));
+    const spin = Date.now() + 120;
+    while (Date.now() < spin) {}
+    const after = await t.call('GET', '/metrics');
+    const max = Number(/^nodejs_eventloop_lag_max_seconds (\S+)$/m.exec(after.text)?.[1]);
+    expect(max).toBeGreaterThan(0.08);
+    expect(max).toBeLessThan(10);
+    expect(after.text).toMatch(/^nodejs_eventloop_lag_p99_seconds \S+$/m);
     const withExtra = await createTestApp('http_api_metrics', {
       db: t.db,
       services: {

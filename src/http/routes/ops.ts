@@ -7,11 +7,13 @@ import { DeadLetterQuery, MermaidQuery } from '../../api/schemas.js';
 import { NotFound } from '../../errors.js';
 import { family, type Histogram } from '../metrics.js';
 import { openApiDocument } from '../openapi.js';
+import { processMetrics, watchEventLoop } from '../process-metrics.js';
 import { validate } from '../request.js';
 import type { AppEnv, AppServices } from '../services.js';
 
 export function opsRoutes(s: AppServices, httpLatency: Histogram): Hono<AppEnv> {
   const app = new Hono<AppEnv>();
+  watchEventLoop();
 
   app.get('/healthz', (c) => c.json({ status: 'ok' as const }));
 
@@ -26,7 +28,7 @@ export function opsRoutes(s: AppServices, httpLatency: Histogram): Hono<AppEnv> 
     // A family another component already reports (e.g. the transport's dead letters) is
     // left out here: Prometheus refuses a family declared twice.
     const taken = new Set([...extra.matchAll(/^# TYPE (\S+)/gm)].map((m) => m[1]));
-    const parts = [httpLatency.render(), hostMetrics(s), await dbMetrics(s)]
+    const parts = [httpLatency.render(), hostMetrics(s), await dbMetrics(s), await processMetrics()]
       .flatMap(splitFamilies)
       .filter((f) => !taken.has(/^# TYPE (\S+)/m.exec(f)?.[1]));
     parts.push(extra);
