@@ -46,7 +46,7 @@ import { connectNats, type NatsAuthFiles } from './nats.js';
 import { OutboxRelay, type RelayOptions, type RelayStats } from './outbox-relay.js';
 import { defaultReactions, OBSOLETE_CONSUMERS, type Reaction } from './reactions.js';
 import { Reconciler, type ReconcilerStats } from './reconciler.js';
-import { settleWithin } from './settle.js';
+import { namedStop, settleWithin } from './settle.js';
 import { ensureStreams, type StreamOptions } from './streams.js';
 import { relayWakeSubject, type TransportNames } from './subjects.js';
 
@@ -294,12 +294,20 @@ export class Transport {
     this.stopped = true;
     this.unsubscribeCommit();
     this.wakeSub?.unsubscribe();
-    await this.liveFeed.stop();
-    await this.reconciler.stop();
+    // Each part named: a stop that hangs says which part it hangs in.
+    const log = this.o.log;
+    await namedStop(log, 'transport: live feed', () => this.liveFeed.stop());
+    await namedStop(log, 'transport: reconciler', () => this.reconciler.stop());
     // What the early reactions leave, the consumers (of this process or another) apply.
-    await Promise.all([...this.early.values()].map((e) => e.stop()));
-    await Promise.all(this.runners.map((r) => r.stop()));
-    await this.relay.stop();
+    await Promise.all(
+      [...this.early].map(([name, e]) =>
+        namedStop(log, `transport: early ${name}`, () => e.stop()),
+      ),
+    );
+    await Promise.all(
+      this.runners.map((r) => namedStop(log, `transport: consumer ${r.name}`, () => r.stop())),
+    );
+    await namedStop(log, 'transport: relay', () => this.relay.stop());
     // Drain flushes what is buffered; with NATS down it would wait forever, so it is bounded.
     const drained = await settleWithin(this.nc.drain(), this.o.drainTimeoutMs ?? 5_000);
     if (!drained) await this.nc.close().catch(() => {});

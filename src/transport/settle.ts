@@ -19,3 +19,21 @@ export async function settleWithin(p: Promise<unknown>, ms: number): Promise<boo
     clearTimeout(timer);
   }
 }
+
+/**
+ * Runs `stop` and, if it is still running after `slowMs`, warns with `part` named (once):
+ * a shutdown that hangs then says where.
+ */
+export async function namedStop(
+  log: { warn(obj: object, msg: string): void },
+  part: string,
+  stop: () => Promise<unknown>,
+  slowMs = 5_000,
+): Promise<void> {
+  const slow = setTimeout(() => log.warn({ part, ms: slowMs }, 'still stopping'), slowMs);
+  try {
+    await stop();
+  } finally {
+    clearTimeout(slow);
+  }
+}
