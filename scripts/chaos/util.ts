@@ -42,11 +42,17 @@ export class Rng {
 }
 
 const started = Date.now();
+let label = 'chaos';
+
+/** Names the harness in its progress lines (the soak run reuses these parts). */
+export function noteAs(name: string): void {
+  label = name;
+}
 
 /** Progress lines on stderr (the report goes to stdout). */
 export function note(line: string): void {
   const t = ((Date.now() - started) / 1000).toFixed(1).padStart(6);
-  process.stderr.write(`[chaos ${t}s] ${line}\n`);
+  process.stderr.write(`[${label} ${t}s] ${line}\n`);
 }
 
 export function errorText(error: unknown): string {
