@@ -25,6 +25,8 @@ export interface ClusterOptions {
   heartbeatMs: number;
   workerConcurrency: number;
   logLevel: string;
+  /** Settings of every orchestrator beyond (or instead of) the harness's own. */
+  env?: Record<string, string>;
 }
 
 /** One exit the chaos did not cause (a crash, or a start that failed). */
@@ -353,6 +355,7 @@ export async function orchestrators(
     RECONCILE_MS: '2000',
     CLAIM_MAX_WAIT_MS: '5000',
     LOG_LEVEL: o.logLevel,
+    ...o.env,
   };
   const out: Orchestrator[] = [];
   const make = async (name: string, role: Role) => {
