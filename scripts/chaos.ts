@@ -24,7 +24,7 @@ import { isGate, type WorkflowDefinition } from '../src/machines/workflow-defini
 import { createSql } from '../src/persistence/db.js';
 import { migrate } from '../src/persistence/migrate.js';
 import { outboxLag, unpublishedCount } from '../src/persistence/outbox-rows.js';
-import { check, gather } from './chaos/check.js';
+import { check, gather, lastToSettle } from './chaos/check.js';
 import {
   Database,
   Nats,
@@ -329,6 +329,7 @@ async function run(): Promise<number> {
           ),
         ),
         `peak Postgres connections of this run: ${peakConnections}`,
+        ...[lastToSettle(evidence, settleStart)].filter((n) => n !== null),
       ],
     })}\n`,
   );

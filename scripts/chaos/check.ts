@@ -69,7 +69,7 @@ export interface EventRow {
   held_seq: number | null;
 }
 
-interface TaskRow {
+export interface TaskRow {
   id: string;
   ticket_id: string;
   type: string;
@@ -81,7 +81,7 @@ interface TaskRow {
   executor: string;
 }
 
-interface TicketRow {
+export interface TicketRow {
   id: string;
   state: string;
   seq: number;
@@ -962,4 +962,37 @@ export function check(
   }
 
   return { findings: f, figures };
+}
+
+/**
+ * The ticket whose last event came last, told in a line: when it started and ended relative
+ * to `settleStart`, and what made it long (failed attempts, retries, send-backs, phases).
+ * A slow settle then says whether it was a long but legal chain or something that waited.
+ */
+export function lastToSettle(evidence: Evidence, settleStart: number): string | null {
+  const ticketOf = new Map(evidence.tasks.map((t) => [t.id, t.ticket_id]));
+  const span = new Map<string, { first: number; last: number; types: Map<string, number> }>();
+  for (const e of evidence.events) {
+    const ticket = e.entity_type === 'ticket' ? e.entity_id : ticketOf.get(e.entity_id);
+    if (!ticket) continue;
+    const s = span.get(ticket) ?? { first: e.at_ms, last: e.at_ms, types: new Map() };
+    s.first = Math.min(s.first, e.at_ms);
+    s.last = Math.max(s.last, e.at_ms);
+    s.types.set(e.type, (s.types.get(e.type) ?? 0) + 1);
+    span.set(ticket, s);
+  }
+  let id: string | null = null;
+  for (const [t, s] of span) if (id === null || s.last > (span.get(id)?.last ?? 0)) id = t;
+  if (id === null) return null;
+  const s = span.get(id) as { first: number; last: number; types: Map<string, number> };
+  const ticket = evidence.tickets.find((t) => t.id === id);
+  const rel = (ms: number) => `${((ms - settleStart) / 1000).toFixed(1)} s`;
+  const count = (type: string) => s.types.get(type) ?? 0;
+  return (
+    `last ticket to settle: ${id} (${ticket?.workflow ?? '?'}, ${ticket?.state ?? '?'}), ` +
+    `first event at ${rel(s.first)} and last at ${rel(s.last)} from the settle's start; ` +
+    `${count('task.created')} tasks, ${count('task.retry_scheduled')} retries, ` +
+    `${count('task.failed')} failed, ${count('task.lease_expired')} lease expiries, ` +
+    `${count('ticket.phase_changed')} phase changes`
+  );
 }
