@@ -14,13 +14,11 @@
  * postgres://postgres@127.0.0.1:5432/postgres.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { freePort } from '../src/infra/free-port.js';
-import { isGate, type WorkflowDefinition } from '../src/machines/workflow-definition.js';
 import { createSql } from '../src/persistence/db.js';
 import { migrate } from '../src/persistence/migrate.js';
 import { outboxLag, unpublishedCount } from '../src/persistence/outbox-rows.js';
@@ -34,7 +32,7 @@ import {
   type UnexpectedExit,
 } from './chaos/cluster.js';
 import { FaultInjector } from './chaos/faults.js';
-import { Api, Load } from './chaos/load.js';
+import { Api, mixedLoad } from './chaos/load.js';
 import { render } from './chaos/report.js';
 import { errorText, note, Rng, sleep, waitUntil } from './chaos/util.js';
 
@@ -74,10 +72,6 @@ const adminUrl =
   process.env.CHAOS_DATABASE_URL ??
   process.env.TEST_DATABASE_URL ??
   'postgres://postgres@127.0.0.1:5432/postgres';
-
-const FEATURE_WORKFLOW = fileURLToPath(
-  new URL('../examples/workflows/feature.json', import.meta.url),
-);
 
 // ---- everything started here, for cleanup -------------------------------------------------
 
@@ -166,28 +160,8 @@ async function run(): Promise<number> {
     apiToken,
   );
   // The feature workflow is registered like a user would, and a share of the tickets run it.
-  const workflow = JSON.parse(await readFile(FEATURE_WORKFLOW, 'utf8')) as WorkflowDefinition;
-  const registered = await api.call<{ name: string; version: number }>(
-    'POST',
-    '/workflows',
-    workflow,
-  );
-  if (registered.status !== 201 && registered.status !== 200) {
-    throw new Error(`POST /workflows → ${registered.status} ${JSON.stringify(registered.body)}`);
-  }
-  note(`workflow ${registered.body.name}@${registered.body.version} registered`);
-  const load = new Load(api, new Rng(seed ^ 0x5eed), {
-    markerFile,
-    rate,
-    agents: 2,
-    sseReaders: 2,
-    cancelShare: 0.06,
-    workflowShare: 0.4,
-    workflow: workflow.name,
-    workflowPhases: workflow.phases.map((p) => p.name),
-    workflowGates: workflow.phases.filter(isGate).map((p) => p.name),
-    failType: 'code_review',
-  });
+  const { load, workflow } = await mixedLoad(api, new Rng(seed ^ 0x5eed), { markerFile, rate });
+  note(`workflow ${workflow} registered`);
   /** Samples: time, outbox rows, age of the oldest row (ms). */
   const outbox: [number, number, number][] = [];
   let peakConnections = 0;

@@ -17,17 +17,15 @@ import { randomBytes } from 'node:crypto';
 import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { jetstreamManager } from '@nats-io/jetstream';
 import { connect } from '@nats-io/transport-node';
 import { freePort } from '../src/infra/free-port.js';
-import { isGate, type WorkflowDefinition } from '../src/machines/workflow-definition.js';
 import { createSql } from '../src/persistence/db.js';
 import { migrate } from '../src/persistence/migrate.js';
 import { unpublishedCount } from '../src/persistence/outbox-rows.js';
 import { Database, Nats, type Orchestrator, orchestrators, type Sql } from './chaos/cluster.js';
-import { Api, Load } from './chaos/load.js';
+import { Api, mixedLoad } from './chaos/load.js';
 import { errorText, note, noteAs, Rng, sleep, waitUntil } from './chaos/util.js';
 
 const { values: args } = parseArgs({
@@ -59,9 +57,6 @@ const adminUrl =
   process.env.SOAK_DATABASE_URL ??
   process.env.TEST_DATABASE_URL ??
   'postgres://postgres@127.0.0.1:5432/postgres';
-const FEATURE_WORKFLOW = fileURLToPath(
-  new URL('../examples/workflows/feature.json', import.meta.url),
-);
 
 /** One sample of the run. Per process: resident memory (MB) and descriptors. */
 interface Sample {
@@ -322,22 +317,9 @@ async function run(): Promise<number> {
   note('cluster up');
 
   const api = new Api(() => [all.url as string], apiToken);
-  const workflow = JSON.parse(await readFile(FEATURE_WORKFLOW, 'utf8')) as WorkflowDefinition;
-  const registered = await api.call('POST', '/workflows', workflow);
-  if (registered.status !== 201 && registered.status !== 200) {
-    throw new Error(`POST /workflows → ${registered.status} ${JSON.stringify(registered.body)}`);
-  }
-  const load = new Load(api, new Rng(randomBytes(4).readUInt32BE()), {
+  const { load } = await mixedLoad(api, new Rng(randomBytes(4).readUInt32BE()), {
     markerFile: join(dir, 'executions.log'),
     rate,
-    agents: 2,
-    sseReaders: 2,
-    cancelShare: 0.06,
-    workflowShare: 0.4,
-    workflow: workflow.name,
-    workflowPhases: workflow.phases.map((p) => p.name),
-    workflowGates: workflow.phases.filter(isGate).map((p) => p.name),
-    failType: 'code_review',
   });
 
   const nc = await connect({ servers: nats.url, timeout: 5_000 });

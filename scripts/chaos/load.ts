@@ -7,7 +7,10 @@
  * Everything the system accepted is recorded for the "nothing lost" check.
  */
 import { randomUUID } from 'node:crypto';
+import { readFile } from 'node:fs/promises';
+import { fileURLToPath } from 'node:url';
 import { PHASES, type Phase } from '../../src/machines/phases.js';
+import { isGate, type WorkflowDefinition } from '../../src/machines/workflow-definition.js';
 import { errorText, type Rng, sleep } from './util.js';
 
 export interface ApiStats {
@@ -719,4 +722,42 @@ export class Load {
       if (!this.stopped) await sleep(this.rng.between(50, 300));
     }
   }
+}
+
+const FEATURE_WORKFLOW = fileURLToPath(
+  new URL('../../examples/workflows/feature.json', import.meta.url),
+);
+
+/**
+ * The mixed load of the chaos and soak runs: the example feature workflow registered as a
+ * user would (a share of the tickets run it, with gate rejects and failing reviews), 2 agents
+ * and 2 SSE readers. Returns the load, not started, and the workflow's `NAME@VERSION`.
+ */
+export async function mixedLoad(
+  api: Api,
+  rng: Rng,
+  o: { markerFile: string; rate: number },
+): Promise<{ load: Load; workflow: string }> {
+  const workflow = JSON.parse(await readFile(FEATURE_WORKFLOW, 'utf8')) as WorkflowDefinition;
+  const registered = await api.call<{ name: string; version: number }>(
+    'POST',
+    '/workflows',
+    workflow,
+  );
+  if (registered.status !== 201 && registered.status !== 200) {
+    throw new Error(`POST /workflows → ${registered.status} ${JSON.stringify(registered.body)}`);
+  }
+  const load = new Load(api, rng, {
+    markerFile: o.markerFile,
+    rate: o.rate,
+    agents: 2,
+    sseReaders: 2,
+    cancelShare: 0.06,
+    workflowShare: 0.4,
+    workflow: workflow.name,
+    workflowPhases: workflow.phases.map((p) => p.name),
+    workflowGates: workflow.phases.filter(isGate).map((p) => p.name),
+    failType: 'code_review',
+  });
+  return { load, workflow: `${registered.body.name}@${registered.body.version}` };
 }

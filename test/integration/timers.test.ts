@@ -37,6 +37,16 @@ async function newTask(p: ReturnType<typeof processOn>, maxAttempts = 3) {
   return task.id;
 }
 
+/** A task whose attempt failed: in retry_wait, its RETRY timer due after the backoff. */
+async function inRetryWait(p: ReturnType<typeof processOn>): Promise<string> {
+  const id = await newTask(p);
+  const claimed = await p.host.send('task', id, { type: 'CLAIM', workerId: 'w' });
+  const token = (claimed.snapshot.context as { token: string }).token;
+  await p.host.send('task', id, { type: 'START', token });
+  await p.host.send('task', id, { type: 'FAIL', token, error: 'boom' });
+  return id;
+}
+
 const eventsOf = (id: string, type: string) =>
   db.sql`select seq from events where entity_id = ${id} and type = ${type}`;
 
@@ -129,11 +139,7 @@ describe('durable timers', () => {
 describe('a fire that fails', () => {
   it('is tried again soon after a dropped connection, not after the claim lease', async () => {
     const p = processOn(db.pool(4), 50); // the claim lease is its default, 30 s
-    const id = await newTask(p);
-    const claimed = await p.host.send('task', id, { type: 'CLAIM', workerId: 'w' });
-    const token = (claimed.snapshot.context as { token: string }).token;
-    await p.host.send('task', id, { type: 'START', token });
-    await p.host.send('task', id, { type: 'FAIL', token, error: 'boom' }); // RETRY due in ~1 s
+    const id = await inRetryWait(p); // RETRY due in about a second
     // Another session holds the task's row, so the fire's write waits on it; then the fire's
     // backend is terminated, as a Postgres restart or an operator would.
     const locker = await db.sql.reserve();
@@ -172,11 +178,7 @@ describe('a fire that fails', () => {
 describe('a poll that fails halfway', () => {
   it('still fires the timers it claimed when its lease read fails', async () => {
     const p = processOn(db.pool(4), 50); // the claim lease is its default, 30 s
-    const id = await newTask(p);
-    const claimed = await p.host.send('task', id, { type: 'CLAIM', workerId: 'w' });
-    const token = (claimed.snapshot.context as { token: string }).token;
-    await p.host.send('task', id, { type: 'START', token });
-    await p.host.send('task', id, { type: 'FAIL', token, error: 'boom' });
+    const id = await inRetryWait(p);
     await until(async () => {
       const [r] = await db.sql<{ due: boolean }[]>`
         select due_at <= now() as due from timers where entity_id = ${id}`;
