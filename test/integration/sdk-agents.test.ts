@@ -6,17 +6,17 @@
  * stopped with SIGTERM exits by itself, so no heartbeat loop or timer outlived work().
  */
 import { type ChildProcess, spawn } from 'node:child_process';
-import { mkdtempSync, readdirSync, readFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { IllegalTransitionError, OrchestratorClient } from '../../src/client/index.js';
 import { type ApiRuntime, startApi } from '../support/api-runtime.js';
+import { tempDir } from '../support/temp-dir.js';
 
 const TASKS = 200;
 const LEASE_MS = 2_000;
 const SCRIPT = new URL('../support/sdk-agent.ts', import.meta.url).pathname;
-const dir = mkdtempSync(join(tmpdir(), 'orch-sdk-agents-'));
+const dir = tempDir('orch-sdk-agents-');
 let api: ApiRuntime;
 let client: OrchestratorClient;
 

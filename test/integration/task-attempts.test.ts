@@ -4,13 +4,12 @@
  * `maxAttempts`; REQUEUE gives a fresh budget while the numbers keep counting up. Checked
  * through the HTTP claim answer and through `TASK_ATTEMPT` as a shell task sees it.
  */
-import { mkdtempSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ShellExecutor, SleepExecutor } from '../../src/workers/executors/index.js';
 import { createTestApp, type TestApp } from '../support/http-app.js';
+import { testTempDir } from '../support/temp-dir.js';
 import {
   eventTypes,
   type TestProcess,
@@ -117,7 +116,7 @@ describe('attempt numbers over HTTP', () => {
 
 describe('TASK_ATTEMPT through the worker pool', () => {
   it('a shell task released at shutdown runs again as attempt 2, with maxAttempts 1', async () => {
-    const file = join(mkdtempSync(join(tmpdir(), 'orch-attempt-')), 'attempts');
+    const file = join(testTempDir('orch-attempt-'), 'attempts');
     const ticket = await p.ticket();
     // The first run records its attempt and waits to be stopped; the second one finishes.
     const id = await p.task(ticket, {

@@ -7,20 +7,19 @@
  * claimed.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
-import { mkdtempSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { StaleToken } from '../../src/errors.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
+import { tempDir } from '../support/temp-dir.js';
 import { NATS_URL, natsAdmin, testNames } from '../support/transport.js';
 import { type TestProcess, taskRow, testProcess, until } from '../support/worker-process.js';
 
 const TASKS = Number(process.env.WORKER_PROCESS_TASKS ?? 200);
 const BIN = new URL('../../bin/orchestrator', import.meta.url).pathname;
 const names = testNames();
-const dir = mkdtempSync(join(tmpdir(), 'orch-workers-'));
+const dir = tempDir('orch-workers-');
 const children: ChildProcess[] = [];
 let db: TestDatabase;
 let p: TestProcess;

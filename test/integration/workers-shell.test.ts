@@ -7,16 +7,8 @@
  * no root without SHELL_ALLOW_ROOT. The sleep executor bounds its timer the same way.
  */
 import { spawn } from 'node:child_process';
-import {
-  mkdirSync,
-  mkdtempSync,
-  readFileSync,
-  realpathSync,
-  symlinkSync,
-  writeFileSync,
-} from 'node:fs';
+import { mkdirSync, readFileSync, realpathSync, symlinkSync, writeFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -32,11 +24,12 @@ import {
   SleepExecutor,
 } from '../../src/workers/executors/index.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
+import { tempDir } from '../support/temp-dir.js';
 import { type TestProcess, taskRow, testProcess, until } from '../support/worker-process.js';
 
 let db: TestDatabase;
 let p: TestProcess;
-const dir = mkdtempSync(join(tmpdir(), 'orch-shell-'));
+const dir = tempDir('orch-shell-');
 beforeAll(async () => {
   db = await createTestDatabase('workers_shell');
   p = testProcess(db.pool(10), { taskDefaults: { retryBaseMs: 20 } });
@@ -243,7 +236,7 @@ describe('what a shell command gets', () => {
   });
 
   describe('payload.cwd stays inside SHELL_CWD_ROOT', () => {
-    const base = realpathSync(mkdtempSync(join(tmpdir(), 'orch-cwd-')));
+    const base = realpathSync(tempDir('orch-cwd-'));
     const root = join(base, 'root');
     const outside = join(base, 'outside');
     mkdirSync(join(root, 'sub', 'deeper'), { recursive: true });

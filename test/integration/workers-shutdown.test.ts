@@ -4,13 +4,12 @@
  * not charged) so another worker claims them at once instead of after a lease. An executor
  * that ignores its abort is never released while it may still be working.
  */
-import { mkdtempSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { type Executor, ShellExecutor, SleepExecutor } from '../../src/workers/executors/index.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
+import { testTempDir } from '../support/temp-dir.js';
 import {
   eventTypes,
   type TestProcess,
@@ -79,7 +78,7 @@ describe('clean shutdown', () => {
   });
 
   it('a shell task at shutdown: its process group is killed, then the task released', async () => {
-    const file = join(mkdtempSync(join(tmpdir(), 'orch-stop-')), 'pid');
+    const file = join(testTempDir('orch-stop-'), 'pid');
     const ticket = await p.ticket();
     const id = await p.task(ticket, {
       type: 'x',

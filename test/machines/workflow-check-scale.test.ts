@@ -4,17 +4,17 @@
  * context), and a run that cannot finish says so as inconclusive, never as findings.
  */
 import { execFile } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { describe, expect, it } from 'vitest';
 import { compileWorkflow } from '../../src/machines/workflow.js';
 import { DEFAULT_WORKFLOW, parseWorkflowJson } from '../../src/workflows/definition.js';
 import { modelSummary, runWorkflowModel } from '../../src/workflows/model-run.js';
+import { tempDir } from '../support/temp-dir.js';
 
 const run = promisify(execFile);
-const dir = mkdtempSync(join(tmpdir(), 'wf-scale-'));
+const dir = tempDir('wf-scale-');
 
 /** 32 phases: every 4th a timed gate whose onReject goes back (to p0 every 8th), work phases with two templates, every 3rd with an onFail going back. */
 function thirtyTwo() {
