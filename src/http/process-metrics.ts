@@ -8,6 +8,8 @@ import { readdir } from 'node:fs/promises';
 import { type IntervalHistogram, monitorEventLoopDelay } from 'node:perf_hooks';
 import { family } from './metrics.js';
 
+const START_SECONDS = Math.round(Date.now() / 1000 - process.uptime());
+
 /** Event-loop delay, sampled every 20 ms; one per process, from the first app on. */
 let loopDelay: IntervalHistogram | null = null;
 
@@ -19,7 +21,6 @@ export function watchEventLoop(): IntervalHistogram {
   }
   return loopDelay;
 }
-const START_SECONDS = Math.round(Date.now() / 1000 - process.uptime());
 
 /** Open descriptors from /proc (Linux); null where there is no /proc. */
 async function openFds(): Promise<number | null> {
