@@ -203,12 +203,11 @@ export class ConsumerRunner {
   private readonly held = new Set<JsMsg>();
   private heldChanged: (() => void) | null = null;
   /**
-   * Resolves when `stop()` begins. The loop's waits race it: a consumer whose `close()` does
-   * not end its iterator (seen after NATS came back from an outage: `stop()` then waited
-   * forever for a message that never came) cannot hold the loop.
+   * Ends the loop's current wait for a message when `stop()` begins: a consumer whose
+   * `close()` does not end its iterator (seen after NATS came back from an outage: `stop()`
+   * then waited forever for a message that never came) cannot hold the loop.
    */
-  private stopping: Promise<IteratorResult<JsMsg>> = new Promise(() => {});
-  private endWaits: () => void = () => {};
+  private endWait: (() => void) | null = null;
   private keepAlive: NodeJS.Timeout | null = null;
   private readonly keys = new Map<string, string>();
   private readonly appliedListeners = new Set<AppliedListener>();
@@ -266,9 +265,6 @@ export class ConsumerRunner {
     if (this.running) return;
     await this.ensureConsumer();
     this.running = true;
-    this.stopping = new Promise((resolve) => {
-      this.endWaits = () => resolve({ done: true, value: undefined });
-    });
     this.advisories = this.o.nc.subscribe(
       `$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.${this.o.names.stream}.${this.name}`,
       {
@@ -293,7 +289,7 @@ export class ConsumerRunner {
 
   async stop(): Promise<void> {
     this.running = false;
-    this.endWaits();
+    this.endWait?.();
     this.advisories?.unsubscribe();
     this.advisories = null;
     if (this.restartTimer) {
@@ -348,7 +344,7 @@ export class ConsumerRunner {
           return next;
         };
         for (;;) {
-          const first = await Promise.race([take(), this.stopping]);
+          const first = await this.nextOrStop(take);
           next = null;
           if (first.done) break;
           failures = 0;
@@ -385,6 +381,22 @@ export class ConsumerRunner {
       });
       this.restartTimer = null;
     }
+  }
+
+  /**
+   * The next message, or the end once `stop()` begins. A new promise for each wait: a
+   * `Promise.race` against one promise that lives as long as the runner left a reaction on
+   * it per batch, each holding its batch's first message, so a process's heap grew by every
+   * message it consumed.
+   */
+  private nextOrStop(take: () => Promise<IteratorResult<JsMsg>>): Promise<IteratorResult<JsMsg>> {
+    if (!this.running) return Promise.resolve({ done: true, value: undefined });
+    return new Promise<IteratorResult<JsMsg>>((resolve, reject) => {
+      this.endWait = () => resolve({ done: true, value: undefined });
+      take().then(resolve, reject);
+    }).finally(() => {
+      this.endWait = null;
+    });
   }
 
   /** Ends the iterator when the consumer is deleted under it, so `run` recreates it. */
