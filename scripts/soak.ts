@@ -8,7 +8,7 @@
  * and exits 1 on a slope: a map keyed by ticket that is never pruned, a socket, timer or
  * consumer kept per request, a table that only grows.
  *
- * Flags: --minutes M (10) --rate TICKETS_PER_S (3) --sample-s S (10) --cache-mb MB (4: the
+ * Flags: --minutes M (10) --rate TICKETS_PER_S (3) --sample-s S (10) --cache-mb MB (1: the
  * processes' ACTOR_CACHE_MAX_BYTES) --keep (keep the temp dir with logs and the database)
  * --log-level L (warn). Postgres: SOAK_DATABASE_URL or
  * TEST_DATABASE_URL (an admin URL), default postgres://postgres@127.0.0.1:5432/postgres.
@@ -33,7 +33,7 @@ const { values: args } = parseArgs({
     minutes: { type: 'string', default: '10' },
     rate: { type: 'string', default: '3' },
     'sample-s': { type: 'string', default: '10' },
-    'cache-mb': { type: 'string', default: '4' },
+    'cache-mb': { type: 'string', default: '1' },
     'log-level': { type: 'string', default: 'warn' },
     keep: { type: 'boolean', default: false },
   },
@@ -300,7 +300,8 @@ async function run(): Promise<number> {
       workerConcurrency: 4,
       logLevel: args['log-level'] ?? 'warn',
       // A small actor cache fills within the warm-up: what the heap gains after it is not
-      // the cache (at the default 64 MiB it would fill for most of a short run).
+      // the cache. (At 4 MiB it took about 7 minutes at 2 tickets/s, the heap of an entry
+      // being several times its JSON; at the default 64 MiB, hours.)
       env: { ACTOR_CACHE_MAX_BYTES: String(cacheMb * 2 ** 20) },
     },
     { databaseUrl: db.url, natsUrl: nats.url, prefix: `soak${hex}`, stream, apiToken },
