@@ -14,7 +14,7 @@
  * postgres://postgres@127.0.0.1:5432/postgres.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -25,6 +25,7 @@ import { outboxLag, unpublishedCount } from '../src/persistence/outbox-rows.js';
 import { check, gather, lastToSettle } from './chaos/check.js';
 import {
   Database,
+  harnessCleanup,
   Nats,
   type Orchestrator,
   orchestrators,
@@ -79,28 +80,7 @@ let dir: string | null = null;
 let db: Database | null = null;
 let nats: Nats | null = null;
 let procs: Orchestrator[] = [];
-let cleaning: Promise<void> | null = null;
-
-function cleanup(): Promise<void> {
-  cleaning ??= (async () => {
-    for (const p of procs) p.destroy();
-    await nats?.stop('SIGKILL').catch(() => {});
-    if (args.keep) {
-      note(`kept: ${dir ?? '(no dir)'}${db ? `, database ${db.name}` : ''}`);
-      return;
-    }
-    await db?.drop().catch((e: unknown) => note(`could not drop ${db?.name}: ${errorText(e)}`));
-    if (dir) await rm(dir, { recursive: true, force: true }).catch(() => {});
-  })();
-  return cleaning;
-}
-
-for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
-  process.on(signal, () => {
-    note(`${signal}: cleaning up`);
-    void cleanup().finally(() => process.exit(130));
-  });
-}
+const cleanup = harnessCleanup(() => ({ dir, db, nats, procs }), args.keep === true);
 
 // ---- the run -------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@
  * TEST_DATABASE_URL (an admin URL), default postgres://postgres@127.0.0.1:5432/postgres.
  */
 import { randomBytes } from 'node:crypto';
-import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -24,7 +24,14 @@ import { freePort } from '../src/infra/free-port.js';
 import { createSql } from '../src/persistence/db.js';
 import { migrate } from '../src/persistence/migrate.js';
 import { unpublishedCount } from '../src/persistence/outbox-rows.js';
-import { Database, Nats, type Orchestrator, orchestrators, type Sql } from './chaos/cluster.js';
+import {
+  Database,
+  harnessCleanup,
+  Nats,
+  type Orchestrator,
+  orchestrators,
+  type Sql,
+} from './chaos/cluster.js';
 import { Api, mixedLoad } from './chaos/load.js';
 import { errorText, note, noteAs, Rng, sleep, waitUntil } from './chaos/util.js';
 
@@ -83,23 +90,7 @@ let db: Database | null = null;
 let nats: Nats | null = null;
 let procs: Orchestrator[] = [];
 
-async function cleanup(): Promise<void> {
-  for (const p of procs) p.destroy();
-  await nats?.stop('SIGKILL').catch(() => {});
-  if (args.keep) {
-    note(`kept: ${dir ?? '(no dir)'}${db ? `, database ${db.name}` : ''}`);
-    return;
-  }
-  await db?.drop().catch((e: unknown) => note(`could not drop ${db?.name}: ${errorText(e)}`));
-  if (dir) await rm(dir, { recursive: true, force: true }).catch(() => {});
-}
-
-for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
-  process.on(signal, () => {
-    note(`${signal}: cleaning up`);
-    void cleanup().finally(() => process.exit(130));
-  });
-}
+const cleanup = harnessCleanup(() => ({ dir, db, nats, procs }), args.keep === true);
 
 // ---- sampling ------------------------------------------------------------------------------
 

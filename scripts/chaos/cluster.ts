@@ -7,12 +7,12 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { appendFileSync, closeSync, openSync, readFileSync, statSync } from 'node:fs';
-import { mkdir } from 'node:fs/promises';
+import { mkdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import postgres from 'postgres';
 import { freePort, reachable } from '../../src/infra/free-port.js';
 import { createSql, type Sql } from '../../src/persistence/db.js';
-import { note, sleep, waitUntil } from './util.js';
+import { errorText, note, sleep, waitUntil } from './util.js';
 
 const BIN = new URL('../../bin/orchestrator', import.meta.url).pathname;
 
@@ -377,4 +377,42 @@ export async function orchestrators(
     `orchestrators: ${out.map((p) => `${p.name}(${p.role}${p.port ? `:${p.port}` : ''})`).join(' ')}`,
   );
   return out;
+}
+
+/** What a harness run started, as its module holds it at the moment of cleaning up. */
+export interface Started {
+  dir: string | null;
+  db: Database | null;
+  nats: Nats | null;
+  procs: Orchestrator[];
+}
+
+/**
+ * The cleanup of a harness run (chaos, soak): its processes and nats-server killed, its
+ * database dropped and its directory removed, or both kept (and named) with `keep`. Runs
+ * once however often it is called; on SIGINT, SIGTERM or SIGHUP it runs and the run exits.
+ */
+export function harnessCleanup(started: () => Started, keep: boolean): () => Promise<void> {
+  let cleaning: Promise<void> | null = null;
+  const cleanup = () => {
+    cleaning ??= (async () => {
+      const { dir, db, nats, procs } = started();
+      for (const p of procs) p.destroy();
+      await nats?.stop('SIGKILL').catch(() => {});
+      if (keep) {
+        note(`kept: ${dir ?? '(no dir)'}${db ? `, database ${db.name}` : ''}`);
+        return;
+      }
+      await db?.drop().catch((e: unknown) => note(`could not drop ${db.name}: ${errorText(e)}`));
+      if (dir) await rm(dir, { recursive: true, force: true }).catch(() => {});
+    })();
+    return cleaning;
+  };
+  for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
+    process.on(signal, () => {
+      note(`${signal}: cleaning up`);
+      void cleanup().finally(() => process.exit(130));
+    });
+  }
+  return cleanup;
 }
