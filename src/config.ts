@@ -64,6 +64,11 @@ export const configSchema = z.object({
   NATS_URL: z.string().min(1).optional(),
   PORT: int(3000).pipe(z.number().max(65_535)),
   HOST: z.string().default('127.0.0.1'),
+  /**
+   * A second listener (on HOST) serving only /healthz, /readyz and /metrics, in any role: how
+   * a `worker` process, which has no API, is probed and scraped. Unset: none; 0: any free port.
+   */
+  OPS_PORT: z.coerce.number().int().min(0).max(65_535).optional(),
   API_TOKEN: z.string().min(1).optional(),
   WORKER_ID: z.string().min(1).default(`${hostname()}-${process.pid}`),
   WORKER_CONCURRENCY: int(4),
@@ -182,7 +187,11 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
       }),
     );
   }
-  return parsed.data;
+  const c = parsed.data;
+  if (c.OPS_PORT !== undefined && c.OPS_PORT !== 0 && c.OPS_PORT === c.PORT) {
+    throw new ConfigError([`OPS_PORT=${c.OPS_PORT}: must differ from PORT`]);
+  }
+  return c;
 }
 
 /** A test or embedded configuration: defaults plus overrides, no environment read. */

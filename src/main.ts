@@ -88,9 +88,10 @@ async function main(argv: string[]): Promise<number> {
   ]
     .filter(Boolean)
     .join(' ');
-  log.info({ role, url: runtime.url }, 'orchestrator started');
+  log.info({ role, url: runtime.url, opsUrl: runtime.opsUrl }, 'orchestrator started');
+  const ops = runtime.opsUrl ? `, ops on ${runtime.opsUrl}` : '';
   process.stdout.write(
-    `${runtime.url ? `orchestrator listening on ${runtime.url}` : 'orchestrator worker running'} (${summary})\n`,
+    `${runtime.url ? `orchestrator listening on ${runtime.url}` : 'orchestrator worker running'}${ops} (${summary})\n`,
   );
 
   return new Promise<number>((resolve) => {

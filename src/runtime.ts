@@ -15,6 +15,7 @@ import type { Config } from './config.js';
 import { createApp } from './http/app.js';
 import { machineCatalog } from './http/machines.js';
 import { family } from './http/metrics.js';
+import { createOpsApp } from './http/ops-app.js';
 import { startHttpServer } from './http/server.js';
 import { startEmbeddedPostgres } from './infra/embedded-postgres.js';
 import { resolveNats } from './infra/nats-child.js';
@@ -38,6 +39,8 @@ export interface Runtime {
   role: Role;
   /** The URL the HTTP server listens on (api and all). */
   url: string | null;
+  /** The URL of the probes and metrics listener, when OPS_PORT is set. */
+  opsUrl: string | null;
   databaseUrl: string;
   /** The embedded cluster's data directory, when no DATABASE_URL was given. */
   embeddedDataDir: string | null;
@@ -187,61 +190,89 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
       closers.push({ name: 'workers', close: () => pool.stop(config.SHUTDOWN_GRACE_MS) });
     }
 
-    let url: string | null = null;
-    if (role !== 'worker') {
-      const queries = new Queries(sql, (ref) => host.machineOf('ticket', ref));
-      const app = createApp({
-        host,
-        commands,
-        claims,
-        queries,
-        machines: machineCatalog(),
-        workflows,
-        log: log.child({ component: 'http' }),
-        config,
-        events: transport,
-        output,
-        ready: async () => ({
-          postgres: await sql`select 1`.then(
-            () => true,
-            () => false,
+    const queries = new Queries(sql, (ref) => host.machineOf('ticket', ref));
+    // The probes and metrics every listener of this process serves (the API's, OPS_PORT's).
+    const ops = {
+      host,
+      claims,
+      queries,
+      config,
+      ready: async () => ({
+        postgres: await sql`select 1`.then(
+          () => true,
+          () => false,
+        ),
+        nats: transport.connected(),
+        migrations: await migrationsApplied(sql).catch(() => false),
+      }),
+      metrics: async () => {
+        const parts = [await transport.prometheus()];
+        if (workers) parts.push(workerMetrics(workers));
+        parts.push(
+          family('orch_timers_fired_total', 'counter', 'Durable timers this process fired.', [
+            { value: poller.fired },
+          ]),
+          family(
+            'orch_idempotency_keys_expired_total',
+            'counter',
+            'Stored Idempotency-Key responses this process deleted past IDEMPOTENCY_KEY_TTL_MS.',
+            [{ value: expiry.expired }],
           ),
-          nats: transport.connected(),
-          migrations: await migrationsApplied(sql).catch(() => false),
-        }),
-        metrics: async () => {
-          const parts = [await transport.prometheus()];
-          if (workers) parts.push(workerMetrics(workers));
-          parts.push(
-            family('orch_timers_fired_total', 'counter', 'Durable timers this process fired.', [
-              { value: poller.fired },
-            ]),
-            family(
-              'orch_idempotency_keys_expired_total',
-              'counter',
-              'Stored Idempotency-Key responses this process deleted past IDEMPOTENCY_KEY_TTL_MS.',
-              [{ value: expiry.expired }],
-            ),
-          );
-          return parts.join('');
-        },
-      });
-      const server = startHttpServer(app.fetch, { port: config.PORT, hostname: config.HOST });
-      await new Promise<void>((resolve, reject) => {
-        server.once('listening', () => resolve());
-        server.once('error', reject);
-      });
-      const address = server.address() as AddressInfo;
-      url = `http://${config.HOST}:${address.port}`;
+        );
+        return parts.join('');
+      },
+    };
+    const serve = async (
+      name: string,
+      fetch: Parameters<typeof startHttpServer>[0],
+      port: number,
+      variable: 'PORT' | 'OPS_PORT',
+    ) => {
+      const server = startHttpServer(fetch, { port, hostname: config.HOST });
       closers.push({
-        name: 'http',
+        name,
         close: () =>
           new Promise<void>((resolve) => {
             // Open SSE streams would hold close() forever: end them, then stop listening.
             server.close(() => resolve());
-            if ('closeAllConnections' in server) server.closeAllConnections();
+            server.closeAllConnections();
           }),
       });
+      await new Promise<void>((resolve, reject) => {
+        server.once('listening', () => resolve());
+        server.once('error', (error: NodeJS.ErrnoException) =>
+          reject(
+            new Error(
+              `cannot listen on ${config.HOST}:${port} (${variable}): ${error.code ?? error.message}`,
+            ),
+          ),
+        );
+      });
+      return `http://${config.HOST}:${(server.address() as AddressInfo).port}`;
+    };
+
+    let opsUrl: string | null = null;
+    if (config.OPS_PORT !== undefined) {
+      opsUrl = await serve(
+        'ops-http',
+        createOpsApp({ ...ops, log: log.child({ component: 'ops-http' }) }).fetch,
+        config.OPS_PORT,
+        'OPS_PORT',
+      );
+    }
+
+    let url: string | null = null;
+    if (role !== 'worker') {
+      const app = createApp({
+        ...ops,
+        commands,
+        machines: machineCatalog(),
+        workflows,
+        log: log.child({ component: 'http' }),
+        events: transport,
+        output,
+      });
+      url = await serve('http', app.fetch, config.PORT, 'PORT');
     }
 
     // Closers run in reverse start order: HTTP first (no new commands), then the workers
@@ -249,6 +280,7 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
     return {
       role,
       url,
+      opsUrl,
       databaseUrl,
       embeddedDataDir,
       natsUrl: nats.url,

@@ -4,9 +4,10 @@
  * histogram, bearer auth when API_TOKEN is set, body limit; then the routes; then the one
  * error mapping (`errors.ts`) and the 404 fallback.
  */
-import { createHash, randomUUID, timingSafeEqual } from 'node:crypto';
+import { randomUUID } from 'node:crypto';
 import { type Context, Hono } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
+import { bearerAuth, PROBES } from './auth.js';
 import { dashboardRoutes } from './dashboard/routes.js';
 import { errorHandler, HttpProblem } from './errors.js';
 import { Histogram } from './metrics.js';
@@ -23,10 +24,8 @@ export type { AppServices, EventSource, MachineCatalog, Readiness } from './serv
 
 const REQUEST_ID = /^[A-Za-z0-9._:-]{1,128}$/;
 /** Reachable without a token: probes, and the dashboard's static shell (it asks for one). */
-const PUBLIC = new Set(['/healthz', '/readyz', '/', '/favicon.ico']);
+const PUBLIC = new Set([...PROBES, '/', '/favicon.ico']);
 const isPublic = (path: string) => PUBLIC.has(path) || path.startsWith('/assets/');
-
-const digest = (s: string) => createHash('sha256').update(s).digest();
 
 /** Whether the request declared a body that the answer leaves (partly) unread. */
 function bodyLeftUnread(c: Context): boolean {
@@ -43,7 +42,6 @@ export function createApp(s: AppServices): Hono<AppEnv> {
     'http_request_duration_seconds',
     'HTTP request latency by method, route and status (to the first byte).',
   );
-  const expected = s.config.API_TOKEN ? digest(s.config.API_TOKEN) : null;
 
   app.use('*', async (c, next) => {
     const given = requestHeader(c, 'x-request-id');
@@ -62,18 +60,7 @@ export function createApp(s: AppServices): Hono<AppEnv> {
     );
   });
 
-  app.use('*', async (c, next) => {
-    if (!expected || isPublic(c.req.path)) return next();
-    const header = requestHeader(c, 'authorization') ?? '';
-    const m = /^Bearer\s+(.+)$/i.exec(header);
-    const given = m?.[1] ? digest(m[1].trim()) : null;
-    if (!given || !timingSafeEqual(given, expected)) {
-      throw new HttpProblem('unauthorized', 'a valid bearer token is required');
-    }
-    // Idempotency keys are scoped by it; a digest, never the token, reaches storage.
-    c.set('credential', `bearer:${given.toString('hex')}`);
-    return next();
-  });
+  app.use('*', bearerAuth(s.config.API_TOKEN, isPublic));
 
   const maxBody = s.config.BODY_LIMIT_BYTES;
   const tooLarge = (): never => {

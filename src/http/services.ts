@@ -108,6 +108,17 @@ export interface AppServices {
   };
 }
 
+/**
+ * What the probes and `/metrics` need: the part of the services every process has, a
+ * worker's included (it serves them on OPS_PORT).
+ */
+export type OpsServices = Pick<
+  AppServices,
+  'host' | 'claims' | 'queries' | 'log' | 'ready' | 'metrics'
+> & {
+  config: Pick<Config, 'API_TOKEN'>;
+};
+
 export interface AppEnv {
   Variables: {
     requestId: string;

@@ -13,6 +13,8 @@ export interface OrchestratorProcess {
   err(): string;
   /** Resolves with the URL once the process printed it. */
   url(timeoutMs?: number): Promise<string>;
+  /** Resolves with the OPS_PORT listener's URL once the process printed it. */
+  opsUrl(timeoutMs?: number): Promise<string>;
 }
 
 export function startOrchestrator(
@@ -36,21 +38,23 @@ export function startOrchestrator(
   const exited = new Promise<number | null>((resolve) =>
     child.once('exit', (code) => resolve(code)),
   );
+  const printed = async (pattern: RegExp, timeoutMs: number): Promise<string> => {
+    await waitUntil(
+      () => pattern.test(stdout) || child.exitCode !== null,
+      timeoutMs,
+      `the orchestrator to print ${pattern}`,
+    );
+    const url = pattern.exec(stdout)?.[1];
+    if (!url) throw new Error(`orchestrator exited early:\n${stdout}\n${stderr}`);
+    return url;
+  };
   return {
     child,
     exited,
     out: () => stdout,
     err: () => stderr,
-    async url(timeoutMs = 30_000) {
-      await waitUntil(
-        () => /listening on http:\/\/\S+/.test(stdout) || child.exitCode !== null,
-        timeoutMs,
-        'the orchestrator to print its URL',
-      );
-      const url = /listening on (http:\/\/\S+)/.exec(stdout)?.[1];
-      if (!url) throw new Error(`orchestrator exited early:\n${stdout}\n${stderr}`);
-      return url;
-    },
+    url: (timeoutMs = 30_000) => printed(/listening on (http:\/\/[^\s,]+)/, timeoutMs),
+    opsUrl: (timeoutMs = 30_000) => printed(/ops on (http:\/\/[^\s,]+)/, timeoutMs),
   };
 }
 
