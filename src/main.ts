@@ -9,8 +9,10 @@ import { createLogger } from './log.js';
 import { ROLES, type Role, redact, startRuntime } from './runtime.js';
 import { startupRefusals, startupWarnings } from './security.js';
 import { redactNatsUrl } from './transport/nats.js';
+import { codeOrigin, packageVersion } from './version.js';
 
 const USAGE = `usage: orchestrator [all|api|worker]   (configuration: environment, see README)
+       orchestrator --version
        orchestrator workflow check FILE.json
        orchestrator agent [options] -- COMMAND [ARGS...]   (orchestrator agent --help)
        orchestrator mcp   (a Model Context Protocol server on stdio)`;
@@ -19,6 +21,10 @@ async function main(argv: string[]): Promise<number> {
   const arg = argv[0] ?? 'all';
   if (arg === '-h' || arg === '--help') {
     process.stdout.write(`${USAGE}\n`);
+    return 0;
+  }
+  if (arg === '-v' || arg === '--version') {
+    process.stdout.write(`actor-orchestrator ${packageVersion()} (${codeOrigin()})\n`);
     return 0;
   }
   // Tools and clients of a running orchestrator, not roles of one: loaded on demand.
@@ -85,6 +91,7 @@ async function main(argv: string[]): Promise<number> {
     `lease=${config.LEASE_MS}ms`,
     `shell=${config.ENABLE_SHELL_EXECUTOR ? 'on' : 'off'}`,
     `auth=${config.API_TOKEN ? 'bearer' : 'none'}`,
+    `code=${codeOrigin()}`,
   ]
     .filter(Boolean)
     .join(' ');

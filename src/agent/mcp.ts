@@ -12,7 +12,7 @@
  * closes, SIGTERM), their tasks are RELEASEd. stdout carries only the protocol; any
  * diagnostics go to stderr.
  */
-import { readFileSync } from 'node:fs';
+
 import { hostname } from 'node:os';
 import { McpServer } from '@modelcontextprotocol/sdk/server/mcp.js';
 import { StdioServerTransport } from '@modelcontextprotocol/sdk/server/stdio.js';
@@ -39,6 +39,7 @@ import {
   type TaskEvent,
   type TicketEvent,
 } from '../client/index.js';
+import { packageVersion } from '../version.js';
 
 /** How long a claimed task's lease is kept alive after the agent's last call about it. */
 export const HOLD_IDLE_MS = 30 * 60_000;
@@ -379,15 +380,6 @@ export function createOrchestratorMcp(
   );
 
   return { server, shutdown: (reason) => holds.releaseAll(reason) };
-}
-
-function packageVersion(): string {
-  try {
-    const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8'));
-    return String(pkg.version ?? '0.0.0');
-  } catch {
-    return '0.0.0';
-  }
 }
 
 /** Serves MCP on stdin/stdout until stdin closes or a signal; then releases held tasks. */

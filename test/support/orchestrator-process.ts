@@ -3,6 +3,7 @@
  * the URL it prints, and waits for its exit code.
  */
 import { type ChildProcess, spawn } from 'node:child_process';
+import { join } from 'node:path';
 
 const BIN = new URL('../../bin/orchestrator', import.meta.url).pathname;
 
@@ -22,7 +23,25 @@ export function startOrchestrator(
   env: Record<string, string>,
   cwd?: string,
 ): OrchestratorProcess {
-  const child = spawn(process.execPath, [BIN, ...args], {
+  return run(BIN, args, env, cwd);
+}
+
+/** `bin/orchestrator` of the package copy at `root`, run there. */
+export function spawnIn(
+  root: string,
+  args: string[],
+  env: Record<string, string>,
+): OrchestratorProcess {
+  return run(join(root, 'bin/orchestrator'), args, env, root);
+}
+
+function run(
+  bin: string,
+  args: string[],
+  env: Record<string, string>,
+  cwd: string | undefined,
+): OrchestratorProcess {
+  const child = spawn(process.execPath, [bin, ...args], {
     env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '/tmp', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
     ...(cwd ? { cwd } : {}),
