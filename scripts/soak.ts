@@ -1,9 +1,9 @@
 /**
  * `npm run soak -- --minutes 10`: a long, steady load on one `all` and one `worker` process
  * (a nats-server and a database of its own, the chaos run's mixed load without its faults),
- * sampling what grows when a process leaks: each process's resident memory and open
- * descriptors, the `all` process's V8 heap, active handles and event-loop delay (from its
- * /metrics), the JetStream consumers, and the tables that must stay bounded. It prints the
+ * sampling what grows when a process leaks: each process's resident memory, open
+ * descriptors, V8 heap, active handles and event-loop delay (from its /metrics: the API's,
+ * and the worker's OPS_PORT), the JetStream consumers, and the tables that must stay bounded. It prints the
  * samples, then judges the second half of the run against its first half (after a warm-up)
  * and exits 1 on a slope: a map keyed by ticket that is never pruned, a socket, timer or
  * consumer kept per request, a table that only grows.
@@ -65,7 +65,7 @@ const adminUrl =
   process.env.TEST_DATABASE_URL ??
   'postgres://postgres@127.0.0.1:5432/postgres';
 
-/** One sample of the run. Per process: resident memory (MB) and descriptors. */
+/** One sample of the run. Per process: memory (MB), descriptors, handles, event-loop delay. */
 interface Sample {
   at: number;
   tickets: number;
@@ -75,9 +75,9 @@ interface Sample {
   timers: number;
   rssMb: { all: number; worker: number };
   fds: { all: number; worker: number };
-  heapMb: number;
-  handles: number;
-  loopP99Ms: number;
+  heapMb: { all: number; worker: number };
+  handles: { all: number; worker: number };
+  loopP99Ms: { all: number; worker: number };
   consumers: number;
   /** Rows of the tables that must not grow with the work done. */
   bounded: Record<string, number>;
@@ -117,6 +117,11 @@ function metric(text: string, name: string): number {
  */
 const BOUNDED = ['inbox', 'relay_held', 'state_count_deltas', 'dead_letters'] as const;
 
+const scrape = (p: Orchestrator, api: Api): Promise<string> =>
+  fetch(`${p.opsUrl}/metrics`, { headers: api.auth(), signal: AbortSignal.timeout(10_000) }).then(
+    (r) => r.text(),
+  );
+
 async function sample(
   sql: Sql,
   all: Orchestrator,
@@ -124,12 +129,10 @@ async function sample(
   api: Api,
   consumers: () => Promise<number>,
 ): Promise<Sample> {
-  const [a, w, metrics, [counts], bounded, unpublished, nConsumers] = await Promise.all([
+  const [a, w, [ma, mw], [counts], bounded, unpublished, nConsumers] = await Promise.all([
     procStatus(all.child?.pid),
     procStatus(worker.child?.pid),
-    fetch(`${all.url}/metrics`, { headers: api.auth(), signal: AbortSignal.timeout(10_000) }).then(
-      (r) => r.text(),
-    ),
+    Promise.all([scrape(all, api), scrape(worker, api)]),
     sql<{ tickets: number; events: number; open: number; timers: number }[]>`
       select (select count(*) from tickets)::int as tickets,
         (select count(*) from events)::int as events,
@@ -157,9 +160,18 @@ async function sample(
     timers: counts?.timers ?? 0,
     rssMb: { all: a.rssMb, worker: w.rssMb },
     fds: { all: a.fds, worker: w.fds },
-    heapMb: metric(metrics, 'nodejs_heap_size_used_bytes') / 2 ** 20,
-    handles: metric(metrics, 'nodejs_active_resources'),
-    loopP99Ms: metric(metrics, 'nodejs_eventloop_lag_p99_seconds') * 1000,
+    heapMb: {
+      all: metric(ma, 'nodejs_heap_size_used_bytes') / 2 ** 20,
+      worker: metric(mw, 'nodejs_heap_size_used_bytes') / 2 ** 20,
+    },
+    handles: {
+      all: metric(ma, 'nodejs_active_resources'),
+      worker: metric(mw, 'nodejs_active_resources'),
+    },
+    loopP99Ms: {
+      all: metric(ma, 'nodejs_eventloop_lag_p99_seconds') * 1000,
+      worker: metric(mw, 'nodejs_eventloop_lag_p99_seconds') * 1000,
+    },
     consumers: nConsumers,
     bounded: { ...Object.fromEntries(bounded), unpublished },
   };
@@ -204,12 +216,14 @@ function judge(samples: Sample[]): Judged[] {
     // No figure (no samples, a process gone) is a finding too.
     out.push({ name, first, last, allowed, ok: Number.isFinite(last) && last <= allowed });
   };
-  add(
-    'heap floor, all (MB)',
-    (s) => s.heapMb,
-    min,
-    (f) => f * 1.25 + 8,
-  );
+  for (const p of ['all', 'worker'] as const) {
+    add(
+      `heap floor, ${p} (MB)`,
+      (s) => s.heapMb[p],
+      min,
+      (f) => f * 1.25 + 8,
+    );
+  }
   add(
     'resident memory, all (MB)',
     (s) => s.rssMb.all,
@@ -234,12 +248,14 @@ function judge(samples: Sample[]): Judged[] {
     median,
     (f) => f * 1.25 + 10,
   );
-  add(
-    'active handles, all',
-    (s) => s.handles,
-    median,
-    (f) => f * 1.25 + 10,
-  );
+  for (const p of ['all', 'worker'] as const) {
+    add(
+      `active handles, ${p}`,
+      (s) => s.handles[p],
+      median,
+      (f) => f * 1.25 + 10,
+    );
+  }
   add(
     'JetStream consumers',
     (s) => s.consumers,
@@ -323,7 +339,7 @@ async function run(): Promise<number> {
   note(`load: ${rate} tickets/s, 2 agents, 2 SSE readers, for ${minutes} min`);
   const end = Date.now() + minutes * 60_000;
   const header =
-    'min  tickets   events  rss all/worker MB  heap MB  fds all/worker  handles  loop p99 ms  consumers  timers  unpublished';
+    'min  tickets   events   open  rss all/worker MB  heap all/worker MB  fds all/worker  handles all/worker  loop p99 ms all/worker  consumers  timers  unpublished';
   note(header);
   while (Date.now() < end) {
     await sleep(Math.min(sampleS * 1_000, end - Date.now()));
@@ -340,10 +356,10 @@ async function run(): Promise<number> {
         String(s.events).padStart(8),
         String(s.open).padStart(6),
         `${s.rssMb.all.toFixed(0)} / ${s.rssMb.worker.toFixed(0)}`.padStart(17),
-        s.heapMb.toFixed(1).padStart(8),
+        `${s.heapMb.all.toFixed(1)} / ${s.heapMb.worker.toFixed(1)}`.padStart(18),
         `${s.fds.all} / ${s.fds.worker}`.padStart(14),
-        String(s.handles).padStart(8),
-        s.loopP99Ms.toFixed(1).padStart(12),
+        `${s.handles.all} / ${s.handles.worker}`.padStart(18),
+        `${s.loopP99Ms.all.toFixed(1)} / ${s.loopP99Ms.worker.toFixed(1)}`.padStart(22),
         String(s.consumers).padStart(10),
         String(s.timers).padStart(7),
         String(s.bounded.unpublished).padStart(12),

@@ -187,11 +187,19 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
       }),
     );
   }
-  const c = parsed.data;
-  if (c.OPS_PORT !== undefined && c.OPS_PORT !== 0 && c.OPS_PORT === c.PORT) {
-    throw new ConfigError([`OPS_PORT=${c.OPS_PORT}: must differ from PORT`]);
+  return parsed.data;
+}
+
+/**
+ * What is wrong with `config` for a process of `role` only: a `worker` serves no API, so its
+ * PORT is free for OPS_PORT; an `api` or `all` process cannot listen twice on one port.
+ */
+export function roleConfigProblems(config: Config, role: 'all' | 'api' | 'worker'): string[] {
+  const ops = config.OPS_PORT;
+  if (role !== 'worker' && ops !== undefined && ops !== 0 && ops === config.PORT) {
+    return [`OPS_PORT=${ops}: must differ from PORT, where the API listens`];
   }
-  return c;
+  return [];
 }
 
 /** A test or embedded configuration: defaults plus overrides, no environment read. */

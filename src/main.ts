@@ -3,7 +3,7 @@
  * this process, prints where it listens, and shuts down cleanly on SIGTERM or SIGINT
  * (a second signal exits at once).
  */
-import { ConfigError, loadConfig } from './config.js';
+import { ConfigError, loadConfig, roleConfigProblems } from './config.js';
 import { OrchestratorError } from './errors.js';
 import { createLogger } from './log.js';
 import { ROLES, type Role, redact, startRuntime } from './runtime.js';
@@ -41,6 +41,8 @@ async function main(argv: string[]): Promise<number> {
   let config: ReturnType<typeof loadConfig>;
   try {
     config = loadConfig();
+    const problems = roleConfigProblems(config, role);
+    if (problems.length > 0) throw new ConfigError(problems);
   } catch (error) {
     if (error instanceof ConfigError) {
       process.stderr.write(`${error.message}\n`);

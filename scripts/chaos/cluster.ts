@@ -156,6 +156,11 @@ export class Orchestrator {
     return this.role === 'all' ? `http://127.0.0.1:${this.port}` : null;
   }
 
+  /** Where its probes and `/metrics` are: the API, or a worker's OPS_PORT (its port here). */
+  get opsUrl(): string {
+    return `http://127.0.0.1:${this.port}`;
+  }
+
   get workerId(): string {
     return `${this.name}.${this.incarnation}`;
   }
@@ -202,6 +207,8 @@ export class Orchestrator {
         HOME: process.env.HOME ?? '/tmp',
         ...this.env,
         PORT: String(this.port),
+        // A worker serves no API: its port serves its probes and metrics.
+        ...(this.role === 'worker' ? { OPS_PORT: String(this.port) } : {}),
         WORKER_ID: workerId,
       },
       stdio: ['ignore', fd, fd],
@@ -233,11 +240,8 @@ export class Orchestrator {
     const ready = await waitUntil(
       async () => {
         if (child.exitCode !== null || child.signalCode !== null) throw new Error('exited');
-        if (this.role === 'all') {
-          const res = await fetch(`${this.url}/readyz`, { signal: AbortSignal.timeout(1_000) });
-          return res.status === 200;
-        }
-        return this.logTail(offset, 1e9).includes('orchestrator worker running');
+        const res = await fetch(`${this.opsUrl}/readyz`, { signal: AbortSignal.timeout(1_000) });
+        return res.status === 200;
       },
       timeoutMs,
       150,
@@ -359,7 +363,8 @@ export async function orchestrators(
   };
   const out: Orchestrator[] = [];
   const make = async (name: string, role: Role) => {
-    const port = role === 'all' ? await freePort() : 0;
+    // A worker's port is its OPS_PORT: a fixed one, so its probes survive a restart.
+    const port = await freePort();
     out.push(
       new Orchestrator(
         name,

@@ -6,7 +6,7 @@
  */
 import { createServer, type Server } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { loadConfig } from '../../src/config.js';
+import { loadConfig, roleConfigProblems } from '../../src/config.js';
 import { createTestDatabase, type TestDatabase } from '../support/database.js';
 import { type OrchestratorProcess, startOrchestrator } from '../support/orchestrator-process.js';
 import { NATS_URL, natsAdmin, testNames } from '../support/transport.js';
@@ -141,13 +141,17 @@ describe('OPS_PORT', () => {
     }
   }, 60_000);
 
-  it('is refused when it equals PORT, and validated as a port', () => {
-    expect(() => loadConfig({ PORT: '4000', OPS_PORT: '4000' })).toThrow(
-      /OPS_PORT=4000: must differ from PORT/,
-    );
+  it("is refused when it equals the API's PORT, and validated as a port", async () => {
+    const all = start('all', { PORT: '4000', OPS_PORT: '4000' });
+    expect(await all.exited).toBe(2);
+    expect(all.err()).toContain('OPS_PORT=4000: must differ from PORT, where the API listens');
+    // A worker serves no API: its PORT is not in use.
+    const worker = loadConfig({ PORT: '4000', OPS_PORT: '4000' });
+    expect(roleConfigProblems(worker, 'worker')).toEqual([]);
+    expect(roleConfigProblems(worker, 'api')).toHaveLength(1);
     expect(() => loadConfig({ OPS_PORT: '70000' })).toThrow(/OPS_PORT/);
     expect(() => loadConfig({ OPS_PORT: 'x' })).toThrow(/OPS_PORT/);
-    expect(loadConfig({ PORT: '0', OPS_PORT: '0' }).OPS_PORT).toBe(0);
+    expect(roleConfigProblems(loadConfig({ PORT: '0', OPS_PORT: '0' }), 'all')).toEqual([]);
     expect(loadConfig({}).OPS_PORT).toBeUndefined();
   });
 });
