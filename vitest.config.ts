@@ -1,4 +1,10 @@
+import { defaultServerConditions } from 'vite';
 import { defineConfig } from 'vitest/config';
+
+// `actor-orchestrator/client` resolves to its TypeScript source under test (the package's
+// `source` condition), not to the build in dist/ that plain Node gets: the tests then check
+// the code as it is, built or not.
+const sourceFirst = { conditions: ['source', ...defaultServerConditions] };
 
 export default defineConfig({
   test: {
@@ -11,6 +17,8 @@ export default defineConfig({
     maxWorkers: 2,
     projects: [
       {
+        resolve: sourceFirst,
+        ssr: { resolve: sourceFirst },
         test: {
           name: 'unit',
           include: [

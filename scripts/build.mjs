@@ -6,7 +6,7 @@
 // bin/orchestrator runs dist/ only while no file under src/ is newer than the stamp, so an
 // edit never runs stale code: it falls back to the sources until the next build.
 import { execFileSync } from 'node:child_process';
-import { cpSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { cpSync, existsSync, readdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -14,19 +14,29 @@ import { fileURLToPath } from 'node:url';
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const src = join(root, 'src');
 const dist = join(root, 'dist');
+// Built beside, then swapped in: a process starting meanwhile finds the old build whole, or
+// no stamp (and runs the sources), never half a build.
+const next = join(root, '.dist-next');
+const old = join(root, '.dist-old');
 
-rmSync(dist, { recursive: true, force: true });
+rmSync(next, { recursive: true, force: true });
 const tsc = createRequire(import.meta.url).resolve('typescript/bin/tsc');
-execFileSync(process.execPath, [tsc, '-p', join(root, 'tsconfig.build.json'), '--noCheck'], {
-  stdio: 'inherit',
-});
+execFileSync(
+  process.execPath,
+  [tsc, '-p', join(root, 'tsconfig.build.json'), '--noCheck', '--outDir', next],
+  { stdio: 'inherit' },
+);
 
 let copied = 0;
 for (const entry of readdirSync(src, { recursive: true, withFileTypes: true })) {
   if (!entry.isFile() || entry.name.endsWith('.ts')) continue;
   const from = join(entry.parentPath ?? entry.path, entry.name);
-  cpSync(from, join(dist, relative(src, from)));
+  cpSync(from, join(next, relative(src, from)));
   copied += 1;
 }
-writeFileSync(join(dist, '.build-stamp'), `${new Date().toISOString()}\n`);
+writeFileSync(join(next, '.build-stamp'), `${new Date().toISOString()}\n`);
+rmSync(old, { recursive: true, force: true });
+if (existsSync(dist)) renameSync(dist, old);
+renameSync(next, dist);
+rmSync(old, { recursive: true, force: true });
 process.stdout.write(`built dist/ (${copied} assets copied)\n`);

@@ -1,7 +1,8 @@
 /**
  * The compiled build, in a copy of the package (so the checkout's own dist/ is left alone
  * while other files spawn bin/orchestrator): `npm run build`'s script makes dist/ with the
- * files the code reads at run time; bin/orchestrator runs it while it is fresh and the
+ * files the code reads at run time; plain Node imports the SDK from it by the package's
+ * name; bin/orchestrator runs it while it is fresh and the
  * sources once a source file is newer or ORCHESTRATOR_FROM_SOURCE=1; the built `worker`
  * migrates a new database and serves its probes.
  */
@@ -63,6 +64,17 @@ describe('the build', () => {
     ).toBe(false);
     expect(version()).toMatch(/\(build\)$/);
     expect(version({ ORCHESTRATOR_FROM_SOURCE: '1' })).toMatch(/\(source\)$/);
+    // Plain Node, no TypeScript loader: the SDK by its package name comes from the build.
+    const sdk = execFileSync(
+      process.execPath,
+      [
+        '--input-type=module',
+        '-e',
+        "const m = await import('actor-orchestrator/client'); console.log(typeof m.OrchestratorClient, import.meta.resolve('actor-orchestrator/client'))",
+      ],
+      { cwd: copy, encoding: 'utf8' },
+    ).trim();
+    expect(sdk).toBe(`function file://${join(copy, 'dist/client/index.js')}`);
 
     // An edit after the build: the build is stale, and is not run.
     const edited = join(copy, 'src/machines/task.ts');
