@@ -56,6 +56,8 @@ type Closer = { name: string; close: () => Promise<unknown> };
 
 /** A part still stopping after this long is named in a warning. */
 const SLOW_STOP_MS = 5_000;
+/** A part whose stop took this long is logged at info. */
+const SLOW_PART_MS = 1_000;
 
 export async function startRuntime(config: Config, role: Role, log: Logger): Promise<Runtime> {
   // Closers run in reverse order of start; a failure half-way still stops what started.
@@ -72,7 +74,11 @@ export async function startRuntime(config: Config, role: Role, log: Logger): Pro
       );
       await c.close().catch((err: unknown) => log.warn({ err, part: c.name }, 'stop failed'));
       clearTimeout(slow);
-      log.debug({ part: c.name, ms: Math.round(performance.now() - started) }, 'stopped');
+      const ms = Math.round(performance.now() - started);
+      // A slow part is worth a line at the default level: shutdowns that near a supervisor's
+      // kill deadline then say where the time went.
+      if (ms >= SLOW_PART_MS) log.info({ part: c.name, ms }, 'stopped, slowly');
+      else log.debug({ part: c.name, ms }, 'stopped');
     }
     closers.length = 0;
   };

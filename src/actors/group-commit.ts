@@ -86,6 +86,12 @@ export interface GroupCommitStats {
   reruns: number;
 }
 
+interface LaneState {
+  since: number;
+  units: number;
+  phase: 'connecting' | 'running' | 'committing';
+}
+
 interface Queued<B> {
   unit: GroupUnit<unknown, B>;
   resolve: (value: unknown) => void;
@@ -104,6 +110,8 @@ export class GroupCommit<B> {
   private readonly queue: Queued<B>[] = [];
   private busy = 0;
   private scheduled = false;
+  /** The transactions in flight, for `inFlight()`: where a stuck one is stuck. */
+  private readonly lanes = new Set<LaneState>();
 
   constructor(
     private readonly sql: Sql,
@@ -115,6 +123,20 @@ export class GroupCommit<B> {
   /** Units waiting for a lane. */
   get waiting(): number {
     return this.queue.length;
+  }
+
+  /**
+   * Each transaction in flight: how long it has run, its units, and its phase (`connecting`:
+   * waiting for a connection and BEGIN; `running`: its units' statements; `committing`: the
+   * COMMIT). Read when a shutdown waits on one (a log line), never on the hot path.
+   */
+  inFlight(): { ms: number; units: number; phase: LaneState['phase'] }[] {
+    const now = performance.now();
+    return [...this.lanes].map((l) => ({
+      ms: Math.round(now - l.since),
+      units: l.units,
+      phase: l.phase,
+    }));
   }
 
   /** Runs `unit` in the next transaction a lane commits; resolves after that commit. */
@@ -154,6 +176,16 @@ export class GroupCommit<B> {
   }
 
   private async commit(units: Queued<B>[]): Promise<void> {
+    const lane: LaneState = { since: performance.now(), units: units.length, phase: 'connecting' };
+    this.lanes.add(lane);
+    try {
+      await this.commitBatch(units, lane);
+    } finally {
+      this.lanes.delete(lane);
+    }
+  }
+
+  private async commitBatch(units: Queued<B>[], lane: LaneState): Promise<void> {
     const batch = this.newBatch();
     const kept: { q: Queued<B>; value: unknown }[] = [];
     /** How each unit's run settled in this transaction. */
@@ -165,6 +197,7 @@ export class GroupCommit<B> {
     let early: Promise<CommitAnswer> | null = null;
     try {
       await this.sql.begin(async (t) => {
+        lane.phase = 'running';
         const tx = t as unknown as Tx;
         const shared = units.length > 1;
         if (shared) {
@@ -231,6 +264,7 @@ export class GroupCommit<B> {
             throw error;
           }
         }
+        lane.phase = 'committing';
       });
     } catch (error) {
       const pipelined = early as Promise<CommitAnswer> | null;

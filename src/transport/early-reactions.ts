@@ -25,6 +25,7 @@ import type { ActorHost, Applied } from '../actors/host.js';
 import type { Logger } from '../log.js';
 import type { EventEntry } from '../persistence/event-log.js';
 import type { Reaction, TransactionalReaction } from './reactions.js';
+import { settleWithin } from './settle.js';
 
 /** What names an event exactly: all a delivery is compared with, kept without its data. */
 export type EventIdentity = Pick<
@@ -58,6 +59,8 @@ export interface EarlyReactionOptions {
 const DEFAULT_MAX_PENDING = 10_000;
 const DEFAULT_MAX_PER_TRANSACTION = 256;
 const DEFAULT_REMEMBER_MAX = 20_000;
+/** How long `stop` waits for the transactions running. */
+const STOP_WAIT_MS = 5_000;
 
 type Grouped = NonNullable<TransactionalReaction['group']>;
 type Early = TransactionalReaction & {
@@ -96,7 +99,11 @@ export class EarlyReactions {
    * that arrives meanwhile waits for it.
    */
   private readonly inFlight = new Map<string, Deferred>();
-  private readonly running = new Set<Promise<void>>();
+  /** Transactions running, with their key, their events and when they started. */
+  private readonly running = new Map<
+    Promise<void>,
+    { key: string; entries: EventEntry[]; since: number }
+  >();
   private readonly listeners = new Set<(entries: EventEntry[]) => void>();
   private scheduled = false;
   private stopped = false;
@@ -170,15 +177,38 @@ export class EarlyReactions {
     return () => this.listeners.delete(listener);
   }
 
-  /** Takes nothing more, leaves what waits to the consumer, and waits for what runs. */
-  async stop(): Promise<void> {
+  /**
+   * Takes nothing more, leaves what waits to the consumer, and waits for what runs, at most
+   * `waitMs`: an early reaction is never the only way its effect is made (a consumer applies
+   * what this one leaves, and a transaction left open is rolled back when the process's
+   * connections close), so a transaction that does not end must not hold the shutdown. One
+   * that outlives the wait is logged with where its commit stands.
+   */
+  async stop(waitMs = STOP_WAIT_MS): Promise<void> {
     this.stopped = true;
     for (const list of this.queued.values()) {
       this.stats.dropped += list.length;
       this.settle(list);
     }
     this.queued.clear();
-    await Promise.allSettled([...this.running]);
+    const ended = await settleWithin(Promise.allSettled([...this.running.keys()]), waitMs);
+    if (ended) return;
+    const now = performance.now();
+    this.o.log.warn(
+      {
+        reaction: this.name,
+        running: [...this.running.values()].map((r) => ({
+          key: r.key,
+          events: r.entries.length,
+          ms: Math.round(now - r.since),
+        })),
+        commits: this.o.host.commits.inFlight(),
+        commitsWaiting: this.o.host.commits.waiting,
+      },
+      'early reactions still running at shutdown: left to the consumers',
+    );
+    // A delivery of this process waiting for one of them (`take`) applies it itself.
+    for (const r of this.running.values()) this.settle(r.entries);
   }
 
   private pump(): void {
@@ -193,7 +223,7 @@ export class EarlyReactions {
         this.running.delete(p);
         if (this.queued.has(key)) this.pump();
       });
-      this.running.add(p);
+      this.running.set(p, { key, entries, since: performance.now() });
     }
   }
 

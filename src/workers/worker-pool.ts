@@ -235,6 +235,14 @@ export class WorkerPool {
     }
     const idle = Promise.all(this.loops);
     if (!(await settlesWithin(idle, graceMs))) {
+      this.log.info(
+        {
+          graceMs,
+          running: [...this.executions].map((e) => e.taskId),
+          detached: this.detached.size,
+        },
+        'shutdown grace over: aborting the tasks still running',
+      );
       for (const e of this.executions) {
         e.cause ??= 'shutdown';
         e.abort.abort('worker shutting down');

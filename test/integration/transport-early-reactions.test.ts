@@ -7,6 +7,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import { jetstream } from '@nats-io/jetstream';
+import pino from 'pino';
 import { describe, expect, it } from 'vitest';
 import type { Commands } from '../../src/actors/commands.js';
 import { ActorHost } from '../../src/actors/host.js';
@@ -19,7 +20,11 @@ import { taskStateReaction } from '../../src/transport/reactions.js';
 import { eventSubject, type TransportNames } from '../../src/transport/subjects.js';
 import type { TestDatabase } from '../support/database.js';
 import { TASK_DEFAULTS } from '../support/fixtures.js';
-import { completeTask as complete, ticketWithTasks } from '../support/ticket-tasks.js';
+import {
+  claimAndStart,
+  completeTask as complete,
+  ticketWithTasks,
+} from '../support/ticket-tasks.js';
 import {
   commandsFor,
   eventually,
@@ -261,4 +266,67 @@ describe('early reactions', () => {
       await early.stop();
     }
   });
+
+  it('a transaction that does not end does not hold the shutdown: its news goes to the consumer', async () => {
+    const { db, names } = await setup('early_stuck');
+    const p = await proc(db, names, { earlyReactions: false });
+    await p.runner.stop();
+    const lines: string[] = [];
+    const log = pino({ level: 'warn' }, { write: (line: string) => lines.push(line) });
+    const early = new EarlyReactions({ host: p.host, log, reaction: taskStateReaction });
+    const off = p.host.onCommit((applied) => early.committed(applied));
+    const { ticketId, taskIds } = await ticketWithTasks(p, 1);
+    const token = await claimAndStart(p.host, taskIds[0] as string);
+    // Another session holds the ticket's row: the early transaction, alone in its batch and so
+    // without a lock timeout, waits on it for as long as that session lasts.
+    let release: () => void = () => {};
+    const held = new Promise<void>((r) => {
+      release = r;
+    });
+    const locked = deferred();
+    const holder = db.sql.begin(async (tx) => {
+      await tx`select 1 from tickets where id = ${ticketId} for update`;
+      locked.resolve();
+      await held;
+    });
+    try {
+      await locked.promise;
+      await p.host.send('task', taskIds[0] as string, { type: 'COMPLETE', token });
+      await eventually(
+        async () => {
+          const r = await db.sql<{ n: number }[]>`select count(*)::int as n from pg_stat_activity
+            where datname = current_database() and wait_event_type = 'Lock'`;
+          return (r[0]?.n ?? 0) > 0;
+        },
+        10_000,
+        'the early transaction waiting on the lock',
+      );
+      const [completed] = await db.sql<{ event_id: string }[]>`select event_id from events
+        where entity_id = ${taskIds[0] as string} and type = 'task.completed'`;
+      const taken = early.take(completed?.event_id as string);
+      expect(taken).toBeInstanceOf(Promise);
+
+      const started = performance.now();
+      await early.stop(300);
+      expect(performance.now() - started).toBeLessThan(2_000);
+      // The delivery that waited for it is told to apply it itself.
+      expect(await taken).toBeUndefined();
+      const warning = lines.map((l) => JSON.parse(l)).find((l) => l.reaction === 'task_state');
+      expect(warning?.msg).toBe('early reactions still running at shutdown: left to the consumers');
+      expect(warning?.running).toEqual([{ key: ticketId, events: 1, ms: expect.any(Number) }]);
+      expect(warning?.commits).toEqual([{ ms: expect.any(Number), units: 1, phase: 'running' }]);
+    } finally {
+      off();
+      release();
+      await holder;
+    }
+  });
 });
+
+function deferred(): { promise: Promise<void>; resolve: () => void } {
+  let resolve: () => void = () => {};
+  const promise = new Promise<void>((r) => {
+    resolve = r;
+  });
+  return { promise, resolve };
+}
