@@ -10,8 +10,8 @@ import { bodyLimit } from 'hono/body-limit';
 import { bearerAuth, PROBES } from './auth.js';
 import { dashboardRoutes } from './dashboard/routes.js';
 import { errorHandler, HttpProblem } from './errors.js';
-import { Histogram } from './metrics.js';
 import { incomingOf, requestHeader, setResponseHeader } from './node-io.js';
+import { observeRequest, requestLatency } from './request-latency.js';
 import { opsRoutes } from './routes/ops.js';
 import { outputRoutes } from './routes/output.js';
 import { streamRoutes } from './routes/stream.js';
@@ -38,10 +38,7 @@ function bodyLeftUnread(c: Context): boolean {
 
 export function createApp(s: AppServices): Hono<AppEnv> {
   const app = new Hono<AppEnv>();
-  const latency = new Histogram(
-    'http_request_duration_seconds',
-    'HTTP request latency by method, route and status (to the first byte).',
-  );
+  const latency = requestLatency();
 
   app.use('*', async (c, next) => {
     const given = requestHeader(c, 'x-request-id');
@@ -53,11 +50,7 @@ export function createApp(s: AppServices): Hono<AppEnv> {
     // Left unread, the body would sit on a keep-alive connection until the server gives up
     // draining it and drops the socket under the client's next request.
     if (bodyLeftUnread(c)) setResponseHeader(c, 'Connection', 'close');
-    const route = c.res.status === 404 && c.req.routePath === '*' ? 'unmatched' : c.req.routePath;
-    latency.observe(
-      { method: c.req.method, route, status: String(c.res.status) },
-      (performance.now() - started) / 1000,
-    );
+    observeRequest(latency, c, started);
   });
 
   app.use('*', bearerAuth(s.config.API_TOKEN, isPublic));

@@ -7,7 +7,7 @@
 import { Hono } from 'hono';
 import { bearerAuth, PROBES } from './auth.js';
 import { errorHandler } from './errors.js';
-import { Histogram } from './metrics.js';
+import { observeRequest, requestLatency } from './request-latency.js';
 import { probeRoutes } from './routes/probes.js';
 import type { AppEnv, OpsServices } from './services.js';
 
@@ -15,18 +15,11 @@ const PUBLIC = new Set<string>(PROBES);
 
 export function createOpsApp(s: OpsServices): Hono<AppEnv> {
   const app = new Hono<AppEnv>();
-  const latency = new Histogram(
-    'http_request_duration_seconds',
-    'HTTP request latency by method, route and status (to the first byte).',
-  );
+  const latency = requestLatency();
   app.use('*', async (c, next) => {
     const started = performance.now();
     await next();
-    const route = c.res.status === 404 && c.req.routePath === '*' ? 'unmatched' : c.req.routePath;
-    latency.observe(
-      { method: c.req.method, route, status: String(c.res.status) },
-      (performance.now() - started) / 1000,
-    );
+    observeRequest(latency, c, started);
   });
   app.use(
     '*',
