@@ -168,24 +168,21 @@ export class GroupCommit<B> {
       const share = Math.min(max, Math.ceil(this.queue.length / (lanes - this.busy)));
       const units = this.queue.splice(0, share);
       this.busy++;
-      void this.commit(units).finally(() => {
+      const lane: LaneState = {
+        since: performance.now(),
+        units: units.length,
+        phase: 'connecting',
+      };
+      this.lanes.add(lane);
+      void this.commit(units, lane).finally(() => {
+        this.lanes.delete(lane);
         this.busy--;
         this.pump();
       });
     }
   }
 
-  private async commit(units: Queued<B>[]): Promise<void> {
-    const lane: LaneState = { since: performance.now(), units: units.length, phase: 'connecting' };
-    this.lanes.add(lane);
-    try {
-      await this.commitBatch(units, lane);
-    } finally {
-      this.lanes.delete(lane);
-    }
-  }
-
-  private async commitBatch(units: Queued<B>[], lane: LaneState): Promise<void> {
+  private async commit(units: Queued<B>[], lane: LaneState): Promise<void> {
     const batch = this.newBatch();
     const kept: { q: Queued<B>; value: unknown }[] = [];
     /** How each unit's run settled in this transaction. */
