@@ -19,6 +19,7 @@ import type { Transport, TransportOptions } from '../../src/transport/index.js';
 import { taskStateReaction } from '../../src/transport/reactions.js';
 import { eventSubject, type TransportNames } from '../../src/transport/subjects.js';
 import type { TestDatabase } from '../support/database.js';
+import { deferred } from '../support/deferred.js';
 import { TASK_DEFAULTS } from '../support/fixtures.js';
 import {
   claimAndStart,
@@ -279,15 +280,12 @@ describe('early reactions', () => {
     const token = await claimAndStart(p.host, taskIds[0] as string);
     // Another session holds the ticket's row: the early transaction, alone in its batch and so
     // without a lock timeout, waits on it for as long as that session lasts.
-    let release: () => void = () => {};
-    const held = new Promise<void>((r) => {
-      release = r;
-    });
+    const held = deferred();
     const locked = deferred();
     const holder = db.sql.begin(async (tx) => {
       await tx`select 1 from tickets where id = ${ticketId} for update`;
       locked.resolve();
-      await held;
+      await held.promise;
     });
     try {
       await locked.promise;
@@ -317,16 +315,8 @@ describe('early reactions', () => {
       expect(warning?.commits).toEqual([{ ms: expect.any(Number), units: 1, phase: 'running' }]);
     } finally {
       off();
-      release();
+      held.resolve();
       await holder;
     }
   });
 });
-
-function deferred(): { promise: Promise<void>; resolve: () => void } {
-  let resolve: () => void = () => {};
-  const promise = new Promise<void>((r) => {
-    resolve = r;
-  });
-  return { promise, resolve };
-}
